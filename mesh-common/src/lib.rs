@@ -1,0 +1,164 @@
+//! The ABI between the mesh's kernel programs (`mesh-ebpf`) and the node daemon (`mesh-node`).
+//!
+//! Everything here is `#![no_std]` and `#[repr(C)]`: the same definitions compile for
+//! `bpfel-unknown-none` and for the host. Keys and values carry explicit padding and a
+//! compile-time size check so both sides agree byte for byte. IPv4 addresses and ports are
+//! stored in network byte order, exactly as the kernel hands them to the programs.
+#![no_std]
+
+/// Packet mark bit set by the TC capture program: policy routing delivers marked packets
+/// locally, where the `sk_lookup` program hands them to a proxy listener.
+pub const MARK_CAPTURE: u32 = 0x200;
+/// Socket mark (`SO_MARK`) carried by every connection the node proxy opens, so the kernel
+/// programs and the routing rules never capture the proxy's own traffic again.
+pub const MARK_PROXY: u32 = 0x400;
+/// Routing table holding `local 0.0.0.0/0 dev lo` for captured packets.
+pub const ROUTE_TABLE: u32 = 100;
+/// Priority of the `fwmark MARK_CAPTURE lookup ROUTE_TABLE` rule (before `main` at 32766).
+pub const RULE_PRIORITY: u32 = 100;
+
+/// Outbound (transparent) listener port.
+pub const PORT_OUTBOUND: u16 = 15001;
+/// Inbound plaintext listener port.
+pub const PORT_INBOUND: u16 = 15006;
+/// Inbound HBONE (HTTP/2 CONNECT over mutual TLS) listener port.
+pub const PORT_HBONE: u16 = 15008;
+/// Admin port: metrics, health, debug.
+pub const PORT_ADMIN: u16 = 15020;
+
+/// Map names (pinned by name under the node's bpffs directory).
+pub mod maps {
+    /// `HashMap<u32 (IPv4, network order), EnrolledPod>`: pods on this node that are in the mesh.
+    pub const ENROLLED: &str = "MESH_ENROLLED";
+    /// `LruHashMap<FlowKey, u32 (Direction)>`: flows the capture program steered at their SYN.
+    pub const FLOWS: &str = "MESH_FLOWS";
+    /// `SockMap` indexed by [`super::Listener`]: the proxy's listening sockets.
+    pub const LISTENERS: &str = "MESH_LISTENERS";
+    /// `HashMap<u32 (ifindex), BridgePort>`: interfaces that are ports of a bridge, with the
+    /// bridge's MAC address, so captured frames can be handed up to the node's IP stack.
+    pub const BRIDGE_PORTS: &str = "MESH_BRIDGE_PORTS";
+    /// `PerCpuArray<u64>` indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "MESH_COUNTERS";
+}
+
+/// Program names as they appear in the object file and in `bpftool prog` (15 characters max).
+pub mod programs {
+    /// TC ingress program attached to every pod-facing link and uplink.
+    pub const CAPTURE: &str = "mesh_capture";
+    /// `sk_lookup` program attached to the node's network namespace.
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+}
+
+/// Index of a proxy listener in the `LISTENERS` sockmap.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// Outbound capture (`PORT_OUTBOUND`).
+    Outbound = 0,
+    /// Inbound plaintext (`PORT_INBOUND`).
+    Inbound = 1,
+    /// Inbound HBONE (`PORT_HBONE`).
+    Hbone = 2,
+}
+
+/// Number of slots in the `LISTENERS` sockmap.
+pub const LISTENER_SLOTS: u32 = 3;
+
+/// Which way a captured flow goes, relative to the enrolled pod of this node.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Sent by a local enrolled pod.
+    Outbound = 1,
+    /// Addressed to a local enrolled pod.
+    Inbound = 2,
+}
+
+/// Value of the `ENROLLED` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnrolledPod {
+    /// Reserved for flags (for example, per-pod capture modes); zero today.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<EnrolledPod>() == 4);
+
+/// Key of the `FLOWS` map: a TCP 4-tuple as seen at TC ingress, before any NAT.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address, network order.
+    pub src_ip: u32,
+    /// Destination address, network order.
+    pub dst_ip: u32,
+    /// Source port, network order.
+    pub src_port: u16,
+    /// Destination port, network order.
+    pub dst_port: u16,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 12);
+
+/// Value of the `BRIDGE_PORTS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BridgePort {
+    /// MAC address of the bridge the port belongs to.
+    pub bridge_mac: [u8; 6],
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<BridgePort>() == 8);
+
+/// Counters kept by the kernel programs, one slot each in the `COUNTERS` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A SYN from a local enrolled pod was steered to the outbound listener.
+    CapturedOutboundSyn = 0,
+    /// A SYN to a local enrolled pod was steered to the inbound listener.
+    CapturedInboundSyn = 1,
+    /// A later packet of a flow found in the `FLOWS` map was steered.
+    SteeredFlow = 2,
+    /// A later packet of a flow owned by a local socket (found by socket lookup) was steered.
+    SteeredSocket = 3,
+    /// A packet to or from an enrolled pod belonged to no captured flow and was left alone
+    /// (connections that predate the mesh, replies of flows the mesh never captured).
+    PassedUncaptured = 4,
+    /// The packet was too short or malformed to parse.
+    DroppedMalformed = 5,
+    /// `sk_lookup` assigned a proxy listener.
+    LookupAssigned = 6,
+    /// `sk_lookup` wanted a proxy listener but none was registered (proxy down).
+    LookupNoListener = 7,
+    /// Rewriting the destination MAC of a bridged frame failed.
+    MacRewriteFailed = 8,
+}
+
+/// Number of slots in the `COUNTERS` map.
+pub const COUNTER_SLOTS: u32 = 9;
+
+impl Counter {
+    /// Every counter, in slot order, with the label the daemon exports it under.
+    pub const ALL: [(Counter, &'static str); COUNTER_SLOTS as usize] = [
+        (Counter::CapturedOutboundSyn, "captured_outbound_syn"),
+        (Counter::CapturedInboundSyn, "captured_inbound_syn"),
+        (Counter::SteeredFlow, "steered_flow"),
+        (Counter::SteeredSocket, "steered_socket"),
+        (Counter::PassedUncaptured, "passed_uncaptured"),
+        (Counter::DroppedMalformed, "malformed"),
+        (Counter::LookupAssigned, "lookup_assigned"),
+        (Counter::LookupNoListener, "lookup_no_listener"),
+        (Counter::MacRewriteFailed, "mac_rewrite_failed"),
+    ];
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, has no implicit padding (checked by the size
+    // asserts above) and every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::EnrolledPod {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BridgePort {}
+}

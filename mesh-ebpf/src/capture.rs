@@ -1,0 +1,177 @@
+//! TC ingress capture (attached to every pod-facing link and uplink of the node).
+//!
+//! A TCP packet is steered to the node proxy by setting `MARK_CAPTURE`, which policy routing
+//! turns into local delivery (where `sk_lookup` picks the proxy listener). Only new flows are
+//! steered: a SYN without ACK from a local enrolled pod (outbound) or to one (inbound), and the
+//! later packets of flows that were steered at their SYN (`FLOWS`) or that a local socket owns.
+//! Everything else, including connections that predate the mesh, passes untouched.
+//!
+//! On a bridge port, a frame from one pod to another pod of the same node would be switched at
+//! L2 and never reach the IP stack, so a steered frame also gets the bridge's MAC address as its
+//! destination: the bridge then passes it up.
+
+use aya_ebpf::{
+    bindings::{bpf_sock_tuple, TC_ACT_UNSPEC},
+    helpers::{bpf_sk_release, bpf_skc_lookup_tcp},
+    macros::classifier,
+    programs::TcContext,
+    EbpfContext,
+};
+use aya_log_ebpf::debug;
+use mesh_common::{Counter, Direction, FlowKey, MARK_CAPTURE};
+
+use crate::{
+    counters::bump,
+    maps::{BRIDGE_PORTS, ENROLLED, FLOWS},
+};
+
+/// Set from user space (`EbpfLoader::override_global`) to log every steered SYN.
+#[no_mangle]
+static LOG_CAPTURES: u8 = 0;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPPROTO_TCP: u8 = 6;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+const TCP_LISTEN: u32 = 10;
+/// `BPF_F_CURRENT_NETNS`: look sockets up in the netns of the device the packet arrived on.
+const CURRENT_NETNS: u64 = u64::MAX;
+/// "Continue with the next program, or pass": lets other TCX programs on the link run.
+const NEXT: i32 = TC_ACT_UNSPEC;
+
+#[classifier]
+pub fn mesh_capture(ctx: TcContext) -> i32 {
+    match try_capture(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
+    let ether_type = u16::from_be(ctx.load::<u16>(12).map_err(|_| NEXT)?);
+    if ether_type != ETH_P_IP {
+        return Ok(NEXT);
+    }
+    let version_ihl: u8 = ctx.load(ETH_HLEN).map_err(|_| malformed())?;
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || ihl < 20 {
+        return Err(malformed());
+    }
+    if ctx.load::<u8>(ETH_HLEN + 9).map_err(|_| malformed())? != IPPROTO_TCP {
+        return Ok(NEXT);
+    }
+    // Only the first fragment carries the TCP header.
+    let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).map_err(|_| malformed())?);
+    if frag & 0x1fff != 0 {
+        return Ok(NEXT);
+    }
+    let src_ip: u32 = ctx.load(ETH_HLEN + 12).map_err(|_| malformed())?;
+    let dst_ip: u32 = ctx.load(ETH_HLEN + 16).map_err(|_| malformed())?;
+
+    let direction = if ENROLLED.get_ptr(src_ip).is_some() {
+        Direction::Outbound
+    } else if ENROLLED.get_ptr(dst_ip).is_some() {
+        Direction::Inbound
+    } else {
+        return Ok(NEXT);
+    };
+
+    let l4 = ETH_HLEN + ihl;
+    let src_port: u16 = ctx.load(l4).map_err(|_| malformed())?;
+    let dst_port: u16 = ctx.load(l4 + 2).map_err(|_| malformed())?;
+    let flags: u8 = ctx.load(l4 + 13).map_err(|_| malformed())?;
+    let flow = FlowKey {
+        src_ip,
+        dst_ip,
+        src_port,
+        dst_port,
+    };
+
+    if flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0 {
+        // A new flow: remember it so its later packets follow even if NAT changes the tuple
+        // the proxy's socket is known by (kube-proxy's DNAT runs after TC).
+        let _ = FLOWS.insert(flow, direction as u32, 0);
+        bump(match direction {
+            Direction::Outbound => Counter::CapturedOutboundSyn,
+            Direction::Inbound => Counter::CapturedInboundSyn,
+        });
+        // SAFETY: a read of a plain global that user space sets before loading.
+        if unsafe { core::ptr::read_volatile(&LOG_CAPTURES) } != 0 {
+            debug!(
+                ctx,
+                "steer syn {:i}:{} -> {:i}:{} dir {}",
+                u32::from_be(src_ip),
+                u16::from_be(src_port),
+                u32::from_be(dst_ip),
+                u16::from_be(dst_port),
+                direction as u32
+            );
+        }
+    } else if FLOWS.get_ptr(flow).is_some() {
+        bump(Counter::SteeredFlow);
+    } else if owned_by_local_socket(ctx, &flow) {
+        bump(Counter::SteeredSocket);
+    } else {
+        bump(Counter::PassedUncaptured);
+        return Ok(NEXT);
+    }
+
+    steer(ctx);
+    Ok(NEXT)
+}
+
+/// Marks the packet for local delivery and, on a bridge port, addresses the frame to the bridge.
+#[inline(always)]
+fn steer(ctx: &TcContext) {
+    // SAFETY: `skb` is the valid context pointer of this program invocation.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | MARK_CAPTURE);
+    // SAFETY: as above.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // SAFETY: the value is plain data and the map entry is only read.
+    if let Some(port) = unsafe { BRIDGE_PORTS.get(ifindex) } {
+        let mac = port.bridge_mac;
+        if ctx.store(0, &mac, 0).is_err() {
+            bump(Counter::MacRewriteFailed);
+        }
+    }
+}
+
+/// True when a local socket that is not a listener owns this tuple: a flow the proxy accepted
+/// (or a connection to the node itself, which goes to the local stack either way). The lookup
+/// falls through to the listener lookup, which runs `sk_lookup` and would return the proxy's
+/// listener for any enrolled tuple, so listeners do not count.
+#[inline(always)]
+fn owned_by_local_socket(ctx: &TcContext, flow: &FlowKey) -> bool {
+    // SAFETY: an all-zero `bpf_sock_tuple` is a valid value (a union of plain integers).
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.saddr = flow.src_ip;
+    tuple.__bindgen_anon_1.ipv4.daddr = flow.dst_ip;
+    tuple.__bindgen_anon_1.ipv4.sport = flow.src_port;
+    tuple.__bindgen_anon_1.ipv4.dport = flow.dst_port;
+    // SAFETY: the context and tuple pointers are valid for the call; the size is that of the
+    // IPv4 part of the tuple, as the helper requires.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            core::mem::size_of::<FlowKey>() as u32,
+            CURRENT_NETNS,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is a non-null socket reference from the lookup; `state` is readable on a
+    // sock_common, and the reference is released exactly once.
+    let state = unsafe { (*sk).state };
+    unsafe { bpf_sk_release(sk.cast()) };
+    state != TCP_LISTEN
+}
+
+#[inline(always)]
+fn malformed() -> i32 {
+    bump(Counter::DroppedMalformed);
+    NEXT
+}

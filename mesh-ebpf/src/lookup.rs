@@ -1,0 +1,43 @@
+//! `sk_lookup` on the node's network namespace: picks the proxy listener for a captured flow.
+//!
+//! sk_lookup sees no packet mark, so the choice comes from maps alone: a flow from a local
+//! enrolled pod goes to the outbound listener; a flow to a local enrolled pod goes to the HBONE
+//! listener when it targets port 15008, to the inbound plaintext listener otherwise. With no
+//! listener registered (the proxy is down) the lookup continues normally and finds nothing, and
+//! the node's guard rule refuses the connection: the mesh fails closed.
+
+use aya_ebpf::{bindings::sk_action::SK_PASS, macros::sk_lookup, programs::SkLookupContext};
+use mesh_common::{Counter, Listener, PORT_HBONE};
+
+use crate::{
+    counters::bump,
+    maps::{ENROLLED, LISTENERS},
+};
+
+const AF_INET: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: `lookup` is the valid context pointer of this program invocation.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.family != AF_INET || lookup.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let listener = if ENROLLED.get_ptr(lookup.remote_ip4).is_some() {
+        Listener::Outbound
+    } else if ENROLLED.get_ptr(lookup.local_ip4).is_some() {
+        if lookup.local_port == u32::from(PORT_HBONE) {
+            Listener::Hbone
+        } else {
+            Listener::Inbound
+        }
+    } else {
+        return SK_PASS;
+    };
+    match LISTENERS.redirect_sk_lookup(&ctx, listener as u32, 0) {
+        Ok(()) => bump(Counter::LookupAssigned),
+        Err(_) => bump(Counter::LookupNoListener),
+    }
+    SK_PASS
+}

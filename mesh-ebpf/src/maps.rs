@@ -1,0 +1,29 @@
+//! Maps shared with `mesh-node`. All are pinned by name under the node's bpffs directory, so
+//! they outlive a mesh-node restart: enrolled pods stay captured (the mesh fails closed) and
+//! the next mesh-node adopts them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
+};
+use mesh_common::{BridgePort, EnrolledPod, FlowKey, COUNTER_SLOTS, LISTENER_SLOTS};
+
+/// Local pods in the mesh, by IPv4 address (network order).
+#[map(name = "MESH_ENROLLED")]
+pub static ENROLLED: HashMap<u32, EnrolledPod> = HashMap::pinned(65_536, 0);
+
+/// Flows steered at their SYN, keyed by the pre-NAT tuple TC sees; value: `Direction`.
+#[map(name = "MESH_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(262_144, 0);
+
+/// The proxy's listening sockets, indexed by `mesh_common::Listener`.
+#[map(name = "MESH_LISTENERS")]
+pub static LISTENERS: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
+
+/// Bridge ports (by ifindex) and their bridge's MAC address.
+#[map(name = "MESH_BRIDGE_PORTS")]
+pub static BRIDGE_PORTS: HashMap<u32, BridgePort> = HashMap::pinned(65_536, 0);
+
+/// Decision counters, indexed by `mesh_common::Counter`.
+#[map(name = "MESH_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);

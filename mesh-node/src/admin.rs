@@ -1,0 +1,138 @@
+//! The admin endpoint (`:15020`): `/healthz/ready`, `/metrics`, `/debug/connections`,
+//! `/debug/state`.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use arc_swap::ArcSwap;
+use http_body_util::Full;
+use hyper::{
+    body::{Bytes, Incoming},
+    header::CONTENT_TYPE,
+    server::conn::http1,
+    service::service_fn,
+    Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::{proxy::connections::Connections, state::State};
+
+/// What the admin endpoint serves.
+pub struct Admin {
+    /// Set once the datapath, listeners and config are in place.
+    pub ready: AtomicBool,
+    /// The metrics registry.
+    pub registry: Registry,
+    /// The proxy's connection record.
+    pub connections: Arc<Connections>,
+    /// The current config snapshot.
+    pub state: Arc<ArcSwap<State>>,
+    /// Links carrying the capture program (ifindex, name).
+    pub links: Mutex<Vec<(u32, String)>>,
+}
+
+/// Serves the admin endpoint on `listener` forever.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(route(&admin, &req)) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Binds the admin address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is supported\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/healthz/ready" => {
+            if admin.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n".into())
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into())
+            }
+        }
+        "/metrics" => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, &admin.registry) {
+                Ok(()) => with_type(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                ),
+                Err(err) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding failed: {err}\n"),
+                ),
+            }
+        }
+        "/debug/connections" => json(&admin.connections.snapshot()),
+        "/debug/state" => {
+            let state = admin.state.load();
+            let links = admin.links.lock().map(|l| l.clone()).unwrap_or_default();
+            json(&serde_json::json!({
+                "generation": state.generation,
+                "node": state.node,
+                "local_enrolled": state.local_enrolled(),
+                "workloads": state.workloads.values().collect::<Vec<_>>(),
+                "services": state.services.values().collect::<Vec<_>>(),
+                "capture_links": links,
+            }))
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /healthz/ready, /metrics, /debug/connections, /debug/state\n".into(),
+        ),
+    }
+}
+
+fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(value) {
+        Ok(body) => with_type(StatusCode::OK, "application/json", body),
+        Err(err) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    with_type(status, "text/plain; charset=utf-8", body)
+}
+
+fn with_type(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
+}

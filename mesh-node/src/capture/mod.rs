@@ -1,0 +1,458 @@
+//! The kernel side of capture, owned end to end by mesh-node: loading the programs, attaching
+//! them (TC on every pod-facing link and uplink, `sk_lookup` on the node's netns), pinning
+//! links and maps under `<bpffs>/<node>/` so they outlive the process (the mesh fails closed),
+//! adopting them on the next start without a gap, keeping the maps in step with the config,
+//! and removing all of it on `mesh-node uninstall`.
+
+pub mod links;
+pub mod routing;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, SockMap},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        LinkOrder, SchedClassifier, SkLookup, TcAttachType,
+    },
+    Ebpf, EbpfLoader,
+};
+use mesh_common::{maps, programs, BridgePort, Counter, EnrolledPod, FlowKey, Listener};
+
+/// What the datapath thread reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// A link appeared, changed or disappeared.
+    LinksChanged,
+    /// A new config snapshot is in use.
+    Config(std::sync::Arc<crate::state::State>),
+}
+
+/// The kernel object built by `cargo xtask build-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
+
+/// Errors of the capture datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The object could not be loaded (verifier, incompatible pinned maps, ...).
+    #[error("cannot load the eBPF programs: {0}; if maps pinned by another mesh-node version are in the way, run `mesh-node uninstall --node NAME`")]
+    Load(#[from] aya::EbpfError),
+    /// A program could not be loaded or attached.
+    #[error("eBPF program {program}: {message}")]
+    Program {
+        /// Program name.
+        program: &'static str,
+        /// What failed.
+        message: String,
+    },
+    /// A map operation failed.
+    #[error("eBPF map {map}: {message}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// What failed.
+        message: String,
+    },
+    /// A pin could not be created or removed.
+    #[error("pin {path}: {message}")]
+    Pin {
+        /// Pin path.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// An external command (`ip`, `iptables`) failed.
+    #[error("`{command}` failed: {message}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its error output.
+        message: String,
+    },
+}
+
+/// The per-node pin directory under the bpffs root. bpffs refuses names with dots, which
+/// node names (FQDNs) often have.
+pub fn pin_dir(bpffs: &Path, node: &str) -> PathBuf {
+    let safe: String = node
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    bpffs.join(safe)
+}
+
+/// The loaded programs, their links and the maps user space writes.
+pub struct Datapath {
+    ebpf: Ebpf,
+    dir: PathBuf,
+    enrolled: HashMap<MapData, u32, EnrolledPod>,
+    flows: HashMap<MapData, FlowKey, u32>,
+    bridge_ports: HashMap<MapData, u32, BridgePort>,
+    listeners: SockMap<MapData>,
+    /// Links carrying the capture program: ifindex -> name.
+    attached: BTreeMap<u32, String>,
+}
+
+fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError {
+    move |err| CaptureError::Map {
+        map,
+        message: err.to_string(),
+    }
+}
+
+fn prog_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> CaptureError {
+    move |err| CaptureError::Program {
+        program,
+        message: format!("{err} ({})", error_chain(&err)),
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = err.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+impl Datapath {
+    /// Loads the programs and takes over the node: adopts or replaces what a previous
+    /// mesh-node left pinned, installs routing and guard rules, attaches to every link.
+    pub fn install(
+        bpffs: &Path,
+        node: &str,
+        log_captures: bool,
+    ) -> Result<(Datapath, KernelCounters), CaptureError> {
+        let dir = pin_dir(bpffs, node);
+        let links_dir = dir.join("links");
+        fs::create_dir_all(&links_dir).map_err(|err| CaptureError::Pin {
+            path: links_dir.clone(),
+            message: err.to_string(),
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .override_global("LOG_CAPTURES", &u8::from(log_captures), true)
+            .load(OBJECT)?;
+
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(CaptureError::Map {
+                map: name,
+                message: "missing from the object".into(),
+            })
+        };
+        let enrolled = HashMap::try_from(take(&mut ebpf, maps::ENROLLED)?)
+            .map_err(map_error(maps::ENROLLED))?;
+        let flows =
+            HashMap::try_from(take(&mut ebpf, maps::FLOWS)?).map_err(map_error(maps::FLOWS))?;
+        let bridge_ports = HashMap::try_from(take(&mut ebpf, maps::BRIDGE_PORTS)?)
+            .map_err(map_error(maps::BRIDGE_PORTS))?;
+        let listeners = SockMap::try_from(take(&mut ebpf, maps::LISTENERS)?)
+            .map_err(map_error(maps::LISTENERS))?;
+        let counters = KernelCounters {
+            map: PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?)
+                .map_err(map_error(maps::COUNTERS))?,
+        };
+
+        let mut datapath = Datapath {
+            ebpf,
+            dir,
+            enrolled,
+            flows,
+            bridge_ports,
+            listeners,
+            attached: BTreeMap::new(),
+        };
+        datapath.load_programs()?;
+        datapath.attach_sk_lookup()?;
+        routing::install()?;
+        datapath.sync_links()?;
+        Ok((datapath, counters))
+    }
+
+    /// The loaded object, for the kernel log forwarder.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    fn load_programs(&mut self) -> Result<(), CaptureError> {
+        let capture: &mut SchedClassifier = self.program(programs::CAPTURE)?;
+        capture.load().map_err(prog_error(programs::CAPTURE))?;
+        let lookup: &mut SkLookup = self.program(programs::SK_LOOKUP)?;
+        lookup.load().map_err(|err| CaptureError::Program {
+            program: programs::SK_LOOKUP,
+            message: format!(
+                "{err} ({}); the kernel needs sk_lookup support (Linux >= 5.9, CONFIG_BPF_SYSCALL, CONFIG_INET)",
+                error_chain(&err)
+            ),
+        })?;
+        Ok(())
+    }
+
+    fn program<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P, CaptureError>
+    where
+        &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        let program = self.ebpf.program_mut(name).ok_or(CaptureError::Program {
+            program: name,
+            message: "missing from the object".into(),
+        })?;
+        program.try_into().map_err(prog_error(name))
+    }
+
+    /// Attaches `sk_lookup` to this netns; a link pinned by a previous run is replaced after
+    /// the new one is in place, so lookups never go unanswered.
+    fn attach_sk_lookup(&mut self) -> Result<(), CaptureError> {
+        let pin = self.dir.join("links/sk_lookup");
+        let netns = fs::File::open("/proc/self/ns/net").map_err(|err| CaptureError::Program {
+            program: programs::SK_LOOKUP,
+            message: format!("cannot open /proc/self/ns/net: {err}"),
+        })?;
+        let prog: &mut SkLookup = self.program(programs::SK_LOOKUP)?;
+        let id = prog
+            .attach(&netns)
+            .map_err(prog_error(programs::SK_LOOKUP))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(prog_error(programs::SK_LOOKUP))?
+            .into();
+        replace_pin(&pin, link)
+    }
+
+    /// Brings the TC attachments and the bridge-port map in line with the node's links:
+    /// attaches to new links, drops pins of links that are gone.
+    pub fn sync_links(&mut self) -> Result<(), CaptureError> {
+        let node = links::discover()?;
+        for (&ifindex, name) in &node.capture {
+            if self.attached.get(&ifindex) == Some(name) {
+                continue;
+            }
+            match self.attach_tc(ifindex, name) {
+                Ok(()) => {
+                    tracing::info!(link = %name, ifindex, "capture attached");
+                    self.attached.insert(ifindex, name.clone());
+                }
+                // A link can vanish between the scan and the attach (a pod being deleted).
+                Err(err) => tracing::warn!(link = %name, ifindex, "cannot attach capture: {err}"),
+            }
+        }
+        let gone: Vec<u32> = self
+            .attached
+            .keys()
+            .filter(|i| !node.capture.contains_key(i))
+            .copied()
+            .collect();
+        for ifindex in gone {
+            let name = self.attached.remove(&ifindex).unwrap_or_default();
+            tracing::info!(link = %name, ifindex, "link gone, capture detached");
+            let _ = fs::remove_file(self.tc_pin(ifindex));
+        }
+        // Pins of links that disappeared while mesh-node was not running.
+        if let Ok(entries) = fs::read_dir(self.dir.join("links")) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(ifindex) = name.strip_prefix("tc-").and_then(|i| i.parse().ok()) {
+                    if !node.capture.contains_key(&ifindex) {
+                        let _ = fs::remove_file(entry.path());
+                    }
+                }
+            }
+        }
+
+        let have: BTreeSet<u32> = self.bridge_ports.keys().filter_map(Result::ok).collect();
+        for ifindex in have.iter().filter(|i| !node.bridge_ports.contains_key(i)) {
+            let _ = self.bridge_ports.remove(ifindex);
+        }
+        for (&ifindex, &bridge_mac) in &node.bridge_ports {
+            let port = BridgePort {
+                bridge_mac,
+                _pad: [0; 2],
+            };
+            if self.bridge_ports.get(&ifindex, 0).ok() != Some(port) {
+                self.bridge_ports
+                    .insert(ifindex, port, 0)
+                    .map_err(map_error(maps::BRIDGE_PORTS))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn tc_pin(&self, ifindex: u32) -> PathBuf {
+        self.dir.join(format!("links/tc-{ifindex}"))
+    }
+
+    /// Attaches the capture program to one link. A link pinned by a previous run gets the new
+    /// program atomically (TCX link update): no packet goes uncaptured in between.
+    fn attach_tc(&mut self, ifindex: u32, name: &str) -> Result<(), CaptureError> {
+        let pin = self.tc_pin(ifindex);
+        let prog: &mut SchedClassifier = self.program(programs::CAPTURE)?;
+        let adopted = PinnedLink::from_pin(&pin)
+            .ok()
+            .and_then(|old| SchedClassifierLink::try_from(FdLink::from(old)).ok())
+            .and_then(|old| prog.attach_to_link(old).ok());
+        let id = match adopted {
+            Some(id) => id,
+            None => prog
+                .attach_with_options(
+                    name,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(prog_error(programs::CAPTURE))?,
+        };
+        let link = prog.take_link(id).map_err(prog_error(programs::CAPTURE))?;
+        let link = FdLink::try_from(link).map_err(|err| CaptureError::Program {
+            program: programs::CAPTURE,
+            message: format!("not a TCX link ({err}): kernel >= 6.6 is required"),
+        })?;
+        replace_pin(&pin, link)
+    }
+
+    /// Makes the enrolled-pod map equal `want`; flows of pods that left are forgotten.
+    pub fn set_enrolled(&mut self, want: &BTreeSet<Ipv4Addr>) -> Result<(), CaptureError> {
+        let want: BTreeSet<u32> = want
+            .iter()
+            .map(|ip| u32::from_ne_bytes(ip.octets()))
+            .collect();
+        let have: BTreeSet<u32> = self.enrolled.keys().filter_map(Result::ok).collect();
+        let removed: BTreeSet<u32> = have.difference(&want).copied().collect();
+        for key in &removed {
+            self.enrolled
+                .remove(key)
+                .map_err(map_error(maps::ENROLLED))?;
+        }
+        for key in want.difference(&have) {
+            self.enrolled
+                .insert(key, EnrolledPod::default(), 0)
+                .map_err(map_error(maps::ENROLLED))?;
+        }
+        if !removed.is_empty() {
+            let stale: Vec<FlowKey> = self
+                .flows
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|f| removed.contains(&f.src_ip) || removed.contains(&f.dst_ip))
+                .collect();
+            for flow in &stale {
+                let _ = self.flows.remove(flow);
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers a proxy listener in the sockmap `sk_lookup` picks from.
+    pub fn register_listener(
+        &mut self,
+        slot: Listener,
+        socket: &impl AsRawFd,
+    ) -> Result<(), CaptureError> {
+        self.listeners
+            .set(slot as u32, socket, 0)
+            .map_err(map_error(maps::LISTENERS))
+    }
+
+    /// The links carrying the capture program.
+    pub fn attached_links(&self) -> &BTreeMap<u32, String> {
+        &self.attached
+    }
+}
+
+/// Pins `link` at `path`, replacing (and so detaching) whatever was pinned there before.
+fn replace_pin(path: &Path, link: FdLink) -> Result<(), CaptureError> {
+    if path.exists() {
+        if let Ok(old) = PinnedLink::from_pin(path) {
+            // Unpinning and dropping the old link detaches it; the new one is already live.
+            let _ = old.unpin();
+        } else {
+            let _ = fs::remove_file(path);
+        }
+    }
+    link.pin(path).map(drop).map_err(|err| CaptureError::Pin {
+        path: path.to_path_buf(),
+        message: err.to_string(),
+    })
+}
+
+/// The kernel decision counters (`mesh_kernel_packets_total`).
+pub struct KernelCounters {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl KernelCounters {
+    /// Every counter with its label, summed over CPUs.
+    pub fn read(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|(counter, label)| {
+                let total = self
+                    .map
+                    .get(&(*counter as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (*label, total)
+            })
+            .collect()
+    }
+}
+
+/// Removes every attachment, pin, rule and route of `node`. Returns what was removed.
+pub fn uninstall(bpffs: &Path, node: &str) -> Result<Vec<String>, CaptureError> {
+    let dir = pin_dir(bpffs, node);
+    let mut removed = Vec::new();
+    if let Ok(entries) = fs::read_dir(dir.join("links")) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match PinnedLink::from_pin(&path) {
+                // Dropping the unpinned link detaches it.
+                Ok(link) => drop(link.unpin()),
+                Err(_) => drop(fs::remove_file(&path)),
+            }
+            removed.push(format!("link {}", path.display()));
+        }
+    }
+    if let Ok(entries) = fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            if entry.path().is_file() || !entry.path().is_dir() {
+                let _ = fs::remove_file(entry.path());
+                removed.push(format!("map {}", entry.path().display()));
+            }
+        }
+    }
+    for path in [dir.join("links"), dir.clone()] {
+        if path.exists() {
+            fs::remove_dir(&path).map_err(|err| CaptureError::Pin {
+                path: path.clone(),
+                message: err.to_string(),
+            })?;
+        }
+    }
+    removed.extend(routing::remove()?);
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_dirs_have_no_dots() {
+        assert_eq!(
+            pin_dir(Path::new("/sys/fs/bpf/mesh"), "node-1.example.com"),
+            Path::new("/sys/fs/bpf/mesh/node-1_example_com")
+        );
+    }
+}

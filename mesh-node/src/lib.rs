@@ -1,0 +1,18 @@
+//! mesh-node: the per-node proxy of the mesh and the manager of its kernel programs.
+//!
+//! Modules by domain: [`config`] (the typed resources and their loader), [`state`] (the
+//! immutable snapshot built from them), [`capture`] (eBPF programs, links, pins, routing
+//! rules), [`proxy`] (transparent listeners and L4 forwarding), [`metrics`], [`admin`],
+//! [`reload`] (config file watching), [`preflight`] (privilege and kernel checks) and [`sys`]
+//! (the only module allowed to use `unsafe`).
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod capture;
+pub mod config;
+pub mod metrics;
+pub mod preflight;
+pub mod proxy;
+pub mod reload;
+pub mod state;
+pub mod sys;

@@ -1,0 +1,170 @@
+//! Node-level `mesh_*` metrics: the proxy's connections, the config, and the kernel path's
+//! decision counters (read from the per-CPU map at scrape time). Istio's standard
+//! `istio_*` metrics come with workload identity (later issues).
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::{capture::KernelCounters, proxy::Direction};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabels {
+    direction: &'static str,
+    /// Istio-style response flag, `-` when fine.
+    response_flags: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    direction: &'static str,
+    /// `sent` (client to upstream) or `received`.
+    flow: &'static str,
+}
+
+/// The proxy's connection metrics.
+#[derive(Clone, Default)]
+pub struct ProxyMetrics {
+    opened: Family<DirectionLabels, Counter>,
+    closed: Family<ClosedLabels, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+}
+
+impl ProxyMetrics {
+    /// Registers the proxy metrics.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "mesh_proxy_connections_opened",
+            "TCP connections accepted by the node proxy",
+            metrics.opened.clone(),
+        );
+        registry.register(
+            "mesh_proxy_connections_closed",
+            "TCP connections finished by the node proxy, by response flag",
+            metrics.closed.clone(),
+        );
+        registry.register(
+            "mesh_proxy_bytes",
+            "Bytes copied by the node proxy",
+            metrics.bytes.clone(),
+        );
+        metrics
+    }
+
+    /// A connection was accepted.
+    pub fn opened(&self, direction: Direction) {
+        self.opened
+            .get_or_create(&DirectionLabels {
+                direction: direction.as_str(),
+            })
+            .inc();
+    }
+
+    /// A connection finished with `flag` (empty when fine).
+    pub fn closed(&self, direction: Direction, flag: &'static str) {
+        let response_flags = if flag.is_empty() { "-" } else { flag };
+        self.closed
+            .get_or_create(&ClosedLabels {
+                direction: direction.as_str(),
+                response_flags,
+            })
+            .inc();
+    }
+
+    /// Bytes copied by a finished connection.
+    pub fn bytes(&self, direction: Direction, sent: u64, received: u64) {
+        for (flow, n) in [("sent", sent), ("received", received)] {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    direction: direction.as_str(),
+                    flow,
+                })
+                .inc_by(n);
+        }
+    }
+}
+
+/// Config metrics.
+#[derive(Clone, Default)]
+pub struct ConfigMetrics {
+    /// Generation of the snapshot in use.
+    pub generation: Gauge,
+    /// Config updates rejected (the last good config kept serving).
+    pub rejected: Counter,
+}
+
+impl ConfigMetrics {
+    /// Registers the config metrics.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "mesh_config_generation",
+            "Generation of the configuration snapshot in use",
+            metrics.generation.clone(),
+        );
+        registry.register(
+            "mesh_config_rejected",
+            "Configuration updates rejected as invalid",
+            metrics.rejected.clone(),
+        );
+        metrics
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+}
+
+/// Exposes the kernel programs' counters as `mesh_kernel_packets_total{decision}`.
+pub struct KernelCollector {
+    counters: Mutex<KernelCounters>,
+}
+
+impl std::fmt::Debug for KernelCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelCollector")
+    }
+}
+
+impl KernelCollector {
+    /// Registers the collector.
+    pub fn register(registry: &mut Registry, counters: KernelCounters) {
+        registry.register_collector(Box::new(Arc::new(KernelCollector {
+            counters: Mutex::new(counters),
+        })));
+    }
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let values = self
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read();
+        let mut family = encoder.encode_descriptor(
+            "mesh_kernel_packets",
+            "Decisions of the kernel capture programs, by decision",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (decision, value) in values {
+            let labels = DecisionLabels { decision };
+            let metric = family.encode_family(&labels)?;
+            ConstCounter::new(value).encode(metric)?;
+        }
+        Ok(())
+    }
+}

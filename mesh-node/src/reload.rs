@@ -1,0 +1,76 @@
+//! Watches the config file and swaps in a new snapshot when it changes. An invalid update is
+//! rejected with its diagnostics logged, and the last good snapshot keeps serving.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{mpsc, Arc},
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+
+use crate::{capture::Event, config, metrics::ConfigMetrics, state::State};
+
+/// How often the file's metadata is checked.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Identity of one version of the file (catches in-place edits and atomic renames).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Version {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn version(path: &Path) -> Option<Version> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(Version {
+        modified: meta.modified().ok(),
+        len: meta.len(),
+        inode: meta.ino(),
+    })
+}
+
+/// Polls `path` forever; each valid change becomes the next generation of `state` and is
+/// sent to `changed` (the datapath updates its maps from it).
+pub async fn watch(
+    path: PathBuf,
+    node: String,
+    state: Arc<ArcSwap<State>>,
+    metrics: ConfigMetrics,
+    changed: mpsc::Sender<Event>,
+) {
+    let mut seen = version(&path);
+    loop {
+        tokio::time::sleep(POLL).await;
+        let now = version(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match config::load_file(&path) {
+            Ok(resources) => {
+                for warning in &resources.warnings {
+                    tracing::warn!("{warning}");
+                }
+                let generation = state.load().generation + 1;
+                let next = Arc::new(State::build(&resources, &node, generation));
+                state.store(next.clone());
+                metrics.generation.set(generation as i64);
+                tracing::info!(generation, file = %path.display(), "config reloaded");
+                if changed.send(Event::Config(next)).is_err() {
+                    return;
+                }
+            }
+            Err(err) => {
+                metrics.rejected.inc();
+                tracing::error!(
+                    "config update rejected, generation {} keeps serving:\n{}",
+                    state.load().generation,
+                    err.render()
+                );
+            }
+        }
+    }
+}

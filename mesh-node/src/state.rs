@@ -1,0 +1,424 @@
+//! The immutable state snapshot the proxy and the datapath read: workloads with enrolment,
+//! Services with their VIPs and ready endpoints. A new snapshot is built for every config
+//! change and swapped in atomically (`arc-swap`); the hot path never waits on an update.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use serde::Serialize;
+
+use crate::config::{
+    model::{
+        IntOrString, Labels, Pod, Service, LABEL_DATAPLANE_MODE, LABEL_INJECTION,
+        LABEL_SERVICE_NAME,
+    },
+    Resources,
+};
+
+/// A pod as the mesh sees it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Workload {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Node it runs on.
+    pub node: Option<String>,
+    /// Pod IP.
+    pub ip: Ipv4Addr,
+    /// Service account (the identity it will get).
+    pub service_account: String,
+    /// In the mesh.
+    pub enrolled: bool,
+    /// Ready (a Service endpoint).
+    pub ready: bool,
+}
+
+/// One port of a Service with a VIP, and the endpoints it balances over.
+#[derive(Debug, Serialize)]
+pub struct ServiceTarget {
+    /// Namespace.
+    pub namespace: String,
+    /// Service name.
+    pub name: String,
+    /// `clusterIP:port`.
+    pub vip: SocketAddrV4,
+    /// Ready endpoints (`podIP:targetPort`), in a stable order.
+    pub endpoints: Vec<SocketAddrV4>,
+    /// Round-robin cursor.
+    #[serde(skip)]
+    next: AtomicUsize,
+}
+
+impl ServiceTarget {
+    /// The next ready endpoint, round robin; `None` when there is none.
+    pub fn pick(&self) -> Option<SocketAddrV4> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        Some(self.endpoints[i])
+    }
+
+    /// `namespace/name`.
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Where an outbound connection goes.
+#[derive(Debug)]
+pub enum Resolution<'a> {
+    /// To a Service VIP: balance over its endpoints.
+    Service(&'a ServiceTarget),
+    /// The destination is a VIP but not a port of its Service: nothing to connect to.
+    UnknownServicePort {
+        /// The Service that owns the VIP.
+        service: String,
+    },
+    /// Not a VIP: connect to the original destination itself.
+    Direct,
+}
+
+/// One immutable configuration snapshot.
+#[derive(Debug, Default, Serialize)]
+pub struct State {
+    /// Increases with every accepted config change.
+    pub generation: u64,
+    /// The node this proxy serves.
+    pub node: String,
+    /// Every pod with an IP, by IP.
+    pub workloads: BTreeMap<Ipv4Addr, Workload>,
+    /// Service ports with a VIP, by `clusterIP:port`.
+    pub services: HashMap<SocketAddrV4, ServiceTarget>,
+    /// Clusters IPs (any port) to Service `namespace/name`.
+    pub vips: HashMap<Ipv4Addr, String>,
+}
+
+impl State {
+    /// Builds the snapshot for `node` from a set of resources.
+    pub fn build(resources: &Resources, node: &str, generation: u64) -> State {
+        let enrolled_namespaces: BTreeSet<&str> = resources
+            .namespaces
+            .iter()
+            .filter(|ns| namespace_enrolls(&ns.metadata.labels))
+            .map(|ns| ns.metadata.name.as_str())
+            .collect();
+
+        let mut workloads = BTreeMap::new();
+        for pod in &resources.pods {
+            let Some(ip) = pod.status.pod_ip else {
+                continue;
+            };
+            let namespace = pod.metadata.namespace();
+            let enrolled = match pod
+                .metadata
+                .labels
+                .get(LABEL_DATAPLANE_MODE)
+                .map(String::as_str)
+            {
+                Some("none") => false,
+                Some("ambient") => true,
+                _ => enrolled_namespaces.contains(namespace),
+            };
+            workloads.insert(
+                ip,
+                Workload {
+                    namespace: namespace.to_string(),
+                    name: pod.metadata.name.clone(),
+                    node: pod.spec.node_name.clone(),
+                    ip,
+                    service_account: pod
+                        .spec
+                        .service_account_name
+                        .clone()
+                        .unwrap_or_else(|| "default".into()),
+                    enrolled,
+                    ready: pod.is_ready(),
+                },
+            );
+        }
+
+        let mut services = HashMap::new();
+        let mut vips = HashMap::new();
+        for svc in &resources.services {
+            let Some(vip) = svc
+                .spec
+                .cluster_ip
+                .as_deref()
+                .and_then(|ip| ip.parse().ok())
+            else {
+                continue;
+            };
+            let qualified = format!("{}/{}", svc.metadata.namespace(), svc.metadata.name);
+            vips.insert(vip, qualified);
+            for (index, port) in svc.spec.ports.iter().enumerate() {
+                if !port
+                    .protocol
+                    .as_deref()
+                    .unwrap_or("TCP")
+                    .eq_ignore_ascii_case("TCP")
+                {
+                    continue;
+                }
+                let endpoints = endpoints(resources, svc, index);
+                let addr = SocketAddrV4::new(vip, port.port);
+                services.insert(
+                    addr,
+                    ServiceTarget {
+                        namespace: svc.metadata.namespace().to_string(),
+                        name: svc.metadata.name.clone(),
+                        vip: addr,
+                        endpoints,
+                        next: AtomicUsize::new(0),
+                    },
+                );
+            }
+        }
+
+        State {
+            generation,
+            node: node.to_string(),
+            workloads,
+            services,
+            vips,
+        }
+    }
+
+    /// IPs of the enrolled pods on this node: what the kernel captures.
+    pub fn local_enrolled(&self) -> BTreeSet<Ipv4Addr> {
+        self.workloads
+            .values()
+            .filter(|w| w.enrolled && w.node.as_deref() == Some(self.node.as_str()))
+            .map(|w| w.ip)
+            .collect()
+    }
+
+    /// Classifies an outbound original destination.
+    pub fn resolve(&self, orig_dst: SocketAddr) -> Resolution<'_> {
+        let SocketAddr::V4(dst) = orig_dst else {
+            return Resolution::Direct;
+        };
+        if let Some(target) = self.services.get(&dst) {
+            return Resolution::Service(target);
+        }
+        match self.vips.get(dst.ip()) {
+            Some(service) => Resolution::UnknownServicePort {
+                service: service.clone(),
+            },
+            None => Resolution::Direct,
+        }
+    }
+
+    /// The workload with this IP, if any.
+    pub fn workload(&self, ip: std::net::IpAddr) -> Option<&Workload> {
+        match ip {
+            std::net::IpAddr::V4(ip) => self.workloads.get(&ip),
+            std::net::IpAddr::V6(_) => None,
+        }
+    }
+}
+
+fn namespace_enrolls(labels: &Labels) -> bool {
+    labels.get(LABEL_DATAPLANE_MODE).map(String::as_str) == Some("ambient")
+        || labels.get(LABEL_INJECTION).map(String::as_str) == Some("enabled")
+}
+
+/// Ready endpoints of port `index` of `svc`: from its EndpointSlices when there are any,
+/// otherwise from the pods its selector matches.
+fn endpoints(resources: &Resources, svc: &Service, index: usize) -> Vec<SocketAddrV4> {
+    let namespace = svc.metadata.namespace();
+    let port = &svc.spec.ports[index];
+    let port_name = port.name.clone().unwrap_or_default();
+    let slices: Vec<_> = resources
+        .endpoint_slices
+        .iter()
+        .filter(|s| {
+            s.metadata.namespace() == namespace
+                && s.address_type == "IPv4"
+                && s.metadata.labels.get(LABEL_SERVICE_NAME) == Some(&svc.metadata.name)
+        })
+        .collect();
+    let mut out = BTreeSet::new();
+    if !slices.is_empty() {
+        for slice in slices {
+            let Some(ep_port) = slice
+                .ports
+                .iter()
+                .find(|p| p.name.clone().unwrap_or_default() == port_name)
+            else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                if ep.conditions.ready == Some(false) {
+                    continue;
+                }
+                for addr in &ep.addresses {
+                    if let Ok(ip) = addr.parse() {
+                        out.insert(SocketAddrV4::new(ip, ep_port.port));
+                    }
+                }
+            }
+        }
+        return out.into_iter().collect();
+    }
+    let Some(selector) = svc.spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+        return Vec::new();
+    };
+    for pod in &resources.pods {
+        let Some(ip) = pod.status.pod_ip else {
+            continue;
+        };
+        if pod.metadata.namespace() != namespace
+            || !pod.is_ready()
+            || !selector
+                .iter()
+                .all(|(k, v)| pod.metadata.labels.get(k) == Some(v))
+        {
+            continue;
+        }
+        if let Some(target) = target_port(pod, port.target_port.as_ref(), port.port) {
+            out.insert(SocketAddrV4::new(ip, target));
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Resolves a `targetPort` (number, container port name, or unset = the Service port).
+fn target_port(pod: &Pod, target: Option<&IntOrString>, service_port: u16) -> Option<u16> {
+    match target {
+        None => Some(service_port),
+        Some(IntOrString::Int(port)) => Some(*port),
+        Some(IntOrString::String(name)) => match name.parse::<u16>() {
+            Ok(port) => Some(port),
+            Err(_) => pod
+                .spec
+                .containers
+                .iter()
+                .flat_map(|c| &c.ports)
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .map(|p| p.container_port),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_str;
+
+    const CONFIG: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: injected, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: mesh, labels: {app: web}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 100.65.0.2, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: mesh, labels: {app: web, istio.io/dataplane-mode: none}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 9090}]}]}
+status: {podIP: 100.65.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: mesh, labels: {app: web}}
+spec: {nodeName: n2}
+status: {podIP: 100.65.1.2, conditions: [{type: Ready, status: "False"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: d, namespace: plain, labels: {istio.io/dataplane-mode: ambient}}
+spec: {nodeName: n1}
+status: {podIP: 100.65.0.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: e, namespace: injected}
+spec: {nodeName: n1}
+status: {podIP: 100.65.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: f, namespace: plain}
+spec: {nodeName: n1}
+status: {podIP: 100.65.0.6}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: mesh}
+spec:
+  clusterIP: 100.66.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}, {name: raw, port: 81, targetPort: 7000}]
+"#;
+
+    fn state() -> State {
+        State::build(&parse_str("t.yaml", CONFIG).unwrap(), "n1", 1)
+    }
+
+    #[test]
+    fn enrolment_follows_namespace_and_pod_labels() {
+        let ips: Vec<String> = state()
+            .local_enrolled()
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect();
+        // a: namespace ambient; b: opted out; c: other node; d: pod label; e: injection; f: none.
+        assert_eq!(ips, ["100.65.0.2", "100.65.0.4", "100.65.0.5"]);
+    }
+
+    #[test]
+    fn named_target_ports_resolve_per_pod_and_unready_pods_are_skipped() {
+        let state = state();
+        let vip = "100.66.0.10:80".parse().unwrap();
+        let Resolution::Service(target) = state.resolve(vip) else {
+            panic!("VIP not resolved")
+        };
+        assert_eq!(target.qualified_name(), "mesh/web");
+        let eps: Vec<String> = target.endpoints.iter().map(ToString::to_string).collect();
+        assert_eq!(eps, ["100.65.0.2:8080", "100.65.0.3:9090"]);
+        // Round robin over the ready endpoints.
+        let picks: Vec<_> = (0..4).map(|_| target.pick().unwrap().port()).collect();
+        assert_eq!(picks, [8080, 9090, 8080, 9090]);
+        let Resolution::Service(raw) = state.resolve("100.66.0.10:81".parse().unwrap()) else {
+            panic!("port 81 not resolved")
+        };
+        assert_eq!(raw.endpoints[0].port(), 7000);
+        assert!(matches!(
+            state.resolve("100.66.0.10:82".parse().unwrap()),
+            Resolution::UnknownServicePort { .. }
+        ));
+        assert!(matches!(
+            state.resolve("100.65.1.2:80".parse().unwrap()),
+            Resolution::Direct
+        ));
+    }
+
+    #[test]
+    fn endpoint_slices_take_precedence_over_the_selector() {
+        let text = format!(
+            "{CONFIG}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-x, namespace: mesh, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8181}}]\nendpoints:\n- addresses: [100.65.1.9]\n- addresses: [100.65.1.10]\n  conditions: {{ready: false}}\n"
+        );
+        let state = State::build(&parse_str("t.yaml", &text).unwrap(), "n1", 1);
+        let Resolution::Service(target) = state.resolve("100.66.0.10:80".parse().unwrap()) else {
+            panic!("VIP not resolved")
+        };
+        assert_eq!(target.endpoints, ["100.65.1.9:8181".parse().unwrap()]);
+    }
+}

@@ -1,0 +1,177 @@
+//! The one place that talks to the kernel through raw `libc` calls. Every `unsafe` block of
+//! mesh-node lives here, each with a `SAFETY:` comment.
+#![allow(unsafe_code)]
+
+use std::{
+    io,
+    mem::{size_of, zeroed},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    path::Path,
+};
+
+/// `SO_ORIGINAL_DST` from `<linux/netfilter_ipv4.h>`.
+const SO_ORIGINAL_DST: libc::c_int = 80;
+/// `BPF_FS_MAGIC` from `<linux/magic.h>`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The destination a connection had before any NAT on this node, from conntrack
+/// (`SO_ORIGINAL_DST`). `None` when conntrack does not track the connection.
+pub fn original_dst(fd: &impl AsRawFd) -> Option<SocketAddr> {
+    // SAFETY: an all-zero sockaddr_in is valid; getsockopt writes at most `len` bytes into it.
+    let mut addr: libc::sockaddr_in = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: the fd is a live socket owned by the caller; pointer and length describe `addr`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_IP,
+            SO_ORIGINAL_DST,
+            (&mut addr as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || addr.sin_family != libc::AF_INET as libc::sa_family_t {
+        return None;
+    }
+    Some(SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
+        u16::from_be(addr.sin_port),
+    )))
+}
+
+/// Whether `path` is on a bpf filesystem.
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    // SAFETY: an all-zero statfs is valid; statfs fills it from a NUL-terminated path.
+    let mut buf: libc::statfs = unsafe { zeroed() };
+    // SAFETY: both pointers are valid for the duration of the call.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut buf) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(buf.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Raises the soft open-file limit to the hard limit; returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    // SAFETY: an all-zero rlimit is valid and getrlimit fills it.
+    let mut lim: libc::rlimit = unsafe { zeroed() };
+    // SAFETY: the pointer is valid for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: the pointer is valid for the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Effective capability bits of this process (`CapEff` in /proc/self/status).
+pub fn effective_capabilities() -> io::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))
+}
+
+/// A netlink socket subscribed to link changes (`RTMGRP_LINK`) of this network namespace.
+pub struct LinkEvents {
+    fd: OwnedFd,
+}
+
+impl LinkEvents {
+    /// Opens the socket.
+    pub fn open() -> io::Result<LinkEvents> {
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh socket we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_nl is valid; we set family and groups.
+        let mut addr: libc::sockaddr_nl = unsafe { zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_groups = libc::RTMGRP_LINK as u32;
+        // SAFETY: pointer and length describe `addr`.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(LinkEvents { fd })
+    }
+
+    /// Blocks until at least one link event arrives (its content is not needed: the caller
+    /// rescans the links).
+    pub fn wait(&self) -> io::Result<()> {
+        let mut buf = [0u8; 16 * 1024];
+        // SAFETY: the buffer is valid for `buf.len()` bytes.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            // ENOBUFS: events were lost; a rescan covers them.
+            if err.raw_os_error() != Some(libc::ENOBUFS) {
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AsRawFd for LinkEvents {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// The kernel release (`uname -r`), e.g. `6.18.44`.
+pub fn kernel_release() -> String {
+    // SAFETY: an all-zero utsname is valid and uname fills it.
+    let mut uts: libc::utsname = unsafe { zeroed() };
+    // SAFETY: the pointer is valid for the call.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return String::new();
+    }
+    // SAFETY: uname NUL-terminates `release`.
+    unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Blocks until `fd` is readable.
+pub fn wait_readable(fd: &impl AsRawFd) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is a valid pollfd array of length 1 for the duration of the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! `cargo xtask <task>`: what developers and CI run daily.
+//!
+//! - `build-ebpf`: build the kernel object with Debian's rustc-web and bpf-linker (see
+//!   ../shared/TOOLCHAIN.md); mesh-node embeds the result.
+//! - `clippy-ebpf`: lint the eBPF crate with Debian's clippy (warnings denied).
+//! - `fmt-ebpf [--check]`: rustfmt the eBPF crate.
+//! - `demo`: build everything and run the two-node demo cluster (root).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    match args.first().map(String::as_str) {
+        Some("build-ebpf") => build_ebpf(&root),
+        Some("clippy-ebpf") => ebpf_cargo(&root, &["clippy", "--release", "--", "-D", "warnings"]),
+        Some("fmt-ebpf") => fmt_ebpf(&root, args.iter().any(|a| a == "--check")),
+        Some("demo") => demo(&root, &args[1..]),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <build-ebpf | clippy-ebpf | fmt-ebpf [--check] | demo [CONFIG]>"
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_path_buf()
+}
+
+/// Path of the built kernel object; mesh-node's build script reads the same path.
+fn ebpf_object(root: &Path) -> PathBuf {
+    root.join("mesh-ebpf/target/bpfel-unknown-none/release/mesh-ebpf")
+}
+
+fn build_ebpf(root: &Path) -> Result<()> {
+    ebpf_cargo(root, &["build", "--release"])?;
+    let object = ebpf_object(root);
+    if !object.exists() {
+        bail!(
+            "the eBPF build succeeded but {} is missing",
+            object.display()
+        );
+    }
+    println!("eBPF object: {}", object.display());
+    Ok(())
+}
+
+/// Runs Debian's cargo in mesh-ebpf/ with the environment TOOLCHAIN.md prescribes: rustup's
+/// variables removed (they would override rust-toolchain.toml), Debian's rustc, and
+/// `.tools/bin` (bpf-linker) first on PATH.
+fn ebpf_cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let cargo = Path::new("/usr/bin/cargo");
+    let linker = root.join(".tools/bin/bpf-linker");
+    if !cargo.exists() || !linker.exists() {
+        bail!(
+            "the eBPF toolchain is missing ({} or {}): run scripts/setup first",
+            cargo.display(),
+            linker.display()
+        );
+    }
+    let path = format!(
+        "{}:/usr/bin:{}",
+        root.join(".tools/bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = Command::new(cargo);
+    cmd.args(args)
+        .current_dir(root.join("mesh-ebpf"))
+        .env("PATH", path)
+        .env("RUSTC", "/usr/bin/rustc");
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO",
+        "CARGO_MANIFEST_DIR",
+        "RUSTDOC",
+    ] {
+        cmd.env_remove(var);
+    }
+    run(&mut cmd)
+}
+
+fn fmt_ebpf(root: &Path, check: bool) -> Result<()> {
+    // rustup's rustfmt formats any target's sources; it only needs the edition.
+    let mut cmd = Command::new("rustfmt");
+    cmd.env("RUSTUP_TOOLCHAIN", "stable")
+        .args(["--edition", "2021", "--config-path"])
+        .arg(root.join("rustfmt.toml"));
+    if check {
+        cmd.arg("--check");
+    }
+    for entry in std::fs::read_dir(root.join("mesh-ebpf/src"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            cmd.arg(path);
+        }
+    }
+    run(&mut cmd)
+}
+
+fn demo(root: &Path, args: &[String]) -> Result<()> {
+    build_ebpf(root)?;
+    run(Command::new(env!("CARGO")).current_dir(root).args([
+        "build",
+        "--quiet",
+        "-p",
+        "mesh-node",
+        "-p",
+        "mesh-tests",
+        "--bins",
+    ]))?;
+    let config = args
+        .first()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("examples/demo.yaml"));
+    run(Command::new(root.join("target/debug/mesh-demo")).arg(config))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{:?} failed: {status}", cmd.get_program());
+    }
+    Ok(())
+}
