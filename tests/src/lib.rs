@@ -1,1 +1,33 @@
+//! Test harness: a K3s-like cluster built in network namespaces (DESIGN.md's test topology),
+//! real TCP apps in pod namespaces, and mesh-node processes in node namespaces.
+//!
+//! - [`netns`]: namespaces, commands inside them, threads entered into them;
+//! - [`cluster`]: the topology (fabric bridge, nodes with `cni0` and a flannel-like VXLAN,
+//!   pods on veths, kube-proxy-like DNAT of Service VIPs) built from a mesh config file,
+//!   with mesh-node started per node and everything removed on drop, also on panic;
+//! - [`apps`]: echo and greeting servers, and clients that check every byte.
+//!
+//! Addresses: underlay 100.64.0.0/24, pod CIDR of node i 100.65.i.0/24, Service VIPs in
+//! 100.66.0.0/16; nothing routes out of the machine.
 
+pub mod apps;
+pub mod cluster;
+pub mod fixtures;
+pub mod netns;
+
+/// True when running as root (the end-to-end tests need it; CI runs as root).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Skips the calling test unless root, saying why.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("skipped: needs root (network namespaces, eBPF)");
+            return;
+        }
+    };
+}

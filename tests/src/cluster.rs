@@ -1,0 +1,701 @@
+//! A K3s-like cluster in network namespaces, built from a mesh config file (the same file
+//! mesh-node reads): one node namespace per `spec.nodeName`, one pod namespace per Pod with a
+//! `status.podIP`, kube-proxy-like DNAT for every Service VIP.
+//!
+//! Node i: underlay `eth0` 100.64.0.(10+i)/24 on a fabric bridge (own namespace), bridge
+//! `cni0` 100.65.i.1/24 holding the pods' veths, VXLAN `flannel.1` 100.65.i.0/32 with static
+//! routes, neighbours and FDB entries towards the other nodes (as flannel programs them),
+//! `ip_forward=1`, no default route. Pods: `eth0` in 100.65.i.0/24, default via cni0.
+//! Everything, including the bpffs mount holding the nodes' pin directories, is removed on
+//! drop, also when a test panics; namespaces left by a killed test process are swept by the
+//! next cluster.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Result};
+use mesh_node::{config, state::State};
+use serde::Deserialize;
+
+use crate::netns::{sh, Netns};
+
+/// Prefix of every namespace and mount this harness creates.
+const PREFIX: &str = "mt";
+/// Where test bpffs instances are mounted (outside /sys, which `ip netns exec` remounts).
+const BPFFS_ROOT: &str = "/run/mesh-test";
+
+/// A node of the cluster.
+pub struct Node {
+    /// `spec.nodeName`.
+    pub name: String,
+    /// Position (decides its addresses).
+    pub index: u8,
+    /// The node's namespace.
+    pub netns: Netns,
+    /// Underlay address.
+    pub underlay: Ipv4Addr,
+    /// `cni0` address (the pods' gateway).
+    pub gateway: Ipv4Addr,
+    /// `flannel.1` address.
+    pub flannel: Ipv4Addr,
+}
+
+/// A pod of the cluster.
+pub struct Pod {
+    /// Pod name (unique in a test cluster).
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Node name.
+    pub node: String,
+    /// Pod IP.
+    pub ip: Ipv4Addr,
+    /// The pod's namespace.
+    pub netns: Netns,
+}
+
+/// One connection as the node proxy recorded it (`/debug/connections`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct ProxyConnection {
+    /// `outbound` or `inbound`.
+    pub direction: String,
+    /// Client address as the proxy saw it.
+    pub client: SocketAddr,
+    /// Original destination.
+    pub original_dst: SocketAddr,
+    /// Service `namespace/name` when the destination was its VIP.
+    pub service: Option<String>,
+    /// Where the proxy connected.
+    pub upstream: Option<SocketAddr>,
+    /// Bytes client -> upstream.
+    pub bytes_sent: u64,
+    /// Bytes upstream -> client.
+    pub bytes_received: u64,
+    /// Response flag.
+    pub flag: String,
+    /// Set once closed.
+    pub closed_ms: Option<u64>,
+}
+
+/// The cluster; dropping it removes everything it created.
+pub struct Cluster {
+    /// Unique id (prefix of every name).
+    pub id: String,
+    dir: PathBuf,
+    bpffs: PathBuf,
+    config: PathBuf,
+    mesh: BTreeMap<String, Child>,
+    /// Pods by name.
+    pub pods: BTreeMap<String, Pod>,
+    /// Nodes in index order.
+    pub nodes: Vec<Node>,
+    fabric: Option<Netns>,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Cluster {
+    /// Builds the cluster described by `config_yaml`.
+    pub fn new(config_yaml: &str) -> Result<Cluster> {
+        sweep_stale();
+        let id = format!(
+            "{PREFIX}{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(&id);
+        std::fs::create_dir_all(&dir)?;
+        let bpffs = Path::new(BPFFS_ROOT).join(&id);
+        let mut cluster = Cluster {
+            config: dir.join("mesh.yaml"),
+            dir,
+            bpffs,
+            mesh: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            nodes: Vec::new(),
+            fabric: None,
+            id,
+        };
+        cluster.build(config_yaml)?;
+        Ok(cluster)
+    }
+
+    fn build(&mut self, config_yaml: &str) -> Result<()> {
+        std::fs::write(&self.config, config_yaml)?;
+        let resources =
+            config::parse_str("cluster.yaml", config_yaml).map_err(|e| anyhow!("{e}"))?;
+
+        std::fs::create_dir_all(&self.bpffs)?;
+        sh(
+            "mount",
+            &["-t", "bpf", "bpf", &self.bpffs.to_string_lossy()],
+        )?;
+
+        let fabric = Netns::create(&format!("{}-fab", self.id))?;
+        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        fabric.ip(&["link", "set", "br0", "up"])?;
+
+        let mut node_names: Vec<String> = resources
+            .pods
+            .iter()
+            .filter_map(|p| p.spec.node_name.clone())
+            .collect();
+        node_names.sort();
+        node_names.dedup();
+        for (index, name) in node_names.iter().enumerate() {
+            let node = self.add_node(&fabric, name, index as u8)?;
+            self.nodes.push(node);
+        }
+        self.fabric = Some(fabric);
+        for i in 0..self.nodes.len() {
+            for j in 0..self.nodes.len() {
+                if i != j {
+                    self.link_nodes(i, j)?;
+                }
+            }
+        }
+
+        for (k, pod) in resources.pods.iter().enumerate() {
+            let (Some(ip), Some(node)) = (pod.status.pod_ip, pod.spec.node_name.as_deref()) else {
+                continue;
+            };
+            let node = self.node(node);
+            if ip.octets()[..3] != node.gateway.octets()[..3] {
+                bail!(
+                    "pod {} has IP {ip}, outside node {}'s pod CIDR {}/24",
+                    pod.metadata.name,
+                    node.name,
+                    Ipv4Addr::from(u32::from(node.gateway) & 0xffff_ff00)
+                );
+            }
+            let netns = Netns::create(&format!("{}-p{k}", self.id))?;
+            let veth = format!("veth{k}");
+            sh(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    "eth0",
+                    "netns",
+                    netns.name(),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &veth,
+                    "netns",
+                    node.netns.name(),
+                ],
+            )?;
+            node.netns
+                .ip(&["link", "set", &veth, "master", "cni0", "mtu", "1450", "up"])?;
+            netns.ip(&["link", "set", "eth0", "mtu", "1450", "up"])?;
+            netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            netns.ip(&["route", "add", "default", "via", &node.gateway.to_string()])?;
+            self.pods.insert(
+                pod.metadata.name.clone(),
+                Pod {
+                    name: pod.metadata.name.clone(),
+                    namespace: pod.metadata.namespace().to_string(),
+                    node: node.name.clone(),
+                    ip,
+                    netns,
+                },
+            );
+        }
+
+        let state = State::build(&resources, "", 0);
+        for node in &self.nodes {
+            install_kube_proxy(node, &state)?;
+        }
+        Ok(())
+    }
+
+    fn add_node(&self, fabric: &Netns, name: &str, index: u8) -> Result<Node> {
+        let netns = Netns::create(&format!("{}-n{index}", self.id))?;
+        let underlay = Ipv4Addr::new(100, 64, 0, 10 + index);
+        let gateway = Ipv4Addr::new(100, 65, index, 1);
+        let flannel = Ipv4Addr::new(100, 65, index, 0);
+        let port = format!("n{index}");
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                netns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                fabric.name(),
+            ],
+        )?;
+        fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        netns.ip(&["addr", "add", &format!("{underlay}/24"), "dev", "eth0"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        netns.ip(&["link", "add", "cni0", "type", "bridge"])?;
+        netns.ip(&["addr", "add", &format!("{gateway}/24"), "dev", "cni0"])?;
+        netns.ip(&["link", "set", "cni0", "up"])?;
+        netns.ip(&[
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &underlay.to_string(),
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ])?;
+        netns.ip(&[
+            "link",
+            "set",
+            "flannel.1",
+            "address",
+            &flannel_mac(index),
+            "mtu",
+            "1450",
+            "up",
+        ])?;
+        netns.ip(&["addr", "add", &format!("{flannel}/32"), "dev", "flannel.1"])?;
+        Ok(Node {
+            name: name.to_string(),
+            index,
+            netns,
+            underlay,
+            gateway,
+            flannel,
+        })
+    }
+
+    /// Routes node i's traffic for node j's pods over VXLAN, as flannel does.
+    fn link_nodes(&self, i: usize, j: usize) -> Result<()> {
+        let (from, to) = (&self.nodes[i], &self.nodes[j]);
+        let mac = flannel_mac(to.index);
+        from.netns.ip(&[
+            "route",
+            "add",
+            &format!("100.65.{}.0/24", to.index),
+            "via",
+            &to.flannel.to_string(),
+            "dev",
+            "flannel.1",
+            "onlink",
+        ])?;
+        from.netns.ip(&[
+            "neigh",
+            "add",
+            &to.flannel.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ])?;
+        from.netns.exec(
+            "bridge",
+            &[
+                "fdb",
+                "append",
+                &mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                &to.underlay.to_string(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// The pod called `name`.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .get(name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// The config file mesh-node reads.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// The bpffs mount holding the nodes' pin directories.
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
+    /// Replaces the config file (mesh-node reloads it).
+    pub fn write_config(&self, yaml: &str) -> Result<()> {
+        let tmp = self.dir.join("mesh.yaml.tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &self.config)?;
+        Ok(())
+    }
+
+    /// Starts mesh-node in node `name`'s namespace and waits until it is ready.
+    pub fn start_mesh(&mut self, name: &str) -> Result<()> {
+        let child = self.spawn_mesh(name, &["run"])?;
+        self.mesh.insert(name.to_string(), child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(child) = self.mesh.get_mut(name) {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "mesh-node on {name} exited with {status}:\n{}",
+                        self.mesh_log(name)
+                    );
+                }
+            }
+            if matches!(self.admin_get(name, "/healthz/ready"), Ok((200, _))) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "mesh-node on {name} not ready after 20 s:\n{}",
+                    self.mesh_log(name)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `mesh-node ARGS --node NAME --bpffs ...` in the node's namespace (with `--config`
+    /// for `run`), output to the node's log file.
+    pub fn spawn_mesh(&self, name: &str, args: &[&str]) -> Result<Child> {
+        let node = self.node(name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(name))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", node.netns.name()])
+            .arg(mesh_node_bin()?)
+            .args(args)
+            .args(["--node", name, "--bpffs"])
+            .arg(&self.bpffs);
+        if args.first() == Some(&"run") {
+            cmd.arg("--config").arg(&self.config);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("RUST_BACKTRACE", "1");
+        Ok(cmd.spawn()?)
+    }
+
+    /// Stops node `name`'s mesh-node with SIGTERM and waits for it to exit.
+    pub fn stop_mesh(&mut self, name: &str) -> Result<()> {
+        let Some(mut child) = self.mesh.remove(name) else {
+            bail!("mesh-node is not running on {name}");
+        };
+        terminate(&mut child);
+        Ok(())
+    }
+
+    /// Runs `mesh-node uninstall` for node `name`; returns its output.
+    pub fn uninstall(&self, name: &str) -> Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", self.node(name).netns.name()])
+            .arg(mesh_node_bin()?)
+            .args(["uninstall", "--node", name, "--bpffs"])
+            .arg(&self.bpffs)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "uninstall failed: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(text)
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("mesh-node-{name}.log"))
+    }
+
+    /// Everything node `name`'s mesh-node printed.
+    pub fn mesh_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    /// GET on node `name`'s admin endpoint; returns status and body.
+    pub fn admin_get(&self, name: &str, path: &str) -> Result<(u16, String)> {
+        let path = path.to_string();
+        self.node(name).netns.run(move || {
+            let mut stream = TcpStream::connect_timeout(
+                &SocketAddr::from(([127, 0, 0, 1], mesh_common::PORT_ADMIN)),
+                Duration::from_secs(2),
+            )?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            let (head, body) = response
+                .split_once("\r\n\r\n")
+                .ok_or_else(|| anyhow!("malformed response"))?;
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+            Ok((status, body.to_string()))
+        })
+    }
+
+    /// The connections node `name`'s proxy recorded.
+    pub fn connections(&self, name: &str) -> Result<Vec<ProxyConnection>> {
+        let (status, body) = self.admin_get(name, "/debug/connections")?;
+        if status != 200 {
+            bail!("/debug/connections answered {status}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Waits until node `name`'s proxy has recorded a closed connection matching `pred`.
+    pub fn wait_connection(
+        &self,
+        name: &str,
+        what: &str,
+        pred: impl Fn(&ProxyConnection) -> bool,
+    ) -> Result<ProxyConnection> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let conns = self.connections(name)?;
+            if let Some(c) = conns.iter().find(|c| c.closed_ms.is_some() && pred(c)) {
+                return Ok(c.clone());
+            }
+            if Instant::now() > deadline {
+                bail!("node {name}'s proxy recorded no {what}; it has: {conns:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A kernel counter from node `name`'s metrics (`mesh_kernel_packets_total{decision}`).
+    pub fn kernel_counter(&self, name: &str, decision: &str) -> Result<u64> {
+        let (_, body) = self.admin_get(name, "/metrics")?;
+        let needle = format!("mesh_kernel_packets_total{{decision=\"{decision}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| anyhow!("no {needle} in metrics"))
+    }
+
+    /// Moves kube-proxy's jump to the top of PREROUTING on node `name`, as a kube-proxy
+    /// resync could, so its DNAT runs before the mesh's bypass rule.
+    pub fn kube_proxy_first(&self, name: &str) -> Result<()> {
+        let netns = &self.node(name).netns;
+        netns.exec(
+            "iptables",
+            &["-w", "-t", "nat", "-D", "PREROUTING", "-j", "KUBE-SERVICES"],
+        )?;
+        netns.exec(
+            "iptables",
+            &[
+                "-w",
+                "-t",
+                "nat",
+                "-I",
+                "PREROUTING",
+                "1",
+                "-j",
+                "KUBE-SERVICES",
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        let names: Vec<String> = self.mesh.keys().cloned().collect();
+        for name in names {
+            if let Some(mut child) = self.mesh.remove(&name) {
+                terminate(&mut child);
+            }
+        }
+        if panicking {
+            for node in &self.nodes {
+                eprintln!(
+                    "---- mesh-node log of {} ----\n{}",
+                    node.name,
+                    self.mesh_log(&node.name)
+                );
+            }
+        }
+        // Pods, nodes, then the fabric; the bpffs mount (pins) last.
+        self.pods.clear();
+        self.nodes.clear();
+        self.fabric = None;
+        let _ = sh("umount", &[&self.bpffs.to_string_lossy()]);
+        let _ = std::fs::remove_dir(&self.bpffs);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn terminate(child: &mut Child) {
+    // SAFETY: kill on the PID of a child we started and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn flannel_mac(index: u8) -> String {
+    format!("0e:6d:65:73:68:{:02x}", index + 1)
+}
+
+/// kube-proxy's iptables mode, reduced to what matters: every Service VIP:port is DNATed to
+/// one of its ready endpoints (chosen at random), in PREROUTING and OUTPUT.
+fn install_kube_proxy(node: &Node, state: &State) -> Result<()> {
+    let ipt = |args: &[&str]| -> Result<()> {
+        let full: Vec<&str> = ["-w", "-t", "nat"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        node.netns.exec("iptables", &full).map(drop)
+    };
+    ipt(&["-N", "KUBE-SERVICES"])?;
+    ipt(&["-A", "PREROUTING", "-j", "KUBE-SERVICES"])?;
+    ipt(&["-A", "OUTPUT", "-j", "KUBE-SERVICES"])?;
+    let mut services: Vec<_> = state.services.values().collect();
+    services.sort_by_key(|s| s.vip);
+    for (n, svc) in services.iter().enumerate() {
+        if svc.endpoints.is_empty() {
+            continue;
+        }
+        let chain = format!("KUBE-SVC-{n}");
+        ipt(&["-N", &chain])?;
+        let count = svc.endpoints.len();
+        for (i, ep) in svc.endpoints.iter().enumerate() {
+            let to = ep.to_string();
+            if i + 1 < count {
+                let p = format!("{:.5}", 1.0 / (count - i) as f64);
+                ipt(&[
+                    "-A",
+                    &chain,
+                    "-p",
+                    "tcp",
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    &p,
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    &to,
+                ])?;
+            } else {
+                ipt(&[
+                    "-A",
+                    &chain,
+                    "-p",
+                    "tcp",
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    &to,
+                ])?;
+            }
+        }
+        ipt(&[
+            "-A",
+            "KUBE-SERVICES",
+            "-d",
+            &format!("{}/32", svc.vip.ip()),
+            "-p",
+            "tcp",
+            "--dport",
+            &svc.vip.port().to_string(),
+            "-j",
+            &chain,
+        ])?;
+    }
+    Ok(())
+}
+
+/// The mesh-node binary next to the running test or demo executable
+/// (`target/<profile>/mesh-node`), or `$MESH_NODE_BIN`.
+pub fn mesh_node_bin() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("MESH_NODE_BIN") {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join("mesh-node");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "mesh-node binary not found next to {}: run `cargo build --bins` first",
+        exe.display()
+    )
+}
+
+/// Removes namespaces and bpffs mounts left by test processes that no longer exist.
+fn sweep_stale() {
+    let alive = |id: &str| -> bool {
+        let pid: String = id
+            .trim_start_matches(PREFIX)
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        pid.is_empty() || Path::new(&format!("/proc/{pid}")).exists()
+    };
+    if let Ok(list) = sh("ip", &["netns", "list"]) {
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if name.starts_with(PREFIX) && name.contains('x') && !alive(name) {
+                let _ = sh("ip", &["netns", "del", name]);
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(BPFFS_ROOT) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !alive(&name) {
+                let _ = sh("umount", &[&entry.path().to_string_lossy()]);
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
+}

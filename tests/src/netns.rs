@@ -1,0 +1,111 @@
+//! Network namespaces and commands inside them.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    process::{Command, Output},
+    thread::JoinHandle,
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Runs a command, failing with its stderr when it fails.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out: Output = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A named network namespace, deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `name` with its loopback up.
+    pub fn create(name: &str) -> Result<Netns> {
+        sh("ip", &["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n NAME ARGS...`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let full: Vec<&str> = ["-n", self.name.as_str()]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        sh("ip", &full)
+    }
+
+    /// Runs any program inside the namespace (`ip netns exec`).
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let full: Vec<&str> = ["netns", "exec", self.name.as_str(), program]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        sh("ip", &full)
+    }
+
+    /// Moves the calling thread into this namespace (only this thread).
+    pub fn enter(&self) -> Result<()> {
+        let file = File::open(format!("/run/netns/{}", self.name))
+            .with_context(|| format!("netns {} is gone", self.name))?;
+        // SAFETY: setns on a valid namespace fd affects only the calling thread's netns.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {}: {}", self.name, std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a new thread inside this namespace. Sockets made there stay in it.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> JoinHandle<Result<T>> {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            Netns { name: name.clone() }.enter_and_forget()?;
+            f()
+        })
+    }
+
+    /// Runs `f` inside this namespace and waits for it.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.spawn(f)
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in netns {} panicked", self.name))?
+    }
+
+    fn enter_and_forget(self) -> Result<()> {
+        let result = self.enter();
+        std::mem::forget(self);
+        result
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh("ip", &["netns", "del", &self.name]);
+    }
+}
