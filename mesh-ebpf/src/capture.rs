@@ -3,8 +3,9 @@
 //! A TCP packet is steered to the node proxy by setting `MARK_CAPTURE`, which policy routing
 //! turns into local delivery (where `sk_lookup` picks the proxy listener). Only new flows are
 //! steered: a SYN without ACK from a local enrolled pod (outbound) or to one (inbound), and the
-//! later packets of flows that were steered at their SYN (`FLOWS`) or that a local socket owns.
-//! Everything else, including connections that predate the mesh, passes untouched.
+//! later packets of flows that were steered at their SYN (`FLOWS`, which keeps a flow captured
+//! until it ends even if its pod leaves the mesh) or that a local socket owns. Everything else,
+//! including connections that predate the mesh, passes untouched.
 //!
 //! On a bridge port, a frame from one pod to another pod of the same node would be switched at
 //! L2 and never reach the IP stack, so a steered frame also gets the bridge's MAC address as its
@@ -69,11 +70,11 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
     let dst_ip: u32 = ctx.load(ETH_HLEN + 16).map_err(|_| malformed())?;
 
     let direction = if ENROLLED.get_ptr(src_ip).is_some() {
-        Direction::Outbound
+        Some(Direction::Outbound)
     } else if ENROLLED.get_ptr(dst_ip).is_some() {
-        Direction::Inbound
+        Some(Direction::Inbound)
     } else {
-        return Ok(NEXT);
+        None
     };
 
     let l4 = ETH_HLEN + ihl;
@@ -88,8 +89,15 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
     };
 
     if flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0 {
+        let Some(direction) = direction else {
+            // A new flow the mesh does not take: forget any earlier flow with this tuple, so
+            // its later packets are not steered by a stale entry.
+            let _ = FLOWS.remove(flow);
+            return Ok(NEXT);
+        };
         // A new flow: remember it so its later packets follow even if NAT changes the tuple
-        // the proxy's socket is known by (kube-proxy's DNAT runs after TC).
+        // the proxy's socket is known by (kube-proxy's DNAT runs after TC), and even if the
+        // pod leaves the mesh before the connection ends.
         let _ = FLOWS.insert(flow, direction as u32, 0);
         bump(match direction {
             Direction::Outbound => Counter::CapturedOutboundSyn,
@@ -109,6 +117,8 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
         }
     } else if FLOWS.get_ptr(flow).is_some() {
         bump(Counter::SteeredFlow);
+    } else if direction.is_none() {
+        return Ok(NEXT);
     } else if owned_by_local_socket(ctx, &flow) {
         bump(Counter::SteeredSocket);
     } else {

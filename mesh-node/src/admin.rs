@@ -35,8 +35,19 @@ pub struct Admin {
     pub connections: Arc<Connections>,
     /// The current config snapshot.
     pub state: Arc<ArcSwap<State>>,
+    /// What the datapath thread last applied to the kernel.
+    pub datapath: Mutex<DatapathView>,
+}
+
+/// The kernel side as last applied, for `/debug/state`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DatapathView {
+    /// Config generation whose enrolment is in the kernel map.
+    pub generation: u64,
     /// Links carrying the capture program (ifindex, name).
-    pub links: Mutex<Vec<(u32, String)>>,
+    pub links: Vec<(u32, String)>,
+    /// Pod IPs in the kernel's enrolled map.
+    pub enrolled: Vec<std::net::Ipv4Addr>,
 }
 
 /// Serves the admin endpoint on `listener` forever.
@@ -95,14 +106,14 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/debug/connections" => json(&admin.connections.snapshot()),
         "/debug/state" => {
             let state = admin.state.load();
-            let links = admin.links.lock().map(|l| l.clone()).unwrap_or_default();
+            let datapath = admin.datapath.lock().map(|d| d.clone()).unwrap_or_default();
             json(&serde_json::json!({
                 "generation": state.generation,
                 "node": state.node,
                 "local_enrolled": state.local_enrolled(),
                 "workloads": state.workloads.values().collect::<Vec<_>>(),
                 "services": state.services.values().collect::<Vec<_>>(),
-                "capture_links": links,
+                "datapath": datapath,
             }))
         }
         _ => text(

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use clap::{Args, Parser, Subcommand};
 use mesh_common::{Listener, PORT_ADMIN, PORT_INBOUND, PORT_OUTBOUND};
 use mesh_node::{
-    admin::{self, Admin},
+    admin::{self, Admin, DatapathView},
     capture::{self, Datapath, Event},
     config,
     metrics::{ConfigMetrics, KernelCollector, ProxyMetrics},
@@ -235,7 +235,7 @@ async fn serve(args: RunArgs, state: State) -> anyhow::Result<()> {
         registry,
         connections: connections.clone(),
         state: state.clone(),
-        links: Mutex::new(Vec::new()),
+        datapath: Mutex::new(DatapathView::default()),
     });
     let admin_listener = admin::bind(args.admin_addr)
         .await
@@ -289,17 +289,21 @@ fn spawn_datapath_thread(
     events: mpsc::Receiver<Event>,
     admin: Arc<Admin>,
 ) -> anyhow::Result<()> {
-    let publish_links = move |datapath: &Datapath| {
-        let links = datapath
-            .attached_links()
-            .iter()
-            .map(|(i, n)| (*i, n.clone()))
-            .collect();
-        if let Ok(mut slot) = admin.links.lock() {
-            *slot = links;
+    let initial = admin.state.load().generation;
+    let publish = move |datapath: &Datapath, generation: Option<u64>| {
+        if let Ok(mut view) = admin.datapath.lock() {
+            view.links = datapath
+                .attached_links()
+                .iter()
+                .map(|(i, n)| (*i, n.clone()))
+                .collect();
+            view.enrolled = datapath.enrolled().into_iter().collect();
+            if let Some(generation) = generation {
+                view.generation = generation;
+            }
         }
     };
-    publish_links(&datapath);
+    publish(&datapath, Some(initial));
     std::thread::Builder::new()
         .name("datapath".into())
         .spawn(move || {
@@ -319,7 +323,7 @@ fn spawn_datapath_thread(
                     if let Err(err) = datapath.sync_links() {
                         tracing::error!("link sync failed: {err}");
                     }
-                    publish_links(&datapath);
+                    publish(&datapath, None);
                 }
                 if let Some(state) = config {
                     match datapath.set_enrolled(&state.local_enrolled()) {
@@ -330,6 +334,7 @@ fn spawn_datapath_thread(
                         ),
                         Err(err) => tracing::error!("updating enrolled pods failed: {err}"),
                     }
+                    publish(&datapath, Some(state.generation));
                 }
             }
         })?;

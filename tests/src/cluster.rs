@@ -162,53 +162,11 @@ impl Cluster {
             }
         }
 
-        for (k, pod) in resources.pods.iter().enumerate() {
+        for pod in &resources.pods {
             let (Some(ip), Some(node)) = (pod.status.pod_ip, pod.spec.node_name.as_deref()) else {
                 continue;
             };
-            let node = self.node(node);
-            if ip.octets()[..3] != node.gateway.octets()[..3] {
-                bail!(
-                    "pod {} has IP {ip}, outside node {}'s pod CIDR {}/24",
-                    pod.metadata.name,
-                    node.name,
-                    Ipv4Addr::from(u32::from(node.gateway) & 0xffff_ff00)
-                );
-            }
-            let netns = Netns::create(&format!("{}-p{k}", self.id))?;
-            let veth = format!("veth{k}");
-            sh(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    "eth0",
-                    "netns",
-                    netns.name(),
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &veth,
-                    "netns",
-                    node.netns.name(),
-                ],
-            )?;
-            node.netns
-                .ip(&["link", "set", &veth, "master", "cni0", "mtu", "1450", "up"])?;
-            netns.ip(&["link", "set", "eth0", "mtu", "1450", "up"])?;
-            netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-            netns.ip(&["route", "add", "default", "via", &node.gateway.to_string()])?;
-            self.pods.insert(
-                pod.metadata.name.clone(),
-                Pod {
-                    name: pod.metadata.name.clone(),
-                    namespace: pod.metadata.namespace().to_string(),
-                    node: node.name.clone(),
-                    ip,
-                    netns,
-                },
-            );
+            self.add_pod(&pod.metadata.name, pod.metadata.namespace(), node, ip)?;
         }
 
         let state = State::build(&resources, "", 0);
@@ -283,6 +241,53 @@ impl Cluster {
             gateway,
             flannel,
         })
+    }
+
+    /// Creates a pod namespace on `node` with a veth into its `cni0` (the config is not
+    /// changed: see [`Cluster::write_config`]).
+    pub fn add_pod(&mut self, name: &str, namespace: &str, node: &str, ip: Ipv4Addr) -> Result<()> {
+        let k = self.pods.len();
+        let node = self.node(node);
+        if ip.octets()[..3] != node.gateway.octets()[..3] {
+            bail!(
+                "pod {name} has IP {ip}, outside node {}'s pod CIDR {}/24",
+                node.name,
+                Ipv4Addr::from(u32::from(node.gateway) & 0xffff_ff00)
+            );
+        }
+        let netns = Netns::create(&format!("{}-p{k}", self.id))?;
+        let veth = format!("veth{k}");
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                netns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &veth,
+                "netns",
+                node.netns.name(),
+            ],
+        )?;
+        node.netns
+            .ip(&["link", "set", &veth, "master", "cni0", "mtu", "1450", "up"])?;
+        netns.ip(&["link", "set", "eth0", "mtu", "1450", "up"])?;
+        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        netns.ip(&["route", "add", "default", "via", &node.gateway.to_string()])?;
+        let pod = Pod {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            node: node.name.clone(),
+            ip,
+            netns,
+        };
+        self.pods.insert(name.to_string(), pod);
+        Ok(())
     }
 
     /// Routes node i's traffic for node j's pods over VXLAN, as flannel does.

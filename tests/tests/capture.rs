@@ -110,3 +110,107 @@ fn traffic_between_pods_outside_the_mesh_bypasses_the_proxy() {
             .unwrap();
     assert_eq!(before_a, after_a, "the kernel captured a non-enrolled flow");
 }
+
+/// Links carrying the capture program, and the kernel's enrolled pods, on node-a.
+fn debug_state(cluster: &Cluster) -> (Vec<String>, Vec<String>) {
+    let (_, body) = cluster.admin_get("node-a", "/debug/state").unwrap();
+    let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let datapath = &state["datapath"];
+    let links = datapath["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l[1].as_str().unwrap().to_string())
+        .collect();
+    let enrolled = datapath["enrolled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|ip| ip.as_str().unwrap().to_string())
+        .collect();
+    (links, enrolled)
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn pods_added_later_are_captured_and_enrolment_follows_config_edits() {
+    require_root!();
+    let mut cluster = Cluster::new(TWO_NODES).unwrap();
+    cluster.start_mesh("node-a").unwrap();
+    let _a2 = Server::start(&cluster.pod("a2").netns, WEB_PORT, Behaviour::Echo).unwrap();
+
+    // A new pod appears: its veth shows up (netlink) and the config gains it (file reload).
+    let ip = "100.65.0.9".parse().unwrap();
+    cluster.add_pod("a3", "mesh", "node-a", ip).unwrap();
+    let pod = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: a3, namespace: mesh}\nspec: {nodeName: node-a}\nstatus: {podIP: 100.65.0.9}\n";
+    cluster.write_config(&format!("{TWO_NODES}{pod}")).unwrap();
+    wait_until("the new veth and enrolment", || {
+        let (links, enrolled) = debug_state(&cluster);
+        links.len() == 6 && enrolled.contains(&"100.65.0.9".to_string())
+    });
+    let dst = SocketAddr::from((cluster.pod("a2").ip, WEB_PORT));
+    let done = transfer(&cluster.pod("a3").netns, dst, 1 << 20).unwrap();
+    cluster
+        .wait_connection("node-a", "a3 -> a2", |c| c.client == done.local)
+        .unwrap();
+
+    // Opting the pod out in the config stops its capture.
+    let opted_out = pod.replace(
+        "namespace: mesh}",
+        "namespace: mesh, labels: {istio.io/dataplane-mode: none}}",
+    );
+    cluster
+        .write_config(&format!("{TWO_NODES}{opted_out}"))
+        .unwrap();
+    wait_until("a3 leaving the mesh", || {
+        !debug_state(&cluster).1.contains(&"100.65.0.9".to_string())
+    });
+    // Outbound capture stops: to a pod outside the mesh it goes direct ...
+    let c1 = Server::start(&cluster.pod("c1").netns, 9000, Behaviour::Echo).unwrap();
+    let c1_addr = SocketAddr::from((cluster.pod("c1").ip, 9000));
+    let done = transfer(&cluster.pod("a3").netns, c1_addr, 1 << 20).unwrap();
+    assert_eq!(
+        c1.peers().last(),
+        Some(&done.local),
+        "a3 still went through the proxy"
+    );
+    // ... while traffic to an enrolled pod is still captured, inbound (its policy decides).
+    let done = transfer(&cluster.pod("a3").netns, dst, 4096).unwrap();
+    let record = cluster
+        .wait_connection("node-a", "a3 -> a2 inbound", |c| c.client == done.local)
+        .unwrap();
+    assert_eq!(record.direction, "inbound");
+
+    // An invalid edit is rejected and the last good config keeps serving.
+    cluster
+        .write_config("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nstatus: {podIP: nope}\n")
+        .unwrap();
+    wait_until("the rejection", || {
+        cluster
+            .mesh_log("node-a")
+            .contains("config update rejected")
+    });
+    let (_, enrolled) = debug_state(&cluster);
+    assert!(enrolled.contains(&"100.65.0.2".to_string()), "{enrolled:?}");
+    let done = transfer(&cluster.pod("a1").netns, dst, 4096).unwrap();
+    cluster
+        .wait_connection("node-a", "a1 -> a2 after a rejected edit", |c| {
+            c.client == done.local
+        })
+        .unwrap();
+
+    // The pod goes away: its link's capture is dropped.
+    let gone = cluster.pods.remove("a3");
+    drop(gone);
+    wait_until("the veth to go", || debug_state(&cluster).0.len() == 5);
+}

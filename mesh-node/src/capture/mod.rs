@@ -24,7 +24,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use mesh_common::{maps, programs, BridgePort, Counter, EnrolledPod, FlowKey, Listener};
+use mesh_common::{maps, programs, BridgePort, Counter, EnrolledPod, Listener};
 
 /// What the datapath thread reacts to.
 #[derive(Debug)]
@@ -99,7 +99,6 @@ pub struct Datapath {
     ebpf: Ebpf,
     dir: PathBuf,
     enrolled: HashMap<MapData, u32, EnrolledPod>,
-    flows: HashMap<MapData, FlowKey, u32>,
     bridge_ports: HashMap<MapData, u32, BridgePort>,
     listeners: SockMap<MapData>,
     /// Links carrying the capture program: ifindex -> name.
@@ -157,8 +156,6 @@ impl Datapath {
         };
         let enrolled = HashMap::try_from(take(&mut ebpf, maps::ENROLLED)?)
             .map_err(map_error(maps::ENROLLED))?;
-        let flows =
-            HashMap::try_from(take(&mut ebpf, maps::FLOWS)?).map_err(map_error(maps::FLOWS))?;
         let bridge_ports = HashMap::try_from(take(&mut ebpf, maps::BRIDGE_PORTS)?)
             .map_err(map_error(maps::BRIDGE_PORTS))?;
         let listeners = SockMap::try_from(take(&mut ebpf, maps::LISTENERS)?)
@@ -172,7 +169,6 @@ impl Datapath {
             ebpf,
             dir,
             enrolled,
-            flows,
             bridge_ports,
             listeners,
             attached: BTreeMap::new(),
@@ -322,15 +318,15 @@ impl Datapath {
         replace_pin(&pin, link)
     }
 
-    /// Makes the enrolled-pod map equal `want`; flows of pods that left are forgotten.
+    /// Makes the enrolled-pod map equal `want`. Flows already captured stay captured until
+    /// they end (the kernel forgets an entry when a new, uncaptured SYN reuses its tuple).
     pub fn set_enrolled(&mut self, want: &BTreeSet<Ipv4Addr>) -> Result<(), CaptureError> {
         let want: BTreeSet<u32> = want
             .iter()
             .map(|ip| u32::from_ne_bytes(ip.octets()))
             .collect();
         let have: BTreeSet<u32> = self.enrolled.keys().filter_map(Result::ok).collect();
-        let removed: BTreeSet<u32> = have.difference(&want).copied().collect();
-        for key in &removed {
+        for key in have.difference(&want) {
             self.enrolled
                 .remove(key)
                 .map_err(map_error(maps::ENROLLED))?;
@@ -340,18 +336,16 @@ impl Datapath {
                 .insert(key, EnrolledPod::default(), 0)
                 .map_err(map_error(maps::ENROLLED))?;
         }
-        if !removed.is_empty() {
-            let stale: Vec<FlowKey> = self
-                .flows
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|f| removed.contains(&f.src_ip) || removed.contains(&f.dst_ip))
-                .collect();
-            for flow in &stale {
-                let _ = self.flows.remove(flow);
-            }
-        }
         Ok(())
+    }
+
+    /// The pods in the kernel's enrolled map.
+    pub fn enrolled(&self) -> BTreeSet<Ipv4Addr> {
+        self.enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .map(|key| Ipv4Addr::from(key.to_ne_bytes()))
+            .collect()
     }
 
     /// Registers a proxy listener in the sockmap `sk_lookup` picks from.

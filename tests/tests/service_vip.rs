@@ -1,0 +1,122 @@
+//! Service VIPs: an enrolled pod's connection to `clusterIP:port` is resolved by the node proxy
+//! to a ready endpoint (round robin, named targetPort honoured), and the proxy records the VIP
+//! both when its bypass rule keeps kube-proxy's DNAT away and when kube-proxy's DNAT ran first.
+
+use std::{collections::BTreeSet, net::SocketAddr};
+
+use mesh_tests::{
+    apps::{greet, Behaviour, Server},
+    cluster::Cluster,
+    fixtures::{TWO_NODES, WEB_PORT},
+    require_root,
+};
+
+fn vip() -> SocketAddr {
+    "100.66.0.10:80".parse().unwrap()
+}
+
+/// Connects `rounds` times from a1 to the VIP; returns who answered, checking each record.
+fn call_vip(cluster: &Cluster, rounds: usize) -> BTreeSet<String> {
+    let mut answered = BTreeSet::new();
+    for _ in 0..rounds {
+        let (local, greeting) = greet(&cluster.pod("a1").netns, vip()).unwrap();
+        let record = cluster
+            .wait_connection("node-a", "connection to the VIP", |c| c.client == local)
+            .unwrap();
+        assert_eq!(record.original_dst, vip(), "the proxy lost the VIP");
+        assert_eq!(record.service.as_deref(), Some("mesh/web"));
+        let upstream = record.upstream.expect("an endpoint was chosen");
+        assert_eq!(
+            upstream.port(),
+            WEB_PORT,
+            "targetPort `http` resolves to 8080"
+        );
+        let pod = if upstream.ip() == cluster.pod("a2").ip {
+            "a2"
+        } else {
+            "b1"
+        };
+        assert_eq!(
+            greeting,
+            format!("hello from {pod}"),
+            "answered by the recorded endpoint"
+        );
+        answered.insert(greeting);
+    }
+    answered
+}
+
+#[test]
+fn vip_connections_are_balanced_over_ready_endpoints_and_the_proxy_records_the_vip() {
+    require_root!();
+    let mut cluster = Cluster::new(TWO_NODES).unwrap();
+    cluster.start_mesh("node-a").unwrap();
+    cluster.start_mesh("node-b").unwrap();
+    let _a2 = Server::start(
+        &cluster.pod("a2").netns,
+        WEB_PORT,
+        Behaviour::Greet("a2".into()),
+    )
+    .unwrap();
+    let _b1 = Server::start(
+        &cluster.pod("b1").netns,
+        WEB_PORT,
+        Behaviour::Greet("b1".into()),
+    )
+    .unwrap();
+
+    let answered = call_vip(&cluster, 4);
+    assert_eq!(
+        answered.len(),
+        2,
+        "round robin reached both endpoints: {answered:?}"
+    );
+
+    // A kube-proxy resync puts its jump first: DNAT now runs before the mesh's bypass rule.
+    // The flow map keeps the flow captured and conntrack still knows the VIP.
+    cluster.kube_proxy_first("node-a").unwrap();
+    let answered = call_vip(&cluster, 4);
+    assert_eq!(answered.len(), 2, "{answered:?}");
+
+    // A port the Service does not have: refused, recorded as no route.
+    let refused = greet(&cluster.pod("a1").netns, "100.66.0.10:81".parse().unwrap());
+    assert!(
+        refused.is_err() || refused.as_ref().unwrap().1.is_empty(),
+        "{refused:?}"
+    );
+    cluster
+        .wait_connection("node-a", "NR record", |c| c.flag == "NR")
+        .unwrap();
+}
+
+#[test]
+fn a_pod_outside_the_mesh_reaches_the_vip_through_kube_proxy_alone() {
+    require_root!();
+    let mut cluster = Cluster::new(TWO_NODES).unwrap();
+    cluster.start_mesh("node-a").unwrap();
+    // Only c1 (not enrolled) calls; the endpoints are enrolled, so node-b's proxy sees the
+    // flow to b1 inbound, but node-a's outbound proxy must not.
+    let _a2 = Server::start(
+        &cluster.pod("a2").netns,
+        WEB_PORT,
+        Behaviour::Greet("a2".into()),
+    )
+    .unwrap();
+    let _b1 = Server::start(
+        &cluster.pod("b1").netns,
+        WEB_PORT,
+        Behaviour::Greet("b1".into()),
+    )
+    .unwrap();
+    for _ in 0..4 {
+        let (_, greeting) = greet(&cluster.pod("c1").netns, vip()).unwrap();
+        assert!(greeting.starts_with("hello from"), "{greeting}");
+    }
+    let outbound: Vec<_> = cluster
+        .connections("node-a")
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.direction == "outbound")
+        .collect();
+    assert!(outbound.is_empty(), "{outbound:?}");
+}
