@@ -1,0 +1,86 @@
+//! The command line's error paths: invalid config (exit 64, every problem named with file,
+//! document and field), `validate`, and missing privileges (exit 77, each one named).
+
+use std::{os::unix::process::CommandExt, process::Command};
+
+use mesh_tests::{cluster::mesh_node_bin, require_root};
+
+const BAD: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: a}
+status: {podIP: 300.1.1.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s, namespace: x}
+spec: {clusterIP: 100.66.0.1, ports: [{port: 80}, {port: 81, name: b}]}
+"#;
+
+fn write(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mesh-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn run_with_an_invalid_config_exits_64_naming_every_problem() {
+    let file = write("bad.yaml", BAD);
+    let out = Command::new(mesh_node_bin().unwrap())
+        .args(["run", "--node", "n1", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let f = file.display();
+    assert!(stderr.contains(&format!("{f}:1:status.podIP: error:")), "{stderr}");
+    assert!(stderr.contains(&format!("{f}:2:spec.ports[0].name: error:")), "{stderr}");
+}
+
+#[test]
+fn validate_reports_errors_and_warnings_with_exit_codes() {
+    let bad = write("bad2.yaml", BAD);
+    let out = Command::new(mesh_node_bin().unwrap())
+        .arg("validate")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().filter(|l| l.contains(": error:")).count(), 2, "{stdout}");
+
+    let good = write(
+        "good.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\n",
+    );
+    let out = Command::new(mesh_node_bin().unwrap())
+        .arg("validate")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(":2:kind: warning:"));
+}
+
+#[test]
+fn run_without_privileges_exits_77_naming_what_is_missing() {
+    require_root!();
+    let file = write("ok.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n");
+    let dir = file.parent().unwrap().to_path_buf();
+    Command::new("chmod").arg("755").arg(&dir).status().unwrap();
+    Command::new("chmod").arg("644").arg(&file).status().unwrap();
+    let out = Command::new(mesh_node_bin().unwrap())
+        .args(["run", "--node", "n1", "--bpffs", "/nonexistent/bpffs", "--config"])
+        .arg(&file)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(77), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for missing in ["CAP_NET_ADMIN", "CAP_BPF", "/nonexistent/bpffs is not"] {
+        assert!(stderr.contains(missing), "{missing} not named in:\n{stderr}");
+    }
+}
