@@ -35,8 +35,14 @@ fn run_with_an_invalid_config_exits_64_naming_every_problem() {
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let f = file.display();
-    assert!(stderr.contains(&format!("{f}:1:status.podIP: error:")), "{stderr}");
-    assert!(stderr.contains(&format!("{f}:2:spec.ports[0].name: error:")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{f}:1:status.podIP: error:")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{f}:2:spec.ports[0].name: error:")),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -49,7 +55,11 @@ fn validate_reports_errors_and_warnings_with_exit_codes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stdout.lines().filter(|l| l.contains(": error:")).count(), 2, "{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains(": error:")).count(),
+        2,
+        "{stdout}"
+    );
 
     let good = write(
         "good.yaml",
@@ -67,12 +77,26 @@ fn validate_reports_errors_and_warnings_with_exit_codes() {
 #[test]
 fn run_without_privileges_exits_77_naming_what_is_missing() {
     require_root!();
-    let file = write("ok.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n");
+    let file = write(
+        "ok.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+    );
     let dir = file.parent().unwrap().to_path_buf();
     Command::new("chmod").arg("755").arg(&dir).status().unwrap();
-    Command::new("chmod").arg("644").arg(&file).status().unwrap();
+    Command::new("chmod")
+        .arg("644")
+        .arg(&file)
+        .status()
+        .unwrap();
     let out = Command::new(mesh_node_bin().unwrap())
-        .args(["run", "--node", "n1", "--bpffs", "/nonexistent/bpffs", "--config"])
+        .args([
+            "run",
+            "--node",
+            "n1",
+            "--bpffs",
+            "/nonexistent/bpffs",
+            "--config",
+        ])
         .arg(&file)
         .uid(65534)
         .gid(65534)
@@ -81,6 +105,9 @@ fn run_without_privileges_exits_77_naming_what_is_missing() {
     assert_eq!(out.status.code(), Some(77), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     for missing in ["CAP_NET_ADMIN", "CAP_BPF", "/nonexistent/bpffs is not"] {
-        assert!(stderr.contains(missing), "{missing} not named in:\n{stderr}");
+        assert!(
+            stderr.contains(missing),
+            "{missing} not named in:\n{stderr}"
+        );
     }
 }

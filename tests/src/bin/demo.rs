@@ -26,8 +26,10 @@ fn main() -> Result<()> {
     let path = std::env::args()
         .nth(1)
         .map_or_else(|| PathBuf::from("examples/demo.yaml"), PathBuf::from);
-    let yaml = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let resources = config::parse_str(&path.display().to_string(), &yaml).map_err(|e| anyhow!("{e}"))?;
+    let yaml =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let resources =
+        config::parse_str(&path.display().to_string(), &yaml).map_err(|e| anyhow!("{e}"))?;
     let state = State::build(&resources, "", 0);
 
     println!("== building the cluster from {}", path.display());
@@ -40,10 +42,21 @@ fn main() -> Result<()> {
             .filter(|p| p.node == node.name)
             .map(|p| {
                 let enrolled = state.workloads.get(&p.ip).is_some_and(|w| w.enrolled);
-                format!("{}/{} {}{}", p.namespace, p.name, p.ip, if enrolled { " (mesh)" } else { "" })
+                format!(
+                    "{}/{} {}{}",
+                    p.namespace,
+                    p.name,
+                    p.ip,
+                    if enrolled { " (mesh)" } else { "" }
+                )
             })
             .collect();
-        println!("   {} (underlay {}): {}", node.name, node.underlay, pods.join(", "));
+        println!(
+            "   {} (underlay {}): {}",
+            node.name,
+            node.underlay,
+            pods.join(", ")
+        );
     }
     for node in &nodes {
         cluster.start_mesh(node)?;
@@ -54,7 +67,9 @@ fn main() -> Result<()> {
     let mut server_ports: Vec<(String, SocketAddr)> = Vec::new();
     let mut clients = Vec::new();
     for pod in &resources.pods {
-        let Some(p) = cluster.pods.get(&pod.metadata.name) else { continue };
+        let Some(p) = cluster.pods.get(&pod.metadata.name) else {
+            continue;
+        };
         let ports: Vec<u16> = pod
             .spec
             .containers
@@ -66,8 +81,15 @@ fn main() -> Result<()> {
             clients.push(p.name.clone());
         }
         for port in ports {
-            servers.push(Server::start(&p.netns, port, Behaviour::Greet(p.name.clone()))?);
-            server_ports.push((format!("{}/{}", p.namespace, p.name), SocketAddr::from((p.ip, port))));
+            servers.push(Server::start(
+                &p.netns,
+                port,
+                Behaviour::Greet(p.name.clone()),
+            )?);
+            server_ports.push((
+                format!("{}/{}", p.namespace, p.name),
+                SocketAddr::from((p.ip, port)),
+            ));
         }
     }
     let mut vips: Vec<_> = state.services.values().collect();
@@ -80,10 +102,17 @@ fn main() -> Result<()> {
         let mut targets: Vec<(String, SocketAddr)> = Vec::new();
         for svc in &vips {
             for _ in 0..2 {
-                targets.push((format!("Service {}", svc.qualified_name()), SocketAddr::V4(svc.vip)));
+                targets.push((
+                    format!("Service {}", svc.qualified_name()),
+                    SocketAddr::V4(svc.vip),
+                ));
             }
         }
-        targets.extend(server_ports.iter().map(|(name, addr)| (format!("pod {name}"), *addr)));
+        targets.extend(
+            server_ports
+                .iter()
+                .map(|(name, addr)| (format!("pod {name}"), *addr)),
+        );
         for (target, dst) in targets {
             let (local, answer) = match greet(&pod.netns, dst) {
                 Ok((local, answer)) => (Some(local), answer),
@@ -129,16 +158,31 @@ fn main() -> Result<()> {
                 c.upstream.map_or("-".into(), |u| u.to_string()),
                 c.bytes_sent,
                 c.bytes_received,
-                c.service.as_ref().map_or(String::new(), |s| format!("  service {s}")),
-                if c.flag.is_empty() { String::new() } else { format!("  flag {}", c.flag) },
+                c.service
+                    .as_ref()
+                    .map_or(String::new(), |s| format!("  service {s}")),
+                if c.flag.is_empty() {
+                    String::new()
+                } else {
+                    format!("  flag {}", c.flag)
+                },
             );
         }
     }
     println!("\n== kernel decisions (mesh_kernel_packets_total)");
     for node in &nodes {
         let mut parts = Vec::new();
-        for decision in ["captured_outbound_syn", "captured_inbound_syn", "steered_flow", "steered_socket", "passed_uncaptured"] {
-            parts.push(format!("{decision}={}", cluster.kernel_counter(node, decision)?));
+        for decision in [
+            "captured_outbound_syn",
+            "captured_inbound_syn",
+            "steered_flow",
+            "steered_socket",
+            "passed_uncaptured",
+        ] {
+            parts.push(format!(
+                "{decision}={}",
+                cluster.kernel_counter(node, decision)?
+            ));
         }
         println!("   {node}: {}", parts.join(" "));
     }
@@ -155,7 +199,11 @@ fn main() -> Result<()> {
 /// Which proxies carried a call, from their records: the client's node proxy records the
 /// client address (outbound); the destination node's proxy records the pod it delivered to
 /// (inbound).
-fn describe_path(cluster: &Cluster, records: &BTreeMap<String, Vec<ProxyConnection>>, call: &Call) -> String {
+fn describe_path(
+    cluster: &Cluster,
+    records: &BTreeMap<String, Vec<ProxyConnection>>,
+    call: &Call,
+) -> String {
     let Some(local) = call.local else {
         return String::new();
     };
@@ -163,7 +211,10 @@ fn describe_path(cluster: &Cluster, records: &BTreeMap<String, Vec<ProxyConnecti
     for (node, conns) in records {
         for c in conns.iter().filter(|c| c.client == local) {
             let upstream = c.upstream.map_or("-".into(), |u| u.to_string());
-            hops.push(format!("{node} proxy {} (orig dst {} -> {upstream})", c.direction, c.original_dst));
+            hops.push(format!(
+                "{node} proxy {} (orig dst {} -> {upstream})",
+                c.direction, c.original_dst
+            ));
         }
     }
     let answered_by = call.answer.strip_prefix("hello from ").unwrap_or("");
