@@ -30,7 +30,8 @@ pub const PORT_ADMIN: u16 = 15020;
 pub mod maps {
     /// `HashMap<u32 (IPv4, network order), EnrolledPod>`: pods on this node that are in the mesh.
     pub const ENROLLED: &str = "MESH_ENROLLED";
-    /// `LruHashMap<FlowKey, u32 (Direction)>`: flows the capture program steered at their SYN.
+    /// `LruHashMap<FlowKey, u32 (FlowVerdict)>`: the capture decision for each flow of an
+    /// enrolled pod, taken at its SYN or at its first packet seen.
     pub const FLOWS: &str = "MESH_FLOWS";
     /// `SockMap` indexed by [`super::Listener`]: the proxy's listening sockets.
     pub const LISTENERS: &str = "MESH_LISTENERS";
@@ -72,6 +73,19 @@ pub enum Direction {
     Outbound = 1,
     /// Addressed to a local enrolled pod.
     Inbound = 2,
+}
+
+/// Value of the `FLOWS` map: what to do with the later packets of a flow.
+pub mod flow_verdict {
+    /// Leave alone: the flow was not captured (it predates the mesh, or it is a reply of a
+    /// flow the mesh never captured).
+    pub const PASS: u32 = 0;
+    /// Steer: captured at its SYN from a local enrolled pod.
+    pub const OUTBOUND: u32 = super::Direction::Outbound as u32;
+    /// Steer: captured at its SYN to a local enrolled pod.
+    pub const INBOUND: u32 = super::Direction::Inbound as u32;
+    /// Steer: a local socket that is not a listener owns it (found by socket lookup).
+    pub const OWNED: u32 = 3;
 }
 
 /// Value of the `ENROLLED` map.
@@ -117,9 +131,10 @@ pub enum Counter {
     CapturedOutboundSyn = 0,
     /// A SYN to a local enrolled pod was steered to the inbound listener.
     CapturedInboundSyn = 1,
-    /// A later packet of a flow found in the `FLOWS` map was steered.
+    /// A later packet of a flow marked for steering in the `FLOWS` map was steered.
     SteeredFlow = 2,
-    /// A later packet of a flow owned by a local socket (found by socket lookup) was steered.
+    /// The first packet seen of a flow owned by a local socket (socket lookup) was steered;
+    /// the verdict is cached in `FLOWS`.
     SteeredSocket = 3,
     /// A packet to or from an enrolled pod belonged to no captured flow and was left alone
     /// (connections that predate the mesh, replies of flows the mesh never captured).

@@ -5,7 +5,8 @@
 //! steered: a SYN without ACK from a local enrolled pod (outbound) or to one (inbound), and the
 //! later packets of flows that were steered at their SYN (`FLOWS`, which keeps a flow captured
 //! until it ends even if its pod leaves the mesh) or that a local socket owns. Everything else,
-//! including connections that predate the mesh, passes untouched.
+//! including connections that predate the mesh, passes untouched. A flow's verdict is kept in
+//! `FLOWS`, so the socket lookup runs once per flow, not once per packet.
 //!
 //! On a bridge port, a frame from one pod to another pod of the same node would be switched at
 //! L2 and never reach the IP stack, so a steered frame also gets the bridge's MAC address as its
@@ -19,7 +20,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::debug;
-use mesh_common::{Counter, Direction, FlowKey, MARK_CAPTURE};
+use mesh_common::{flow_verdict, Counter, Direction, FlowKey, MARK_CAPTURE};
 
 use crate::{
     counters::bump,
@@ -115,15 +116,30 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
                 direction as u32
             );
         }
-    } else if FLOWS.get_ptr(flow).is_some() {
+    } else if let Some(verdict) = FLOWS.get_ptr(flow) {
+        // SAFETY: a plain u32 read from a map value pointer the lookup just returned.
+        if unsafe { *verdict } == flow_verdict::PASS {
+            bump(Counter::PassedUncaptured);
+            return Ok(NEXT);
+        }
         bump(Counter::SteeredFlow);
     } else if direction.is_none() {
         return Ok(NEXT);
-    } else if owned_by_local_socket(ctx, &flow) {
-        bump(Counter::SteeredSocket);
     } else {
-        bump(Counter::PassedUncaptured);
-        return Ok(NEXT);
+        // First packet seen of a flow of an enrolled pod that was not captured at its SYN:
+        // look the socket up once and remember the verdict for the flow's later packets.
+        let owned = owned_by_local_socket(ctx, &flow);
+        let verdict = if owned {
+            flow_verdict::OWNED
+        } else {
+            flow_verdict::PASS
+        };
+        let _ = FLOWS.insert(flow, verdict, 0);
+        if !owned {
+            bump(Counter::PassedUncaptured);
+            return Ok(NEXT);
+        }
+        bump(Counter::SteeredSocket);
     }
 
     steer(ctx);
