@@ -423,6 +423,16 @@ impl Cluster {
         Ok(())
     }
 
+    /// Kills node `name`'s mesh-node with SIGKILL (a crash: no chance to clean anything).
+    pub fn kill_mesh(&mut self, name: &str) -> Result<()> {
+        let Some(mut child) = self.mesh.remove(name) else {
+            bail!("mesh-node is not running on {name}");
+        };
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
     /// Runs `mesh-node uninstall` for node `name`; returns its output.
     pub fn uninstall(&self, name: &str) -> Result<String> {
         let out = Command::new("ip")

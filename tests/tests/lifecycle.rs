@@ -42,26 +42,13 @@ fn stopped_mesh_fails_closed_and_a_restart_adopts_the_pinned_programs() {
 
     // New connections of the enrolled pod are refused, promptly, and reach no server.
     let (a2_seen, b1_seen) = (a2.peers().len(), b1.peers().len());
-    for dst in [
-        addr(&cluster, "a2", WEB_PORT),
-        addr(&cluster, "b1", WEB_PORT),
-    ] {
-        let started = std::time::Instant::now();
-        let err = connect_in(&cluster.pod("a1").netns, dst, Duration::from_secs(3)).unwrap_err();
-        let io = err
-            .downcast_ref::<std::io::Error>()
-            .map(std::io::Error::kind);
-        assert_eq!(
-            io,
-            Some(std::io::ErrorKind::ConnectionRefused),
-            "{dst}: {err:#}"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "refusal took {:?}",
-            started.elapsed()
-        );
-    }
+    assert_refused(
+        &cluster,
+        &[
+            addr(&cluster, "a2", WEB_PORT),
+            addr(&cluster, "b1", WEB_PORT),
+        ],
+    );
     assert_eq!(
         (a2.peers().len(), b1.peers().len()),
         (a2_seen, b1_seen),
@@ -100,6 +87,38 @@ fn stopped_mesh_fails_closed_and_a_restart_adopts_the_pinned_programs() {
         log.contains("stopping; the capture programs stay attached"),
         "{log}"
     );
+
+    // A crash (SIGKILL) fails closed the same way.
+    cluster.kill_mesh("node-a").unwrap();
+    assert_refused(&cluster, &[addr(&cluster, "a2", WEB_PORT)]);
+    cluster.start_mesh("node-a").unwrap();
+    transfer(
+        &cluster.pod("a1").netns,
+        addr(&cluster, "a2", WEB_PORT),
+        4096,
+    )
+    .unwrap();
+}
+
+/// New connections from a1 to each destination are refused promptly.
+fn assert_refused(cluster: &Cluster, dsts: &[SocketAddr]) {
+    for dst in dsts {
+        let started = std::time::Instant::now();
+        let err = connect_in(&cluster.pod("a1").netns, *dst, Duration::from_secs(3)).unwrap_err();
+        let io = err
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind);
+        assert_eq!(
+            io,
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "{dst}: {err:#}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refusal took {:?}",
+            started.elapsed()
+        );
+    }
 }
 
 #[test]
