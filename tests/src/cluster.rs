@@ -423,6 +423,20 @@ impl Cluster {
         Ok(())
     }
 
+    /// Resident memory of node `name`'s mesh-node, in KiB (from /proc).
+    pub fn mesh_rss_kib(&self, name: &str) -> Result<u64> {
+        let child = self
+            .mesh
+            .get(name)
+            .ok_or_else(|| anyhow!("mesh-node is not running on {name}"))?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| anyhow!("no VmRSS for mesh-node on {name}"))
+    }
+
     /// Kills node `name`'s mesh-node with SIGKILL (a crash: no chance to clean anything).
     pub fn kill_mesh(&mut self, name: &str) -> Result<()> {
         let Some(mut child) = self.mesh.remove(name) else {

@@ -13,6 +13,14 @@ use mesh_tests::{
 
 const BYTES: u64 = 64 * 1024 * 1024;
 
+/// Prints the echo throughput of a 64 MiB transfer (information only: timing is never
+/// asserted; `cargo test -- --nocapture` shows it).
+fn report(what: &str, started: std::time::Instant) {
+    let secs = started.elapsed().as_secs_f64();
+    let gbit = (2 * BYTES * 8) as f64 / secs / 1e9;
+    eprintln!("64 MiB echoed {what}: {secs:.2} s ({gbit:.2} Gbit/s both ways together)");
+}
+
 #[test]
 fn enrolled_pod_traffic_goes_through_the_node_proxy_same_node_and_cross_node() {
     require_root!();
@@ -25,7 +33,9 @@ fn enrolled_pod_traffic_goes_through_the_node_proxy_same_node_and_cross_node() {
 
     // Same node: a1 -> a2 over the cni0 bridge.
     let dst = SocketAddr::from((cluster.pod("a2").ip, WEB_PORT));
+    let started = std::time::Instant::now();
     let done = transfer(client, dst, BYTES).unwrap();
+    report("same node, via the proxy", started);
     assert_eq!((done.sent, done.received), (BYTES, BYTES));
     let record = cluster
         .wait_connection("node-a", "outbound a1 -> a2", |c| c.client == done.local)
@@ -43,7 +53,9 @@ fn enrolled_pod_traffic_goes_through_the_node_proxy_same_node_and_cross_node() {
 
     // Cross node: a1 -> b1 over VXLAN: node-a's proxy sends it on, node-b's captures it inbound.
     let dst = SocketAddr::from((cluster.pod("b1").ip, WEB_PORT));
+    let started = std::time::Instant::now();
     let done = transfer(client, dst, BYTES).unwrap();
+    report("cross node, via both proxies", started);
     assert_eq!((done.sent, done.received), (BYTES, BYTES));
     let out = cluster
         .wait_connection("node-a", "outbound a1 -> b1", |c| c.client == done.local)
@@ -65,6 +77,11 @@ fn enrolled_pod_traffic_goes_through_the_node_proxy_same_node_and_cross_node() {
         cluster.node("node-b").gateway
     );
 
+    eprintln!(
+        "mesh-node RSS after the transfers: node-a {} KiB, node-b {} KiB",
+        cluster.mesh_rss_kib("node-a").unwrap(),
+        cluster.mesh_rss_kib("node-b").unwrap()
+    );
     assert!(
         cluster
             .kernel_counter("node-a", "captured_outbound_syn")
@@ -94,8 +111,10 @@ fn traffic_between_pods_outside_the_mesh_bypasses_the_proxy() {
             .unwrap();
 
     let dst = SocketAddr::from((cluster.pod("c2").ip, 9000));
-    let done = transfer(&cluster.pod("c1").netns, dst, 4 * 1024 * 1024).unwrap();
-    assert_eq!(done.received, 4 * 1024 * 1024);
+    let started = std::time::Instant::now();
+    let done = transfer(&cluster.pod("c1").netns, dst, BYTES).unwrap();
+    report("cross node, direct (not enrolled)", started);
+    assert_eq!(done.received, BYTES);
     // The server saw the client pod itself, port and all: no proxy in between.
     assert_eq!(c2.peers(), vec![done.local]);
     for node in ["node-a", "node-b"] {
