@@ -24,7 +24,7 @@ use anyhow::{anyhow, bail, Result};
 use mesh_node::{config, state::State};
 use serde::Deserialize;
 
-use crate::netns::{sh, Netns};
+use crate::netns::{sh, veth_pair, Netns};
 
 /// Prefix of every namespace and mount this harness creates.
 const PREFIX: &str = "mt";
@@ -182,23 +182,7 @@ impl Cluster {
         let gateway = Ipv4Addr::new(100, 65, index, 1);
         let flannel = Ipv4Addr::new(100, 65, index, 0);
         let port = format!("n{index}");
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                netns.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &port,
-                "netns",
-                fabric.name(),
-            ],
-        )?;
+        veth_pair(&netns, "eth0", fabric, &port)?;
         fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
         netns.ip(&["addr", "add", &format!("{underlay}/24"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
@@ -257,23 +241,7 @@ impl Cluster {
         }
         let netns = Netns::create(&format!("{}-p{k}", self.id))?;
         let veth = format!("veth{k}");
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                netns.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &veth,
-                "netns",
-                node.netns.name(),
-            ],
-        )?;
+        veth_pair(&netns, "eth0", &node.netns, &veth)?;
         node.netns
             .ip(&["link", "set", &veth, "master", "cni0", "mtu", "1450", "up"])?;
         netns.ip(&["link", "set", "eth0", "mtu", "1450", "up"])?;
@@ -412,6 +380,15 @@ impl Cluster {
             .stderr(log)
             .env("RUST_BACKTRACE", "1");
         Ok(cmd.spawn()?)
+    }
+
+    /// Starts mesh-node on every node.
+    pub fn start_mesh_everywhere(&mut self) -> Result<()> {
+        let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        for name in names {
+            self.start_mesh(&name)?;
+        }
+        Ok(())
     }
 
     /// Stops node `name`'s mesh-node with SIGTERM and waits for it to exit.

@@ -104,6 +104,23 @@ impl Netns {
     }
 }
 
+/// Creates a veth pair with one end (`a_name`) in `a` and the other (`b_name`) in `b`.
+pub fn veth_pair(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
+    let args = [
+        "link",
+        "add",
+        a_name,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+    ];
+    let peer = [b_name, "netns", b.name()];
+    sh("ip", &[&args[..], &peer[..]].concat()).map(drop)
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = sh("ip", &["netns", "del", &self.name]);

@@ -25,8 +25,7 @@ fn report(what: &str, started: std::time::Instant) {
 fn enrolled_pod_traffic_goes_through_the_node_proxy_same_node_and_cross_node() {
     require_root!();
     let mut cluster = Cluster::new(TWO_NODES).unwrap();
-    cluster.start_mesh("node-a").unwrap();
-    cluster.start_mesh("node-b").unwrap();
+    cluster.start_mesh_everywhere().unwrap();
     let a2 = Server::start(&cluster.pod("a2").netns, WEB_PORT, Behaviour::Echo).unwrap();
     let b1 = Server::start(&cluster.pod("b1").netns, WEB_PORT, Behaviour::Echo).unwrap();
     let client = &cluster.pod("a1").netns;
@@ -100,8 +99,7 @@ fn enrolled_pod_traffic_goes_through_the_node_proxy_same_node_and_cross_node() {
 fn traffic_between_pods_outside_the_mesh_bypasses_the_proxy() {
     require_root!();
     let mut cluster = Cluster::new(TWO_NODES).unwrap();
-    cluster.start_mesh("node-a").unwrap();
-    cluster.start_mesh("node-b").unwrap();
+    cluster.start_mesh_everywhere().unwrap();
     let c2 = Server::start(&cluster.pod("c2").netns, 9000, Behaviour::Echo).unwrap();
     let before_a = cluster
         .kernel_counter("node-a", "captured_outbound_syn")

@@ -20,8 +20,7 @@ fn addr(cluster: &Cluster, pod: &str, port: u16) -> SocketAddr {
 fn stopped_mesh_fails_closed_and_a_restart_adopts_the_pinned_programs() {
     require_root!();
     let mut cluster = Cluster::new(TWO_NODES).unwrap();
-    cluster.start_mesh("node-a").unwrap();
-    cluster.start_mesh("node-b").unwrap();
+    cluster.start_mesh_everywhere().unwrap();
     let a2 = Server::start(&cluster.pod("a2").netns, WEB_PORT, Behaviour::Echo).unwrap();
     let b1 = Server::start(&cluster.pod("b1").netns, WEB_PORT, Behaviour::Echo).unwrap();
     let c2 = Server::start(&cluster.pod("c2").netns, 9000, Behaviour::Echo).unwrap();
@@ -140,8 +139,7 @@ fn starting_the_mesh_leaves_established_connections_alone() {
         s.roundtrip().unwrap();
     }
 
-    cluster.start_mesh("node-a").unwrap();
-    cluster.start_mesh("node-b").unwrap();
+    cluster.start_mesh_everywhere().unwrap();
     for round in 0..10 {
         for (i, s) in sessions.iter_mut().enumerate() {
             s.roundtrip().unwrap_or_else(|e| {

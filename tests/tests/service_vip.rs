@@ -50,8 +50,7 @@ fn call_vip(cluster: &Cluster, rounds: usize) -> BTreeSet<String> {
 fn vip_connections_are_balanced_over_ready_endpoints_and_the_proxy_records_the_vip() {
     require_root!();
     let mut cluster = Cluster::new(TWO_NODES).unwrap();
-    cluster.start_mesh("node-a").unwrap();
-    cluster.start_mesh("node-b").unwrap();
+    cluster.start_mesh_everywhere().unwrap();
     let _a2 = Server::start(
         &cluster.pod("a2").netns,
         WEB_PORT,

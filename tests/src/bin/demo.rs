@@ -58,9 +58,7 @@ fn main() -> Result<()> {
             pods.join(", ")
         );
     }
-    for node in &nodes {
-        cluster.start_mesh(node)?;
-    }
+    cluster.start_mesh_everywhere()?;
     println!("   mesh-node running on {}", nodes.join(", "));
 
     let mut servers = Vec::new();
