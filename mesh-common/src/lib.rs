@@ -30,9 +30,12 @@ pub const PORT_ADMIN: u16 = 15020;
 pub mod maps {
     /// `HashMap<u32 (IPv4, network order), EnrolledPod>`: pods on this node that are in the mesh.
     pub const ENROLLED: &str = "MESH_ENROLLED";
-    /// `LruHashMap<FlowKey, u32 (FlowVerdict)>`: the capture decision for each flow of an
-    /// enrolled pod, taken at its SYN or at its first packet seen.
+    /// `LruHashMap<FlowKey, u32 (flow_verdict)>`: flows captured at their SYN.
     pub const FLOWS: &str = "MESH_FLOWS";
+    /// `LruHashMap<FlowKey, u32 (flow_verdict)>`: the cached verdict for flows of enrolled
+    /// pods that were not captured at their SYN (socket lookup done once per flow). Kept apart
+    /// from `FLOWS` so this churn cannot evict captured flows.
+    pub const VERDICTS: &str = "MESH_VERDICTS";
     /// `SockMap` indexed by [`super::Listener`]: the proxy's listening sockets.
     pub const LISTENERS: &str = "MESH_LISTENERS";
     /// `HashMap<u32 (ifindex), BridgePort>`: interfaces that are ports of a bridge, with the

@@ -24,7 +24,7 @@ use mesh_common::{flow_verdict, Counter, Direction, FlowKey, MARK_CAPTURE};
 
 use crate::{
     counters::bump,
-    maps::{BRIDGE_PORTS, ENROLLED, FLOWS},
+    maps::{BRIDGE_PORTS, ENROLLED, FLOWS, VERDICTS},
 };
 
 /// Set from user space (`EbpfLoader::override_global`) to log every steered SYN.
@@ -36,7 +36,10 @@ const ETH_P_IP: u16 = 0x0800;
 const IPPROTO_TCP: u8 = 6;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
+const TCP_TIME_WAIT: u32 = 6;
+const TCP_CLOSE: u32 = 7;
 const TCP_LISTEN: u32 = 10;
+const TCP_NEW_SYN_RECV: u32 = 12;
 /// `BPF_F_CURRENT_NETNS`: look sockets up in the netns of the device the packet arrived on.
 const CURRENT_NETNS: u64 = u64::MAX;
 /// "Continue with the next program, or pass": lets other TCX programs on the link run.
@@ -94,12 +97,14 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
             // A new flow the mesh does not take: forget any earlier flow with this tuple, so
             // its later packets are not steered by a stale entry.
             let _ = FLOWS.remove(flow);
+            let _ = VERDICTS.remove(flow);
             return Ok(NEXT);
         };
         // A new flow: remember it so its later packets follow even if NAT changes the tuple
         // the proxy's socket is known by (kube-proxy's DNAT runs after TC), and even if the
         // pod leaves the mesh before the connection ends.
         let _ = FLOWS.insert(flow, direction as u32, 0);
+        let _ = VERDICTS.remove(flow);
         bump(match direction {
             Direction::Outbound => Counter::CapturedOutboundSyn,
             Direction::Inbound => Counter::CapturedInboundSyn,
@@ -116,15 +121,17 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
                 direction as u32
             );
         }
-    } else if let Some(verdict) = FLOWS.get_ptr(flow) {
+    } else if FLOWS.get_ptr(flow).is_some() {
+        bump(Counter::SteeredFlow);
+    } else if direction.is_none() {
+        return Ok(NEXT);
+    } else if let Some(verdict) = VERDICTS.get_ptr(flow) {
         // SAFETY: a plain u32 read from a map value pointer the lookup just returned.
         if unsafe { *verdict } == flow_verdict::PASS {
             bump(Counter::PassedUncaptured);
             return Ok(NEXT);
         }
         bump(Counter::SteeredFlow);
-    } else if direction.is_none() {
-        return Ok(NEXT);
     } else {
         // First packet seen of a flow of an enrolled pod that was not captured at its SYN:
         // look the socket up once and remember the verdict for the flow's later packets.
@@ -134,7 +141,7 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
         } else {
             flow_verdict::PASS
         };
-        let _ = FLOWS.insert(flow, verdict, 0);
+        let _ = VERDICTS.insert(flow, verdict, 0);
         if !owned {
             bump(Counter::PassedUncaptured);
             return Ok(NEXT);
@@ -163,10 +170,11 @@ fn steer(ctx: &TcContext) {
     }
 }
 
-/// True when a local socket that is not a listener owns this tuple: a flow the proxy accepted
-/// (or a connection to the node itself, which goes to the local stack either way). The lookup
+/// True when a live local connection owns this tuple: a flow the proxy accepted or opened (or
+/// a connection to the node itself, which goes to the local stack either way). The lookup
 /// falls through to the listener lookup, which runs `sk_lookup` and would return the proxy's
-/// listener for any enrolled tuple, so listeners do not count.
+/// listener for any enrolled tuple, so listeners do not count; nor do sockets that are done
+/// (TIME_WAIT, CLOSE) or request sockets (a handshake the lookup cannot vouch for).
 #[inline(always)]
 fn owned_by_local_socket(ctx: &TcContext, flow: &FlowKey) -> bool {
     // SAFETY: an all-zero `bpf_sock_tuple` is a valid value (a union of plain integers).
@@ -193,7 +201,10 @@ fn owned_by_local_socket(ctx: &TcContext, flow: &FlowKey) -> bool {
     // sock_common, and the reference is released exactly once.
     let state = unsafe { (*sk).state };
     unsafe { bpf_sk_release(sk.cast()) };
-    state != TCP_LISTEN
+    !matches!(
+        state,
+        TCP_TIME_WAIT | TCP_CLOSE | TCP_LISTEN | TCP_NEW_SYN_RECV
+    )
 }
 
 #[inline(always)]

@@ -2,7 +2,8 @@
 //!
 //! sk_lookup sees no packet mark, so the choice comes from maps alone: a flow from a local
 //! enrolled pod goes to the outbound listener; a flow to a local enrolled pod goes to the HBONE
-//! listener when it targets port 15008, to the inbound plaintext listener otherwise. With no
+//! listener when it targets port 15008 (when one is registered), to the inbound plaintext
+//! listener otherwise. With no
 //! listener registered (the proxy is down) the lookup continues normally and finds nothing, and
 //! the node's guard rule refuses the connection: the mesh fails closed.
 
@@ -35,7 +36,12 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     } else {
         return SK_PASS;
     };
-    match LISTENERS.redirect_sk_lookup(&ctx, listener as u32, 0) {
+    let mut assigned = LISTENERS.redirect_sk_lookup(&ctx, listener as u32, 0);
+    if assigned.is_err() && listener == Listener::Hbone {
+        // No HBONE listener (yet): port 15008 of a pod is an ordinary inbound port.
+        assigned = LISTENERS.redirect_sk_lookup(&ctx, Listener::Inbound as u32, 0);
+    }
+    match assigned {
         Ok(()) => bump(Counter::LookupAssigned),
         Err(_) => bump(Counter::LookupNoListener),
     }

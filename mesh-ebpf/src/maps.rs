@@ -12,9 +12,14 @@ use mesh_common::{BridgePort, EnrolledPod, FlowKey, COUNTER_SLOTS, LISTENER_SLOT
 #[map(name = "MESH_ENROLLED")]
 pub static ENROLLED: HashMap<u32, EnrolledPod> = HashMap::pinned(65_536, 0);
 
-/// Flows steered at their SYN, keyed by the pre-NAT tuple TC sees; value: `Direction`.
+/// Flows captured at their SYN, keyed by the pre-NAT tuple TC sees; value: the direction
+/// (`mesh_common::flow_verdict`).
 #[map(name = "MESH_FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(262_144, 0);
+
+/// Cached verdicts (`PASS` or `OWNED`) for flows of enrolled pods not captured at their SYN.
+#[map(name = "MESH_VERDICTS")]
+pub static VERDICTS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(131_072, 0);
 
 /// The proxy's listening sockets, indexed by `mesh_common::Listener`.
 #[map(name = "MESH_LISTENERS")]

@@ -48,13 +48,22 @@ pub struct DatapathView {
     pub links: Vec<(u32, String)>,
     /// Pod IPs in the kernel's enrolled map.
     pub enrolled: Vec<std::net::Ipv4Addr>,
+    /// Links the capture program could not be attached to (retried every second): name ->
+    /// error. Not ready while any remain.
+    pub failed_links: std::collections::BTreeMap<String, String>,
 }
 
 /// Serves the admin endpoint on `listener` forever.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("admin accept failed: {err}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let admin = admin.clone();
         tokio::spawn(async move {
@@ -83,7 +92,17 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz/ready" => {
-            if admin.ready.load(Ordering::Acquire) {
+            let failed = admin
+                .datapath
+                .lock()
+                .map(|d| d.failed_links.len())
+                .unwrap_or(0);
+            if failed > 0 {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("capture missing on {failed} link(s): see /debug/state\n"),
+                )
+            } else if admin.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n".into())
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into())

@@ -154,6 +154,7 @@ fn prepare_bpffs(bpffs: &std::path::Path) {
 
 fn run(args: RunArgs) -> ExitCode {
     init_logging(&args.log);
+    let config_version = reload::version(&args.config);
     let resources = match config::load_file(&args.config) {
         Ok(resources) => resources,
         Err(err) => {
@@ -186,7 +187,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(args, state)) {
+    match runtime.block_on(serve(args, state, config_version)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("mesh-node: {err:#}");
@@ -195,7 +196,11 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-async fn serve(args: RunArgs, state: State) -> anyhow::Result<()> {
+async fn serve(
+    args: RunArgs,
+    state: State,
+    config_version: Option<reload::Version>,
+) -> anyhow::Result<()> {
     let node = args.node.node.clone();
     tracing::info!(
         node = %node,
@@ -205,6 +210,8 @@ async fn serve(args: RunArgs, state: State) -> anyhow::Result<()> {
         "starting"
     );
     let log_captures = tracing::enabled!(target: "mesh_ebpf", tracing::Level::DEBUG);
+    // Subscribe to link events before the first scan, so no link appears unseen.
+    let link_events = sys::LinkEvents::open().context("opening the netlink link-event socket")?;
     let (mut datapath, counters) = Datapath::install(&args.node.bpffs, &node, log_captures)
         .context("installing the capture datapath")?;
     if log_captures {
@@ -243,8 +250,9 @@ async fn serve(args: RunArgs, state: State) -> anyhow::Result<()> {
 
     let (events, receiver) = mpsc::channel();
     spawn_datapath_thread(datapath, receiver, admin.clone())?;
-    spawn_link_watcher(events.clone())?;
+    spawn_link_watcher(link_events, events.clone())?;
     tokio::spawn(reload::watch(
+        config_version,
         args.config.clone(),
         node,
         state.clone(),
@@ -298,6 +306,7 @@ fn spawn_datapath_thread(
                 .map(|(i, n)| (*i, n.clone()))
                 .collect();
             view.enrolled = datapath.enrolled().into_iter().collect();
+            view.failed_links = datapath.failed_links().clone();
             if let Some(generation) = generation {
                 view.generation = generation;
             }
@@ -307,7 +316,20 @@ fn spawn_datapath_thread(
     std::thread::Builder::new()
         .name("datapath".into())
         .spawn(move || {
-            while let Ok(event) = events.recv() {
+            loop {
+                // Links that could not be attached are retried every second.
+                let event = if datapath.failed_links().is_empty() {
+                    events
+                        .recv()
+                        .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+                } else {
+                    events.recv_timeout(Duration::from_secs(1))
+                };
+                let event = match event {
+                    Ok(event) => event,
+                    Err(mpsc::RecvTimeoutError::Timeout) => Event::LinksChanged,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                };
                 let mut links_changed = false;
                 let mut config = None;
                 let mut note = |event| match event {
@@ -315,9 +337,13 @@ fn spawn_datapath_thread(
                     Event::Config(state) => config = Some(state),
                 };
                 note(event);
-                // Coalesce bursts (a pod creation is several link events).
-                while let Ok(event) = events.recv_timeout(Duration::from_millis(20)) {
-                    note(event);
+                // Coalesce bursts (a pod creation is several link events), for at most 200 ms.
+                let deadline = std::time::Instant::now() + Duration::from_millis(200);
+                while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+                    match events.recv_timeout(left.min(Duration::from_millis(20))) {
+                        Ok(event) => note(event),
+                        Err(_) => break,
+                    }
                 }
                 if links_changed {
                     if let Err(err) = datapath.sync_links() {
@@ -341,8 +367,7 @@ fn spawn_datapath_thread(
     Ok(())
 }
 
-fn spawn_link_watcher(events: mpsc::Sender<Event>) -> anyhow::Result<()> {
-    let socket = sys::LinkEvents::open().context("opening the netlink link-event socket")?;
+fn spawn_link_watcher(socket: sys::LinkEvents, events: mpsc::Sender<Event>) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("netlink".into())
         .spawn(move || loop {

@@ -15,14 +15,16 @@ use crate::{capture::Event, config, metrics::ConfigMetrics, state::State};
 const POLL: Duration = Duration::from_millis(250);
 
 /// Identity of one version of the file (catches in-place edits and atomic renames).
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Version {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Version {
     modified: Option<SystemTime>,
     len: u64,
     inode: u64,
 }
 
-fn version(path: &Path) -> Option<Version> {
+/// The file's current version; take it before reading the file, so an edit made while the
+/// read is being used is still seen as a change.
+pub fn version(path: &Path) -> Option<Version> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
     Some(Version {
@@ -32,16 +34,17 @@ fn version(path: &Path) -> Option<Version> {
     })
 }
 
-/// Polls `path` forever; each valid change becomes the next generation of `state` and is
-/// sent to `changed` (the datapath updates its maps from it).
+/// Polls `path` forever, starting from version `seen` (the one the current `state` was built
+/// from); each valid change becomes the next generation of `state` and is sent to `changed`
+/// (the datapath updates its maps from it).
 pub async fn watch(
+    mut seen: Option<Version>,
     path: PathBuf,
     node: String,
     state: Arc<ArcSwap<State>>,
     metrics: ConfigMetrics,
     changed: mpsc::Sender<Event>,
 ) {
-    let mut seen = version(&path);
     loop {
         tokio::time::sleep(POLL).await;
         let now = version(&path);

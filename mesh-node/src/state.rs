@@ -110,7 +110,7 @@ impl State {
 
         let mut workloads = BTreeMap::new();
         for pod in &resources.pods {
-            let Some(ip) = pod.status.pod_ip else {
+            let Some(ip) = pod.live_ip() else {
                 continue;
             };
             let namespace = pod.metadata.namespace();
@@ -269,7 +269,7 @@ fn endpoints(resources: &Resources, svc: &Service, index: usize) -> Vec<SocketAd
         return Vec::new();
     };
     for pod in &resources.pods {
-        let Some(ip) = pod.status.pod_ip else {
+        let Some(ip) = pod.live_ip() else {
             continue;
         };
         if pod.metadata.namespace() != namespace
@@ -360,6 +360,18 @@ spec: {nodeName: n1}
 status: {podIP: 100.65.0.6}
 ---
 apiVersion: v1
+kind: Pod
+metadata: {name: host, namespace: mesh, labels: {app: web}}
+spec: {nodeName: n1, hostNetwork: true}
+status: {podIP: 100.64.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: done, namespace: mesh, labels: {app: web}}
+spec: {nodeName: n1}
+status: {podIP: 100.65.0.2, phase: Succeeded}
+---
+apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: mesh}
 spec:
@@ -379,7 +391,8 @@ spec:
             .iter()
             .map(|ip| ip.to_string())
             .collect();
-        // a: namespace ambient; b: opted out; c: other node; d: pod label; e: injection; f: none.
+        // a: namespace ambient; b: opted out; c: other node; d: pod label; e: injection; f: none;
+        // host: host network; done: finished (its old IP is a's now).
         assert_eq!(ips, ["100.65.0.2", "100.65.0.4", "100.65.0.5"]);
     }
 

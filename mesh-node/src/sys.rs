@@ -175,3 +175,19 @@ pub fn wait_readable(fd: &impl AsRawFd) -> io::Result<()> {
         }
     }
 }
+
+/// An exclusive, non-blocking `flock` on a directory, held until the returned fd is dropped.
+/// `Ok(None)` when another process holds it.
+pub fn try_lock_dir(path: &Path) -> io::Result<Option<OwnedFd>> {
+    let dir = std::fs::File::open(path)?;
+    // SAFETY: flock on an fd we own; LOCK_NB makes it return at once.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(None)
+        } else {
+            Err(err)
+        };
+    }
+    Ok(Some(dir.into()))
+}

@@ -80,6 +80,8 @@ pub struct ProxyConnection {
     pub bytes_received: u64,
     /// Response flag.
     pub flag: String,
+    /// When the proxy accepted it (ms since the Unix epoch).
+    pub opened_ms: u64,
     /// Set once closed.
     pub closed_ms: Option<u64>,
 }
@@ -657,6 +659,28 @@ fn install_kube_proxy(node: &Node, state: &State) -> Result<()> {
         ])?;
     }
     Ok(())
+}
+
+/// How many programs called `name` are loaded on the machine (`bpftool prog show`).
+pub fn loaded_programs(name: &str) -> Result<usize> {
+    let listing = sh("bpftool", &["prog", "show"])?;
+    Ok(listing
+        .lines()
+        .filter(|l| l.split_whitespace().any(|w| w == name))
+        .count())
+}
+
+/// Waits (programs are freed after an RCU grace period) until `count` programs called `name`
+/// are loaded; returns the last count seen.
+pub fn wait_loaded_programs(name: &str, count: usize) -> Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen = loaded_programs(name)?;
+        if seen == count || Instant::now() > deadline {
+            return Ok(seen);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The mesh-node binary next to the running test or demo executable

@@ -9,6 +9,7 @@
 /// | b1  | node-b | mesh  | 100.65.1.2  | server, Service `web` (8080) |
 /// | c1  | node-a | plain | 100.65.0.4  | client / server              |
 /// | c2  | node-b | plain | 100.65.1.3  | server                       |
+/// | c3  | node-a | plain | 100.65.0.5  | server                       |
 ///
 /// Service `mesh/web`: VIP 100.66.0.10:80 -> targetPort `http` (8080).
 pub const TWO_NODES: &str = r#"
@@ -55,6 +56,12 @@ kind: Pod
 metadata: {name: c2, namespace: plain}
 spec: {nodeName: node-b}
 status: {podIP: 100.65.1.3, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c3, namespace: plain}
+spec: {nodeName: node-a}
+status: {podIP: 100.65.0.5, conditions: [{type: Ready, status: "True"}]}
 ---
 apiVersion: v1
 kind: Service

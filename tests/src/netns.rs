@@ -31,12 +31,21 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates `name` with its loopback up.
+    /// Creates `name` with its loopback up and IPv6 off (the tests speak IPv4 in
+    /// 100.64.0.0/10 only; no link-local chatter either).
     pub fn create(name: &str) -> Result<Netns> {
         sh("ip", &["netns", "add", name])?;
         let ns = Netns {
             name: name.to_string(),
         };
+        ns.exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        )?;
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }

@@ -16,25 +16,54 @@ metadata: {name: s, namespace: x}
 spec: {clusterIP: 100.66.0.1, ports: [{port: 80}, {port: 81, name: b}]}
 "#;
 
-fn write(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("mesh-cli-{}", std::process::id()));
+/// A file in a directory of its own, removed on drop.
+struct TempFile {
+    path: std::path::PathBuf,
+}
+
+impl std::ops::Deref for TempFile {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn write(name: &str, text: &str) -> TempFile {
+    let dir = std::env::temp_dir().join(format!("mesh-cli-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
-    path
+    TempFile { path }
 }
 
 #[test]
 fn run_with_an_invalid_config_exits_64_naming_every_problem() {
     let file = write("bad.yaml", BAD);
     let out = Command::new(mesh_node_bin().unwrap())
-        .args(["run", "--node", "n1", "--config"])
-        .arg(&file)
+        // A bpffs that does not exist: were the file ever accepted, preflight would still stop
+        // mesh-node before it touched this (the host's) network namespace.
+        .args([
+            "run",
+            "--node",
+            "n1",
+            "--bpffs",
+            "/nonexistent/bpffs",
+            "--config",
+        ])
+        .arg(&*file)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let f = file.display();
+    let f = file.display().to_string();
     assert!(
         stderr.contains(&format!("{f}:1:status.podIP: error:")),
         "{stderr}"
@@ -50,7 +79,7 @@ fn validate_reports_errors_and_warnings_with_exit_codes() {
     let bad = write("bad2.yaml", BAD);
     let out = Command::new(mesh_node_bin().unwrap())
         .arg("validate")
-        .arg(&bad)
+        .arg(&*bad)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -67,7 +96,7 @@ fn validate_reports_errors_and_warnings_with_exit_codes() {
     );
     let out = Command::new(mesh_node_bin().unwrap())
         .arg("validate")
-        .arg(&good)
+        .arg(&*good)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
@@ -82,10 +111,11 @@ fn run_without_privileges_exits_77_naming_what_is_missing() {
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
     );
     let dir = file.parent().unwrap().to_path_buf();
+    let file_path = file.to_path_buf();
     Command::new("chmod").arg("755").arg(&dir).status().unwrap();
     Command::new("chmod")
         .arg("644")
-        .arg(&file)
+        .arg(&file_path)
         .status()
         .unwrap();
     let out = Command::new(mesh_node_bin().unwrap())
@@ -97,7 +127,7 @@ fn run_without_privileges_exits_77_naming_what_is_missing() {
             "/nonexistent/bpffs",
             "--config",
         ])
-        .arg(&file)
+        .arg(&file_path)
         .uid(65534)
         .gid(65534)
         .output()

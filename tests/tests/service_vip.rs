@@ -92,9 +92,7 @@ fn vip_connections_are_balanced_over_ready_endpoints_and_the_proxy_records_the_v
 fn a_pod_outside_the_mesh_reaches_the_vip_through_kube_proxy_alone() {
     require_root!();
     let mut cluster = Cluster::new(TWO_NODES).unwrap();
-    cluster.start_mesh("node-a").unwrap();
-    // Only c1 (not enrolled) calls; the endpoints are enrolled, so node-b's proxy sees the
-    // flow to b1 inbound, but node-a's outbound proxy must not.
+    cluster.start_mesh_everywhere().unwrap();
     let _a2 = Server::start(
         &cluster.pod("a2").netns,
         WEB_PORT,
@@ -107,15 +105,24 @@ fn a_pod_outside_the_mesh_reaches_the_vip_through_kube_proxy_alone() {
         Behaviour::Greet("b1".into()),
     )
     .unwrap();
-    for _ in 0..4 {
+    // c1 is not enrolled: kube-proxy's DNAT alone picks the endpoint (at random).
+    let mut answered = BTreeSet::new();
+    for _ in 0..16 {
         let (_, greeting) = greet(&cluster.pod("c1").netns, vip()).unwrap();
-        assert!(greeting.starts_with("hello from"), "{greeting}");
+        answered.insert(greeting);
     }
-    let outbound: Vec<_> = cluster
-        .connections("node-a")
-        .unwrap()
-        .into_iter()
-        .filter(|c| c.direction == "outbound")
-        .collect();
-    assert!(outbound.is_empty(), "{outbound:?}");
+    assert_eq!(answered.len(), 2, "both endpoints answer: {answered:?}");
+    // node-a's proxy took no outbound flow from c1. The flows DNATed to b1 reach node-b over
+    // the overlay and are captured there inbound (b1 is enrolled). Flows DNATed to a2 on the
+    // same node are not captured: TC saw the VIP, not a2 (a known gap, see ARCHITECTURE.md).
+    let c1 = cluster.pod("c1").ip;
+    let conns = cluster.connections("node-a").unwrap();
+    assert!(conns.iter().all(|c| c.direction != "outbound"), "{conns:?}");
+    let inbound_b = cluster.connections("node-b").unwrap();
+    assert!(
+        inbound_b
+            .iter()
+            .any(|c| c.direction == "inbound" && c.client.ip() == c1),
+        "{inbound_b:?}"
+    );
 }

@@ -18,7 +18,10 @@ fn main() -> Result<()> {
     let root = workspace_root();
     match args.first().map(String::as_str) {
         Some("build-ebpf") => build_ebpf(&root),
-        Some("clippy-ebpf") => ebpf_cargo(&root, &["clippy", "--release", "--", "-D", "warnings"]),
+        Some("clippy-ebpf") => ebpf_cargo(
+            &root,
+            &["clippy", "--release", "--locked", "--", "-D", "warnings"],
+        ),
         Some("fmt-ebpf") => fmt_ebpf(&root, args.iter().any(|a| a == "--check")),
         Some("demo") => demo(&root, &args[1..]),
         _ => {
@@ -43,7 +46,7 @@ fn ebpf_object(root: &Path) -> PathBuf {
 }
 
 fn build_ebpf(root: &Path) -> Result<()> {
-    ebpf_cargo(root, &["build", "--release"])?;
+    ebpf_cargo(root, &["build", "--release", "--locked"])?;
     let object = ebpf_object(root);
     if !object.exists() {
         bail!(

@@ -60,6 +60,9 @@ pub enum CaptureError {
         /// What failed.
         message: String,
     },
+    /// Another mesh-node holds this node's pin directory.
+    #[error("another mesh-node is running for this node (it holds {0}); stop it first")]
+    Busy(PathBuf),
     /// A pin could not be created or removed.
     #[error("pin {path}: {message}")]
     Pin {
@@ -103,6 +106,10 @@ pub struct Datapath {
     listeners: SockMap<MapData>,
     /// Links carrying the capture program: ifindex -> name.
     attached: BTreeMap<u32, String>,
+    /// Links the program could not be attached to (retried): name -> error.
+    failed: BTreeMap<String, String>,
+    /// Exclusive lock on the pin directory: one mesh-node per node.
+    _lock: std::os::fd::OwnedFd,
 }
 
 fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError {
@@ -132,6 +139,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 impl Datapath {
     /// Loads the programs and takes over the node: adopts or replaces what a previous
     /// mesh-node left pinned, installs routing and guard rules, attaches to every link.
+    /// Subscribe to link events before calling this, so no link appears unseen.
     pub fn install(
         bpffs: &Path,
         node: &str,
@@ -143,6 +151,7 @@ impl Datapath {
             path: links_dir.clone(),
             message: err.to_string(),
         })?;
+        let lock = lock(&dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .override_global("LOG_CAPTURES", &u8::from(log_captures), true)
@@ -172,6 +181,8 @@ impl Datapath {
             bridge_ports,
             listeners,
             attached: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            _lock: lock,
         };
         datapath.load_programs()?;
         datapath.attach_sk_lookup()?;
@@ -230,20 +241,43 @@ impl Datapath {
     }
 
     /// Brings the TC attachments and the bridge-port map in line with the node's links:
-    /// attaches to new links, drops pins of links that are gone.
+    /// attaches to new links, drops pins of links that are gone. Links that could not be
+    /// attached are remembered in [`Datapath::failed_links`]; call again to retry them.
     pub fn sync_links(&mut self) -> Result<(), CaptureError> {
         let node = links::discover()?;
+        // Bridge ports first: a port must never capture before its frames can be readdressed.
+        let have: BTreeSet<u32> = self.bridge_ports.keys().filter_map(Result::ok).collect();
+        for ifindex in have.iter().filter(|i| !node.bridge_ports.contains_key(i)) {
+            let _ = self.bridge_ports.remove(ifindex);
+        }
+        for (&ifindex, &bridge_mac) in &node.bridge_ports {
+            let port = BridgePort {
+                bridge_mac,
+                _pad: [0; 2],
+            };
+            if self.bridge_ports.get(&ifindex, 0).ok() != Some(port) {
+                self.bridge_ports
+                    .insert(ifindex, port, 0)
+                    .map_err(map_error(maps::BRIDGE_PORTS))?;
+            }
+        }
+
+        self.failed.clear();
         for (&ifindex, name) in &node.capture {
             if self.attached.get(&ifindex) == Some(name) {
                 continue;
             }
             match self.attach_tc(ifindex, name) {
-                Ok(()) => {
-                    tracing::info!(link = %name, ifindex, "capture attached");
+                Ok(how) => {
+                    tracing::info!(link = %name, ifindex, "capture attached ({how:?})");
                     self.attached.insert(ifindex, name.clone());
                 }
-                // A link can vanish between the scan and the attach (a pod being deleted).
-                Err(err) => tracing::warn!(link = %name, ifindex, "cannot attach capture: {err}"),
+                Err(err) => {
+                    // A link can also vanish between the scan and the attach (a pod being
+                    // deleted); the retry then finds it gone.
+                    tracing::warn!(link = %name, ifindex, "cannot attach capture (will retry): {err}");
+                    self.failed.insert(name.clone(), err.to_string());
+                }
             }
         }
         let gone: Vec<u32> = self
@@ -268,23 +302,12 @@ impl Datapath {
                 }
             }
         }
-
-        let have: BTreeSet<u32> = self.bridge_ports.keys().filter_map(Result::ok).collect();
-        for ifindex in have.iter().filter(|i| !node.bridge_ports.contains_key(i)) {
-            let _ = self.bridge_ports.remove(ifindex);
-        }
-        for (&ifindex, &bridge_mac) in &node.bridge_ports {
-            let port = BridgePort {
-                bridge_mac,
-                _pad: [0; 2],
-            };
-            if self.bridge_ports.get(&ifindex, 0).ok() != Some(port) {
-                self.bridge_ports
-                    .insert(ifindex, port, 0)
-                    .map_err(map_error(maps::BRIDGE_PORTS))?;
-            }
-        }
         Ok(())
+    }
+
+    /// Links the capture program could not be attached to at the last sync, with the error.
+    pub fn failed_links(&self) -> &BTreeMap<String, String> {
+        &self.failed
     }
 
     fn tc_pin(&self, ifindex: u32) -> PathBuf {
@@ -293,29 +316,33 @@ impl Datapath {
 
     /// Attaches the capture program to one link. A link pinned by a previous run gets the new
     /// program atomically (TCX link update): no packet goes uncaptured in between.
-    fn attach_tc(&mut self, ifindex: u32, name: &str) -> Result<(), CaptureError> {
+    fn attach_tc(&mut self, ifindex: u32, name: &str) -> Result<Attach, CaptureError> {
         let pin = self.tc_pin(ifindex);
         let prog: &mut SchedClassifier = self.program(programs::CAPTURE)?;
         let adopted = PinnedLink::from_pin(&pin)
             .ok()
             .and_then(|old| SchedClassifierLink::try_from(FdLink::from(old)).ok())
             .and_then(|old| prog.attach_to_link(old).ok());
-        let id = match adopted {
-            Some(id) => id,
-            None => prog
-                .attach_with_options(
-                    name,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(prog_error(programs::CAPTURE))?,
-        };
+        if let Some(id) = adopted {
+            // The pinned link now runs the new program; its pin stays as it is. Taking the
+            // link out of the program and closing our fd leaves it attached (the pin holds it).
+            let link = prog.take_link(id).map_err(prog_error(programs::CAPTURE))?;
+            drop(FdLink::try_from(link));
+            return Ok(Attach::Adopted);
+        }
+        let id = prog
+            .attach_with_options(
+                name,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(prog_error(programs::CAPTURE))?;
         let link = prog.take_link(id).map_err(prog_error(programs::CAPTURE))?;
         let link = FdLink::try_from(link).map_err(|err| CaptureError::Program {
             program: programs::CAPTURE,
             message: format!("not a TCX link ({err}): kernel >= 6.6 is required"),
         })?;
-        replace_pin(&pin, link)
+        replace_pin(&pin, link).map(|()| Attach::New)
     }
 
     /// Makes the enrolled-pod map equal `want`. Flows already captured stay captured until
@@ -365,20 +392,41 @@ impl Datapath {
     }
 }
 
-/// Pins `link` at `path`, replacing (and so detaching) whatever was pinned there before.
+/// How a link got the capture program.
+#[derive(Debug)]
+enum Attach {
+    /// A link pinned by an earlier mesh-node was updated in place to the new program.
+    Adopted,
+    /// A new link was attached and pinned.
+    New,
+}
+
+/// Pins `link` at `path`, replacing (and so detaching) whatever was pinned there before. The
+/// new pin is made under another name and renamed over the old one, so at every instant one
+/// of the two links is pinned and attached.
 fn replace_pin(path: &Path, link: FdLink) -> Result<(), CaptureError> {
-    if path.exists() {
-        if let Ok(old) = PinnedLink::from_pin(path) {
-            // Unpinning and dropping the old link detaches it; the new one is already live.
-            let _ = old.unpin();
-        } else {
-            let _ = fs::remove_file(path);
-        }
-    }
-    link.pin(path).map(drop).map_err(|err| CaptureError::Pin {
+    let pin_error = |path: &Path, err: &dyn std::fmt::Display| CaptureError::Pin {
         path: path.to_path_buf(),
         message: err.to_string(),
-    })
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push("-new");
+    let tmp = PathBuf::from(tmp);
+    let _ = fs::remove_file(&tmp);
+    link.pin(&tmp).map_err(|err| pin_error(&tmp, &err))?;
+    fs::rename(&tmp, path).map_err(|err| pin_error(path, &err))
+}
+
+/// Takes the exclusive lock on a node's pin directory.
+fn lock(dir: &Path) -> Result<std::os::fd::OwnedFd, CaptureError> {
+    match crate::sys::try_lock_dir(dir) {
+        Ok(Some(fd)) => Ok(fd),
+        Ok(None) => Err(CaptureError::Busy(dir.to_path_buf())),
+        Err(err) => Err(CaptureError::Pin {
+            path: dir.to_path_buf(),
+            message: format!("cannot lock: {err}"),
+        }),
+    }
 }
 
 /// The kernel decision counters (`mesh_kernel_packets_total`).
@@ -403,39 +451,62 @@ impl KernelCounters {
     }
 }
 
-/// Removes every attachment, pin, rule and route of `node`. Returns what was removed.
+/// Removes every attachment, pin, rule and route of `node`. Returns what was removed. Every
+/// step is tried; the errors of all failed steps are reported together.
 pub fn uninstall(bpffs: &Path, node: &str) -> Result<Vec<String>, CaptureError> {
     let dir = pin_dir(bpffs, node);
     let mut removed = Vec::new();
+    let mut errors = Vec::new();
+    let _lock = if dir.exists() {
+        Some(lock(&dir)?)
+    } else {
+        None
+    };
     if let Ok(entries) = fs::read_dir(dir.join("links")) {
         for entry in entries.flatten() {
             let path = entry.path();
-            match PinnedLink::from_pin(&path) {
+            let result = match PinnedLink::from_pin(&path) {
                 // Dropping the unpinned link detaches it.
-                Ok(link) => drop(link.unpin()),
-                Err(_) => drop(fs::remove_file(&path)),
+                Ok(link) => link.unpin().map(drop),
+                Err(_) => fs::remove_file(&path),
+            };
+            match result {
+                Ok(()) => removed.push(format!("link {}", path.display())),
+                Err(err) => errors.push(format!("{}: {err}", path.display())),
             }
-            removed.push(format!("link {}", path.display()));
         }
     }
     if let Ok(entries) = fs::read_dir(&dir) {
         for entry in entries.flatten() {
-            if entry.path().is_file() || !entry.path().is_dir() {
-                let _ = fs::remove_file(entry.path());
-                removed.push(format!("map {}", entry.path().display()));
+            let path = entry.path();
+            if path.is_dir() {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => removed.push(format!("map {}", path.display())),
+                Err(err) => errors.push(format!("{}: {err}", path.display())),
             }
         }
     }
     for path in [dir.join("links"), dir.clone()] {
         if path.exists() {
-            fs::remove_dir(&path).map_err(|err| CaptureError::Pin {
-                path: path.clone(),
-                message: err.to_string(),
-            })?;
+            if let Err(err) = fs::remove_dir(&path) {
+                errors.push(format!("{}: {err}", path.display()));
+            }
         }
     }
-    removed.extend(routing::remove()?);
-    Ok(removed)
+    match routing::remove() {
+        Ok(items) => removed.extend(items),
+        Err(err) => errors.push(err.to_string()),
+    }
+    if errors.is_empty() {
+        Ok(removed)
+    } else {
+        Err(CaptureError::Command {
+            command: format!("uninstall of node {node}"),
+            message: errors.join("; "),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -21,13 +21,14 @@ fn mark() -> String {
     format!("{MARK_CAPTURE:#x}/{MARK_CAPTURE:#x}")
 }
 
-/// Installs the rule, route and iptables chains (idempotent).
+/// Installs the rule, route and iptables chains (idempotent: what is already right is left
+/// alone, so a restart changes nothing).
 pub fn install() -> Result<(), CaptureError> {
     let pref = RULE_PRIORITY.to_string();
     let table = ROUTE_TABLE.to_string();
     let mark = mark();
     let existing = output("ip", &["rule", "show", "pref", &pref])?;
-    if !existing.contains(&format!("lookup {table}")) {
+    if !existing.contains(&format!("fwmark {mark} lookup {table}")) {
         run(
             "ip",
             &[
@@ -49,7 +50,6 @@ pub fn install() -> Result<(), CaptureError> {
         ],
     )?;
 
-    ensure_chain("filter", GUARD_CHAIN)?;
     let syn = ["-p", "tcp", "--syn", "-m", "mark", "--mark", &mark];
     let accept: Vec<&str> = syn
         .iter()
@@ -61,17 +61,14 @@ pub fn install() -> Result<(), CaptureError> {
         .copied()
         .chain(["-j", "REJECT", "--reject-with", "tcp-reset"])
         .collect();
-    ensure_rule("filter", GUARD_CHAIN, &accept)?;
-    ensure_rule("filter", GUARD_CHAIN, &reject)?;
-    ensure_jump("filter", "INPUT", GUARD_CHAIN)?;
-
-    ensure_chain("nat", NAT_CHAIN)?;
-    ensure_rule(
+    ensure_chain("filter", GUARD_CHAIN, &[&accept, &reject])?;
+    ensure_jump_first("filter", "INPUT", GUARD_CHAIN)?;
+    ensure_chain(
         "nat",
         NAT_CHAIN,
-        &["-m", "mark", "--mark", &mark, "-j", "ACCEPT"],
+        &[&["-m", "mark", "--mark", &mark, "-j", "ACCEPT"]],
     )?;
-    ensure_jump("nat", "PREROUTING", NAT_CHAIN)?;
+    ensure_jump_first("nat", "PREROUTING", NAT_CHAIN)?;
     Ok(())
 }
 
@@ -91,9 +88,22 @@ pub fn remove() -> Result<Vec<String>, CaptureError> {
     {
         removed.push(format!("ip rule pref {pref} fwmark {mark} lookup {table}"));
     }
-    if output("ip", &["route", "show", "table", &table]).is_ok_and(|r| !r.trim().is_empty()) {
-        run("ip", &["route", "flush", "table", &table])?;
-        removed.push(format!("routes of table {table}"));
+    while run(
+        "ip",
+        &[
+            "route",
+            "del",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            &table,
+        ],
+    )
+    .is_ok()
+    {
+        removed.push(format!("route local 0.0.0.0/0 dev lo table {table}"));
     }
     for (table, builtin, chain) in [
         ("filter", "INPUT", GUARD_CHAIN),
@@ -108,33 +118,60 @@ pub fn remove() -> Result<Vec<String>, CaptureError> {
     Ok(removed)
 }
 
-fn ensure_chain(table: &str, chain: &str) -> Result<(), CaptureError> {
-    if iptables(table, &["-S", chain]).is_err() {
-        iptables(table, &["-N", chain])?;
+/// Makes `chain` hold exactly `rules`, in order: left alone when it already does, rebuilt
+/// otherwise (a guard whose RETURN rule came after its REJECT would refuse every capture).
+fn ensure_chain(table: &str, chain: &str, rules: &[&[&str]]) -> Result<(), CaptureError> {
+    let matches = match iptables(table, &["-S", chain]) {
+        Ok(listing) => {
+            let appended = listing.lines().filter(|l| l.starts_with("-A ")).count();
+            let all_present = rules.iter().all(|rule| {
+                let check: Vec<&str> = ["-C", chain]
+                    .into_iter()
+                    .chain(rule.iter().copied())
+                    .collect();
+                iptables(table, &check).is_ok()
+            });
+            // -C finds rules but not their order: compare the targets' order too.
+            let targets: Vec<&str> = listing
+                .lines()
+                .filter(|l| l.starts_with("-A "))
+                .filter_map(|l| l.split(" -j ").nth(1))
+                .map(|t| t.split_whitespace().next().unwrap_or(""))
+                .collect();
+            let wanted: Vec<&str> = rules
+                .iter()
+                .filter_map(|r| r.iter().position(|a| *a == "-j").map(|i| r[i + 1]))
+                .collect();
+            appended == rules.len() && all_present && targets == wanted
+        }
+        Err(_) => {
+            iptables(table, &["-N", chain])?;
+            false
+        }
+    };
+    if !matches {
+        iptables(table, &["-F", chain])?;
+        for rule in rules {
+            let append: Vec<&str> = ["-A", chain]
+                .into_iter()
+                .chain(rule.iter().copied())
+                .collect();
+            iptables(table, &append)?;
+        }
     }
     Ok(())
 }
 
-fn ensure_rule(table: &str, chain: &str, rule: &[&str]) -> Result<(), CaptureError> {
-    let check: Vec<&str> = ["-C", chain]
-        .into_iter()
-        .chain(rule.iter().copied())
-        .collect();
-    if iptables(table, &check).is_err() {
-        let append: Vec<&str> = ["-A", chain]
-            .into_iter()
-            .chain(rule.iter().copied())
-            .collect();
-        iptables(table, &append)?;
+/// Makes the jump to `chain` the first rule of `builtin`, so it runs before kube-proxy's.
+fn ensure_jump_first(table: &str, builtin: &str, chain: &str) -> Result<(), CaptureError> {
+    let listing = iptables(table, &["-S", builtin])?;
+    let first = listing.lines().find(|l| l.starts_with("-A "));
+    if first == Some(format!("-A {builtin} -j {chain}").as_str()) {
+        return Ok(());
     }
-    Ok(())
-}
-
-/// Jumps to `chain` first thing in `builtin`, so it runs before kube-proxy's chains.
-fn ensure_jump(table: &str, builtin: &str, chain: &str) -> Result<(), CaptureError> {
-    if iptables(table, &["-C", builtin, "-j", chain]).is_err() {
-        iptables(table, &["-I", builtin, "1", "-j", chain])?;
-    }
+    // Not first (a kube-proxy resync can push its own jump ahead): move ours to the top.
+    while iptables(table, &["-D", builtin, "-j", chain]).is_ok() {}
+    iptables(table, &["-I", builtin, "1", "-j", chain])?;
     Ok(())
 }
 

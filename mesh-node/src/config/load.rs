@@ -120,6 +120,7 @@ pub fn parse_str(file: &str, text: &str) -> Result<Resources, LoadError> {
         resources: Resources::default(),
         diagnostics: Vec::new(),
         seen: BTreeSet::new(),
+        pod_ips: std::collections::BTreeMap::new(),
     };
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let position = (index + 1).to_string();
@@ -154,6 +155,8 @@ struct Loader<'a> {
     diagnostics: Vec<Diagnostic>,
     /// (kind, namespace, name) of every resource, to find duplicates.
     seen: BTreeSet<(String, String, String)>,
+    /// Live pod IPs and the pod holding each, to find two pods with one IP.
+    pod_ips: std::collections::BTreeMap<std::net::Ipv4Addr, String>,
 }
 
 impl Loader<'_> {
@@ -219,7 +222,9 @@ impl Loader<'_> {
             }
             ("", "Pod") => {
                 if let Some(pod) = self.typed::<Pod>(position, &kind, value) {
-                    if self.unique(position, &kind, pod.metadata.namespace(), &pod.metadata) {
+                    if self.unique(position, &kind, pod.metadata.namespace(), &pod.metadata)
+                        && self.unique_ip(position, &pod)
+                    {
                         self.resources.pods.push(pod);
                     }
                 }
@@ -290,6 +295,20 @@ impl Loader<'_> {
             );
             return false;
         }
+        true
+    }
+
+    fn unique_ip(&mut self, position: &str, pod: &Pod) -> bool {
+        let Some(ip) = pod.live_ip() else {
+            return true;
+        };
+        let name = format!("Pod {}/{}", pod.metadata.namespace(), pod.metadata.name);
+        if let Some(other) = self.pod_ips.get(&ip) {
+            let message = format!("{name} has podIP {ip}, which {other} already has");
+            self.error(position, "status.podIP", message);
+            return false;
+        }
+        self.pod_ips.insert(ip, name);
         true
     }
 
@@ -443,6 +462,22 @@ metadata: {name: b}
         assert!(
             rendered.contains("d.yaml:4:metadata.name: error: duplicate Service demo/web"),
             "{rendered}"
+        );
+    }
+
+    #[test]
+    fn rejects_two_live_pods_with_one_ip_but_not_a_finished_one() {
+        let pod = |name: &str, phase: &str| {
+            format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nstatus: {{podIP: 100.65.0.7, phase: {phase}}}\n---\n")
+        };
+        let ok = format!("{}{}", pod("old", "Succeeded"), pod("new", "Running"));
+        assert!(parse_str("ip.yaml", &ok).is_ok());
+        let clash = format!("{}{}", pod("a", "Running"), pod("b", "Pending"));
+        let err = parse_str("ip.yaml", &clash).unwrap_err();
+        assert!(
+            err.render().contains("ip.yaml:2:status.podIP: error: Pod default/b has podIP 100.65.0.7, which Pod default/a already has"),
+            "{}",
+            err.render()
         );
     }
 

@@ -58,6 +58,9 @@ pub struct PodSpec {
     /// The node the pod runs on.
     #[serde(default)]
     pub node_name: Option<String>,
+    /// Host-network pods share the node's IP: they are never captured or enrolled.
+    #[serde(default)]
+    pub host_network: bool,
     /// The pod's service account (its mesh identity).
     #[serde(default)]
     pub service_account_name: Option<String>,
@@ -96,6 +99,9 @@ pub struct ContainerPort {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct PodStatus {
+    /// `Pending`, `Running`, `Succeeded`, `Failed` or `Unknown`.
+    #[serde(default)]
+    pub phase: Option<String>,
     /// The pod's IPv4 address.
     #[serde(default, rename = "podIP")]
     pub pod_ip: Option<Ipv4Addr>,
@@ -115,6 +121,16 @@ pub struct Condition {
 }
 
 impl Pod {
+    /// The pod IP a live, pod-network pod holds: `None` for host-network pods and for pods
+    /// that finished (their `podIP` may already belong to another pod).
+    pub fn live_ip(&self) -> Option<Ipv4Addr> {
+        let finished = matches!(self.status.phase.as_deref(), Some("Succeeded" | "Failed"));
+        if self.spec.host_network || finished {
+            return None;
+        }
+        self.status.pod_ip
+    }
+
     /// Ready as Kubernetes defines it (condition `Ready` is `True`). A hand-written pod with no
     /// conditions at all counts as ready, so small local configs need not spell them out.
     pub fn is_ready(&self) -> bool {

@@ -177,31 +177,70 @@ async fn forward(
         }
     };
     let _ = client.set_nodelay(true);
-    match tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut server,
-        COPY_BUFFER,
-        COPY_BUFFER,
-    )
-    .await
-    {
-        Ok((sent, received)) => Ok(Forwarded {
-            service,
-            upstream,
-            sent,
-            received,
-            flag: "",
-            error: None,
-        }),
-        Err(err) => Ok(Forwarded {
-            service,
-            upstream,
-            sent: 0,
-            received: 0,
-            flag: "DC",
-            error: Some(err.to_string()),
-        }),
+    keepalive(&client);
+    keepalive(&server);
+    let (copied, error) = relay(&mut client, &mut server).await;
+    if error.is_some() {
+        // One side broke (for example reset): reset the other too, so it does not take a
+        // truncated stream for a complete one.
+        reset(&client);
+        reset(&server);
     }
+    Ok(Forwarded {
+        service,
+        upstream,
+        sent: copied.sent,
+        received: copied.received,
+        flag: if error.is_some() { "DC" } else { "" },
+        error: error.map(|e| e.to_string()),
+    })
+}
+
+#[derive(Default)]
+struct Copied {
+    sent: u64,
+    received: u64,
+}
+
+/// Copies both ways until both directions end. An end of stream is passed on as a half-close
+/// (`shutdown(Write)`), so either side may keep sending after the other finished. Stops at
+/// the first error; the byte counts are kept either way.
+async fn relay(client: &mut TcpStream, server: &mut TcpStream) -> (Copied, Option<std::io::Error>) {
+    let (mut client_read, mut client_write) = client.split();
+    let (mut server_read, mut server_write) = server.split();
+    let mut copied = Copied::default();
+    let result = tokio::try_join!(
+        pipe(&mut client_read, &mut server_write, &mut copied.sent),
+        pipe(&mut server_read, &mut client_write, &mut copied.received),
+    );
+    (copied, result.err())
+}
+
+async fn pipe<R, W>(from: &mut R, to: &mut W, count: &mut u64) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        *count += n as u64;
+    }
+}
+
+/// Detects peers that vanished without a word (a deleted pod, a dead node): after 60 s idle,
+/// probes every 10 s, gives up after 6 unanswered probes.
+fn keepalive(stream: &TcpStream) {
+    let params = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&params);
 }
 
 /// Connects to `upstream` with the proxy's socket mark, so no capture rule touches it.

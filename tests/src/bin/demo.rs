@@ -15,11 +15,19 @@ use mesh_tests::{
 };
 
 struct Call {
+    /// When the call started and ended (ms since the Unix epoch).
+    window: (u64, u64),
     client: String,
     target: String,
     dst: SocketAddr,
     local: Option<SocketAddr>,
     answer: String,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn main() -> Result<()> {
@@ -112,11 +120,15 @@ fn main() -> Result<()> {
                 .map(|(name, addr)| (format!("pod {name}"), *addr)),
         );
         for (target, dst) in targets {
+            let start = now_ms();
             let (local, answer) = match greet(&pod.netns, dst) {
                 Ok((local, answer)) => (Some(local), answer),
                 Err(err) => (None, format!("failed: {err:#}")),
             };
+            // The proxies' records are kept to the millisecond: keep calls apart.
+            std::thread::sleep(std::time::Duration::from_millis(5));
             calls.push(Call {
+                window: (start, now_ms()),
                 client: who.clone(),
                 target,
                 dst,
@@ -215,14 +227,18 @@ fn describe_path(
             ));
         }
     }
+    // The destination node's proxy records the delivery to the pod (inbound), with the
+    // previous hop as its client: match it by pod and by time.
     let answered_by = call.answer.strip_prefix("hello from ").unwrap_or("");
     if let Some(server) = cluster.pods.get(answered_by) {
         let node = &server.node;
         let inbound = records.get(node).is_some_and(|conns| {
             conns.iter().any(|c| {
                 c.direction == "inbound"
-                    && c.upstream.is_some_and(|u| u.ip() == server.ip)
                     && c.client != local
+                    && c.upstream.is_some_and(|u| u.ip() == server.ip)
+                    && c.opened_ms >= call.window.0
+                    && c.opened_ms <= call.window.1
             })
         });
         if inbound && !hops.iter().any(|h| h.starts_with(node.as_str())) {
