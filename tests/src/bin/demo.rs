@@ -145,7 +145,7 @@ fn main() -> Result<()> {
     }
     println!("\n== calls (client -> destination: answer; path)");
     for call in &calls {
-        let path = describe_path(&cluster, &records, call);
+        let path = describe_path(&cluster, &state, &records, call);
         println!(
             "   {:<14} -> {:<21} {:<24} {:<22} {}",
             call.client,
@@ -211,6 +211,7 @@ fn main() -> Result<()> {
 /// (inbound).
 fn describe_path(
     cluster: &Cluster,
+    state: &State,
     records: &BTreeMap<String, Vec<ProxyConnection>>,
     call: &Call,
 ) -> String {
@@ -245,7 +246,25 @@ fn describe_path(
             hops.push(format!("{node} proxy inbound to {}", server.ip));
         }
     }
-    if hops.is_empty() {
+    let enrolled = |pod: &str| {
+        cluster
+            .pods
+            .get(pod)
+            .and_then(|p| state.workloads.get(&p.ip))
+            .is_some_and(|w| w.enrolled)
+    };
+    let client = call.client.rsplit('/').next().unwrap_or("");
+    let same_node =
+        cluster.pods.get(client).map(|p| &p.node) == cluster.pods.get(answered_by).map(|p| &p.node);
+    let to_vip = call.target.starts_with("Service");
+    if hops.is_empty() && (enrolled(client) || enrolled(answered_by)) {
+        if to_vip && same_node && !enrolled(client) {
+            "NOT captured: kube-proxy DNATed the VIP to an enrolled pod on the same node (known gap)"
+                .into()
+        } else {
+            "NOT captured (unexpected: one end is in the mesh)".into()
+        }
+    } else if hops.is_empty() {
         "direct (neither end in the mesh)".into()
     } else {
         format!("via {}", hops.join(" + "))
