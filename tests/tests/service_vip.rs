@@ -46,23 +46,27 @@ fn call_vip(cluster: &Cluster, rounds: usize) -> BTreeSet<String> {
     answered
 }
 
+/// The two-node cluster with the mesh on both nodes and both `web` pods greeting.
+fn web_cluster() -> (Cluster, Vec<Server>) {
+    let mut cluster = Cluster::new(TWO_NODES).unwrap();
+    cluster.start_mesh_everywhere().unwrap();
+    let servers = ["a2", "b1"]
+        .map(|pod| {
+            Server::start(
+                &cluster.pod(pod).netns,
+                WEB_PORT,
+                Behaviour::Greet(pod.into()),
+            )
+            .unwrap()
+        })
+        .into();
+    (cluster, servers)
+}
+
 #[test]
 fn vip_connections_are_balanced_over_ready_endpoints_and_the_proxy_records_the_vip() {
     require_root!();
-    let mut cluster = Cluster::new(TWO_NODES).unwrap();
-    cluster.start_mesh_everywhere().unwrap();
-    let _a2 = Server::start(
-        &cluster.pod("a2").netns,
-        WEB_PORT,
-        Behaviour::Greet("a2".into()),
-    )
-    .unwrap();
-    let _b1 = Server::start(
-        &cluster.pod("b1").netns,
-        WEB_PORT,
-        Behaviour::Greet("b1".into()),
-    )
-    .unwrap();
+    let (cluster, _servers) = web_cluster();
 
     let answered = call_vip(&cluster, 4);
     assert_eq!(
@@ -91,20 +95,7 @@ fn vip_connections_are_balanced_over_ready_endpoints_and_the_proxy_records_the_v
 #[test]
 fn a_pod_outside_the_mesh_reaches_the_vip_through_kube_proxy_alone() {
     require_root!();
-    let mut cluster = Cluster::new(TWO_NODES).unwrap();
-    cluster.start_mesh_everywhere().unwrap();
-    let _a2 = Server::start(
-        &cluster.pod("a2").netns,
-        WEB_PORT,
-        Behaviour::Greet("a2".into()),
-    )
-    .unwrap();
-    let _b1 = Server::start(
-        &cluster.pod("b1").netns,
-        WEB_PORT,
-        Behaviour::Greet("b1".into()),
-    )
-    .unwrap();
+    let (cluster, _servers) = web_cluster();
     // c1 is not enrolled: kube-proxy's DNAT alone picks the endpoint (at random).
     let mut answered = BTreeSet::new();
     for _ in 0..16 {

@@ -36,19 +36,7 @@ pub fn install() -> Result<(), CaptureError> {
             ],
         )?;
     }
-    run(
-        "ip",
-        &[
-            "route",
-            "replace",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            &table,
-        ],
-    )?;
+    local_route("replace", &table)?;
 
     let syn = ["-p", "tcp", "--syn", "-m", "mark", "--mark", &mark];
     let accept: Vec<&str> = syn
@@ -88,21 +76,7 @@ pub fn remove() -> Result<Vec<String>, CaptureError> {
     {
         removed.push(format!("ip rule pref {pref} fwmark {mark} lookup {table}"));
     }
-    while run(
-        "ip",
-        &[
-            "route",
-            "del",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            &table,
-        ],
-    )
-    .is_ok()
-    {
+    while local_route("del", &table).is_ok() {
         removed.push(format!("route local 0.0.0.0/0 dev lo table {table}"));
     }
     for (table, builtin, chain) in [
@@ -173,6 +147,24 @@ fn ensure_jump_first(table: &str, builtin: &str, chain: &str) -> Result<(), Capt
     while iptables(table, &["-D", builtin, "-j", chain]).is_ok() {}
     iptables(table, &["-I", builtin, "1", "-j", chain])?;
     Ok(())
+}
+
+/// `ip route VERB local 0.0.0.0/0 dev lo table TABLE`: every address is local for marked
+/// packets.
+fn local_route(verb: &str, table: &str) -> Result<(), CaptureError> {
+    run(
+        "ip",
+        &[
+            "route",
+            verb,
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            table,
+        ],
+    )
 }
 
 fn iptables(table: &str, args: &[&str]) -> Result<String, CaptureError> {
