@@ -142,8 +142,8 @@ pub enum Counter {
     /// A packet to or from an enrolled pod belonged to no captured flow and was left alone
     /// (connections that predate the mesh, replies of flows the mesh never captured).
     PassedUncaptured = 4,
-    /// The packet was too short or malformed to parse.
-    DroppedMalformed = 5,
+    /// The packet was too short or malformed to parse; it was passed on untouched.
+    Malformed = 5,
     /// `sk_lookup` assigned a proxy listener.
     LookupAssigned = 6,
     /// `sk_lookup` wanted a proxy listener but none was registered (proxy down).
@@ -163,7 +163,7 @@ impl Counter {
         (Counter::SteeredFlow, "steered_flow"),
         (Counter::SteeredSocket, "steered_socket"),
         (Counter::PassedUncaptured, "passed_uncaptured"),
-        (Counter::DroppedMalformed, "malformed"),
+        (Counter::Malformed, "malformed"),
         (Counter::LookupAssigned, "lookup_assigned"),
         (Counter::LookupNoListener, "lookup_no_listener"),
         (Counter::MacRewriteFailed, "mac_rewrite_failed"),

@@ -209,6 +209,6 @@ fn owned_by_local_socket(ctx: &TcContext, flow: &FlowKey) -> bool {
 
 #[inline(always)]
 fn malformed() -> i32 {
-    bump(Counter::DroppedMalformed);
+    bump(Counter::Malformed);
     NEXT
 }

@@ -25,7 +25,7 @@ use mesh_node::{
 };
 use prometheus_client::registry::Registry;
 
-/// Exit status for invalid configuration (EX_USAGE... as `sysexits.h` EX_USAGE = 64).
+/// Exit status for invalid configuration (`EX_USAGE` in sysexits.h).
 const EXIT_CONFIG: u8 = 64;
 /// Exit status when privileges, kernel features or tools are missing (EX_NOPERM).
 const EXIT_PREFLIGHT: u8 = 77;
