@@ -363,7 +363,7 @@ impl Datapath {
                 .insert(key, EnrolledPod::default(), 0)
                 .map_err(map_error(maps::ENROLLED))?;
         }
-        routing::sync_bridge_guard(&self.enrolled())
+        Ok(())
     }
 
     /// The pods in the kernel's enrolled map.

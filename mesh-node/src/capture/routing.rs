@@ -5,11 +5,6 @@
 //!   Service VIP itself and dials endpoints directly;
 //! - `MESH-GUARD` (filter INPUT): a captured SYN that no transparent proxy socket will take
 //!   (mesh-node is down) is refused with a TCP reset: the mesh fails closed, promptly.
-//! - nftables `bridge mesh` (forward hook): a SYN to or from an enrolled pod that a bridge is
-//!   about to switch port to port is dropped. Captured frames are addressed to the bridge and
-//!   never switched, so such a SYN only exists when a link lacks the capture program (a pod
-//!   created while mesh-node was down): the backstop that keeps the mesh closed then. Its set
-//!   of enrolled pods follows the `MESH_ENROLLED` map.
 //!
 //! Every step is idempotent, so a restart changes nothing that is already in place.
 
@@ -21,7 +16,6 @@ use super::CaptureError;
 
 const GUARD_CHAIN: &str = "MESH-GUARD";
 const NAT_CHAIN: &str = "MESH-PREROUTING";
-const BRIDGE_TABLE: &str = "mesh";
 
 fn mark() -> String {
     format!("{MARK_CAPTURE:#x}/{MARK_CAPTURE:#x}")
@@ -63,64 +57,6 @@ pub fn install() -> Result<(), CaptureError> {
         &[&["-m", "mark", "--mark", &mark, "-j", "ACCEPT"]],
     )?;
     ensure_jump_first("nat", "PREROUTING", NAT_CHAIN)?;
-
-    if output("nft", &["list", "table", "bridge", BRIDGE_TABLE]).is_err() {
-        nft(&format!(
-            "table bridge {BRIDGE_TABLE} {{\n\
-             \tset enrolled {{ type ipv4_addr; }}\n\
-             \tchain forward {{\n\
-             \t\ttype filter hook forward priority 0; policy accept;\n\
-             \t\tip daddr @enrolled tcp flags & (fin|syn|rst|ack) == syn counter drop\n\
-             \t\tip saddr @enrolled tcp flags & (fin|syn|rst|ack) == syn counter drop\n\
-             \t}}\n\
-             }}\n"
-        ))?;
-    }
-    Ok(())
-}
-
-/// Makes the bridge guard's set of enrolled pods equal `ips`, in one atomic transaction.
-pub fn sync_bridge_guard(
-    ips: &std::collections::BTreeSet<std::net::Ipv4Addr>,
-) -> Result<(), CaptureError> {
-    let mut script = format!("flush set bridge {BRIDGE_TABLE} enrolled\n");
-    if !ips.is_empty() {
-        let list: Vec<String> = ips.iter().map(ToString::to_string).collect();
-        script.push_str(&format!(
-            "add element bridge {BRIDGE_TABLE} enrolled {{ {} }}\n",
-            list.join(", ")
-        ));
-    }
-    nft(&script)
-}
-
-/// Runs an nft script (one atomic transaction).
-fn nft(script: &str) -> Result<(), CaptureError> {
-    use std::io::Write;
-    let fail = |message: String| CaptureError::Command {
-        command: format!("nft -f - <<< {script:?}"),
-        message,
-    };
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|err| fail(err.to_string()))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|err| fail(err.to_string()))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|err| fail(err.to_string()))?;
-    if !out.status.success() {
-        return Err(fail(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
     Ok(())
 }
 
@@ -152,10 +88,6 @@ pub fn remove() -> Result<Vec<String>, CaptureError> {
             iptables(table, &["-X", chain])?;
             removed.push(format!("iptables {table} chain {chain}"));
         }
-    }
-    if output("nft", &["list", "table", "bridge", BRIDGE_TABLE]).is_ok() {
-        run("nft", &["delete", "table", "bridge", BRIDGE_TABLE])?;
-        removed.push(format!("nftables table bridge {BRIDGE_TABLE}"));
     }
     Ok(removed)
 }
