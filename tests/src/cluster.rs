@@ -189,6 +189,11 @@ impl Cluster {
         netns.ip(&["addr", "add", &format!("{underlay}/24"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        // As on K3s: bridged frames pass iptables, so a Service connection DNATed to a pod on
+        // the same bridge gets its replies un-DNATed (br_netfilter).
+        netns
+            .exec("sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=1"])
+            .map_err(|e| anyhow!("br_netfilter is needed, as on K3s: {e}"))?;
         netns.ip(&["link", "add", "cni0", "type", "bridge"])?;
         netns.ip(&["addr", "add", &format!("{gateway}/24"), "dev", "cni0"])?;
         netns.ip(&["link", "set", "cni0", "up"])?;
