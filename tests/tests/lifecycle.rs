@@ -66,6 +66,31 @@ fn stopped_mesh_fails_closed_and_a_restart_adopts_the_pinned_programs() {
     let done = transfer(&cluster.pod("c1").netns, addr(&cluster, "c2", 9000), 1024).unwrap();
     assert_eq!(c2.peers().last(), Some(&done.local));
 
+    // A pod created while mesh-node is down has no capture program on its veth. Its SYN to a
+    // same-node enrolled pod would be switched at L2 around the mesh: the bridge guard refuses
+    // it. To pods outside the mesh it talks as usual.
+    cluster
+        .add_pod("late", "plain", "node-a", "100.65.0.20".parse().unwrap())
+        .unwrap();
+    let late = &cluster.pod("late").netns;
+    let err = connect_in(late, a2_addr, Duration::from_secs(3)).unwrap_err();
+    let io = err
+        .downcast_ref::<std::io::Error>()
+        .map(std::io::Error::kind);
+    assert_eq!(
+        io,
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "late -> a2: {err:#}"
+    );
+    assert_eq!(
+        a2.peers().len(),
+        a2_seen,
+        "the late pod reached a2 around the mesh"
+    );
+    let c3 = Server::start(&cluster.pod("c3").netns, 9000, Behaviour::Echo).unwrap();
+    let done = transfer(late, addr(&cluster, "c3", 9000), 1024).unwrap();
+    assert_eq!(c3.peers().last(), Some(&done.local));
+
     // The next mesh-node adopts the pinned programs and serves again.
     cluster.start_mesh("node-a").unwrap();
     let done = transfer(
@@ -85,6 +110,13 @@ fn stopped_mesh_fails_closed_and_a_restart_adopts_the_pinned_programs() {
         1 << 20,
     )
     .unwrap();
+    // The late pod's veth now has the program: its connection to a2 is captured inbound.
+    let done_late = transfer(&cluster.pod("late").netns, a2_addr, 4096).unwrap();
+    cluster
+        .wait_connection("node-a", "late -> a2 after restart", |c| {
+            c.client == done_late.local && c.direction == "inbound"
+        })
+        .unwrap();
     cluster
         .wait_connection("node-a", "a1 -> b1 after restart", |c| {
             c.client == done.local
@@ -268,6 +300,8 @@ fn uninstall_removes_every_trace_and_pods_talk_directly() {
         let rules = node.exec("iptables", &["-w", "-t", table, "-S"]).unwrap();
         assert!(!rules.contains("MESH-"), "{table}: {rules}");
     }
+    let sets = node.exec("ipset", &["list", "-n"]).unwrap();
+    assert!(!sets.contains("mesh-enrolled"), "{sets}");
 
     // Direct again: the server sees the client pod itself.
     let done = transfer(

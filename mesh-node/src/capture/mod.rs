@@ -363,7 +363,7 @@ impl Datapath {
                 .insert(key, EnrolledPod::default(), 0)
                 .map_err(map_error(maps::ENROLLED))?;
         }
-        Ok(())
+        routing::sync_enrolled_set(&self.enrolled())
     }
 
     /// The pods in the kernel's enrolled map.

@@ -5,6 +5,13 @@
 //!   Service VIP itself and dials endpoints directly;
 //! - `MESH-GUARD` (filter INPUT): a captured SYN that no transparent proxy socket will take
 //!   (mesh-node is down) is refused with a TCP reset: the mesh fails closed, promptly.
+//! - `MESH-BRIDGE` (filter FORWARD, bridged frames via br_netfilter, as on K3s): a SYN to or
+//!   from an enrolled pod (ipset `mesh-enrolled`, kept equal to `MESH_ENROLLED`) that a bridge
+//!   is about to switch port to port is refused. Captured frames are addressed to the bridge
+//!   and never switched, so such a SYN only exists when a link lacks the capture program (a
+//!   pod created while mesh-node was down): the backstop that keeps the mesh closed then.
+//!   Flows kube-proxy DNATed are exempt: br_netfilter bridges a Service connection DNATed to a
+//!   pod on the same bridge, and that is legitimate.
 //!
 //! Every step is idempotent, so a restart changes nothing that is already in place.
 
@@ -16,6 +23,8 @@ use super::CaptureError;
 
 const GUARD_CHAIN: &str = "MESH-GUARD";
 const NAT_CHAIN: &str = "MESH-PREROUTING";
+const BRIDGE_CHAIN: &str = "MESH-BRIDGE";
+const ENROLLED_SET: &str = "mesh-enrolled";
 
 fn mark() -> String {
     format!("{MARK_CAPTURE:#x}/{MARK_CAPTURE:#x}")
@@ -57,6 +66,80 @@ pub fn install() -> Result<(), CaptureError> {
         &[&["-m", "mark", "--mark", &mark, "-j", "ACCEPT"]],
     )?;
     ensure_jump_first("nat", "PREROUTING", NAT_CHAIN)?;
+
+    run("ipset", &["create", ENROLLED_SET, "hash:ip", "-exist"])?;
+    let bridged = [
+        "-m",
+        "physdev",
+        "--physdev-is-bridged",
+        "-p",
+        "tcp",
+        "--syn",
+        "-m",
+        "conntrack",
+        "!",
+        "--ctstate",
+        "DNAT",
+        "-m",
+        "set",
+        "--match-set",
+        ENROLLED_SET,
+    ];
+    let refuse = ["-j", "REJECT", "--reject-with", "tcp-reset"];
+    let to_enrolled: Vec<&str> = bridged
+        .iter()
+        .copied()
+        .chain(["dst"])
+        .chain(refuse)
+        .collect();
+    let from_enrolled: Vec<&str> = bridged
+        .iter()
+        .copied()
+        .chain(["src"])
+        .chain(refuse)
+        .collect();
+    ensure_chain("filter", BRIDGE_CHAIN, &[&to_enrolled, &from_enrolled])?;
+    ensure_jump_first("filter", "FORWARD", BRIDGE_CHAIN)?;
+    Ok(())
+}
+
+/// Makes the bridge guard's ipset equal `ips`, atomically (filled aside, then swapped in).
+pub fn sync_enrolled_set(
+    ips: &std::collections::BTreeSet<std::net::Ipv4Addr>,
+) -> Result<(), CaptureError> {
+    let staging = format!("{ENROLLED_SET}-new");
+    let mut script = format!("create {staging} hash:ip -exist\nflush {staging}\n");
+    for ip in ips {
+        script.push_str(&format!("add {staging} {ip}\n"));
+    }
+    script.push_str(&format!(
+        "swap {staging} {ENROLLED_SET}\ndestroy {staging}\n"
+    ));
+    let fail = |message: String| CaptureError::Command {
+        command: format!("ipset restore (set {ENROLLED_SET}, {} entries)", ips.len()),
+        message,
+    };
+    let mut child = Command::new("ipset")
+        .arg("restore")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|err| fail(err.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|err| fail(err.to_string()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|err| fail(err.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
     Ok(())
 }
 
@@ -81,12 +164,19 @@ pub fn remove() -> Result<Vec<String>, CaptureError> {
     }
     for (table, builtin, chain) in [
         ("filter", "INPUT", GUARD_CHAIN),
+        ("filter", "FORWARD", BRIDGE_CHAIN),
         ("nat", "PREROUTING", NAT_CHAIN),
     ] {
         while iptables(table, &["-D", builtin, "-j", chain]).is_ok() {}
         if iptables(table, &["-F", chain]).is_ok() {
             iptables(table, &["-X", chain])?;
             removed.push(format!("iptables {table} chain {chain}"));
+        }
+    }
+    // After the chains: a set cannot be destroyed while a rule refers to it.
+    for set in [format!("{ENROLLED_SET}-new"), ENROLLED_SET.to_string()] {
+        if run("ipset", &["destroy", &set]).is_ok() {
+            removed.push(format!("ipset {set}"));
         }
     }
     Ok(removed)
