@@ -5,8 +5,8 @@
 //! steered: a SYN without ACK from a local enrolled pod (outbound) or to one (inbound), and the
 //! later packets of flows that were steered at their SYN (`FLOWS`, which keeps a flow captured
 //! until it ends even if its pod leaves the mesh) or that a local socket owns. Everything else,
-//! including connections that predate the mesh, passes untouched. A flow's verdict is kept in
-//! `FLOWS`, so the socket lookup runs once per flow, not once per packet.
+//! including connections that predate the mesh, passes untouched. The socket lookup's verdict
+//! is kept in `VERDICTS`, so it runs once per flow, not once per packet.
 //!
 //! On a bridge port, a frame from one pod to another pod of the same node would be switched at
 //! L2 and never reach the IP stack, so a steered frame also gets the bridge's MAC address as its
@@ -121,7 +121,7 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
                 direction as u32
             );
         }
-    } else if FLOWS.get_ptr(flow).is_some() {
+    } else if is_captured(FLOWS.get_ptr(flow)) {
         bump(Counter::SteeredFlow);
     } else if direction.is_none() {
         return Ok(NEXT);
@@ -151,6 +151,20 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
 
     steer(ctx);
     Ok(NEXT)
+}
+
+/// True for a `FLOWS` entry that records a capture (a direction); any other value, such as
+/// one a different build left in the pinned map, is not trusted.
+#[inline(always)]
+fn is_captured(entry: Option<*const u32>) -> bool {
+    match entry {
+        // SAFETY: a plain u32 read from a map value pointer the lookup just returned.
+        Some(value) => matches!(
+            unsafe { *value },
+            flow_verdict::OUTBOUND | flow_verdict::INBOUND
+        ),
+        None => false,
+    }
 }
 
 /// Marks the packet for local delivery and, on a bridge port, addresses the frame to the bridge.

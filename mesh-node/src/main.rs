@@ -170,6 +170,14 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("{err}");
         return ExitCode::from(EXIT_PREFLIGHT);
     }
+    // The bridge guard (MESH-BRIDGE) sees bridged frames only through br_netfilter.
+    let br_nf = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables");
+    if br_nf.map(|v| v.trim() != "1").unwrap_or(true) {
+        tracing::warn!(
+            "br_netfilter is off (net.bridge.bridge-nf-call-iptables != 1): the bridge guard \
+             cannot refuse SYNs that bypass capture on links without the program"
+        );
+    }
     match sys::raise_nofile_limit() {
         Ok(limit) => tracing::debug!(limit, "open-file limit raised"),
         Err(err) => tracing::warn!("cannot raise the open-file limit: {err}"),

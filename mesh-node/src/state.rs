@@ -269,7 +269,7 @@ fn endpoints(resources: &Resources, svc: &Service, index: usize) -> Vec<SocketAd
         return Vec::new();
     };
     for pod in &resources.pods {
-        let Some(ip) = pod.live_ip() else {
+        let Some(ip) = pod.endpoint_ip() else {
             continue;
         };
         if pod.metadata.namespace() != namespace
@@ -405,6 +405,7 @@ spec:
         };
         assert_eq!(target.qualified_name(), "mesh/web");
         let eps: Vec<String> = target.endpoints.iter().map(ToString::to_string).collect();
+        // The host-network pod declares no `http` port and the finished pod is gone.
         assert_eq!(eps, ["100.65.0.2:8080", "100.65.0.3:9090"]);
         // Round robin over the ready endpoints.
         let picks: Vec<_> = (0..4).map(|_| target.pick().unwrap().port()).collect();
@@ -412,7 +413,12 @@ spec:
         let Resolution::Service(raw) = state.resolve("100.66.0.10:81".parse().unwrap()) else {
             panic!("port 81 not resolved")
         };
-        assert_eq!(raw.endpoints[0].port(), 7000);
+        // A numeric targetPort: the host-network pod is an endpoint too, on the node's IP.
+        let raw_eps: Vec<String> = raw.endpoints.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            raw_eps,
+            ["100.64.0.10:7000", "100.65.0.2:7000", "100.65.0.3:7000"]
+        );
         assert!(matches!(
             state.resolve("100.66.0.10:82".parse().unwrap()),
             Resolution::UnknownServicePort { .. }

@@ -348,22 +348,26 @@ impl Datapath {
     /// Makes the enrolled-pod map equal `want`. Flows already captured stay captured until
     /// they end (the kernel forgets an entry when a new, uncaptured SYN reuses its tuple).
     pub fn set_enrolled(&mut self, want: &BTreeSet<Ipv4Addr>) -> Result<(), CaptureError> {
-        let want: BTreeSet<u32> = want
-            .iter()
-            .map(|ip| u32::from_ne_bytes(ip.octets()))
-            .collect();
-        let have: BTreeSet<u32> = self.enrolled.keys().filter_map(Result::ok).collect();
-        for key in have.difference(&want) {
+        // The bridge guard refuses bridged SYNs of the pods in its set, which is only right
+        // while the kernel captures them: pods leave the set before they leave the map, and
+        // join it after they joined the map.
+        let have = self.enrolled();
+        let staying: BTreeSet<Ipv4Addr> = have.intersection(want).copied().collect();
+        if staying.len() < have.len() {
+            routing::sync_enrolled_set(&staying)?;
+        }
+        let key = |ip: &Ipv4Addr| u32::from_ne_bytes(ip.octets());
+        for ip in have.difference(want) {
             self.enrolled
-                .remove(key)
+                .remove(&key(ip))
                 .map_err(map_error(maps::ENROLLED))?;
         }
-        for key in want.difference(&have) {
+        for ip in want.difference(&have) {
             self.enrolled
-                .insert(key, EnrolledPod::default(), 0)
+                .insert(key(ip), EnrolledPod::default(), 0)
                 .map_err(map_error(maps::ENROLLED))?;
         }
-        routing::sync_enrolled_set(&self.enrolled())
+        routing::sync_enrolled_set(want)
     }
 
     /// The pods in the kernel's enrolled map.
@@ -488,16 +492,18 @@ pub fn uninstall(bpffs: &Path, node: &str) -> Result<Vec<String>, CaptureError> 
             }
         }
     }
+    // Rules before the directory: while the lock is held no `run` can start in between and
+    // have its fresh rules removed.
+    match routing::remove() {
+        Ok(items) => removed.extend(items),
+        Err(err) => errors.push(err.to_string()),
+    }
     for path in [dir.join("links"), dir.clone()] {
         if path.exists() {
             if let Err(err) = fs::remove_dir(&path) {
                 errors.push(format!("{}: {err}", path.display()));
             }
         }
-    }
-    match routing::remove() {
-        Ok(items) => removed.extend(items),
-        Err(err) => errors.push(err.to_string()),
     }
     if errors.is_empty() {
         Ok(removed)

@@ -143,9 +143,11 @@ pub fn sync_enrolled_set(
     Ok(())
 }
 
-/// Removes everything [`install`] adds; what is already gone is fine.
+/// Removes everything [`install`] adds; what is already gone is fine. Every step is tried;
+/// the failures are reported together.
 pub fn remove() -> Result<Vec<String>, CaptureError> {
     let mut removed = Vec::new();
+    let mut errors = Vec::new();
     let pref = RULE_PRIORITY.to_string();
     let table = ROUTE_TABLE.to_string();
     let mark = mark();
@@ -167,19 +169,34 @@ pub fn remove() -> Result<Vec<String>, CaptureError> {
         ("filter", "FORWARD", BRIDGE_CHAIN),
         ("nat", "PREROUTING", NAT_CHAIN),
     ] {
+        if iptables(table, &["-S", chain]).is_err() {
+            continue; // not there
+        }
         while iptables(table, &["-D", builtin, "-j", chain]).is_ok() {}
-        if iptables(table, &["-F", chain]).is_ok() {
-            iptables(table, &["-X", chain])?;
-            removed.push(format!("iptables {table} chain {chain}"));
+        match iptables(table, &["-F", chain]).and_then(|_| iptables(table, &["-X", chain])) {
+            Ok(_) => removed.push(format!("iptables {table} chain {chain}")),
+            Err(err) => errors.push(err.to_string()),
         }
     }
     // After the chains: a set cannot be destroyed while a rule refers to it.
+    let sets = output("ipset", &["list", "-n"]).unwrap_or_default();
     for set in [format!("{ENROLLED_SET}-new"), ENROLLED_SET.to_string()] {
-        if run("ipset", &["destroy", &set]).is_ok() {
-            removed.push(format!("ipset {set}"));
+        if !sets.lines().any(|l| l.trim() == set) {
+            continue;
+        }
+        match run("ipset", &["destroy", &set]) {
+            Ok(()) => removed.push(format!("ipset {set}")),
+            Err(err) => errors.push(err.to_string()),
         }
     }
-    Ok(removed)
+    if errors.is_empty() {
+        Ok(removed)
+    } else {
+        Err(CaptureError::Command {
+            command: "removing the node rules".into(),
+            message: errors.join("; "),
+        })
+    }
 }
 
 /// Makes `chain` hold exactly `rules`, in order: left alone when it already does, rebuilt

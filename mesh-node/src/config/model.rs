@@ -121,11 +121,21 @@ pub struct Condition {
 }
 
 impl Pod {
-    /// The pod IP a live, pod-network pod holds: `None` for host-network pods and for pods
-    /// that finished (their `podIP` may already belong to another pod).
+    /// The pod IP a live, pod-network pod holds: `None` for host-network pods (their IP is
+    /// the node's) and for pods that finished (their `podIP` may already belong to another
+    /// pod). Only such pods can be workloads of the mesh.
     pub fn live_ip(&self) -> Option<Ipv4Addr> {
+        if self.spec.host_network {
+            return None;
+        }
+        self.endpoint_ip()
+    }
+
+    /// The IP a Service may send to: any pod that has not finished, host-network pods
+    /// included (as Kubernetes does).
+    pub fn endpoint_ip(&self) -> Option<Ipv4Addr> {
         let finished = matches!(self.status.phase.as_deref(), Some("Succeeded" | "Failed"));
-        if self.spec.host_network || finished {
+        if finished {
             return None;
         }
         self.status.pod_ip
