@@ -51,6 +51,8 @@ pub struct DatapathView {
     /// Links the capture program could not be attached to (retried every second): name ->
     /// error. Not ready while any remain.
     pub failed_links: std::collections::BTreeMap<String, String>,
+    /// The last datapath update that failed and is being retried. Not ready while set.
+    pub error: Option<String>,
 }
 
 /// Serves the admin endpoint on `listener` forever.
@@ -92,12 +94,17 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz/ready" => {
-            let failed = admin
+            let (failed, error) = admin
                 .datapath
                 .lock()
-                .map(|d| d.failed_links.len())
-                .unwrap_or(0);
-            if failed > 0 {
+                .map(|d| (d.failed_links.len(), d.error.clone()))
+                .unwrap_or_default();
+            if let Some(error) = error {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("datapath update failing: {error}\n"),
+                )
+            } else if failed > 0 {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("capture missing on {failed} link(s): see /debug/state\n"),

@@ -306,7 +306,7 @@ fn spawn_datapath_thread(
     admin: Arc<Admin>,
 ) -> anyhow::Result<()> {
     let initial = admin.state.load().generation;
-    let publish = move |datapath: &Datapath, generation: Option<u64>| {
+    let publish = move |datapath: &Datapath, generation: Option<u64>, error: Option<String>| {
         if let Ok(mut view) = admin.datapath.lock() {
             view.links = datapath
                 .attached_links()
@@ -318,58 +318,76 @@ fn spawn_datapath_thread(
             if let Some(generation) = generation {
                 view.generation = generation;
             }
+            view.error = error;
         }
     };
-    publish(&datapath, Some(initial));
+    publish(&datapath, Some(initial), None);
     std::thread::Builder::new()
         .name("datapath".into())
         .spawn(move || {
+            // Work that failed (a link sync, a config apply) is retried every second, whatever
+            // else arrives meanwhile.
+            let mut links_pending = false;
+            let mut config_pending: Option<Arc<State>> = None;
+            let mut retry_at: Option<std::time::Instant> = None;
             loop {
-                // Links that could not be attached are retried every second.
-                let event = if datapath.failed_links().is_empty() {
-                    events
+                let event = match retry_at {
+                    None => events
                         .recv()
-                        .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
-                } else {
-                    events.recv_timeout(Duration::from_secs(1))
+                        .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                    Some(at) => {
+                        events.recv_timeout(at.saturating_duration_since(std::time::Instant::now()))
+                    }
                 };
-                let event = match event {
-                    Ok(event) => event,
-                    Err(mpsc::RecvTimeoutError::Timeout) => Event::LinksChanged,
+                match event {
+                    Ok(Event::LinksChanged) => links_pending = true,
+                    Ok(Event::Config(state)) => config_pending = Some(state),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                };
-                let mut links_changed = false;
-                let mut config = None;
-                let mut note = |event| match event {
-                    Event::LinksChanged => links_changed = true,
-                    Event::Config(state) => config = Some(state),
-                };
-                note(event);
+                }
                 // Coalesce bursts (a pod creation is several link events), for at most 200 ms.
                 let deadline = std::time::Instant::now() + Duration::from_millis(200);
                 while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
                     match events.recv_timeout(left.min(Duration::from_millis(20))) {
-                        Ok(event) => note(event),
+                        Ok(Event::LinksChanged) => links_pending = true,
+                        Ok(Event::Config(state)) => config_pending = Some(state),
                         Err(_) => break,
                     }
                 }
-                if links_changed {
-                    if let Err(err) = datapath.sync_links() {
-                        tracing::error!("link sync failed: {err}");
-                    }
-                    publish(&datapath, None);
+                if retry_at.is_some_and(|at| std::time::Instant::now() >= at) {
+                    links_pending |= !datapath.failed_links().is_empty();
                 }
-                if let Some(state) = config {
+                let mut error = None;
+                if links_pending {
+                    match datapath.sync_links() {
+                        Ok(()) => links_pending = !datapath.failed_links().is_empty(),
+                        Err(err) => {
+                            tracing::error!("link sync failed (will retry): {err}");
+                            error = Some(format!("link sync: {err}"));
+                        }
+                    }
+                }
+                let mut applied = None;
+                if let Some(state) = config_pending.take() {
                     match datapath.set_enrolled(&state.local_enrolled()) {
-                        Ok(()) => tracing::info!(
-                            generation = state.generation,
-                            enrolled = state.local_enrolled().len(),
-                            "enrolled pods updated"
-                        ),
-                        Err(err) => tracing::error!("updating enrolled pods failed: {err}"),
+                        Ok(()) => {
+                            tracing::info!(
+                                generation = state.generation,
+                                enrolled = state.local_enrolled().len(),
+                                "enrolled pods updated"
+                            );
+                            applied = Some(state.generation);
+                        }
+                        Err(err) => {
+                            tracing::error!("updating enrolled pods failed (will retry): {err}");
+                            error = Some(format!("config generation {}: {err}", state.generation));
+                            config_pending = Some(state);
+                        }
                     }
-                    publish(&datapath, Some(state.generation));
                 }
+                retry_at = (links_pending || config_pending.is_some())
+                    .then(|| std::time::Instant::now() + Duration::from_secs(1));
+                publish(&datapath, applied, error);
             }
         })?;
     Ok(())
