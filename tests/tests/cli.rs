@@ -44,23 +44,35 @@ fn write(name: &str, text: &str) -> TempFile {
     TempFile { path }
 }
 
+/// `mesh-node run` for node n1 with `config`. The bpffs does not exist: were the file ever
+/// accepted, preflight would still stop mesh-node before it touched this (the host's) network
+/// namespace.
+fn run_command(config: &std::path::Path) -> Command {
+    let mut cmd = Command::new(mesh_node_bin().unwrap());
+    cmd.args([
+        "run",
+        "--node",
+        "n1",
+        "--bpffs",
+        "/nonexistent/bpffs",
+        "--config",
+    ])
+    .arg(config);
+    cmd
+}
+
+fn validate(file: &std::path::Path) -> std::process::Output {
+    Command::new(mesh_node_bin().unwrap())
+        .arg("validate")
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn run_with_an_invalid_config_exits_64_naming_every_problem() {
     let file = write("bad.yaml", BAD);
-    let out = Command::new(mesh_node_bin().unwrap())
-        // A bpffs that does not exist: were the file ever accepted, preflight would still stop
-        // mesh-node before it touched this (the host's) network namespace.
-        .args([
-            "run",
-            "--node",
-            "n1",
-            "--bpffs",
-            "/nonexistent/bpffs",
-            "--config",
-        ])
-        .arg(&*file)
-        .output()
-        .unwrap();
+    let out = run_command(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let f = file.display().to_string();
@@ -77,11 +89,7 @@ fn run_with_an_invalid_config_exits_64_naming_every_problem() {
 #[test]
 fn validate_reports_errors_and_warnings_with_exit_codes() {
     let bad = write("bad2.yaml", BAD);
-    let out = Command::new(mesh_node_bin().unwrap())
-        .arg("validate")
-        .arg(&*bad)
-        .output()
-        .unwrap();
+    let out = validate(&bad);
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
@@ -94,11 +102,7 @@ fn validate_reports_errors_and_warnings_with_exit_codes() {
         "good.yaml",
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\n",
     );
-    let out = Command::new(mesh_node_bin().unwrap())
-        .arg("validate")
-        .arg(&*good)
-        .output()
-        .unwrap();
+    let out = validate(&good);
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains(":2:kind: warning:"));
 }
@@ -110,28 +114,12 @@ fn run_without_privileges_exits_77_naming_what_is_missing() {
         "ok.yaml",
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
     );
-    let dir = file.parent().unwrap().to_path_buf();
-    let file_path = file.to_path_buf();
-    Command::new("chmod").arg("755").arg(&dir).status().unwrap();
-    Command::new("chmod")
-        .arg("644")
-        .arg(&file_path)
-        .status()
-        .unwrap();
-    let out = Command::new(mesh_node_bin().unwrap())
-        .args([
-            "run",
-            "--node",
-            "n1",
-            "--bpffs",
-            "/nonexistent/bpffs",
-            "--config",
-        ])
-        .arg(&file_path)
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    // Readable by the unprivileged user.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = file.parent().unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&*file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run_command(&file).uid(65534).gid(65534).output().unwrap();
     assert_eq!(out.status.code(), Some(77), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     for missing in ["CAP_NET_ADMIN", "CAP_BPF", "/nonexistent/bpffs is not"] {
