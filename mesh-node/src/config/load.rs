@@ -1,15 +1,24 @@
 //! Parsing a configuration file into typed resources, reporting every problem (not only the
 //! first) as `file:document:field: message`.
 
-use std::{collections::BTreeSet, fmt, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    path::Path,
+};
 
-use serde::{de::DeserializeOwned, Deserialize};
+use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use super::model::{EndpointSlice, Namespace, ObjectMeta, Pod, Service};
+use super::decode::{Cx, Decode};
+use super::model::{
+    AuthorizationPolicy, DestinationRule, EndpointSlice, Namespace, NetworkPolicy, ObjectMeta,
+    PeerAuthentication, Pod, Service, VirtualService,
+};
 
 /// How bad a [`Diagnostic`] is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
     /// The file cannot be used.
     Error,
@@ -71,8 +80,17 @@ impl LoadError {
     }
 }
 
-/// The resources of one or more files.
+/// Where a resource came from: `file:document`, for messages about it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The file.
+    pub file: String,
+    /// The document position.
+    pub document: String,
+}
+
+/// The resources of one or more files.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Resources {
     /// Namespaces.
     pub namespaces: Vec<Namespace>,
@@ -82,18 +100,126 @@ pub struct Resources {
     pub services: Vec<Service>,
     /// EndpointSlices.
     pub endpoint_slices: Vec<EndpointSlice>,
+    /// NetworkPolicies.
+    pub network_policies: Vec<NetworkPolicy>,
+    /// VirtualServices.
+    pub virtual_services: Vec<VirtualService>,
+    /// DestinationRules.
+    pub destination_rules: Vec<DestinationRule>,
+    /// PeerAuthentications.
+    pub peer_authentications: Vec<PeerAuthentication>,
+    /// AuthorizationPolicies.
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// Where each resource came from, by `Kind namespace/name`.
+    pub origins: BTreeMap<String, Origin>,
     /// Warnings found while loading (the resources are usable).
     pub warnings: Vec<Diagnostic>,
 }
 
-/// Kinds that later versions of the mesh enforce; accepted and ignored for now.
-const NOT_YET_ENFORCED: [&str; 5] = [
-    "VirtualService",
-    "DestinationRule",
-    "PeerAuthentication",
-    "AuthorizationPolicy",
-    "NetworkPolicy",
+impl Resources {
+    /// Where the resource `Kind namespace/name` was read from (`file:document`), if known.
+    pub fn origin(&self, kind: &str, meta: &ObjectMeta) -> Option<&Origin> {
+        self.origins.get(&resource_key(kind, meta))
+    }
+
+    /// Adds every resource of `other`; a resource both define is an error.
+    pub fn merge(&mut self, other: Resources) -> Result<(), Vec<Diagnostic>> {
+        let duplicates: Vec<Diagnostic> = other
+            .origins
+            .iter()
+            .filter_map(|(key, origin)| {
+                let first = self.origins.get(key)?;
+                Some(Diagnostic {
+                    severity: Severity::Error,
+                    file: origin.file.clone(),
+                    document: origin.document.clone(),
+                    field: "metadata.name".into(),
+                    message: format!(
+                        "duplicate {key}, already defined at {}:{}",
+                        first.file, first.document
+                    ),
+                })
+            })
+            .collect();
+        if !duplicates.is_empty() {
+            return Err(duplicates);
+        }
+        self.namespaces.extend(other.namespaces);
+        self.pods.extend(other.pods);
+        self.services.extend(other.services);
+        self.endpoint_slices.extend(other.endpoint_slices);
+        self.network_policies.extend(other.network_policies);
+        self.virtual_services.extend(other.virtual_services);
+        self.destination_rules.extend(other.destination_rules);
+        self.peer_authentications.extend(other.peer_authentications);
+        self.authorization_policies
+            .extend(other.authorization_policies);
+        self.origins.extend(other.origins);
+        self.warnings.extend(other.warnings);
+        Ok(())
+    }
+}
+
+fn resource_key(kind: &str, meta: &ObjectMeta) -> String {
+    if kind == "Namespace" {
+        format!("{kind} {}", meta.name)
+    } else {
+        format!("{kind} {}", meta.qualified())
+    }
+}
+
+/// API versions the mesh reads, per kind: `(group, versions, kind)`.
+const KINDS: &[(&str, &[&str], &str)] = &[
+    ("", &["v1"], "Namespace"),
+    ("", &["v1"], "Pod"),
+    ("", &["v1"], "Service"),
+    ("discovery.k8s.io", &["v1"], "EndpointSlice"),
+    ("networking.k8s.io", &["v1"], "NetworkPolicy"),
+    (
+        "networking.istio.io",
+        &["v1alpha3", "v1beta1", "v1"],
+        "VirtualService",
+    ),
+    (
+        "networking.istio.io",
+        &["v1alpha3", "v1beta1", "v1"],
+        "DestinationRule",
+    ),
+    (
+        "security.istio.io",
+        &["v1beta1", "v1"],
+        "PeerAuthentication",
+    ),
+    (
+        "security.istio.io",
+        &["v1beta1", "v1"],
+        "AuthorizationPolicy",
+    ),
 ];
+
+/// Reads and parses several files into one set; every file's problems are reported.
+pub fn load_files(paths: &[&Path]) -> Result<Resources, Vec<LoadError>> {
+    let mut all = Resources::default();
+    let mut failed = Vec::new();
+    for path in paths {
+        match load_file(path) {
+            Ok(resources) => {
+                if let Err(diagnostics) = all.merge(resources) {
+                    failed.push(LoadError {
+                        file: path.display().to_string(),
+                        diagnostics,
+                    });
+                }
+            }
+            Err(err) => failed.push(err),
+        }
+    }
+    if failed.is_empty() {
+        Ok(all)
+    } else {
+        Err(failed)
+    }
+}
 
 /// Reads and parses `path`.
 pub fn load_file(path: &Path) -> Result<Resources, LoadError> {
@@ -119,8 +245,7 @@ pub fn parse_str(file: &str, text: &str) -> Result<Resources, LoadError> {
         file,
         resources: Resources::default(),
         diagnostics: Vec::new(),
-        seen: BTreeSet::new(),
-        pod_ips: std::collections::BTreeMap::new(),
+        pod_ips: BTreeMap::new(),
     };
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let position = (index + 1).to_string();
@@ -153,10 +278,8 @@ struct Loader<'a> {
     file: &'a str,
     resources: Resources,
     diagnostics: Vec<Diagnostic>,
-    /// (kind, namespace, name) of every resource, to find duplicates.
-    seen: BTreeSet<(String, String, String)>,
     /// Live pod IPs and the pod holding each, to find two pods with one IP.
-    pod_ips: std::collections::BTreeMap<std::net::Ipv4Addr, String>,
+    pod_ips: BTreeMap<Ipv4Addr, String>,
 }
 
 impl Loader<'_> {
@@ -172,10 +295,6 @@ impl Loader<'_> {
 
     fn error(&mut self, document: &str, field: &str, message: String) {
         self.push(Severity::Error, document, field, message);
-    }
-
-    fn warning(&mut self, document: &str, field: &str, message: String) {
-        self.push(Severity::Warning, document, field, message);
     }
 
     fn document(&mut self, position: &str, value: Value) {
@@ -211,73 +330,114 @@ impl Loader<'_> {
             }
             return;
         }
-        let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
-        match (group, kind.as_str()) {
-            ("", "Namespace") => {
-                if let Some(ns) = self.typed::<Namespace>(position, &kind, value) {
-                    if self.unique(position, &kind, "", &ns.metadata) {
-                        self.resources.namespaces.push(ns);
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
+        let Some((_, versions, _)) = KINDS.iter().find(|(g, _, k)| *g == group && *k == kind)
+        else {
+            self.push(
+                Severity::Warning,
+                position,
+                "kind",
+                format!("unsupported resource {kind} ({api_version}) is ignored"),
+            );
+            return;
+        };
+        if !versions.contains(&version) {
+            let expected: Vec<String> = versions
+                .iter()
+                .map(|v| {
+                    if group.is_empty() {
+                        v.to_string()
+                    } else {
+                        format!("{group}/{v}")
                     }
+                })
+                .collect();
+            self.error(
+                position,
+                "apiVersion",
+                format!(
+                    "{kind} is not served as {api_version}; use {}",
+                    expected.join(" or ")
+                ),
+            );
+            return;
+        }
+        match kind.as_str() {
+            "Namespace" => {
+                if let Some(ns) = self.typed(position, &kind, &value) {
+                    self.resources.namespaces.push(ns);
                 }
             }
-            ("", "Pod") => {
-                if let Some(pod) = self.typed::<Pod>(position, &kind, value) {
-                    if self.unique(position, &kind, pod.metadata.namespace(), &pod.metadata)
-                        && self.unique_ip(position, &pod)
-                    {
+            "Pod" => {
+                if let Some(pod) = self.typed(position, &kind, &value) {
+                    if self.unique_ip(position, &pod) {
                         self.resources.pods.push(pod);
                     }
                 }
             }
-            ("", "Service") => {
-                if let Some(svc) = self.typed::<Service>(position, &kind, value) {
-                    self.check_service(position, &svc);
-                    if self.unique(position, &kind, svc.metadata.namespace(), &svc.metadata) {
+            "Service" => {
+                if let Some(svc) = self.typed(position, &kind, &value) {
+                    if self.check_service(position, &svc) {
                         self.resources.services.push(svc);
                     }
                 }
             }
-            ("discovery.k8s.io", "EndpointSlice") => {
-                if let Some(slice) = self.typed::<EndpointSlice>(position, &kind, value) {
-                    let ns = slice.metadata.namespace().to_string();
-                    if self.unique(position, &kind, &ns, &slice.metadata) {
-                        self.resources.endpoint_slices.push(slice);
-                    }
+            "EndpointSlice" => {
+                if let Some(slice) = self.typed(position, &kind, &value) {
+                    self.resources.endpoint_slices.push(slice);
                 }
             }
-            (_, other) if NOT_YET_ENFORCED.contains(&other) => self.warning(
-                position,
-                "kind",
-                format!("{other} ({api_version}) is accepted but not enforced by this version"),
-            ),
-            _ => self.warning(
-                position,
-                "kind",
-                format!("unsupported resource {kind} ({api_version}) is ignored"),
-            ),
+            "NetworkPolicy" => {
+                if let Some(policy) = self.typed(position, &kind, &value) {
+                    self.resources.network_policies.push(policy);
+                }
+            }
+            "VirtualService" => {
+                if let Some(vs) = self.typed(position, &kind, &value) {
+                    self.resources.virtual_services.push(vs);
+                }
+            }
+            "DestinationRule" => {
+                if let Some(dr) = self.typed(position, &kind, &value) {
+                    self.resources.destination_rules.push(dr);
+                }
+            }
+            "PeerAuthentication" => {
+                if let Some(pa) = self.typed(position, &kind, &value) {
+                    self.resources.peer_authentications.push(pa);
+                }
+            }
+            "AuthorizationPolicy" => {
+                if let Some(ap) = self.typed(position, &kind, &value) {
+                    self.resources.authorization_policies.push(ap);
+                }
+            }
+            other => unreachable!("kind {other} is in KINDS but not handled"),
         }
     }
 
-    /// Deserializes one document, reporting the failing field path.
-    fn typed<T: DeserializeOwned>(
+    /// Decodes one document of `kind`, reporting every problem; `Some` when it has no error
+    /// and its name is unique.
+    fn typed<T: Decode + HasMeta>(
         &mut self,
         position: &str,
         kind: &str,
-        value: Value,
+        value: &Value,
     ) -> Option<T> {
-        let name = describe(kind, &value);
-        match serde_path_to_error::deserialize::<_, T>(value) {
-            Ok(typed) => Some(typed),
-            Err(err) => {
-                let path = err.path().to_string();
-                let field = if path == "." { String::new() } else { path };
-                self.error(position, &field, format!("{} (in {name})", err.inner()));
-                None
-            }
+        let name = describe(kind, value);
+        let mut cx = Cx::default();
+        let decoded = T::decode(value, &mut cx);
+        let clean = cx.errors() == 0;
+        for finding in cx.into_findings() {
+            let message = format!("{} (in {name})", finding.message);
+            self.push(finding.severity, position, &finding.field, message);
         }
+        let resource = decoded.filter(|_| clean)?;
+        self.unique(position, kind, resource.meta())
+            .then_some(resource)
     }
 
-    fn unique(&mut self, position: &str, kind: &str, namespace: &str, meta: &ObjectMeta) -> bool {
+    fn unique(&mut self, position: &str, kind: &str, meta: &ObjectMeta) -> bool {
         if meta.name.is_empty() {
             self.error(
                 position,
@@ -286,15 +446,20 @@ impl Loader<'_> {
             );
             return false;
         }
-        let key = (kind.to_string(), namespace.to_string(), meta.name.clone());
-        if !self.seen.insert(key) {
-            self.error(
-                position,
-                "metadata.name",
-                format!("duplicate {kind} {namespace}/{}", meta.name),
+        let key = resource_key(kind, meta);
+        if let Some(first) = self.resources.origins.get(&key) {
+            let message = format!(
+                "duplicate {key}, already defined in document {}",
+                first.document
             );
+            self.error(position, "metadata.name", message);
             return false;
         }
+        let origin = Origin {
+            file: self.file.to_string(),
+            document: position.to_string(),
+        };
+        self.resources.origins.insert(key, origin);
         true
     }
 
@@ -302,7 +467,7 @@ impl Loader<'_> {
         let Some(ip) = pod.live_ip() else {
             return true;
         };
-        let name = format!("Pod {}/{}", pod.metadata.namespace(), pod.metadata.name);
+        let name = format!("Pod {}", pod.metadata.qualified());
         if let Some(other) = self.pod_ips.get(&ip) {
             let message = format!("{name} has podIP {ip}, which {other} already has");
             self.error(position, "status.podIP", message);
@@ -312,30 +477,67 @@ impl Loader<'_> {
         true
     }
 
-    fn check_service(&mut self, position: &str, svc: &Service) {
-        let name = format!("Service {}/{}", svc.metadata.namespace(), svc.metadata.name);
+    fn check_service(&mut self, position: &str, svc: &Service) -> bool {
+        let errors = self.diagnostics.len();
+        let name = format!("Service {}", svc.metadata.qualified());
         match svc.spec.cluster_ip.as_deref() {
             None | Some("") | Some("None") => {}
-            Some(ip) if ip.parse::<std::net::Ipv4Addr>().is_ok() => {}
+            Some(ip) if ip.parse::<Ipv4Addr>().is_ok() => {}
             Some(ip) => self.error(
                 position,
                 "spec.clusterIP",
                 format!("{ip:?} is not an IPv4 address or \"None\" (in {name})"),
             ),
         }
-        if svc.spec.ports.len() > 1 {
-            for (i, port) in svc.spec.ports.iter().enumerate() {
-                if port.name.as_deref().unwrap_or("").is_empty() {
-                    self.error(
-                        position,
-                        &format!("spec.ports[{i}].name"),
-                        format!("a Service with several ports must name each one (in {name})"),
-                    );
-                }
+        let mut names = BTreeSet::new();
+        for (i, port) in svc.spec.ports.iter().enumerate() {
+            let port_name = port.name.as_deref().unwrap_or("");
+            if port.port == 0 {
+                self.error(
+                    position,
+                    &format!("spec.ports[{i}].port"),
+                    format!("port 0 is not a valid Service port (in {name})"),
+                );
+            }
+            if svc.spec.ports.len() > 1 && port_name.is_empty() {
+                self.error(
+                    position,
+                    &format!("spec.ports[{i}].name"),
+                    format!("a Service with several ports must name each one (in {name})"),
+                );
+            } else if !port_name.is_empty() && !names.insert(port_name) {
+                self.error(
+                    position,
+                    &format!("spec.ports[{i}].name"),
+                    format!("port name {port_name:?} is used twice (in {name})"),
+                );
             }
         }
+        self.diagnostics.len() == errors
     }
 }
+
+/// Resources with `metadata`.
+trait HasMeta {
+    fn meta(&self) -> &ObjectMeta;
+}
+
+impl<S> HasMeta for super::model::Resource<S> {
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+macro_rules! has_meta {
+    ($($t:ty),*) => {$(
+        impl HasMeta for $t {
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+        }
+    )*};
+}
+has_meta!(Namespace, Pod, Service, EndpointSlice);
 
 /// `Kind namespace/name` of a raw document, for messages.
 fn describe(kind: &str, value: &Value) -> String {
@@ -451,7 +653,7 @@ metadata: {name: b}
     #[test]
     fn rejects_duplicates_and_bad_cluster_ips() {
         let text = format!(
-            "{GOOD}apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\nspec: {{clusterIP: 1.2.3}}\n"
+            "{GOOD}apiVersion: v1\nkind: Service\nmetadata: {{name: web2, namespace: demo}}\nspec: {{clusterIP: 1.2.3}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\n"
         );
         let err = parse_str("d.yaml", &text).unwrap_err();
         let rendered = err.render();
@@ -460,7 +662,7 @@ metadata: {name: b}
             "{rendered}"
         );
         assert!(
-            rendered.contains("d.yaml:4:metadata.name: error: duplicate Service demo/web"),
+            rendered.contains("d.yaml:5:metadata.name: error: duplicate Service demo/web, already defined in document 3"),
             "{rendered}"
         );
     }
@@ -482,12 +684,47 @@ metadata: {name: b}
     }
 
     #[test]
-    fn warns_about_kinds_it_does_not_enforce() {
-        let text = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n";
+    fn reads_every_istio_version_and_warns_about_other_kinds() {
+        let text = r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: a}
+spec: {hosts: [web], http: [{route: [{destination: {host: web}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: b, namespace: x}
+spec: {hosts: [web], http: [{route: [{destination: {host: web}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: d}
+"#;
         let resources = parse_str("w.yaml", text).unwrap();
-        assert_eq!(resources.warnings.len(), 2);
-        assert!(resources.warnings[0].to_string().contains("not enforced"));
-        assert!(resources.warnings[1].to_string().contains("Deployment"));
+        assert_eq!(resources.virtual_services.len(), 2);
+        assert_eq!(resources.virtual_services[0].namespace(), "default");
+        assert_eq!(resources.peer_authentications.len(), 1);
+        assert_eq!(resources.warnings.len(), 1);
+        assert!(resources.warnings[0].to_string().contains("Deployment"));
+        let origin = resources
+            .origin("VirtualService", &resources.virtual_services[1].metadata)
+            .unwrap();
+        assert_eq!(origin.document, "2");
+        let err = parse_str(
+            "v.yaml",
+            "apiVersion: security.istio.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: p}\nspec: {}\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.render().contains("v.yaml:1:apiVersion: error: PeerAuthentication is not served as security.istio.io/v1alpha1; use security.istio.io/v1beta1 or security.istio.io/v1"),
+            "{}",
+            err.render()
+        );
     }
 
     #[test]

@@ -1,10 +1,18 @@
 //! The local configuration: multi-document YAML of Kubernetes-shaped resources, exactly as
 //! `kubectl get -o yaml` prints them (also `kind: List`).
 //!
-//! [`model`] holds the typed resources; [`load`] parses a file into a [`Resources`] set and
-//! reports every problem with its file, document and field (`file:doc:field: message`).
+//! [`model`] holds the Kubernetes kinds, [`networking`] and [`security`] the Istio kinds,
+//! [`netpol`] NetworkPolicy, [`values`] the shared value types (durations, string matches,
+//! selectors). [`decode`] turns parsed YAML into them while collecting every problem, and
+//! [`load`] parses a file into a [`Resources`] set, reporting each problem with its file,
+//! document and field (`file:doc:field: message`).
 
+pub mod decode;
 pub mod load;
 pub mod model;
+pub mod netpol;
+pub mod networking;
+pub mod security;
+pub mod values;
 
-pub use load::{load_file, parse_str, Diagnostic, LoadError, Resources, Severity};
+pub use load::{load_file, load_files, parse_str, Diagnostic, LoadError, Resources, Severity};

@@ -1,27 +1,33 @@
-//! Typed Kubernetes resources the mesh reads (the fields it uses; others are ignored).
+//! Typed Kubernetes resources the mesh reads: the fields it uses; others are accepted silently
+//! (these kinds have many fields the mesh has no business with). The Istio kinds and
+//! NetworkPolicy are modelled completely in [`super::istio`] and [`super::netpol`].
 //!
 //! Field names follow the Kubernetes API (camelCase in YAML). A resource without
 //! `metadata.namespace` belongs to `default`, as `kubectl apply` does.
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+use super::decode::{Cx, Decode};
+pub use super::values::IntOrString;
 
 /// Labels and selectors.
 pub type Labels = BTreeMap<String, String>;
 
 /// `metadata` of every resource.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ObjectMeta {
     /// Resource name (required).
     pub name: String,
     /// Namespace; `None` means `default` for namespaced kinds.
-    #[serde(default)]
     pub namespace: Option<String>,
     /// Labels.
-    #[serde(default)]
     pub labels: Labels,
+    /// Annotations.
+    pub annotations: Labels,
+    /// Creation time (RFC 3339); among Istio policies of one level the oldest wins.
+    pub creation_timestamp: Option<String>,
 }
 
 impl ObjectMeta {
@@ -29,92 +35,122 @@ impl ObjectMeta {
     pub fn namespace(&self) -> &str {
         self.namespace.as_deref().unwrap_or("default")
     }
+
+    /// `namespace/name`.
+    pub fn qualified(&self) -> String {
+        format!("{}/{}", self.namespace(), self.name)
+    }
 }
 
+/// A namespaced resource with a `spec` (the Istio kinds and NetworkPolicy).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resource<S> {
+    /// `group/version` it was written with (`networking.istio.io/v1beta1`).
+    pub api_version: String,
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// Spec.
+    pub spec: S,
+}
+
+impl<S> Resource<S> {
+    /// The namespace, `default` when unset.
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace()
+    }
+}
+
+impl<S: Decode + Default> Decode for Resource<S> {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            f.skip("kind");
+            f.skip("status");
+            Resource {
+                api_version: f.req("apiVersion"),
+                metadata: f.req("metadata"),
+                spec: f.req("spec"),
+            }
+        })
+    }
+}
+
+/// `networking.istio.io` VirtualService.
+pub type VirtualService = Resource<super::networking::VirtualServiceSpec>;
+/// `networking.istio.io` DestinationRule.
+pub type DestinationRule = Resource<super::networking::DestinationRuleSpec>;
+/// `security.istio.io` PeerAuthentication.
+pub type PeerAuthentication = Resource<super::security::PeerAuthenticationSpec>;
+/// `security.istio.io` AuthorizationPolicy.
+pub type AuthorizationPolicy = Resource<super::security::AuthorizationPolicySpec>;
+/// `networking.k8s.io/v1` NetworkPolicy.
+pub type NetworkPolicy = Resource<super::netpol::NetworkPolicySpec>;
+
 /// `v1/Namespace`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Namespace {
     /// Metadata; its labels decide enrolment.
     pub metadata: ObjectMeta,
 }
 
 /// `v1/Pod`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pod {
     /// Metadata; `istio.io/dataplane-mode` on the pod enrols it or opts it out.
     pub metadata: ObjectMeta,
     /// Spec.
-    #[serde(default)]
     pub spec: PodSpec,
     /// Status: the pod's IP and readiness.
-    #[serde(default)]
     pub status: PodStatus,
 }
 
 /// `Pod.spec`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodSpec {
     /// The node the pod runs on.
-    #[serde(default)]
     pub node_name: Option<String>,
     /// Host-network pods share the node's IP: they are never captured or enrolled.
-    #[serde(default)]
     pub host_network: bool,
     /// The pod's service account (its mesh identity).
-    #[serde(default)]
     pub service_account_name: Option<String>,
     /// Containers (their named ports resolve a Service's named `targetPort`).
-    #[serde(default)]
     pub containers: Vec<Container>,
 }
 
 /// `Pod.spec.containers[]`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Container {
     /// Container name.
-    #[serde(default)]
     pub name: String,
     /// Declared ports.
-    #[serde(default)]
     pub ports: Vec<ContainerPort>,
 }
 
 /// `Pod.spec.containers[].ports[]`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ContainerPort {
     /// Port name, referenced by a Service's `targetPort`.
-    #[serde(default)]
     pub name: Option<String>,
     /// Port number.
     pub container_port: u16,
     /// `TCP` (default), `UDP` or `SCTP`.
-    #[serde(default)]
     pub protocol: Option<String>,
 }
 
 /// `Pod.status`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodStatus {
     /// `Pending`, `Running`, `Succeeded`, `Failed` or `Unknown`.
-    #[serde(default)]
     pub phase: Option<String>,
     /// The pod's IPv4 address.
-    #[serde(default, rename = "podIP")]
     pub pod_ip: Option<Ipv4Addr>,
     /// Conditions; `Ready` decides whether the pod is a Service endpoint.
-    #[serde(default)]
     pub conditions: Vec<Condition>,
 }
 
 /// A status condition.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Condition {
     /// Condition type, e.g. `Ready`.
-    #[serde(rename = "type")]
     pub kind: String,
     /// `"True"`, `"False"` or `"Unknown"`.
     pub status: String,
@@ -153,104 +189,75 @@ impl Pod {
 }
 
 /// `v1/Service`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Service {
     /// Metadata.
     pub metadata: ObjectMeta,
     /// Spec.
-    #[serde(default)]
     pub spec: ServiceSpec,
 }
 
 /// `Service.spec`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceSpec {
     /// The virtual IP (`None` for a headless Service).
-    #[serde(default, rename = "clusterIP")]
     pub cluster_ip: Option<String>,
     /// Ports.
-    #[serde(default)]
     pub ports: Vec<ServicePort>,
     /// Pod selector; endpoints come from it unless EndpointSlices are given.
-    #[serde(default)]
     pub selector: Option<Labels>,
 }
 
 /// `Service.spec.ports[]`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePort {
     /// Port name (required when a Service has several ports).
-    #[serde(default)]
     pub name: Option<String>,
     /// Application protocol (e.g. `http`), used for protocol selection.
-    #[serde(default)]
     pub app_protocol: Option<String>,
     /// The Service port on the VIP.
     pub port: u16,
     /// The pod port: a number or the name of a container port; defaults to `port`.
-    #[serde(default)]
     pub target_port: Option<IntOrString>,
     /// `TCP` (default), `UDP` or `SCTP`.
-    #[serde(default)]
     pub protocol: Option<String>,
 }
 
-/// A Kubernetes `IntOrString` (a port number or a port name).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(untagged)]
-pub enum IntOrString {
-    /// A number.
-    Int(u16),
-    /// A name.
-    String(String),
-}
-
 /// `discovery.k8s.io/v1/EndpointSlice`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointSlice {
     /// Metadata; label `kubernetes.io/service-name` names the Service.
     pub metadata: ObjectMeta,
     /// `IPv4`, `IPv6` or `FQDN`.
     pub address_type: String,
     /// Endpoints.
-    #[serde(default)]
     pub endpoints: Vec<Endpoint>,
     /// Ports (matched to Service ports by name).
-    #[serde(default)]
     pub ports: Vec<EndpointPort>,
 }
 
 /// `EndpointSlice.endpoints[]`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {
     /// Addresses (one for IPv4 slices in practice).
     pub addresses: Vec<String>,
     /// Conditions.
-    #[serde(default)]
     pub conditions: EndpointConditions,
     /// Node of the endpoint.
-    #[serde(default)]
     pub node_name: Option<String>,
 }
 
 /// `EndpointSlice.endpoints[].conditions`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointConditions {
     /// Ready; unset means ready, as the API documents.
-    #[serde(default)]
     pub ready: Option<bool>,
 }
 
 /// `EndpointSlice.ports[]`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointPort {
     /// Name, matching the Service port's name (empty for an unnamed port).
-    #[serde(default)]
     pub name: Option<String>,
     /// The endpoint port.
     pub port: u16,
@@ -262,3 +269,151 @@ pub const LABEL_DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 pub const LABEL_INJECTION: &str = "istio-injection";
 /// EndpointSlice label naming its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+impl Decode for ObjectMeta {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| ObjectMeta {
+            name: f.req("name"),
+            namespace: f.opt("namespace"),
+            labels: f.map("labels"),
+            annotations: f.map("annotations"),
+            creation_timestamp: f.opt("creationTimestamp"),
+        })
+    }
+}
+
+impl Decode for Namespace {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| Namespace {
+            metadata: f.req("metadata"),
+        })
+    }
+}
+
+impl Decode for Pod {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| Pod {
+            metadata: f.req("metadata"),
+            spec: f.opt("spec").unwrap_or_default(),
+            status: f.opt("status").unwrap_or_default(),
+        })
+    }
+}
+
+impl Decode for PodSpec {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| PodSpec {
+            node_name: f.opt("nodeName"),
+            host_network: f.flag("hostNetwork"),
+            service_account_name: f.opt("serviceAccountName"),
+            containers: f.list("containers"),
+        })
+    }
+}
+
+impl Decode for Container {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| Container {
+            name: f.opt("name").unwrap_or_default(),
+            ports: f.list("ports"),
+        })
+    }
+}
+
+impl Decode for ContainerPort {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| ContainerPort {
+            name: f.opt("name"),
+            container_port: f.req("containerPort"),
+            protocol: f.opt("protocol"),
+        })
+    }
+}
+
+impl Decode for PodStatus {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| PodStatus {
+            phase: f.opt("phase"),
+            pod_ip: f.opt("podIP"),
+            conditions: f.list("conditions"),
+        })
+    }
+}
+
+impl Decode for Condition {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| Condition {
+            kind: f.req("type"),
+            status: f.req("status"),
+        })
+    }
+}
+
+impl Decode for Service {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| Service {
+            metadata: f.req("metadata"),
+            spec: f.opt("spec").unwrap_or_default(),
+        })
+    }
+}
+
+impl Decode for ServiceSpec {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| ServiceSpec {
+            cluster_ip: f.opt("clusterIP"),
+            ports: f.list("ports"),
+            selector: f.opt("selector"),
+        })
+    }
+}
+
+impl Decode for ServicePort {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| ServicePort {
+            name: f.opt("name"),
+            app_protocol: f.opt("appProtocol"),
+            port: f.req("port"),
+            target_port: f.opt("targetPort"),
+            protocol: f.opt("protocol"),
+        })
+    }
+}
+
+impl Decode for EndpointSlice {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| EndpointSlice {
+            metadata: f.req("metadata"),
+            address_type: f.req("addressType"),
+            endpoints: f.list("endpoints"),
+            ports: f.list("ports"),
+        })
+    }
+}
+
+impl Decode for Endpoint {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| Endpoint {
+            addresses: f.req("addresses"),
+            conditions: f.opt("conditions").unwrap_or_default(),
+            node_name: f.opt("nodeName"),
+        })
+    }
+}
+
+impl Decode for EndpointConditions {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| EndpointConditions {
+            ready: f.opt("ready"),
+        })
+    }
+}
+
+impl Decode for EndpointPort {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| EndpointPort {
+            name: f.opt("name"),
+            port: f.req("port"),
+        })
+    }
+}

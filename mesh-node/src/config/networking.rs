@@ -1,0 +1,1569 @@
+//! `networking.istio.io` (v1alpha3, v1beta1, v1): VirtualService and DestinationRule, complete
+//! with Istio's field names and value rules. Fields whose behaviour the mesh does not implement
+//! yet are still decoded, checked and recorded, so a typo in them is reported today.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_yaml_ng::Value;
+
+use super::decode::{string_enum, Cx, Decode, Fields};
+use super::model::Labels;
+use super::values::{Duration, Percent, StringMatch, WorkloadSelector};
+
+/// `VirtualService.spec`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VirtualServiceSpec {
+    /// Destination hosts: short names, `name.namespace`, FQDNs, or wildcards.
+    pub hosts: Vec<String>,
+    /// Gateways and sidecars the routes apply to; empty means `mesh` only.
+    pub gateways: Vec<String>,
+    /// HTTP routes, first match wins.
+    pub http: Vec<HttpRoute>,
+    /// TLS (SNI) routes.
+    pub tls: Vec<TlsRoute>,
+    /// Opaque TCP routes.
+    pub tcp: Vec<TcpRoute>,
+    /// Namespaces it is visible to (`.` own, `*` all); empty means all.
+    pub export_to: Vec<String>,
+}
+
+impl VirtualServiceSpec {
+    /// Whether it applies to mesh traffic (as opposed to only ingress gateways).
+    pub fn applies_to_mesh(&self) -> bool {
+        self.gateways.is_empty() || self.gateways.iter().any(|g| g == "mesh")
+    }
+}
+
+impl Decode for VirtualServiceSpec {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let spec = VirtualServiceSpec {
+                hosts: f.list("hosts"),
+                gateways: f.list("gateways"),
+                http: f.list("http"),
+                tls: f.list("tls"),
+                tcp: f.list("tcp"),
+                export_to: f.list("exportTo"),
+            };
+            for (i, host) in spec.hosts.iter().enumerate() {
+                if host == "*" && spec.applies_to_mesh() {
+                    f.error_at("hosts", "`*` is not allowed for mesh traffic");
+                } else if let Err(why) = check_host(host) {
+                    f.cx().at("hosts", |cx| {
+                        cx.at(&format!("{i}"), |cx| cx.error(why.clone()));
+                    });
+                }
+            }
+            if spec.http.is_empty()
+                && spec.tls.is_empty()
+                && spec.tcp.is_empty()
+                && !f.has("http")
+                && !f.has("tcp")
+                && !f.has("tls")
+            {
+                f.cx()
+                    .error("a VirtualService needs http, tls or tcp routes");
+            }
+            check_export_to(f, &spec.export_to);
+            spec
+        })
+    }
+}
+
+/// Checks a host name as Istio does: a DNS name, optionally starting with `*` (wildcard).
+pub fn check_host(host: &str) -> Result<(), String> {
+    if host == "*" {
+        return Ok(());
+    }
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "{host:?} is not a valid host (a DNS name, optionally starting with `*.`)"
+        ));
+    }
+    Ok(())
+}
+
+fn check_export_to(f: &mut Fields<'_, '_>, export_to: &[String]) {
+    let mut seen = BTreeSet::new();
+    for entry in export_to {
+        if !seen.insert(entry) {
+            f.error_at("exportTo", format!("{entry:?} is listed twice"));
+        } else if entry != "." && entry != "*" && check_host(entry).is_err() {
+            f.error_at(
+                "exportTo",
+                format!("{entry:?} is not `.`, `*` or a namespace name"),
+            );
+        }
+    }
+    if export_to.len() > 1 && export_to.iter().any(|e| e == "*") {
+        f.error_at("exportTo", "`*` must be the only entry");
+    }
+}
+
+/// `HTTPRoute`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HttpRoute {
+    /// Name (for logs and stats).
+    pub name: Option<String>,
+    /// Match conditions, ORed; empty matches everything.
+    pub matches: Vec<HttpMatchRequest>,
+    /// Weighted destinations.
+    pub route: Vec<HttpRouteDestination>,
+    /// Redirect instead of forwarding.
+    pub redirect: Option<HttpRedirect>,
+    /// Answer directly instead of forwarding.
+    pub direct_response: Option<HttpDirectResponse>,
+    /// Delegate to another VirtualService.
+    pub delegate: Option<Delegate>,
+    /// Rewrite before forwarding.
+    pub rewrite: Option<HttpRewrite>,
+    /// Request timeout (no timeout when unset).
+    pub timeout: Option<Duration>,
+    /// Retry policy.
+    pub retries: Option<HttpRetry>,
+    /// Fault injection.
+    pub fault: Option<HttpFaultInjection>,
+    /// Mirror destination (single).
+    pub mirror: Option<Destination>,
+    /// Mirror percentage of `mirror`.
+    pub mirror_percentage: Option<Percent>,
+    /// Mirror destinations (several).
+    pub mirrors: Vec<HttpMirrorPolicy>,
+    /// CORS policy.
+    pub cors_policy: Option<CorsPolicy>,
+    /// Header manipulation.
+    pub headers: Option<Headers>,
+}
+
+impl Decode for HttpRoute {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            f.deprecated("mirrorPercent", "use mirrorPercentage");
+            f.skip("mirrorPercent");
+            let route = HttpRoute {
+                name: f.opt("name"),
+                matches: f.list("match"),
+                route: f.list("route"),
+                redirect: f.opt("redirect"),
+                direct_response: f.opt("directResponse"),
+                delegate: f.opt("delegate"),
+                rewrite: f.opt("rewrite"),
+                timeout: f.opt("timeout"),
+                retries: f.opt("retries"),
+                fault: f.opt("fault"),
+                mirror: f.opt("mirror"),
+                mirror_percentage: f.opt("mirrorPercentage"),
+                mirrors: f.list("mirrors"),
+                cors_policy: f.opt("corsPolicy"),
+                headers: f.opt("headers"),
+            };
+            let actions: Vec<&str> = ["route", "redirect", "directResponse", "delegate"]
+                .into_iter()
+                .filter(|k| f.has(k))
+                .collect();
+            match actions.len() {
+                0 => f.cx().error(
+                    "an HTTP route needs one of route, redirect, directResponse or delegate",
+                ),
+                1 => {}
+                _ => f.cx().error(format!(
+                    "an HTTP route takes only one of route, redirect, directResponse and \
+                     delegate, found {}",
+                    actions.join(" and ")
+                )),
+            }
+            for (action, others) in [
+                ("redirect", ["fault", "rewrite"]),
+                ("directResponse", ["fault", "rewrite"]),
+            ] {
+                for other in others {
+                    if f.has(action) && f.has(other) {
+                        f.error_at(other, format!("{other} cannot be combined with {action}"));
+                    }
+                }
+            }
+            if f.has("mirror") && f.has("mirrors") {
+                f.error_at("mirrors", "use either mirror or mirrors, not both");
+            }
+            route
+        })
+    }
+}
+
+/// `HTTPMatchRequest`: every condition set must hold.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HttpMatchRequest {
+    /// Name (for logs).
+    pub name: Option<String>,
+    /// Path match.
+    pub uri: Option<StringMatch>,
+    /// `http` or `https`.
+    pub scheme: Option<StringMatch>,
+    /// Method.
+    pub method: Option<StringMatch>,
+    /// `Host`/`:authority`.
+    pub authority: Option<StringMatch>,
+    /// Headers (lower-case names).
+    pub headers: BTreeMap<String, StringMatch>,
+    /// Destination port.
+    pub port: Option<u32>,
+    /// Labels the source workload must have.
+    pub source_labels: Labels,
+    /// Gateways the match applies to.
+    pub gateways: Vec<String>,
+    /// Query parameters (exact or regex; Istio does not support prefix here).
+    pub query_params: BTreeMap<String, StringMatch>,
+    /// Compare the path case-insensitively.
+    pub ignore_uri_case: bool,
+    /// Headers that must not match.
+    pub without_headers: BTreeMap<String, StringMatch>,
+    /// Namespace the source workload must be in.
+    pub source_namespace: Option<String>,
+    /// Stat prefix (recorded, unused).
+    pub stat_prefix: Option<String>,
+}
+
+impl Decode for HttpMatchRequest {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let m = HttpMatchRequest {
+                name: f.opt("name"),
+                uri: f.opt("uri"),
+                scheme: f.opt("scheme"),
+                method: f.opt("method"),
+                authority: f.opt("authority"),
+                headers: f.map("headers"),
+                port: f.opt("port"),
+                source_labels: f.map("sourceLabels"),
+                gateways: f.list("gateways"),
+                query_params: f.map("queryParams"),
+                ignore_uri_case: f.flag("ignoreUriCase"),
+                without_headers: f.map("withoutHeaders"),
+                source_namespace: f.opt("sourceNamespace"),
+                stat_prefix: f.opt("statPrefix"),
+            };
+            for (field, headers) in [
+                ("headers", &m.headers),
+                ("withoutHeaders", &m.without_headers),
+            ] {
+                for name in headers.keys() {
+                    let valid = !name.is_empty()
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                    if !valid {
+                        f.error_at(
+                            field,
+                            format!("{name:?} is not a header name (letters, digits, - and _)"),
+                        );
+                    }
+                }
+            }
+            for (name, matcher) in &m.query_params {
+                if matcher.is_prefix() {
+                    f.error_at(
+                        "queryParams",
+                        format!(
+                            "{name:?}: Istio supports only exact and regex for query parameters"
+                        ),
+                    );
+                }
+            }
+            check_port(f, "port", m.port);
+            m
+        })
+    }
+}
+
+fn check_port(f: &mut Fields<'_, '_>, key: &str, port: Option<u32>) {
+    if let Some(port) = port {
+        if !(1..=65535).contains(&port) {
+            f.error_at(key, format!("port {port} is not between 1 and 65535"));
+        }
+    }
+}
+
+/// `HTTPRouteDestination`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HttpRouteDestination {
+    /// Where to send.
+    pub destination: Destination,
+    /// Relative weight (share = weight / sum of weights); unset counts as 0 unless it is the
+    /// only destination, as Istio does.
+    pub weight: Option<i32>,
+    /// Header manipulation for this destination.
+    pub headers: Option<Headers>,
+}
+
+impl Decode for HttpRouteDestination {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let d = HttpRouteDestination {
+                destination: f.req("destination"),
+                weight: f.opt("weight"),
+                headers: f.opt("headers"),
+            };
+            check_weight(f, d.weight);
+            d
+        })
+    }
+}
+
+fn check_weight(f: &mut Fields<'_, '_>, weight: Option<i32>) {
+    if weight.is_some_and(|w| w < 0) {
+        f.error_at("weight", "weight must not be negative");
+    }
+}
+
+/// `Destination`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Destination {
+    /// Service host (short name, `name.namespace`, or FQDN).
+    pub host: String,
+    /// Subset defined by a DestinationRule.
+    pub subset: Option<String>,
+    /// Port on the host (required when the Service has several ports).
+    pub port: Option<u32>,
+}
+
+impl Decode for Destination {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let host: String = f.req("host");
+            if !host.is_empty() {
+                if let Err(why) = check_host(&host) {
+                    f.error_at("host", why);
+                }
+            }
+            let port = f
+                .opt::<PortSelector>("port")
+                .map(|p| p.number)
+                .filter(|n| *n != 0);
+            Destination {
+                host,
+                subset: f.opt("subset"),
+                port,
+            }
+        })
+    }
+}
+
+/// `PortSelector` (`{number: 8080}`).
+#[derive(Clone, Copy, Debug, Default)]
+struct PortSelector {
+    number: u32,
+}
+
+impl Decode for PortSelector {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let number = f.req("number");
+            check_port(f, "number", Some(number));
+            PortSelector { number }
+        })
+    }
+}
+
+string_enum! {
+    /// `HTTPRedirect.derivePort`.
+    DerivePort {
+        /// The scheme's default port.
+        FromProtocolDefault = "FROM_PROTOCOL_DEFAULT",
+        /// The request's port.
+        FromRequestPort = "FROM_REQUEST_PORT",
+    }
+}
+
+/// `HTTPRedirect`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HttpRedirect {
+    /// Replacement path.
+    pub uri: Option<String>,
+    /// Replacement authority.
+    pub authority: Option<String>,
+    /// Replacement port.
+    pub port: Option<u32>,
+    /// Port derivation.
+    pub derive_port: Option<DerivePort>,
+    /// Replacement scheme.
+    pub scheme: Option<String>,
+    /// Status code (301 by default).
+    pub redirect_code: u32,
+}
+
+impl Decode for HttpRedirect {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let r = HttpRedirect {
+                uri: f.opt("uri"),
+                authority: f.opt("authority"),
+                port: f.opt("port"),
+                derive_port: f.opt("derivePort"),
+                scheme: f.opt("scheme"),
+                redirect_code: f.opt("redirectCode").unwrap_or(301),
+            };
+            if ![301, 302, 303, 307, 308].contains(&r.redirect_code) {
+                f.error_at(
+                    "redirectCode",
+                    format!(
+                        "{} is not a redirect code (301, 302, 303, 307, 308)",
+                        r.redirect_code
+                    ),
+                );
+            }
+            if f.has("port") && f.has("derivePort") {
+                f.error_at("derivePort", "use either port or derivePort, not both");
+            }
+            check_port(f, "port", r.port);
+            r
+        })
+    }
+}
+
+/// `HTTPDirectResponse`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpDirectResponse {
+    /// Status code.
+    pub status: u32,
+    /// Body (`string` or base64 `bytes`).
+    pub body: Option<String>,
+}
+
+impl Decode for HttpDirectResponse {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let status: u32 = f.req("status");
+            if f.has("status") && !(200..=599).contains(&status) {
+                f.error_at(
+                    "status",
+                    format!("{status} is not an HTTP status (200-599)"),
+                );
+            }
+            let body = f.opt::<HttpBody>("body").map(|b| b.0);
+            HttpDirectResponse { status, body }
+        })
+    }
+}
+
+struct HttpBody(String);
+
+impl Decode for HttpBody {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            if f.has("string") == f.has("bytes") {
+                f.cx().error("a body needs exactly one of string or bytes");
+            }
+            HttpBody(f.opt("string").or(f.opt("bytes")).unwrap_or_default())
+        })
+    }
+}
+
+/// `Delegate`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delegate {
+    /// VirtualService name.
+    pub name: String,
+    /// Its namespace (default: the delegating VirtualService's).
+    pub namespace: Option<String>,
+}
+
+impl Decode for Delegate {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| Delegate {
+            name: f.req("name"),
+            namespace: f.opt("namespace"),
+        })
+    }
+}
+
+/// `HTTPRewrite`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HttpRewrite {
+    /// Replace the matched prefix (or the whole path for exact/regex matches).
+    pub uri: Option<String>,
+    /// Replace the authority.
+    pub authority: Option<String>,
+    /// Regex rewrite of the path.
+    pub uri_regex_rewrite: Option<RegexRewrite>,
+}
+
+impl Decode for HttpRewrite {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let r = HttpRewrite {
+                uri: f.opt("uri"),
+                authority: f.opt("authority"),
+                uri_regex_rewrite: f.opt("uriRegexRewrite"),
+            };
+            if f.has("uri") && f.has("uriRegexRewrite") {
+                f.error_at(
+                    "uriRegexRewrite",
+                    "use either uri or uriRegexRewrite, not both",
+                );
+            }
+            r
+        })
+    }
+}
+
+/// `RegexRewrite`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RegexRewrite {
+    /// The pattern (RE2).
+    pub pattern: Option<super::values::FullRegex>,
+    /// The replacement (`\1` for groups).
+    pub rewrite: String,
+}
+
+impl Decode for RegexRewrite {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| RegexRewrite {
+            pattern: f.opt("match"),
+            rewrite: f.req("rewrite"),
+        })
+    }
+}
+
+/// Retry conditions Istio (Envoy) accepts in `retryOn`, besides HTTP status codes.
+pub const RETRY_ON: &[&str] = &[
+    "5xx",
+    "gateway-error",
+    "reset",
+    "reset-before-request",
+    "connect-failure",
+    "envoy-ratelimited",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "retriable-headers",
+    "http3-post-connect-failure",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+/// `HTTPRetry`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HttpRetry {
+    /// Retries allowed (not counting the first try).
+    pub attempts: i32,
+    /// Timeout per try (default: the route timeout).
+    pub per_try_timeout: Option<Duration>,
+    /// Conditions, comma separated (Envoy names or status codes).
+    pub retry_on: Option<String>,
+    /// Retry on other localities.
+    pub retry_remote_localities: bool,
+}
+
+impl Decode for HttpRetry {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let r = HttpRetry {
+                attempts: f.opt("attempts").unwrap_or(0),
+                per_try_timeout: f.opt("perTryTimeout"),
+                retry_on: f.opt("retryOn"),
+                retry_remote_localities: f.flag("retryRemoteLocalities"),
+            };
+            if r.attempts < 0 {
+                f.error_at("attempts", "attempts must not be negative");
+            }
+            if r.attempts == 0 {
+                for key in ["perTryTimeout", "retryOn", "retryRemoteLocalities"] {
+                    if f.has(key) {
+                        f.error_at(key, "has no effect with attempts 0 (no retries)");
+                    }
+                }
+            }
+            for item in r.retry_on.as_deref().unwrap_or("").split(',') {
+                let item = item.trim();
+                let status = item.parse::<u16>().is_ok_and(|s| (100..=599).contains(&s));
+                if !item.is_empty() && !status && !RETRY_ON.contains(&item) {
+                    f.error_at(
+                        "retryOn",
+                        format!(
+                            "unknown retry condition {item:?}; expected an HTTP status or one of {}",
+                            RETRY_ON.join(", ")
+                        ),
+                    );
+                }
+            }
+            r
+        })
+    }
+}
+
+/// `HTTPFaultInjection`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HttpFaultInjection {
+    /// Delay before forwarding.
+    pub delay: Option<FaultDelay>,
+    /// Abort with an error.
+    pub abort: Option<FaultAbort>,
+}
+
+impl Decode for HttpFaultInjection {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let fault = HttpFaultInjection {
+                delay: f.opt("delay"),
+                abort: f.opt("abort"),
+            };
+            if !f.has("delay") && !f.has("abort") {
+                f.cx().error("a fault needs delay or abort");
+            }
+            fault
+        })
+    }
+}
+
+/// `HTTPFaultInjection.Delay`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FaultDelay {
+    /// The delay.
+    pub fixed_delay: Duration,
+    /// Share of requests delayed (default 100 when unset, as Envoy does).
+    pub percentage: Option<Percent>,
+}
+
+impl Decode for FaultDelay {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            f.deprecated("percent", "use percentage: {value: N}");
+            f.deprecated("exponentialDelay", "use fixedDelay");
+            let percent: Option<i32> = f.opt("percent");
+            f.skip("exponentialDelay");
+            FaultDelay {
+                fixed_delay: f.req("fixedDelay"),
+                percentage: f
+                    .opt("percentage")
+                    .or(percent.map(|p| Percent(f64::from(p)))),
+            }
+        })
+    }
+}
+
+/// `HTTPFaultInjection.Abort`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FaultAbort {
+    /// HTTP status returned.
+    pub http_status: Option<u32>,
+    /// gRPC status returned.
+    pub grpc_status: Option<String>,
+    /// HTTP/2 error returned.
+    pub http2_error: Option<String>,
+    /// Share of requests aborted.
+    pub percentage: Option<Percent>,
+}
+
+impl Decode for FaultAbort {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let a = FaultAbort {
+                http_status: f.opt("httpStatus"),
+                grpc_status: f.opt("grpcStatus"),
+                http2_error: f.opt("http2Error"),
+                percentage: f.opt("percentage"),
+            };
+            let kinds = ["httpStatus", "grpcStatus", "http2Error"]
+                .into_iter()
+                .filter(|k| f.has(k))
+                .count();
+            if kinds != 1 {
+                f.cx()
+                    .error("an abort needs exactly one of httpStatus, grpcStatus or http2Error");
+            }
+            if let Some(status) = a.http_status {
+                if !(200..=599).contains(&status) {
+                    f.error_at(
+                        "httpStatus",
+                        format!("{status} is not an HTTP status (200-599)"),
+                    );
+                }
+            }
+            a
+        })
+    }
+}
+
+/// `HTTPMirrorPolicy`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HttpMirrorPolicy {
+    /// Where copies go.
+    pub destination: Destination,
+    /// Share of requests copied.
+    pub percentage: Option<Percent>,
+}
+
+impl Decode for HttpMirrorPolicy {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| HttpMirrorPolicy {
+            destination: f.req("destination"),
+            percentage: f.opt("percentage"),
+        })
+    }
+}
+
+string_enum! {
+    /// `CorsPolicy.unmatchedPreflights`.
+    UnmatchedPreflights {
+        /// Forward to the upstream.
+        Unspecified = "UNSPECIFIED",
+        /// Forward to the upstream.
+        Forward = "FORWARD",
+        /// Ignore (answer without CORS headers).
+        Ignore = "IGNORE",
+    }
+}
+
+/// `CorsPolicy`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CorsPolicy {
+    /// Allowed origins.
+    pub allow_origins: Vec<StringMatch>,
+    /// Allowed methods.
+    pub allow_methods: Vec<String>,
+    /// Allowed request headers.
+    pub allow_headers: Vec<String>,
+    /// Exposed response headers.
+    pub expose_headers: Vec<String>,
+    /// Preflight cache time.
+    pub max_age: Option<Duration>,
+    /// Allow credentials.
+    pub allow_credentials: Option<bool>,
+    /// What to do with preflights from origins that do not match.
+    pub unmatched_preflights: UnmatchedPreflights,
+}
+
+impl Decode for CorsPolicy {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            f.deprecated("allowOrigin", "use allowOrigins with string matches");
+            let legacy: Vec<String> = f.list("allowOrigin");
+            let mut allow_origins: Vec<StringMatch> = f.list("allowOrigins");
+            allow_origins.extend(legacy.into_iter().map(StringMatch::Exact));
+            CorsPolicy {
+                allow_origins,
+                allow_methods: f.list("allowMethods"),
+                allow_headers: f.list("allowHeaders"),
+                expose_headers: f.list("exposeHeaders"),
+                max_age: f.opt("maxAge"),
+                allow_credentials: f.opt("allowCredentials"),
+                unmatched_preflights: f.opt("unmatchedPreflights").unwrap_or_default(),
+            }
+        })
+    }
+}
+
+/// `Headers`: request and response manipulation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Headers {
+    /// Request headers.
+    pub request: Option<HeaderOperations>,
+    /// Response headers.
+    pub response: Option<HeaderOperations>,
+}
+
+impl Decode for Headers {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| Headers {
+            request: f.opt("request"),
+            response: f.opt("response"),
+        })
+    }
+}
+
+/// `Headers.HeaderOperations`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderOperations {
+    /// Overwrite.
+    pub set: BTreeMap<String, String>,
+    /// Append.
+    pub add: BTreeMap<String, String>,
+    /// Remove.
+    pub remove: Vec<String>,
+}
+
+impl Decode for HeaderOperations {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| HeaderOperations {
+            set: f.map("set"),
+            add: f.map("add"),
+            remove: f.list("remove"),
+        })
+    }
+}
+
+/// `TLSRoute`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TlsRoute {
+    /// Matches (at least one).
+    pub matches: Vec<TlsMatchAttributes>,
+    /// Destinations.
+    pub route: Vec<RouteDestination>,
+}
+
+impl Decode for TlsRoute {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let r = TlsRoute {
+                matches: f.req("match"),
+                route: f.list("route"),
+            };
+            if r.route.is_empty() && f.has("match") {
+                f.error_at("route", "a TLS route needs at least one destination");
+            }
+            r
+        })
+    }
+}
+
+/// `TLSMatchAttributes`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsMatchAttributes {
+    /// SNI names (required).
+    pub sni_hosts: Vec<String>,
+    /// Destination CIDRs.
+    pub destination_subnets: Vec<String>,
+    /// Destination port.
+    pub port: Option<u32>,
+    /// Source workload labels.
+    pub source_labels: Labels,
+    /// Gateways.
+    pub gateways: Vec<String>,
+    /// Source namespace.
+    pub source_namespace: Option<String>,
+}
+
+impl Decode for TlsMatchAttributes {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let m = TlsMatchAttributes {
+                sni_hosts: f.req("sniHosts"),
+                destination_subnets: f.list("destinationSubnets"),
+                port: f.opt("port"),
+                source_labels: f.map("sourceLabels"),
+                gateways: f.list("gateways"),
+                source_namespace: f.opt("sourceNamespace"),
+            };
+            check_port(f, "port", m.port);
+            check_subnets(f, &m.destination_subnets);
+            m
+        })
+    }
+}
+
+fn check_subnets(f: &mut Fields<'_, '_>, subnets: &[String]) {
+    for subnet in subnets {
+        if let Err(why) = super::values::Cidr::parse(subnet) {
+            f.error_at("destinationSubnets", why);
+        }
+    }
+}
+
+/// `TCPRoute`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TcpRoute {
+    /// Matches; empty matches everything.
+    pub matches: Vec<L4MatchAttributes>,
+    /// Destinations.
+    pub route: Vec<RouteDestination>,
+}
+
+impl Decode for TcpRoute {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let r = TcpRoute {
+                matches: f.list("match"),
+                route: f.list("route"),
+            };
+            if r.route.is_empty() {
+                f.error_at("route", "a TCP route needs at least one destination");
+            }
+            r
+        })
+    }
+}
+
+/// `L4MatchAttributes`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct L4MatchAttributes {
+    /// Destination CIDRs.
+    pub destination_subnets: Vec<String>,
+    /// Destination port.
+    pub port: Option<u32>,
+    /// Source workload labels.
+    pub source_labels: Labels,
+    /// Gateways.
+    pub gateways: Vec<String>,
+    /// Source namespace.
+    pub source_namespace: Option<String>,
+}
+
+impl Decode for L4MatchAttributes {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let m = L4MatchAttributes {
+                destination_subnets: f.list("destinationSubnets"),
+                port: f.opt("port"),
+                source_labels: f.map("sourceLabels"),
+                gateways: f.list("gateways"),
+                source_namespace: f.opt("sourceNamespace"),
+            };
+            check_port(f, "port", m.port);
+            check_subnets(f, &m.destination_subnets);
+            m
+        })
+    }
+}
+
+/// `RouteDestination` (TCP and TLS routes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteDestination {
+    /// Where to send.
+    pub destination: Destination,
+    /// Relative weight.
+    pub weight: Option<i32>,
+}
+
+impl Decode for RouteDestination {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let d = RouteDestination {
+                destination: f.req("destination"),
+                weight: f.opt("weight"),
+            };
+            check_weight(f, d.weight);
+            d
+        })
+    }
+}
+
+/// `DestinationRule.spec`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DestinationRuleSpec {
+    /// The Service host it applies to.
+    pub host: String,
+    /// Policy for all subsets.
+    pub traffic_policy: Option<TrafficPolicy>,
+    /// Named subsets (label sets of endpoints).
+    pub subsets: Vec<Subset>,
+    /// Visibility.
+    pub export_to: Vec<String>,
+    /// Workloads it applies to (sidecar-scoped rules).
+    pub workload_selector: Option<WorkloadSelector>,
+}
+
+impl Decode for DestinationRuleSpec {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let spec = DestinationRuleSpec {
+                host: f.req("host"),
+                traffic_policy: f.opt("trafficPolicy"),
+                subsets: f.list("subsets"),
+                export_to: f.list("exportTo"),
+                workload_selector: f.opt("workloadSelector"),
+            };
+            if !spec.host.is_empty() {
+                if let Err(why) = check_host(&spec.host) {
+                    f.error_at("host", why);
+                }
+            }
+            let mut names = BTreeSet::new();
+            for subset in &spec.subsets {
+                if !subset.name.is_empty() && !names.insert(subset.name.as_str()) {
+                    f.error_at(
+                        "subsets",
+                        format!("subset {:?} is defined twice", subset.name),
+                    );
+                }
+            }
+            check_export_to(f, &spec.export_to);
+            spec
+        })
+    }
+}
+
+/// `Subset`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Subset {
+    /// Name, referenced by routes.
+    pub name: String,
+    /// Endpoint labels (added to the Service's selector).
+    pub labels: Labels,
+    /// Policy overriding the rule's.
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+impl Decode for Subset {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let s = Subset {
+                name: f.req("name"),
+                labels: f.map("labels"),
+                traffic_policy: f.opt("trafficPolicy"),
+            };
+            if !s.name.is_empty() && check_host(&s.name).is_err() || s.name.contains('.') {
+                f.error_at(
+                    "name",
+                    format!("{:?} is not a valid subset name (a DNS label)", s.name),
+                );
+            }
+            s
+        })
+    }
+}
+
+/// `TrafficPolicy`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrafficPolicy {
+    /// Load balancing.
+    pub load_balancer: Option<LoadBalancerSettings>,
+    /// Connection pool limits.
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    /// Passive health checking.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Upstream TLS (recorded; the mesh's own mTLS is HBONE).
+    pub tls: Option<ClientTlsSettings>,
+    /// Per-port overrides.
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+impl Decode for TrafficPolicy {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            f.skip("tunnel");
+            f.skip("proxyProtocol");
+            TrafficPolicy {
+                load_balancer: f.opt("loadBalancer"),
+                connection_pool: f.opt("connectionPool"),
+                outlier_detection: f.opt("outlierDetection"),
+                tls: f.opt("tls"),
+                port_level_settings: f.list("portLevelSettings"),
+            }
+        })
+    }
+}
+
+/// `TrafficPolicy.PortTrafficPolicy`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PortTrafficPolicy {
+    /// The port.
+    pub port: u32,
+    /// Load balancing.
+    pub load_balancer: Option<LoadBalancerSettings>,
+    /// Connection pool limits.
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    /// Passive health checking.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Upstream TLS.
+    pub tls: Option<ClientTlsSettings>,
+}
+
+impl Decode for PortTrafficPolicy {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let port = f.opt::<PortSelector>("port").map(|p| p.number);
+            if port.is_none() {
+                f.error_at("port", "required field is missing");
+            }
+            PortTrafficPolicy {
+                port: port.unwrap_or_default(),
+                load_balancer: f.opt("loadBalancer"),
+                connection_pool: f.opt("connectionPool"),
+                outlier_detection: f.opt("outlierDetection"),
+                tls: f.opt("tls"),
+            }
+        })
+    }
+}
+
+string_enum! {
+    /// `LoadBalancerSettings.simple`.
+    SimpleLb {
+        /// Istio's default (LEAST_REQUEST).
+        Unspecified = "UNSPECIFIED",
+        /// Deprecated alias of LEAST_REQUEST.
+        LeastConn = "LEAST_CONN",
+        /// Random.
+        Random = "RANDOM",
+        /// Forward to the original destination.
+        Passthrough = "PASSTHROUGH",
+        /// Round robin.
+        RoundRobin = "ROUND_ROBIN",
+        /// Fewest outstanding requests (power of two choices).
+        LeastRequest = "LEAST_REQUEST",
+    }
+}
+
+/// `LoadBalancerSettings`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadBalancerSettings {
+    /// Simple policy.
+    pub simple: Option<SimpleLb>,
+    /// Session affinity.
+    pub consistent_hash: Option<ConsistentHash>,
+    /// Slow start window.
+    pub warmup_duration_secs: Option<Duration>,
+}
+
+impl Decode for LoadBalancerSettings {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            f.skip("localityLbSetting");
+            let lb = LoadBalancerSettings {
+                simple: f.opt("simple"),
+                consistent_hash: f.opt("consistentHash"),
+                warmup_duration_secs: f.opt("warmupDurationSecs"),
+            };
+            if lb.simple == Some(SimpleLb::LeastConn) {
+                f.warn_at(
+                    "simple",
+                    "LEAST_CONN is deprecated by Istio; use LEAST_REQUEST",
+                );
+            }
+            if f.has("simple") && f.has("consistentHash") {
+                f.cx()
+                    .error("use either simple or consistentHash, not both");
+            }
+            lb
+        })
+    }
+}
+
+/// `LoadBalancerSettings.ConsistentHashLB`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsistentHash {
+    /// Hash on this request header.
+    pub http_header_name: Option<String>,
+    /// Hash on this cookie (`{name, path, ttl}`); recorded by name.
+    pub http_cookie: Option<String>,
+    /// Hash on the source IP.
+    pub use_source_ip: bool,
+    /// Hash on this query parameter.
+    pub http_query_parameter_name: Option<String>,
+}
+
+impl Decode for ConsistentHash {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            f.deprecated("minimumRingSize", "use ringHash: {minimumRingSize: N}");
+            f.skip("minimumRingSize");
+            f.skip("ringHash");
+            f.skip("maglev");
+            let cookie = f.opt::<HttpCookie>("httpCookie").map(|c| c.name);
+            let h = ConsistentHash {
+                http_header_name: f.opt("httpHeaderName"),
+                http_cookie: cookie,
+                use_source_ip: f.flag("useSourceIp"),
+                http_query_parameter_name: f.opt("httpQueryParameterName"),
+            };
+            let keys = [
+                "httpHeaderName",
+                "httpCookie",
+                "useSourceIp",
+                "httpQueryParameterName",
+            ]
+            .into_iter()
+            .filter(|k| f.has(k))
+            .count();
+            if keys != 1 {
+                f.cx().error(
+                    "consistentHash needs exactly one of httpHeaderName, httpCookie, \
+                     useSourceIp or httpQueryParameterName",
+                );
+            }
+            h
+        })
+    }
+}
+
+struct HttpCookie {
+    name: String,
+}
+
+impl Decode for HttpCookie {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            f.skip("path");
+            let _: Option<Duration> = f.opt("ttl");
+            HttpCookie {
+                name: f.req("name"),
+            }
+        })
+    }
+}
+
+/// `ConnectionPoolSettings`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConnectionPoolSettings {
+    /// TCP limits.
+    pub tcp: Option<TcpSettings>,
+    /// HTTP limits.
+    pub http: Option<HttpSettings>,
+}
+
+impl Decode for ConnectionPoolSettings {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| ConnectionPoolSettings {
+            tcp: f.opt("tcp"),
+            http: f.opt("http"),
+        })
+    }
+}
+
+/// `ConnectionPoolSettings.TCPSettings`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TcpSettings {
+    /// Maximum connections to a destination host.
+    pub max_connections: Option<i32>,
+    /// Connect timeout (Istio's default 10s).
+    pub connect_timeout: Option<Duration>,
+    /// Close connections older than this.
+    pub max_connection_duration: Option<Duration>,
+    /// Close idle connections after this.
+    pub idle_timeout: Option<Duration>,
+    /// Keepalive probes.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+impl Decode for TcpSettings {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let t = TcpSettings {
+                max_connections: f.opt("maxConnections"),
+                connect_timeout: f.opt("connectTimeout"),
+                max_connection_duration: f.opt("maxConnectionDuration"),
+                idle_timeout: f.opt("idleTimeout"),
+                tcp_keepalive: f.opt("tcpKeepalive"),
+            };
+            non_negative(f, "maxConnections", t.max_connections);
+            t
+        })
+    }
+}
+
+fn non_negative(f: &mut Fields<'_, '_>, key: &str, value: Option<i32>) {
+    if value.is_some_and(|v| v < 0) {
+        f.error_at(key, "must not be negative");
+    }
+}
+
+/// `TCPSettings.TcpKeepalive`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TcpKeepalive {
+    /// Probes before the connection is dead.
+    pub probes: Option<u32>,
+    /// Idle time before probing.
+    pub time: Option<Duration>,
+    /// Interval between probes.
+    pub interval: Option<Duration>,
+}
+
+impl Decode for TcpKeepalive {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| TcpKeepalive {
+            probes: f.opt("probes"),
+            time: f.opt("time"),
+            interval: f.opt("interval"),
+        })
+    }
+}
+
+string_enum! {
+    /// `HTTPSettings.h2UpgradePolicy`.
+    H2UpgradePolicy {
+        /// The mesh default.
+        Default = "DEFAULT",
+        /// Keep HTTP/1.1.
+        DoNotUpgrade = "DO_NOT_UPGRADE",
+        /// Upgrade to HTTP/2.
+        Upgrade = "UPGRADE",
+    }
+}
+
+/// `ConnectionPoolSettings.HTTPSettings`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HttpSettings {
+    /// Pending requests allowed while waiting for a connection.
+    pub http1_max_pending_requests: Option<i32>,
+    /// Concurrent requests to a destination.
+    pub http2_max_requests: Option<i32>,
+    /// Requests per connection (1 disables keep-alive).
+    pub max_requests_per_connection: Option<i32>,
+    /// Concurrent retries.
+    pub max_retries: Option<i32>,
+    /// Idle timeout of upstream connections.
+    pub idle_timeout: Option<Duration>,
+    /// HTTP/2 upgrade.
+    pub h2_upgrade_policy: H2UpgradePolicy,
+    /// Use the client's protocol upstream.
+    pub use_client_protocol: bool,
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_concurrent_streams: Option<i32>,
+}
+
+impl Decode for HttpSettings {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let h = HttpSettings {
+                http1_max_pending_requests: f.opt("http1MaxPendingRequests"),
+                http2_max_requests: f.opt("http2MaxRequests"),
+                max_requests_per_connection: f.opt("maxRequestsPerConnection"),
+                max_retries: f.opt("maxRetries"),
+                idle_timeout: f.opt("idleTimeout"),
+                h2_upgrade_policy: f.opt("h2UpgradePolicy").unwrap_or_default(),
+                use_client_protocol: f.flag("useClientProtocol"),
+                max_concurrent_streams: f.opt("maxConcurrentStreams"),
+            };
+            non_negative(f, "http1MaxPendingRequests", h.http1_max_pending_requests);
+            non_negative(f, "http2MaxRequests", h.http2_max_requests);
+            non_negative(f, "maxRequestsPerConnection", h.max_requests_per_connection);
+            non_negative(f, "maxRetries", h.max_retries);
+            non_negative(f, "maxConcurrentStreams", h.max_concurrent_streams);
+            h
+        })
+    }
+}
+
+/// `OutlierDetection`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OutlierDetection {
+    /// Tell local-origin failures from upstream errors.
+    pub split_external_local_origin_errors: bool,
+    /// Local-origin failures before ejection.
+    pub consecutive_local_origin_failures: Option<u32>,
+    /// 502/503/504 (and connect errors) before ejection.
+    pub consecutive_gateway_errors: Option<u32>,
+    /// 5xx (and connect errors) before ejection.
+    pub consecutive_5xx_errors: Option<u32>,
+    /// Analysis sweep interval (default 10s).
+    pub interval: Option<Duration>,
+    /// Minimum ejection time (default 30s).
+    pub base_ejection_time: Option<Duration>,
+    /// Most of the hosts that may be ejected, in percent (default 10).
+    pub max_ejection_percent: Option<i32>,
+    /// Disable ejection below this healthy share, in percent.
+    pub min_health_percent: Option<i32>,
+}
+
+impl Decode for OutlierDetection {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            f.deprecated("consecutiveErrors", "use consecutive5xxErrors");
+            let legacy: Option<u32> = f.opt("consecutiveErrors");
+            let o = OutlierDetection {
+                split_external_local_origin_errors: f.flag("splitExternalLocalOriginErrors"),
+                consecutive_local_origin_failures: f.opt("consecutiveLocalOriginFailures"),
+                consecutive_gateway_errors: f.opt("consecutiveGatewayErrors"),
+                consecutive_5xx_errors: f.opt::<u32>("consecutive5xxErrors").or(legacy),
+                interval: f.opt("interval"),
+                base_ejection_time: f.opt("baseEjectionTime"),
+                max_ejection_percent: f.opt("maxEjectionPercent"),
+                min_health_percent: f.opt("minHealthPercent"),
+            };
+            if o.consecutive_local_origin_failures.is_some()
+                && !o.split_external_local_origin_errors
+            {
+                f.error_at(
+                    "consecutiveLocalOriginFailures",
+                    "needs splitExternalLocalOriginErrors: true",
+                );
+            }
+            for (key, value) in [
+                ("maxEjectionPercent", o.max_ejection_percent),
+                ("minHealthPercent", o.min_health_percent),
+            ] {
+                if value.is_some_and(|v| !(0..=100).contains(&v)) {
+                    f.error_at(key, "must be between 0 and 100");
+                }
+            }
+            o
+        })
+    }
+}
+
+string_enum! {
+    /// `ClientTLSSettings.mode`.
+    ClientTlsMode {
+        /// Plain text.
+        Disable = "DISABLE",
+        /// TLS to the upstream.
+        Simple = "SIMPLE",
+        /// mTLS with given certificates.
+        Mutual = "MUTUAL",
+        /// mTLS with the mesh's certificates.
+        IstioMutual = "ISTIO_MUTUAL",
+    }
+}
+
+/// `ClientTLSSettings` (accepted and recorded).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientTlsSettings {
+    /// Mode.
+    pub mode: ClientTlsMode,
+    /// SNI.
+    pub sni: Option<String>,
+    /// Expected SANs.
+    pub subject_alt_names: Vec<String>,
+    /// Secret name with the credentials.
+    pub credential_name: Option<String>,
+    /// Skip verification.
+    pub insecure_skip_verify: Option<bool>,
+}
+
+impl Decode for ClientTlsSettings {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let files = ["clientCertificate", "privateKey", "caCertificates", "caCrl"];
+            let t = ClientTlsSettings {
+                mode: f.opt("mode").unwrap_or_default(),
+                sni: f.opt("sni"),
+                subject_alt_names: f.list("subjectAltNames"),
+                credential_name: f.opt("credentialName"),
+                insecure_skip_verify: f.opt("insecureSkipVerify"),
+            };
+            for key in files {
+                let _: Option<String> = f.opt(key);
+            }
+            if t.mode == ClientTlsMode::IstioMutual
+                && (files.iter().any(|k| f.has(k)) || f.has("credentialName"))
+            {
+                f.error_at(
+                    "mode",
+                    "ISTIO_MUTUAL uses the mesh's certificates; remove the certificate fields",
+                );
+            }
+            if t.mode == ClientTlsMode::Mutual
+                && t.credential_name.is_none()
+                && !(f.has("clientCertificate") && f.has("privateKey"))
+            {
+                f.error_at(
+                    "mode",
+                    "MUTUAL needs clientCertificate and privateKey, or credentialName",
+                );
+            }
+            t
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors<T: Decode>(yaml: &str) -> Vec<String> {
+        let value: Value = serde_yaml_ng::from_str(yaml).unwrap();
+        let mut cx = Cx::default();
+        T::decode(&value, &mut cx);
+        cx.into_findings()
+            .into_iter()
+            .map(|f| format!("{}: {}", f.field, f.message))
+            .collect()
+    }
+
+    #[test]
+    fn host_names() {
+        for ok in [
+            "web",
+            "web.ns",
+            "web.ns.svc.cluster.local",
+            "*.ns.svc.cluster.local",
+            "*",
+        ] {
+            assert!(check_host(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "web_app", "-web", "a..b", "web*"] {
+            assert!(check_host(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn http_route_rules() {
+        let found = errors::<HttpRoute>(
+            "{match: [{headers: {user agent: {exact: x}}, queryParams: {q: {prefix: a}}, port: 0}], \
+             route: [{destination: {host: a}, weight: -1}], redirect: {uri: /x, redirectCode: 200}, \
+             retries: {attempts: 2, retryOn: '5xx,bogus,503'}, timeout: 1x}",
+        );
+        let want = [
+            "match[0].headers: \"user agent\" is not a header name (letters, digits, - and _)",
+            "match[0].queryParams: \"q\": Istio supports only exact and regex for query parameters",
+            "match[0].port: port 0 is not between 1 and 65535",
+            "route[0].weight: weight must not be negative",
+            "redirect.redirectCode: 200 is not a redirect code (301, 302, 303, 307, 308)",
+        ];
+        for w in want {
+            assert!(found.iter().any(|f| f == w), "missing {w:?} in {found:#?}");
+        }
+        assert!(
+            found
+                .iter()
+                .any(|f| f.starts_with("timeout: invalid duration")),
+            "{found:#?}"
+        );
+        assert!(found
+            .iter()
+            .any(|f| f.starts_with("retries.retryOn: unknown retry condition \"bogus\"")));
+        assert!(
+            found
+                .iter()
+                .any(|f| f.contains("only one of route, redirect")),
+            "{found:#?}"
+        );
+        assert!(errors::<HttpRoute>("{name: x}")[0].contains("needs one of route"));
+    }
+
+    #[test]
+    fn outlier_detection_warns_about_fields_istio_does_not_have() {
+        let found = errors::<OutlierDetection>(
+            "{consecutive5xxErrors: 5, interval: 30s, baseEjectionTime: 30s, maxEjectionPercent: 50, minRequestVolume: 5}",
+        );
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(found[0].starts_with("minRequestVolume: unknown field"));
+        let found = errors::<OutlierDetection>("{consecutiveErrors: 5, maxEjectionPercent: 150}");
+        assert_eq!(
+            found,
+            [
+                "consecutiveErrors: deprecated by Istio; use consecutive5xxErrors",
+                "maxEjectionPercent: must be between 0 and 100"
+            ]
+        );
+    }
+
+    #[test]
+    fn virtual_service_visibility_and_gateways() {
+        let spec = |yaml: &str| {
+            let value: Value = serde_yaml_ng::from_str(yaml).unwrap();
+            VirtualServiceSpec::decode(&value, &mut Cx::default()).unwrap()
+        };
+        assert!(spec("{hosts: [a], tcp: [{route: [{destination: {host: a}}]}]}").applies_to_mesh());
+        assert!(
+            !spec("{hosts: [a], gateways: [gw], tcp: [{route: [{destination: {host: a}}]}]}")
+                .applies_to_mesh()
+        );
+        assert!(spec(
+            "{hosts: [a], gateways: [gw, mesh], tcp: [{route: [{destination: {host: a}}]}]}"
+        )
+        .applies_to_mesh());
+        let found = errors::<VirtualServiceSpec>("{hosts: [a], exportTo: ['*', x]}");
+        assert!(
+            found.iter().any(|f| f.contains("needs http, tls or tcp")),
+            "{found:#?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|f| f.contains("`*` must be the only entry")),
+            "{found:#?}"
+        );
+    }
+}
