@@ -1,22 +1,52 @@
-//! The immutable state snapshot the proxy and the datapath read: workloads with enrolment,
-//! Services with their VIPs and ready endpoints. A new snapshot is built for every config
-//! change and swapped in atomically (`arc-swap`); the hot path never waits on an update.
+//! The immutable state snapshot the proxy and the datapath read: workloads with identity,
+//! enrolment and the policies that apply to them, Services with their VIPs, protocols and
+//! ready endpoints, and the routing resources by host. A new snapshot is built for every
+//! config change and swapped in atomically (`arc-swap`); the hot path never waits on an
+//! update.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
 };
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use crate::config::{
     model::{
-        IntOrString, Labels, Pod, Service, LABEL_DATAPLANE_MODE, LABEL_INJECTION,
-        LABEL_SERVICE_NAME,
+        AuthorizationPolicy, DestinationRule, IntOrString, Labels, Pod, Resource, Service,
+        VirtualService, LABEL_SERVICE_NAME,
     },
+    semantics::{self, EffectiveMtls, Protocol},
     Resources,
 };
+
+/// A shared reference to a resource; shown as `namespace/name` in `/debug/state`.
+#[derive(Debug)]
+pub struct Ref<S>(pub Arc<Resource<S>>);
+
+impl<S> Clone for Ref<S> {
+    fn clone(&self) -> Self {
+        Ref(self.0.clone())
+    }
+}
+
+impl<S> PartialEq for Ref<S> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl<S> Eq for Ref<S> {}
+
+impl<S> Serialize for Ref<S> {
+    fn serialize<Z: Serializer>(&self, serializer: Z) -> Result<Z::Ok, Z::Error> {
+        serializer.serialize_str(&self.0.metadata.qualified())
+    }
+}
 
 /// A pod as the mesh sees it.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -29,12 +59,20 @@ pub struct Workload {
     pub node: Option<String>,
     /// Pod IP.
     pub ip: Ipv4Addr,
-    /// Service account (the identity it will get).
+    /// Service account.
     pub service_account: String,
+    /// SPIFFE identity (`spiffe://cluster.local/ns/<ns>/sa/<sa>`).
+    pub identity: String,
+    /// Labels (policy and subset selectors match them).
+    pub labels: Labels,
     /// In the mesh.
     pub enrolled: bool,
     /// Ready (a Service endpoint).
     pub ready: bool,
+    /// PeerAuthentication in effect.
+    pub mtls: EffectiveMtls,
+    /// AuthorizationPolicies that apply to it, in the order they were read.
+    pub authorization: Vec<Ref<crate::config::security::AuthorizationPolicySpec>>,
 }
 
 /// One port of a Service with a VIP, and the endpoints it balances over.
@@ -44,8 +82,12 @@ pub struct ServiceTarget {
     pub namespace: String,
     /// Service name.
     pub name: String,
+    /// `name.namespace.svc.cluster.local`.
+    pub host: String,
     /// `clusterIP:port`.
     pub vip: SocketAddrV4,
+    /// Protocol the port declares (`appProtocol` or name prefix).
+    pub protocol: Protocol,
     /// Ready endpoints (`podIP:targetPort`), in a stable order.
     pub endpoints: Vec<SocketAddrV4>,
     /// Round-robin cursor.
@@ -96,16 +138,25 @@ pub struct State {
     pub services: HashMap<SocketAddrV4, ServiceTarget>,
     /// Clusters IPs (any port) to Service `namespace/name`.
     pub vips: HashMap<Ipv4Addr, String>,
+    /// VirtualServices for mesh traffic by the FQDN (or wildcard) of each of their hosts.
+    pub virtual_services: BTreeMap<String, Vec<Ref<crate::config::networking::VirtualServiceSpec>>>,
+    /// DestinationRules by the FQDN of their host (the oldest wins when several exist).
+    pub destination_rules: BTreeMap<String, Ref<crate::config::networking::DestinationRuleSpec>>,
 }
 
 impl State {
     /// Builds the snapshot for `node` from a set of resources.
     pub fn build(resources: &Resources, node: &str, generation: u64) -> State {
-        let enrolled_namespaces: BTreeSet<&str> = resources
+        let namespaces: BTreeMap<&str, _> = resources
             .namespaces
             .iter()
-            .filter(|ns| namespace_enrolls(&ns.metadata.labels))
-            .map(|ns| ns.metadata.name.as_str())
+            .map(|ns| (ns.metadata.name.as_str(), ns))
+            .collect();
+        let authorization: Vec<Arc<AuthorizationPolicy>> = resources
+            .authorization_policies
+            .iter()
+            .cloned()
+            .map(Arc::new)
             .collect();
 
         let mut workloads = BTreeMap::new();
@@ -114,16 +165,8 @@ impl State {
                 continue;
             };
             let namespace = pod.metadata.namespace();
-            let enrolled = match pod
-                .metadata
-                .labels
-                .get(LABEL_DATAPLANE_MODE)
-                .map(String::as_str)
-            {
-                Some("none") => false,
-                Some("ambient") => true,
-                _ => enrolled_namespaces.contains(namespace),
-            };
+            let labels = &pod.metadata.labels;
+            let service_account = semantics::service_account(pod).to_string();
             workloads.insert(
                 ip,
                 Workload {
@@ -131,13 +174,21 @@ impl State {
                     name: pod.metadata.name.clone(),
                     node: pod.spec.node_name.clone(),
                     ip,
-                    service_account: pod
-                        .spec
-                        .service_account_name
-                        .clone()
-                        .unwrap_or_else(|| "default".into()),
-                    enrolled,
+                    identity: semantics::spiffe_id(namespace, &service_account),
+                    service_account,
+                    labels: labels.clone(),
+                    enrolled: semantics::pod_enrolled(pod, &namespaces),
                     ready: pod.is_ready(),
+                    mtls: semantics::effective_mtls(
+                        &resources.peer_authentications,
+                        namespace,
+                        labels,
+                    ),
+                    authorization: authorization
+                        .iter()
+                        .filter(|p| semantics::authorization_applies(p, namespace, labels))
+                        .map(|p| Ref(p.clone()))
+                        .collect(),
                 },
             );
         }
@@ -171,7 +222,9 @@ impl State {
                     ServiceTarget {
                         namespace: svc.metadata.namespace().to_string(),
                         name: svc.metadata.name.clone(),
+                        host: semantics::service_fqdn(&svc.metadata.name, svc.metadata.namespace()),
                         vip: addr,
+                        protocol: semantics::port_protocol(port),
                         endpoints,
                         next: AtomicUsize::new(0),
                     },
@@ -185,6 +238,8 @@ impl State {
             workloads,
             services,
             vips,
+            virtual_services: index_virtual_services(&resources.virtual_services),
+            destination_rules: index_destination_rules(&resources.destination_rules),
         }
     }
 
@@ -222,9 +277,39 @@ impl State {
     }
 }
 
-fn namespace_enrolls(labels: &Labels) -> bool {
-    labels.get(LABEL_DATAPLANE_MODE).map(String::as_str) == Some("ambient")
-        || labels.get(LABEL_INJECTION).map(String::as_str) == Some("enabled")
+/// VirtualServices that apply to mesh traffic, by each host's FQDN, in the order read.
+fn index_virtual_services(
+    list: &[VirtualService],
+) -> BTreeMap<String, Vec<Ref<crate::config::networking::VirtualServiceSpec>>> {
+    let mut out: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    for vs in list.iter().filter(|vs| vs.spec.applies_to_mesh()) {
+        let shared = Arc::new(vs.clone());
+        for host in &vs.spec.hosts {
+            out.entry(semantics::fqdn(host, vs.namespace()))
+                .or_default()
+                .push(Ref(shared.clone()));
+        }
+    }
+    out
+}
+
+/// DestinationRules by their host's FQDN; the oldest wins, as in Istio.
+fn index_destination_rules(
+    list: &[DestinationRule],
+) -> BTreeMap<String, Ref<crate::config::networking::DestinationRuleSpec>> {
+    let mut sorted: Vec<&DestinationRule> = list.iter().collect();
+    sorted.sort_by_key(|dr| {
+        (
+            dr.metadata.creation_timestamp.clone().unwrap_or_default(),
+            dr.metadata.qualified(),
+        )
+    });
+    let mut out = BTreeMap::new();
+    for dr in sorted {
+        out.entry(semantics::fqdn(&dr.spec.host, dr.namespace()))
+            .or_insert_with(|| Ref(Arc::new(dr.clone())));
+    }
+    out
 }
 
 /// Ready endpoints of port `index` of `svc`: from its EndpointSlices when there are any,

@@ -13,6 +13,7 @@ pub mod model;
 pub mod netpol;
 pub mod networking;
 pub mod security;
+pub mod semantics;
 pub mod values;
 
 pub use load::{load_file, load_files, parse_str, Diagnostic, LoadError, Resources, Severity};

@@ -1,0 +1,380 @@
+//! Istio's rules for how resources relate, shared by the state snapshot and `analyze`: host
+//! names, protocol selection, enrolment, identity, and which policies apply to a workload.
+
+use std::collections::BTreeMap;
+
+use super::model::{
+    AuthorizationPolicy, Labels, Namespace, PeerAuthentication, Pod, ServicePort,
+    LABEL_DATAPLANE_MODE, LABEL_INJECTION,
+};
+use super::security::MtlsMode;
+
+/// Istio's root namespace: policies here without a selector apply mesh-wide.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+/// The cluster's DNS domain and the default SPIFFE trust domain.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// The fully qualified name of `host` as written in a resource of `namespace`, resolved as
+/// Kubernetes DNS does for a pod in that namespace: `web` -> `web.ns.svc.cluster.local`,
+/// `web.other` -> `web.other.svc.cluster.local`, `web.other.svc` -> `...svc.cluster.local`;
+/// longer names and wildcards are kept.
+pub fn fqdn(host: &str, namespace: &str) -> String {
+    if host.contains('*') {
+        return host.to_string();
+    }
+    match host.split('.').count() {
+        1 => format!("{host}.{namespace}.svc.{CLUSTER_DOMAIN}"),
+        2 => format!("{host}.svc.{CLUSTER_DOMAIN}"),
+        3 if host.ends_with(".svc") => format!("{host}.{CLUSTER_DOMAIN}"),
+        _ => host.to_string(),
+    }
+}
+
+/// The FQDN of Service `name` in `namespace`.
+pub fn service_fqdn(name: &str, namespace: &str) -> String {
+    format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}")
+}
+
+/// Whether `pattern` (a host, possibly `*.suffix` or `*`) covers FQDN `host`.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_prefix('*') {
+        Some(suffix) => host.ends_with(suffix),
+        None => pattern == host,
+    }
+}
+
+/// The protocol a Service port declares, as Istio selects it: `appProtocol` first, then the
+/// port name's prefix (`http`, `http-web`, `grpc-api`); anything else is opaque TCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 (and HTTP/2 upgrades).
+    Http,
+    /// HTTP/2 (including h2c with prior knowledge).
+    Http2,
+    /// gRPC (HTTP/2).
+    Grpc,
+    /// Declared TCP, TLS, or a protocol the mesh treats as opaque bytes.
+    Tcp,
+    /// Nothing declared: treated as TCP (no sniffing in the node proxy).
+    Undeclared,
+}
+
+impl Protocol {
+    /// Whether the node proxy parses it as HTTP.
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Http2 | Protocol::Grpc)
+    }
+
+    fn from_name(name: &str) -> Option<Protocol> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "http" => Protocol::Http,
+            "http2" | "kubernetes.io/h2c" => Protocol::Http2,
+            "grpc" | "grpc-web" => Protocol::Grpc,
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kubernetes.io/ws"
+            | "kubernetes.io/wss" => Protocol::Tcp,
+            _ => return None,
+        })
+    }
+}
+
+/// The protocol Service port `port` declares.
+pub fn port_protocol(port: &ServicePort) -> Protocol {
+    if let Some(declared) = port.app_protocol.as_deref().and_then(Protocol::from_name) {
+        return declared;
+    }
+    let name = port.name.as_deref().unwrap_or("");
+    let prefix = name.split_once('-').map_or(name, |(prefix, _)| prefix);
+    // `grpc-web` is a protocol of its own, not `grpc` with a suffix.
+    Protocol::from_name(name)
+        .or_else(|| Protocol::from_name(prefix))
+        .unwrap_or(Protocol::Undeclared)
+}
+
+/// Whether a namespace's labels enrol its pods: `istio.io/dataplane-mode=ambient`, or
+/// `istio-injection=enabled` (there are no sidecars, so it is honoured as enrolment).
+pub fn namespace_enrolls(labels: &Labels) -> bool {
+    labels.get(LABEL_DATAPLANE_MODE).map(String::as_str) == Some("ambient")
+        || labels.get(LABEL_INJECTION).map(String::as_str) == Some("enabled")
+}
+
+/// Whether `pod` is in the mesh: its own `istio.io/dataplane-mode` label (`ambient` or `none`)
+/// decides, otherwise its namespace's labels. Host-network pods never are.
+pub fn pod_enrolled(pod: &Pod, namespaces: &BTreeMap<&str, &Namespace>) -> bool {
+    if pod.spec.host_network {
+        return false;
+    }
+    match pod
+        .metadata
+        .labels
+        .get(LABEL_DATAPLANE_MODE)
+        .map(String::as_str)
+    {
+        Some("none") => false,
+        Some("ambient") => true,
+        _ => namespaces
+            .get(pod.metadata.namespace())
+            .is_some_and(|ns| namespace_enrolls(&ns.metadata.labels)),
+    }
+}
+
+/// The service account a pod runs as (`default` when unset, as Kubernetes assigns it).
+pub fn service_account(pod: &Pod) -> &str {
+    pod.spec
+        .service_account_name
+        .as_deref()
+        .filter(|sa| !sa.is_empty())
+        .unwrap_or("default")
+}
+
+/// The SPIFFE identity of service account `sa` in `namespace`.
+pub fn spiffe_id(namespace: &str, sa: &str) -> String {
+    format!("spiffe://{CLUSTER_DOMAIN}/ns/{namespace}/sa/{sa}")
+}
+
+/// The mTLS mode in effect for a workload, and the policies it comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EffectiveMtls {
+    /// Mode for ports without a port-level setting (never UNSET: PERMISSIVE by default).
+    pub mode: &'static str,
+    /// Port-level modes.
+    pub ports: BTreeMap<u16, &'static str>,
+    /// The policies that decided it, mesh-wide first (`namespace/name`).
+    pub policies: Vec<String>,
+}
+
+/// The oldest policy (by creation time, then name), which Istio picks among several at one
+/// level.
+fn oldest<'a>(
+    candidates: impl Iterator<Item = &'a PeerAuthentication>,
+) -> Option<&'a PeerAuthentication> {
+    candidates.min_by_key(|p| {
+        (
+            p.metadata.creation_timestamp.clone().unwrap_or_default(),
+            p.metadata.name.clone(),
+        )
+    })
+}
+
+/// Resolves PeerAuthentication for a workload in `namespace` with `labels`, as Istio does:
+/// mesh-wide (root namespace, no selector), then namespace-wide (no selector), then workload
+/// (selector, outside the root namespace); UNSET inherits from the level above; when several
+/// policies exist at one level the oldest (then the first by name) wins.
+pub fn effective_mtls(
+    policies: &[PeerAuthentication],
+    namespace: &str,
+    labels: &Labels,
+) -> EffectiveMtls {
+    let mesh = oldest(
+        policies
+            .iter()
+            .filter(|p| p.namespace() == ROOT_NAMESPACE && !p.spec.has_selector()),
+    );
+    let ns = oldest(policies.iter().filter(|p| {
+        p.namespace() == namespace && namespace != ROOT_NAMESPACE && !p.spec.has_selector()
+    }));
+    let workload = oldest(policies.iter().filter(|p| {
+        p.namespace() == namespace
+            && namespace != ROOT_NAMESPACE
+            && p.spec.has_selector()
+            && p.spec.selector.as_ref().is_some_and(|s| s.matches(labels))
+    }));
+    let mut mode = MtlsMode::Permissive;
+    let mut out = EffectiveMtls::default();
+    for policy in [mesh, ns, workload].into_iter().flatten() {
+        out.policies.push(policy.metadata.qualified());
+        match policy.spec.mtls {
+            None | Some(MtlsMode::Unset) => {}
+            Some(set) => mode = set,
+        }
+    }
+    out.mode = mode.as_str();
+    if let Some(policy) = workload {
+        for (port, port_mode) in &policy.spec.port_level_mtls {
+            let resolved = if *port_mode == MtlsMode::Unset {
+                mode
+            } else {
+                *port_mode
+            };
+            out.ports.insert(*port, resolved.as_str());
+        }
+    }
+    out
+}
+
+/// Whether AuthorizationPolicy `policy` applies to a workload in `namespace` with `labels`:
+/// policies in the root namespace apply in every namespace, others in their own; no selector
+/// means every workload there. Policies bound by `targetRef(s)` attach to gateways, Services
+/// or waypoints, not to workloads, and select none here.
+pub fn authorization_applies(
+    policy: &AuthorizationPolicy,
+    namespace: &str,
+    labels: &Labels,
+) -> bool {
+    if !policy.spec.target_refs.is_empty() {
+        return false;
+    }
+    let scope = policy.namespace() == ROOT_NAMESPACE || policy.namespace() == namespace;
+    scope
+        && policy
+            .spec
+            .selector
+            .as_ref()
+            .is_none_or(|s| s.matches(labels))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_str;
+
+    #[test]
+    fn hosts_resolve_as_kubernetes_dns_does() {
+        let table = [
+            ("web", "default", "web.default.svc.cluster.local"),
+            ("web.shop", "default", "web.shop.svc.cluster.local"),
+            ("web.shop.svc", "default", "web.shop.svc.cluster.local"),
+            (
+                "web.shop.svc.cluster.local",
+                "x",
+                "web.shop.svc.cluster.local",
+            ),
+            ("*.shop.svc.cluster.local", "x", "*.shop.svc.cluster.local"),
+            ("api.example.com", "x", "api.example.com"),
+        ];
+        for (host, ns, want) in table {
+            assert_eq!(fqdn(host, ns), want, "{host} in {ns}");
+        }
+        assert!(host_matches(
+            "*.shop.svc.cluster.local",
+            "web.shop.svc.cluster.local"
+        ));
+        assert!(!host_matches(
+            "*.shop.svc.cluster.local",
+            "web.other.svc.cluster.local"
+        ));
+        assert!(host_matches("*", "anything"));
+    }
+
+    #[test]
+    fn protocol_selection_follows_istio() {
+        let port = |name: Option<&str>, app: Option<&str>| ServicePort {
+            name: name.map(Into::into),
+            app_protocol: app.map(Into::into),
+            port: 80,
+            ..Default::default()
+        };
+        let table = [
+            (port(Some("http"), None), Protocol::Http),
+            (port(Some("http-web"), None), Protocol::Http),
+            (port(Some("http2"), None), Protocol::Http2),
+            (port(Some("grpc-api"), None), Protocol::Grpc),
+            (port(Some("grpc-web"), None), Protocol::Grpc),
+            (port(Some("tcp-db"), None), Protocol::Tcp),
+            (port(Some("web"), None), Protocol::Undeclared),
+            (port(Some("httpx"), None), Protocol::Undeclared),
+            (port(None, None), Protocol::Undeclared),
+            (port(Some("tcp"), Some("http")), Protocol::Http),
+            (
+                port(Some("web"), Some("kubernetes.io/h2c")),
+                Protocol::Http2,
+            ),
+        ];
+        for (p, want) in table {
+            assert_eq!(port_protocol(&p), want, "{p:?}");
+        }
+    }
+
+    const POLICIES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: mesh, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: ns, namespace: shop}
+spec: {mtls: {mode: UNSET}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: legacy, namespace: shop}
+spec:
+  selector: {matchLabels: {app: legacy}}
+  mtls: {mode: PERMISSIVE}
+  portLevelMtls: {9000: {mode: STRICT}, 9001: {mode: UNSET}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: ignored, namespace: istio-system}
+spec:
+  selector: {matchLabels: {app: web}}
+  mtls: {mode: PERMISSIVE}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: b-newer, namespace: lab, creationTimestamp: "2026-01-02T00:00:00Z"}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: z-older, namespace: lab, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec: {mtls: {mode: PERMISSIVE}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: all, namespace: istio-system}
+spec: {action: DENY, rules: [{from: [{source: {namespaces: [evil]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web, namespace: shop}
+spec: {selector: {matchLabels: {app: web}}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: gw, namespace: shop}
+spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}], rules: [{}]}
+"#;
+
+    #[test]
+    fn peer_authentication_precedence() {
+        let r = parse_str("p.yaml", POLICIES).unwrap();
+        let labels = |app: &str| Labels::from([("app".to_string(), app.to_string())]);
+        let web = effective_mtls(&r.peer_authentications, "shop", &labels("web"));
+        // Namespace UNSET inherits the mesh's STRICT; the root-namespace selector is ignored.
+        assert_eq!(web.mode, "STRICT");
+        assert_eq!(web.policies, ["istio-system/mesh", "shop/ns"]);
+        let legacy = effective_mtls(&r.peer_authentications, "shop", &labels("legacy"));
+        assert_eq!(legacy.mode, "PERMISSIVE");
+        assert_eq!(legacy.ports[&9000], "STRICT");
+        assert_eq!(
+            legacy.ports[&9001], "PERMISSIVE",
+            "UNSET port inherits the workload mode"
+        );
+        // Two namespace-wide policies: the oldest wins.
+        let lab = effective_mtls(&r.peer_authentications, "lab", &labels("x"));
+        assert_eq!(lab.mode, "PERMISSIVE");
+        assert_eq!(lab.policies, ["istio-system/mesh", "lab/z-older"]);
+        assert_eq!(effective_mtls(&[], "x", &Labels::new()).mode, "PERMISSIVE");
+    }
+
+    #[test]
+    fn authorization_scope() {
+        let r = parse_str("p.yaml", POLICIES).unwrap();
+        let labels = |app: &str| Labels::from([("app".to_string(), app.to_string())]);
+        let applying = |ns: &str, app: &str| -> Vec<String> {
+            r.authorization_policies
+                .iter()
+                .filter(|p| authorization_applies(p, ns, &labels(app)))
+                .map(|p| p.metadata.qualified())
+                .collect()
+        };
+        assert_eq!(applying("shop", "web"), ["istio-system/all", "shop/web"]);
+        assert_eq!(applying("shop", "db"), ["istio-system/all"]);
+        assert_eq!(applying("other", "web"), ["istio-system/all"]);
+    }
+}
