@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod analyze;
 pub mod capture;
 pub mod config;
 pub mod metrics;

@@ -51,6 +51,13 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Check how the resources of all files fit together (routes to missing subsets, policies
+    /// that select nothing, ...), like `istioctl analyze`; exit 1 on errors.
+    Analyze {
+        /// Files to analyze together.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Remove every program, pin, rule and route of a node.
     Uninstall(NodeArgs),
 }
@@ -85,6 +92,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { files } => validate(&files),
+        Command::Analyze { files } => analyze(&files),
         Command::Uninstall(args) => {
             init_logging("info");
             prepare_bpffs(&args.bpffs);
@@ -129,6 +137,44 @@ fn validate(files: &[PathBuf]) -> ExitCode {
         }
     }
     if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn analyze(files: &[PathBuf]) -> ExitCode {
+    let paths: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
+    let resources = match config::load_files(&paths) {
+        Ok(resources) => resources,
+        Err(errors) => {
+            for err in errors {
+                println!("{}", err.render());
+            }
+            eprintln!("analysis needs files without errors; fix the errors above first");
+            return ExitCode::FAILURE;
+        }
+    };
+    for warning in &resources.warnings {
+        println!("{warning}");
+    }
+    let findings = mesh_node::analyze::analyze(&resources);
+    for finding in &findings {
+        println!("{finding}");
+    }
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity() == config::Severity::Error)
+        .count();
+    if findings.is_empty() && resources.warnings.is_empty() {
+        eprintln!("no problems found");
+    } else {
+        eprintln!(
+            "{errors} error(s), {} warning(s)",
+            findings.len() - errors + resources.warnings.len()
+        );
+    }
+    if errors > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

@@ -1195,7 +1195,12 @@ impl Decode for HttpCookie {
     fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
         cx.object(value, true, |f| {
             f.skip("path");
-            let _: Option<Duration> = f.opt("ttl");
+            // Unlike other durations, a cookie TTL of 0 is allowed (a session cookie).
+            if let Some(ttl) = f.opt::<String>("ttl") {
+                if let Err(why) = Duration::parse(&ttl) {
+                    f.error_at("ttl", why);
+                }
+            }
             HttpCookie {
                 name: f.req("name"),
             }

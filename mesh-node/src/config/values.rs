@@ -139,7 +139,19 @@ impl FullRegex {
                 source: source.to_string(),
                 compiled,
             })
-            .map_err(|err| format!("invalid regex {source:?}: {err}"))
+            .map_err(|err| {
+                // The parser's message draws the position over several lines; its last line
+                // says what is wrong.
+                let text = err.to_string();
+                let why = text
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim()
+                    .trim_start_matches("error: ");
+                format!("invalid regex {source:?}: {why}")
+            })
     }
 
     /// Whether the whole of `text` matches.

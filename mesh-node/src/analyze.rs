@@ -1,0 +1,673 @@
+//! `mesh-node analyze`: cross-resource checks in the spirit of `istioctl analyze`. Each finding
+//! has a stable code (Istio's where Istio has the same check, `MESH0xxx` otherwise), the
+//! resource it concerns with the file and document it came from, and a hint to fix it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use mesh_common::PORT_HBONE;
+
+use crate::config::{
+    load::{Resources, Severity},
+    model::{Labels, ObjectMeta, Pod},
+    netpol::{NetworkPolicySpec, PolicyType},
+    networking::Destination,
+    semantics::{self, ROOT_NAMESPACE},
+    values::WorkloadSelector,
+};
+
+/// A check `analyze` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Code {
+    /// A route names a host or subset that nothing defines (Istio IST0101).
+    ReferencedResourceNotFound,
+    /// Two VirtualServices for mesh traffic claim one host (Istio IST0109).
+    ConflictingVirtualServiceHosts,
+    /// An AuthorizationPolicy or PeerAuthentication selects no workload (Istio IST0127).
+    NoMatchingWorkloads,
+    /// A DestinationRule subset selects no pod of its Service (Istio IST0173).
+    SubsetSelectsNoPods,
+    /// Every destination of a route has weight 0.
+    AllWeightsZero,
+    /// A PeerAuthentication with a selector in the root namespace, which Istio ignores.
+    RootNamespaceSelectorIgnored,
+    /// `portLevelMtls` on a namespace- or mesh-wide PeerAuthentication.
+    PortLevelMtlsWithoutSelector,
+    /// HTTP routes or L7 authorization on ports that declare no HTTP protocol.
+    L7OnOpaquePort,
+    /// A NetworkPolicy blocks the HBONE port between enrolled pods.
+    NetworkPolicyBlocksHbone,
+    /// An enrolled pod runs as the namespace's `default` service account.
+    NoServiceAccount,
+}
+
+impl Code {
+    /// The stable identifier printed with each finding.
+    pub fn id(self) -> &'static str {
+        match self {
+            Code::ReferencedResourceNotFound => "IST0101",
+            Code::ConflictingVirtualServiceHosts => "IST0109",
+            Code::NoMatchingWorkloads => "IST0127",
+            Code::SubsetSelectsNoPods => "IST0173",
+            Code::AllWeightsZero => "MESH0001",
+            Code::RootNamespaceSelectorIgnored => "MESH0002",
+            Code::PortLevelMtlsWithoutSelector => "MESH0003",
+            Code::L7OnOpaquePort => "MESH0004",
+            Code::NetworkPolicyBlocksHbone => "MESH0005",
+            Code::NoServiceAccount => "MESH0006",
+        }
+    }
+
+    /// The check's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Code::ReferencedResourceNotFound => "ReferencedResourceNotFound",
+            Code::ConflictingVirtualServiceHosts => "ConflictingMeshGatewayVirtualServiceHosts",
+            Code::NoMatchingWorkloads => "NoMatchingWorkloadsFound",
+            Code::SubsetSelectsNoPods => "DestinationRuleSubsetNotSelectPods",
+            Code::AllWeightsZero => "AllRouteWeightsZero",
+            Code::RootNamespaceSelectorIgnored => "RootNamespaceSelectorIgnored",
+            Code::PortLevelMtlsWithoutSelector => "PortLevelMtlsWithoutSelector",
+            Code::L7OnOpaquePort => "L7ConfigOnOpaquePort",
+            Code::NetworkPolicyBlocksHbone => "NetworkPolicyBlocksHbone",
+            Code::NoServiceAccount => "DefaultServiceAccount",
+        }
+    }
+
+    fn severity(self) -> Severity {
+        match self {
+            Code::ReferencedResourceNotFound
+            | Code::ConflictingVirtualServiceHosts
+            | Code::SubsetSelectsNoPods
+            | Code::AllWeightsZero
+            | Code::PortLevelMtlsWithoutSelector
+            | Code::NetworkPolicyBlocksHbone => Severity::Error,
+            Code::NoMatchingWorkloads
+            | Code::RootNamespaceSelectorIgnored
+            | Code::L7OnOpaquePort
+            | Code::NoServiceAccount => Severity::Warning,
+        }
+    }
+}
+
+/// One finding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    /// The check.
+    pub code: Code,
+    /// `Kind namespace/name`.
+    pub resource: String,
+    /// `file:document` it came from.
+    pub location: String,
+    /// The field it concerns, if one.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it.
+    pub hint: String,
+}
+
+impl Finding {
+    /// Error or warning.
+    pub fn severity(&self) -> Severity {
+        self.code.severity()
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let level = match self.severity() {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(
+            f,
+            "{}:{}: {level} {} ({}) [{}]: {}; fix: {}",
+            self.location,
+            self.field,
+            self.code.id(),
+            self.code.name(),
+            self.resource,
+            self.message,
+            self.hint
+        )
+    }
+}
+
+/// Runs every check; findings are ordered by location.
+pub fn analyze(resources: &Resources) -> Vec<Finding> {
+    let mut a = Analyzer {
+        r: resources,
+        findings: Vec::new(),
+        namespaces: resources
+            .namespaces
+            .iter()
+            .map(|ns| (ns.metadata.name.as_str(), ns))
+            .collect(),
+    };
+    a.virtual_services();
+    a.destination_rules();
+    a.peer_authentications();
+    a.authorization_policies();
+    a.network_policies();
+    a.service_accounts();
+    let mut findings = a.findings;
+    findings.sort_by(|x, y| {
+        natural(&x.location)
+            .cmp(&natural(&y.location))
+            .then(x.field.cmp(&y.field))
+    });
+    findings
+}
+
+/// Sort key that orders `f.yaml:10` after `f.yaml:9`.
+fn natural(location: &str) -> (String, Vec<u64>) {
+    let (file, rest) = location.rsplit_once(':').unwrap_or((location, ""));
+    let numbers = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    (file.to_string(), numbers)
+}
+
+struct Analyzer<'a> {
+    r: &'a Resources,
+    findings: Vec<Finding>,
+    namespaces: BTreeMap<&'a str, &'a crate::config::model::Namespace>,
+}
+
+impl<'a> Analyzer<'a> {
+    fn report(
+        &mut self,
+        code: Code,
+        kind: &str,
+        meta: &ObjectMeta,
+        field: &str,
+        message: String,
+        hint: &str,
+    ) {
+        let location = self
+            .r
+            .origin(kind, meta)
+            .map(|o| format!("{}:{}", o.file, o.document))
+            .unwrap_or_default();
+        self.findings.push(Finding {
+            code,
+            resource: format!("{kind} {}", meta.qualified()),
+            location,
+            field: field.to_string(),
+            message,
+            hint: hint.to_string(),
+        });
+    }
+
+    /// Live pods with their namespace.
+    fn live_pods(&self) -> impl Iterator<Item = &'a Pod> {
+        self.r.pods.iter().filter(|p| p.live_ip().is_some())
+    }
+
+    fn enrolled(&self, pod: &Pod) -> bool {
+        semantics::pod_enrolled(pod, &self.namespaces)
+    }
+
+    /// The Service whose FQDN is `host`.
+    fn service(&self, host: &str) -> Option<&'a crate::config::model::Service> {
+        self.r
+            .services
+            .iter()
+            .find(|s| semantics::service_fqdn(&s.metadata.name, s.metadata.namespace()) == host)
+    }
+
+    /// Subset names the DestinationRules for `host` define.
+    fn subsets(&self, host: &str) -> BTreeSet<&'a str> {
+        self.r
+            .destination_rules
+            .iter()
+            .filter(|dr| semantics::fqdn(&dr.spec.host, dr.namespace()) == host)
+            .flat_map(|dr| dr.spec.subsets.iter().map(|s| s.name.as_str()))
+            .collect()
+    }
+
+    fn virtual_services(&mut self) {
+        let mut by_host: BTreeMap<String, Vec<&'a ObjectMeta>> = BTreeMap::new();
+        for vs in &self.r.virtual_services {
+            let ns = vs.namespace();
+            let meta = &vs.metadata;
+            if vs.spec.applies_to_mesh() {
+                for host in &vs.spec.hosts {
+                    by_host
+                        .entry(semantics::fqdn(host, ns))
+                        .or_default()
+                        .push(meta);
+                }
+            }
+            let mut destinations: Vec<(String, &Destination)> = Vec::new();
+            let mut route_weights: Vec<(String, Vec<Option<i32>>)> = Vec::new();
+            for (i, route) in vs.spec.http.iter().enumerate() {
+                for (j, d) in route.route.iter().enumerate() {
+                    destinations.push((
+                        format!("spec.http[{i}].route[{j}].destination"),
+                        &d.destination,
+                    ));
+                }
+                if let Some(mirror) = &route.mirror {
+                    destinations.push((format!("spec.http[{i}].mirror"), mirror));
+                }
+                for (j, m) in route.mirrors.iter().enumerate() {
+                    destinations.push((
+                        format!("spec.http[{i}].mirrors[{j}].destination"),
+                        &m.destination,
+                    ));
+                }
+                route_weights.push((
+                    format!("spec.http[{i}].route"),
+                    route.route.iter().map(|d| d.weight).collect(),
+                ));
+            }
+            for (i, route) in vs.spec.tcp.iter().enumerate() {
+                for (j, d) in route.route.iter().enumerate() {
+                    destinations.push((
+                        format!("spec.tcp[{i}].route[{j}].destination"),
+                        &d.destination,
+                    ));
+                }
+                route_weights.push((
+                    format!("spec.tcp[{i}].route"),
+                    route.route.iter().map(|d| d.weight).collect(),
+                ));
+            }
+            for (i, route) in vs.spec.tls.iter().enumerate() {
+                for (j, d) in route.route.iter().enumerate() {
+                    destinations.push((
+                        format!("spec.tls[{i}].route[{j}].destination"),
+                        &d.destination,
+                    ));
+                }
+                route_weights.push((
+                    format!("spec.tls[{i}].route"),
+                    route.route.iter().map(|d| d.weight).collect(),
+                ));
+            }
+            for (field, weights) in route_weights {
+                if weights.len() > 1 && weights.iter().all(|w| w.unwrap_or(0) == 0) {
+                    self.report(
+                        Code::AllWeightsZero,
+                        "VirtualService",
+                        meta,
+                        &field,
+                        format!(
+                            "all {} destinations have weight 0, so no traffic can be routed",
+                            weights.len()
+                        ),
+                        "give at least one destination a positive weight (weights are relative)",
+                    );
+                }
+            }
+            for (field, d) in destinations {
+                let host = semantics::fqdn(&d.host, ns);
+                let service = self.service(&host);
+                if service.is_none() {
+                    self.report(
+                        Code::ReferencedResourceNotFound,
+                        "VirtualService",
+                        meta,
+                        &format!("{field}.host"),
+                        format!("host {:?} ({host}) matches no Service", d.host),
+                        "create the Service or correct the host name",
+                    );
+                }
+                if let Some(subset) = &d.subset {
+                    if !self.subsets(&host).contains(subset.as_str()) {
+                        self.report(
+                            Code::ReferencedResourceNotFound,
+                            "VirtualService",
+                            meta,
+                            &format!("{field}.subset"),
+                            format!(
+                                "subset {subset:?} of host {host} is defined by no DestinationRule"
+                            ),
+                            "add the subset to the host's DestinationRule or correct its name",
+                        );
+                    }
+                }
+            }
+            self.l7_routes(vs);
+        }
+        for (host, owners) in by_host {
+            if owners.len() < 2 {
+                continue;
+            }
+            let names: Vec<String> = owners.iter().map(|m| m.qualified()).collect();
+            for meta in owners {
+                self.report(
+                    Code::ConflictingVirtualServiceHosts,
+                    "VirtualService",
+                    meta,
+                    "spec.hosts",
+                    format!(
+                        "host {host} is claimed by several VirtualServices for mesh traffic: {}",
+                        names.join(", ")
+                    ),
+                    "merge the routes into one VirtualService per host",
+                );
+            }
+        }
+    }
+
+    /// HTTP routes on a host whose Service ports are all undeclared or TCP stay L4.
+    fn l7_routes(&mut self, vs: &'a crate::config::model::VirtualService) {
+        if vs.spec.http.is_empty() || !vs.spec.applies_to_mesh() {
+            return;
+        }
+        for host in &vs.spec.hosts {
+            let fqdn = semantics::fqdn(host, vs.namespace());
+            let Some(service) = self.service(&fqdn) else {
+                continue;
+            };
+            let ports: BTreeSet<u32> = vs
+                .spec
+                .http
+                .iter()
+                .flat_map(|r| r.matches.iter().filter_map(|m| m.port))
+                .collect();
+            let opaque: Vec<String> = service
+                .spec
+                .ports
+                .iter()
+                .filter(|p| ports.is_empty() || ports.contains(&u32::from(p.port)))
+                .filter(|p| !semantics::port_protocol(p).is_http())
+                .map(|p| {
+                    format!(
+                        "{}{}",
+                        p.port,
+                        p.name
+                            .as_ref()
+                            .map(|n| format!(" ({n})"))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect();
+            let relevant = service
+                .spec
+                .ports
+                .iter()
+                .filter(|p| ports.is_empty() || ports.contains(&u32::from(p.port)))
+                .count();
+            if !opaque.is_empty() && opaque.len() == relevant {
+                self.report(
+                    Code::L7OnOpaquePort,
+                    "VirtualService",
+                    &vs.metadata,
+                    "spec.http",
+                    format!(
+                        "HTTP routes for {fqdn}, whose port(s) {} declare no HTTP protocol: traffic stays L4 and these routes do not apply",
+                        opaque.join(", ")
+                    ),
+                    "name the Service port http-<suffix> (or grpc-, http2-) or set appProtocol: http",
+                );
+            }
+        }
+    }
+
+    fn destination_rules(&mut self) {
+        for dr in &self.r.destination_rules {
+            let host = semantics::fqdn(&dr.spec.host, dr.namespace());
+            let Some(service) = self.service(&host) else {
+                continue;
+            };
+            let selector = service.spec.selector.clone().unwrap_or_default();
+            let svc_ns = service.metadata.namespace();
+            for (i, subset) in dr.spec.subsets.iter().enumerate() {
+                let selects = self.live_pods().any(|p| {
+                    p.metadata.namespace() == svc_ns
+                        && !selector.is_empty()
+                        && contains(&p.metadata.labels, &selector)
+                        && contains(&p.metadata.labels, &subset.labels)
+                });
+                // Services without a selector have hand-made endpoints: nothing to check.
+                if !selects && !selector.is_empty() {
+                    self.report(
+                        Code::SubsetSelectsNoPods,
+                        "DestinationRule",
+                        &dr.metadata,
+                        &format!("spec.subsets[{i}].labels"),
+                        format!(
+                            "subset {:?} selects no pod of Service {}: requests routed to it fail with 503 (no healthy upstream)",
+                            subset.name,
+                            service.metadata.qualified()
+                        ),
+                        "correct the subset's labels or deploy pods that carry them",
+                    );
+                }
+            }
+        }
+    }
+
+    fn selects_any(&self, namespace: &str, selector: &WorkloadSelector) -> bool {
+        self.live_pods().any(|p| {
+            (namespace == ROOT_NAMESPACE || p.metadata.namespace() == namespace)
+                && selector.matches(&p.metadata.labels)
+        })
+    }
+
+    fn peer_authentications(&mut self) {
+        for pa in &self.r.peer_authentications {
+            let ns = pa.namespace();
+            let meta = &pa.metadata;
+            if pa.spec.has_selector() && ns == ROOT_NAMESPACE {
+                self.report(
+                    Code::RootNamespaceSelectorIgnored,
+                    "PeerAuthentication",
+                    meta,
+                    "spec.selector",
+                    format!("a PeerAuthentication with a selector in the root namespace {ROOT_NAMESPACE} is ignored by Istio"),
+                    "move it to the namespace of the workloads it should select, or remove the selector to make it mesh-wide",
+                );
+            } else if let Some(selector) =
+                pa.spec.selector.as_ref().filter(|_| pa.spec.has_selector())
+            {
+                if !self.selects_any(ns, selector) {
+                    self.report(
+                        Code::NoMatchingWorkloads,
+                        "PeerAuthentication",
+                        meta,
+                        "spec.selector",
+                        format!("the selector matches no workload in namespace {ns}"),
+                        "correct the selector's labels or its namespace",
+                    );
+                }
+            }
+            if !pa.spec.port_level_mtls.is_empty() && !pa.spec.has_selector() {
+                self.report(
+                    Code::PortLevelMtlsWithoutSelector,
+                    "PeerAuthentication",
+                    meta,
+                    "spec.portLevelMtls",
+                    "portLevelMtls needs a workload selector; Istio refuses it on a mesh- or namespace-wide policy".into(),
+                    "add a selector for the workloads whose ports it concerns",
+                );
+            }
+        }
+    }
+
+    fn authorization_policies(&mut self) {
+        for ap in &self.r.authorization_policies {
+            let ns = ap.namespace();
+            let meta = &ap.metadata;
+            if let Some(selector) = &ap.spec.selector {
+                if !selector.match_labels.is_empty() && !self.selects_any(ns, selector) {
+                    self.report(
+                        Code::NoMatchingWorkloads,
+                        "AuthorizationPolicy",
+                        meta,
+                        "spec.selector",
+                        format!(
+                            "the selector matches no workload{}",
+                            if ns == ROOT_NAMESPACE {
+                                String::new()
+                            } else {
+                                format!(" in namespace {ns}")
+                            }
+                        ),
+                        "correct the selector's labels or its namespace",
+                    );
+                }
+            }
+            if !ap.spec.uses_l7() || !ap.spec.target_refs.is_empty() {
+                continue;
+            }
+            // The policy's workloads, and whether any Service port reaching them is HTTP.
+            let selected: Vec<&Pod> = self
+                .live_pods()
+                .filter(|p| {
+                    semantics::authorization_applies(ap, p.metadata.namespace(), &p.metadata.labels)
+                })
+                .collect();
+            if selected.is_empty() {
+                continue;
+            }
+            let http = self.r.services.iter().any(|svc| {
+                let selector = svc.spec.selector.clone().unwrap_or_default();
+                !selector.is_empty()
+                    && svc
+                        .spec
+                        .ports
+                        .iter()
+                        .any(|p| semantics::port_protocol(p).is_http())
+                    && selected.iter().any(|p| {
+                        p.metadata.namespace() == svc.metadata.namespace()
+                            && contains(&p.metadata.labels, &selector)
+                    })
+            });
+            if !http {
+                self.report(
+                    Code::L7OnOpaquePort,
+                    "AuthorizationPolicy",
+                    meta,
+                    "spec.rules",
+                    "HTTP conditions (methods, paths, hosts, request principals or request.* keys) on workloads no HTTP Service port reaches: they are enforced at L4, where an ALLOW rule with HTTP conditions never matches and a DENY rule matches all traffic".into(),
+                    "declare the Service port's protocol (name http-<suffix> or appProtocol: http), or use only L4 conditions",
+                );
+            }
+        }
+    }
+
+    fn network_policies(&mut self) {
+        let enrolled: Vec<&Pod> = self.live_pods().filter(|p| self.enrolled(p)).collect();
+        let namespace_labels = |ns: &str| -> Labels {
+            self.namespaces
+                .get(ns)
+                .map(|n| n.metadata.labels.clone())
+                .unwrap_or_default()
+        };
+        let mut found = Vec::new();
+        for np in &self.r.network_policies {
+            let ns = np.namespace();
+            let spec: &NetworkPolicySpec = &np.spec;
+            let types = spec.types();
+            let selected: Vec<&&Pod> = enrolled
+                .iter()
+                .filter(|p| {
+                    p.metadata.namespace() == ns && spec.pod_selector.matches(&p.metadata.labels)
+                })
+                .collect();
+            for pod in selected {
+                for peer in &enrolled {
+                    if peer.metadata.name == pod.metadata.name
+                        && peer.metadata.namespace() == pod.metadata.namespace()
+                    {
+                        continue;
+                    }
+                    let ip = |p: &Pod| p.live_ip().unwrap_or(Ipv4Addr::UNSPECIFIED);
+                    let peer_ns = peer.metadata.namespace();
+                    if types.contains(&PolicyType::Ingress) {
+                        let allowed = spec.ingress.iter().any(|rule| {
+                            (rule.from.is_empty()
+                                || rule.from.iter().any(|f| {
+                                    f.matches_pod(
+                                        ns,
+                                        peer_ns,
+                                        &namespace_labels(peer_ns),
+                                        &peer.metadata.labels,
+                                        ip(peer),
+                                    )
+                                }))
+                                && (rule.ports.is_empty()
+                                    || rule.ports.iter().any(|p| p.covers_tcp(PORT_HBONE)))
+                        });
+                        if !allowed {
+                            found.push((np, "spec.ingress", format!("incoming port {PORT_HBONE} (HBONE) to enrolled pod {} from enrolled pod {}", pod.metadata.qualified(), peer.metadata.qualified())));
+                            break;
+                        }
+                    }
+                    if types.contains(&PolicyType::Egress) {
+                        let allowed = spec.egress.iter().any(|rule| {
+                            (rule.to.is_empty()
+                                || rule.to.iter().any(|t| {
+                                    t.matches_pod(
+                                        ns,
+                                        peer_ns,
+                                        &namespace_labels(peer_ns),
+                                        &peer.metadata.labels,
+                                        ip(peer),
+                                    )
+                                }))
+                                && (rule.ports.is_empty()
+                                    || rule.ports.iter().any(|p| p.covers_tcp(PORT_HBONE)))
+                        });
+                        if !allowed {
+                            found.push((np, "spec.egress", format!("outgoing port {PORT_HBONE} (HBONE) from enrolled pod {} to enrolled pod {}", pod.metadata.qualified(), peer.metadata.qualified())));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        for (np, field, what) in found {
+            self.report(
+                Code::NetworkPolicyBlocksHbone,
+                "NetworkPolicy",
+                &np.metadata,
+                field,
+                format!("blocks {what}; mesh traffic between enrolled pods travels on that port"),
+                "allow TCP port 15008 between the enrolled pods in the policy's rules",
+            );
+        }
+    }
+
+    fn service_accounts(&mut self) {
+        let unnamed: Vec<&'a Pod> = self
+            .r
+            .pods
+            .iter()
+            .filter(|p| p.live_ip().is_some() && self.enrolled(p))
+            .filter(|p| {
+                p.spec
+                    .service_account_name
+                    .as_deref()
+                    .unwrap_or("")
+                    .is_empty()
+            })
+            .collect();
+        for pod in unnamed {
+            self.report(
+                Code::NoServiceAccount,
+                "Pod",
+                &pod.metadata,
+                "spec.serviceAccountName",
+                format!(
+                    "enrolled pod runs as the default service account, so its identity {} is shared with every other such pod of the namespace and policies cannot tell them apart",
+                    semantics::spiffe_id(pod.metadata.namespace(), "default")
+                ),
+                "give the workload its own ServiceAccount (spec.serviceAccountName)",
+            );
+        }
+    }
+}
+
+fn contains(labels: &Labels, wanted: &Labels) -> bool {
+    wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
