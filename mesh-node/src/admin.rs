@@ -133,12 +133,16 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/debug/state" => {
             let state = admin.state.load();
             let datapath = admin.datapath.lock().map(|d| d.clone()).unwrap_or_default();
+            let mut services: Vec<_> = state.services.values().collect();
+            services.sort_by_key(|s| s.vip);
             json(&serde_json::json!({
                 "generation": state.generation,
                 "node": state.node,
                 "local_enrolled": state.local_enrolled(),
                 "workloads": state.workloads.values().collect::<Vec<_>>(),
-                "services": state.services.values().collect::<Vec<_>>(),
+                "services": services,
+                "virtual_services": state.virtual_services,
+                "destination_rules": state.destination_rules,
                 "datapath": datapath,
             }))
         }

@@ -516,12 +516,50 @@ impl Cluster {
 
     /// A kernel counter from node `name`'s metrics (`mesh_kernel_packets_total{decision}`).
     pub fn kernel_counter(&self, name: &str, decision: &str) -> Result<u64> {
+        self.metric(
+            name,
+            &format!("mesh_kernel_packets_total{{decision=\"{decision}\"}}"),
+        )
+    }
+
+    /// Node `name`'s datapath as `/debug/state` shows it: the links carrying the capture
+    /// program, and the pod IPs in the kernel's enrolled map.
+    pub fn datapath_view(&self, name: &str) -> Result<(Vec<String>, Vec<String>)> {
+        let state = self.debug_state(name)?;
+        let datapath = &state["datapath"];
+        let strings = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        };
+        let links = datapath["links"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l[1].as_str().map(str::to_string))
+            .collect();
+        Ok((links, strings(&datapath["enrolled"])))
+    }
+
+    /// Node `name`'s `/debug/state` document.
+    pub fn debug_state(&self, name: &str) -> Result<serde_json::Value> {
+        let (status, body) = self.admin_get(name, "/debug/state")?;
+        if status != 200 {
+            bail!("/debug/state answered {status}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// The value of one series (`name{labels}` exactly as exposed) of node `name`'s metrics.
+    pub fn metric(&self, name: &str, series: &str) -> Result<u64> {
         let (_, body) = self.admin_get(name, "/metrics")?;
-        let needle = format!("mesh_kernel_packets_total{{decision=\"{decision}\"}} ");
+        let needle = format!("{series} ");
         body.lines()
             .find_map(|l| l.strip_prefix(&needle))
             .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| anyhow!("no {needle} in metrics"))
+            .ok_or_else(|| anyhow!("no {series} in metrics"))
     }
 
     /// Moves kube-proxy's jump to the top of PREROUTING on node `name`, as a kube-proxy

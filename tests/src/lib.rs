@@ -31,3 +31,17 @@ macro_rules! require_root {
         }
     };
 }
+
+/// Polls `f` every 20 ms until it holds; panics naming `what` after 10 s. Returns how long it
+/// took.
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    while !f() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    started.elapsed()
+}

@@ -8,7 +8,7 @@ use mesh_tests::{
     apps::{transfer, Behaviour, Server},
     cluster::Cluster,
     fixtures::{TWO_NODES, WEB_PORT},
-    require_root,
+    require_root, wait_until,
 };
 
 const BYTES: u64 = 64 * 1024 * 1024;
@@ -137,35 +137,8 @@ fn traffic_between_pods_outside_the_mesh_bypasses_the_proxy() {
     );
 }
 
-/// Links carrying the capture program, and the kernel's enrolled pods, on node-a.
 fn debug_state(cluster: &Cluster) -> (Vec<String>, Vec<String>) {
-    let (_, body) = cluster.admin_get("node-a", "/debug/state").unwrap();
-    let state: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let datapath = &state["datapath"];
-    let links = datapath["links"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l[1].as_str().unwrap().to_string())
-        .collect();
-    let enrolled = datapath["enrolled"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|ip| ip.as_str().unwrap().to_string())
-        .collect();
-    (links, enrolled)
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !f() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    cluster.datapath_view("node-a").unwrap()
 }
 
 #[test]
