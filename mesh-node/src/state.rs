@@ -284,10 +284,14 @@ fn index_virtual_services(
     let mut out: BTreeMap<String, Vec<_>> = BTreeMap::new();
     for vs in list.iter().filter(|vs| vs.spec.applies_to_mesh()) {
         let shared = Arc::new(vs.clone());
-        for host in &vs.spec.hosts {
-            out.entry(semantics::fqdn(host, vs.namespace()))
-                .or_default()
-                .push(Ref(shared.clone()));
+        let hosts: BTreeSet<String> = vs
+            .spec
+            .hosts
+            .iter()
+            .map(|host| semantics::fqdn(host, vs.namespace()))
+            .collect();
+        for host in hosts {
+            out.entry(host).or_default().push(Ref(shared.clone()));
         }
     }
     out
@@ -524,5 +528,75 @@ spec:
             panic!("VIP not resolved")
         };
         assert_eq!(target.endpoints, ["100.65.1.9:8181".parse().unwrap()]);
+    }
+
+    #[test]
+    fn workloads_carry_identity_and_the_policies_that_select_them() {
+        let policies = r#"
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: mesh}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-only, namespace: mesh}
+spec: {selector: {matchLabels: {app: web}}, rules: [{from: [{source: {namespaces: [mesh]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: everyone, namespace: istio-system}
+spec: {action: AUDIT, rules: [{}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: mesh}
+spec: {hosts: [web, web.mesh.svc.cluster.local], http: [{route: [{destination: {host: web}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ingress-only, namespace: mesh}
+spec: {hosts: [web], gateways: [gw], http: [{route: [{destination: {host: web}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: new, namespace: mesh, creationTimestamp: "2026-02-01T00:00:00Z"}
+spec: {host: web}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: old, namespace: mesh, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec: {host: web.mesh}
+"#;
+        let text = format!("{CONFIG}{policies}");
+        let state = State::build(&parse_str("t.yaml", &text).unwrap(), "n1", 1);
+        let a = &state.workloads[&"100.65.0.2".parse().unwrap()];
+        assert_eq!(a.identity, "spiffe://cluster.local/ns/mesh/sa/default");
+        assert_eq!(a.mtls.mode, "STRICT");
+        let names: Vec<String> = a
+            .authorization
+            .iter()
+            .map(|p| p.0.metadata.qualified())
+            .collect();
+        assert_eq!(names, ["mesh/web-only", "istio-system/everyone"]);
+        let d = &state.workloads[&"100.65.0.4".parse().unwrap()];
+        assert_eq!(d.mtls.mode, "PERMISSIVE", "namespace plain has no policy");
+        assert_eq!(d.authorization.len(), 1, "only the mesh-wide policy");
+        let host = "web.mesh.svc.cluster.local";
+        // Both spellings of the host index the one VirtualService; the gateway-only one is out.
+        let vs: Vec<String> = state.virtual_services[host]
+            .iter()
+            .map(|v| v.0.metadata.name.clone())
+            .collect();
+        assert_eq!(vs, ["web"]);
+        assert_eq!(state.destination_rules[host].0.metadata.name, "old");
+        let Resolution::Service(target) = state.resolve("100.66.0.10:80".parse().unwrap()) else {
+            panic!("VIP not resolved")
+        };
+        assert_eq!(target.host, host);
+        assert_eq!(target.protocol, Protocol::Http);
+        let json = serde_json::to_value(&state).unwrap();
+        assert_eq!(json["destination_rules"][host], "mesh/old");
     }
 }

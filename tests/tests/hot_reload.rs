@@ -27,13 +27,16 @@ fn initial() -> String {
     )
 }
 
+/// Answers by who answered, and failures with their errors.
+type Tally = (BTreeMap<String, usize>, Vec<String>);
+
 /// Traffic that runs until stopped (at most 60 s or 5,000 calls): new connections to the
 /// Service VIP from a1, and one long echo session from a1 to a2, all through node-a's proxy.
 struct Load<'s> {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::ScopedJoinHandle<'s, ()>>,
     /// Greetings by answering pod, and failures with their errors.
-    answers: Arc<Mutex<(BTreeMap<String, usize>, Vec<String>)>>,
+    answers: Arc<Mutex<Tally>>,
 }
 
 impl<'s> Load<'s> {
@@ -94,7 +97,7 @@ impl<'s> Load<'s> {
             .unwrap_or(0)
     }
 
-    fn finish(self) -> (BTreeMap<String, usize>, Vec<String>) {
+    fn finish(self) -> Tally {
         self.stop.store(true, Ordering::Relaxed);
         for thread in self.threads {
             thread.join().unwrap();
@@ -105,9 +108,7 @@ impl<'s> Load<'s> {
 }
 
 fn generation(cluster: &Cluster) -> u64 {
-    cluster
-        .metric("node-a", "mesh_config_generation")
-        .unwrap()
+    cluster.metric("node-a", "mesh_config_generation").unwrap()
 }
 
 fn endpoints(cluster: &Cluster) -> Vec<String> {
@@ -223,7 +224,11 @@ fn edits_under_load<'s, 'e>(scope: &'s std::thread::Scope<'s, 'e>, cluster: &'s 
          enrolled after {enrol_delay:?}; answers {answers:?}"
     );
     assert!(failures.is_empty(), "failed connections: {failures:#?}");
-    assert_eq!(answers.get("session"), Some(&1), "the open session kept going");
+    assert_eq!(
+        answers.get("session"),
+        Some(&1),
+        "the open session kept going"
+    );
     for (what, delay) in [("endpoint", endpoint_delay), ("enrolment", enrol_delay)] {
         assert!(
             delay < Duration::from_secs(1),

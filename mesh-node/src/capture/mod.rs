@@ -108,6 +108,8 @@ pub struct Datapath {
     attached: BTreeMap<u32, String>,
     /// Links the program could not be attached to (retried): name -> error.
     failed: BTreeMap<String, String>,
+    /// The enrolled set the bridge guard's ipset last received, if it is known to be current.
+    guard_set: Option<BTreeSet<Ipv4Addr>>,
     /// Exclusive lock on the pin directory: one mesh-node per node.
     _lock: std::os::fd::OwnedFd,
 }
@@ -182,6 +184,7 @@ impl Datapath {
             listeners,
             attached: BTreeMap::new(),
             failed: BTreeMap::new(),
+            guard_set: None,
             _lock: lock,
         };
         datapath.load_programs()?;
@@ -352,6 +355,11 @@ impl Datapath {
         // while the kernel captures them: pods leave the set before they leave the map, and
         // join it after they joined the map.
         let have = self.enrolled();
+        if have == *want && self.guard_set.as_ref() == Some(want) {
+            // Most config changes do not touch enrolment: no map or ipset work at all.
+            return Ok(());
+        }
+        self.guard_set = None;
         let staying: BTreeSet<Ipv4Addr> = have.intersection(want).copied().collect();
         if staying.len() < have.len() {
             routing::sync_enrolled_set(&staying)?;
@@ -367,7 +375,9 @@ impl Datapath {
                 .insert(key(ip), EnrolledPod::default(), 0)
                 .map_err(map_error(maps::ENROLLED))?;
         }
-        routing::sync_enrolled_set(want)
+        routing::sync_enrolled_set(want)?;
+        self.guard_set = Some(want.clone());
+        Ok(())
     }
 
     /// The pods in the kernel's enrolled map.
