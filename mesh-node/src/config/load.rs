@@ -732,4 +732,59 @@ metadata: {name: d}
         let err = parse_str("s.yaml", "apiVersion: v1\nkind: [\n").unwrap_err();
         assert!(err.render().starts_with("s.yaml:1::"), "{}", err.render());
     }
+
+    #[test]
+    fn every_namespaced_kind_defaults_to_the_default_namespace() {
+        let docs = [
+            ("v1", "Pod", ""),
+            ("v1", "Service", ""),
+            (
+                "discovery.k8s.io/v1",
+                "EndpointSlice",
+                "addressType: IPv4\n",
+            ),
+            (
+                "networking.k8s.io/v1",
+                "NetworkPolicy",
+                "spec: {podSelector: {}}\n",
+            ),
+            (
+                "networking.istio.io/v1",
+                "VirtualService",
+                "spec: {hosts: [a], tcp: [{route: [{destination: {host: a}}]}]}\n",
+            ),
+            (
+                "networking.istio.io/v1beta1",
+                "DestinationRule",
+                "spec: {host: a}\n",
+            ),
+            ("security.istio.io/v1", "PeerAuthentication", "spec: {}\n"),
+            (
+                "security.istio.io/v1beta1",
+                "AuthorizationPolicy",
+                "spec: {}\n",
+            ),
+        ];
+        for (api, kind, rest) in docs {
+            for (namespace, want) in [("", "default"), ("namespace: shop, ", "shop")] {
+                let text = format!(
+                    "apiVersion: {api}\nkind: {kind}\nmetadata: {{{namespace}name: x}}\n{rest}"
+                );
+                let r = parse_str("n.yaml", &text).unwrap_or_else(|e| panic!("{kind}: {e}"));
+                let got: Vec<&str> = r
+                    .pods
+                    .iter()
+                    .map(|p| p.metadata.namespace())
+                    .chain(r.services.iter().map(|s| s.metadata.namespace()))
+                    .chain(r.endpoint_slices.iter().map(|s| s.metadata.namespace()))
+                    .chain(r.network_policies.iter().map(|p| p.namespace()))
+                    .chain(r.virtual_services.iter().map(|p| p.namespace()))
+                    .chain(r.destination_rules.iter().map(|p| p.namespace()))
+                    .chain(r.peer_authentications.iter().map(|p| p.namespace()))
+                    .chain(r.authorization_policies.iter().map(|p| p.namespace()))
+                    .collect();
+                assert_eq!(got, [want], "{kind} with {namespace:?}");
+            }
+        }
+    }
 }

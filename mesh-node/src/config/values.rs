@@ -607,6 +607,35 @@ mod tests {
     }
 
     #[test]
+    fn durations_round_trip_through_every_unit_combination() {
+        // A property over a grid of values: h/m/s/ms components, printed the way people
+        // write them, parse back to the same total.
+        for h in [0u64, 1, 25] {
+            for m in [0u64, 1, 59] {
+                for s in [0u64, 1, 30] {
+                    for ms in [0u64, 1, 250, 999] {
+                        let mut text = String::new();
+                        for (n, unit) in [(h, "h"), (m, "m"), (s, "s"), (ms, "ms")] {
+                            if n > 0 {
+                                text.push_str(&format!("{n}{unit}"));
+                            }
+                        }
+                        if text.is_empty() {
+                            continue;
+                        }
+                        let want = ((h * 60 + m) * 60 + s) * 1000 + ms;
+                        let got = Duration::parse(&text).unwrap();
+                        assert_eq!(got.0.as_millis() as u64, want, "{text}");
+                        // The same total as fractional seconds.
+                        let seconds = format!("{}.{:03}s", want / 1000, want % 1000);
+                        assert_eq!(Duration::parse(&seconds), Ok(got), "{seconds}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn regex_is_an_anchored_full_match() {
         let re = FullRegex::new("/api/.*").unwrap();
         assert!(re.is_match("/api/v1"));
