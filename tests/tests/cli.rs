@@ -100,7 +100,7 @@ fn validate_reports_errors_and_warnings_with_exit_codes() {
 
     let good = write(
         "good.yaml",
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\n",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
     );
     let out = validate(&good);
     assert_eq!(out.status.code(), Some(0));

@@ -65,10 +65,21 @@ impl<S: Decode + Default> Decode for Resource<S> {
         cx.object(value, true, |f| {
             f.skip("kind");
             f.skip("status");
+            let api_version = f.req("apiVersion");
+            let metadata = f.req("metadata");
+            // A missing spec is an empty one (`AuthorizationPolicy` with no spec denies
+            // everything it selects, as `spec: {}` does); the spec's own rules still apply.
+            let spec = if f.has("spec") {
+                f.opt("spec")
+            } else {
+                f.skip("spec");
+                let empty = Value::Mapping(Default::default());
+                f.cx().at("spec", |cx| S::decode(&empty, cx))
+            };
             Resource {
-                api_version: f.req("apiVersion"),
-                metadata: f.req("metadata"),
-                spec: f.req("spec"),
+                api_version,
+                metadata,
+                spec: spec.unwrap_or_default(),
             }
         })
     }
