@@ -30,6 +30,8 @@ pub enum Code {
     NoMatchingWorkloads,
     /// A DestinationRule subset selects no pod of its Service (Istio IST0173).
     SubsetSelectsNoPods,
+    /// A DestinationRule's host matches no Service (Istio IST0174).
+    UnknownDestinationRuleHost,
     /// Every destination of a route has weight 0.
     AllWeightsZero,
     /// A PeerAuthentication with a selector in the root namespace, which Istio ignores.
@@ -52,6 +54,7 @@ impl Code {
             Code::ConflictingVirtualServiceHosts => "IST0109",
             Code::NoMatchingWorkloads => "IST0127",
             Code::SubsetSelectsNoPods => "IST0173",
+            Code::UnknownDestinationRuleHost => "IST0174",
             Code::AllWeightsZero => "MESH0001",
             Code::RootNamespaceSelectorIgnored => "MESH0002",
             Code::PortLevelMtlsWithoutSelector => "MESH0003",
@@ -68,6 +71,7 @@ impl Code {
             Code::ConflictingVirtualServiceHosts => "ConflictingMeshGatewayVirtualServiceHosts",
             Code::NoMatchingWorkloads => "NoMatchingWorkloadsFound",
             Code::SubsetSelectsNoPods => "DestinationRuleSubsetNotSelectPods",
+            Code::UnknownDestinationRuleHost => "UnknownDestinationRuleHost",
             Code::AllWeightsZero => "AllRouteWeightsZero",
             Code::RootNamespaceSelectorIgnored => "RootNamespaceSelectorIgnored",
             Code::PortLevelMtlsWithoutSelector => "PortLevelMtlsWithoutSelector",
@@ -86,6 +90,7 @@ impl Code {
             | Code::PortLevelMtlsWithoutSelector
             | Code::NetworkPolicyBlocksHbone => Severity::Error,
             Code::NoMatchingWorkloads
+            | Code::UnknownDestinationRuleHost
             | Code::RootNamespaceSelectorIgnored
             | Code::L7OnOpaquePort
             | Code::NoServiceAccount => Severity::Warning,
@@ -416,6 +421,19 @@ impl<'a> Analyzer<'a> {
         for dr in &self.r.destination_rules {
             let host = semantics::fqdn(&dr.spec.host, dr.namespace());
             let Some(service) = self.service(&host) else {
+                if !host.contains('*') {
+                    self.report(
+                        Code::UnknownDestinationRuleHost,
+                        "DestinationRule",
+                        &dr.metadata,
+                        "spec.host",
+                        format!(
+                            "host {:?} ({host}) matches no Service: the rule applies to nothing",
+                            dr.spec.host
+                        ),
+                        "correct the host, or create the Service",
+                    );
+                }
                 continue;
             };
             let selector = service.spec.selector.clone().unwrap_or_default();

@@ -174,6 +174,12 @@ fn analyze_reports_each_problem_of_the_crafted_file() {
             "error MESH0005",
             "NetworkPolicy default/web-8080",
         ),
+        (
+            "12",
+            "spec.host",
+            "warning IST0174",
+            "DestinationRule default/typo",
+        ),
     ];
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), want.len(), "{out}");
@@ -186,7 +192,7 @@ fn analyze_reports_each_problem_of_the_crafted_file() {
         assert!(line.contains(&format!("[{resource}]")), "{line}");
         assert!(line.contains("; fix: "), "every finding has a hint: {line}");
     }
-    assert!(err.contains("8 error(s), 6 warning(s)"), "{err}");
+    assert!(err.contains("8 error(s), 7 warning(s)"), "{err}");
 }
 
 #[test]
