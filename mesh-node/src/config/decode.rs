@@ -108,6 +108,16 @@ impl Cx {
         self.within(Segment::Key(key.to_string()), f)
     }
 
+    /// Runs `f` with list index `i` appended to the current path.
+    pub fn item<T>(&mut self, i: usize, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.within(Segment::Index(i), f)
+    }
+
+    /// Runs `f` with map entry `key` appended to the current path.
+    pub fn entry<T>(&mut self, key: &str, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.within(Segment::Entry(key.to_string()), f)
+    }
+
     /// Decodes a mapping through [`Fields`]; `strict` warns about fields `build` did not read.
     /// `None` (after recording an error) when `value` is not a mapping.
     pub fn object<T>(
@@ -213,6 +223,30 @@ impl Fields<'_, '_> {
     pub fn error_at(&mut self, key: &str, message: impl Into<String>) {
         let message = message.into();
         self.cx.at(key, |cx| cx.error(message));
+    }
+
+    /// Records an error at item `i` of list field `key` (`key[i]`).
+    pub fn error_item(&mut self, key: &str, i: usize, message: impl Into<String>) {
+        let message = message.into();
+        self.cx.at(key, |cx| cx.item(i, |cx| cx.error(message)));
+    }
+
+    /// Records an error at entry `entry` of map field `key` (`key["entry"]`).
+    pub fn error_entry(&mut self, key: &str, entry: &str, message: impl Into<String>) {
+        let message = message.into();
+        self.cx
+            .at(key, |cx| cx.entry(entry, |cx| cx.error(message)));
+    }
+
+    /// Whether `key` is present and decodes as `T` without error (records nothing).
+    pub fn valid<T: Decode>(&self, key: &str) -> bool {
+        match self.map.get(key) {
+            None | Some(Value::Null) => false,
+            Some(value) => {
+                let mut scratch = Cx::default();
+                T::decode(value, &mut scratch).is_some() && scratch.errors() == 0
+            }
+        }
     }
 
     /// Records a warning at field `key` of this object.

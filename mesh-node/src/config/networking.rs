@@ -45,13 +45,14 @@ impl Decode for VirtualServiceSpec {
                 tcp: f.list("tcp"),
                 export_to: f.list("exportTo"),
             };
+            let mut seen = BTreeSet::new();
             for (i, host) in spec.hosts.iter().enumerate() {
                 if host == "*" && spec.applies_to_mesh() {
-                    f.error_at("hosts", "`*` is not allowed for mesh traffic");
+                    f.error_item("hosts", i, "`*` is not allowed for mesh traffic");
                 } else if let Err(why) = check_host(host) {
-                    f.cx().at("hosts", |cx| {
-                        cx.at(&format!("{i}"), |cx| cx.error(why.clone()));
-                    });
+                    f.error_item("hosts", i, why);
+                } else if !seen.insert(host) {
+                    f.error_item("hosts", i, format!("{host:?} is listed twice"));
                 }
             }
             if spec.http.is_empty()
@@ -93,12 +94,13 @@ pub fn check_host(host: &str) -> Result<(), String> {
 
 fn check_export_to(f: &mut Fields<'_, '_>, export_to: &[String]) {
     let mut seen = BTreeSet::new();
-    for entry in export_to {
+    for (i, entry) in export_to.iter().enumerate() {
         if !seen.insert(entry) {
-            f.error_at("exportTo", format!("{entry:?} is listed twice"));
+            f.error_item("exportTo", i, format!("{entry:?} is listed twice"));
         } else if entry != "." && entry != "*" && check_host(entry).is_err() {
-            f.error_at(
+            f.error_item(
                 "exportTo",
+                i,
                 format!("{entry:?} is not `.`, `*` or a namespace name"),
             );
         }
@@ -211,8 +213,8 @@ pub struct HttpMatchRequest {
     pub method: Option<StringMatch>,
     /// `Host`/`:authority`.
     pub authority: Option<StringMatch>,
-    /// Headers (lower-case names).
-    pub headers: BTreeMap<String, StringMatch>,
+    /// Headers (names are matched case-insensitively).
+    pub headers: BTreeMap<String, HeaderMatch>,
     /// Destination port.
     pub port: Option<u32>,
     /// Labels the source workload must have.
@@ -224,7 +226,7 @@ pub struct HttpMatchRequest {
     /// Compare the path case-insensitively.
     pub ignore_uri_case: bool,
     /// Headers that must not match.
-    pub without_headers: BTreeMap<String, StringMatch>,
+    pub without_headers: BTreeMap<String, HeaderMatch>,
     /// Namespace the source workload must be in.
     pub source_namespace: Option<String>,
     /// Stat prefix (recorded, unused).
@@ -260,26 +262,40 @@ impl Decode for HttpMatchRequest {
                             .chars()
                             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
                     if !valid {
-                        f.error_at(
-                            field,
-                            format!("{name:?} is not a header name (letters, digits, - and _)"),
-                        );
+                        f.error_entry(field, name, "not a header name (letters, digits, - and _)");
                     }
                 }
             }
             for (name, matcher) in &m.query_params {
                 if matcher.is_prefix() {
-                    f.error_at(
+                    f.error_entry(
                         "queryParams",
-                        format!(
-                            "{name:?}: Istio supports only exact and regex for query parameters"
-                        ),
+                        name,
+                        "Istio supports only exact and regex for query parameters",
                     );
                 }
             }
             check_port(f, "port", m.port);
             m
         })
+    }
+}
+
+/// A header condition: `{}` (present) or a string match.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HeaderMatch {
+    /// The header is present, whatever its value.
+    Present,
+    /// The header's value matches.
+    Value(StringMatch),
+}
+
+impl Decode for HeaderMatch {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        match value {
+            Value::Mapping(map) if map.is_empty() => Some(HeaderMatch::Present),
+            other => StringMatch::decode(other, cx).map(HeaderMatch::Value),
+        }
     }
 }
 
@@ -338,7 +354,9 @@ impl Decode for Destination {
     fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
         cx.object(value, true, |f| {
             let host: String = f.req("host");
-            if !host.is_empty() {
+            if host.contains('*') {
+                f.error_at("host", "a destination host cannot be a wildcard");
+            } else if !host.is_empty() {
                 if let Err(why) = check_host(&host) {
                     f.error_at("host", why);
                 }
@@ -408,16 +426,27 @@ impl Decode for HttpRedirect {
                 port: f.opt("port"),
                 derive_port: f.opt("derivePort"),
                 scheme: f.opt("scheme"),
-                redirect_code: f.opt("redirectCode").unwrap_or(301),
+                redirect_code: f.opt("redirectCode").filter(|c| *c != 0).unwrap_or(301),
             };
-            if ![301, 302, 303, 307, 308].contains(&r.redirect_code) {
+            if !(300..=399).contains(&r.redirect_code) {
                 f.error_at(
                     "redirectCode",
-                    format!(
-                        "{} is not a redirect code (301, 302, 303, 307, 308)",
-                        r.redirect_code
-                    ),
+                    format!("{} is not a redirect code (3xx)", r.redirect_code),
                 );
+            }
+            if !["uri", "authority", "scheme", "port", "derivePort"]
+                .iter()
+                .any(|k| f.has(k))
+            {
+                f.cx()
+                    .error("a redirect needs at least one of uri, authority, scheme or port");
+            }
+            if let Some(scheme) = r
+                .scheme
+                .as_deref()
+                .filter(|s| !["http", "https"].contains(s))
+            {
+                f.error_at("scheme", format!("{scheme:?} is not http or https"));
             }
             if f.has("port") && f.has("derivePort") {
                 f.error_at("derivePort", "use either port or derivePort, not both");
@@ -514,20 +543,39 @@ impl Decode for HttpRewrite {
     }
 }
 
-/// `RegexRewrite`.
+/// `RegexRewrite`: every substring of the path matching `pattern` is replaced (as Envoy's
+/// `regex_rewrite` does; anchor with `^...$` to replace the whole path).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RegexRewrite {
-    /// The pattern (RE2).
-    pub pattern: Option<super::values::FullRegex>,
+    /// The pattern (RE2, not anchored).
+    pub pattern: String,
     /// The replacement (`\1` for groups).
     pub rewrite: String,
 }
 
 impl Decode for RegexRewrite {
     fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
-        cx.object(value, true, |f| RegexRewrite {
-            pattern: f.opt("match"),
-            rewrite: f.req("rewrite"),
+        cx.object(value, true, |f| {
+            let pattern: String = f.req("match");
+            if f.has("match") {
+                if let Err(err) = regex::RegexBuilder::new(&pattern)
+                    .size_limit(1 << 20)
+                    .build()
+                {
+                    let why = err.to_string();
+                    let why = why
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                        .trim_start_matches("error: ")
+                        .to_string();
+                    f.error_at("match", format!("invalid regex {pattern:?}: {why}"));
+                }
+            }
+            RegexRewrite {
+                pattern,
+                rewrite: f.req("rewrite"),
+            }
         })
     }
 }
@@ -563,6 +611,10 @@ pub struct HttpRetry {
     pub retry_on: Option<String>,
     /// Retry on other localities.
     pub retry_remote_localities: bool,
+    /// Avoid hosts already tried.
+    pub retry_ignore_previous_hosts: Option<bool>,
+    /// Base interval between retries (Envoy's default 25ms).
+    pub backoff: Option<Duration>,
 }
 
 impl Decode for HttpRetry {
@@ -573,11 +625,14 @@ impl Decode for HttpRetry {
                 per_try_timeout: f.opt("perTryTimeout"),
                 retry_on: f.opt("retryOn"),
                 retry_remote_localities: f.flag("retryRemoteLocalities"),
+                retry_ignore_previous_hosts: f.opt("retryIgnorePreviousHosts"),
+                backoff: f.opt("backoff"),
             };
             if r.attempts < 0 {
                 f.error_at("attempts", "attempts must not be negative");
             }
-            if r.attempts == 0 {
+            let attempts_known = !f.has("attempts") || f.valid::<i32>("attempts");
+            if r.attempts == 0 && attempts_known {
                 for key in ["perTryTimeout", "retryOn", "retryRemoteLocalities"] {
                     if f.has(key) {
                         f.error_at(key, "has no effect with attempts 0 (no retries)");
@@ -863,9 +918,9 @@ impl Decode for TlsMatchAttributes {
 }
 
 fn check_subnets(f: &mut Fields<'_, '_>, subnets: &[String]) {
-    for subnet in subnets {
+    for (i, subnet) in subnets.iter().enumerate() {
         if let Err(why) = super::values::Cidr::parse(subnet) {
-            f.error_at("destinationSubnets", why);
+            f.error_item("destinationSubnets", i, why);
         }
     }
 }
@@ -979,10 +1034,11 @@ impl Decode for DestinationRuleSpec {
                 }
             }
             let mut names = BTreeSet::new();
-            for subset in &spec.subsets {
+            for (i, subset) in spec.subsets.iter().enumerate() {
                 if !subset.name.is_empty() && !names.insert(subset.name.as_str()) {
-                    f.error_at(
+                    f.error_item(
                         "subsets",
+                        i,
                         format!("subset {:?} is defined twice", subset.name),
                     );
                 }
@@ -1376,8 +1432,11 @@ impl Decode for OutlierDetection {
                 max_ejection_percent: f.opt("maxEjectionPercent"),
                 min_health_percent: f.opt("minHealthPercent"),
             };
+            let split_known = !f.has("splitExternalLocalOriginErrors")
+                || f.valid::<bool>("splitExternalLocalOriginErrors");
             if o.consecutive_local_origin_failures.is_some()
                 && !o.split_external_local_origin_errors
+                && split_known
             {
                 f.error_at(
                     "consecutiveLocalOriginFailures",
@@ -1500,11 +1559,11 @@ mod tests {
              retries: {attempts: 2, retryOn: '5xx,bogus,503'}, timeout: 1x}",
         );
         let want = [
-            "match[0].headers: \"user agent\" is not a header name (letters, digits, - and _)",
-            "match[0].queryParams: \"q\": Istio supports only exact and regex for query parameters",
+            "match[0].headers[\"user agent\"]: not a header name (letters, digits, - and _)",
+            "match[0].queryParams[\"q\"]: Istio supports only exact and regex for query parameters",
             "match[0].port: port 0 is not between 1 and 65535",
             "route[0].weight: weight must not be negative",
-            "redirect.redirectCode: 200 is not a redirect code (301, 302, 303, 307, 308)",
+            "redirect.redirectCode: 200 is not a redirect code (3xx)",
         ];
         for w in want {
             assert!(found.iter().any(|f| f == w), "missing {w:?} in {found:#?}");
@@ -1570,5 +1629,43 @@ mod tests {
                 .any(|f| f.contains("`*` must be the only entry")),
             "{found:#?}"
         );
+    }
+
+    #[test]
+    fn presence_matches_retry_fields_and_one_error_per_mistake() {
+        let value: Value = serde_yaml_ng::from_str(
+            "{headers: {x-user: {}}, withoutHeaders: {x-debug: {exact: '1'}}}",
+        )
+        .unwrap();
+        let mut cx = Cx::default();
+        let m = HttpMatchRequest::decode(&value, &mut cx).unwrap();
+        assert_eq!(cx.errors(), 0);
+        assert_eq!(m.headers["x-user"], HeaderMatch::Present);
+        let found = errors::<HttpRetry>(
+            "{attempts: 2, retryOn: 5xx, backoff: 50ms, retryIgnorePreviousHosts: true}",
+        );
+        assert!(found.is_empty(), "{found:#?}");
+        // A bad attempts value is one error, not also "no effect with attempts 0".
+        let found = errors::<HttpRetry>("{attempts: '3', retryOn: 5xx}");
+        assert_eq!(found.len(), 1, "{found:#?}");
+        let found = errors::<VirtualServiceSpec>(
+            "{hosts: [a, b, a, 'x_y'], tcp: [{route: [{destination: {host: '*'}}]}]}",
+        );
+        assert_eq!(
+            found,
+            [
+                "tcp[0].route[0].destination.host: a destination host cannot be a wildcard",
+                "hosts[2]: \"a\" is listed twice",
+                "hosts[3]: \"x_y\" is not a valid host (a DNS name, optionally starting with `*.`)",
+            ]
+        );
+        let found = errors::<HttpRedirect>("{redirectCode: 0}");
+        assert_eq!(
+            found,
+            [": a redirect needs at least one of uri, authority, scheme or port"]
+        );
+        assert!(errors::<HttpRedirect>("{uri: /x, redirectCode: 399}").is_empty());
+        let found = errors::<HttpRewrite>("{uriRegexRewrite: {rewrite: /x}}");
+        assert_eq!(found, ["uriRegexRewrite.match: required field is missing"]);
     }
 }

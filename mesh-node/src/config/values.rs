@@ -1,7 +1,10 @@
 //! Value types shared by the resources, with Istio's and Kubernetes' rules: durations,
 //! string matches, label selectors, ports by number or name, percentages, CIDRs.
 
-use std::{fmt, net::Ipv4Addr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use serde_yaml_ng::Value;
 
@@ -418,11 +421,12 @@ impl Decode for Ipv4Addr {
     }
 }
 
-/// An IPv4 network (`10.0.0.0/8`; a bare address is a /32).
+/// An IP network (`10.0.0.0/8`; a bare address is a /32). IPv6 networks are accepted (for
+/// dual-stack configs) but never match: the mesh carries IPv4 only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {
     /// Network address.
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// Prefix length.
     pub prefix: u8,
 }
@@ -430,40 +434,54 @@ pub struct Cidr {
 impl Default for Cidr {
     fn default() -> Self {
         Cidr {
-            addr: Ipv4Addr::UNSPECIFIED,
+            addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             prefix: 32,
         }
     }
 }
 
 impl Cidr {
-    /// Parses `a.b.c.d/len` or `a.b.c.d`.
+    /// Parses `address/length` or a bare address, IPv4 or IPv6.
     pub fn parse(text: &str) -> Result<Cidr, String> {
-        let (addr, prefix) = text.split_once('/').unwrap_or((text, "32"));
-        let addr: Ipv4Addr = addr
+        let addr: IpAddr = text
+            .split_once('/')
+            .map_or(text, |(addr, _)| addr)
             .parse()
-            .map_err(|_| format!("{text:?} is not an IPv4 address or CIDR"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("{text:?} has an invalid prefix length"))?;
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = match text.split_once('/') {
+            None => max,
+            Some((_, len)) => len
+                .parse()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?} has an invalid prefix length"))?,
+        };
         Ok(Cidr { addr, prefix })
     }
 
-    /// Whether `ip` is inside.
+    /// Whether IPv4 address `ip` is inside.
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let IpAddr::V4(net) = self.addr else {
+            return false;
+        };
         let mask = u32::MAX
             .checked_shl(32 - u32::from(self.prefix))
             .unwrap_or(0);
-        u32::from(ip) & mask == u32::from(self.addr) & mask
+        u32::from(ip) & mask == u32::from(net) & mask
     }
 }
 
 impl Decode for Cidr {
     fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
         let text = String::decode(value, cx)?;
-        Cidr::parse(&text).map_err(|err| cx.error(err)).ok()
+        let cidr = Cidr::parse(&text).map_err(|err| cx.error(err)).ok()?;
+        if cidr.addr.is_ipv6() {
+            cx.warn(format!(
+                "{text:?} is IPv6; the mesh carries IPv4 only, so it never matches"
+            ));
+        }
+        Some(cidr)
     }
 }
 
@@ -487,7 +505,9 @@ impl Decode for Percent {
     }
 }
 
-/// An AuthorizationPolicy string: exact, `prefix*`, `*suffix`, or `*` (anything present).
+/// An AuthorizationPolicy string: exact, `prefix*`, `*suffix`, or `*` (anything present);
+/// for paths also Istio's templates, `/api/{*}/info` (one segment) and `/data/{**}` (zero or
+/// more segments, last only).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Pattern {
     /// Equal to this.
@@ -498,12 +518,16 @@ pub enum Pattern {
     Suffix(String),
     /// Any non-empty value.
     Any,
+    /// A path template, by segment (`{*}`, `{**}` or literal).
+    Template(Vec<String>),
 }
 
 impl Pattern {
-    /// Reads Istio's syntax.
+    /// Reads Istio's syntax (without checking it: see the decoder).
     pub fn parse(text: &str) -> Pattern {
-        if text == "*" {
+        if text.contains("{*}") || text.contains("{**}") {
+            Pattern::Template(text.split('/').map(str::to_string).collect())
+        } else if text == "*" {
             Pattern::Any
         } else if let Some(prefix) = text.strip_suffix('*') {
             Pattern::Prefix(prefix.to_string())
@@ -521,6 +545,21 @@ impl Pattern {
             Pattern::Prefix(prefix) => value.starts_with(prefix.as_str()),
             Pattern::Suffix(suffix) => value.ends_with(suffix.as_str()),
             Pattern::Any => !value.is_empty(),
+            Pattern::Template(segments) => {
+                let got: Vec<&str> = value.split('/').collect();
+                let mut i = 0;
+                for (n, want) in segments.iter().enumerate() {
+                    match want.as_str() {
+                        // Zero or more segments: the rest, whatever it is.
+                        "{**}" => return n == segments.len() - 1,
+                        "{*}" if got.get(i).is_some_and(|g| !g.is_empty()) => {}
+                        literal if got.get(i) == Some(&literal) => {}
+                        _ => return false,
+                    }
+                    i += 1;
+                }
+                i == got.len()
+            }
         }
     }
 }
@@ -532,7 +571,26 @@ impl Decode for Pattern {
             cx.error("must not be empty");
             return None;
         }
-        if text.len() > 1 && text[1..text.len() - 1].contains('*') {
+        if text.contains("{*}") || text.contains("{**}") {
+            let segments: Vec<&str> = text.split('/').collect();
+            let bad = !text.starts_with('/')
+                || segments.iter().enumerate().any(|(i, seg)| match *seg {
+                    "{*}" => false,
+                    "{**}" => i != segments.len() - 1,
+                    literal => literal.contains(['*', '{', '}']),
+                });
+            if bad {
+                cx.error(format!(
+                    "{text:?}: a path template starts with `/`, uses `{{*}}` for one segment and \
+                     `{{**}}` only as the last segment, and no other `*`"
+                ));
+                return None;
+            }
+            return Some(Pattern::parse(&text));
+        }
+        let inner = text.strip_prefix('*').unwrap_or(&text);
+        let inner = inner.strip_suffix('*').unwrap_or(inner);
+        if text != "*" && inner.contains('*') {
             cx.error(format!(
                 "{text:?}: `*` is only allowed at the start or the end (or alone)"
             ));
@@ -740,6 +798,12 @@ mod tests {
             .unwrap()
             .contains("1.2.3.4".parse().unwrap()));
         assert!(Cidr::parse("1.2.3.4/33").is_err());
+        let v6 = Cidr::parse("::/0").unwrap();
+        assert!(
+            !v6.contains("1.2.3.4".parse().unwrap()),
+            "IPv6 never matches"
+        );
+        assert!(Cidr::parse("fd00::/129").is_err());
     }
 
     #[test]
@@ -750,5 +814,18 @@ mod tests {
         assert!(p("*/sa/admin").matches("td/ns/a/sa/admin"));
         assert!(p("*").matches("x") && !p("*").matches(""));
         assert!(decode::<Pattern>("'a*b'").is_err());
+        // Multi-byte characters at either end must not trip the `*` check.
+        assert_eq!(
+            decode::<Pattern>("/café"),
+            Ok(Pattern::Exact("/café".into()))
+        );
+        assert_eq!(decode::<Pattern>("é*"), Ok(Pattern::Prefix("é".into())));
+        let one = decode::<Pattern>("'/api/{*}/info'").unwrap();
+        assert!(one.matches("/api/v1/info") && !one.matches("/api/v1/x/info"));
+        assert!(!one.matches("/api//info"));
+        let rest = decode::<Pattern>("'/data/{**}'").unwrap();
+        assert!(rest.matches("/data/a/b/c") && rest.matches("/data/") && !rest.matches("/other/a"));
+        assert!(decode::<Pattern>("'/data/{**}/x'").is_err());
+        assert!(decode::<Pattern>("'/a*/{*}'").is_err());
     }
 }
