@@ -218,7 +218,9 @@ impl Decode for NetworkPolicyPort {
                     );
                 }
             }
+            let port_known = !f.has("port") || f.valid::<IntOrString>("port");
             match (&p.port, p.end_port) {
+                _ if !port_known => {}
                 (Some(IntOrString::Int(start)), Some(end)) if end < *start => {
                     f.error_at("endPort", "must not be below port")
                 }

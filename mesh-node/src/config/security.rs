@@ -57,6 +57,8 @@ impl Decode for PeerAuthenticationSpec {
     fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
         cx.object(value, true, |f| {
             let mtls = f.opt::<MutualTls>("mtls").map(|m| m.0);
+            let empty_map =
+                matches!(value.get("portLevelMtls"), Some(Value::Mapping(m)) if m.is_empty());
             let raw: BTreeMap<String, MutualTls> = f.map("portLevelMtls");
             let mut port_level_mtls = BTreeMap::new();
             for (port, mode) in raw {
@@ -64,13 +66,14 @@ impl Decode for PeerAuthenticationSpec {
                     Ok(p) if p > 0 => {
                         port_level_mtls.insert(p, mode.0);
                     }
-                    _ => f.error_at(
+                    _ => f.error_entry(
                         "portLevelMtls",
-                        format!("{port:?} is not a port number between 1 and 65535"),
+                        &port,
+                        "not a port number between 1 and 65535",
                     ),
                 }
             }
-            if f.has("portLevelMtls") && port_level_mtls.is_empty() && f.cx().errors() == 0 {
+            if empty_map {
                 f.error_at("portLevelMtls", "must not be empty when present");
             }
             let spec = PeerAuthenticationSpec {
@@ -119,6 +122,9 @@ pub struct AuthorizationPolicySpec {
     pub action: Action,
     /// External authorizer (CUSTOM only).
     pub provider: Option<String>,
+    /// Whether `action` was absent or valid (a misspelled one falls back to ALLOW with an
+    /// error, and its consequences are not reported again).
+    action_valid: bool,
 }
 
 impl AuthorizationPolicySpec {
@@ -170,19 +176,22 @@ impl Decode for AuthorizationPolicySpec {
                 target_refs,
                 rules: f.list("rules"),
                 action: f.opt("action").unwrap_or_default(),
+                action_valid: !f.has("action") || f.valid::<Action>("action"),
                 provider: f.opt::<Provider>("provider").map(|p| p.0),
             };
             if f.has("selector") && (f.has("targetRef") || f.has("targetRefs")) {
                 f.error_at("selector", "use either selector or targetRef(s), not both");
             }
+            let no_rules =
+                spec.rules.is_empty() && (!f.has("rules") || f.valid::<Vec<Rule>>("rules"));
             match spec.action {
+                // A misspelled action is reported once, not again through its consequences.
+                _ if !spec.action_valid => {}
                 Action::Custom if spec.provider.is_none() => {
                     f.error_at("provider", "CUSTOM needs a provider")
                 }
-                Action::Custom if !f.has("rules") => {
-                    f.error_at("rules", "CUSTOM needs at least one rule")
-                }
-                Action::Deny if !f.has("rules") => f.error_at(
+                Action::Custom if no_rules => f.error_at("rules", "CUSTOM needs at least one rule"),
+                Action::Deny if no_rules => f.error_at(
                     "rules",
                     "DENY needs at least one rule (a DENY with no rules would match nothing)",
                 ),
@@ -317,23 +326,26 @@ impl Decode for Source {
                 remote_ip_blocks: f.list("remoteIpBlocks"),
                 not_remote_ip_blocks: f.list("notRemoteIpBlocks"),
             };
-            if !s.service_accounts.is_empty() && !s.principals.is_empty() {
+            let accounts = !s.service_accounts.is_empty() || !s.not_service_accounts.is_empty();
+            let identities = ["principals", "notPrincipals", "namespaces", "notNamespaces"];
+            if accounts && identities.iter().any(|k| f.has(k)) {
                 f.error_at(
                     "serviceAccounts",
-                    "use either serviceAccounts or principals, not both",
+                    "serviceAccounts cannot be combined with principals or namespaces (or their not- forms)",
                 );
             }
             for (key, list) in [
                 ("serviceAccounts", &s.service_accounts),
                 ("notServiceAccounts", &s.not_service_accounts),
             ] {
-                for sa in list {
-                    if sa.split('/').count() != 2 || sa.contains('*') {
-                        f.error_at(key, format!("{sa:?} is not of the form namespace/name"));
+                for (i, sa) in list.iter().enumerate() {
+                    let parts: Vec<&str> = sa.split('/').collect();
+                    if parts.len() > 2 || parts.iter().any(|p| p.is_empty()) || sa.contains('*') {
+                        f.error_item(key, i, format!("{sa:?} is not `name` or `namespace/name`"));
                     }
                 }
             }
-            reject_empty(f, value_keys(value));
+            reject_empty(f, value, &SOURCE_FIELDS);
             s
         })
     }
@@ -394,25 +406,52 @@ impl Decode for Operation {
                 paths: f.list("paths"),
                 not_paths: f.list("notPaths"),
             };
-            reject_empty(f, value_keys(value));
+            reject_empty(f, value, &OPERATION_FIELDS);
             o
         })
     }
 }
 
-fn value_keys(value: &Value) -> usize {
-    value.as_mapping().map_or(0, |m| {
-        m.values()
-            .filter(|v| !matches!(v, Value::Null))
-            .filter(|v| !matches!(v, Value::Sequence(s) if s.is_empty()))
-            .count()
-    })
-}
+/// The fields of `Source`.
+const SOURCE_FIELDS: [&str; 12] = [
+    "principals",
+    "notPrincipals",
+    "requestPrincipals",
+    "notRequestPrincipals",
+    "namespaces",
+    "notNamespaces",
+    "serviceAccounts",
+    "notServiceAccounts",
+    "ipBlocks",
+    "notIpBlocks",
+    "remoteIpBlocks",
+    "notRemoteIpBlocks",
+];
 
-fn reject_empty(f: &mut Fields<'_, '_>, non_empty_fields: usize) {
-    if non_empty_fields == 0 {
-        f.cx()
-            .error("must set at least one field (an empty source or operation is refused)");
+/// The fields of `Operation`.
+const OPERATION_FIELDS: [&str; 8] = [
+    "hosts",
+    "notHosts",
+    "ports",
+    "notPorts",
+    "methods",
+    "notMethods",
+    "paths",
+    "notPaths",
+];
+
+/// Istio refuses an empty source or operation, which would match everything. Only known
+/// fields count: a misspelled one (`principal:`) must not make an ALLOW rule match everyone.
+fn reject_empty(f: &mut Fields<'_, '_>, value: &Value, fields: &[&str]) {
+    let set = fields.iter().any(|key| {
+        !matches!(value.get(key), None | Some(Value::Null))
+            && !matches!(value.get(key), Some(Value::Sequence(s)) if s.is_empty())
+    });
+    if !set {
+        f.cx().error(format!(
+            "must set at least one of {} (an empty one would match everything)",
+            fields.join(", ")
+        ));
     }
 }
 
@@ -484,9 +523,11 @@ impl Decode for Condition {
             ];
             for (key, valid) in checks {
                 if c.key == key {
-                    for v in c.values.iter().chain(&c.not_values) {
-                        if !valid(v) {
-                            f.error_at("values", format!("{v:?} is not valid for {key}"));
+                    for (field, list) in [("values", &c.values), ("notValues", &c.not_values)] {
+                        for (i, v) in list.iter().enumerate() {
+                            if !valid(v) {
+                                f.error_item(field, i, format!("{v:?} is not valid for {key}"));
+                            }
                         }
                     }
                 }
@@ -561,7 +602,7 @@ rules:
             "rules[0].from: must not be an empty list (leave it out instead)",
             "rules[0].to[0].operation.ports[0]: \"http\" is not a port number (0-65535)",
             "rules[0].when[1]: a condition needs values or notValues",
-            "rules[1].from[0].source: must set at least one field (an empty source or operation is refused)",
+            "rules[1].from[0].source: must set at least one of principals, notPrincipals, requestPrincipals, notRequestPrincipals, namespaces, notNamespaces, serviceAccounts, notServiceAccounts, ipBlocks, notIpBlocks, remoteIpBlocks, notRemoteIpBlocks (an empty one would match everything)",
         ];
         for w in want {
             assert!(found.iter().any(|f| f == w), "missing {w:?} in {found:#?}");
@@ -595,5 +636,51 @@ rules:
             "{mtls: {mode: strict}, portLevelMtls: {0: {mode: STRICT}}}",
         );
         assert_eq!(found.len(), 2, "{found:#?}");
+    }
+
+    #[test]
+    fn a_misspelled_field_never_leaves_a_source_that_matches_everyone() {
+        let (_, found) = decode::<AuthorizationPolicySpec>(
+            "{rules: [{from: [{source: {principal: [cluster.local/ns/a/sa/b]}}]}]}",
+        );
+        assert!(
+            found
+                .iter()
+                .any(|f| f.starts_with("rules[0].from[0].source: must set at least one of")),
+            "{found:#?}"
+        );
+        assert!(found
+            .iter()
+            .any(|f| f.starts_with("rules[0].from[0].source.principal: unknown field")));
+        // A field with a bad value is one error, not also "empty source".
+        let (_, found) =
+            decode::<AuthorizationPolicySpec>("{rules: [{to: [{operation: {ports: [http]}}]}]}");
+        assert_eq!(found.len(), 1, "{found:#?}");
+        // A misspelled action is one error, not also "provider is only for CUSTOM".
+        let (_, found) = decode::<AuthorizationPolicySpec>(
+            "{action: custom, provider: {name: ext}, rules: [{}]}",
+        );
+        assert_eq!(found.len(), 1, "{found:#?}");
+        let (_, found) = decode::<AuthorizationPolicySpec>("{action: DENY, rules: []}");
+        assert_eq!(
+            found,
+            ["rules: DENY needs at least one rule (a DENY with no rules would match nothing)"]
+        );
+        let (spec, found) = decode::<AuthorizationPolicySpec>(
+            "{rules: [{from: [{source: {serviceAccounts: [api, ops/tool]}}], when: [{key: source.ip, notValues: [bad]}]}]}",
+        );
+        assert_eq!(
+            found,
+            ["rules[0].when[0].notValues[0]: \"bad\" is not valid for source.ip"]
+        );
+        assert!(spec.is_some());
+        let (_, found) = decode::<PeerAuthenticationSpec>(
+            "{selector: {matchLabels: {a: b}}, mtls: {mode: BAD}, portLevelMtls: {}}",
+        );
+        assert_eq!(
+            found.len(),
+            2,
+            "empty portLevelMtls is reported despite another error: {found:#?}"
+        );
     }
 }
