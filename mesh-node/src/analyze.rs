@@ -12,7 +12,7 @@ use mesh_common::PORT_HBONE;
 
 use crate::config::{
     load::{Resources, Severity},
-    model::{Labels, ObjectMeta, Pod},
+    model::{Labels, ObjectMeta, Pod, VirtualService},
     netpol::{NetworkPolicySpec, PolicyType},
     networking::Destination,
     semantics::{self, ROOT_NAMESPACE},
@@ -237,16 +237,19 @@ impl<'a> Analyzer<'a> {
     }
 
     fn virtual_services(&mut self) {
-        let mut by_host: BTreeMap<String, Vec<&'a ObjectMeta>> = BTreeMap::new();
+        let mut by_host: BTreeMap<String, Vec<&'a VirtualService>> = BTreeMap::new();
         for vs in &self.r.virtual_services {
             let ns = vs.namespace();
             let meta = &vs.metadata;
             if vs.spec.applies_to_mesh() {
-                for host in &vs.spec.hosts {
-                    by_host
-                        .entry(semantics::fqdn(host, ns))
-                        .or_default()
-                        .push(meta);
+                let hosts: BTreeSet<String> = vs
+                    .spec
+                    .hosts
+                    .iter()
+                    .map(|h| semantics::fqdn(h, ns))
+                    .collect();
+                for host in hosts {
+                    by_host.entry(host).or_default().push(vs);
                 }
             }
             let mut destinations: Vec<(String, &Destination)> = Vec::new();
@@ -342,19 +345,25 @@ impl<'a> Analyzer<'a> {
             self.l7_routes(vs);
         }
         for (host, owners) in by_host {
-            if owners.len() < 2 {
-                continue;
-            }
-            let names: Vec<String> = owners.iter().map(|m| m.qualified()).collect();
-            for meta in owners {
+            for vs in &owners {
+                // Conflicts only where both are visible (exportTo), as Istio's analyzer keys
+                // hosts by their export scope.
+                let others: Vec<String> = owners
+                    .iter()
+                    .filter(|o| !std::ptr::eq(**o, *vs) && visible_together(vs, o))
+                    .map(|o| o.metadata.qualified())
+                    .collect();
+                if others.is_empty() {
+                    continue;
+                }
                 self.report(
                     Code::ConflictingVirtualServiceHosts,
                     "VirtualService",
-                    meta,
+                    &vs.metadata,
                     "spec.hosts",
                     format!(
-                        "host {host} is claimed by several VirtualServices for mesh traffic: {}",
-                        names.join(", ")
+                        "host {host} is also claimed for mesh traffic by {}",
+                        others.join(", ")
                     ),
                     "merge the routes into one VirtualService per host",
                 );
@@ -573,73 +582,75 @@ impl<'a> Analyzer<'a> {
         }
     }
 
+    /// NetworkPolicies add up: a pod selected by any policy of a direction is isolated there,
+    /// and a peer is admitted when some rule of some of those policies admits it. Flagged: an
+    /// enrolled peer admitted on some port but on no rule that covers 15008 (mesh traffic
+    /// between enrolled pods travels on it), reported once per policy and direction. Peers
+    /// blocked on every port are blocked on purpose and not reported.
     fn network_policies(&mut self) {
-        let enrolled: Vec<&Pod> = self.live_pods().filter(|p| self.enrolled(p)).collect();
+        let enrolled: Vec<&'a Pod> = self.live_pods().filter(|p| self.enrolled(p)).collect();
         let namespace_labels = |ns: &str| -> Labels {
             self.namespaces
                 .get(ns)
                 .map(|n| n.metadata.labels.clone())
                 .unwrap_or_default()
         };
+        let policies = &self.r.network_policies;
+        let mut reported = BTreeSet::new();
         let mut found = Vec::new();
-        for np in &self.r.network_policies {
-            let ns = np.namespace();
-            let spec: &NetworkPolicySpec = &np.spec;
-            let types = spec.types();
-            let selected: Vec<&&Pod> = enrolled
-                .iter()
-                .filter(|p| {
-                    p.metadata.namespace() == ns && spec.pod_selector.matches(&p.metadata.labels)
-                })
-                .collect();
-            for pod in selected {
+        for direction in [PolicyType::Ingress, PolicyType::Egress] {
+            for pod in &enrolled {
+                let ns = pod.metadata.namespace();
+                let selecting: Vec<(usize, &NetworkPolicySpec)> = policies
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, np)| {
+                        np.namespace() == ns
+                            && np.spec.types().contains(&direction)
+                            && np.spec.pod_selector.matches(&pod.metadata.labels)
+                    })
+                    .map(|(i, np)| (i, &np.spec))
+                    .collect();
                 for peer in &enrolled {
-                    if peer.metadata.name == pod.metadata.name
-                        && peer.metadata.namespace() == pod.metadata.namespace()
-                    {
+                    if std::ptr::eq(*peer, *pod) {
                         continue;
                     }
-                    let ip = |p: &Pod| p.live_ip().unwrap_or(Ipv4Addr::UNSPECIFIED);
                     let peer_ns = peer.metadata.namespace();
-                    if types.contains(&PolicyType::Ingress) {
-                        let allowed = spec.ingress.iter().any(|rule| {
-                            (rule.from.is_empty()
-                                || rule.from.iter().any(|f| {
-                                    f.matches_pod(
+                    let peer_ip = peer.live_ip().unwrap_or(Ipv4Addr::UNSPECIFIED);
+                    let peer_labels = namespace_labels(peer_ns);
+                    let mut admitting = BTreeSet::new();
+                    let mut hbone = false;
+                    for (i, spec) in &selecting {
+                        for (peers, ports) in rules(spec, direction) {
+                            let matches = peers.is_empty()
+                                || peers.iter().any(|p| {
+                                    p.matches_pod(
                                         ns,
                                         peer_ns,
-                                        &namespace_labels(peer_ns),
+                                        &peer_labels,
                                         &peer.metadata.labels,
-                                        ip(peer),
+                                        peer_ip,
                                     )
-                                }))
-                                && (rule.ports.is_empty()
-                                    || rule.ports.iter().any(|p| p.covers_tcp(PORT_HBONE)))
-                        });
-                        if !allowed {
-                            found.push((np, "spec.ingress", format!("incoming port {PORT_HBONE} (HBONE) to enrolled pod {} from enrolled pod {}", pod.metadata.qualified(), peer.metadata.qualified())));
-                            break;
+                                });
+                            if matches {
+                                admitting.insert(*i);
+                                hbone |= ports.is_empty()
+                                    || ports.iter().any(|p| p.covers_tcp(PORT_HBONE));
+                            }
                         }
                     }
-                    if types.contains(&PolicyType::Egress) {
-                        let allowed = spec.egress.iter().any(|rule| {
-                            (rule.to.is_empty()
-                                || rule.to.iter().any(|t| {
-                                    t.matches_pod(
-                                        ns,
-                                        peer_ns,
-                                        &namespace_labels(peer_ns),
-                                        &peer.metadata.labels,
-                                        ip(peer),
-                                    )
-                                }))
-                                && (rule.ports.is_empty()
-                                    || rule.ports.iter().any(|p| p.covers_tcp(PORT_HBONE)))
-                        });
-                        if !allowed {
-                            found.push((np, "spec.egress", format!("outgoing port {PORT_HBONE} (HBONE) from enrolled pod {} to enrolled pod {}", pod.metadata.qualified(), peer.metadata.qualified())));
-                            break;
+                    if hbone {
+                        continue;
+                    }
+                    for i in admitting {
+                        if !reported.insert((i, direction)) {
+                            continue;
                         }
+                        let (field, what) = match direction {
+                            PolicyType::Ingress => ("spec.ingress", format!("incoming port {PORT_HBONE} (HBONE) to enrolled pod {} from enrolled pod {}", pod.metadata.qualified(), peer.metadata.qualified())),
+                            PolicyType::Egress => ("spec.egress", format!("outgoing port {PORT_HBONE} (HBONE) from enrolled pod {} to enrolled pod {}", pod.metadata.qualified(), peer.metadata.qualified())),
+                        };
+                        found.push((&policies[i], field, what));
                     }
                 }
             }
@@ -650,8 +661,8 @@ impl<'a> Analyzer<'a> {
                 "NetworkPolicy",
                 &np.metadata,
                 field,
-                format!("blocks {what}; mesh traffic between enrolled pods travels on that port"),
-                "allow TCP port 15008 between the enrolled pods in the policy's rules",
+                format!("admits other ports but blocks {what}; mesh traffic between enrolled pods travels on that port"),
+                "allow TCP port 15008 wherever the policies admit enrolled pods",
             );
         }
     }
@@ -686,6 +697,153 @@ impl<'a> Analyzer<'a> {
     }
 }
 
+/// The (peers, ports) of each rule of `spec` in `direction`.
+fn rules(
+    spec: &NetworkPolicySpec,
+    direction: PolicyType,
+) -> Vec<(
+    &[crate::config::netpol::Peer],
+    &[crate::config::netpol::NetworkPolicyPort],
+)> {
+    match direction {
+        PolicyType::Ingress => spec
+            .ingress
+            .iter()
+            .map(|r| (r.from.as_slice(), r.ports.as_slice()))
+            .collect(),
+        PolicyType::Egress => spec
+            .egress
+            .iter()
+            .map(|r| (r.to.as_slice(), r.ports.as_slice()))
+            .collect(),
+    }
+}
+
+/// The namespaces a VirtualService is visible in; `None` for all.
+fn visibility(vs: &VirtualService) -> Option<BTreeSet<&str>> {
+    let export = &vs.spec.export_to;
+    if export.is_empty() || export.iter().any(|e| e == "*") {
+        return None;
+    }
+    Some(
+        export
+            .iter()
+            .map(|e| if e == "." { vs.namespace() } else { e.as_str() })
+            .collect(),
+    )
+}
+
+fn visible_together(a: &VirtualService, b: &VirtualService) -> bool {
+    match (visibility(a), visibility(b)) {
+        (Some(x), Some(y)) => !x.is_disjoint(&y),
+        _ => true,
+    }
+}
+
 fn contains(labels: &Labels, wanted: &Labels) -> bool {
     wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_str;
+
+    fn codes(yaml: &str) -> Vec<String> {
+        let resources = parse_str("a.yaml", yaml).unwrap();
+        analyze(&resources)
+            .iter()
+            .map(|f| format!("{} {}", f.code.id(), f.resource))
+            .collect()
+    }
+
+    const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, labels: {app: web}}
+spec: {serviceAccountName: web}
+status: {podIP: 100.65.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api, labels: {app: api}}
+spec: {serviceAccountName: api}
+status: {podIP: 100.65.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: batch, labels: {app: batch}}
+spec: {serviceAccountName: batch}
+status: {podIP: 100.65.0.4}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 100.66.0.1, selector: {app: web}, ports: [{name: http, port: 80}]}
+"#;
+
+    #[test]
+    fn network_policies_add_up_and_peers_blocked_on_purpose_are_not_reported() {
+        let policies = r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-api}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: api}}}], ports: [{port: 80}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: hbone}
+spec:
+  podSelector: {}
+  ingress: [{ports: [{port: 15008}]}]
+"#;
+        assert_eq!(codes(&format!("{BASE}{policies}")), Vec::<String>::new());
+        // Without the HBONE policy, only the policy that admits api on port 80 is at fault,
+        // once, although it selects one pod and batch is also blocked (on purpose).
+        let without = policies.split("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: hbone}").next().unwrap();
+        assert_eq!(
+            codes(&format!("{BASE}{without}")),
+            ["MESH0005 NetworkPolicy default/web-from-api"]
+        );
+    }
+
+    #[test]
+    fn virtual_services_conflict_only_where_both_are_visible() {
+        let vs = |name: &str, ns: &str, export: &str| {
+            format!("---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{hosts: [web.default.svc.cluster.local], exportTo: [{export}], http: [{{route: [{{destination: {{host: web.default.svc.cluster.local}}}}]}}]}}\n")
+        };
+        let private = format!(
+            "{BASE}{}{}",
+            vs("a", "team-a", "'.'"),
+            vs("b", "team-b", "'.'")
+        );
+        assert_eq!(codes(&private), Vec::<String>::new());
+        let shared = format!(
+            "{BASE}{}{}",
+            vs("a", "team-a", "'.'"),
+            vs("b", "team-b", "'*'")
+        );
+        assert_eq!(
+            codes(&shared),
+            [
+                "IST0109 VirtualService team-a/a",
+                "IST0109 VirtualService team-b/b"
+            ]
+        );
+        // One VirtualService naming its host twice does not conflict with itself.
+        let twice = format!("{BASE}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web}}\nspec: {{hosts: [web, web.default.svc.cluster.local], http: [{{route: [{{destination: {{host: web}}}}]}}]}}\n");
+        assert_eq!(codes(&twice), Vec::<String>::new());
+    }
 }

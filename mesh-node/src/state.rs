@@ -140,8 +140,11 @@ pub struct State {
     pub vips: HashMap<Ipv4Addr, String>,
     /// VirtualServices for mesh traffic by the FQDN (or wildcard) of each of their hosts.
     pub virtual_services: BTreeMap<String, Vec<Ref<crate::config::networking::VirtualServiceSpec>>>,
-    /// DestinationRules by the FQDN of their host (the oldest wins when several exist).
-    pub destination_rules: BTreeMap<String, Ref<crate::config::networking::DestinationRuleSpec>>,
+    /// DestinationRules by the FQDN of their host, oldest first. Istio merges several for one
+    /// host (subsets from all; the traffic policy of the oldest) and prefers the client's
+    /// namespace, then the Service's, then the root namespace's: the routing code picks.
+    pub destination_rules:
+        BTreeMap<String, Vec<Ref<crate::config::networking::DestinationRuleSpec>>>,
 }
 
 impl State {
@@ -297,10 +300,10 @@ fn index_virtual_services(
     out
 }
 
-/// DestinationRules by their host's FQDN; the oldest wins, as in Istio.
+/// DestinationRules by their host's FQDN, oldest first.
 fn index_destination_rules(
     list: &[DestinationRule],
-) -> BTreeMap<String, Ref<crate::config::networking::DestinationRuleSpec>> {
+) -> BTreeMap<String, Vec<Ref<crate::config::networking::DestinationRuleSpec>>> {
     let mut sorted: Vec<&DestinationRule> = list.iter().collect();
     sorted.sort_by_key(|dr| {
         (
@@ -308,10 +311,11 @@ fn index_destination_rules(
             dr.metadata.qualified(),
         )
     });
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<String, Vec<_>> = BTreeMap::new();
     for dr in sorted {
         out.entry(semantics::fqdn(&dr.spec.host, dr.namespace()))
-            .or_insert_with(|| Ref(Arc::new(dr.clone())));
+            .or_default()
+            .push(Ref(Arc::new(dr.clone())));
     }
     out
 }
@@ -590,13 +594,17 @@ spec: {host: web.mesh}
             .map(|v| v.0.metadata.name.clone())
             .collect();
         assert_eq!(vs, ["web"]);
-        assert_eq!(state.destination_rules[host].0.metadata.name, "old");
+        let rules: Vec<&str> = state.destination_rules[host]
+            .iter()
+            .map(|r| r.0.metadata.name.as_str())
+            .collect();
+        assert_eq!(rules, ["old", "new"]);
         let Resolution::Service(target) = state.resolve("100.66.0.10:80".parse().unwrap()) else {
             panic!("VIP not resolved")
         };
         assert_eq!(target.host, host);
         assert_eq!(target.protocol, Protocol::Http);
         let json = serde_json::to_value(&state).unwrap();
-        assert_eq!(json["destination_rules"][host], "mesh/old");
+        assert_eq!(json["destination_rules"][host][0], "mesh/old");
     }
 }

@@ -197,6 +197,30 @@ const KINDS: &[(&str, &[&str], &str)] = &[
     ),
 ];
 
+/// The other kinds of the groups the mesh reads: ignored with a warning. Any other kind in
+/// these groups is a misspelling (`AuthorisationPolicy`) and an error, so a policy never
+/// goes missing silently.
+const OTHER_KINDS: &[(&str, &[&str])] = &[
+    (
+        "networking.istio.io",
+        &[
+            "Gateway",
+            "ServiceEntry",
+            "Sidecar",
+            "WorkloadEntry",
+            "WorkloadGroup",
+            "EnvoyFilter",
+            "ProxyConfig",
+        ],
+    ),
+    ("security.istio.io", &["RequestAuthentication"]),
+    (
+        "networking.k8s.io",
+        &["Ingress", "IngressClass", "IPAddress", "ServiceCIDR"],
+    ),
+    ("discovery.k8s.io", &[]),
+];
+
 /// Reads and parses several files into one set; every file's problems are reported.
 pub fn load_files(paths: &[&Path]) -> Result<Resources, Vec<LoadError>> {
     let mut all = Resources::default();
@@ -333,6 +357,25 @@ impl Loader<'_> {
         let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
         let Some((_, versions, _)) = KINDS.iter().find(|(g, _, k)| *g == group && *k == kind)
         else {
+            if let Some((_, others)) = OTHER_KINDS.iter().find(|(g, _)| *g == group) {
+                if !others.contains(&kind.as_str()) {
+                    let ours: Vec<&str> = KINDS
+                        .iter()
+                        .filter(|(g, _, _)| *g == group)
+                        .map(|(_, _, k)| *k)
+                        .collect();
+                    self.error(
+                        position,
+                        "kind",
+                        format!(
+                            "{group} has no kind {kind:?}; the mesh reads {}, and ignores {}",
+                            ours.join(", "),
+                            others.join(", ")
+                        ),
+                    );
+                    return;
+                }
+            }
             self.push(
                 Severity::Warning,
                 position,
@@ -786,5 +829,27 @@ metadata: {name: d}
                 assert_eq!(got, [want], "{kind} with {namespace:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_misspelled_kind_in_a_group_the_mesh_reads_is_an_error() {
+        let err = parse_str(
+            "k.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorisationPolicy\nmetadata: {name: p}\nspec: {}\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.render().contains("k.yaml:1:kind: error: security.istio.io has no kind \"AuthorisationPolicy\"; the mesh reads PeerAuthentication, AuthorizationPolicy, and ignores RequestAuthentication"),
+            "{}",
+            err.render()
+        );
+        let ok = parse_str(
+            "k.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec: {}\n",
+        )
+        .unwrap();
+        assert!(ok.warnings[0]
+            .message
+            .contains("unsupported resource Gateway"));
     }
 }
