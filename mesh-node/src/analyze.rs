@@ -588,74 +588,97 @@ impl<'a> Analyzer<'a> {
     /// between enrolled pods travels on it), reported once per policy and direction. Peers
     /// blocked on every port are blocked on purpose and not reported.
     fn network_policies(&mut self) {
-        let enrolled: Vec<&'a Pod> = self.live_pods().filter(|p| self.enrolled(p)).collect();
-        let namespace_labels = |ns: &str| -> Labels {
-            self.namespaces
+        // Pods with the same namespace and labels are alike to every selector: check one
+        // pair per pair of groups (per pod only where a rule has an ipBlock), so a cluster of
+        // thousands of pods in a few hundred groups stays fast.
+        let mut groups: BTreeMap<(&str, &Labels), Vec<&'a Pod>> = BTreeMap::new();
+        for pod in self.live_pods().filter(|p| self.enrolled(p)) {
+            groups
+                .entry((pod.metadata.namespace(), &pod.metadata.labels))
+                .or_default()
+                .push(pod);
+        }
+        let no_labels = Labels::new();
+        let namespaces = &self.namespaces;
+        let namespace_labels = |ns: &str| -> &Labels {
+            namespaces
                 .get(ns)
-                .map(|n| n.metadata.labels.clone())
-                .unwrap_or_default()
+                .map_or(&no_labels, |n| &n.metadata.labels)
         };
         let policies = &self.r.network_policies;
         let mut reported = BTreeSet::new();
         let mut found = Vec::new();
         for direction in [PolicyType::Ingress, PolicyType::Egress] {
-            for pod in &enrolled {
-                let ns = pod.metadata.namespace();
+            for ((ns, labels), pods) in &groups {
                 let selecting: Vec<(usize, &NetworkPolicySpec)> = policies
                     .iter()
                     .enumerate()
                     .filter(|(_, np)| {
-                        np.namespace() == ns
+                        np.namespace() == *ns
                             && np.spec.types().contains(&direction)
-                            && np.spec.pod_selector.matches(&pod.metadata.labels)
+                            && np.spec.pod_selector.matches(labels)
                     })
                     .map(|(i, np)| (i, &np.spec))
                     .collect();
-                for peer in &enrolled {
-                    if std::ptr::eq(*peer, *pod) {
-                        continue;
-                    }
-                    let peer_ns = peer.metadata.namespace();
-                    let peer_ip = peer.live_ip().unwrap_or(Ipv4Addr::UNSPECIFIED);
-                    let peer_labels = namespace_labels(peer_ns);
-                    let mut admitting = BTreeSet::new();
-                    let mut hbone = false;
-                    for (i, spec) in &selecting {
-                        for (peers, ports) in rules(spec, direction) {
-                            let matches = peers.is_empty()
-                                || peers.iter().any(|p| {
-                                    p.matches_pod(
-                                        ns,
-                                        peer_ns,
-                                        &peer_labels,
-                                        &peer.metadata.labels,
-                                        peer_ip,
-                                    )
-                                });
-                            if matches {
-                                admitting.insert(*i);
-                                hbone |= ports.is_empty()
-                                    || ports.iter().any(|p| p.covers_tcp(PORT_HBONE));
+                if selecting.is_empty() {
+                    // Not isolated in this direction: everything is admitted.
+                    continue;
+                }
+                let by_ip = selecting.iter().any(|(_, spec)| {
+                    rules(spec, direction)
+                        .iter()
+                        .any(|(peers, _)| peers.iter().any(|p| p.ip_block.is_some()))
+                });
+                let pod = pods[0];
+                for ((peer_ns, peer_labels), members) in &groups {
+                    let same_group = std::ptr::eq(members, pods);
+                    let candidates = match (by_ip, same_group) {
+                        (true, true) => &members[1..],
+                        (true, false) => &members[..],
+                        (false, true) => &members[1..members.len().min(2)],
+                        (false, false) => &members[..1],
+                    };
+                    for peer in candidates {
+                        let peer_ip = peer.live_ip().unwrap_or(Ipv4Addr::UNSPECIFIED);
+                        let peer_ns_labels = namespace_labels(peer_ns);
+                        let mut admitting = BTreeSet::new();
+                        let mut hbone = false;
+                        for (i, spec) in &selecting {
+                            for (peers, ports) in rules(spec, direction) {
+                                let matches = peers.is_empty()
+                                    || peers.iter().any(|p| {
+                                        p.matches_pod(
+                                            ns,
+                                            peer_ns,
+                                            peer_ns_labels,
+                                            peer_labels,
+                                            peer_ip,
+                                        )
+                                    });
+                                if matches {
+                                    admitting.insert(*i);
+                                    hbone |= ports.is_empty()
+                                        || ports.iter().any(|p| p.covers_tcp(PORT_HBONE));
+                                }
                             }
                         }
-                    }
-                    if hbone {
-                        continue;
-                    }
-                    for i in admitting {
-                        if !reported.insert((i, direction)) {
+                        if hbone {
                             continue;
                         }
-                        let (field, what) = match direction {
-                            PolicyType::Ingress => ("spec.ingress", format!("incoming port {PORT_HBONE} (HBONE) to enrolled pod {} from enrolled pod {}", pod.metadata.qualified(), peer.metadata.qualified())),
-                            PolicyType::Egress => ("spec.egress", format!("outgoing port {PORT_HBONE} (HBONE) from enrolled pod {} to enrolled pod {}", pod.metadata.qualified(), peer.metadata.qualified())),
-                        };
-                        found.push((&policies[i], field, what));
+                        for i in admitting {
+                            if reported.insert((i, direction)) {
+                                found.push((&policies[i], direction, pod, *peer));
+                            }
+                        }
                     }
                 }
             }
         }
-        for (np, field, what) in found {
+        for (np, direction, pod, peer) in found {
+            let (field, what) = match direction {
+                PolicyType::Ingress => ("spec.ingress", format!("incoming port {PORT_HBONE} (HBONE) to enrolled pod {} from enrolled pod {}", pod.metadata.qualified(), peer.metadata.qualified())),
+                PolicyType::Egress => ("spec.egress", format!("outgoing port {PORT_HBONE} (HBONE) from enrolled pod {} to enrolled pod {}", pod.metadata.qualified(), peer.metadata.qualified())),
+            };
             self.report(
                 Code::NetworkPolicyBlocksHbone,
                 "NetworkPolicy",
@@ -816,6 +839,28 @@ spec:
         assert_eq!(
             codes(&format!("{BASE}{without}")),
             ["MESH0005 NetworkPolicy default/web-from-api"]
+        );
+    }
+
+    #[test]
+    fn network_policy_ip_blocks_are_checked_per_pod() {
+        let policy = r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-batch-ip}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{ipBlock: {cidr: 100.65.0.4/32}}], ports: [{port: 80}]}]
+"#;
+        let findings = analyze(&parse_str("a.yaml", &format!("{BASE}{policy}")).unwrap());
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert!(
+            findings[0]
+                .message
+                .contains("from enrolled pod default/batch"),
+            "{}",
+            findings[0].message
         );
     }
 
