@@ -226,12 +226,14 @@ impl<'a> Analyzer<'a> {
             .find(|s| semantics::service_fqdn(&s.metadata.name, s.metadata.namespace()) == host)
     }
 
-    /// Subset names the DestinationRules for `host` define.
+    /// Subset names the DestinationRules for `host` define (wildcard rules included).
     fn subsets(&self, host: &str) -> BTreeSet<&'a str> {
         self.r
             .destination_rules
             .iter()
-            .filter(|dr| semantics::fqdn(&dr.spec.host, dr.namespace()) == host)
+            .filter(|dr| {
+                semantics::host_matches(&semantics::fqdn(&dr.spec.host, dr.namespace()), host)
+            })
             .flat_map(|dr| dr.spec.subsets.iter().map(|s| s.name.as_str()))
             .collect()
     }
@@ -546,7 +548,7 @@ impl<'a> Analyzer<'a> {
             if !ap.spec.uses_l7() || !ap.spec.target_refs.is_empty() {
                 continue;
             }
-            // The policy's workloads, and whether any Service port reaching them is HTTP.
+            // The policy's workloads and the pod ports that HTTP Service ports reach.
             let selected: Vec<&Pod> = self
                 .live_pods()
                 .filter(|p| {
@@ -556,26 +558,53 @@ impl<'a> Analyzer<'a> {
             if selected.is_empty() {
                 continue;
             }
-            let http = self.r.services.iter().any(|svc| {
+            let mut http_ports = BTreeSet::new();
+            for svc in &self.r.services {
                 let selector = svc.spec.selector.clone().unwrap_or_default();
-                !selector.is_empty()
-                    && svc
+                if selector.is_empty() {
+                    continue;
+                }
+                for pod in &selected {
+                    if pod.metadata.namespace() != svc.metadata.namespace()
+                        || !contains(&pod.metadata.labels, &selector)
+                    {
+                        continue;
+                    }
+                    for port in svc
                         .spec
                         .ports
                         .iter()
-                        .any(|p| semantics::port_protocol(p).is_http())
-                    && selected.iter().any(|p| {
-                        p.metadata.namespace() == svc.metadata.namespace()
-                            && contains(&p.metadata.labels, &selector)
-                    })
+                        .filter(|p| semantics::port_protocol(p).is_http())
+                    {
+                        http_ports.extend(semantics::target_port(
+                            pod,
+                            port.target_port.as_ref(),
+                            port.port,
+                        ));
+                    }
+                }
+            }
+            // A rule limited to ports is L7 only where one of them is an HTTP port.
+            let opaque = ap.spec.rules.iter().position(|rule| {
+                let ports: BTreeSet<u16> = rule
+                    .to
+                    .iter()
+                    .flat_map(|o| o.ports.iter().copied())
+                    .collect();
+                rule.uses_l7()
+                    && if ports.is_empty() {
+                        http_ports.is_empty()
+                    } else {
+                        ports.is_disjoint(&http_ports)
+                    }
             });
-            if !http {
+            if let Some(i) = opaque {
                 self.report(
                     Code::L7OnOpaquePort,
                     "AuthorizationPolicy",
                     meta,
-                    "spec.rules",
-                    "HTTP conditions (methods, paths, hosts, request principals or request.* keys) on workloads no HTTP Service port reaches: they are enforced at L4, where an ALLOW rule with HTTP conditions never matches and a DENY rule matches all traffic".into(),
+                    &format!("spec.rules[{i}]"),
+                    "HTTP conditions (methods, paths, hosts, request principals or request.* keys) on ports no HTTP Service port reaches: they are enforced at L4, where an ALLOW rule with HTTP conditions never matches and a DENY rule matches all traffic".into(),
                     "declare the Service port's protocol (name http-<suffix> or appProtocol: http), or use only L4 conditions",
                 );
             }
@@ -696,13 +725,8 @@ impl<'a> Analyzer<'a> {
             .pods
             .iter()
             .filter(|p| p.live_ip().is_some() && self.enrolled(p))
-            .filter(|p| {
-                p.spec
-                    .service_account_name
-                    .as_deref()
-                    .unwrap_or("")
-                    .is_empty()
-            })
+            // `kubectl get -o yaml` prints `serviceAccountName: default` for pods that set none.
+            .filter(|p| semantics::service_account(p) == "default")
             .collect();
         for pod in unnamed {
             self.report(
@@ -839,6 +863,62 @@ spec:
         assert_eq!(
             codes(&format!("{BASE}{without}")),
             ["MESH0005 NetworkPolicy default/web-from-api"]
+        );
+    }
+
+    #[test]
+    fn wildcard_rules_define_subsets_and_explicit_default_accounts_are_flagged() {
+        let extra = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: all}
+spec: {host: "*.default.svc.cluster.local", subsets: [{name: v1, labels: {app: web}}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec: {hosts: [web], http: [{route: [{destination: {host: web, subset: v1}}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, labels: {app: legacy}}
+spec: {serviceAccountName: default}
+status: {podIP: 100.65.0.9}
+"#;
+        assert_eq!(
+            codes(&format!("{BASE}{extra}")),
+            ["MESH0006 Pod default/legacy"]
+        );
+    }
+
+    #[test]
+    fn l7_policies_are_checked_per_port() {
+        let extra = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-raw}
+spec: {clusterIP: 100.66.0.2, selector: {app: web}, ports: [{name: raw, port: 7000}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: on-http}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{to: [{operation: {ports: ["80"], methods: [GET]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: on-raw}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{to: [{operation: {ports: ["7000"], methods: [GET]}}]}]
+"#;
+        // web has an HTTP port (80) and an opaque one (7000): only the rule on 7000 is L4.
+        assert_eq!(
+            codes(&format!("{BASE}{extra}")),
+            ["MESH0004 AuthorizationPolicy default/on-raw"]
         );
     }
 

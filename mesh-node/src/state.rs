@@ -17,8 +17,8 @@ use serde::{Serialize, Serializer};
 
 use crate::config::{
     model::{
-        AuthorizationPolicy, DestinationRule, IntOrString, Labels, Pod, Resource, Service,
-        VirtualService, LABEL_SERVICE_NAME,
+        AuthorizationPolicy, DestinationRule, Labels, Resource, Service, VirtualService,
+        LABEL_SERVICE_NAME,
     },
     semantics::{self, EffectiveMtls, Protocol},
     Resources,
@@ -373,29 +373,11 @@ fn endpoints(resources: &Resources, svc: &Service, index: usize) -> Vec<SocketAd
         {
             continue;
         }
-        if let Some(target) = target_port(pod, port.target_port.as_ref(), port.port) {
+        if let Some(target) = semantics::target_port(pod, port.target_port.as_ref(), port.port) {
             out.insert(SocketAddrV4::new(ip, target));
         }
     }
     out.into_iter().collect()
-}
-
-/// Resolves a `targetPort` (number, container port name, or unset = the Service port).
-fn target_port(pod: &Pod, target: Option<&IntOrString>, service_port: u16) -> Option<u16> {
-    match target {
-        None => Some(service_port),
-        Some(IntOrString::Int(port)) => Some(*port),
-        Some(IntOrString::String(name)) => match name.parse::<u16>() {
-            Ok(port) => Some(port),
-            Err(_) => pod
-                .spec
-                .containers
-                .iter()
-                .flat_map(|c| &c.ports)
-                .find(|p| p.name.as_deref() == Some(name.as_str()))
-                .map(|p| p.container_port),
-        },
-    }
 }
 
 #[cfg(test)]

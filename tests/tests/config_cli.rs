@@ -164,7 +164,7 @@ fn analyze_reports_each_problem_of_the_crafted_file() {
         ),
         (
             "10",
-            "spec.rules",
+            "spec.rules[0]",
             "warning MESH0004",
             "AuthorizationPolicy default/raw-get",
         ),

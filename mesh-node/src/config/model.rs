@@ -1,6 +1,7 @@
 //! Typed Kubernetes resources the mesh reads: the fields it uses; others are accepted silently
 //! (these kinds have many fields the mesh has no business with). The Istio kinds and
-//! NetworkPolicy are modelled completely in [`super::istio`] and [`super::netpol`].
+//! NetworkPolicy are modelled completely in [`super::networking`], [`super::security`] and
+//! [`super::netpol`].
 //!
 //! Field names follow the Kubernetes API (camelCase in YAML). A resource without
 //! `metadata.namespace` belongs to `default`, as `kubectl apply` does.

@@ -1092,20 +1092,85 @@ pub struct TrafficPolicy {
     pub tls: Option<ClientTlsSettings>,
     /// Per-port overrides.
     pub port_level_settings: Vec<PortTrafficPolicy>,
+    /// Tunnel through a proxy (recorded).
+    pub tunnel: Option<TunnelSettings>,
+    /// PROXY protocol version to send upstream (recorded).
+    pub proxy_protocol: Option<ProxyProtocolVersion>,
 }
 
 impl Decode for TrafficPolicy {
     fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
         cx.object(value, true, |f| {
-            f.skip("tunnel");
-            f.skip("proxyProtocol");
-            TrafficPolicy {
+            let policy = TrafficPolicy {
                 load_balancer: f.opt("loadBalancer"),
                 connection_pool: f.opt("connectionPool"),
                 outlier_detection: f.opt("outlierDetection"),
                 tls: f.opt("tls"),
                 port_level_settings: f.list("portLevelSettings"),
+                tunnel: f.opt("tunnel"),
+                proxy_protocol: f.opt::<ProxyProtocol>("proxyProtocol").map(|p| p.0),
+            };
+            if f.has("tunnel") && f.has("proxyProtocol") {
+                f.error_at("proxyProtocol", "cannot be combined with tunnel");
             }
+            policy
+        })
+    }
+}
+
+string_enum! {
+    /// `TrafficPolicy.TunnelSettings.protocol`.
+    TunnelProtocol {
+        /// HTTP CONNECT.
+        Connect = "CONNECT",
+        /// HTTP POST.
+        Post = "POST",
+    }
+}
+
+/// `TrafficPolicy.TunnelSettings`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TunnelSettings {
+    /// CONNECT (default) or POST.
+    pub protocol: TunnelProtocol,
+    /// Host to tunnel to.
+    pub target_host: String,
+    /// Port to tunnel to.
+    pub target_port: u32,
+}
+
+impl Decode for TunnelSettings {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let t = TunnelSettings {
+                protocol: f.opt("protocol").unwrap_or_default(),
+                target_host: f.req("targetHost"),
+                target_port: f.req("targetPort"),
+            };
+            if f.has("targetPort") {
+                check_port(f, "targetPort", Some(t.target_port));
+            }
+            t
+        })
+    }
+}
+
+string_enum! {
+    /// `TrafficPolicy.ProxyProtocol.version`.
+    ProxyProtocolVersion {
+        /// Text header.
+        V1 = "V1",
+        /// Binary header.
+        V2 = "V2",
+    }
+}
+
+struct ProxyProtocol(ProxyProtocolVersion);
+
+impl Decode for ProxyProtocol {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            ProxyProtocol(f.opt("version").unwrap_or_default())
         })
     }
 }
@@ -1170,16 +1235,18 @@ pub struct LoadBalancerSettings {
     pub consistent_hash: Option<ConsistentHash>,
     /// Slow start window.
     pub warmup_duration_secs: Option<Duration>,
+    /// Locality weighting and failover (recorded; one cluster has one locality here).
+    pub locality_lb_setting: Option<LocalityLbSetting>,
 }
 
 impl Decode for LoadBalancerSettings {
     fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
         cx.object(value, true, |f| {
-            f.skip("localityLbSetting");
             let lb = LoadBalancerSettings {
                 simple: f.opt("simple"),
                 consistent_hash: f.opt("consistentHash"),
                 warmup_duration_secs: f.opt("warmupDurationSecs"),
+                locality_lb_setting: f.opt("localityLbSetting"),
             };
             if lb.simple == Some(SimpleLb::LeastConn) {
                 f.warn_at(
@@ -1196,32 +1263,119 @@ impl Decode for LoadBalancerSettings {
     }
 }
 
+/// `LocalityLoadBalancerSetting`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalityLbSetting {
+    /// Traffic shares from a locality to others (`region/zone/subzone` patterns).
+    pub distribute: Vec<LocalityDistribute>,
+    /// Failover from a region to another.
+    pub failover: Vec<LocalityFailover>,
+    /// Labels ordering failover priority.
+    pub failover_priority: Vec<String>,
+    /// Enable or disable locality load balancing.
+    pub enabled: Option<bool>,
+}
+
+impl Decode for LocalityLbSetting {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let l = LocalityLbSetting {
+                distribute: f.list("distribute"),
+                failover: f.list("failover"),
+                failover_priority: f.list("failoverPriority"),
+                enabled: f.opt("enabled"),
+            };
+            if f.has("distribute") && f.has("failover") {
+                f.error_at("failover", "cannot be combined with distribute");
+            }
+            l
+        })
+    }
+}
+
+/// `LocalityLoadBalancerSetting.Distribute`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalityDistribute {
+    /// Originating locality.
+    pub from: String,
+    /// Destination localities and their weights (summing to 100).
+    pub to: BTreeMap<String, u32>,
+}
+
+impl Decode for LocalityDistribute {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| {
+            let d = LocalityDistribute {
+                from: f.req("from"),
+                to: f.map("to"),
+            };
+            let sum: u32 = d.to.values().sum();
+            if f.has("to") && sum != 100 {
+                f.error_at("to", format!("weights must sum to 100, not {sum}"));
+            }
+            d
+        })
+    }
+}
+
+/// `LocalityLoadBalancerSetting.Failover`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalityFailover {
+    /// Region traffic fails over from.
+    pub from: String,
+    /// Region it fails over to.
+    pub to: String,
+}
+
+impl Decode for LocalityFailover {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| LocalityFailover {
+            from: f.req("from"),
+            to: f.req("to"),
+        })
+    }
+}
+
 /// `LoadBalancerSettings.ConsistentHashLB`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConsistentHash {
     /// Hash on this request header.
     pub http_header_name: Option<String>,
-    /// Hash on this cookie (`{name, path, ttl}`); recorded by name.
-    pub http_cookie: Option<String>,
+    /// Hash on this cookie.
+    pub http_cookie: Option<HttpCookie>,
     /// Hash on the source IP.
     pub use_source_ip: bool,
     /// Hash on this query parameter.
     pub http_query_parameter_name: Option<String>,
+    /// Ring size of the ring hash (`ringHash.minimumRingSize`, or the deprecated
+    /// `minimumRingSize`).
+    pub minimum_ring_size: Option<u64>,
+    /// Maglev table size (`maglev.tableSize`).
+    pub maglev_table_size: Option<u64>,
 }
 
 impl Decode for ConsistentHash {
     fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
         cx.object(value, true, |f| {
             f.deprecated("minimumRingSize", "use ringHash: {minimumRingSize: N}");
-            f.skip("minimumRingSize");
-            f.skip("ringHash");
-            f.skip("maglev");
-            let cookie = f.opt::<HttpCookie>("httpCookie").map(|c| c.name);
+            let legacy_ring: Option<u64> = f.opt("minimumRingSize");
+            let ring = f.opt::<RingHash>("ringHash").map(|r| r.0);
+            let maglev = f.opt::<Maglev>("maglev").map(|m| m.0);
+            let algorithms = ["minimumRingSize", "ringHash", "maglev"]
+                .into_iter()
+                .filter(|k| f.has(k))
+                .count();
+            if algorithms > 1 {
+                f.cx()
+                    .error("use only one of ringHash, maglev and minimumRingSize");
+            }
             let h = ConsistentHash {
                 http_header_name: f.opt("httpHeaderName"),
-                http_cookie: cookie,
+                http_cookie: f.opt("httpCookie"),
                 use_source_ip: f.flag("useSourceIp"),
                 http_query_parameter_name: f.opt("httpQueryParameterName"),
+                minimum_ring_size: ring.flatten().or(legacy_ring),
+                maglev_table_size: maglev.flatten(),
             };
             let keys = [
                 "httpHeaderName",
@@ -1243,22 +1397,50 @@ impl Decode for ConsistentHash {
     }
 }
 
-struct HttpCookie {
-    name: String,
+struct RingHash(Option<u64>);
+
+impl Decode for RingHash {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| RingHash(f.opt("minimumRingSize")))
+    }
+}
+
+struct Maglev(Option<u64>);
+
+impl Decode for Maglev {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, true, |f| Maglev(f.opt("tableSize")))
+    }
+}
+
+/// `ConsistentHashLB.HTTPCookie`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpCookie {
+    /// Cookie name.
+    pub name: String,
+    /// Cookie path.
+    pub path: Option<String>,
+    /// Lifetime of a generated cookie; 0 makes a session cookie.
+    pub ttl: Option<std::time::Duration>,
 }
 
 impl Decode for HttpCookie {
     fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
         cx.object(value, true, |f| {
-            f.skip("path");
             // Unlike other durations, a cookie TTL of 0 is allowed (a session cookie).
-            if let Some(ttl) = f.opt::<String>("ttl") {
-                if let Err(why) = Duration::parse(&ttl) {
-                    f.error_at("ttl", why);
-                }
-            }
+            let ttl = f
+                .opt::<String>("ttl")
+                .and_then(|ttl| match Duration::parse(&ttl) {
+                    Ok(d) => Some(d.0),
+                    Err(why) => {
+                        f.error_at("ttl", why);
+                        None
+                    }
+                });
             HttpCookie {
                 name: f.req("name"),
+                path: f.opt("path"),
+                ttl,
             }
         })
     }
@@ -1483,6 +1665,14 @@ pub struct ClientTlsSettings {
     pub credential_name: Option<String>,
     /// Skip verification.
     pub insecure_skip_verify: Option<bool>,
+    /// Client certificate file (MUTUAL).
+    pub client_certificate: Option<String>,
+    /// Private key file (MUTUAL).
+    pub private_key: Option<String>,
+    /// CA certificates file.
+    pub ca_certificates: Option<String>,
+    /// Certificate revocation list file.
+    pub ca_crl: Option<String>,
 }
 
 impl Decode for ClientTlsSettings {
@@ -1495,10 +1685,11 @@ impl Decode for ClientTlsSettings {
                 subject_alt_names: f.list("subjectAltNames"),
                 credential_name: f.opt("credentialName"),
                 insecure_skip_verify: f.opt("insecureSkipVerify"),
+                client_certificate: f.opt("clientCertificate"),
+                private_key: f.opt("privateKey"),
+                ca_certificates: f.opt("caCertificates"),
+                ca_crl: f.opt("caCrl"),
             };
-            for key in files {
-                let _: Option<String> = f.opt(key);
-            }
             if t.mode == ClientTlsMode::IstioMutual
                 && (files.iter().any(|k| f.has(k)) || f.has("credentialName"))
             {
@@ -1667,5 +1858,52 @@ mod tests {
         assert!(errors::<HttpRedirect>("{uri: /x, redirectCode: 399}").is_empty());
         let found = errors::<HttpRewrite>("{uriRegexRewrite: {rewrite: /x}}");
         assert_eq!(found, ["uriRegexRewrite.match: required field is missing"]);
+    }
+
+    #[test]
+    fn every_traffic_policy_field_is_checked_and_recorded() {
+        let yaml = r#"
+loadBalancer:
+  consistentHash: {httpCookie: {name: s, path: /, ttl: 0s}, ringHash: {minimumRingSize: 1024}}
+  localityLbSetting: {distribute: [{from: r1/*, to: {r1/*: 80, r2/*: 20}}]}
+tls: {mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem, caCertificates: /ca.pem}
+tunnel: {targetHost: egress, targetPort: 3128}
+"#;
+        let value: Value = serde_yaml_ng::from_str(yaml).unwrap();
+        let mut cx = Cx::default();
+        let policy = TrafficPolicy::decode(&value, &mut cx).unwrap();
+        assert!(cx.into_findings().is_empty());
+        let lb = policy.load_balancer.unwrap();
+        let hash = lb.consistent_hash.unwrap();
+        let cookie = hash.http_cookie.unwrap();
+        assert_eq!(
+            (cookie.name.as_str(), cookie.ttl),
+            ("s", Some(std::time::Duration::ZERO))
+        );
+        assert_eq!(hash.minimum_ring_size, Some(1024));
+        assert_eq!(lb.locality_lb_setting.unwrap().distribute[0].to["r2/*"], 20);
+        assert_eq!(
+            policy.tls.unwrap().client_certificate.as_deref(),
+            Some("/c.pem")
+        );
+        let tunnel = policy.tunnel.unwrap();
+        assert_eq!(
+            (tunnel.protocol, tunnel.target_port),
+            (TunnelProtocol::Connect, 3128)
+        );
+        // Typos inside these subtrees are reported too.
+        let found = errors::<TrafficPolicy>(
+            "{loadBalancer: {localityLbSetting: {distribut: []}, consistentHash: {useSourceIp: true, maglev: {tablesize: 7}}}, proxyProtocol: {version: V3}}",
+        );
+        assert_eq!(found.len(), 3, "{found:#?}");
+        assert!(found
+            .iter()
+            .any(|f| f.starts_with("loadBalancer.localityLbSetting.distribut: unknown field")));
+        assert!(found
+            .iter()
+            .any(|f| f.starts_with("loadBalancer.consistentHash.maglev.tablesize: unknown field")));
+        assert!(found
+            .iter()
+            .any(|f| f.starts_with("proxyProtocol.version: unknown value \"V3\"")));
     }
 }

@@ -143,17 +143,17 @@ pub struct TargetRef {
     pub kind: String,
     /// Name.
     pub name: String,
+    /// Namespace (the policy's when unset).
+    pub namespace: Option<String>,
 }
 
 impl Decode for TargetRef {
     fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
-        cx.object(value, true, |f| {
-            f.skip("namespace");
-            TargetRef {
-                group: f.opt("group").unwrap_or_default(),
-                kind: f.req("kind"),
-                name: f.req("name"),
-            }
+        cx.object(value, true, |f| TargetRef {
+            group: f.opt("group").unwrap_or_default(),
+            kind: f.req("kind"),
+            name: f.req("name"),
+            namespace: f.opt("namespace"),
         })
     }
 }
@@ -377,7 +377,12 @@ struct PortString(u16);
 impl Decode for PortString {
     fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
         let text = match value {
-            Value::Number(n) => n.to_string(),
+            Value::Number(n) => {
+                cx.warn(format!(
+                    "ports are strings in Istio's API (\"{n}\"); `kubectl apply` would refuse a number"
+                ));
+                n.to_string()
+            }
             other => String::decode(other, cx)?,
         };
         match text.parse::<u16>() {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::model::{
-    AuthorizationPolicy, Labels, Namespace, PeerAuthentication, Pod, ServicePort,
+    AuthorizationPolicy, IntOrString, Labels, Namespace, PeerAuthentication, Pod, ServicePort,
     LABEL_DATAPLANE_MODE, LABEL_INJECTION,
 };
 use super::security::MtlsMode;
@@ -92,6 +92,24 @@ pub fn port_protocol(port: &ServicePort) -> Protocol {
     Protocol::from_name(name)
         .or_else(|| Protocol::from_name(prefix))
         .unwrap_or(Protocol::Undeclared)
+}
+
+/// Resolves a `targetPort` (number, container port name, or unset = the Service port).
+pub fn target_port(pod: &Pod, target: Option<&IntOrString>, service_port: u16) -> Option<u16> {
+    match target {
+        None => Some(service_port),
+        Some(IntOrString::Int(port)) => Some(*port),
+        Some(IntOrString::String(name)) => match name.parse::<u16>() {
+            Ok(port) => Some(port),
+            Err(_) => pod
+                .spec
+                .containers
+                .iter()
+                .flat_map(|c| &c.ports)
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .map(|p| p.container_port),
+        },
+    }
 }
 
 /// Whether a namespace's labels enrol its pods: `istio.io/dataplane-mode=ambient`, or
