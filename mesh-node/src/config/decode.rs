@@ -274,6 +274,20 @@ impl Fields<'_, '_> {
     }
 }
 
+/// Decodes YAML text as `T` for tests: the value and every finding as `field: message`.
+#[cfg(test)]
+pub fn decode_yaml<T: Decode>(yaml: &str) -> (Option<T>, Vec<String>) {
+    let value: Value = serde_yaml_ng::from_str(yaml).expect("test YAML parses");
+    let mut cx = Cx::default();
+    let out = T::decode(&value, &mut cx);
+    let found = cx
+        .into_findings()
+        .into_iter()
+        .map(|f| format!("{}: {}", f.field, f.message))
+        .collect();
+    (out, found)
+}
+
 /// What kind of value `value` is, for messages.
 pub fn describe(value: &Value) -> &'static str {
     match value {

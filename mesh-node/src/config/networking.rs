@@ -1717,13 +1717,7 @@ mod tests {
     use super::*;
 
     fn errors<T: Decode>(yaml: &str) -> Vec<String> {
-        let value: Value = serde_yaml_ng::from_str(yaml).unwrap();
-        let mut cx = Cx::default();
-        T::decode(&value, &mut cx);
-        cx.into_findings()
-            .into_iter()
-            .map(|f| format!("{}: {}", f.field, f.message))
-            .collect()
+        crate::config::decode::decode_yaml::<T>(yaml).1
     }
 
     #[test]

@@ -546,17 +546,7 @@ impl Decode for Condition {
 mod tests {
     use super::*;
 
-    fn decode<T: Decode>(yaml: &str) -> (Option<T>, Vec<String>) {
-        let value: Value = serde_yaml_ng::from_str(yaml).unwrap();
-        let mut cx = Cx::default();
-        let out = T::decode(&value, &mut cx);
-        let found = cx
-            .into_findings()
-            .into_iter()
-            .map(|f| format!("{}: {}", f.field, f.message))
-            .collect();
-        (out, found)
-    }
+    use crate::config::decode::decode_yaml as decode;
 
     #[test]
     fn the_issue_example_policy_is_valid_and_l4() {

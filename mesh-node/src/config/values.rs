@@ -605,17 +605,9 @@ mod tests {
     use super::*;
 
     fn decode<T: Decode>(yaml: &str) -> Result<T, String> {
-        let value: Value = serde_yaml_ng::from_str(yaml).unwrap();
-        let mut cx = Cx::default();
-        let out = T::decode(&value, &mut cx);
-        let errors: Vec<String> = cx
-            .into_findings()
-            .into_iter()
-            .map(|f| format!("{}: {}", f.field, f.message))
-            .collect();
-        match out {
-            Some(v) if errors.is_empty() => Ok(v),
-            _ => Err(errors.join("; ")),
+        match crate::config::decode::decode_yaml::<T>(yaml) {
+            (Some(v), errors) if errors.is_empty() => Ok(v),
+            (_, errors) => Err(errors.join("; ")),
         }
     }
 
