@@ -589,4 +589,21 @@ spec: {host: web.mesh}
         let json = serde_json::to_value(&state).unwrap();
         assert_eq!(json["destination_rules"][host][0], "mesh/old");
     }
+
+    #[test]
+    fn kubectl_output_builds_the_expected_snapshot() {
+        let text = include_str!("../../tests/data/kubectl-get.yaml");
+        let state = State::build(&parse_str("k.yaml", text).unwrap(), "k3s-agent-1", 1);
+        let ip: Ipv4Addr = "100.65.1.7".parse().unwrap();
+        assert_eq!(state.local_enrolled(), BTreeSet::from([ip]));
+        assert_eq!(
+            state.workloads[&ip].identity,
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        let Resolution::Service(web) = state.resolve("100.66.0.20:80".parse().unwrap()) else {
+            panic!("VIP not resolved")
+        };
+        assert_eq!(web.endpoints, ["100.65.1.7:8080".parse().unwrap()]);
+        assert_eq!(web.protocol, Protocol::Http);
+    }
 }

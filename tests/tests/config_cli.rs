@@ -217,6 +217,17 @@ fn the_examples_validate_and_analyze_clean() {
 }
 
 #[test]
+fn istio_documentation_samples_and_kubectl_output_are_read_without_a_finding() {
+    for name in ["istio-docs.yaml", "kubectl-get.yaml"] {
+        let file = data(name);
+        let (code, out, _) = mesh_node(&["validate"], std::slice::from_ref(&file));
+        assert_eq!((code, out.as_str()), (Some(0), ""), "{name}");
+    }
+    let (code, out, err) = mesh_node(&["analyze"], &[data("kubectl-get.yaml")]);
+    assert_eq!((code, out.as_str()), (Some(0), ""), "{err}");
+}
+
+#[test]
 fn analyze_refuses_files_with_errors_and_duplicates_across_files() {
     let (code, out, err) = mesh_node(&["analyze"], &[data("ten-mistakes.yaml")]);
     assert_eq!(code, Some(1));
