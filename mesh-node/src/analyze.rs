@@ -16,7 +16,7 @@ use crate::config::{
     netpol::{NetworkPolicySpec, PolicyType},
     networking::Destination,
     semantics::{self, ROOT_NAMESPACE},
-    values::WorkloadSelector,
+    values::{labels_match, WorkloadSelector},
 };
 
 /// A check `analyze` runs.
@@ -254,52 +254,43 @@ impl<'a> Analyzer<'a> {
                     by_host.entry(host).or_default().push(vs);
                 }
             }
-            let mut destinations: Vec<(String, &Destination)> = Vec::new();
-            let mut route_weights: Vec<(String, Vec<Option<i32>>)> = Vec::new();
+            // Every route's weighted destinations as (list field, [(destination, weight)]),
+            // HTTP, TCP and TLS alike; mirrors are destinations without a weight.
+            let mut routes: Vec<(String, Vec<Weighted>)> = Vec::new();
+            let mut mirrors: Vec<(String, &Destination)> = Vec::new();
             for (i, route) in vs.spec.http.iter().enumerate() {
-                for (j, d) in route.route.iter().enumerate() {
-                    destinations.push((
-                        format!("spec.http[{i}].route[{j}].destination"),
-                        &d.destination,
-                    ));
-                }
+                let weighted = route.route.iter().map(|d| (&d.destination, d.weight));
+                routes.push((format!("spec.http[{i}].route"), weighted.collect()));
                 if let Some(mirror) = &route.mirror {
-                    destinations.push((format!("spec.http[{i}].mirror"), mirror));
+                    mirrors.push((format!("spec.http[{i}].mirror"), mirror));
                 }
                 for (j, m) in route.mirrors.iter().enumerate() {
-                    destinations.push((
+                    mirrors.push((
                         format!("spec.http[{i}].mirrors[{j}].destination"),
                         &m.destination,
                     ));
                 }
-                route_weights.push((
-                    format!("spec.http[{i}].route"),
-                    route.route.iter().map(|d| d.weight).collect(),
-                ));
             }
-            for (i, route) in vs.spec.tcp.iter().enumerate() {
-                for (j, d) in route.route.iter().enumerate() {
-                    destinations.push((
-                        format!("spec.tcp[{i}].route[{j}].destination"),
-                        &d.destination,
-                    ));
+            let opaque = [
+                (
+                    "tcp",
+                    vs.spec.tcp.iter().map(|r| &r.route).collect::<Vec<_>>(),
+                ),
+                ("tls", vs.spec.tls.iter().map(|r| &r.route).collect()),
+            ];
+            for (kind, list) in opaque {
+                for (i, route) in list.into_iter().enumerate() {
+                    let weighted = route.iter().map(|d| (&d.destination, d.weight));
+                    routes.push((format!("spec.{kind}[{i}].route"), weighted.collect()));
                 }
-                route_weights.push((
-                    format!("spec.tcp[{i}].route"),
-                    route.route.iter().map(|d| d.weight).collect(),
-                ));
             }
-            for (i, route) in vs.spec.tls.iter().enumerate() {
-                for (j, d) in route.route.iter().enumerate() {
-                    destinations.push((
-                        format!("spec.tls[{i}].route[{j}].destination"),
-                        &d.destination,
-                    ));
+            let mut destinations = mirrors;
+            let mut route_weights: Vec<(String, Vec<Option<i32>>)> = Vec::new();
+            for (field, weighted) in routes {
+                for (j, (d, _)) in weighted.iter().enumerate() {
+                    destinations.push((format!("{field}[{j}].destination"), d));
                 }
-                route_weights.push((
-                    format!("spec.tls[{i}].route"),
-                    route.route.iter().map(|d| d.weight).collect(),
-                ));
+                route_weights.push((field, weighted.iter().map(|(_, w)| *w).collect()));
             }
             for (field, weights) in route_weights {
                 if weights.len() > 1 && weights.iter().all(|w| w.unwrap_or(0) == 0) {
@@ -389,11 +380,14 @@ impl<'a> Analyzer<'a> {
                 .iter()
                 .flat_map(|r| r.matches.iter().filter_map(|m| m.port))
                 .collect();
-            let opaque: Vec<String> = service
+            let relevant: Vec<_> = service
                 .spec
                 .ports
                 .iter()
                 .filter(|p| ports.is_empty() || ports.contains(&u32::from(p.port)))
+                .collect();
+            let opaque: Vec<String> = relevant
+                .iter()
                 .filter(|p| !semantics::port_protocol(p).is_http())
                 .map(|p| {
                     format!(
@@ -406,13 +400,7 @@ impl<'a> Analyzer<'a> {
                     )
                 })
                 .collect();
-            let relevant = service
-                .spec
-                .ports
-                .iter()
-                .filter(|p| ports.is_empty() || ports.contains(&u32::from(p.port)))
-                .count();
-            if !opaque.is_empty() && opaque.len() == relevant {
+            if !opaque.is_empty() && opaque.len() == relevant.len() {
                 self.report(
                     Code::L7OnOpaquePort,
                     "VirtualService",
@@ -447,17 +435,18 @@ impl<'a> Analyzer<'a> {
                 }
                 continue;
             };
-            let selector = service.spec.selector.clone().unwrap_or_default();
-            let svc_ns = service.metadata.namespace();
+            // Services without a selector have hand-made endpoints: nothing to check.
+            let has_selector = service
+                .spec
+                .selector
+                .as_ref()
+                .is_some_and(|s| !s.is_empty());
             for (i, subset) in dr.spec.subsets.iter().enumerate() {
                 let selects = self.live_pods().any(|p| {
-                    p.metadata.namespace() == svc_ns
-                        && !selector.is_empty()
-                        && contains(&p.metadata.labels, &selector)
-                        && contains(&p.metadata.labels, &subset.labels)
+                    semantics::service_selects(service, p)
+                        && labels_match(&p.metadata.labels, &subset.labels)
                 });
-                // Services without a selector have hand-made endpoints: nothing to check.
-                if !selects && !selector.is_empty() {
+                if !selects && has_selector {
                     self.report(
                         Code::SubsetSelectsNoPods,
                         "DestinationRule",
@@ -560,14 +549,8 @@ impl<'a> Analyzer<'a> {
             }
             let mut http_ports = BTreeSet::new();
             for svc in &self.r.services {
-                let selector = svc.spec.selector.clone().unwrap_or_default();
-                if selector.is_empty() {
-                    continue;
-                }
                 for pod in &selected {
-                    if pod.metadata.namespace() != svc.metadata.namespace()
-                        || !contains(&pod.metadata.labels, &selector)
-                    {
+                    if !semantics::service_selects(svc, pod) {
                         continue;
                     }
                     for port in svc
@@ -744,6 +727,9 @@ impl<'a> Analyzer<'a> {
     }
 }
 
+/// A route destination and its weight.
+type Weighted<'a> = (&'a Destination, Option<i32>);
+
 /// The (peers, ports) of each rule of `spec` in `direction`.
 fn rules(
     spec: &NetworkPolicySpec,
@@ -785,10 +771,6 @@ fn visible_together(a: &VirtualService, b: &VirtualService) -> bool {
         (Some(x), Some(y)) => !x.is_disjoint(&y),
         _ => true,
     }
-}
-
-fn contains(labels: &Labels, wanted: &Labels) -> bool {
-    wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 #[cfg(test)]

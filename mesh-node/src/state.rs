@@ -305,12 +305,7 @@ fn index_destination_rules(
     list: &[DestinationRule],
 ) -> BTreeMap<String, Vec<Ref<crate::config::networking::DestinationRuleSpec>>> {
     let mut sorted: Vec<&DestinationRule> = list.iter().collect();
-    sorted.sort_by_key(|dr| {
-        (
-            dr.metadata.creation_timestamp.clone().unwrap_or_default(),
-            dr.metadata.qualified(),
-        )
-    });
+    sorted.sort_by_key(|dr| dr.metadata.age_key());
     let mut out: BTreeMap<String, Vec<_>> = BTreeMap::new();
     for dr in sorted {
         out.entry(semantics::fqdn(&dr.spec.host, dr.namespace()))
@@ -358,19 +353,11 @@ fn endpoints(resources: &Resources, svc: &Service, index: usize) -> Vec<SocketAd
         }
         return out.into_iter().collect();
     }
-    let Some(selector) = svc.spec.selector.as_ref().filter(|s| !s.is_empty()) else {
-        return Vec::new();
-    };
     for pod in &resources.pods {
         let Some(ip) = pod.endpoint_ip() else {
             continue;
         };
-        if pod.metadata.namespace() != namespace
-            || !pod.is_ready()
-            || !selector
-                .iter()
-                .all(|(k, v)| pod.metadata.labels.get(k) == Some(v))
-        {
+        if !pod.is_ready() || !semantics::service_selects(svc, pod) {
             continue;
         }
         if let Some(target) = semantics::target_port(pod, port.target_port.as_ref(), port.port) {

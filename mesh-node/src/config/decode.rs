@@ -134,6 +134,7 @@ impl Cx {
             map,
             cx: self,
             used: Vec::new(),
+            failed: Vec::new(),
         };
         let out = build(&mut fields);
         if strict {
@@ -154,6 +155,8 @@ pub struct Fields<'v, 'c> {
     map: &'v Mapping,
     cx: &'c mut Cx,
     used: Vec<String>,
+    /// Fields whose value was present but had an error.
+    failed: Vec<String>,
 }
 
 impl Fields<'_, '_> {
@@ -178,7 +181,18 @@ impl Fields<'_, '_> {
     /// An optional field; `None` when missing, null or invalid (the error is recorded).
     pub fn opt<T: Decode>(&mut self, key: &str) -> Option<T> {
         let value = self.raw(key)?.clone();
-        self.cx.at(key, |cx| T::decode(&value, cx))
+        let before = self.cx.errors();
+        let decoded = self.cx.at(key, |cx| T::decode(&value, cx));
+        if self.cx.errors() > before {
+            self.failed.push(key.to_string());
+        }
+        decoded
+    }
+
+    /// Whether field `key` (already read) was present with an error: checks that depend on
+    /// its value are skipped, so one mistake is reported once.
+    pub fn failed(&self, key: &str) -> bool {
+        self.failed.iter().any(|k| k == key)
     }
 
     /// A required field; records "required field is missing" when absent.
@@ -236,17 +250,6 @@ impl Fields<'_, '_> {
         let message = message.into();
         self.cx
             .at(key, |cx| cx.entry(entry, |cx| cx.error(message)));
-    }
-
-    /// Whether `key` is present and decodes as `T` without error (records nothing).
-    pub fn valid<T: Decode>(&self, key: &str) -> bool {
-        match self.map.get(key) {
-            None | Some(Value::Null) => false,
-            Some(value) => {
-                let mut scratch = Cx::default();
-                T::decode(value, &mut scratch).is_some() && scratch.errors() == 0
-            }
-        }
     }
 
     /// Records a warning at field `key` of this object.

@@ -405,57 +405,44 @@ impl Loader<'_> {
             );
             return;
         }
-        match kind.as_str() {
-            "Namespace" => {
-                if let Some(ns) = self.typed(position, &kind, &value) {
-                    self.resources.namespaces.push(ns);
-                }
-            }
-            "Pod" => {
-                if let Some(pod) = self.typed(position, &kind, &value) {
-                    if self.unique_ip(position, &pod) {
-                        self.resources.pods.push(pod);
-                    }
-                }
-            }
-            "Service" => {
-                if let Some(svc) = self.typed(position, &kind, &value) {
-                    if self.check_service(position, &svc) {
-                        self.resources.services.push(svc);
-                    }
-                }
-            }
-            "EndpointSlice" => {
-                if let Some(slice) = self.typed(position, &kind, &value) {
-                    self.resources.endpoint_slices.push(slice);
-                }
-            }
-            "NetworkPolicy" => {
-                if let Some(policy) = self.typed(position, &kind, &value) {
-                    self.resources.network_policies.push(policy);
-                }
-            }
-            "VirtualService" => {
-                if let Some(vs) = self.typed(position, &kind, &value) {
-                    self.resources.virtual_services.push(vs);
-                }
-            }
-            "DestinationRule" => {
-                if let Some(dr) = self.typed(position, &kind, &value) {
-                    self.resources.destination_rules.push(dr);
-                }
-            }
+        let (p, k, v) = (position, kind.as_str(), &value);
+        match k {
+            "Namespace" => self.add(p, k, v, |r| &mut r.namespaces, Self::accept),
+            "Pod" => self.add(p, k, v, |r| &mut r.pods, Self::unique_ip),
+            "Service" => self.add(p, k, v, |r| &mut r.services, Self::check_service),
+            "EndpointSlice" => self.add(p, k, v, |r| &mut r.endpoint_slices, Self::accept),
+            "NetworkPolicy" => self.add(p, k, v, |r| &mut r.network_policies, Self::accept),
+            "VirtualService" => self.add(p, k, v, |r| &mut r.virtual_services, Self::accept),
+            "DestinationRule" => self.add(p, k, v, |r| &mut r.destination_rules, Self::accept),
             "PeerAuthentication" => {
-                if let Some(pa) = self.typed(position, &kind, &value) {
-                    self.resources.peer_authentications.push(pa);
-                }
+                self.add(p, k, v, |r| &mut r.peer_authentications, Self::accept)
             }
             "AuthorizationPolicy" => {
-                if let Some(ap) = self.typed(position, &kind, &value) {
-                    self.resources.authorization_policies.push(ap);
-                }
+                self.add(p, k, v, |r| &mut r.authorization_policies, Self::accept)
             }
             other => unreachable!("kind {other} is in KINDS but not handled"),
+        }
+    }
+
+    /// The kind has no rules of its own beyond its decoder.
+    fn accept<T>(&mut self, _: &str, _: &T) -> bool {
+        true
+    }
+
+    /// Decodes one document of `kind` and adds it to `list` when it has no error, its name is
+    /// unique and `check` (the kind's own rules) passes.
+    fn add<T: Decode + HasMeta>(
+        &mut self,
+        position: &str,
+        kind: &str,
+        value: &Value,
+        list: fn(&mut Resources) -> &mut Vec<T>,
+        check: fn(&mut Self, &str, &T) -> bool,
+    ) {
+        if let Some(resource) = self.typed(position, kind, value) {
+            if check(self, position, &resource) {
+                list(&mut self.resources).push(resource);
+            }
         }
     }
 

@@ -41,6 +41,15 @@ impl ObjectMeta {
     pub fn qualified(&self) -> String {
         format!("{}/{}", self.namespace(), self.name)
     }
+
+    /// Sort key from oldest to newest, as Istio picks among policies of one level: creation
+    /// time (none counts as oldest), then `namespace/name`.
+    pub fn age_key(&self) -> (String, String) {
+        (
+            self.creation_timestamp.clone().unwrap_or_default(),
+            self.qualified(),
+        )
+    }
 }
 
 /// A namespaced resource with a `spec` (the Istio kinds and NetworkPolicy).

@@ -218,7 +218,7 @@ impl Decode for NetworkPolicyPort {
                     );
                 }
             }
-            let port_known = !f.has("port") || f.valid::<IntOrString>("port");
+            let port_known = !f.failed("port");
             match (&p.port, p.end_port) {
                 _ if !port_known => {}
                 (Some(IntOrString::Int(start)), Some(end)) if end < *start => {

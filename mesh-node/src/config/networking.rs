@@ -558,18 +558,8 @@ impl Decode for RegexRewrite {
         cx.object(value, true, |f| {
             let pattern: String = f.req("match");
             if f.has("match") {
-                if let Err(err) = regex::RegexBuilder::new(&pattern)
-                    .size_limit(1 << 20)
-                    .build()
-                {
-                    let why = err.to_string();
-                    let why = why
-                        .lines()
-                        .last()
-                        .unwrap_or("")
-                        .trim_start_matches("error: ")
-                        .to_string();
-                    f.error_at("match", format!("invalid regex {pattern:?}: {why}"));
+                if let Err(why) = super::values::compile_regex(&pattern, &pattern) {
+                    f.error_at("match", why);
                 }
             }
             RegexRewrite {
@@ -631,7 +621,7 @@ impl Decode for HttpRetry {
             if r.attempts < 0 {
                 f.error_at("attempts", "attempts must not be negative");
             }
-            let attempts_known = !f.has("attempts") || f.valid::<i32>("attempts");
+            let attempts_known = !f.failed("attempts");
             if r.attempts == 0 && attempts_known {
                 for key in ["perTryTimeout", "retryOn", "retryRemoteLocalities"] {
                     if f.has(key) {
@@ -1614,8 +1604,7 @@ impl Decode for OutlierDetection {
                 max_ejection_percent: f.opt("maxEjectionPercent"),
                 min_health_percent: f.opt("minHealthPercent"),
             };
-            let split_known = !f.has("splitExternalLocalOriginErrors")
-                || f.valid::<bool>("splitExternalLocalOriginErrors");
+            let split_known = !f.failed("splitExternalLocalOriginErrors");
             if o.consecutive_local_origin_failures.is_some()
                 && !o.split_external_local_origin_errors
                 && split_known

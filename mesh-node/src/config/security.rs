@@ -122,9 +122,6 @@ pub struct AuthorizationPolicySpec {
     pub action: Action,
     /// External authorizer (CUSTOM only).
     pub provider: Option<String>,
-    /// Whether `action` was absent or valid (a misspelled one falls back to ALLOW with an
-    /// error, and its consequences are not reported again).
-    action_valid: bool,
 }
 
 impl AuthorizationPolicySpec {
@@ -176,17 +173,15 @@ impl Decode for AuthorizationPolicySpec {
                 target_refs,
                 rules: f.list("rules"),
                 action: f.opt("action").unwrap_or_default(),
-                action_valid: !f.has("action") || f.valid::<Action>("action"),
                 provider: f.opt::<Provider>("provider").map(|p| p.0),
             };
             if f.has("selector") && (f.has("targetRef") || f.has("targetRefs")) {
                 f.error_at("selector", "use either selector or targetRef(s), not both");
             }
-            let no_rules =
-                spec.rules.is_empty() && (!f.has("rules") || f.valid::<Vec<Rule>>("rules"));
+            let no_rules = spec.rules.is_empty() && !f.failed("rules");
             match spec.action {
                 // A misspelled action is reported once, not again through its consequences.
-                _ if !spec.action_valid => {}
+                _ if f.failed("action") => {}
                 Action::Custom if spec.provider.is_none() => {
                     f.error_at("provider", "CUSTOM needs a provider")
                 }

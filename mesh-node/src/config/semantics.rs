@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 
 use super::model::{
-    AuthorizationPolicy, IntOrString, Labels, Namespace, PeerAuthentication, Pod, ServicePort,
-    LABEL_DATAPLANE_MODE, LABEL_INJECTION,
+    AuthorizationPolicy, IntOrString, Labels, Namespace, PeerAuthentication, Pod, Service,
+    ServicePort, LABEL_DATAPLANE_MODE, LABEL_INJECTION,
 };
 use super::security::MtlsMode;
+use super::values::labels_match;
 
 /// Istio's root namespace: policies here without a selector apply mesh-wide.
 pub const ROOT_NAMESPACE: &str = "istio-system";
@@ -112,6 +113,16 @@ pub fn target_port(pod: &Pod, target: Option<&IntOrString>, service_port: u16) -
     }
 }
 
+/// Whether Service `svc` selects `pod`: same namespace and a non-empty selector that the
+/// pod's labels match (a Service without a selector has hand-made endpoints).
+pub fn service_selects(svc: &Service, pod: &Pod) -> bool {
+    svc.spec.selector.as_ref().is_some_and(|selector| {
+        !selector.is_empty()
+            && pod.metadata.namespace() == svc.metadata.namespace()
+            && labels_match(&pod.metadata.labels, selector)
+    })
+}
+
 /// Whether a namespace's labels enrol its pods: `istio.io/dataplane-mode=ambient`, or
 /// `istio-injection=enabled` (there are no sidecars, so it is honoured as enrolment).
 pub fn namespace_enrolls(labels: &Labels) -> bool {
@@ -164,17 +175,12 @@ pub struct EffectiveMtls {
     pub policies: Vec<String>,
 }
 
-/// The oldest policy (by creation time, then name), which Istio picks among several at one
+/// The oldest policy (by creation time, then name; all candidates share a namespace), which Istio picks among several at one
 /// level.
 fn oldest<'a>(
     candidates: impl Iterator<Item = &'a PeerAuthentication>,
 ) -> Option<&'a PeerAuthentication> {
-    candidates.min_by_key(|p| {
-        (
-            p.metadata.creation_timestamp.clone().unwrap_or_default(),
-            p.metadata.name.clone(),
-        )
-    })
+    candidates.min_by_key(|p| p.metadata.age_key())
 }
 
 /// Resolves PeerAuthentication for a workload in `namespace` with `labels`, as Istio does:

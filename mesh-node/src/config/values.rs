@@ -134,27 +134,11 @@ impl FullRegex {
                 source.len()
             ));
         }
-        regex::RegexBuilder::new(&format!("^(?:{source})$"))
-            // Envoy's RE2 refuses very large programs; so do we, with a clear error.
-            .size_limit(1 << 20)
-            .build()
-            .map(|compiled| FullRegex {
-                source: source.to_string(),
-                compiled,
-            })
-            .map_err(|err| {
-                // The parser's message draws the position over several lines; its last line
-                // says what is wrong.
-                let text = err.to_string();
-                let why = text
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("")
-                    .trim()
-                    .trim_start_matches("error: ");
-                format!("invalid regex {source:?}: {why}")
-            })
+        let compiled = compile_regex(&format!("^(?:{source})$"), source)?;
+        Ok(FullRegex {
+            source: source.to_string(),
+            compiled,
+        })
     }
 
     /// Whether the whole of `text` matches.
@@ -174,6 +158,27 @@ impl Decode for FullRegex {
         let text = String::decode(value, cx)?;
         FullRegex::new(&text).map_err(|err| cx.error(err)).ok()
     }
+}
+
+/// Compiles `pattern` (written by the user as `source`) as RE2, refusing very large programs
+/// as Envoy does; the error is one line saying what is wrong.
+pub fn compile_regex(pattern: &str, source: &str) -> Result<regex::Regex, String> {
+    regex::RegexBuilder::new(pattern)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|err| {
+            // The parser's message draws the position over several lines; its last line
+            // says what is wrong.
+            let text = err.to_string();
+            let why = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .trim_start_matches("error: ");
+            format!("invalid regex {source:?}: {why}")
+        })
 }
 
 /// Istio's `StringMatch`: exactly one of `exact`, `prefix` or `regex`.
@@ -245,12 +250,16 @@ pub struct WorkloadSelector {
     pub match_labels: Labels,
 }
 
+/// Whether `labels` has every label of `wanted` with the same value (`matchLabels`, a
+/// Service selector, a subset's labels).
+pub fn labels_match(labels: &Labels, wanted: &Labels) -> bool {
+    wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 impl WorkloadSelector {
     /// Whether a workload with `labels` is selected.
     pub fn matches(&self, labels: &Labels) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+        labels_match(labels, &self.match_labels)
     }
 }
 
@@ -328,9 +337,7 @@ pub struct LabelSelector {
 impl LabelSelector {
     /// Whether an object with `labels` is selected.
     pub fn matches(&self, labels: &Labels) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+        labels_match(labels, &self.match_labels)
             && self.match_expressions.iter().all(|req| {
                 let value = labels.get(&req.key);
                 match req.operator {
