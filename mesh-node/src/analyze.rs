@@ -15,7 +15,7 @@ use crate::config::{
     model::{Labels, ObjectMeta, Pod, VirtualService},
     netpol::{NetworkPolicySpec, PolicyType},
     networking::Destination,
-    semantics::{self, ROOT_NAMESPACE},
+    semantics::{self, Mesh},
     values::{labels_match, WorkloadSelector},
 };
 
@@ -143,9 +143,10 @@ impl fmt::Display for Finding {
 }
 
 /// Runs every check; findings are ordered by location.
-pub fn analyze(resources: &Resources) -> Vec<Finding> {
+pub fn analyze(resources: &Resources, mesh: &Mesh) -> Vec<Finding> {
     let mut a = Analyzer {
         r: resources,
+        mesh,
         findings: Vec::new(),
         namespaces: resources
             .namespaces
@@ -180,6 +181,7 @@ fn natural(location: &str) -> (String, Vec<u64>) {
 
 struct Analyzer<'a> {
     r: &'a Resources,
+    mesh: &'a Mesh,
     findings: Vec<Finding>,
     namespaces: BTreeMap<&'a str, &'a crate::config::model::Namespace>,
 }
@@ -466,7 +468,7 @@ impl<'a> Analyzer<'a> {
 
     fn selects_any(&self, namespace: &str, selector: &WorkloadSelector) -> bool {
         self.live_pods().any(|p| {
-            (namespace == ROOT_NAMESPACE || p.metadata.namespace() == namespace)
+            (namespace == self.mesh.root_namespace || p.metadata.namespace() == namespace)
                 && selector.matches(&p.metadata.labels)
         })
     }
@@ -475,13 +477,13 @@ impl<'a> Analyzer<'a> {
         for pa in &self.r.peer_authentications {
             let ns = pa.namespace();
             let meta = &pa.metadata;
-            if pa.spec.has_selector() && ns == ROOT_NAMESPACE {
+            if pa.spec.has_selector() && ns == self.mesh.root_namespace {
                 self.report(
                     Code::RootNamespaceSelectorIgnored,
                     "PeerAuthentication",
                     meta,
                     "spec.selector",
-                    format!("a PeerAuthentication with a selector in the root namespace {ROOT_NAMESPACE} is ignored by Istio"),
+                    format!("a PeerAuthentication with a selector in the root namespace {} is ignored by Istio", self.mesh.root_namespace),
                     "move it to the namespace of the workloads it should select, or remove the selector to make it mesh-wide",
                 );
             } else if let Some(selector) =
@@ -524,7 +526,7 @@ impl<'a> Analyzer<'a> {
                         "spec.selector",
                         format!(
                             "the selector matches no workload{}",
-                            if ns == ROOT_NAMESPACE {
+                            if ns == self.mesh.root_namespace {
                                 String::new()
                             } else {
                                 format!(" in namespace {ns}")
@@ -541,7 +543,12 @@ impl<'a> Analyzer<'a> {
             let selected: Vec<&Pod> = self
                 .live_pods()
                 .filter(|p| {
-                    semantics::authorization_applies(ap, p.metadata.namespace(), &p.metadata.labels)
+                    semantics::authorization_applies(
+                        self.mesh,
+                        ap,
+                        p.metadata.namespace(),
+                        &p.metadata.labels,
+                    )
                 })
                 .collect();
             if selected.is_empty() {
@@ -719,7 +726,7 @@ impl<'a> Analyzer<'a> {
                 "spec.serviceAccountName",
                 format!(
                     "enrolled pod runs as the default service account, so its identity {} is shared with every other such pod of the namespace and policies cannot tell them apart",
-                    semantics::spiffe_id(pod.metadata.namespace(), "default")
+                    self.mesh.spiffe_id(pod.metadata.namespace(), "default")
                 ),
                 "give the workload its own ServiceAccount (spec.serviceAccountName)",
             );
@@ -780,7 +787,7 @@ mod tests {
 
     fn codes(yaml: &str) -> Vec<String> {
         let resources = parse_str("a.yaml", yaml).unwrap();
-        analyze(&resources)
+        analyze(&resources, &Mesh::default())
             .iter()
             .map(|f| format!("{} {}", f.code.id(), f.resource))
             .collect()
@@ -915,7 +922,10 @@ spec:
   podSelector: {matchLabels: {app: web}}
   ingress: [{from: [{ipBlock: {cidr: 100.65.0.4/32}}], ports: [{port: 80}]}]
 "#;
-        let findings = analyze(&parse_str("a.yaml", &format!("{BASE}{policy}")).unwrap());
+        let findings = analyze(
+            &parse_str("a.yaml", &format!("{BASE}{policy}")).unwrap(),
+            &Mesh::default(),
+        );
         assert_eq!(findings.len(), 1, "{findings:#?}");
         assert!(
             findings[0]

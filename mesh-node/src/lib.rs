@@ -9,11 +9,14 @@
 
 pub mod admin;
 pub mod analyze;
+pub mod authz;
 pub mod capture;
 pub mod config;
+pub mod identity;
 pub mod metrics;
 pub mod preflight;
 pub mod proxy;
 pub mod reload;
 pub mod state;
 pub mod sys;
+pub mod telemetry;

@@ -11,17 +11,19 @@ use std::{
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use clap::{Args, Parser, Subcommand};
-use mesh_common::{Listener, PORT_ADMIN, PORT_INBOUND, PORT_OUTBOUND};
+use mesh_common::{Listener, PORT_ADMIN, PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND};
 use mesh_node::{
     admin::{self, Admin, DatapathView},
     capture::{self, Datapath, Event},
-    config,
+    config::{self, semantics},
+    identity,
     metrics::{ConfigMetrics, KernelCollector, ProxyMetrics},
     preflight, proxy,
     proxy::{connections::Connections, Direction, ProxyContext},
     reload,
     state::State,
     sys,
+    telemetry::TcpMetrics,
 };
 use prometheus_client::registry::Registry;
 
@@ -57,6 +59,8 @@ enum Command {
         /// Files to analyze together.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        #[command(flatten)]
+        mesh: MeshArgs,
     },
     /// Remove every program, pin, rule and route of a node.
     Uninstall(NodeArgs),
@@ -73,9 +77,43 @@ struct NodeArgs {
 }
 
 #[derive(Args)]
+struct MeshArgs {
+    /// Istio's root namespace: its selector-less PeerAuthentication and AuthorizationPolicy
+    /// apply mesh-wide.
+    #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = semantics::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
+    /// SPIFFE trust domain of workload identities (spiffe://<trust-domain>/ns/<ns>/sa/<sa>).
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = semantics::CLUSTER_DOMAIN)]
+    trust_domain: String,
+}
+
+impl MeshArgs {
+    fn mesh(&self) -> semantics::Mesh {
+        semantics::Mesh {
+            root_namespace: self.root_namespace.clone(),
+            trust_domain: self.trust_domain.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
     node: NodeArgs,
+    #[command(flatten)]
+    mesh: MeshArgs,
+    /// Local mode: the mesh CA (ca-cert.pem, ca-key.pem) is kept in this directory,
+    /// generated on first start.
+    #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/lib/mesh")]
+    state_dir: PathBuf,
+    /// Cluster mode: read the CA from this directory (a mounted Secret with ca-cert.pem and
+    /// ca-key.pem) instead of the state directory; never generates one.
+    #[arg(long, env = "MESH_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// Lifetime of workload certificates (Go duration syntax: 24h, 90m, 20s); each is
+    /// renewed at half its lifetime.
+    #[arg(long, env = "MESH_CERT_LIFETIME", default_value = "24h", value_parser = parse_lifetime)]
+    cert_lifetime: Duration,
     /// Multi-document YAML of Kubernetes-shaped resources; re-read when it changes.
     #[arg(long, env = "MESH_CONFIG")]
     config: PathBuf,
@@ -92,7 +130,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { files } => validate(&files),
-        Command::Analyze { files } => analyze(&files),
+        Command::Analyze { files, mesh } => analyze(&files, &mesh.mesh()),
         Command::Uninstall(args) => {
             init_logging("info");
             prepare_bpffs(&args.bpffs);
@@ -143,7 +181,15 @@ fn validate(files: &[PathBuf]) -> ExitCode {
     }
 }
 
-fn analyze(files: &[PathBuf]) -> ExitCode {
+fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    let lifetime = config::values::Duration::parse(text)?.0;
+    if lifetime < Duration::from_secs(2) {
+        return Err(format!("{text:?} is too short: at least 2s"));
+    }
+    Ok(lifetime)
+}
+
+fn analyze(files: &[PathBuf], mesh: &semantics::Mesh) -> ExitCode {
     let paths: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
     let resources = match config::load_files(&paths) {
         Ok(resources) => resources,
@@ -158,7 +204,7 @@ fn analyze(files: &[PathBuf]) -> ExitCode {
     for warning in &resources.warnings {
         println!("{warning}");
     }
-    let findings = mesh_node::analyze::analyze(&resources);
+    let findings = mesh_node::analyze::analyze(&resources, mesh);
     for finding in &findings {
         println!("{finding}");
     }
@@ -228,7 +274,19 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(limit) => tracing::debug!(limit, "open-file limit raised"),
         Err(err) => tracing::warn!("cannot raise the open-file limit: {err}"),
     }
-    let state = State::build(&resources, &args.node.node, 1);
+    enable_time_wait_reuse();
+    let ca = match &args.ca_dir {
+        Some(dir) => identity::Ca::load(dir),
+        None => identity::Ca::load_or_create(&args.state_dir.join("ca")),
+    };
+    let ca = match ca {
+        Ok(ca) => ca,
+        Err(err) => {
+            eprintln!("mesh CA: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let state = State::build(&resources, &args.node.node, &args.mesh.mesh(), 1);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -241,7 +299,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(args, state, config_version)) {
+    match runtime.block_on(serve(args, state, ca, config_version)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("mesh-node: {err:#}");
@@ -250,9 +308,25 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+/// Connection churn leaves the proxy's outgoing sockets in TIME_WAIT; reusing them for new
+/// outgoing connections (safe with TCP timestamps) keeps ports from running out. The sysctl
+/// is per network namespace: mesh-node owns it in the node's.
+fn enable_time_wait_reuse() {
+    const PATH: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+    match std::fs::read_to_string(PATH) {
+        Ok(value) if value.trim() == "1" => {}
+        Ok(_) => match std::fs::write(PATH, "1") {
+            Ok(()) => tracing::info!("enabled net.ipv4.tcp_tw_reuse"),
+            Err(err) => tracing::warn!("cannot enable net.ipv4.tcp_tw_reuse: {err}"),
+        },
+        Err(err) => tracing::warn!("cannot read net.ipv4.tcp_tw_reuse: {err}"),
+    }
+}
+
 async fn serve(
     args: RunArgs,
     state: State,
+    ca: identity::Ca,
     config_version: Option<reload::Version>,
 ) -> anyhow::Result<()> {
     let node = args.node.node.clone();
@@ -274,8 +348,10 @@ async fn serve(
 
     let outbound = proxy::bind_listener(PORT_OUTBOUND).context("binding the outbound listener")?;
     let inbound = proxy::bind_listener(PORT_INBOUND).context("binding the inbound listener")?;
+    let hbone = proxy::bind_listener(PORT_HBONE).context("binding the HBONE listener")?;
     datapath.register_listener(Listener::Outbound, &outbound)?;
     datapath.register_listener(Listener::Inbound, &inbound)?;
+    datapath.register_listener(Listener::Hbone, &hbone)?;
     datapath.set_enrolled(&state.local_enrolled())?;
     tracing::info!(
         enrolled = state.local_enrolled().len(),
@@ -286,6 +362,15 @@ async fn serve(
     let mut registry = Registry::default();
     let proxy_metrics = ProxyMetrics::register(&mut registry);
     let config_metrics = ConfigMetrics::register(&mut registry);
+    let tcp_metrics = TcpMetrics::register(&mut registry);
+    let certs = Arc::new(identity::Certificates::new(
+        ca,
+        &node,
+        &args.mesh.trust_domain,
+        args.cert_lifetime,
+        identity::CertMetrics::register(&mut registry),
+    ));
+    certs.sync(&state.local_identities());
     config_metrics.generation.set(state.generation as i64);
     KernelCollector::register(&mut registry, counters);
 
@@ -309,18 +394,26 @@ async fn serve(
         config_version,
         args.config.clone(),
         node,
+        args.mesh.mesh(),
         state.clone(),
         config_metrics,
         events,
     ));
 
+    let pool = proxy::hbone::Pool::default();
+    pool.spawn_reaper(certs.clone());
+    tokio::spawn(keep_certificates(certs.clone(), state.clone()));
     let ctx = Arc::new(ProxyContext {
         state,
         connections,
         metrics: proxy_metrics,
+        tcp: tcp_metrics,
+        certs,
+        pool,
     });
     tokio::spawn(proxy::serve(outbound, Direction::Outbound, ctx.clone()));
-    tokio::spawn(proxy::serve(inbound, Direction::Inbound, ctx));
+    tokio::spawn(proxy::serve(inbound, Direction::Inbound, ctx.clone()));
+    tokio::spawn(proxy::serve(hbone, Direction::Hbone, ctx));
     tokio::spawn(admin::serve(admin_listener, admin.clone()));
     admin.ready.store(true, Ordering::Release);
     tracing::info!("ready");
@@ -331,6 +424,16 @@ async fn serve(
          refused until mesh-node starts again (run `mesh-node uninstall` to remove them)"
     );
     Ok(())
+}
+
+/// Every second: certificates for exactly the identities of this node's enrolled pods,
+/// renewed at half their lifetime.
+async fn keep_certificates(certs: Arc<identity::Certificates>, state: Arc<ArcSwap<State>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        certs.sync(&state.load().local_identities());
+    }
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {

@@ -32,12 +32,21 @@ struct BytesLabels {
     flow: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    /// `client` (this proxy dialled) or `server`.
+    side: &'static str,
+    /// `untrusted`, `expired`, `wrong_identity`, `no_certificate`, `protocol`, ...
+    reason: &'static str,
+}
+
 /// The proxy's connection metrics.
 #[derive(Clone, Default)]
 pub struct ProxyMetrics {
     opened: Family<DirectionLabels, Counter>,
     closed: Family<ClosedLabels, Counter>,
     bytes: Family<BytesLabels, Counter>,
+    handshakes: Family<HandshakeLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -59,7 +68,19 @@ impl ProxyMetrics {
             "Bytes copied by the node proxy",
             metrics.bytes.clone(),
         );
+        registry.register(
+            "mesh_tls_handshake_failures",
+            "HBONE TLS handshakes that failed, by side and reason",
+            metrics.handshakes.clone(),
+        );
         metrics
+    }
+
+    /// An HBONE handshake failed.
+    pub fn handshake_failed(&self, side: &'static str, reason: &'static str) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels { side, reason })
+            .inc();
     }
 
     /// A connection was accepted.

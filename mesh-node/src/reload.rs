@@ -41,6 +41,7 @@ pub async fn watch(
     mut seen: Option<Version>,
     path: PathBuf,
     node: String,
+    mesh: crate::config::semantics::Mesh,
     state: Arc<ArcSwap<State>>,
     metrics: ConfigMetrics,
     changed: mpsc::Sender<Event>,
@@ -58,7 +59,7 @@ pub async fn watch(
                     tracing::warn!("{warning}");
                 }
                 let generation = state.load().generation + 1;
-                let next = Arc::new(State::build(&resources, &node, generation));
+                let next = Arc::new(State::build(&resources, &node, &mesh, generation));
                 state.store(next.clone());
                 metrics.generation.set(generation as i64);
                 tracing::info!(generation, file = %path.display(), "config reloaded");

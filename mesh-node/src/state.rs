@@ -20,7 +20,7 @@ use crate::config::{
         AuthorizationPolicy, DestinationRule, Labels, Resource, Service, VirtualService,
         LABEL_SERVICE_NAME,
     },
-    semantics::{self, EffectiveMtls, Protocol},
+    semantics::{self, EffectiveMtls, Mesh, Protocol},
     Resources,
 };
 
@@ -132,6 +132,8 @@ pub struct State {
     pub generation: u64,
     /// The node this proxy serves.
     pub node: String,
+    /// Root namespace and trust domain.
+    pub mesh: Mesh,
     /// Every pod with an IP, by IP.
     pub workloads: BTreeMap<Ipv4Addr, Workload>,
     /// Service ports with a VIP, by `clusterIP:port`.
@@ -149,7 +151,7 @@ pub struct State {
 
 impl State {
     /// Builds the snapshot for `node` from a set of resources.
-    pub fn build(resources: &Resources, node: &str, generation: u64) -> State {
+    pub fn build(resources: &Resources, node: &str, mesh: &Mesh, generation: u64) -> State {
         let namespaces: BTreeMap<&str, _> = resources
             .namespaces
             .iter()
@@ -177,19 +179,20 @@ impl State {
                     name: pod.metadata.name.clone(),
                     node: pod.spec.node_name.clone(),
                     ip,
-                    identity: semantics::spiffe_id(namespace, &service_account),
+                    identity: mesh.spiffe_id(namespace, &service_account),
                     service_account,
                     labels: labels.clone(),
                     enrolled: semantics::pod_enrolled(pod, &namespaces),
                     ready: pod.is_ready(),
                     mtls: semantics::effective_mtls(
+                        mesh,
                         &resources.peer_authentications,
                         namespace,
                         labels,
                     ),
                     authorization: authorization
                         .iter()
-                        .filter(|p| semantics::authorization_applies(p, namespace, labels))
+                        .filter(|p| semantics::authorization_applies(mesh, p, namespace, labels))
                         .map(|p| Ref(p.clone()))
                         .collect(),
                 },
@@ -238,12 +241,22 @@ impl State {
         State {
             generation,
             node: node.to_string(),
+            mesh: mesh.clone(),
             workloads,
             services,
             vips,
             virtual_services: index_virtual_services(&resources.virtual_services),
             destination_rules: index_destination_rules(&resources.destination_rules),
         }
+    }
+
+    /// SPIFFE IDs of the enrolled pods on this node: the certificates it holds.
+    pub fn local_identities(&self) -> BTreeSet<String> {
+        self.workloads
+            .values()
+            .filter(|w| w.enrolled && w.node.as_deref() == Some(self.node.as_str()))
+            .map(|w| w.identity.clone())
+            .collect()
     }
 
     /// IPs of the enrolled pods on this node: what the kernel captures.
@@ -443,7 +456,12 @@ spec:
 "#;
 
     fn state() -> State {
-        State::build(&parse_str("t.yaml", CONFIG).unwrap(), "n1", 1)
+        State::build(
+            &parse_str("t.yaml", CONFIG).unwrap(),
+            "n1",
+            &Mesh::default(),
+            1,
+        )
     }
 
     #[test]
@@ -496,7 +514,12 @@ spec:
         let text = format!(
             "{CONFIG}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-x, namespace: mesh, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8181}}]\nendpoints:\n- addresses: [100.65.1.9]\n- addresses: [100.65.1.10]\n  conditions: {{ready: false}}\n"
         );
-        let state = State::build(&parse_str("t.yaml", &text).unwrap(), "n1", 1);
+        let state = State::build(
+            &parse_str("t.yaml", &text).unwrap(),
+            "n1",
+            &Mesh::default(),
+            1,
+        );
         let Resolution::Service(target) = state.resolve("100.66.0.10:80".parse().unwrap()) else {
             panic!("VIP not resolved")
         };
@@ -543,7 +566,12 @@ metadata: {name: old, namespace: mesh, creationTimestamp: "2026-01-01T00:00:00Z"
 spec: {host: web.mesh}
 "#;
         let text = format!("{CONFIG}{policies}");
-        let state = State::build(&parse_str("t.yaml", &text).unwrap(), "n1", 1);
+        let state = State::build(
+            &parse_str("t.yaml", &text).unwrap(),
+            "n1",
+            &Mesh::default(),
+            1,
+        );
         let a = &state.workloads[&"100.65.0.2".parse().unwrap()];
         assert_eq!(a.identity, "spiffe://cluster.local/ns/mesh/sa/default");
         assert_eq!(a.mtls.mode, "STRICT");
@@ -580,7 +608,12 @@ spec: {host: web.mesh}
     #[test]
     fn kubectl_output_builds_the_expected_snapshot() {
         let text = include_str!("../../tests/data/kubectl-get.yaml");
-        let state = State::build(&parse_str("k.yaml", text).unwrap(), "k3s-agent-1", 1);
+        let state = State::build(
+            &parse_str("k.yaml", text).unwrap(),
+            "k3s-agent-1",
+            &Mesh::default(),
+            1,
+        );
         let ip: Ipv4Addr = "100.65.1.7".parse().unwrap();
         assert_eq!(state.local_enrolled(), BTreeSet::from([ip]));
         assert_eq!(

@@ -54,7 +54,11 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
     Ok(buf.f_type as i64 == BPF_FS_MAGIC)
 }
 
-/// Raises the soft open-file limit to the hard limit; returns the new soft limit.
+/// Wanted open-file limit: every proxied connection takes two descriptors.
+const NOFILE: u64 = 1 << 20;
+
+/// Raises the open-file limit to 2^20 (as root), or at least the soft limit to the hard
+/// one; returns the new soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
     // SAFETY: an all-zero rlimit is valid and getrlimit fills it.
     let mut lim: libc::rlimit = unsafe { zeroed() };
@@ -62,12 +66,42 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    let wanted = libc::rlimit {
+        rlim_cur: lim.rlim_max.max(NOFILE),
+        rlim_max: lim.rlim_max.max(NOFILE),
+    };
+    // SAFETY: the pointer is valid for the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } == 0 {
+        return Ok(wanted.rlim_cur);
+    }
     lim.rlim_cur = lim.rlim_max;
     // SAFETY: the pointer is valid for the call.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(lim.rlim_cur)
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`: a socket bound to an address with port 0 gets its port at
+/// `connect()`, per destination, so many connections from one source address (the proxy
+/// dials as the client pod) do not exhaust the ephemeral ports.
+pub fn set_bind_address_no_port(fd: &impl AsRawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: the fd is a live socket owned by the caller; the pointer and length describe
+    // `one`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Effective capability bits of this process (`CapEff` in /proc/self/status).

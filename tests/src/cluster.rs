@@ -64,10 +64,26 @@ pub struct Pod {
 /// One connection as the node proxy recorded it (`/debug/connections`).
 #[derive(Clone, Debug, Deserialize)]
 pub struct ProxyConnection {
-    /// `outbound` or `inbound`.
+    /// `outbound`, `inbound` or `hbone`.
     pub direction: String,
     /// Client address as the proxy saw it.
     pub client: SocketAddr,
+    /// The client's SPIFFE ID when authenticated.
+    #[serde(default)]
+    pub source_identity: Option<String>,
+    /// The destination's SPIFFE ID.
+    #[serde(default)]
+    pub destination_identity: Option<String>,
+    /// `hbone`, `same_node` or `plaintext`.
+    pub path: String,
+    /// `mutual_tls` or `none`.
+    pub security: String,
+    /// The authorization decision, as JSON.
+    #[serde(default)]
+    pub authorization: Option<serde_json::Value>,
+    /// Error detail.
+    #[serde(default)]
+    pub error: Option<String>,
     /// Original destination.
     pub original_dst: SocketAddr,
     /// Service `namespace/name` when the destination was its VIP.
@@ -94,6 +110,8 @@ pub struct Cluster {
     bpffs: PathBuf,
     config: PathBuf,
     mesh: BTreeMap<String, Child>,
+    /// Extra arguments for `mesh-node run` (e.g. `--cert-lifetime 20s`).
+    pub run_args: Vec<String>,
     /// Pods by name.
     pub pods: BTreeMap<String, Pod>,
     /// Nodes in index order.
@@ -120,6 +138,7 @@ impl Cluster {
             dir,
             bpffs,
             mesh: BTreeMap::new(),
+            run_args: Vec::new(),
             pods: BTreeMap::new(),
             nodes: Vec::new(),
             fabric: None,
@@ -171,7 +190,7 @@ impl Cluster {
             self.add_pod(&pod.metadata.name, pod.metadata.namespace(), node, ip)?;
         }
 
-        let state = State::build(&resources, "", 0);
+        let state = State::build(&resources, "", &Default::default(), 0);
         for node in &self.nodes {
             install_kube_proxy(node, &state)?;
         }
@@ -380,7 +399,13 @@ impl Cluster {
             .args(["--node", name, "--bpffs"])
             .arg(&self.bpffs);
         if args.first() == Some(&"run") {
-            cmd.arg("--config").arg(&self.config);
+            // One state directory for the whole cluster: the first node to start creates
+            // the mesh CA there, the others load it (nodes start one after the other).
+            cmd.arg("--config")
+                .arg(&self.config)
+                .arg("--state-dir")
+                .arg(self.dir.join("state"))
+                .args(&self.run_args);
         }
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)

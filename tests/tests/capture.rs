@@ -44,13 +44,17 @@ fn enrolled_pod_traffic_goes_through_the_node_proxy_same_node_and_cross_node() {
     assert_eq!(record.upstream, Some(dst));
     assert_eq!((record.bytes_sent, record.bytes_received), (BYTES, BYTES));
     assert_eq!(record.flag, "");
-    // The server saw the proxy (the node's bridge address), not the pod: it went through.
     assert_eq!(
-        a2.peers().last().unwrap().ip(),
-        cluster.node("node-a").gateway
+        (record.path.as_str(), record.security.as_str()),
+        ("same_node", "mutual_tls")
     );
+    // The server saw the client pod's address (the proxy dials as the client), from another
+    // port than the client's own (the proxy's connection).
+    let peer = *a2.peers().last().unwrap();
+    assert_eq!(peer.ip(), cluster.pod("a1").ip);
+    assert_ne!(peer, done.local);
 
-    // Cross node: a1 -> b1 over VXLAN: node-a's proxy sends it on, node-b's captures it inbound.
+    // Cross node: a1 -> b1 over VXLAN: node-a's proxy tunnels it (HBONE) to node-b's.
     let dst = SocketAddr::from((cluster.pod("b1").ip, WEB_PORT));
     let started = std::time::Instant::now();
     let done = transfer(client, dst, BYTES).unwrap();
@@ -64,17 +68,19 @@ fn enrolled_pod_traffic_goes_through_the_node_proxy_same_node_and_cross_node() {
         ("outbound", dst)
     );
     assert_eq!((out.bytes_sent, out.bytes_received), (BYTES, BYTES));
+    assert_eq!(out.path, "hbone");
     let inbound = cluster
-        .wait_connection("node-b", "inbound to b1", |c| {
-            c.direction == "inbound" && c.original_dst == dst
+        .wait_connection("node-b", "HBONE to b1", |c| {
+            c.direction == "hbone" && c.original_dst == dst
         })
         .unwrap();
-    assert_eq!(inbound.client.ip(), cluster.node("node-a").flannel);
-    assert_eq!((inbound.bytes_sent, inbound.bytes_received), (BYTES, BYTES));
+    assert_eq!(inbound.client.ip(), cluster.pod("a1").ip);
     assert_eq!(
-        b1.peers().last().unwrap().ip(),
-        cluster.node("node-b").gateway
+        inbound.source_identity.as_deref(),
+        Some("spiffe://cluster.local/ns/mesh/sa/client")
     );
+    assert_eq!((inbound.bytes_sent, inbound.bytes_received), (BYTES, BYTES));
+    assert_eq!(b1.peers().last().unwrap().ip(), cluster.pod("a1").ip);
 
     eprintln!(
         "mesh-node RSS after the transfers (KiB): node-a {:?}, node-b {:?}",

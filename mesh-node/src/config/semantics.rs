@@ -10,10 +10,29 @@ use super::model::{
 use super::security::MtlsMode;
 use super::values::labels_match;
 
-/// Istio's root namespace: policies here without a selector apply mesh-wide.
-pub const ROOT_NAMESPACE: &str = "istio-system";
-/// The cluster's DNS domain and the default SPIFFE trust domain.
+/// Istio's default root namespace: policies there without a selector apply mesh-wide.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+/// The cluster's DNS domain (also the default SPIFFE trust domain).
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Mesh-wide settings that Istio keeps in its MeshConfig: the root namespace (whose
+/// selector-less policies apply mesh-wide) and the SPIFFE trust domain of identities.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Mesh {
+    /// Root namespace (`istio-system` by default).
+    pub root_namespace: String,
+    /// Trust domain (`cluster.local` by default).
+    pub trust_domain: String,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Mesh {
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
+            trust_domain: CLUSTER_DOMAIN.to_string(),
+        }
+    }
+}
 
 /// The fully qualified name of `host` as written in a resource of `namespace`, resolved as
 /// Kubernetes DNS does for a pod in that namespace: `web` -> `web.ns.svc.cluster.local`,
@@ -159,9 +178,11 @@ pub fn service_account(pod: &Pod) -> &str {
         .unwrap_or("default")
 }
 
-/// The SPIFFE identity of service account `sa` in `namespace`.
-pub fn spiffe_id(namespace: &str, sa: &str) -> String {
-    format!("spiffe://{CLUSTER_DOMAIN}/ns/{namespace}/sa/{sa}")
+impl Mesh {
+    /// The SPIFFE identity of service account `sa` in `namespace`.
+    pub fn spiffe_id(&self, namespace: &str, sa: &str) -> String {
+        format!("spiffe://{}/ns/{namespace}/sa/{sa}", self.trust_domain)
+    }
 }
 
 /// The mTLS mode in effect for a workload, and the policies it comes from.
@@ -173,6 +194,13 @@ pub struct EffectiveMtls {
     pub ports: BTreeMap<u16, &'static str>,
     /// The policies that decided it, mesh-wide first (`namespace/name`).
     pub policies: Vec<String>,
+}
+
+impl EffectiveMtls {
+    /// The mode for workload port `port`: its port-level mode, else the workload's.
+    pub fn mode_for(&self, port: u16) -> &'static str {
+        self.ports.get(&port).copied().unwrap_or(self.mode)
+    }
 }
 
 /// The oldest policy (by creation time, then name; all candidates share a namespace), which Istio picks among several at one
@@ -188,21 +216,25 @@ fn oldest<'a>(
 /// (selector, outside the root namespace); UNSET inherits from the level above; when several
 /// policies exist at one level the oldest (then the first by name) wins.
 pub fn effective_mtls(
+    mesh: &Mesh,
     policies: &[PeerAuthentication],
     namespace: &str,
     labels: &Labels,
 ) -> EffectiveMtls {
+    let root = mesh.root_namespace.as_str();
     let mesh = oldest(
         policies
             .iter()
-            .filter(|p| p.namespace() == ROOT_NAMESPACE && !p.spec.has_selector()),
+            .filter(|p| p.namespace() == root && !p.spec.has_selector()),
     );
-    let ns = oldest(policies.iter().filter(|p| {
-        p.namespace() == namespace && namespace != ROOT_NAMESPACE && !p.spec.has_selector()
-    }));
+    let ns = oldest(
+        policies
+            .iter()
+            .filter(|p| p.namespace() == namespace && namespace != root && !p.spec.has_selector()),
+    );
     let workload = oldest(policies.iter().filter(|p| {
         p.namespace() == namespace
-            && namespace != ROOT_NAMESPACE
+            && namespace != root
             && p.spec.has_selector()
             && p.spec.selector.as_ref().is_some_and(|s| s.matches(labels))
     }));
@@ -234,6 +266,7 @@ pub fn effective_mtls(
 /// means every workload there. Policies bound by `targetRef(s)` attach to gateways, Services
 /// or waypoints, not to workloads, and select none here.
 pub fn authorization_applies(
+    mesh: &Mesh,
     policy: &AuthorizationPolicy,
     namespace: &str,
     labels: &Labels,
@@ -241,7 +274,7 @@ pub fn authorization_applies(
     if !policy.spec.target_refs.is_empty() {
         return false;
     }
-    let scope = policy.namespace() == ROOT_NAMESPACE || policy.namespace() == namespace;
+    let scope = policy.namespace() == mesh.root_namespace || policy.namespace() == namespace;
     scope
         && policy
             .spec
@@ -368,11 +401,21 @@ spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]
     fn peer_authentication_precedence() {
         let r = parse_str("p.yaml", POLICIES).unwrap();
         let labels = |app: &str| Labels::from([("app".to_string(), app.to_string())]);
-        let web = effective_mtls(&r.peer_authentications, "shop", &labels("web"));
+        let web = effective_mtls(
+            &Mesh::default(),
+            &r.peer_authentications,
+            "shop",
+            &labels("web"),
+        );
         // Namespace UNSET inherits the mesh's STRICT; the root-namespace selector is ignored.
         assert_eq!(web.mode, "STRICT");
         assert_eq!(web.policies, ["istio-system/mesh", "shop/ns"]);
-        let legacy = effective_mtls(&r.peer_authentications, "shop", &labels("legacy"));
+        let legacy = effective_mtls(
+            &Mesh::default(),
+            &r.peer_authentications,
+            "shop",
+            &labels("legacy"),
+        );
         assert_eq!(legacy.mode, "PERMISSIVE");
         assert_eq!(legacy.ports[&9000], "STRICT");
         assert_eq!(
@@ -380,10 +423,18 @@ spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]
             "UNSET port inherits the workload mode"
         );
         // Two namespace-wide policies: the oldest wins.
-        let lab = effective_mtls(&r.peer_authentications, "lab", &labels("x"));
+        let lab = effective_mtls(
+            &Mesh::default(),
+            &r.peer_authentications,
+            "lab",
+            &labels("x"),
+        );
         assert_eq!(lab.mode, "PERMISSIVE");
         assert_eq!(lab.policies, ["istio-system/mesh", "lab/z-older"]);
-        assert_eq!(effective_mtls(&[], "x", &Labels::new()).mode, "PERMISSIVE");
+        assert_eq!(
+            effective_mtls(&Mesh::default(), &[], "x", &Labels::new()).mode,
+            "PERMISSIVE"
+        );
     }
 
     #[test]
@@ -393,7 +444,7 @@ spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]
         let applying = |ns: &str, app: &str| -> Vec<String> {
             r.authorization_policies
                 .iter()
-                .filter(|p| authorization_applies(p, ns, &labels(app)))
+                .filter(|p| authorization_applies(&Mesh::default(), p, ns, &labels(app)))
                 .map(|p| p.metadata.qualified())
                 .collect()
         };

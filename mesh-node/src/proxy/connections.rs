@@ -22,16 +22,37 @@ const KEEP_CLOSED: usize = 4096;
 pub struct ConnectionRecord {
     /// Unique per process.
     pub id: u64,
-    /// `outbound` (from a local enrolled pod) or `inbound` (to one).
+    /// `outbound` (from a local enrolled pod), `inbound` (plaintext to one) or `hbone`
+    /// (mTLS tunnel to one).
     pub direction: &'static str,
     /// The client's address as the proxy saw it.
     pub client: SocketAddr,
+    /// The client's workload (`namespace/name`), when it is a known pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_workload: Option<String>,
+    /// The client's SPIFFE ID, when it is authenticated (mTLS, or an enrolled pod of this node).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_identity: Option<String>,
     /// The destination the client asked for (a Service VIP or a pod).
     pub original_dst: SocketAddr,
     /// The Service (`namespace/name`) when the original destination was its VIP.
     pub service: Option<String>,
     /// Where the proxy connected.
     pub upstream: Option<SocketAddr>,
+    /// The destination workload (`namespace/name`), when it is a known pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_workload: Option<String>,
+    /// The destination's SPIFFE ID (verified by mTLS on the HBONE path).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_identity: Option<String>,
+    /// How the bytes travel to the destination: `hbone` (mTLS tunnel to its node),
+    /// `same_node` (this proxy delivers; identity known in-process), `plaintext`.
+    pub path: &'static str,
+    /// `mutual_tls` or `none`.
+    pub security: &'static str,
+    /// The authorization decision (for connections to a workload of this node).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<crate::authz::Decision>,
     /// Milliseconds since the Unix epoch.
     pub opened_ms: u64,
     /// Milliseconds since the Unix epoch; `None` while open.
@@ -41,7 +62,8 @@ pub struct ConnectionRecord {
     /// Bytes from the upstream to the client.
     pub bytes_received: u64,
     /// Istio-style response flag: empty when fine, `UF` (upstream connect failure), `UH` (no
-    /// healthy upstream), `NR` (no route), `DC` (connection broken mid-stream).
+    /// healthy upstream), `NR` (no route), `DC` (connection broken mid-stream), `DENY`
+    /// (refused by PeerAuthentication or AuthorizationPolicy, as ztunnel reports it).
     pub flag: &'static str,
     /// Error detail, if any.
     pub error: Option<String>,
@@ -76,18 +98,21 @@ impl Connections {
         id
     }
 
-    /// Closes connection `id`, letting `update` fill in its outcome.
-    pub fn close(&self, id: u64, update: impl FnOnce(&mut ConnectionRecord)) {
+    /// Closes connection `id`, letting `update` fill in its outcome; returns the final record.
+    pub fn close(
+        &self,
+        id: u64,
+        update: impl FnOnce(&mut ConnectionRecord),
+    ) -> Option<ConnectionRecord> {
         let mut inner = self.lock();
-        let Some(mut record) = inner.open.remove(&id) else {
-            return;
-        };
+        let mut record = inner.open.remove(&id)?;
         update(&mut record);
         record.closed_ms = Some(now_ms());
         if inner.closed.len() == KEEP_CLOSED {
             inner.closed.pop_front();
         }
-        inner.closed.push_back(record);
+        inner.closed.push_back(record.clone());
+        Some(record)
     }
 
     /// Open connections first, then closed ones, oldest first.
@@ -116,9 +141,16 @@ mod tests {
             id: 0,
             direction: "outbound",
             client: "100.65.0.2:40000".parse().unwrap(),
+            source_workload: None,
+            source_identity: None,
             original_dst: "100.66.0.10:80".parse().unwrap(),
             service: Some("demo/web".into()),
             upstream: None,
+            destination_workload: None,
+            destination_identity: None,
+            path: "plaintext",
+            security: "none",
+            authorization: None,
             opened_ms: now_ms(),
             closed_ms: None,
             bytes_sent: 0,

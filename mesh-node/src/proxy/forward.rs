@@ -1,60 +1,26 @@
-//! One proxied TCP connection, from accept to record (L4 passthrough).
+//! Outbound (`:15001`) and inbound plaintext (`:15006`) connections, each from accept to
+//! record.
+//!
+//! Outbound: original destination -> Service VIP resolved to an endpoint -> by destination:
+//! an enrolled pod of this node is delivered directly after its inbound policy is applied
+//! (the client's identity is known in-process: no TLS hop to ourselves); an enrolled pod of
+//! another node is reached through HBONE; anything else in plaintext.
+//!
+//! Inbound plaintext: the client has no mesh identity. PeerAuthentication STRICT for the
+//! destination port refuses it before a byte reaches the pod; otherwise
+//! AuthorizationPolicy decides.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
-use arc_swap::ArcSwap;
-use mesh_common::MARK_PROXY;
-use socket2::SockRef;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
-use super::connections::{now_ms, ConnectionRecord, Connections};
+use super::{connect_from, record, relay, reset, Direction, Outcome, ProxyContext, Tracked};
 use crate::{
-    metrics::ProxyMetrics,
-    state::{Resolution, State},
+    authz::{self, Decision},
+    state::{Resolution, ServiceTarget, State, Workload},
     sys,
+    telemetry::{Peer, Report},
 };
-
-/// How long to wait for an upstream connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Copy buffer per direction.
-const COPY_BUFFER: usize = 64 * 1024;
-
-/// Which listener accepted the connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// From a local enrolled pod (`:15001`).
-    Outbound,
-    /// To a local enrolled pod (`:15006`).
-    Inbound,
-}
-
-impl Direction {
-    /// Label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Outbound => "outbound",
-            Direction::Inbound => "inbound",
-        }
-    }
-}
-
-/// What every connection handler shares.
-pub struct ProxyContext {
-    /// The current config snapshot.
-    pub state: Arc<ArcSwap<State>>,
-    /// The connection record.
-    pub connections: Arc<Connections>,
-    /// Metrics.
-    pub metrics: ProxyMetrics,
-}
-
-/// A connection that could not be forwarded.
-struct Refusal {
-    flag: &'static str,
-    error: String,
-    service: Option<String>,
-    upstream: Option<SocketAddr>,
-}
 
 /// Handles one accepted connection.
 pub async fn handle(
@@ -69,198 +35,299 @@ pub async fn handle(
     // Without NAT on the node, conntrack's original destination equals the local address;
     // after a kube-proxy DNAT it is the Service VIP the client dialled.
     let original_dst = sys::original_dst(&client).unwrap_or(local);
-    let metrics = &ctx.metrics;
-    metrics.opened(direction);
-    let id = ctx.connections.open(ConnectionRecord {
-        id: 0,
-        direction: direction.as_str(),
-        client: peer,
-        original_dst,
-        service: None,
-        upstream: None,
-        opened_ms: now_ms(),
-        closed_ms: None,
-        bytes_sent: 0,
-        bytes_received: 0,
-        flag: "",
-        error: None,
-    });
-
-    let result = forward(&ctx, direction, client, original_dst).await;
-    let flag = match &result {
-        Ok(done) => done.flag,
-        Err(refusal) => refusal.flag,
-    };
-    metrics.closed(direction, flag);
-    ctx.connections.close(id, |record| match result {
-        Ok(done) => {
-            record.service = done.service;
-            record.upstream = Some(done.upstream);
-            record.bytes_sent = done.sent;
-            record.bytes_received = done.received;
-            record.flag = done.flag;
-            record.error = done.error;
-            metrics.bytes(direction, done.sent, done.received);
-        }
-        Err(refusal) => {
-            tracing::debug!(%peer, %original_dst, flag = refusal.flag, "refused: {}", refusal.error);
-            record.service = refusal.service;
-            record.upstream = refusal.upstream;
-            record.flag = refusal.flag;
-            record.error = Some(refusal.error);
-        }
-    });
+    let state = ctx.state.load_full();
+    match direction {
+        Direction::Outbound => outbound(&ctx, &state, client, peer, original_dst).await,
+        _ => inbound(&ctx, &state, client, peer, original_dst).await,
+    }
 }
 
-struct Forwarded {
-    service: Option<String>,
-    upstream: SocketAddr,
-    sent: u64,
-    received: u64,
-    flag: &'static str,
-    error: Option<String>,
-}
-
-async fn forward(
+async fn outbound(
     ctx: &ProxyContext,
-    direction: Direction,
-    mut client: TcpStream,
+    state: &State,
+    client: TcpStream,
+    peer: SocketAddr,
     original_dst: SocketAddr,
-) -> Result<Forwarded, Refusal> {
-    let (service, upstream) = match direction {
-        Direction::Inbound => (None, original_dst),
-        Direction::Outbound => {
-            let state = ctx.state.load();
-            match state.resolve(original_dst) {
-                Resolution::Direct => (None, original_dst),
-                Resolution::Service(target) => {
-                    let service = Some(target.qualified_name());
-                    match target.pick() {
-                        Some(endpoint) => (service, SocketAddr::V4(endpoint)),
-                        None => {
-                            reset(&client);
-                            return Err(Refusal {
-                                flag: "UH",
-                                error: "no ready endpoint".into(),
-                                service,
-                                upstream: None,
-                            });
-                        }
-                    }
-                }
-                Resolution::UnknownServicePort { service } => {
+) {
+    let mut rec = record(Direction::Outbound, peer, original_dst);
+    let source = ip_of(peer).and_then(|ip| state.workloads.get(&ip));
+    if let Some(source) = source {
+        rec.source_workload = Some(qualified(source));
+        rec.source_identity = source.enrolled.then(|| source.identity.clone());
+    }
+    let (service, upstream) = match state.resolve(original_dst) {
+        Resolution::Direct => (None, original_dst),
+        Resolution::Service(target) => {
+            rec.service = Some(target.qualified_name());
+            match target.pick() {
+                Some(endpoint) => (Some(target), SocketAddr::V4(endpoint)),
+                None => {
                     reset(&client);
-                    return Err(Refusal {
-                        flag: "NR",
-                        error: format!(
-                            "port {} is not a port of Service {service}",
-                            original_dst.port()
-                        ),
-                        service: Some(service),
-                        upstream: None,
-                    });
+                    Tracked::open(ctx, Direction::Outbound, rec)
+                        .finish(Outcome::refused("UH", "no ready endpoint"));
+                    return;
                 }
             }
         }
+        Resolution::UnknownServicePort { service } => {
+            reset(&client);
+            rec.service = Some(service.clone());
+            let error = format!(
+                "port {} is not a port of Service {service}",
+                original_dst.port()
+            );
+            Tracked::open(ctx, Direction::Outbound, rec).finish(Outcome::refused("NR", error));
+            return;
+        }
     };
+    rec.upstream = Some(upstream);
+    let destination = ip_of(upstream).and_then(|ip| state.workloads.get(&ip));
+    if let Some(d) = destination {
+        rec.destination_workload = Some(qualified(d));
+    }
+    let source = source.filter(|s| s.enrolled);
+    match (source, destination.filter(|d| d.enrolled)) {
+        (_, Some(d)) if d.node.as_deref() == Some(state.node.as_str()) => {
+            same_node(ctx, client, peer, rec, source, d, service).await
+        }
+        (Some(s), Some(d)) => {
+            super::hbone::outbound(ctx, client, rec, s, d, service, upstream).await
+        }
+        _ => {
+            let reports = vec![Report {
+                reporter: "source",
+                source: source.map_or_else(Peer::unknown, |s| Peer::of(s, true)),
+                destination: destination.map_or_else(Peer::unknown, |d| Peer::of(d, false)),
+                service: None,
+                mtls: false,
+            }
+            .service(service)];
+            plain(
+                ctx,
+                Direction::Outbound,
+                client,
+                peer,
+                upstream,
+                rec,
+                reports,
+            )
+            .await
+        }
+    }
+}
 
-    let mut server = match connect(upstream).await {
+/// From an enrolled pod to an enrolled pod of this node: the destination's inbound policy
+/// with the source's identity, then a direct connection (the identity is known in-process,
+/// so this counts as mutual TLS for PeerAuthentication, as in Istio ambient).
+async fn same_node(
+    ctx: &ProxyContext,
+    client: TcpStream,
+    peer: SocketAddr,
+    mut rec: super::connections::ConnectionRecord,
+    source: Option<&Workload>,
+    destination: &Workload,
+    service: Option<&ServiceTarget>,
+) {
+    let Some(upstream) = rec.upstream else { return };
+    rec.path = "same_node";
+    rec.security = "mutual_tls";
+    rec.destination_identity = Some(destination.identity.clone());
+    let identity = source.map(|s| s.identity.as_str());
+    let decision = authorize(destination, identity, peer, upstream);
+    let allowed = decision.allowed;
+    rec.authorization = Some(decision);
+    let reports = [("source", true), ("destination", true)]
+        .into_iter()
+        .map(|(reporter, _)| {
+            Report {
+                reporter,
+                source: source.map_or_else(Peer::unknown, |s| Peer::of(s, true)),
+                destination: Peer::of(destination, true),
+                service: None,
+                mtls: true,
+            }
+            .service(service)
+        })
+        .collect();
+    if !allowed {
+        deny(ctx, Direction::Outbound, &client, rec, reports);
+        return;
+    }
+    plain(
+        ctx,
+        Direction::Outbound,
+        client,
+        peer,
+        upstream,
+        rec,
+        reports,
+    )
+    .await
+}
+
+async fn inbound(
+    ctx: &ProxyContext,
+    state: &State,
+    client: TcpStream,
+    peer: SocketAddr,
+    original_dst: SocketAddr,
+) {
+    let mut rec = record(Direction::Inbound, peer, original_dst);
+    rec.upstream = Some(original_dst);
+    let source = ip_of(peer).and_then(|ip| state.workloads.get(&ip));
+    rec.source_workload = source.map(qualified);
+    let destination = ip_of(original_dst).and_then(|ip| state.workloads.get(&ip));
+    let Some(destination) = destination.filter(|d| d.enrolled) else {
+        // A flow captured for a pod that has since left the mesh (or a stale capture):
+        // deliver it as the kernel would have.
+        let reports = Vec::new();
+        plain(
+            ctx,
+            Direction::Inbound,
+            client,
+            peer,
+            original_dst,
+            rec,
+            reports,
+        )
+        .await;
+        return;
+    };
+    rec.destination_workload = Some(qualified(destination));
+    rec.destination_identity = Some(destination.identity.clone());
+    let reports = vec![Report {
+        reporter: "destination",
+        source: source.map_or_else(Peer::unknown, |s| Peer::of(s, false)),
+        destination: Peer::of(destination, true),
+        service: None,
+        mtls: false,
+    }];
+    let mode = destination.mtls.mode_for(original_dst.port());
+    if mode == "STRICT" {
+        rec.authorization = Some(Decision {
+            allowed: false,
+            policy: destination.mtls.policies.last().cloned(),
+            reason: "plaintext refused: PeerAuthentication STRICT",
+            audited: Vec::new(),
+        });
+        deny(ctx, Direction::Inbound, &client, rec, reports);
+        return;
+    }
+    let decision = authorize(destination, None, peer, original_dst);
+    let allowed = decision.allowed;
+    rec.authorization = Some(decision);
+    if !allowed {
+        deny(ctx, Direction::Inbound, &client, rec, reports);
+        return;
+    }
+    plain(
+        ctx,
+        Direction::Inbound,
+        client,
+        peer,
+        original_dst,
+        rec,
+        reports,
+    )
+    .await
+}
+
+/// Decides a connection to a local workload.
+pub(crate) fn authorize(
+    destination: &Workload,
+    source_identity: Option<&str>,
+    peer: SocketAddr,
+    upstream: SocketAddr,
+) -> Decision {
+    let decision = authz::authorize(
+        &destination.authorization,
+        &authz::Connection {
+            source_identity,
+            source_ip: ip_of(peer).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+            destination_ip: destination.ip,
+            destination_port: upstream.port(),
+        },
+    );
+    if !decision.audited.is_empty() {
+        tracing::info!(
+            source = %peer,
+            identity = source_identity.unwrap_or("-"),
+            destination = %upstream,
+            allowed = decision.allowed,
+            policies = ?decision.audited,
+            "AUDIT policy matched"
+        );
+    }
+    decision
+}
+
+/// Refuses a connection by policy: the client gets a reset, no byte reaches the pod.
+fn deny(
+    ctx: &ProxyContext,
+    direction: Direction,
+    client: &TcpStream,
+    rec: super::connections::ConnectionRecord,
+    reports: Vec<Report>,
+) {
+    reset(client);
+    let reason = rec
+        .authorization
+        .as_ref()
+        .map_or("denied", |d| d.reason)
+        .to_string();
+    let mut tracked = Tracked::open(ctx, direction, rec);
+    tracked.live = ctx.tcp.open(reports);
+    tracked.finish(Outcome::refused("DENY", reason));
+}
+
+/// Connects to `upstream` as the client and relays plain TCP.
+async fn plain(
+    ctx: &ProxyContext,
+    direction: Direction,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    upstream: SocketAddr,
+    rec: super::connections::ConnectionRecord,
+    reports: Vec<Report>,
+) {
+    let mut tracked = Tracked::open(ctx, direction, rec);
+    tracked.live = ctx.tcp.open(reports);
+    let source = ip_of(peer).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    let mut server = match connect_from(source, upstream).await {
         Ok(server) => server,
         Err(err) => {
             reset(&client);
-            return Err(Refusal {
-                flag: "UF",
-                error: format!("connect to {upstream}: {err}"),
-                service,
-                upstream: Some(upstream),
-            });
+            tracked.finish(Outcome::refused(
+                "UF",
+                format!("connect to {upstream}: {err}"),
+            ));
+            return;
         }
     };
     let _ = client.set_nodelay(true);
-    keepalive(&client);
-    keepalive(&server);
-    let (copied, error) = relay(&mut client, &mut server).await;
+    super::keepalive(&client);
+    let (copied, error) = relay(&mut client, &mut server, &tracked.live).await;
     if error.is_some() {
         // One side broke (for example reset): reset the other too, so it does not take a
         // truncated stream for a complete one.
         reset(&client);
         reset(&server);
     }
-    Ok(Forwarded {
-        service,
-        upstream,
-        sent: copied.sent,
-        received: copied.received,
+    tracked.finish(Outcome {
         flag: if error.is_some() { "DC" } else { "" },
         error: error.map(|e| e.to_string()),
-    })
+        sent: copied.sent,
+        received: copied.received,
+    });
 }
 
-#[derive(Default)]
-struct Copied {
-    sent: u64,
-    received: u64,
-}
-
-/// Copies both ways until both directions end. An end of stream is passed on as a half-close
-/// (`shutdown(Write)`), so either side may keep sending after the other finished. Stops at
-/// the first error; the byte counts are kept either way.
-async fn relay(client: &mut TcpStream, server: &mut TcpStream) -> (Copied, Option<std::io::Error>) {
-    let (mut client_read, mut client_write) = client.split();
-    let (mut server_read, mut server_write) = server.split();
-    let mut copied = Copied::default();
-    let result = tokio::try_join!(
-        pipe(&mut client_read, &mut server_write, &mut copied.sent),
-        pipe(&mut server_read, &mut client_write, &mut copied.received),
-    );
-    (copied, result.err())
-}
-
-async fn pipe<R, W>(from: &mut R, to: &mut W, count: &mut u64) -> std::io::Result<()>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; COPY_BUFFER];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            return to.shutdown().await;
-        }
-        to.write_all(&buf[..n]).await?;
-        *count += n as u64;
+pub(crate) fn ip_of(addr: SocketAddr) -> Option<std::net::Ipv4Addr> {
+    match addr {
+        SocketAddr::V4(v4) => Some(*v4.ip()),
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped(),
     }
 }
 
-/// Detects peers that vanished without a word (a deleted pod, a dead node): after 60 s idle,
-/// probes every 10 s, gives up after 6 unanswered probes.
-fn keepalive(stream: &TcpStream) {
-    let params = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(6);
-    let _ = SockRef::from(stream).set_tcp_keepalive(&params);
-}
-
-/// Connects to `upstream` with the proxy's socket mark, so no capture rule touches it.
-async fn connect(upstream: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = match upstream {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    SockRef::from(&socket).set_mark(MARK_PROXY)?;
-    socket.set_nodelay(true)?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(upstream)).await {
-        Ok(result) => result,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "timed out",
-        )),
-    }
-}
-
-/// Makes the client see a reset rather than a clean close.
-fn reset(client: &TcpStream) {
-    let _ = SockRef::from(client).set_linger(Some(Duration::ZERO));
+pub(crate) fn qualified(w: &Workload) -> String {
+    format!("{}/{}", w.namespace, w.name)
 }

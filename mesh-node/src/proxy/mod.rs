@@ -2,19 +2,89 @@
 //! loopback: the kernel's `sk_lookup` program hands them captured flows whatever their
 //! destination, and `getsockname()` / `SO_ORIGINAL_DST` give the original destination.
 //!
-//! Each connection reads top to bottom in [`forward::handle`]:
-//! accept -> original destination -> resolve (Service VIP -> endpoint) -> connect (marked) ->
-//! copy both ways (half-close respected) -> record.
+//! - [`forward`]: `:15001` outbound from local enrolled pods (to a pod of this node directly,
+//!   to an enrolled pod elsewhere through HBONE, to anything else in plaintext) and `:15006`
+//!   inbound plaintext (PeerAuthentication and AuthorizationPolicy decide).
+//! - [`hbone`]: `:15008` inbound HBONE (mTLS + HTTP/2 CONNECT) and the outbound connection
+//!   pool.
+//!
+//! Every connection the proxy opens to a pod uses the client pod's address as its source
+//! (`IP_TRANSPARENT`), so pods, their logs and NetworkPolicy see the real client, and carries
+//! `MARK_PROXY` so no capture rule takes it again.
 
 pub mod connections;
 pub mod forward;
+pub mod hbone;
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use mesh_common::MARK_PROXY;
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream},
+};
 
-pub use forward::{Direction, ProxyContext};
+use self::connections::{now_ms, ConnectionRecord, Connections};
+use crate::{
+    identity::Certificates,
+    metrics::ProxyMetrics,
+    state::State,
+    sys,
+    telemetry::{self, Live, TcpMetrics},
+};
+
+/// How long to wait for an upstream connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Copy buffer per direction of a plain TCP relay.
+const COPY_BUFFER: usize = 64 * 1024;
+/// Largest read from a TCP socket into the HTTP/2 tunnel.
+const H2_CHUNK: usize = 64 * 1024;
+
+/// Which listener accepted the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From a local enrolled pod (`:15001`).
+    Outbound,
+    /// Plaintext to a local enrolled pod (`:15006`).
+    Inbound,
+    /// HBONE to a local enrolled pod (`:15008`).
+    Hbone,
+}
+
+impl Direction {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+            Direction::Hbone => "hbone",
+        }
+    }
+}
+
+/// What every connection handler shares.
+pub struct ProxyContext {
+    /// The current config snapshot.
+    pub state: Arc<ArcSwap<State>>,
+    /// The connection record.
+    pub connections: Arc<Connections>,
+    /// Node-level proxy metrics.
+    pub metrics: ProxyMetrics,
+    /// Istio's TCP metrics.
+    pub tcp: TcpMetrics,
+    /// This node's workload certificates.
+    pub certs: Arc<Certificates>,
+    /// Outbound HBONE connections.
+    pub pool: hbone::Pool,
+}
 
 /// Binds a transparent listener on `127.0.0.1:port`.
 pub fn bind_listener(port: u16) -> io::Result<std::net::TcpListener> {
@@ -40,7 +110,11 @@ pub async fn serve(listener: std::net::TcpListener, direction: Direction, ctx: A
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
-                tokio::spawn(forward::handle(ctx.clone(), direction, client, peer));
+                let ctx = ctx.clone();
+                match direction {
+                    Direction::Hbone => tokio::spawn(hbone::serve_connection(ctx, client, peer)),
+                    _ => tokio::spawn(forward::handle(ctx, direction, client, peer)),
+                };
             }
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -49,4 +123,305 @@ pub async fn serve(listener: std::net::TcpListener, direction: Direction, ctx: A
             }
         }
     }
+}
+
+/// How a connection ended.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    /// Istio-style response flag, empty when fine.
+    pub flag: &'static str,
+    /// Detail for the record and the access log.
+    pub error: Option<String>,
+    /// Client to server bytes.
+    pub sent: u64,
+    /// Server to client bytes.
+    pub received: u64,
+}
+
+impl Outcome {
+    /// A connection refused before any byte was relayed.
+    pub fn refused(flag: &'static str, error: impl Into<String>) -> Outcome {
+        Outcome {
+            flag,
+            error: Some(error.into()),
+            ..Outcome::default()
+        }
+    }
+}
+
+/// One connection's bookkeeping: the record, the metrics and the access-log line.
+pub(crate) struct Tracked<'a> {
+    ctx: &'a ProxyContext,
+    direction: Direction,
+    id: u64,
+    /// Istio metrics of the connection (empty until the reports are known).
+    pub live: Live,
+}
+
+impl<'a> Tracked<'a> {
+    /// Records a new connection.
+    pub fn open(ctx: &'a ProxyContext, direction: Direction, record: ConnectionRecord) -> Self {
+        ctx.metrics.opened(direction);
+        let id = ctx.connections.open(record);
+        Tracked {
+            ctx,
+            direction,
+            id,
+            live: Live::none(),
+        }
+    }
+
+    /// Records the end of the connection and writes its access-log line.
+    pub fn finish(self, outcome: Outcome) {
+        let Tracked {
+            ctx,
+            direction,
+            id,
+            live,
+        } = self;
+        ctx.metrics.closed(direction, outcome.flag);
+        ctx.metrics.bytes(direction, outcome.sent, outcome.received);
+        live.close(outcome.flag);
+        if outcome.flag == "DENY" {
+            tracing::debug!(id, "denied: {}", outcome.error.as_deref().unwrap_or(""));
+        }
+        let closed = ctx.connections.close(id, |record| {
+            record.bytes_sent = outcome.sent;
+            record.bytes_received = outcome.received;
+            record.flag = outcome.flag;
+            record.error = outcome.error;
+        });
+        if let Some(record) = closed {
+            telemetry::access_log(&record);
+        }
+    }
+}
+
+/// A record with what is known when a connection is accepted.
+pub(crate) fn record(
+    direction: Direction,
+    client: SocketAddr,
+    original_dst: SocketAddr,
+) -> ConnectionRecord {
+    ConnectionRecord {
+        id: 0,
+        direction: direction.as_str(),
+        client,
+        source_workload: None,
+        source_identity: None,
+        original_dst,
+        service: None,
+        upstream: None,
+        destination_workload: None,
+        destination_identity: None,
+        path: "plaintext",
+        security: "none",
+        authorization: None,
+        opened_ms: now_ms(),
+        closed_ms: None,
+        bytes_sent: 0,
+        bytes_received: 0,
+        flag: "",
+        error: None,
+    }
+}
+
+/// Connects to `upstream` from `source` (the client pod's address, so the server sees the
+/// real client), with the proxy's socket mark. The port is chosen at connect time
+/// (`IP_BIND_ADDRESS_NO_PORT`), per destination.
+pub(crate) async fn connect_from(source: Ipv4Addr, upstream: SocketAddr) -> io::Result<TcpStream> {
+    let socket = match upstream {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    let sock = SockRef::from(&socket);
+    sock.set_mark(MARK_PROXY)?;
+    if upstream.is_ipv4() && !source.is_unspecified() {
+        sock.set_ip_transparent_v4(true)?;
+        sys::set_bind_address_no_port(&socket)?;
+        socket.bind(SocketAddr::from((source, 0)))?;
+    }
+    socket.set_nodelay(true)?;
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(upstream)).await {
+        Ok(result) => result?,
+        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")),
+    };
+    keepalive(&stream);
+    Ok(stream)
+}
+
+/// Detects peers that vanished without a word (a deleted pod, a dead node): after 60 s idle,
+/// probes every 10 s, gives up after 6 unanswered probes.
+pub(crate) fn keepalive(stream: &TcpStream) {
+    let params = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&params);
+}
+
+/// Makes the peer see a reset rather than a clean close when the stream is dropped.
+pub(crate) fn reset(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Bytes relayed.
+#[derive(Debug, Default)]
+pub(crate) struct Copied {
+    /// Client to server.
+    pub sent: u64,
+    /// Server to client.
+    pub received: u64,
+}
+
+/// Copies both ways between two TCP connections until both directions end. An end of
+/// stream is passed on as a half-close, so either side may keep sending after the other
+/// finished. Stops at the first error; the byte counts are kept either way.
+pub(crate) async fn relay(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+    live: &Live,
+) -> (Copied, Option<io::Error>) {
+    let (mut client_read, mut client_write) = client.split();
+    let (mut server_read, mut server_write) = server.split();
+    let mut copied = Copied::default();
+    let result = tokio::try_join!(
+        pipe(&mut client_read, &mut server_write, &mut copied.sent, |n| {
+            live.client_bytes(n)
+        }),
+        pipe(
+            &mut server_read,
+            &mut client_write,
+            &mut copied.received,
+            |n| live.server_bytes(n)
+        ),
+    );
+    (copied, result.err())
+}
+
+async fn pipe<R, W>(
+    from: &mut R,
+    to: &mut W,
+    count: &mut u64,
+    counted: impl Fn(u64),
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        *count += n as u64;
+        counted(n as u64);
+    }
+}
+
+/// Which end of the connection the TCP socket of a tunnel relay is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TcpEnd {
+    /// The client pod (source side of HBONE).
+    Client,
+    /// The server pod (destination side).
+    Server,
+}
+
+/// Copies both ways between a TCP connection and an HTTP/2 stream (an HBONE tunnel), with
+/// HTTP/2 flow control as back pressure. End of stream maps to a half-close both ways.
+pub(crate) async fn relay_h2(
+    tcp: &mut TcpStream,
+    mut send: h2::SendStream<Bytes>,
+    mut recv: h2::RecvStream,
+    end: TcpEnd,
+    live: &Live,
+) -> (Copied, Option<io::Error>) {
+    let (mut tcp_read, mut tcp_write) = tcp.split();
+    let mut from_tcp = 0u64;
+    let mut from_h2 = 0u64;
+    let (count_tcp, count_h2): (&Counted<'_>, &Counted<'_>) = match end {
+        TcpEnd::Client => (&|n| live.client_bytes(n), &|n| live.server_bytes(n)),
+        TcpEnd::Server => (&|n| live.server_bytes(n), &|n| live.client_bytes(n)),
+    };
+    let upload = async {
+        let result = tcp_to_h2(&mut tcp_read, &mut send, &mut from_tcp, count_tcp).await;
+        if result.is_err() {
+            send.send_reset(h2::Reason::CANCEL);
+        }
+        result
+    };
+    let download = h2_to_tcp(&mut recv, &mut tcp_write, &mut from_h2, count_h2);
+    let result = tokio::try_join!(upload, download);
+    let copied = match end {
+        TcpEnd::Client => Copied {
+            sent: from_tcp,
+            received: from_h2,
+        },
+        TcpEnd::Server => Copied {
+            sent: from_h2,
+            received: from_tcp,
+        },
+    };
+    (copied, result.err())
+}
+
+/// Called with each relayed chunk's size.
+type Counted<'a> = dyn Fn(u64) + Sync + 'a;
+
+async fn tcp_to_h2<R: AsyncRead + Unpin>(
+    from: &mut R,
+    to: &mut h2::SendStream<Bytes>,
+    count: &mut u64,
+    counted: &Counted<'_>,
+) -> io::Result<()> {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        buf.reserve(H2_CHUNK);
+        let n = from.read_buf(&mut buf).await?;
+        if n == 0 {
+            return to.send_data(Bytes::new(), true).map_err(h2_io);
+        }
+        let mut data = buf.split().freeze();
+        while !data.is_empty() {
+            to.reserve_capacity(data.len());
+            let granted = std::future::poll_fn(|cx| to.poll_capacity(cx))
+                .await
+                .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed"))?
+                .map_err(h2_io)?;
+            let chunk = data.split_to(granted.min(data.len()));
+            to.send_data(chunk, false).map_err(h2_io)?;
+        }
+        *count += n as u64;
+        counted(n as u64);
+    }
+}
+
+async fn h2_to_tcp<W: AsyncWrite + Unpin>(
+    from: &mut h2::RecvStream,
+    to: &mut W,
+    count: &mut u64,
+    counted: &Counted<'_>,
+) -> io::Result<()> {
+    while let Some(chunk) = from.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        to.write_all(&chunk).await?;
+        let n = chunk.len();
+        let _ = from.flow_control().release_capacity(n);
+        *count += n as u64;
+        counted(n as u64);
+    }
+    to.shutdown().await
+}
+
+/// An HTTP/2 error as an I/O error (a reset stream is a reset connection).
+pub(crate) fn h2_io(err: h2::Error) -> io::Error {
+    if err.is_io() {
+        return err
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+    }
+    io::Error::new(io::ErrorKind::ConnectionReset, err)
 }

@@ -38,7 +38,7 @@ fn main() -> Result<()> {
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let resources =
         config::parse_str(&path.display().to_string(), &yaml).map_err(|e| anyhow!("{e}"))?;
-    let state = State::build(&resources, "", 0);
+    let state = State::build(&resources, "", &Default::default(), 0);
 
     println!("== building the cluster from {}", path.display());
     let mut cluster = Cluster::new(&yaml)?;

@@ -1,0 +1,568 @@
+//! HBONE, as Istio ambient defines it: a TCP connection tunnelled as an HTTP/2 CONNECT stream
+//! (`:authority` = destination `podIP:port`) over mutual TLS 1.3 to `<destination podIP>:15008`.
+//!
+//! Source side ([`outbound`], [`Pool`]): tunnels are multiplexed over pooled connections, one
+//! pool per (source workload, destination identity, destination address) as ztunnel keys
+//! them; a pooled connection takes streams up to the peer's limit, then another one is
+//! opened. The outer TCP connection leaves from the source pod's address (`IP_TRANSPARENT`).
+//! The client accepts only the destination workload's SPIFFE ID. After the source's
+//! certificate is renewed, connections made with the old one take no new streams and close
+//! once their streams end.
+//!
+//! Destination side ([`serve_connection`]): the kernel delivers `podIP:15008` to the listener;
+//! the proxy presents the certificate of the workload at that address, takes the client's
+//! identity from its certificate, applies AuthorizationPolicy per stream and connects to the
+//! pod from the client's address.
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use mesh_common::PORT_HBONE;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use super::{
+    connect_from,
+    forward::{authorize, ip_of, qualified},
+    record, relay_h2, reset, Direction, Outcome, ProxyContext, TcpEnd, Tracked,
+};
+use crate::{
+    identity::{tls, Certificates, WorkloadCert},
+    state::{ServiceTarget, Workload},
+    telemetry::{Peer, Report},
+};
+
+/// HTTP/2 flow-control windows: large enough that one stream fills a fast link (the
+/// bandwidth-delay product inside a cluster is small; a window below a few hundred KiB
+/// stalls bulk transfers), the connection's large enough for several streams.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest HTTP/2 frame accepted.
+const MAX_FRAME: u32 = 1 << 20;
+/// Streams a client may open on one connection (ztunnel's default).
+const MAX_STREAMS: u32 = 100;
+/// TLS handshake deadline.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A pooled connection without streams for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the pool drops idle, broken and superseded connections.
+const REAP_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a tunnel could not be opened.
+struct Failure {
+    flag: &'static str,
+    error: String,
+}
+
+impl Failure {
+    fn uf(error: impl Into<String>) -> Failure {
+        Failure {
+            flag: "UF",
+            error: error.into(),
+        }
+    }
+}
+
+/// The source side of HBONE for one connection from a local enrolled pod.
+pub(crate) async fn outbound(
+    ctx: &ProxyContext,
+    mut client: TcpStream,
+    mut rec: super::connections::ConnectionRecord,
+    source: &Workload,
+    destination: &Workload,
+    service: Option<&ServiceTarget>,
+    upstream: SocketAddr,
+) {
+    rec.path = "hbone";
+    rec.security = "mutual_tls";
+    rec.destination_identity = Some(destination.identity.clone());
+    let report = Report {
+        reporter: "source",
+        source: Peer::of(source, true),
+        destination: Peer::of(destination, true),
+        service: None,
+        mtls: true,
+    }
+    .service(service);
+    let mut tracked = Tracked::open(ctx, Direction::Outbound, rec);
+    tracked.live = ctx.tcp.open(vec![report]);
+    let SocketAddr::V4(target) = upstream else {
+        reset(&client);
+        tracked.finish(Outcome::refused("UF", "HBONE needs an IPv4 destination"));
+        return;
+    };
+    let cert = match ctx.certs.for_workload(source) {
+        Ok(cert) => cert,
+        Err(err) => {
+            reset(&client);
+            tracked.finish(Outcome::refused("UF", err.to_string()));
+            return;
+        }
+    };
+    let tunnel = ctx
+        .pool
+        .stream(ctx, source.ip, &cert, &destination.identity, target)
+        .await;
+    let (send, recv, _guard) = match tunnel {
+        Ok(tunnel) => tunnel,
+        Err(failure) => {
+            reset(&client);
+            tracked.finish(Outcome::refused(failure.flag, failure.error));
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    super::keepalive(&client);
+    let (copied, error) = relay_h2(&mut client, send, recv, TcpEnd::Client, &tracked.live).await;
+    if error.is_some() {
+        reset(&client);
+    }
+    tracked.finish(Outcome {
+        flag: if error.is_some() { "DC" } else { "" },
+        error: error.map(|e| e.to_string()),
+        sent: copied.sent,
+        received: copied.received,
+    });
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Key {
+    source: std::net::Ipv4Addr,
+    source_identity: String,
+    identity: String,
+    destination: SocketAddrV4,
+}
+
+struct Pooled {
+    sender: h2::client::SendRequest<Bytes>,
+    /// Generation of the source certificate it was made with.
+    generation: u64,
+    active: AtomicUsize,
+    closed: Arc<AtomicBool>,
+    idle_since: Mutex<Instant>,
+}
+
+impl Pooled {
+    fn has_room(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+            && self.active.load(Ordering::Acquire) < self.sender.current_max_send_streams()
+    }
+}
+
+/// Returns a stream slot to its connection when the tunnel ends.
+pub(crate) struct StreamGuard(Arc<Pooled>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+    }
+}
+
+/// Outbound HBONE connections, by (source workload, destination identity, destination).
+#[derive(Clone, Default)]
+pub struct Pool {
+    conns: Arc<Mutex<HashMap<Key, Vec<Arc<Pooled>>>>>,
+}
+
+impl Pool {
+    /// Drops broken, idle and superseded connections every second (dropping the pool's
+    /// handle closes a connection once its last stream ends).
+    pub fn spawn_reaper(&self, certs: Arc<Certificates>) {
+        let conns = self.conns.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REAP_EVERY);
+            loop {
+                tick.tick().await;
+                let now = Instant::now();
+                let mut conns = conns.lock().unwrap_or_else(|e| e.into_inner());
+                conns.retain(|key, list| {
+                    let current = certs.generation_of(&key.source_identity);
+                    list.retain(|c| {
+                        let since = *c.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+                        let idle = c.active.load(Ordering::Acquire) == 0
+                            && now.duration_since(since) >= IDLE_TIMEOUT;
+                        let superseded = current != Some(c.generation);
+                        !c.closed.load(Ordering::Acquire) && !idle && !superseded
+                    });
+                    !list.is_empty()
+                });
+            }
+        });
+    }
+
+    /// Pooled connections (for `/debug/state`): `(source, identity, destination, streams)`.
+    pub fn snapshot(&self) -> Vec<(String, String, String, usize, u64)> {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = conns
+            .iter()
+            .flat_map(|(k, list)| {
+                list.iter().map(move |c| {
+                    (
+                        k.source.to_string(),
+                        k.identity.clone(),
+                        k.destination.to_string(),
+                        c.active.load(Ordering::Relaxed),
+                        c.generation,
+                    )
+                })
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Opens a tunnel to `target` from workload `source` (holding `cert`) to a workload that
+    /// must prove `identity`.
+    async fn stream(
+        &self,
+        ctx: &ProxyContext,
+        source: std::net::Ipv4Addr,
+        cert: &WorkloadCert,
+        identity: &str,
+        target: SocketAddrV4,
+    ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, StreamGuard), Failure> {
+        let key = Key {
+            source,
+            source_identity: cert.identity.clone(),
+            identity: identity.to_string(),
+            destination: SocketAddrV4::new(*target.ip(), PORT_HBONE),
+        };
+        // A pooled connection can turn out to be dead (the peer went away): then try once
+        // more on a new one.
+        for attempt in 0..2 {
+            let conn = match self.checkout(&key, cert.generation) {
+                Some(conn) => conn,
+                None => self.connect(ctx, &key, cert).await?,
+            };
+            let guard = StreamGuard(conn.clone());
+            let mut sender = match conn.sender.clone().ready().await {
+                Ok(sender) => sender,
+                Err(err) => {
+                    conn.closed.store(true, Ordering::Release);
+                    if attempt == 0 {
+                        continue;
+                    }
+                    return Err(Failure::uf(format!(
+                        "HBONE connection to {}: {err}",
+                        key.destination
+                    )));
+                }
+            };
+            let request = Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.to_string())
+                .version(http::Version::HTTP_2)
+                .body(())
+                .map_err(|e| Failure::uf(e.to_string()))?;
+            let (response, send) = match sender.send_request(request, false) {
+                Ok(sent) => sent,
+                Err(err) => {
+                    conn.closed.store(true, Ordering::Release);
+                    if attempt == 0 {
+                        continue;
+                    }
+                    return Err(Failure::uf(format!("HBONE stream to {target}: {err}")));
+                }
+            };
+            let response = response
+                .await
+                .map_err(|e| Failure::uf(format!("HBONE stream to {target}: {e}")))?;
+            return match response.status() {
+                StatusCode::OK => Ok((send, response.into_body(), guard)),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Failure {
+                    flag: "DENY",
+                    error: format!("{target}: refused by the destination's policy"),
+                }),
+                status => Err(Failure::uf(format!(
+                    "{target}: the destination proxy answered {status}"
+                ))),
+            };
+        }
+        Err(Failure::uf(format!(
+            "HBONE connection to {} failed",
+            key.destination
+        )))
+    }
+
+    /// A pooled connection with room for one more stream, made with the current certificate;
+    /// its stream count already taken.
+    fn checkout(&self, key: &Key, generation: u64) -> Option<Arc<Pooled>> {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let conn = conns
+            .get(key)?
+            .iter()
+            .find(|c| c.generation == generation && c.has_room())?
+            .clone();
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        Some(conn)
+    }
+
+    async fn connect(
+        &self,
+        ctx: &ProxyContext,
+        key: &Key,
+        cert: &WorkloadCert,
+    ) -> Result<Arc<Pooled>, Failure> {
+        let tcp = connect_from(key.source, SocketAddr::V4(key.destination))
+            .await
+            .map_err(|e| Failure::uf(format!("connect to {}: {e}", key.destination)))?;
+        let config = tls::client_config(
+            cert.certified.clone(),
+            ctx.certs.root().clone(),
+            &key.identity,
+        );
+        let name = ServerName::IpAddress((*key.destination.ip()).into());
+        let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(err)) => {
+                let reason = tls::failure_reason(&err);
+                ctx.metrics.handshake_failed("client", reason);
+                tracing::warn!(destination = %key.destination, identity = %key.identity, reason, "HBONE handshake failed: {err}");
+                return Err(Failure::uf(format!(
+                    "TLS handshake with {}: {err}",
+                    key.destination
+                )));
+            }
+            Err(_) => {
+                ctx.metrics.handshake_failed("client", "timeout");
+                return Err(Failure::uf(format!(
+                    "TLS handshake with {}: timed out",
+                    key.destination
+                )));
+            }
+        };
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| Failure::uf(format!("HTTP/2 with {}: {e}", key.destination)))?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let done = closed.clone();
+        let destination = key.destination;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(%destination, "HBONE connection ended: {err}");
+            }
+            done.store(true, Ordering::Release);
+        });
+        let conn = Arc::new(Pooled {
+            sender,
+            generation: cert.generation,
+            active: AtomicUsize::new(1),
+            closed,
+            idle_since: Mutex::new(Instant::now()),
+        });
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(conn.clone());
+        Ok(conn)
+    }
+}
+
+/// The destination side: one accepted connection to `podIP:15008`.
+pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
+    let Ok(local) = tcp.local_addr() else { return };
+    let state = ctx.state.load_full();
+    let destination = ip_of(local)
+        .and_then(|ip| state.workloads.get(&ip))
+        .filter(|w| w.enrolled && w.node.as_deref() == Some(state.node.as_str()));
+    let Some(destination) = destination else {
+        tracing::warn!(%peer, %local, "HBONE connection to an address that is no enrolled pod of this node: refused");
+        reset(&tcp);
+        return;
+    };
+    let cert = match ctx.certs.for_workload(destination) {
+        Ok(cert) => cert,
+        Err(err) => {
+            tracing::error!("HBONE to {local}: {err}");
+            reset(&tcp);
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    super::keepalive(&tcp);
+    let accept = tokio_rustls::TlsAcceptor::from(cert.server.clone()).accept(tcp);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            let reason = tls::failure_reason(&err);
+            ctx.metrics.handshake_failed("server", reason);
+            tracing::warn!(%peer, %local, reason, "HBONE handshake refused: {err}");
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.handshake_failed("server", "timeout");
+            return;
+        }
+    };
+    let identity: Arc<str> = match tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .map(tls::spiffe_id)
+    {
+        Some(Ok(id)) => id.into(),
+        _ => return, // the verifier already required one
+    };
+    let mut connection = match h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(connection) => connection,
+        Err(err) => {
+            tracing::debug!(%peer, "HBONE HTTP/2 handshake failed: {err}");
+            return;
+        }
+    };
+    while let Some(next) = connection.accept().await {
+        match next {
+            Ok((request, respond)) => {
+                tokio::spawn(serve_stream(
+                    ctx.clone(),
+                    request,
+                    respond,
+                    peer,
+                    local,
+                    identity.clone(),
+                ));
+            }
+            Err(err) => {
+                tracing::debug!(%peer, "HBONE connection error: {err}");
+                break;
+            }
+        }
+    }
+}
+
+/// One CONNECT stream on the destination side.
+async fn serve_stream(
+    ctx: Arc<ProxyContext>,
+    request: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    identity: Arc<str>,
+) {
+    let answer = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
+        let response = Response::builder()
+            .status(status)
+            .body(())
+            .unwrap_or_default();
+        respond.send_response(response, true).ok();
+    };
+    if request.method() != Method::CONNECT {
+        answer(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+        return;
+    }
+    let Some(target) = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        answer(&mut respond, StatusCode::BAD_REQUEST);
+        return;
+    };
+    let state = ctx.state.load_full();
+    let mut rec = record(Direction::Hbone, peer, target);
+    rec.path = "hbone";
+    rec.security = "mutual_tls";
+    rec.upstream = Some(target);
+    rec.source_identity = Some(identity.to_string());
+    let source = ip_of(peer).and_then(|ip| state.workloads.get(&ip));
+    rec.source_workload = source.map(qualified);
+    // The tunnel must lead to the workload whose certificate this connection presented.
+    let destination = ip_of(target)
+        .filter(|ip| Some(*ip) == ip_of(local))
+        .and_then(|ip| state.workloads.get(&ip))
+        .filter(|w| w.enrolled);
+    let Some(destination) = destination else {
+        answer(&mut respond, StatusCode::BAD_REQUEST);
+        Tracked::open(&ctx, Direction::Hbone, rec).finish(Outcome::refused(
+            "NR",
+            format!("CONNECT {target} on a tunnel to {local}: not the workload of this connection"),
+        ));
+        return;
+    };
+    rec.destination_workload = Some(qualified(destination));
+    rec.destination_identity = Some(destination.identity.clone());
+    let report = Report {
+        reporter: "destination",
+        source: source
+            .filter(|s| s.identity.as_str() == &*identity)
+            .map_or_else(|| Peer::identity(&identity), |s| Peer::of(s, true)),
+        destination: Peer::of(destination, true),
+        service: None,
+        mtls: true,
+    };
+    let decision = authorize(destination, Some(&identity), peer, target);
+    let allowed = decision.allowed;
+    let reason = decision.reason;
+    rec.authorization = Some(decision);
+    let mut tracked = Tracked::open(&ctx, Direction::Hbone, rec);
+    tracked.live = ctx.tcp.open(vec![report]);
+    if !allowed {
+        // ztunnel answers a policy denial with 401.
+        answer(&mut respond, StatusCode::UNAUTHORIZED);
+        tracked.finish(Outcome::refused("DENY", reason));
+        return;
+    }
+    let source_ip = ip_of(peer).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    let mut server = match connect_from(source_ip, target).await {
+        Ok(server) => server,
+        Err(err) => {
+            answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            tracked.finish(Outcome::refused(
+                "UF",
+                format!("connect to {target}: {err}"),
+            ));
+            return;
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(err) => {
+            reset(&server);
+            tracked.finish(Outcome::refused("DC", format!("tunnel closed: {err}")));
+            return;
+        }
+    };
+    let (copied, error) = relay_h2(
+        &mut server,
+        send,
+        request.into_body(),
+        TcpEnd::Server,
+        &tracked.live,
+    )
+    .await;
+    if error.is_some() {
+        reset(&server);
+    }
+    tracked.finish(Outcome {
+        flag: if error.is_some() { "DC" } else { "" },
+        error: error.map(|e| e.to_string()),
+        sent: copied.sent,
+        received: copied.received,
+    });
+}

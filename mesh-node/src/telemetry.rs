@@ -1,0 +1,354 @@
+//! Istio's standard TCP metrics (`istio_tcp_*`) with Istio's labels, and the JSON access log.
+//!
+//! A connection is reported by the proxy on the source side (`reporter="source"`) and by the
+//! one on the destination side (`reporter="destination"`); a same-node connection has both
+//! ends in this proxy, which reports both. Byte counters grow while data flows (long
+//! connections show up before they end); `istio_tcp_sent_bytes` counts bytes sent to the
+//! client (the response direction) and `istio_tcp_received_bytes` bytes received from it, as
+//! Istio defines them.
+
+use std::io::Write;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+
+use crate::{
+    proxy::connections::ConnectionRecord,
+    state::{ServiceTarget, Workload},
+};
+
+/// Istio's standard labels for TCP metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    reporter: &'static str,
+    source_workload: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_app: String,
+    source_version: String,
+    source_canonical_service: String,
+    source_canonical_revision: String,
+    source_cluster: &'static str,
+    destination_workload: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_app: String,
+    destination_version: String,
+    destination_service: String,
+    destination_service_name: String,
+    destination_service_namespace: String,
+    destination_canonical_service: String,
+    destination_canonical_revision: String,
+    destination_cluster: &'static str,
+    request_protocol: &'static str,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+}
+
+const UNKNOWN: &str = "unknown";
+/// Istio's cluster name when none is configured.
+const CLUSTER: &str = "Kubernetes";
+
+/// One end of a connection as the labels describe it.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    workload: String,
+    namespace: String,
+    principal: String,
+    app: String,
+    version: String,
+    canonical_service: String,
+    canonical_revision: String,
+}
+
+impl Peer {
+    /// A workload of the mesh (or a known pod outside it). `principal` only when the peer
+    /// authenticated (mTLS, or the same-node path that knows it in-process).
+    pub fn of(workload: &Workload, authenticated: bool) -> Peer {
+        let label = |keys: &[&str]| keys.iter().find_map(|k| workload.labels.get(*k)).cloned();
+        let name = workload_name(workload);
+        Peer {
+            canonical_service: label(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| name.clone()),
+            canonical_revision: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".into()),
+            app: label(&["app", "app.kubernetes.io/name"]).unwrap_or_else(|| UNKNOWN.into()),
+            version: label(&["version", "app.kubernetes.io/version"])
+                .unwrap_or_else(|| UNKNOWN.into()),
+            principal: if authenticated {
+                workload.identity.clone()
+            } else {
+                UNKNOWN.into()
+            },
+            namespace: workload.namespace.clone(),
+            workload: name,
+        }
+    }
+
+    /// An address the mesh knows nothing about.
+    pub fn unknown() -> Peer {
+        Peer {
+            workload: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+            principal: UNKNOWN.into(),
+            app: UNKNOWN.into(),
+            version: UNKNOWN.into(),
+            canonical_service: UNKNOWN.into(),
+            canonical_revision: UNKNOWN.into(),
+        }
+    }
+
+    /// Only the identity is known (an HBONE client whose pod this node does not know yet).
+    pub fn identity(principal: &str) -> Peer {
+        let namespace = principal
+            .split_once("/ns/")
+            .and_then(|(_, rest)| rest.split_once('/'))
+            .map_or(UNKNOWN, |(ns, _)| ns);
+        Peer {
+            namespace: namespace.into(),
+            principal: principal.into(),
+            ..Peer::unknown()
+        }
+    }
+}
+
+/// The workload (Deployment, StatefulSet, ...) a pod belongs to, as Istio names it: a pod
+/// of a ReplicaSet drops the `-<template hash>-<suffix>` its name carries; otherwise the
+/// pod's name.
+fn workload_name(workload: &Workload) -> String {
+    if let Some(hash) = workload.labels.get("pod-template-hash") {
+        if let Some((base, _)) = workload.name.split_once(&format!("-{hash}-")) {
+            return base.to_string();
+        }
+    }
+    workload.name.clone()
+}
+
+/// What the labels say about one connection.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// `source` or `destination`.
+    pub reporter: &'static str,
+    /// Client.
+    pub source: Peer,
+    /// Server.
+    pub destination: Peer,
+    /// The Service, when the client dialled its VIP.
+    pub service: Option<(String, String, String)>,
+    /// Whether the connection was mutually authenticated.
+    pub mtls: bool,
+}
+
+impl Report {
+    /// The Service part of the labels.
+    pub fn service(mut self, service: Option<&ServiceTarget>) -> Report {
+        self.service = service.map(|s| (s.host.clone(), s.name.clone(), s.namespace.clone()));
+        self
+    }
+
+    fn labels(&self, response_flags: &'static str) -> TcpLabels {
+        let (service, service_name, service_namespace) = self
+            .service
+            .clone()
+            .unwrap_or_else(|| (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()));
+        let s = &self.source;
+        let d = &self.destination;
+        TcpLabels {
+            reporter: self.reporter,
+            source_workload: s.workload.clone(),
+            source_workload_namespace: s.namespace.clone(),
+            source_principal: s.principal.clone(),
+            source_app: s.app.clone(),
+            source_version: s.version.clone(),
+            source_canonical_service: s.canonical_service.clone(),
+            source_canonical_revision: s.canonical_revision.clone(),
+            source_cluster: CLUSTER,
+            destination_workload: d.workload.clone(),
+            destination_workload_namespace: d.namespace.clone(),
+            destination_principal: d.principal.clone(),
+            destination_app: d.app.clone(),
+            destination_version: d.version.clone(),
+            destination_service: service,
+            destination_service_name: service_name,
+            destination_service_namespace: service_namespace,
+            destination_canonical_service: d.canonical_service.clone(),
+            destination_canonical_revision: d.canonical_revision.clone(),
+            destination_cluster: CLUSTER,
+            request_protocol: "tcp",
+            response_flags,
+            connection_security_policy: if self.mtls { "mutual_tls" } else { "none" },
+        }
+    }
+}
+
+/// The `istio_tcp_*` counters.
+#[derive(Clone, Default)]
+pub struct TcpMetrics {
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+}
+
+impl TcpMetrics {
+    /// Registers the four counters (prometheus-client appends `_total`).
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            metrics.opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            metrics.closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client (response direction) of TCP connections",
+            metrics.sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client (request direction) of TCP connections",
+            metrics.received.clone(),
+        );
+        metrics
+    }
+
+    /// A connection opened: counts it and returns the byte counters to feed while it runs.
+    pub fn open(&self, reports: Vec<Report>) -> Live {
+        let mut live = Live {
+            metrics: self.clone(),
+            reports,
+            received: Vec::new(),
+            sent: Vec::new(),
+        };
+        for report in &live.reports {
+            let labels = report.labels("-");
+            self.opened.get_or_create(&labels).inc();
+            live.received
+                .push(self.received.get_or_create(&labels).clone());
+            live.sent.push(self.sent.get_or_create(&labels).clone());
+        }
+        live
+    }
+}
+
+/// The metrics of one open connection.
+pub struct Live {
+    metrics: TcpMetrics,
+    reports: Vec<Report>,
+    received: Vec<Counter>,
+    sent: Vec<Counter>,
+}
+
+impl Live {
+    /// No reports: a connection the metrics do not count.
+    pub fn none() -> Live {
+        Live {
+            metrics: TcpMetrics::default(),
+            reports: Vec::new(),
+            received: Vec::new(),
+            sent: Vec::new(),
+        }
+    }
+
+    /// Bytes from the client to the server.
+    pub fn client_bytes(&self, n: u64) {
+        self.received.iter().for_each(|c| {
+            c.inc_by(n);
+        });
+    }
+
+    /// Bytes from the server to the client.
+    pub fn server_bytes(&self, n: u64) {
+        self.sent.iter().for_each(|c| {
+            c.inc_by(n);
+        });
+    }
+
+    /// The connection ended with `flag` (empty when fine).
+    pub fn close(self, flag: &'static str) {
+        let flags = if flag.is_empty() { "-" } else { flag };
+        for report in &self.reports {
+            self.metrics
+                .closed
+                .get_or_create(&report.labels(flags))
+                .inc();
+        }
+    }
+}
+
+/// Writes one JSON line per finished connection to standard output (logs go to standard
+/// error), so a log collector can take them apart.
+pub fn access_log(record: &ConnectionRecord) {
+    let mut line = match serde_json::to_vec(record) {
+        Ok(line) => line,
+        Err(err) => {
+            tracing::warn!("access log: {err}");
+            return;
+        }
+    };
+    line.push(b'\n');
+    let _ = std::io::stdout().lock().write_all(&line);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_names_and_canonical_labels() {
+        let mut w = Workload {
+            namespace: "shop".into(),
+            name: "web-7d4b9c8f6-x2x9q".into(),
+            node: None,
+            ip: [100, 64, 0, 9].into(),
+            service_account: "web".into(),
+            identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+            labels: [
+                ("app", "web"),
+                ("version", "v2"),
+                ("pod-template-hash", "7d4b9c8f6"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            enrolled: true,
+            ready: true,
+            mtls: Default::default(),
+            authorization: vec![],
+        };
+        let peer = Peer::of(&w, true);
+        assert_eq!(peer.workload, "web");
+        assert_eq!((peer.app.as_str(), peer.version.as_str()), ("web", "v2"));
+        assert_eq!(peer.canonical_service, "web");
+        assert_eq!(peer.canonical_revision, "v2");
+        assert_eq!(peer.principal, "spiffe://cluster.local/ns/shop/sa/web");
+        w.labels.clear();
+        let peer = Peer::of(&w, false);
+        assert_eq!(peer.workload, "web-7d4b9c8f6-x2x9q");
+        assert_eq!(peer.canonical_service, peer.workload);
+        assert_eq!(
+            (peer.principal.as_str(), peer.canonical_revision.as_str()),
+            ("unknown", "latest")
+        );
+        assert_eq!(
+            Peer::identity("spiffe://cluster.local/ns/ops/sa/x").namespace,
+            "ops"
+        );
+    }
+}
