@@ -287,6 +287,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let state = State::build(&resources, &args.node.node, &args.mesh.mesh(), 1);
+    reload::warn_l7_policies(&state);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -47,6 +47,13 @@ pub struct ProxyMetrics {
     closed: Family<ClosedLabels, Counter>,
     bytes: Family<BytesLabels, Counter>,
     handshakes: Family<HandshakeLabels, Counter>,
+    hbone: Family<SideLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SideLabels {
+    /// `client` (opened by this proxy) or `server` (accepted).
+    side: &'static str,
 }
 
 impl ProxyMetrics {
@@ -73,7 +80,17 @@ impl ProxyMetrics {
             "HBONE TLS handshakes that failed, by side and reason",
             metrics.handshakes.clone(),
         );
+        registry.register(
+            "mesh_hbone_connections_opened",
+            "HBONE (mTLS) connections established, by side; streams share them",
+            metrics.hbone.clone(),
+        );
         metrics
+    }
+
+    /// An HBONE connection was established.
+    pub fn hbone_opened(&self, side: &'static str) {
+        self.hbone.get_or_create(&SideLabels { side }).inc();
     }
 
     /// An HBONE handshake failed.

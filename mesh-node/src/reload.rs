@@ -34,6 +34,17 @@ pub fn version(path: &Path) -> Option<Version> {
     })
 }
 
+/// Logs the AuthorizationPolicies whose HTTP rules are enforced at L4 only.
+pub fn warn_l7_policies(state: &State) {
+    for policy in state.l7_policies_at_l4() {
+        tracing::warn!(
+            policy,
+            "AuthorizationPolicy has HTTP rules, enforced at L4 as Istio ambient's ztunnel does: \
+             an ALLOW rule with HTTP fields never matches, a DENY rule applies on its L4 part"
+        );
+    }
+}
+
 /// Polls `path` forever, starting from version `seen` (the one the current `state` was built
 /// from); each valid change becomes the next generation of `state` and is sent to `changed`
 /// (the datapath updates its maps from it).
@@ -60,6 +71,7 @@ pub async fn watch(
                 }
                 let generation = state.load().generation + 1;
                 let next = Arc::new(State::build(&resources, &node, &mesh, generation));
+                warn_l7_policies(&next);
                 state.store(next.clone());
                 metrics.generation.set(generation as i64);
                 tracing::info!(generation, file = %path.display(), "config reloaded");

@@ -250,6 +250,18 @@ impl State {
         }
     }
 
+    /// AuthorizationPolicies with HTTP rules that apply to pods of this node, which the L4
+    /// proxy enforces as Istio ambient's ztunnel does (see `authz`): logged on each change.
+    pub fn l7_policies_at_l4(&self) -> BTreeSet<String> {
+        self.workloads
+            .values()
+            .filter(|w| w.enrolled && w.node.as_deref() == Some(self.node.as_str()))
+            .flat_map(|w| &w.authorization)
+            .filter(|p| p.0.spec.uses_l7())
+            .map(|p| p.0.metadata.qualified())
+            .collect()
+    }
+
     /// SPIFFE IDs of the enrolled pods on this node: the certificates it holds.
     pub fn local_identities(&self) -> BTreeSet<String> {
         self.workloads

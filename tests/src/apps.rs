@@ -200,6 +200,24 @@ pub fn connect_in(ns: &Netns, dst: SocketAddr, timeout: Duration) -> Result<TcpS
     })
 }
 
+/// Sends `text` to an echo server at `dst` from inside `ns`, half-closes, and returns what
+/// came back before the server's EOF. An error when the connection is refused, reset or
+/// times out (10 s).
+pub fn echo_text(ns: &Netns, dst: SocketAddr, text: &str) -> Result<String> {
+    let mut stream = connect_in(ns, dst, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(text.as_bytes())?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut back = Vec::new();
+    stream
+        .read_to_end(&mut back)
+        .with_context(|| format!("reading the echo from {dst}"))?;
+    if back.is_empty() && !text.is_empty() {
+        bail!("{dst} closed the connection without answering");
+    }
+    Ok(String::from_utf8_lossy(&back).into_owned())
+}
+
 /// A long-lived echo session, to check that a connection keeps working across events.
 pub struct Session {
     stream: TcpStream,

@@ -587,6 +587,39 @@ impl Cluster {
             .ok_or_else(|| anyhow!("no {series} in metrics"))
     }
 
+    /// The sum of every series of metric `metric` (full exposed name) of node `name` that
+    /// carries all of `labels`; 0 when none does.
+    pub fn metric_sum(&self, name: &str, metric: &str, labels: &[(&str, &str)]) -> Result<u64> {
+        let (_, body) = self.admin_get(name, "/metrics")?;
+        let mut sum = 0;
+        for line in body.lines() {
+            let Some(rest) = line.strip_prefix(metric) else {
+                continue;
+            };
+            let Some((set, value)) = rest.strip_prefix('{').and_then(|r| r.rsplit_once("} "))
+            else {
+                continue;
+            };
+            let fits = labels
+                .iter()
+                .all(|(k, v)| set.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+            if fits {
+                sum += value.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+        Ok(sum)
+    }
+
+    /// The directory where the cluster keeps its files (config, logs, state).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The state directory the nodes share (the mesh CA is under `ca/`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
     /// Moves kube-proxy's jump to the top of PREROUTING on node `name`, as a kube-proxy
     /// resync could, so its DNAT runs before the mesh's bypass rule.
     pub fn kube_proxy_first(&self, name: &str) -> Result<()> {

@@ -74,3 +74,114 @@ spec:
 
 /// Port the `web` pods listen on.
 pub const WEB_PORT: u16 = 8080;
+
+/// The overlay tests' cluster: namespaces `default` and `ops` enrolled, `plain` not; pods
+/// named after their identity, `web-app` pods on both nodes. Compose with the policies below.
+///
+/// | pod     | node   | ns      | service account | IP          |
+/// |---------|--------|---------|-----------------|-------------|
+/// | api     | node-a | default | api-service     | 100.65.0.2  |
+/// | other   | node-a | default | other           | 100.65.0.3  |
+/// | ops1    | node-a | ops     | tools           | 100.65.0.4  |
+/// | web-a   | node-a | default | web-app         | 100.65.0.5  |
+/// | plain-a | node-a | plain   | default         | 100.65.0.6  |
+/// | web-b   | node-b | default | web-app         | 100.65.1.2  |
+/// | plain-b | node-b | plain   | default         | 100.65.1.3  |
+pub const OVERLAY: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ops, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: default, labels: {app: api}}
+spec: {nodeName: node-a, serviceAccountName: api-service}
+status: {podIP: 100.65.0.2, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: default, labels: {app: other}}
+spec: {nodeName: node-a, serviceAccountName: other}
+status: {podIP: 100.65.0.3, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ops1, namespace: ops, labels: {app: tools}}
+spec: {nodeName: node-a, serviceAccountName: tools}
+status: {podIP: 100.65.0.4, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-a, namespace: default, labels: {app: web-app, version: v1}}
+spec: {nodeName: node-a, serviceAccountName: web-app}
+status: {podIP: 100.65.0.5, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain-a, namespace: plain}
+spec: {nodeName: node-a}
+status: {podIP: 100.65.0.6, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-b, namespace: default, labels: {app: web-app, version: v2}}
+spec: {nodeName: node-b, serviceAccountName: web-app}
+status: {podIP: 100.65.1.2, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain-b, namespace: plain}
+spec: {nodeName: node-b}
+status: {podIP: 100.65.1.3, conditions: [{type: Ready, status: "True"}]}
+"#;
+
+/// The issue's namespace-wide STRICT PeerAuthentication for `default`.
+pub const STRICT: &str = r#"
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: default, namespace: default}
+spec: {mtls: {mode: STRICT}}
+"#;
+
+/// The same policy, PERMISSIVE.
+pub const PERMISSIVE: &str = r#"
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: default}
+spec: {mtls: {mode: PERMISSIVE}}
+"#;
+
+/// The issue's L4 AuthorizationPolicy for `web-app`.
+pub const WEB_APP_L4: &str = r#"
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: web-app-l4, namespace: default}
+spec:
+  selector: {matchLabels: {app: web-app}}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/api-service"]}}]
+  - from: [{source: {namespaces: ["ops"]}}]
+    to: [{operation: {ports: ["9000"]}}]
+"#;
+
+/// A DENY policy for api-service, mesh-wide (root namespace).
+pub const DENY_API: &str = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-api, namespace: istio-system}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: ["cluster.local/ns/default/sa/api-service"]}}]}]
+"#;

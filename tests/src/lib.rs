@@ -5,7 +5,8 @@
 //! - [`cluster`]: the topology (fabric bridge, nodes with `cni0` and a flannel-like VXLAN,
 //!   pods on veths, kube-proxy-like DNAT of Service VIPs) built from a mesh config file,
 //!   with mesh-node started per node and everything removed on drop, also on panic;
-//! - [`apps`]: echo and greeting servers, and clients that check every byte.
+//! - [`apps`]: echo and greeting servers, and clients that check every byte;
+//! - [`tools`]: tcpdump, openssl s_client and Prometheus, run inside the test's namespaces.
 //!
 //! Addresses: underlay 100.64.0.0/24, pod CIDR of node i 100.65.i.0/24, Service VIPs in
 //! 100.66.0.0/16; nothing routes out of the machine.
@@ -14,6 +15,7 @@ pub mod apps;
 pub mod cluster;
 pub mod fixtures;
 pub mod netns;
+pub mod tools;
 
 /// True when running as root (the end-to-end tests need it; CI runs as root).
 pub fn is_root() -> bool {

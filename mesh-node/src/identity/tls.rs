@@ -321,14 +321,13 @@ pub fn failure_reason(error: &std::io::Error) -> &'static str {
             _ => "untrusted",
         },
         Error::NoCertificatesPresented => "no_certificate",
-        Error::AlertReceived(alert) => match alert {
+        Error::AlertReceived(
             rustls::AlertDescription::BadCertificate
             | rustls::AlertDescription::UnknownCA
             | rustls::AlertDescription::CertificateExpired
             | rustls::AlertDescription::CertificateRequired
-            | rustls::AlertDescription::CertificateUnknown => "rejected_by_peer",
-            _ => "protocol",
-        },
+            | rustls::AlertDescription::CertificateUnknown,
+        ) => "rejected_by_peer",
         _ => "protocol",
     }
 }

@@ -350,6 +350,7 @@ impl Pool {
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| Failure::uf(format!("HTTP/2 with {}: {e}", key.destination)))?;
+        ctx.metrics.hbone_opened("client");
         let closed = Arc::new(AtomicBool::new(false));
         let done = closed.clone();
         let destination = key.destination;
@@ -412,6 +413,7 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
             return;
         }
     };
+    ctx.metrics.hbone_opened("server");
     let identity: Arc<str> = match tls
         .get_ref()
         .1
