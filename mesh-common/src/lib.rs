@@ -41,6 +41,11 @@ pub mod maps {
     /// `HashMap<u32 (ifindex), BridgePort>`: interfaces that are ports of a bridge, with the
     /// bridge's MAC address, so captured frames can be handed up to the node's IP stack.
     pub const BRIDGE_PORTS: &str = "MESH_BRIDGE_PORTS";
+    /// `HashMap<ServiceKey, u32>`: Service VIP:ports with a ready endpoint that is an enrolled
+    /// pod of this node. A pod outside the mesh on this node dialling one of them would
+    /// otherwise reach the enrolled pod through kube-proxy's DNAT, bridged, without its
+    /// PeerAuthentication and AuthorizationPolicy: such SYNs are captured inbound.
+    pub const SERVICES: &str = "MESH_SERVICES";
     /// `PerCpuArray<u64>` indexed by [`super::Counter`].
     pub const COUNTERS: &str = "MESH_COUNTERS";
 }
@@ -115,6 +120,19 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 12);
 
+/// Key of the `SERVICES` map: a Service VIP and port, network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Cluster IP, network order.
+    pub ip: u32,
+    /// Service port, network order.
+    pub port: u16,
+    /// Explicit padding.
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+
 /// Value of the `BRIDGE_PORTS` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -179,4 +197,6 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BridgePort {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceKey {}
 }

@@ -20,11 +20,11 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::debug;
-use mesh_common::{flow_verdict, Counter, Direction, FlowKey, MARK_CAPTURE};
+use mesh_common::{flow_verdict, Counter, Direction, FlowKey, ServiceKey, MARK_CAPTURE};
 
 use crate::{
     counters::bump,
-    maps::{BRIDGE_PORTS, ENROLLED, FLOWS, VERDICTS},
+    maps::{BRIDGE_PORTS, ENROLLED, FLOWS, SERVICES, VERDICTS},
 };
 
 /// Set from user space (`EbpfLoader::override_global`) to log every steered SYN.
@@ -73,18 +73,26 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
     let src_ip: u32 = ctx.load(ETH_HLEN + 12).map_err(|_| malformed())?;
     let dst_ip: u32 = ctx.load(ETH_HLEN + 16).map_err(|_| malformed())?;
 
+    let l4 = ETH_HLEN + ihl;
+    let src_port: u16 = ctx.load(l4).map_err(|_| malformed())?;
+    let dst_port: u16 = ctx.load(l4 + 2).map_err(|_| malformed())?;
+    let flags: u8 = ctx.load(l4 + 13).map_err(|_| malformed())?;
+    let service = ServiceKey {
+        ip: dst_ip,
+        port: dst_port,
+        _pad: 0,
+    };
+    let syn = flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0;
     let direction = if ENROLLED.get_ptr(src_ip).is_some() {
         Some(Direction::Outbound)
-    } else if ENROLLED.get_ptr(dst_ip).is_some() {
+    } else if ENROLLED.get_ptr(dst_ip).is_some() || (syn && SERVICES.get_ptr(service).is_some()) {
+        // To an enrolled pod, or a new flow to a Service VIP that kube-proxy could DNAT to
+        // one here (its later packets follow from FLOWS).
         Some(Direction::Inbound)
     } else {
         None
     };
 
-    let l4 = ETH_HLEN + ihl;
-    let src_port: u16 = ctx.load(l4).map_err(|_| malformed())?;
-    let dst_port: u16 = ctx.load(l4 + 2).map_err(|_| malformed())?;
-    let flags: u8 = ctx.load(l4 + 13).map_err(|_| malformed())?;
     let flow = FlowKey {
         src_ip,
         dst_ip,
@@ -92,7 +100,7 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
         dst_port,
     };
 
-    if flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0 {
+    if syn {
         let Some(direction) = direction else {
             // A new flow the mesh does not take: forget any earlier flow with this tuple, so
             // its later packets are not steered by a stale entry.

@@ -3,16 +3,16 @@
 //! sk_lookup sees no packet mark, so the choice comes from maps alone: a flow from a local
 //! enrolled pod goes to the outbound listener; a flow to a local enrolled pod goes to the HBONE
 //! listener when it targets port 15008 (when one is registered), to the inbound plaintext
-//! listener otherwise. With no
+//! listener otherwise; so does a flow to a Service VIP:port in `SERVICES`. With no
 //! listener registered (the proxy is down) the lookup continues normally and finds nothing, and
 //! the node's guard rule refuses the connection: the mesh fails closed.
 
 use aya_ebpf::{bindings::sk_action::SK_PASS, macros::sk_lookup, programs::SkLookupContext};
-use mesh_common::{Counter, Listener, PORT_HBONE};
+use mesh_common::{Counter, Listener, ServiceKey, PORT_HBONE};
 
 use crate::{
     counters::bump,
-    maps::{ENROLLED, LISTENERS},
+    maps::{ENROLLED, LISTENERS, SERVICES},
 };
 
 const AF_INET: u32 = 2;
@@ -33,6 +33,16 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         } else {
             Listener::Inbound
         }
+    } else if SERVICES
+        .get_ptr(ServiceKey {
+            ip: lookup.local_ip4,
+            port: (lookup.local_port as u16).to_be(),
+            _pad: 0,
+        })
+        .is_some()
+    {
+        // A Service VIP with an enrolled endpoint here, dialled by a pod outside the mesh.
+        Listener::Inbound
     } else {
         return SK_PASS;
     };

@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
 };
-use mesh_common::{BridgePort, EnrolledPod, FlowKey, COUNTER_SLOTS, LISTENER_SLOTS};
+use mesh_common::{BridgePort, EnrolledPod, FlowKey, ServiceKey, COUNTER_SLOTS, LISTENER_SLOTS};
 
 /// Local pods in the mesh, by IPv4 address (network order).
 #[map(name = "MESH_ENROLLED")]
@@ -24,6 +24,10 @@ pub static VERDICTS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(131_072, 0);
 /// The proxy's listening sockets, indexed by `mesh_common::Listener`.
 #[map(name = "MESH_LISTENERS")]
 pub static LISTENERS: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
+
+/// Service VIP:ports with a ready enrolled endpoint on this node (value unused, 1).
+#[map(name = "MESH_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, u32> = HashMap::pinned(65_536, 0);
 
 /// Bridge ports (by ifindex) and their bridge's MAC address.
 #[map(name = "MESH_BRIDGE_PORTS")]

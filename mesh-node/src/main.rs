@@ -354,6 +354,7 @@ async fn serve(
     datapath.register_listener(Listener::Inbound, &inbound)?;
     datapath.register_listener(Listener::Hbone, &hbone)?;
     datapath.set_enrolled(&state.local_enrolled())?;
+    datapath.set_services(&state.local_enrolled_vips())?;
     tracing::info!(
         enrolled = state.local_enrolled().len(),
         links = datapath.attached_links().len(),
@@ -519,7 +520,10 @@ fn spawn_datapath_thread(
                 }
                 let mut applied = None;
                 if let Some(state) = config_pending.take() {
-                    match datapath.set_enrolled(&state.local_enrolled()) {
+                    let applied_maps = datapath
+                        .set_enrolled(&state.local_enrolled())
+                        .and_then(|()| datapath.set_services(&state.local_enrolled_vips()));
+                    match applied_maps {
                         Ok(()) => {
                             tracing::info!(
                                 generation = state.generation,

@@ -271,6 +271,22 @@ impl State {
             .collect()
     }
 
+    /// Service VIP:ports with a ready endpoint that is an enrolled pod of this node: the
+    /// kernel captures new flows to them from pods outside the mesh (see `proxy::forward`).
+    pub fn local_enrolled_vips(&self) -> BTreeSet<SocketAddrV4> {
+        self.services
+            .values()
+            .filter(|s| {
+                s.endpoints.iter().any(|e| {
+                    self.workloads.get(e.ip()).is_some_and(|w| {
+                        w.enrolled && w.node.as_deref() == Some(self.node.as_str())
+                    })
+                })
+            })
+            .map(|s| s.vip)
+            .collect()
+    }
+
     /// IPs of the enrolled pods on this node: what the kernel captures.
     pub fn local_enrolled(&self) -> BTreeSet<Ipv4Addr> {
         self.workloads

@@ -87,6 +87,8 @@ pub const WEB_PORT: u16 = 8080;
 /// | plain-a | node-a | plain   | default         | 100.65.0.6  |
 /// | web-b   | node-b | default | web-app         | 100.65.1.2  |
 /// | plain-b | node-b | plain   | default         | 100.65.1.3  |
+///
+/// Service `default/web-app`: VIP 100.66.0.20:80 -> 8080 on web-a and web-b.
 pub const OVERLAY: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -141,7 +143,18 @@ kind: Pod
 metadata: {name: plain-b, namespace: plain}
 spec: {nodeName: node-b}
 status: {podIP: 100.65.1.3, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-app, namespace: default}
+spec:
+  clusterIP: 100.66.0.20
+  selector: {app: web-app}
+  ports: [{name: tcp-web, port: 80, targetPort: 8080}]
 "#;
+
+/// The `web-app` Service's VIP and port.
+pub const WEB_APP_VIP: &str = "100.66.0.20:80";
 
 /// The issue's namespace-wide STRICT PeerAuthentication for `default`.
 pub const STRICT: &str = r#"

@@ -14,7 +14,7 @@ use mesh_node::identity::Ca;
 use mesh_tests::{
     apps::{echo_text, transfer, Behaviour, Server, Session},
     cluster::Cluster,
-    fixtures::{DENY_API, OVERLAY, PERMISSIVE, STRICT, WEB_APP_L4, WEB_PORT},
+    fixtures::{DENY_API, OVERLAY, PERMISSIVE, STRICT, WEB_APP_L4, WEB_APP_VIP, WEB_PORT},
     require_root,
     tools::{pcap_text, s_client, Capture, Prometheus},
     wait_until,
@@ -147,6 +147,26 @@ fn strict_refuses_plaintext_from_pods_outside_the_mesh_and_permissive_lets_it_th
         seen,
         "a refused plaintext connection reached a server"
     );
+    // Through the Service VIP from the node of one endpoint: kube-proxy would DNAT it to
+    // web-a over the bridge; the mesh captures it first and refuses it (or, for web-b, the
+    // other node does). Positive control: the enrolled client through the same VIP.
+    let vip: SocketAddr = WEB_APP_VIP.parse().unwrap();
+    let via_vip = |from: &str| {
+        let msg = format!("via the VIP from {from}\n");
+        echo_text(&cluster.pod(from).netns, vip, &msg).is_ok_and(|back| back == msg)
+    };
+    for _ in 0..4 {
+        assert!(via_vip("api"), "control: api -> VIP");
+    }
+    let seen = (web_a.peers().len(), web_b.peers().len());
+    for _ in 0..4 {
+        assert!(
+            !via_vip("plain-a"),
+            "plaintext plain-a -> VIP got through STRICT"
+        );
+    }
+    assert_eq!((web_a.peers().len(), web_b.peers().len()), seen);
+
     for (node, client) in [("node-a", "plain-b"), ("node-b", "plain-a")] {
         let refused = cluster
             .wait_connection(node, "a refused plaintext connection", |c| {
@@ -174,6 +194,18 @@ fn strict_refuses_plaintext_from_pods_outside_the_mesh_and_permissive_lets_it_th
             "{web} did not see {client}'s address"
         );
     }
+    let seen = (web_a.peers().len(), web_b.peers().len());
+    for _ in 0..4 {
+        assert!(
+            via_vip("plain-a"),
+            "plain-a -> VIP refused under PERMISSIVE"
+        );
+    }
+    // Balanced over both endpoints; the local one sees the client's own address.
+    assert!(web_a.peers().len() > seen.0 && web_b.peers().len() > seen.1);
+    assert!(web_a.peers()[seen.0..]
+        .iter()
+        .all(|p| p.ip() == ip(&cluster, "plain-a")));
 }
 
 #[test]

@@ -10,7 +10,7 @@ pub mod routing;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
@@ -24,7 +24,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use mesh_common::{maps, programs, BridgePort, Counter, EnrolledPod, Listener};
+use mesh_common::{maps, programs, BridgePort, Counter, EnrolledPod, Listener, ServiceKey};
 
 /// What the datapath thread reacts to.
 #[derive(Debug)]
@@ -102,6 +102,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     dir: PathBuf,
     enrolled: HashMap<MapData, u32, EnrolledPod>,
+    services: HashMap<MapData, ServiceKey, u32>,
     bridge_ports: HashMap<MapData, u32, BridgePort>,
     listeners: SockMap<MapData>,
     /// Links carrying the capture program: ifindex -> name.
@@ -167,6 +168,8 @@ impl Datapath {
         };
         let enrolled = HashMap::try_from(take(&mut ebpf, maps::ENROLLED)?)
             .map_err(map_error(maps::ENROLLED))?;
+        let services = HashMap::try_from(take(&mut ebpf, maps::SERVICES)?)
+            .map_err(map_error(maps::SERVICES))?;
         let bridge_ports = HashMap::try_from(take(&mut ebpf, maps::BRIDGE_PORTS)?)
             .map_err(map_error(maps::BRIDGE_PORTS))?;
         let listeners = SockMap::try_from(take(&mut ebpf, maps::LISTENERS)?)
@@ -180,6 +183,7 @@ impl Datapath {
             ebpf,
             dir,
             enrolled,
+            services,
             bridge_ports,
             listeners,
             attached: BTreeMap::new(),
@@ -377,6 +381,33 @@ impl Datapath {
         }
         routing::sync_enrolled_set(want)?;
         self.guard_set = Some(want.clone());
+        Ok(())
+    }
+
+    /// Makes the Service map (VIP:ports with a ready enrolled endpoint on this node) equal
+    /// `want`, by difference.
+    pub fn set_services(&mut self, want: &BTreeSet<SocketAddrV4>) -> Result<(), CaptureError> {
+        let key = |addr: &SocketAddrV4| ServiceKey {
+            ip: u32::from_ne_bytes(addr.ip().octets()),
+            port: addr.port().to_be(),
+            _pad: 0,
+        };
+        let have: BTreeSet<SocketAddrV4> = self
+            .services
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| SocketAddrV4::new(Ipv4Addr::from(k.ip.to_ne_bytes()), u16::from_be(k.port)))
+            .collect();
+        for addr in have.difference(want) {
+            self.services
+                .remove(&key(addr))
+                .map_err(map_error(maps::SERVICES))?;
+        }
+        for addr in want.difference(&have) {
+            self.services
+                .insert(key(addr), 1, 0)
+                .map_err(map_error(maps::SERVICES))?;
+        }
         Ok(())
     }
 

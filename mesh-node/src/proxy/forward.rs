@@ -173,14 +173,50 @@ async fn inbound(
     original_dst: SocketAddr,
 ) {
     let mut rec = record(Direction::Inbound, peer, original_dst);
-    rec.upstream = Some(original_dst);
     let source = ip_of(peer).and_then(|ip| state.workloads.get(&ip));
     rec.source_workload = source.map(qualified);
-    let destination = ip_of(original_dst).and_then(|ip| state.workloads.get(&ip));
-    let Some(destination) = destination.filter(|d| d.enrolled) else {
+    // A pod outside the mesh dialled a Service VIP with an enrolled endpoint on this node
+    // (the kernel captures those before kube-proxy's DNAT): balance as kube-proxy would.
+    let upstream = match state.resolve(original_dst) {
+        Resolution::Direct => original_dst,
+        Resolution::Service(target) => {
+            rec.service = Some(target.qualified_name());
+            match target.pick() {
+                Some(endpoint) => SocketAddr::V4(endpoint),
+                None => {
+                    reset(&client);
+                    Tracked::open(ctx, Direction::Inbound, rec)
+                        .finish(Outcome::refused("UH", "no ready endpoint"));
+                    return;
+                }
+            }
+        }
+        Resolution::UnknownServicePort { service } => {
+            reset(&client);
+            rec.service = Some(service.clone());
+            let error = format!(
+                "port {} is not a port of Service {service}",
+                original_dst.port()
+            );
+            Tracked::open(ctx, Direction::Inbound, rec).finish(Outcome::refused("NR", error));
+            return;
+        }
+    };
+    rec.upstream = Some(upstream);
+    let destination = ip_of(upstream)
+        .and_then(|ip| state.workloads.get(&ip))
+        .filter(|d| d.enrolled && d.node.as_deref() == Some(state.node.as_str()));
+    let Some(destination) = destination else {
+        if upstream != original_dst {
+            // The VIP's endpoint chosen is elsewhere (another node, or a pod outside the
+            // mesh): connect from this node's own address, because the replies to a pod
+            // outside the mesh would not come back through the proxy. The destination's node
+            // applies its own policy.
+            plain_from_node(ctx, client, upstream, rec).await;
+            return;
+        }
         // A flow captured for a pod that has since left the mesh (or a stale capture):
         // deliver it as the kernel would have.
-        let reports = Vec::new();
         plain(
             ctx,
             Direction::Inbound,
@@ -188,7 +224,7 @@ async fn inbound(
             peer,
             original_dst,
             rec,
-            reports,
+            Vec::new(),
         )
         .await;
         return;
@@ -202,7 +238,7 @@ async fn inbound(
         service: None,
         mtls: false,
     }];
-    let mode = destination.mtls.mode_for(original_dst.port());
+    let mode = destination.mtls.mode_for(upstream.port());
     if mode == "STRICT" {
         rec.authorization = Some(Decision {
             allowed: false,
@@ -213,7 +249,7 @@ async fn inbound(
         deny(ctx, Direction::Inbound, &client, rec, reports);
         return;
     }
-    let decision = authorize(destination, None, peer, original_dst);
+    let decision = authorize(destination, None, peer, upstream);
     let allowed = decision.allowed;
     rec.authorization = Some(decision);
     if !allowed {
@@ -225,9 +261,29 @@ async fn inbound(
         Direction::Inbound,
         client,
         peer,
-        original_dst,
+        upstream,
         rec,
         reports,
+    )
+    .await
+}
+
+/// Relays to `upstream` from the node's own address.
+async fn plain_from_node(
+    ctx: &ProxyContext,
+    client: TcpStream,
+    upstream: SocketAddr,
+    rec: super::connections::ConnectionRecord,
+) {
+    let node = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
+    plain(
+        ctx,
+        Direction::Inbound,
+        client,
+        node,
+        upstream,
+        rec,
+        Vec::new(),
     )
     .await
 }
