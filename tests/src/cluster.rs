@@ -596,8 +596,13 @@ impl Cluster {
             let Some(rest) = line.strip_prefix(metric) else {
                 continue;
             };
-            let Some((set, value)) = rest.strip_prefix('{').and_then(|r| r.rsplit_once("} "))
-            else {
+            let (set, value) = if let Some(value) = rest.strip_prefix(' ') {
+                ("", value)
+            } else if let Some((set, value)) =
+                rest.strip_prefix('{').and_then(|r| r.rsplit_once("} "))
+            {
+                (set, value)
+            } else {
                 continue;
             };
             let fits = labels

@@ -179,6 +179,30 @@ fn main() -> Result<()> {
             );
         }
     }
+    println!(
+        "\n== Istio TCP metrics (istio_tcp_connections_opened_total by reporter and security)"
+    );
+    for node in &nodes {
+        let mut parts = Vec::new();
+        for reporter in ["source", "destination"] {
+            for security in ["mutual_tls", "none"] {
+                let n = cluster.metric_sum(
+                    node,
+                    "istio_tcp_connections_opened_total",
+                    &[
+                        ("reporter", reporter),
+                        ("connection_security_policy", security),
+                    ],
+                )?;
+                parts.push(format!("{reporter}/{security}={n}"));
+            }
+        }
+        let certs = cluster.metric_sum(node, "mesh_certificates", &[])?;
+        println!(
+            "   {node}: {} (workload certificates held: {certs})",
+            parts.join(" ")
+        );
+    }
     println!("\n== kernel decisions (mesh_kernel_packets_total)");
     for node in &nodes {
         let mut parts = Vec::new();
@@ -218,32 +242,56 @@ fn describe_path(
     let Some(local) = call.local else {
         return String::new();
     };
+    let short = |id: &Option<String>| {
+        id.as_deref().map_or("-".to_string(), |i| {
+            i.rsplit('/').next().unwrap_or(i).to_string()
+        })
+    };
     let mut hops = Vec::new();
     for (node, conns) in records {
         for c in conns.iter().filter(|c| c.client == local) {
             let upstream = c.upstream.map_or("-".into(), |u| u.to_string());
+            let how = match c.path.as_str() {
+                "hbone" => format!(
+                    " [HBONE mTLS sa/{} -> sa/{}]",
+                    short(&c.source_identity),
+                    short(&c.destination_identity)
+                ),
+                "same_node" => " [same node, identity in-process]".to_string(),
+                _ => String::new(),
+            };
             hops.push(format!(
-                "{node} proxy {} (orig dst {} -> {upstream})",
+                "{node} proxy {} (orig dst {} -> {upstream}){how}",
                 c.direction, c.original_dst
             ));
         }
     }
-    // The destination node's proxy records the delivery to the pod (inbound), with the
-    // previous hop as its client: match it by pod and by time.
+    // The destination node's proxy records the delivery to the pod (HBONE or plaintext
+    // inbound), with the source pod or the previous hop as its client: match it by pod and by
+    // time.
     let answered_by = call.answer.strip_prefix("hello from ").unwrap_or("");
     if let Some(server) = cluster.pods.get(answered_by) {
         let node = &server.node;
-        let inbound = records.get(node).is_some_and(|conns| {
-            conns.iter().any(|c| {
-                c.direction == "inbound"
-                    && c.client != local
+        let inbound = records.get(node).and_then(|conns| {
+            conns.iter().find(|c| {
+                (c.direction == "inbound" || c.direction == "hbone")
                     && c.upstream.is_some_and(|u| u.ip() == server.ip)
                     && c.opened_ms >= call.window.0
                     && c.opened_ms <= call.window.1
             })
         });
-        if inbound && !hops.iter().any(|h| h.starts_with(node.as_str())) {
-            hops.push(format!("{node} proxy inbound to {}", server.ip));
+        if let Some(c) = inbound {
+            if !hops.iter().any(|h| h.starts_with(node.as_str())) {
+                let how = if c.direction == "hbone" {
+                    format!(" [peer sa/{} verified]", short(&c.source_identity))
+                } else {
+                    String::new()
+                };
+                hops.push(format!(
+                    "{node} proxy {} to {}{how}",
+                    c.direction, server.ip
+                ));
+            }
         }
     }
     let enrolled = |pod: &str| {
@@ -254,16 +302,8 @@ fn describe_path(
             .is_some_and(|w| w.enrolled)
     };
     let client = call.client.rsplit('/').next().unwrap_or("");
-    let same_node =
-        cluster.pods.get(client).map(|p| &p.node) == cluster.pods.get(answered_by).map(|p| &p.node);
-    let to_vip = call.target.starts_with("Service");
     if hops.is_empty() && (enrolled(client) || enrolled(answered_by)) {
-        if to_vip && same_node && !enrolled(client) {
-            "NOT captured: kube-proxy DNATed the VIP to an enrolled pod on the same node (known gap)"
-                .into()
-        } else {
-            "NOT captured (unexpected: one end is in the mesh)".into()
-        }
+        "NOT captured (unexpected: one end is in the mesh)".into()
     } else if hops.is_empty() {
         "direct (neither end in the mesh)".into()
     } else {
