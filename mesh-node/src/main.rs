@@ -23,7 +23,7 @@ use mesh_node::{
     reload,
     state::State,
     sys,
-    telemetry::TcpMetrics,
+    telemetry::{self, TcpMetrics},
 };
 use prometheus_client::registry::Registry;
 
@@ -365,6 +365,7 @@ async fn serve(
     let proxy_metrics = ProxyMetrics::register(&mut registry);
     let config_metrics = ConfigMetrics::register(&mut registry);
     let tcp_metrics = TcpMetrics::register(&mut registry);
+    telemetry::start_access_log(&mut registry).context("starting the access-log writer")?;
     let certs = Arc::new(identity::Certificates::new(
         ca,
         &node,

@@ -138,6 +138,10 @@ pub struct State {
     pub workloads: BTreeMap<Ipv4Addr, Workload>,
     /// Service ports with a VIP, by `clusterIP:port`.
     pub services: HashMap<SocketAddrV4, ServiceTarget>,
+    /// Each endpoint's Service port (the lowest VIP:port when several select it), for the
+    /// destination side's `destination_service` label.
+    #[serde(skip)]
+    pub endpoint_services: HashMap<SocketAddrV4, SocketAddrV4>,
     /// Clusters IPs (any port) to Service `namespace/name`.
     pub vips: HashMap<Ipv4Addr, String>,
     /// VirtualServices for mesh traffic by the FQDN (or wildcard) of each of their hosts.
@@ -238,10 +242,20 @@ impl State {
             }
         }
 
+        let mut endpoint_services: HashMap<SocketAddrV4, SocketAddrV4> = HashMap::new();
+        for target in services.values() {
+            for endpoint in &target.endpoints {
+                endpoint_services
+                    .entry(*endpoint)
+                    .and_modify(|vip| *vip = (*vip).min(target.vip))
+                    .or_insert(target.vip);
+            }
+        }
         State {
             generation,
             node: node.to_string(),
             mesh: mesh.clone(),
+            endpoint_services,
             workloads,
             services,
             vips,
@@ -260,6 +274,14 @@ impl State {
             .filter(|p| p.0.spec.uses_l7())
             .map(|p| p.0.metadata.qualified())
             .collect()
+    }
+
+    /// The Service (port) an endpoint serves, if any.
+    pub fn service_of_endpoint(&self, endpoint: SocketAddr) -> Option<&ServiceTarget> {
+        let SocketAddr::V4(endpoint) = endpoint else {
+            return None;
+        };
+        self.services.get(self.endpoint_services.get(&endpoint)?)
     }
 
     /// SPIFFE IDs of the enrolled pods on this node: the certificates it holds.

@@ -292,8 +292,45 @@ impl Live {
     }
 }
 
-/// Writes one JSON line per finished connection to standard output (logs go to standard
-/// error), so a log collector can take them apart.
+/// Lines waiting for the access-log writer; beyond this, lines are dropped and counted rather
+/// than stalling the proxy on a slow standard output.
+const ACCESS_LOG_BACKLOG: usize = 8192;
+
+struct AccessLog {
+    lines: std::sync::mpsc::SyncSender<Vec<u8>>,
+    dropped: Counter,
+}
+
+static ACCESS_LOG: std::sync::OnceLock<AccessLog> = std::sync::OnceLock::new();
+
+/// Starts the `access-log` thread that writes the lines to standard output, and registers
+/// `mesh_access_log_dropped_total`. Until it runs, lines are written directly.
+pub fn start_access_log(registry: &mut Registry) -> std::io::Result<()> {
+    let (lines, receiver) = std::sync::mpsc::sync_channel::<Vec<u8>>(ACCESS_LOG_BACKLOG);
+    let dropped = Counter::default();
+    registry.register(
+        "mesh_access_log_dropped",
+        "Access-log lines dropped because standard output did not keep up",
+        dropped.clone(),
+    );
+    std::thread::Builder::new()
+        .name("access-log".into())
+        .spawn(move || {
+            let mut out = std::io::BufWriter::new(std::io::stdout());
+            while let Ok(line) = receiver.recv() {
+                let _ = out.write_all(&line);
+                while let Ok(more) = receiver.try_recv() {
+                    let _ = out.write_all(&more);
+                }
+                let _ = out.flush();
+            }
+        })?;
+    let _ = ACCESS_LOG.set(AccessLog { lines, dropped });
+    Ok(())
+}
+
+/// One JSON line per finished connection on standard output (logs go to standard error), so
+/// a log collector can take them apart.
 pub fn access_log(record: &ConnectionRecord) {
     let mut line = match serde_json::to_vec(record) {
         Ok(line) => line,
@@ -303,7 +340,16 @@ pub fn access_log(record: &ConnectionRecord) {
         }
     };
     line.push(b'\n');
-    let _ = std::io::stdout().lock().write_all(&line);
+    match ACCESS_LOG.get() {
+        Some(log) => {
+            if log.lines.try_send(line).is_err() {
+                log.dropped.inc();
+            }
+        }
+        None => {
+            let _ = std::io::stdout().lock().write_all(&line);
+        }
+    }
 }
 
 #[cfg(test)]

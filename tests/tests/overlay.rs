@@ -516,8 +516,20 @@ fn tcp_metrics_count_every_byte_and_prometheus_reads_them() {
         );
     }
 
+    // The destination side names the Service the pod port serves; the source side dialled
+    // the pod directly.
+    let service = ("destination_service", "web-app.default.svc.cluster.local");
+    let mut labels = labels("destination", "web-b").to_vec();
+    labels.push(service);
+    assert_eq!(
+        cluster
+            .metric_sum("node-b", "istio_tcp_sent_bytes_total", &labels)
+            .unwrap(),
+        cross
+    );
+
     // The same through a real Prometheus scraping node-b.
-    let selector = r#"{reporter="destination",source_workload="api",destination_workload="web-b",destination_principal="spiffe://cluster.local/ns/default/sa/web-app",connection_security_policy="mutual_tls"}"#;
+    let selector = r#"{reporter="destination",source_workload="api",destination_workload="web-b",destination_principal="spiffe://cluster.local/ns/default/sa/web-app",destination_service="web-app.default.svc.cluster.local",connection_security_policy="mutual_tls"}"#;
     for metric in [
         "istio_tcp_received_bytes_total",
         "istio_tcp_sent_bytes_total",

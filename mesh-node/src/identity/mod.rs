@@ -116,8 +116,15 @@ impl Ca {
         let lock_path = dir.join(".lock");
         let lock = fs::File::create(&lock_path).map_err(io(&lock_path))?;
         lock.lock().map_err(io(&lock_path))?;
-        if cert_path.exists() || key_path.exists() {
-            return Ca::load(dir);
+        match (cert_path.exists(), key_path.exists()) {
+            (true, true) => return Ca::load(dir),
+            (false, false) => {}
+            // Only a crash while creating the CA (under this lock) leaves half of it; no
+            // certificate was ever issued from it: start over.
+            _ => tracing::warn!(
+                dir = %dir.display(),
+                "incomplete CA (a crash while creating it?): generating a new one"
+            ),
         }
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
         let (cert_pem, key_pem) = generate_root().map_err(|reason| IdentityError::BadCa {
@@ -408,31 +415,44 @@ impl Certificates {
     /// how many were issued. Called on every config change and every second.
     pub fn sync(&self, wanted: &BTreeSet<String>) -> usize {
         let now = Instant::now();
-        let due: Vec<(String, &'static str)> = {
+        // Due: (identity, the generation being replaced, if any).
+        let due: Vec<(String, Option<u64>)> = {
             let mut certs = self.lock();
             certs.retain(|identity, _| wanted.contains(identity));
             wanted
                 .iter()
                 .filter_map(|identity| match certs.get(identity) {
-                    None => Some((identity.clone(), "new")),
-                    Some(cert) if cert.renew_at <= now => Some((identity.clone(), "rotation")),
+                    None => Some((identity.clone(), None)),
+                    Some(cert) if cert.renew_at <= now => {
+                        Some((identity.clone(), Some(cert.generation)))
+                    }
                     Some(_) => None,
                 })
                 .collect()
         };
         let mut issued = 0;
-        for (identity, reason) in due {
+        for (identity, replacing) in due {
+            let reason = if replacing.is_some() {
+                "rotation"
+            } else {
+                "new"
+            };
             match self.issue(&identity, reason) {
                 Ok(cert) => {
-                    if reason == "rotation" {
-                        tracing::info!(
-                            identity,
-                            generation = cert.generation,
-                            "certificate rotated"
-                        );
+                    // Signed without the lock: install only if nobody (a connection that
+                    // needed the certificate at once) installed one meanwhile.
+                    let mut certs = self.lock();
+                    if certs.get(&identity).map(|c| c.generation) == replacing {
+                        if replacing.is_some() {
+                            tracing::info!(
+                                identity,
+                                generation = cert.generation,
+                                "certificate rotated"
+                            );
+                        }
+                        certs.insert(identity, cert);
+                        issued += 1;
                     }
-                    self.lock().insert(identity, cert);
-                    issued += 1;
                 }
                 Err(err) => tracing::error!("{err} (the current certificate stays in use)"),
             }

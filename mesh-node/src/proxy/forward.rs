@@ -129,26 +129,34 @@ async fn same_node(
     service: Option<&ServiceTarget>,
 ) {
     let Some(upstream) = rec.upstream else { return };
+    // Without a known enrolled source (the kernel's map and this snapshot disagree for a
+    // moment, e.g. right after the pod left the mesh) the client has no identity: plaintext.
+    let mtls = source.is_some();
     rec.path = "same_node";
-    rec.security = "mutual_tls";
+    rec.security = if mtls { "mutual_tls" } else { "none" };
     rec.destination_identity = Some(destination.identity.clone());
-    let identity = source.map(|s| s.identity.as_str());
-    let decision = authorize(destination, identity, peer, upstream);
-    let allowed = decision.allowed;
-    rec.authorization = Some(decision);
-    let reports = [("source", true), ("destination", true)]
+    let reports = ["source", "destination"]
         .into_iter()
-        .map(|(reporter, _)| {
+        .map(|reporter| {
             Report {
                 reporter,
                 source: source.map_or_else(Peer::unknown, |s| Peer::of(s, true)),
                 destination: Peer::of(destination, true),
                 service: None,
-                mtls: true,
+                mtls,
             }
             .service(service)
         })
         .collect();
+    if !mtls && destination.mtls.mode_for(upstream.port()) == "STRICT" {
+        rec.authorization = Some(strict_refusal(destination));
+        deny(ctx, Direction::Outbound, &client, rec, reports);
+        return;
+    }
+    let identity = source.map(|s| s.identity.as_str());
+    let decision = authorize(destination, identity, peer, upstream);
+    let allowed = decision.allowed;
+    rec.authorization = Some(decision);
     if !allowed {
         deny(ctx, Direction::Outbound, &client, rec, reports);
         return;
@@ -231,21 +239,21 @@ async fn inbound(
     };
     rec.destination_workload = Some(qualified(destination));
     rec.destination_identity = Some(destination.identity.clone());
+    let service = match state.resolve(original_dst) {
+        Resolution::Service(target) => Some(target),
+        _ => state.service_of_endpoint(upstream),
+    };
     let reports = vec![Report {
         reporter: "destination",
         source: source.map_or_else(Peer::unknown, |s| Peer::of(s, false)),
         destination: Peer::of(destination, true),
         service: None,
         mtls: false,
-    }];
+    }
+    .service(service)];
     let mode = destination.mtls.mode_for(upstream.port());
     if mode == "STRICT" {
-        rec.authorization = Some(Decision {
-            allowed: false,
-            policy: destination.mtls.policies.last().cloned(),
-            reason: "plaintext refused: PeerAuthentication STRICT",
-            audited: Vec::new(),
-        });
+        rec.authorization = Some(strict_refusal(destination));
         deny(ctx, Direction::Inbound, &client, rec, reports);
         return;
     }
@@ -286,6 +294,16 @@ async fn plain_from_node(
         Vec::new(),
     )
     .await
+}
+
+/// The decision for plaintext to a STRICT workload port.
+fn strict_refusal(destination: &Workload) -> Decision {
+    Decision {
+        allowed: false,
+        policy: destination.mtls.policies.last().cloned(),
+        reason: "plaintext refused: PeerAuthentication STRICT",
+        audited: Vec::new(),
+    }
 }
 
 /// Decides a connection to a local workload.

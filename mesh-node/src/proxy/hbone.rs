@@ -50,8 +50,12 @@ const CONNECTION_WINDOW: u32 = 16 << 20;
 const MAX_FRAME: u32 = 1 << 20;
 /// Streams a client may open on one connection (ztunnel's default).
 const MAX_STREAMS: u32 = 100;
-/// TLS handshake deadline.
+/// TLS (and HTTP/2) handshake deadline.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for a tunnel to be answered: the destination proxy's own connect timeout (5 s)
+/// plus room. A peer that stalls beyond it gets the connection marked broken and the client
+/// reset.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 /// A pooled connection without streams for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the pool drops idle, broken and superseded connections.
@@ -173,6 +177,9 @@ impl Drop for StreamGuard {
 #[derive(Clone, Default)]
 pub struct Pool {
     conns: Arc<Mutex<HashMap<Key, Vec<Arc<Pooled>>>>>,
+    /// One connection attempt per key at a time: a burst of new tunnels waits for the first
+    /// connection and shares it instead of each opening its own.
+    connecting: Arc<Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl Pool {
@@ -243,18 +250,23 @@ impl Pool {
         for attempt in 0..2 {
             let conn = match self.checkout(&key, cert.generation) {
                 Some(conn) => conn,
-                None => self.connect(ctx, &key, cert).await?,
+                None => self.checkout_or_connect(ctx, &key, cert).await?,
             };
             let guard = StreamGuard(conn.clone());
-            let mut sender = match conn.sender.clone().ready().await {
-                Ok(sender) => sender,
-                Err(err) => {
+            let ready = tokio::time::timeout(STREAM_TIMEOUT, conn.sender.clone().ready()).await;
+            let mut sender = match ready {
+                Ok(Ok(sender)) => sender,
+                failed => {
                     conn.closed.store(true, Ordering::Release);
                     if attempt == 0 {
                         continue;
                     }
+                    let why = match failed {
+                        Ok(Err(err)) => err.to_string(),
+                        _ => "no stream slot within the deadline".to_string(),
+                    };
                     return Err(Failure::uf(format!(
-                        "HBONE connection to {}: {err}",
+                        "HBONE connection to {}: {why}",
                         key.destination
                     )));
                 }
@@ -275,9 +287,17 @@ impl Pool {
                     return Err(Failure::uf(format!("HBONE stream to {target}: {err}")));
                 }
             };
-            let response = response
-                .await
-                .map_err(|e| Failure::uf(format!("HBONE stream to {target}: {e}")))?;
+            let response = match tokio::time::timeout(STREAM_TIMEOUT, response).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(err)) => {
+                    return Err(Failure::uf(format!("HBONE stream to {target}: {err}")))
+                }
+                Err(_) => {
+                    // The peer does not answer: take the connection out of service.
+                    conn.closed.store(true, Ordering::Release);
+                    return Err(Failure::uf(format!("HBONE stream to {target}: no answer")));
+                }
+            };
             return match response.status() {
                 StatusCode::OK => Ok((send, response.into_body(), guard)),
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Failure {
@@ -306,6 +326,35 @@ impl Pool {
             .clone();
         conn.active.fetch_add(1, Ordering::AcqRel);
         Some(conn)
+    }
+
+    /// Under the key's connect lock: a connection another task opened meanwhile, or a new one.
+    async fn checkout_or_connect(
+        &self,
+        ctx: &ProxyContext,
+        key: &Key,
+        cert: &WorkloadCert,
+    ) -> Result<Arc<Pooled>, Failure> {
+        let lock = self
+            .connecting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let result = {
+            let _held = lock.lock().await;
+            match self.checkout(key, cert.generation) {
+                Some(conn) => Ok(conn),
+                None => self.connect(ctx, key, cert).await,
+            }
+        };
+        // Forget the lock when nobody else waits on it.
+        let mut connecting = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
+        if Arc::strong_count(&lock) == 2 {
+            connecting.remove(key);
+        }
+        result
     }
 
     async fn connect(
@@ -344,6 +393,7 @@ impl Pool {
             }
         };
         let (sender, connection) = h2::client::Builder::new()
+            .initial_max_send_streams(MAX_STREAMS as usize)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
@@ -414,6 +464,7 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
         }
     };
     ctx.metrics.hbone_opened("server");
+    let presented: Arc<str> = cert.identity.as_str().into();
     let identity: Arc<str> = match tls
         .get_ref()
         .1
@@ -424,17 +475,20 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
         Some(Ok(id)) => id.into(),
         _ => return, // the verifier already required one
     };
-    let mut connection = match h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
-        .handshake::<_, Bytes>(tls)
-        .await
-    {
-        Ok(connection) => connection,
-        Err(err) => {
+        .handshake::<_, Bytes>(tls);
+    let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(err)) => {
             tracing::debug!(%peer, "HBONE HTTP/2 handshake failed: {err}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "HBONE HTTP/2 handshake timed out");
             return;
         }
     };
@@ -448,13 +502,19 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
                     peer,
                     local,
                     identity.clone(),
+                    presented.clone(),
                 ));
             }
             Err(err) => {
                 tracing::debug!(%peer, "HBONE connection error: {err}");
-                break;
+                return;
             }
         }
+    }
+    // No new streams (the client is done with the connection, e.g. after a certificate
+    // renewal): the open ones still need the connection driven until they end.
+    if let Err(err) = std::future::poll_fn(|cx| connection.poll_closed(cx)).await {
+        tracing::debug!(%peer, "HBONE connection error: {err}");
     }
 }
 
@@ -466,6 +526,7 @@ async fn serve_stream(
     peer: SocketAddr,
     local: SocketAddr,
     identity: Arc<str>,
+    presented: Arc<str>,
 ) {
     let answer = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
         let response = Response::builder()
@@ -478,10 +539,13 @@ async fn serve_stream(
         answer(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
         return;
     }
+    // IPv4 `address:port` only: another form of the same address (an IPv4-mapped IPv6
+    // one) must not slip past the checks below.
     let Some(target) = request
         .uri()
         .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .and_then(|a| a.as_str().parse::<SocketAddrV4>().ok())
+        .map(SocketAddr::V4)
     else {
         answer(&mut respond, StatusCode::BAD_REQUEST);
         return;
@@ -494,11 +558,12 @@ async fn serve_stream(
     rec.source_identity = Some(identity.to_string());
     let source = ip_of(peer).and_then(|ip| state.workloads.get(&ip));
     rec.source_workload = source.map(qualified);
-    // The tunnel must lead to the workload whose certificate this connection presented.
+    // The tunnel must lead to the workload whose certificate this connection presented:
+    // the address the connection was made to, still held by a pod of that identity.
     let destination = ip_of(target)
         .filter(|ip| Some(*ip) == ip_of(local))
         .and_then(|ip| state.workloads.get(&ip))
-        .filter(|w| w.enrolled);
+        .filter(|w| w.enrolled && w.identity == *presented);
     let Some(destination) = destination else {
         answer(&mut respond, StatusCode::BAD_REQUEST);
         Tracked::open(&ctx, Direction::Hbone, rec).finish(Outcome::refused(
@@ -517,7 +582,9 @@ async fn serve_stream(
         destination: Peer::of(destination, true),
         service: None,
         mtls: true,
-    };
+    }
+    // The client's Service is not in the tunnel: name the one the pod port serves.
+    .service(state.service_of_endpoint(target));
     let decision = authorize(destination, Some(&identity), peer, target);
     let allowed = decision.allowed;
     let reason = decision.reason;

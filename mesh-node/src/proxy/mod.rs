@@ -149,13 +149,15 @@ impl Outcome {
     }
 }
 
-/// One connection's bookkeeping: the record, the metrics and the access-log line.
+/// One connection's bookkeeping: the record, the metrics and the access-log line. Dropped
+/// without [`Tracked::finish`] (a panicking task), it records the connection as broken.
 pub(crate) struct Tracked<'a> {
     ctx: &'a ProxyContext,
     direction: Direction,
     id: u64,
     /// Istio metrics of the connection (empty until the reports are known).
     pub live: Live,
+    finished: bool,
 }
 
 impl<'a> Tracked<'a> {
@@ -168,17 +170,15 @@ impl<'a> Tracked<'a> {
             direction,
             id,
             live: Live::none(),
+            finished: false,
         }
     }
 
     /// Records the end of the connection and writes its access-log line.
-    pub fn finish(self, outcome: Outcome) {
-        let Tracked {
-            ctx,
-            direction,
-            id,
-            live,
-        } = self;
+    pub fn finish(mut self, outcome: Outcome) {
+        self.finished = true;
+        let (ctx, direction, id) = (self.ctx, self.direction, self.id);
+        let live = std::mem::replace(&mut self.live, Live::none());
         ctx.metrics.closed(direction, outcome.flag);
         ctx.metrics.bytes(direction, outcome.sent, outcome.received);
         live.close(outcome.flag);
@@ -193,6 +193,25 @@ impl<'a> Tracked<'a> {
         });
         if let Some(record) = closed {
             telemetry::access_log(&record);
+        }
+    }
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let live = std::mem::replace(&mut self.live, Live::none());
+            let tracked = Tracked {
+                ctx: self.ctx,
+                direction: self.direction,
+                id: self.id,
+                live,
+                finished: false,
+            };
+            tracked.finish(Outcome::refused(
+                "DC",
+                "the connection's task ended abnormally",
+            ));
         }
     }
 }
@@ -391,6 +410,9 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
                 .await
                 .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed"))?
                 .map_err(h2_io)?;
+            if granted == 0 {
+                continue;
+            }
             let chunk = data.split_to(granted.min(data.len()));
             to.send_data(chunk, false).map_err(h2_io)?;
         }
