@@ -594,3 +594,86 @@ fn refused_and_unreachable_destinations_reset_the_client_and_are_flagged() {
             >= 2
     );
 }
+
+#[test]
+fn port_level_mtls_and_a_configured_root_namespace_and_trust_domain() {
+    require_root!();
+    // Mesh-wide STRICT from a root namespace of our choosing; web-app relaxes port 8080 to
+    // PERMISSIVE (portLevelMtls keys are the workload's ports); an ALLOW policy names the
+    // client by the configured trust domain.
+    let policies = r#"
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: mesh, namespace: mesh-root}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: web-app, namespace: default}
+spec:
+  selector: {matchLabels: {app: web-app}}
+  mtls: {mode: UNSET}
+  portLevelMtls: {8080: {mode: PERMISSIVE}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-app, namespace: default}
+spec:
+  selector: {matchLabels: {app: web-app}}
+  rules:
+  - from: [{source: {principals: ["example.org/ns/default/sa/api-service"]}}]
+  - from: [{source: {ipBlocks: ["100.65.0.6/32"]}}]
+"#;
+    let mut cluster = Cluster::new(&format!("{OVERLAY}{policies}")).unwrap();
+    cluster.run_args = [
+        "--root-namespace",
+        "mesh-root",
+        "--trust-domain",
+        "example.org",
+    ]
+    .map(String::from)
+    .to_vec();
+    cluster.start_mesh_everywhere().unwrap();
+    let mut servers = Vec::new();
+    for web in ["web-a", "web-b"] {
+        for port in [8080, 9000] {
+            servers.push(Server::start(&cluster.pod(web).netns, port, Behaviour::Echo).unwrap());
+        }
+    }
+    for web in ["web-a", "web-b"] {
+        // mTLS with the configured trust domain, on both ports.
+        assert!(reaches(&cluster, "api", web, 9000), "api -> {web}:9000");
+        assert!(reaches(&cluster, "api", web, 8080), "api -> {web}:8080");
+        // Plaintext (allowed by ipBlocks): the PERMISSIVE port only; the other inherits the
+        // mesh-wide STRICT.
+        assert!(
+            reaches(&cluster, "plain-a", web, 8080),
+            "plain-a -> {web}:8080"
+        );
+        assert!(
+            !reaches(&cluster, "plain-a", web, 9000),
+            "plain-a -> {web}:9000"
+        );
+    }
+    let record = cluster
+        .wait_connection("node-b", "api's tunnel", |c| {
+            c.direction == "hbone" && c.client.ip() == ip(&cluster, "api")
+        })
+        .unwrap();
+    assert_eq!(
+        record.source_identity.as_deref(),
+        Some("spiffe://example.org/ns/default/sa/api-service")
+    );
+    let refused = cluster
+        .wait_connection("node-b", "plain-a refused on 9000", |c| {
+            c.client.ip() == ip(&cluster, "plain-a") && c.original_dst.port() == 9000
+        })
+        .unwrap();
+    assert_eq!(refused.flag, "DENY");
+    assert_eq!(
+        refused.authorization.unwrap()["policy"],
+        "default/web-app",
+        "the deciding PeerAuthentication"
+    );
+}

@@ -468,6 +468,41 @@ mod tests {
         std::fs::remove_dir_all(other_dir).unwrap();
     }
 
+    /// The reasons the metrics count, from real handshake failures as tokio-rustls reports
+    /// them (an I/O error wrapping the rustls error).
+    #[test]
+    fn handshake_failures_are_classified() {
+        let (mesh, dir) = ca("reasons");
+        let (other, other_dir) = ca("reasons-other");
+        let hour = Duration::from_secs(3600);
+        let reason =
+            |err: Error| failure_reason(&std::io::Error::new(std::io::ErrorKind::InvalidData, err));
+        let wrong = handshake(
+            key(&mesh, API, hour),
+            &mesh,
+            key(&mesh, API, hour),
+            &mesh,
+            WEB,
+        );
+        assert_eq!(reason(wrong.unwrap_err()), "wrong_identity");
+        let foreign = handshake(
+            key(&mesh, WEB, hour),
+            &mesh,
+            key(&other, API, hour),
+            &mesh,
+            WEB,
+        );
+        assert_eq!(reason(foreign.unwrap_err()), "untrusted");
+        assert_eq!(
+            reason(Error::InvalidCertificate(rustls::CertificateError::Expired)),
+            "expired"
+        );
+        assert_eq!(reason(Error::NoCertificatesPresented), "no_certificate");
+        assert_eq!(failure_reason(&std::io::Error::other("reset")), "io");
+        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(other_dir).unwrap();
+    }
+
     #[test]
     fn an_expired_certificate_is_refused() {
         let (mesh, dir) = ca("expired");
