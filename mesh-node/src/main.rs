@@ -354,7 +354,11 @@ async fn serve(
     datapath.register_listener(Listener::Inbound, &inbound)?;
     datapath.register_listener(Listener::Hbone, &hbone)?;
     datapath.set_enrolled(&state.local_enrolled())?;
-    datapath.set_services(&state.local_enrolled_vips())?;
+    datapath.set_services(
+        &state.local_enrolled_vips(),
+        &state.local_enrolled_node_ports(),
+    )?;
+    let node_addresses = Arc::new(ArcSwap::from_pointee(datapath.node_addresses().clone()));
     tracing::info!(
         enrolled = state.local_enrolled().len(),
         links = datapath.attached_links().len(),
@@ -391,7 +395,7 @@ async fn serve(
         .with_context(|| format!("binding the admin endpoint {}", args.admin_addr))?;
 
     let (events, receiver) = mpsc::channel();
-    spawn_datapath_thread(datapath, receiver, admin.clone())?;
+    spawn_datapath_thread(datapath, receiver, admin.clone(), node_addresses.clone())?;
     spawn_link_watcher(link_events, events.clone())?;
     tokio::spawn(reload::watch(
         config_version,
@@ -413,6 +417,7 @@ async fn serve(
         tcp: tcp_metrics,
         certs,
         pool,
+        node_addresses,
     });
     tokio::spawn(proxy::serve(outbound, Direction::Outbound, ctx.clone()));
     tokio::spawn(proxy::serve(inbound, Direction::Inbound, ctx.clone()));
@@ -456,9 +461,13 @@ fn spawn_datapath_thread(
     mut datapath: Datapath,
     events: mpsc::Receiver<Event>,
     admin: Arc<Admin>,
+    node_addresses: Arc<ArcSwap<std::collections::BTreeSet<std::net::Ipv4Addr>>>,
 ) -> anyhow::Result<()> {
     let initial = admin.state.load().generation;
     let publish = move |datapath: &Datapath, generation: Option<u64>, error: Option<String>| {
+        if **node_addresses.load() != *datapath.node_addresses() {
+            node_addresses.store(Arc::new(datapath.node_addresses().clone()));
+        }
         if let Ok(mut view) = admin.datapath.lock() {
             view.links = datapath
                 .attached_links()
@@ -521,9 +530,15 @@ fn spawn_datapath_thread(
                 }
                 let mut applied = None;
                 if let Some(state) = config_pending.take() {
-                    let applied_maps = datapath
-                        .set_enrolled(&state.local_enrolled())
-                        .and_then(|()| datapath.set_services(&state.local_enrolled_vips()));
+                    let applied_maps =
+                        datapath
+                            .set_enrolled(&state.local_enrolled())
+                            .and_then(|()| {
+                                datapath.set_services(
+                                    &state.local_enrolled_vips(),
+                                    &state.local_enrolled_node_ports(),
+                                )
+                            });
                     match applied_maps {
                         Ok(()) => {
                             tracing::info!(

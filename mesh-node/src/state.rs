@@ -90,6 +90,9 @@ pub struct ServiceTarget {
     pub protocol: Protocol,
     /// Ready endpoints (`podIP:targetPort`), in a stable order.
     pub endpoints: Vec<SocketAddrV4>,
+    /// The NodePort every node opens for it, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
     /// Round-robin cursor.
     #[serde(skip)]
     next: AtomicUsize,
@@ -121,6 +124,8 @@ pub enum Resolution<'a> {
         /// The Service that owns the VIP.
         service: String,
     },
+    /// A hostPort of this node: connect to the pod port it maps to.
+    Pod(SocketAddrV4),
     /// Not a VIP: connect to the original destination itself.
     Direct,
 }
@@ -138,6 +143,12 @@ pub struct State {
     pub workloads: BTreeMap<Ipv4Addr, Workload>,
     /// Service ports with a VIP, by `clusterIP:port`.
     pub services: HashMap<SocketAddrV4, ServiceTarget>,
+    /// NodePorts to the Service port (`clusterIP:port`) they lead to.
+    #[serde(skip)]
+    pub node_ports: HashMap<u16, SocketAddrV4>,
+    /// hostPorts of this node's pods to the pod port they map to.
+    #[serde(skip)]
+    pub host_ports: HashMap<u16, SocketAddrV4>,
     /// Each endpoint's Service port (the lowest VIP:port when several select it), for the
     /// destination side's `destination_service` label.
     #[serde(skip)]
@@ -235,6 +246,7 @@ impl State {
                         host: semantics::service_fqdn(&svc.metadata.name, svc.metadata.namespace()),
                         vip: addr,
                         protocol: semantics::port_protocol(port),
+                        node_port: port.node_port,
                         endpoints,
                         next: AtomicUsize::new(0),
                     },
@@ -251,11 +263,34 @@ impl State {
                     .or_insert(target.vip);
             }
         }
+        let node_ports = services
+            .values()
+            .filter_map(|t| Some((t.node_port?, t.vip)))
+            .collect();
+        let mut host_ports = HashMap::new();
+        for pod in &resources.pods {
+            let (Some(ip), true) = (pod.live_ip(), pod.spec.node_name.as_deref() == Some(node))
+            else {
+                continue;
+            };
+            for port in pod.spec.containers.iter().flat_map(|c| &c.ports) {
+                let tcp = port
+                    .protocol
+                    .as_deref()
+                    .unwrap_or("TCP")
+                    .eq_ignore_ascii_case("TCP");
+                if let (Some(host_port), true) = (port.host_port, tcp) {
+                    host_ports.insert(host_port, SocketAddrV4::new(ip, port.container_port));
+                }
+            }
+        }
         State {
             generation,
             node: node.to_string(),
             mesh: mesh.clone(),
             endpoint_services,
+            node_ports,
+            host_ports,
             workloads,
             services,
             vips,
@@ -307,6 +342,49 @@ impl State {
             })
             .map(|s| s.vip)
             .collect()
+    }
+
+    /// NodePorts whose Service has a ready endpoint that is an enrolled pod of this node, and
+    /// hostPorts of this node's enrolled pods: the kernel captures new flows to them at this
+    /// node's addresses, as it does for VIPs.
+    pub fn local_enrolled_node_ports(&self) -> BTreeSet<u16> {
+        let vips = self.local_enrolled_vips();
+        let local_enrolled = self.local_enrolled();
+        let node_ports = self
+            .node_ports
+            .iter()
+            .filter(|(_, vip)| vips.contains(vip))
+            .map(|(port, _)| *port);
+        let host_ports = self
+            .host_ports
+            .iter()
+            .filter(|(_, pod)| local_enrolled.contains(pod.ip()))
+            .map(|(port, _)| *port);
+        node_ports.chain(host_ports).collect()
+    }
+
+    /// Like [`State::resolve`], also resolving NodePorts and hostPorts at this node's own
+    /// addresses.
+    pub fn resolve_at_node(
+        &self,
+        orig_dst: SocketAddr,
+        node_addresses: &BTreeSet<Ipv4Addr>,
+    ) -> Resolution<'_> {
+        if let SocketAddr::V4(dst) = orig_dst {
+            if node_addresses.contains(dst.ip()) {
+                if let Some(target) = self
+                    .node_ports
+                    .get(&dst.port())
+                    .and_then(|vip| self.services.get(vip))
+                {
+                    return Resolution::Service(target);
+                }
+                if let Some(pod) = self.host_ports.get(&dst.port()) {
+                    return Resolution::Pod(*pod);
+                }
+            }
+        }
+        self.resolve(orig_dst)
     }
 
     /// IPs of the enrolled pods on this node: what the kernel captures.
@@ -524,6 +602,54 @@ spec:
         // a: namespace ambient; b: opted out; c: other node; d: pod label; e: injection; f: none;
         // host: host network; done: finished (its old IP is a's now).
         assert_eq!(ips, ["100.65.0.2", "100.65.0.4", "100.65.0.5"]);
+    }
+
+    #[test]
+    fn node_ports_and_host_ports_resolve_only_at_the_node_addresses() {
+        let extra = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: mesh}
+spec:
+  type: NodePort
+  clusterIP: 100.66.0.11
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hp, namespace: mesh}
+spec: {nodeName: n1, containers: [{name: c, ports: [{containerPort: 9000, hostPort: 31000}]}]}
+status: {podIP: 100.65.0.7}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hp-elsewhere, namespace: mesh}
+spec: {nodeName: n2, containers: [{name: c, ports: [{containerPort: 9000, hostPort: 31001}]}]}
+status: {podIP: 100.65.1.7}
+"#;
+        let text = format!("{CONFIG}{extra}");
+        let state = State::build(
+            &parse_str("t.yaml", &text).unwrap(),
+            "n1",
+            &Mesh::default(),
+            1,
+        );
+        // 30080: its Service has the local enrolled pod a; 31000: hp is local and enrolled;
+        // 31001 belongs to another node.
+        assert_eq!(
+            state.local_enrolled_node_ports(),
+            BTreeSet::from([30080, 31000])
+        );
+        let node: BTreeSet<Ipv4Addr> = BTreeSet::from(["100.64.0.1".parse().unwrap()]);
+        let at = |addr: &str| state.resolve_at_node(addr.parse().unwrap(), &node);
+        assert!(matches!(at("100.64.0.1:30080"), Resolution::Service(t) if t.name == "np"));
+        assert!(
+            matches!(at("100.64.0.1:31000"), Resolution::Pod(p) if p.to_string() == "100.65.0.7:9000")
+        );
+        // Another host with the same port is just a destination.
+        assert!(matches!(at("100.64.0.9:30080"), Resolution::Direct));
     }
 
     #[test]

@@ -114,7 +114,8 @@ pub fn effective_capabilities() -> io::Result<u64> {
         .ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))
 }
 
-/// A netlink socket subscribed to link changes (`RTMGRP_LINK`) of this network namespace.
+/// A netlink socket subscribed to link and IPv4 address changes (`RTMGRP_LINK`,
+/// `RTMGRP_IPV4_IFADDR`) of this network namespace.
 pub struct LinkEvents {
     fd: OwnedFd,
 }
@@ -138,7 +139,7 @@ impl LinkEvents {
         // SAFETY: an all-zero sockaddr_nl is valid; we set family and groups.
         let mut addr: libc::sockaddr_nl = unsafe { zeroed() };
         addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        addr.nl_groups = libc::RTMGRP_LINK as u32;
+        addr.nl_groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR) as u32;
         // SAFETY: pointer and length describe `addr`.
         let rc = unsafe {
             libc::bind(

@@ -190,8 +190,8 @@ impl Cluster {
             self.add_pod(&pod.metadata.name, pod.metadata.namespace(), node, ip)?;
         }
 
-        let state = State::build(&resources, "", &Default::default(), 0);
         for node in &self.nodes {
+            let state = State::build(&resources, &node.name, &Default::default(), 0);
             install_kube_proxy(node, &state)?;
         }
         Ok(())
@@ -707,6 +707,7 @@ fn install_kube_proxy(node: &Node, state: &State) -> Result<()> {
         node.netns.exec("iptables", &full).map(drop)
     };
     ipt(&["-N", "KUBE-SERVICES"])?;
+    ipt(&["-N", "KUBE-NODEPORTS"])?;
     ipt(&["-A", "PREROUTING", "-j", "KUBE-SERVICES"])?;
     ipt(&["-A", "OUTPUT", "-j", "KUBE-SERVICES"])?;
     let mut services: Vec<_> = state.services.values().collect();
@@ -763,7 +764,49 @@ fn install_kube_proxy(node: &Node, state: &State) -> Result<()> {
             "-j",
             &chain,
         ])?;
+        if let Some(node_port) = svc.node_port {
+            // As kube-proxy does: NodePort traffic is masqueraded, so replies come back
+            // through this node whichever endpoint answers.
+            let port = node_port.to_string();
+            let tcp = ["-A", "KUBE-NODEPORTS", "-p", "tcp", "--dport", &port];
+            ipt(&[&tcp[..], &["-j", "MARK", "--set-xmark", "0x4000/0x4000"]].concat())?;
+            ipt(&[&tcp[..], &["-j", &chain]].concat())?;
+        }
     }
+    // hostPorts of this node's pods, as the CNI's portmap plugin maps them.
+    let mut host_ports: Vec<_> = state.host_ports.iter().collect();
+    host_ports.sort();
+    for (host_port, pod) in host_ports {
+        let port = host_port.to_string();
+        let tcp = ["-A", "KUBE-NODEPORTS", "-p", "tcp", "--dport", &port];
+        ipt(&[&tcp[..], &["-j", "MARK", "--set-xmark", "0x4000/0x4000"]].concat())?;
+        ipt(&[
+            &tcp[..],
+            &["-j", "DNAT", "--to-destination", &pod.to_string()],
+        ]
+        .concat())?;
+    }
+    // Last in KUBE-SERVICES, as kube-proxy orders it.
+    ipt(&[
+        "-A",
+        "KUBE-SERVICES",
+        "-m",
+        "addrtype",
+        "--dst-type",
+        "LOCAL",
+        "-j",
+        "KUBE-NODEPORTS",
+    ])?;
+    ipt(&[
+        "-A",
+        "POSTROUTING",
+        "-m",
+        "mark",
+        "--mark",
+        "0x4000/0x4000",
+        "-j",
+        "MASQUERADE",
+    ])?;
     Ok(())
 }
 

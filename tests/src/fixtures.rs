@@ -88,7 +88,9 @@ pub const WEB_PORT: u16 = 8080;
 /// | web-b   | node-b | default | web-app         | 100.65.1.2  |
 /// | plain-b | node-b | plain   | default         | 100.65.1.3  |
 ///
-/// Service `default/web-app`: VIP 100.66.0.20:80 -> 8080 on web-a and web-b.
+/// Service `default/web-app`: VIP 100.66.0.20:80 -> 8080 on web-a and web-b. Service
+/// `default/web-np`: NodePort 30080 (VIP 100.66.0.21:80) -> 8080 on web-a only. web-a maps
+/// hostPort 31080 to its 8080.
 pub const OVERLAY: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -123,7 +125,10 @@ status: {podIP: 100.65.0.4, conditions: [{type: Ready, status: "True"}]}
 apiVersion: v1
 kind: Pod
 metadata: {name: web-a, namespace: default, labels: {app: web-app, version: v1}}
-spec: {nodeName: node-a, serviceAccountName: web-app}
+spec:
+  nodeName: node-a
+  serviceAccountName: web-app
+  containers: [{name: web, ports: [{containerPort: 8080, hostPort: 31080}]}]
 status: {podIP: 100.65.0.5, conditions: [{type: Ready, status: "True"}]}
 ---
 apiVersion: v1
@@ -151,7 +156,22 @@ spec:
   clusterIP: 100.66.0.20
   selector: {app: web-app}
   ports: [{name: tcp-web, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-np, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 100.66.0.21
+  selector: {app: web-app, version: v1}
+  ports: [{name: tcp-web, port: 80, targetPort: 8080, nodePort: 30080}]
 "#;
+
+/// The `web-np` Service's NodePort.
+pub const WEB_NODE_PORT: u16 = 30080;
+
+/// web-a's hostPort.
+pub const WEB_HOST_PORT: u16 = 31080;
 
 /// The `web-app` Service's VIP and port.
 pub const WEB_APP_VIP: &str = "100.66.0.20:80";

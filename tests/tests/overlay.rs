@@ -14,7 +14,10 @@ use mesh_node::identity::Ca;
 use mesh_tests::{
     apps::{echo_text, transfer, Behaviour, Server, Session},
     cluster::Cluster,
-    fixtures::{DENY_API, OVERLAY, PERMISSIVE, STRICT, WEB_APP_L4, WEB_APP_VIP, WEB_PORT},
+    fixtures::{
+        DENY_API, OVERLAY, PERMISSIVE, STRICT, WEB_APP_L4, WEB_APP_VIP, WEB_HOST_PORT,
+        WEB_NODE_PORT, WEB_PORT,
+    },
     require_root,
     tools::{pcap_text, s_client, Capture, Prometheus},
     wait_until,
@@ -167,6 +170,30 @@ fn strict_refuses_plaintext_from_pods_outside_the_mesh_and_permissive_lets_it_th
     }
     assert_eq!((web_a.peers().len(), web_b.peers().len()), seen);
 
+    // Through the NodePort and the hostPort at node-a's address (both lead to web-a), from
+    // the other node: kube-proxy (or the CNI's portmap) would DNAT it to the pod after the
+    // capture point; the mesh captures it on the uplink first. Positive control: the
+    // enrolled client through the same ports.
+    let node_a = cluster.node("node-a").underlay;
+    let via_node = |from: &str, port: u16| {
+        let msg = format!("via node-a:{port} from {from}\n");
+        let back = echo_text(
+            &cluster.pod(from).netns,
+            SocketAddr::from((node_a, port)),
+            &msg,
+        );
+        back.is_ok_and(|back| back == msg)
+    };
+    for port in [WEB_NODE_PORT, WEB_HOST_PORT] {
+        assert!(via_node("api", port), "control: api -> node-a:{port}");
+        let seen = web_a.peers().len();
+        assert!(
+            !via_node("plain-b", port),
+            "plaintext plain-b -> node-a:{port} got through STRICT"
+        );
+        assert_eq!(web_a.peers().len(), seen);
+    }
+
     for (node, client) in [("node-a", "plain-b"), ("node-b", "plain-a")] {
         let refused = cluster
             .wait_connection(node, "a refused plaintext connection", |c| {
@@ -206,6 +233,13 @@ fn strict_refuses_plaintext_from_pods_outside_the_mesh_and_permissive_lets_it_th
     assert!(web_a.peers()[seen.0..]
         .iter()
         .all(|p| p.ip() == ip(&cluster, "plain-a")));
+    for port in [WEB_NODE_PORT, WEB_HOST_PORT] {
+        assert!(
+            via_node("plain-b", port),
+            "plain-b -> node-a:{port} refused under PERMISSIVE"
+        );
+        assert_eq!(web_a.peers().last().unwrap().ip(), ip(&cluster, "plain-b"));
+    }
 }
 
 #[test]

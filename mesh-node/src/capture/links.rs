@@ -1,9 +1,13 @@
 //! Which links of the node get the capture program: every Ethernet link except bridges
 //! themselves (pod-facing veths, the overlay device, uplinks), plus the bridge ports whose
 //! captured frames must be readdressed to their bridge. Read with `ip -j -d link show`
-//! (the netns's own view, unlike /sys), rescanned on every netlink link event.
+//! (the netns's own view, unlike /sys), rescanned on every netlink link event; and the
+//! node's own addresses (`ip -j -4 addr show`), where NodePorts are captured.
 
-use std::{collections::BTreeMap, process::Command};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    process::Command,
+};
 
 use serde::Deserialize;
 
@@ -49,25 +53,54 @@ pub struct NodeLinks {
 
 /// Lists and classifies the links of the current network namespace.
 pub fn discover() -> Result<NodeLinks, CaptureError> {
+    let links: Vec<Link> = ip_json(&["-j", "-d", "link", "show"])?;
+    Ok(classify(&links))
+}
+
+/// One interface's addresses as `ip -j -4 addr show` prints them (the fields used).
+#[derive(Clone, Debug, Deserialize)]
+struct Addresses {
+    #[serde(default)]
+    addr_info: Vec<AddrInfo>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+struct AddrInfo {
+    #[serde(default)]
+    local: Option<std::net::Ipv4Addr>,
+}
+
+/// The node's own IPv4 addresses (loopback excluded): where its NodePorts listen.
+pub fn addresses() -> Result<BTreeSet<std::net::Ipv4Addr>, CaptureError> {
+    let interfaces: Vec<Addresses> = ip_json(&["-j", "-4", "addr", "show"])?;
+    Ok(interfaces
+        .iter()
+        .flat_map(|i| &i.addr_info)
+        .filter_map(|a| a.local)
+        .filter(|ip| !ip.is_loopback())
+        .collect())
+}
+
+/// Runs `ip ARGS` and parses its JSON output.
+fn ip_json<T: serde::de::DeserializeOwned>(args: &[&str]) -> Result<T, CaptureError> {
+    let command = format!("ip {}", args.join(" "));
     let output = Command::new("ip")
-        .args(["-j", "-d", "link", "show"])
+        .args(args)
         .output()
         .map_err(|err| CaptureError::Command {
-            command: "ip -j -d link show".into(),
+            command: command.clone(),
             message: err.to_string(),
         })?;
     if !output.status.success() {
         return Err(CaptureError::Command {
-            command: "ip -j -d link show".into(),
+            command,
             message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         });
     }
-    let links: Vec<Link> =
-        serde_json::from_slice(&output.stdout).map_err(|err| CaptureError::Command {
-            command: "ip -j -d link show".into(),
-            message: format!("unexpected output: {err}"),
-        })?;
-    Ok(classify(&links))
+    serde_json::from_slice(&output.stdout).map_err(|err| CaptureError::Command {
+        command,
+        message: format!("unexpected output: {err}"),
+    })
 }
 
 /// Classifies links (see the module doc).

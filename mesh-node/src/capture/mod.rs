@@ -103,6 +103,11 @@ pub struct Datapath {
     dir: PathBuf,
     enrolled: HashMap<MapData, u32, EnrolledPod>,
     services: HashMap<MapData, ServiceKey, u32>,
+    /// What the Service map was last asked to hold: VIP:ports, and NodePorts (captured at
+    /// every address of the node).
+    service_inputs: (BTreeSet<SocketAddrV4>, BTreeSet<u16>),
+    /// The node's own IPv4 addresses, refreshed with the links.
+    node_addresses: BTreeSet<Ipv4Addr>,
     bridge_ports: HashMap<MapData, u32, BridgePort>,
     listeners: SockMap<MapData>,
     /// Links carrying the capture program: ifindex -> name.
@@ -184,6 +189,8 @@ impl Datapath {
             dir,
             enrolled,
             services,
+            service_inputs: Default::default(),
+            node_addresses: BTreeSet::new(),
             bridge_ports,
             listeners,
             attached: BTreeMap::new(),
@@ -251,6 +258,12 @@ impl Datapath {
     /// attaches to new links, drops pins of links that are gone. Links that could not be
     /// attached are remembered in [`Datapath::failed_links`]; call again to retry them.
     pub fn sync_links(&mut self) -> Result<(), CaptureError> {
+        let addresses = links::addresses()?;
+        if addresses != self.node_addresses {
+            self.node_addresses = addresses;
+            let (vips, node_ports) = self.service_inputs.clone();
+            self.set_services(&vips, &node_ports)?;
+        }
         let node = links::discover()?;
         // Bridge ports first: a port must never capture before its frames can be readdressed.
         let have: BTreeSet<u32> = self.bridge_ports.keys().filter_map(Result::ok).collect();
@@ -384,9 +397,24 @@ impl Datapath {
         Ok(())
     }
 
-    /// Makes the Service map (VIP:ports with a ready enrolled endpoint on this node) equal
-    /// `want`, by difference.
-    pub fn set_services(&mut self, want: &BTreeSet<SocketAddrV4>) -> Result<(), CaptureError> {
+    /// The node's own IPv4 addresses, as of the last link scan.
+    pub fn node_addresses(&self) -> &BTreeSet<Ipv4Addr> {
+        &self.node_addresses
+    }
+
+    /// Makes the Service map hold exactly `vips` (VIP:ports with a ready enrolled endpoint on
+    /// this node) and `node_ports` at each of the node's addresses, by difference.
+    pub fn set_services(
+        &mut self,
+        vips: &BTreeSet<SocketAddrV4>,
+        node_ports: &BTreeSet<u16>,
+    ) -> Result<(), CaptureError> {
+        self.service_inputs = (vips.clone(), node_ports.clone());
+        let mut want = vips.clone();
+        for ip in &self.node_addresses {
+            want.extend(node_ports.iter().map(|port| SocketAddrV4::new(*ip, *port)));
+        }
+        let want = &want;
         let key = |addr: &SocketAddrV4| ServiceKey {
             ip: u32::from_ne_bytes(addr.ip().octets()),
             port: addr.port().to_be(),

@@ -155,6 +155,8 @@ pub struct ContainerPort {
     pub container_port: u16,
     /// `TCP` (default), `UDP` or `SCTP`.
     pub protocol: Option<String>,
+    /// The node port mapped to it (the CNI's portmap).
+    pub host_port: Option<u16>,
 }
 
 /// `Pod.status`.
@@ -242,6 +244,8 @@ pub struct ServicePort {
     pub target_port: Option<IntOrString>,
     /// `TCP` (default), `UDP` or `SCTP`.
     pub protocol: Option<String>,
+    /// The port every node opens for it (NodePort and LoadBalancer Services).
+    pub node_port: Option<u16>,
 }
 
 /// `discovery.k8s.io/v1/EndpointSlice`.
@@ -347,6 +351,7 @@ impl Decode for ContainerPort {
             name: f.opt("name"),
             container_port: f.req("containerPort"),
             protocol: f.opt("protocol"),
+            host_port: f.opt("hostPort"),
         })
     }
 }
@@ -397,6 +402,7 @@ impl Decode for ServicePort {
             port: f.req("port"),
             target_port: f.opt("targetPort"),
             protocol: f.opt("protocol"),
+            node_port: f.opt("nodePort"),
         })
     }
 }

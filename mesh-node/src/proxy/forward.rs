@@ -55,8 +55,10 @@ async fn outbound(
         rec.source_workload = Some(qualified(source));
         rec.source_identity = source.enrolled.then(|| source.identity.clone());
     }
-    let (service, upstream) = match state.resolve(original_dst) {
+    let (service, upstream) = match state.resolve_at_node(original_dst, &ctx.node_addresses.load())
+    {
         Resolution::Direct => (None, original_dst),
+        Resolution::Pod(pod) => (None, SocketAddr::V4(pod)),
         Resolution::Service(target) => {
             rec.service = Some(target.qualified_name());
             match target.pick() {
@@ -185,8 +187,9 @@ async fn inbound(
     rec.source_workload = source.map(qualified);
     // A pod outside the mesh dialled a Service VIP with an enrolled endpoint on this node
     // (the kernel captures those before kube-proxy's DNAT): balance as kube-proxy would.
-    let upstream = match state.resolve(original_dst) {
+    let upstream = match state.resolve_at_node(original_dst, &ctx.node_addresses.load()) {
         Resolution::Direct => original_dst,
+        Resolution::Pod(pod) => SocketAddr::V4(pod),
         Resolution::Service(target) => {
             rec.service = Some(target.qualified_name());
             match target.pick() {
@@ -239,7 +242,7 @@ async fn inbound(
     };
     rec.destination_workload = Some(qualified(destination));
     rec.destination_identity = Some(destination.identity.clone());
-    let service = match state.resolve(original_dst) {
+    let service = match state.resolve_at_node(original_dst, &ctx.node_addresses.load()) {
         Resolution::Service(target) => Some(target),
         _ => state.service_of_endpoint(upstream),
     };

@@ -84,6 +84,8 @@ pub struct ProxyContext {
     pub certs: Arc<Certificates>,
     /// Outbound HBONE connections.
     pub pool: hbone::Pool,
+    /// The node's own IPv4 addresses (NodePorts are resolved at them), kept by the datapath.
+    pub node_addresses: Arc<ArcSwap<std::collections::BTreeSet<Ipv4Addr>>>,
 }
 
 /// Binds a transparent listener on `127.0.0.1:port`.
