@@ -346,6 +346,10 @@ async fn serve(
     if log_captures {
         spawn_kernel_log(&mut datapath);
     }
+    let replies = Arc::new(
+        capture::ReplySteering::open(&args.node.bpffs, &node)
+            .context("opening the flow map for the proxy")?,
+    );
 
     let outbound = proxy::bind_listener(PORT_OUTBOUND).context("binding the outbound listener")?;
     let inbound = proxy::bind_listener(PORT_INBOUND).context("binding the inbound listener")?;
@@ -418,6 +422,7 @@ async fn serve(
         certs,
         pool,
         node_addresses,
+        replies,
     });
     tokio::spawn(proxy::serve(outbound, Direction::Outbound, ctx.clone()));
     tokio::spawn(proxy::serve(inbound, Direction::Inbound, ctx.clone()));

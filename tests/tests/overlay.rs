@@ -228,10 +228,12 @@ fn strict_refuses_plaintext_from_pods_outside_the_mesh_and_permissive_lets_it_th
             "plain-a -> VIP refused under PERMISSIVE"
         );
     }
-    // Balanced over both endpoints; the local one sees the client's own address.
+    // Balanced over both endpoints, and both see the client's own address (the remote one
+    // too: its replies are steered back to node-a's proxy).
     assert!(web_a.peers().len() > seen.0 && web_b.peers().len() > seen.1);
     assert!(web_a.peers()[seen.0..]
         .iter()
+        .chain(&web_b.peers()[seen.1..])
         .all(|p| p.ip() == ip(&cluster, "plain-a")));
     for port in [WEB_NODE_PORT, WEB_HOST_PORT] {
         assert!(

@@ -113,13 +113,15 @@ fn a_pod_outside_the_mesh_dialling_a_vip_with_a_local_enrolled_endpoint_goes_thr
     assert_eq!(answered.len(), 2, "both endpoints answer: {answered:?}");
     let conns = cluster.connections("node-a").unwrap();
     assert!(conns.iter().all(|c| c.direction != "outbound"), "{conns:?}");
-    // The calls balanced to b1 are dialled from node-a's own address (replies to c1's
-    // address would not come back through the proxy) and captured inbound on node-b.
+    // The calls balanced to b1 keep c1's address (node-a registers their replies with its
+    // capture program, which steers them back to the proxy) and are captured inbound on
+    // node-b.
     let node_b = cluster.connections("node-b").unwrap();
     assert!(
         node_b
             .iter()
-            .any(|c| c.direction == "inbound" && c.client.ip() != c1),
+            .any(|c| c.direction == "inbound" && c.client.ip() == c1),
         "{node_b:?}"
     );
+    assert!(node_b.iter().all(|c| c.client.ip() == c1), "{node_b:?}");
 }

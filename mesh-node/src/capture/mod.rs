@@ -24,7 +24,9 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use mesh_common::{maps, programs, BridgePort, Counter, EnrolledPod, Listener, ServiceKey};
+use mesh_common::{
+    flow_verdict, maps, programs, BridgePort, Counter, EnrolledPod, FlowKey, Listener, ServiceKey,
+};
 
 /// What the datapath thread reacts to.
 #[derive(Debug)]
@@ -499,6 +501,54 @@ fn lock(dir: &Path) -> Result<std::os::fd::OwnedFd, CaptureError> {
             path: dir.to_path_buf(),
             message: format!("cannot lock: {err}"),
         }),
+    }
+}
+
+/// A second handle on the pinned flow map, for the proxy: when it dials a pod of another node
+/// as a local client that is not in the mesh (whose replies the capture program would
+/// otherwise route straight to that client), it registers the reply direction of its
+/// connection as a captured flow, so the replies are steered back to its socket.
+pub struct ReplySteering {
+    flows: std::sync::Mutex<HashMap<MapData, FlowKey, u32>>,
+}
+
+impl ReplySteering {
+    /// Opens the node's pinned `MESH_FLOWS` map (after [`Datapath::install`]).
+    pub fn open(bpffs: &Path, node: &str) -> Result<ReplySteering, CaptureError> {
+        let path = pin_dir(bpffs, node).join(maps::FLOWS);
+        let data = MapData::from_pin(&path).map_err(map_error(maps::FLOWS))?;
+        let map = aya::maps::Map::from_map_data(data).map_err(map_error(maps::FLOWS))?;
+        let flows = HashMap::try_from(map).map_err(map_error(maps::FLOWS))?;
+        Ok(ReplySteering {
+            flows: std::sync::Mutex::new(flows),
+        })
+    }
+
+    fn key(remote: SocketAddrV4, local: SocketAddrV4) -> FlowKey {
+        FlowKey {
+            src_ip: u32::from_ne_bytes(remote.ip().octets()),
+            dst_ip: u32::from_ne_bytes(local.ip().octets()),
+            src_port: remote.port().to_be(),
+            dst_port: local.port().to_be(),
+        }
+    }
+
+    /// Packets from `remote` to `local` (the proxy's socket) are steered to it.
+    pub fn add(&self, remote: SocketAddrV4, local: SocketAddrV4) -> Result<(), CaptureError> {
+        self.flows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(Self::key(remote, local), flow_verdict::INBOUND, 0)
+            .map_err(map_error(maps::FLOWS))
+    }
+
+    /// Forgets what [`ReplySteering::add`] registered.
+    pub fn remove(&self, remote: SocketAddrV4, local: SocketAddrV4) {
+        let _ = self
+            .flows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&Self::key(remote, local));
     }
 }
 

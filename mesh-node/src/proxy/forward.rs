@@ -185,8 +185,9 @@ async fn inbound(
     let mut rec = record(Direction::Inbound, peer, original_dst);
     let source = ip_of(peer).and_then(|ip| state.workloads.get(&ip));
     rec.source_workload = source.map(qualified);
-    // A pod outside the mesh dialled a Service VIP with an enrolled endpoint on this node
-    // (the kernel captures those before kube-proxy's DNAT): balance as kube-proxy would.
+    // A client outside the mesh dialled a Service VIP, NodePort or hostPort leading to an
+    // enrolled pod of this node (the kernel captures those before kube-proxy's DNAT):
+    // resolve and balance as kube-proxy would.
     let upstream = match state.resolve_at_node(original_dst, &ctx.node_addresses.load()) {
         Resolution::Direct => original_dst,
         Resolution::Pod(pod) => SocketAddr::V4(pod),
@@ -223,7 +224,9 @@ async fn inbound(
             // mesh): connect from this node's own address, because the replies to a pod
             // outside the mesh would not come back through the proxy. The destination's node
             // applies its own policy.
-            plain_from_node(ctx, client, upstream, rec).await;
+            let local_client =
+                source.is_some_and(|s| s.node.as_deref() == Some(state.node.as_str()));
+            plain_elsewhere(ctx, client, peer, upstream, rec, local_client).await;
             return;
         }
         // A flow captured for a pod that has since left the mesh (or a stale capture):
@@ -279,24 +282,48 @@ async fn inbound(
     .await
 }
 
-/// Relays to `upstream` from the node's own address.
-async fn plain_from_node(
+/// Relays to an endpoint chosen for a client outside the mesh that is not a local enrolled
+/// pod. A client pod of this node keeps its address (the replies, which would go straight to
+/// it, are steered back to the proxy); any other client (another node's pod or a host
+/// through a NodePort) is masqueraded to the node's address, as kube-proxy does, because its
+/// replies would not come back through this node at all.
+async fn plain_elsewhere(
     ctx: &ProxyContext,
-    client: TcpStream,
+    mut client: TcpStream,
+    peer: SocketAddr,
     upstream: SocketAddr,
     rec: super::connections::ConnectionRecord,
+    local_client: bool,
 ) {
-    let node = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
-    plain(
-        ctx,
-        Direction::Inbound,
-        client,
-        node,
-        upstream,
-        rec,
-        Vec::new(),
-    )
-    .await
+    let (Some(source), SocketAddr::V4(endpoint), true) = (ip_of(peer), upstream, local_client)
+    else {
+        let node = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
+        plain(
+            ctx,
+            Direction::Inbound,
+            client,
+            node,
+            upstream,
+            rec,
+            Vec::new(),
+        )
+        .await;
+        return;
+    };
+    let tracked = Tracked::open(ctx, Direction::Inbound, rec);
+    let (mut server, _steered) = match super::connect_steered(source, endpoint, &ctx.replies).await
+    {
+        Ok(connected) => connected,
+        Err(err) => {
+            reset(&client);
+            tracked.finish(Outcome::refused(
+                "UF",
+                format!("connect to {upstream}: {err}"),
+            ));
+            return;
+        }
+    };
+    finish_relay(tracked, &mut client, &mut server).await;
 }
 
 /// The decision for plaintext to a STRICT workload port.
@@ -381,14 +408,19 @@ async fn plain(
             return;
         }
     };
+    finish_relay(tracked, &mut client, &mut server).await;
+}
+
+/// Relays between the client and the server until both ends finish, then records it.
+async fn finish_relay(tracked: Tracked<'_>, client: &mut TcpStream, server: &mut TcpStream) {
     let _ = client.set_nodelay(true);
-    super::keepalive(&client);
-    let (copied, error) = relay(&mut client, &mut server, &tracked.live).await;
+    super::keepalive(client);
+    let (copied, error) = relay(client, server, &tracked.live).await;
     if error.is_some() {
         // One side broke (for example reset): reset the other too, so it does not take a
         // truncated stream for a complete one.
-        reset(&client);
-        reset(&server);
+        reset(client);
+        reset(server);
     }
     tracked.finish(Outcome {
         flag: if error.is_some() { "DC" } else { "" },

@@ -18,7 +18,7 @@ pub mod hbone;
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
     time::Duration,
 };
@@ -86,6 +86,8 @@ pub struct ProxyContext {
     pub pool: hbone::Pool,
     /// The node's own IPv4 addresses (NodePorts are resolved at them), kept by the datapath.
     pub node_addresses: Arc<ArcSwap<std::collections::BTreeSet<Ipv4Addr>>>,
+    /// Registers reply directions the capture program must steer back to the proxy.
+    pub replies: Arc<crate::capture::ReplySteering>,
 }
 
 /// Binds a transparent listener on `127.0.0.1:port`.
@@ -269,6 +271,56 @@ pub(crate) async fn connect_from(source: Ipv4Addr, upstream: SocketAddr) -> io::
     };
     keepalive(&stream);
     Ok(stream)
+}
+
+/// Keeps the capture program steering the replies of one connection to the proxy's socket;
+/// unregisters them when dropped.
+pub(crate) struct SteeredReplies {
+    replies: Arc<crate::capture::ReplySteering>,
+    remote: SocketAddrV4,
+    local: SocketAddrV4,
+}
+
+impl Drop for SteeredReplies {
+    fn drop(&mut self) {
+        self.replies.remove(self.remote, self.local);
+    }
+}
+
+/// Connects to `upstream` as `source`, a local pod outside the mesh, whose replies would
+/// otherwise go straight to it: the port is taken at bind time and the reply direction is
+/// registered with the capture program before the SYN leaves.
+pub(crate) async fn connect_steered(
+    source: Ipv4Addr,
+    upstream: SocketAddrV4,
+    replies: &Arc<crate::capture::ReplySteering>,
+) -> io::Result<(TcpStream, SteeredReplies)> {
+    let socket = TcpSocket::new_v4()?;
+    let sock = SockRef::from(&socket);
+    sock.set_mark(MARK_PROXY)?;
+    sock.set_ip_transparent_v4(true)?;
+    socket.bind(SocketAddr::from((source, 0)))?;
+    let SocketAddr::V4(local) = socket.local_addr()? else {
+        return Err(io::Error::other(
+            "bound an IPv4 socket to a non-IPv4 address",
+        ));
+    };
+    replies
+        .add(upstream, local)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let steered = SteeredReplies {
+        replies: replies.clone(),
+        remote: upstream,
+        local,
+    };
+    socket.set_nodelay(true)?;
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(upstream.into())).await
+    {
+        Ok(result) => result?,
+        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")),
+    };
+    keepalive(&stream);
+    Ok((stream, steered))
 }
 
 /// Detects peers that vanished without a word (a deleted pod, a dead node): after 60 s idle,
