@@ -713,3 +713,55 @@ spec:
         "the deciding PeerAuthentication"
     );
 }
+
+#[test]
+fn a_silent_peer_is_detected_and_the_clients_of_its_tunnels_are_reset() {
+    use std::io::{Read, Write};
+    require_root!();
+    let mut cluster = Cluster::new(OVERLAY).unwrap();
+    cluster.start_mesh_everywhere().unwrap();
+    let _web = Server::start(&cluster.pod("web-b").netns, WEB_PORT, Behaviour::Echo).unwrap();
+    let web = addr(&cluster, "web-b", WEB_PORT);
+    let mut stream =
+        mesh_tests::apps::connect_in(&cluster.pod("api").netns, web, Duration::from_secs(5))
+            .unwrap();
+    stream.write_all(b"ping\n").unwrap();
+    let mut buf = [0u8; 5];
+    stream.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping\n", "control: the tunnel works");
+
+    // node-b goes silent for HBONE: packets vanish, no reset, no FIN.
+    let node_b = &cluster.node("node-b").netns;
+    let rule = ["-p", "tcp", "--dport", "15008", "-j", "DROP"];
+    node_b
+        .exec(
+            "iptables",
+            &[&["-w", "-I", "INPUT"][..], &rule[..]].concat(),
+        )
+        .unwrap();
+    // The client just waits; the proxy's HTTP/2 pings find the peer gone and reset it.
+    let started = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let outcome = stream.read(&mut buf);
+    let waited = started.elapsed();
+    match outcome {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("after {waited:?}: {other:?}, expected a reset"),
+    }
+    assert!(
+        waited < Duration::from_secs(30),
+        "detected only after {waited:?}"
+    );
+    assert!(cluster.mesh_log("node-a").contains("does not answer pings"));
+    // Control: once node-b answers again, new tunnels work.
+    node_b
+        .exec(
+            "iptables",
+            &[&["-w", "-D", "INPUT"][..], &rule[..]].concat(),
+        )
+        .unwrap();
+    assert!(reaches(&cluster, "api", "web-b", WEB_PORT));
+}

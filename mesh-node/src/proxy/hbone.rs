@@ -58,6 +58,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 /// A pooled connection without streams for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a pooled connection's peer is pinged, and how long it has to answer.
+const PING_EVERY: Duration = Duration::from_secs(10);
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the pool drops idle, broken and superseded connections.
 const REAP_EVERY: Duration = Duration::from_secs(1);
 
@@ -392,7 +395,7 @@ impl Pool {
                 )));
             }
         };
-        let (sender, connection) = h2::client::Builder::new()
+        let (sender, mut connection) = h2::client::Builder::new()
             .initial_max_send_streams(MAX_STREAMS as usize)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -404,12 +407,21 @@ impl Pool {
         let closed = Arc::new(AtomicBool::new(false));
         let done = closed.clone();
         let destination = key.destination;
-        tokio::spawn(async move {
+        let ping_pong = connection.ping_pong();
+        let driver = tokio::spawn(async move {
             if let Err(err) = connection.await {
                 tracing::debug!(%destination, "HBONE connection ended: {err}");
             }
             done.store(true, Ordering::Release);
         });
+        if let Some(ping_pong) = ping_pong {
+            tokio::spawn(watch_liveness(
+                ping_pong,
+                driver,
+                closed.clone(),
+                destination,
+            ));
+        }
         let conn = Arc::new(Pooled {
             sender,
             generation: cert.generation,
@@ -424,6 +436,33 @@ impl Pool {
             .or_default()
             .push(conn.clone());
         Ok(conn)
+    }
+}
+
+/// Pings a pooled connection's peer every `PING_EVERY`; a peer that does not answer within
+/// `PING_TIMEOUT` (a vanished node, a dead proxy) gets the connection torn down, so its
+/// streams fail and their clients are reset now rather than after TCP keepalive gives up.
+async fn watch_liveness(
+    mut ping_pong: h2::PingPong,
+    driver: tokio::task::JoinHandle<()>,
+    closed: Arc<AtomicBool>,
+    destination: SocketAddrV4,
+) {
+    loop {
+        tokio::time::sleep(PING_EVERY).await;
+        if closed.load(Ordering::Acquire) {
+            return;
+        }
+        match tokio::time::timeout(PING_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return, // the connection is ending anyway
+            Err(_) => {
+                tracing::warn!(%destination, "HBONE peer does not answer pings: closing the connection");
+                closed.store(true, Ordering::Release);
+                driver.abort();
+                return;
+            }
+        }
     }
 }
 
