@@ -46,6 +46,10 @@ pub mod maps {
     /// otherwise reach the enrolled pod through kube-proxy's DNAT, bridged, without its
     /// PeerAuthentication and AuthorizationPolicy: such SYNs are captured inbound.
     pub const SERVICES: &str = "MESH_SERVICES";
+    /// `LruHashMap<ServiceKey, u32>`: the client address:port of each flow captured through
+    /// `SERVICES`, so `sk_lookup` still hands it to the inbound listener when kube-proxy's
+    /// DNAT got to it first (the local address is then the endpoint, not the Service).
+    pub const SERVICE_CLIENTS: &str = "MESH_SERVICE_CLIENTS";
     /// `PerCpuArray<u64>` indexed by [`super::Counter`].
     pub const COUNTERS: &str = "MESH_COUNTERS";
 }

@@ -24,7 +24,7 @@ use mesh_common::{flow_verdict, Counter, Direction, FlowKey, ServiceKey, MARK_CA
 
 use crate::{
     counters::bump,
-    maps::{BRIDGE_PORTS, ENROLLED, FLOWS, SERVICES, VERDICTS},
+    maps::{BRIDGE_PORTS, ENROLLED, FLOWS, SERVICES, SERVICE_CLIENTS, VERDICTS},
 };
 
 /// Set from user space (`EbpfLoader::override_global`) to log every steered SYN.
@@ -83,11 +83,20 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
         _pad: 0,
     };
     let syn = flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0;
+    let client = ServiceKey {
+        ip: src_ip,
+        port: src_port,
+        _pad: 0,
+    };
     let direction = if ENROLLED.get_ptr(src_ip).is_some() {
         Some(Direction::Outbound)
-    } else if ENROLLED.get_ptr(dst_ip).is_some() || (syn && SERVICES.get_ptr(service).is_some()) {
-        // To an enrolled pod, or a new flow to a Service VIP that kube-proxy could DNAT to
-        // one here (its later packets follow from FLOWS).
+    } else if ENROLLED.get_ptr(dst_ip).is_some() {
+        Some(Direction::Inbound)
+    } else if syn && SERVICES.get_ptr(service).is_some() {
+        // A new flow to a Service address that kube-proxy could DNAT to an enrolled pod here
+        // (its later packets follow from FLOWS). Remember the client for sk_lookup, in case
+        // the DNAT runs first after all.
+        let _ = SERVICE_CLIENTS.insert(client, 1, 0);
         Some(Direction::Inbound)
     } else {
         None
@@ -106,6 +115,17 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
             // its later packets are not steered by a stale entry.
             let _ = FLOWS.remove(flow);
             let _ = VERDICTS.remove(flow);
+            // Also its reverse: the proxy registers the reply direction of connections it
+            // makes as a local client (and leaves it to expire), which must not catch the
+            // replies of this new flow.
+            let reverse = FlowKey {
+                src_ip: dst_ip,
+                dst_ip: src_ip,
+                src_port: dst_port,
+                dst_port: src_port,
+            };
+            let _ = FLOWS.remove(reverse);
+            let _ = SERVICE_CLIENTS.remove(client);
             return Ok(NEXT);
         };
         // A new flow: remember it so its later packets follow even if NAT changes the tuple

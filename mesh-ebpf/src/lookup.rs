@@ -12,7 +12,7 @@ use mesh_common::{Counter, Listener, ServiceKey, PORT_HBONE};
 
 use crate::{
     counters::bump,
-    maps::{ENROLLED, LISTENERS, SERVICES},
+    maps::{ENROLLED, LISTENERS, SERVICES, SERVICE_CLIENTS},
 };
 
 const AF_INET: u32 = 2;
@@ -41,7 +41,19 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         })
         .is_some()
     {
-        // A Service VIP with an enrolled endpoint here, dialled by a pod outside the mesh.
+        // A Service address with an enrolled endpoint here, dialled by a client outside the
+        // mesh.
+        Listener::Inbound
+    } else if SERVICE_CLIENTS
+        .get_ptr(ServiceKey {
+            ip: lookup.remote_ip4,
+            // Network order (unlike local_port).
+            port: lookup.remote_port,
+            _pad: 0,
+        })
+        .is_some()
+    {
+        // The same, after kube-proxy's DNAT ran first (the local address is an endpoint).
         Listener::Inbound
     } else {
         return SK_PASS;

@@ -29,6 +29,10 @@ pub static LISTENERS: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
 #[map(name = "MESH_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, u32> = HashMap::pinned(65_536, 0);
 
+/// Clients (address, port) of flows captured through `SERVICES`; value unused (1).
+#[map(name = "MESH_SERVICE_CLIENTS")]
+pub static SERVICE_CLIENTS: LruHashMap<ServiceKey, u32> = LruHashMap::pinned(65_536, 0);
+
 /// Bridge ports (by ifindex) and their bridge's MAC address.
 #[map(name = "MESH_BRIDGE_PORTS")]
 pub static BRIDGE_PORTS: HashMap<u32, BridgePort> = HashMap::pinned(65_536, 0);

@@ -143,6 +143,10 @@ pub struct State {
     pub workloads: BTreeMap<Ipv4Addr, Workload>,
     /// Service ports with a VIP, by `clusterIP:port`.
     pub services: HashMap<SocketAddrV4, ServiceTarget>,
+    /// `externalIPs` and load-balancer ingress addresses (with the Service port) to the
+    /// Service port (`clusterIP:port`) kube-proxy forwards them to.
+    #[serde(skip)]
+    pub external: HashMap<SocketAddrV4, SocketAddrV4>,
     /// NodePorts to the Service port (`clusterIP:port`) they lead to.
     #[serde(skip)]
     pub node_ports: HashMap<u16, SocketAddrV4>,
@@ -215,6 +219,7 @@ impl State {
         }
 
         let mut services = HashMap::new();
+        let mut external = HashMap::new();
         let mut vips = HashMap::new();
         for svc in &resources.services {
             let Some(vip) = svc
@@ -238,6 +243,10 @@ impl State {
                 }
                 let endpoints = endpoints(resources, svc, index);
                 let addr = SocketAddrV4::new(vip, port.port);
+                let extra = svc.spec.external_ips.iter().chain(&svc.status.ingress_ips);
+                for ip in extra.filter_map(|ip| ip.parse::<Ipv4Addr>().ok()) {
+                    external.insert(SocketAddrV4::new(ip, port.port), addr);
+                }
                 services.insert(
                     addr,
                     ServiceTarget {
@@ -279,7 +288,17 @@ impl State {
                     .as_deref()
                     .unwrap_or("TCP")
                     .eq_ignore_ascii_case("TCP");
-                if let (Some(host_port), true) = (port.host_port, tcp) {
+                let Some(host_port) = port.host_port.filter(|_| tcp) else {
+                    continue;
+                };
+                // Two pods may share a hostPort on different hostIPs (not modelled): an
+                // enrolled pod's mapping wins, so it is never left uncaptured.
+                let enrolled =
+                    |ip: &Ipv4Addr| workloads.get(ip).is_some_and(|w: &Workload| w.enrolled);
+                let keep = host_ports
+                    .get(&host_port)
+                    .is_some_and(|have: &SocketAddrV4| enrolled(have.ip()) && !enrolled(&ip));
+                if !keep {
                     host_ports.insert(host_port, SocketAddrV4::new(ip, port.container_port));
                 }
             }
@@ -289,6 +308,7 @@ impl State {
             node: node.to_string(),
             mesh: mesh.clone(),
             endpoint_services,
+            external,
             node_ports,
             host_ports,
             workloads,
@@ -328,10 +348,12 @@ impl State {
             .collect()
     }
 
-    /// Service VIP:ports with a ready endpoint that is an enrolled pod of this node: the
-    /// kernel captures new flows to them from pods outside the mesh (see `proxy::forward`).
+    /// Service VIP:ports (and their `externalIPs` and load-balancer addresses) with a ready
+    /// endpoint that is an enrolled pod of this node: the kernel captures new flows to them
+    /// from clients outside the mesh (see `proxy::forward`).
     pub fn local_enrolled_vips(&self) -> BTreeSet<SocketAddrV4> {
-        self.services
+        let vips: BTreeSet<SocketAddrV4> = self
+            .services
             .values()
             .filter(|s| {
                 s.endpoints.iter().any(|e| {
@@ -341,7 +363,14 @@ impl State {
                 })
             })
             .map(|s| s.vip)
-            .collect()
+            .collect();
+        // Their external and load-balancer addresses too: kube-proxy forwards those alike.
+        let external = self
+            .external
+            .iter()
+            .filter(|(_, vip)| vips.contains(vip))
+            .map(|(addr, _)| *addr);
+        external.chain(vips.iter().copied()).collect()
     }
 
     /// NodePorts whose Service has a ready endpoint that is an enrolled pod of this node, and
@@ -401,7 +430,11 @@ impl State {
         let SocketAddr::V4(dst) = orig_dst else {
             return Resolution::Direct;
         };
-        if let Some(target) = self.services.get(&dst) {
+        if let Some(target) = self
+            .services
+            .get(&dst)
+            .or_else(|| self.services.get(self.external.get(&dst)?))
+        {
             return Resolution::Service(target);
         }
         match self.vips.get(dst.ip()) {
@@ -612,10 +645,12 @@ apiVersion: v1
 kind: Service
 metadata: {name: np, namespace: mesh}
 spec:
-  type: NodePort
+  type: LoadBalancer
   clusterIP: 100.66.0.11
+  externalIPs: [100.64.9.1]
   selector: {app: web}
   ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: 100.64.9.2}, {hostname: lb.example}]}}
 ---
 apiVersion: v1
 kind: Pod
@@ -650,6 +685,16 @@ status: {podIP: 100.65.1.7}
         );
         // Another host with the same port is just a destination.
         assert!(matches!(at("100.64.0.9:30080"), Resolution::Direct));
+        // External and load-balancer addresses lead to the Service like its VIP, and are
+        // captured like it.
+        let vips = state.local_enrolled_vips();
+        for addr in ["100.64.9.1:80", "100.64.9.2:80", "100.66.0.11:80"] {
+            assert!(vips.contains(&addr.parse().unwrap()), "{addr}: {vips:?}");
+            assert!(
+                matches!(at(addr), Resolution::Service(t) if t.name == "np"),
+                "{addr}"
+            );
+        }
     }
 
     #[test]

@@ -192,6 +192,15 @@ fn strict_refuses_plaintext_from_pods_outside_the_mesh_and_permissive_lets_it_th
             "plaintext plain-b -> node-a:{port} got through STRICT"
         );
         assert_eq!(web_a.peers().len(), seen);
+        // Refused by node-a's proxy, captured at its own address and port on the uplink.
+        cluster
+            .wait_connection("node-a", "the refused node-port connection", |c| {
+                c.direction == "inbound"
+                    && c.original_dst == SocketAddr::from((node_a, port))
+                    && c.client.ip() == ip(&cluster, "plain-b")
+                    && c.flag == "DENY"
+            })
+            .unwrap();
     }
 
     for (node, client) in [("node-a", "plain-b"), ("node-b", "plain-a")] {
@@ -654,7 +663,7 @@ spec:
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {name: web-app, namespace: default}
+metadata: {name: web-app-allow, namespace: default}
 spec:
   selector: {matchLabels: {app: web-app}}
   rules:
@@ -707,11 +716,13 @@ spec:
         })
         .unwrap();
     assert_eq!(refused.flag, "DENY");
+    let decision = refused.authorization.unwrap();
     assert_eq!(
-        refused.authorization.unwrap()["policy"],
-        "default/web-app",
-        "the deciding PeerAuthentication"
+        decision["reason"],
+        "plaintext refused: PeerAuthentication STRICT"
     );
+    // Port 9000 has no port-level mode: the mesh-wide policy decided.
+    assert_eq!(decision["policy"], "mesh-root/mesh");
 }
 
 #[test]
@@ -747,7 +758,6 @@ fn a_silent_peer_is_detected_and_the_clients_of_its_tunnels_are_reset() {
     let outcome = stream.read(&mut buf);
     let waited = started.elapsed();
     match outcome {
-        Ok(0) => {}
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("after {waited:?}: {other:?}, expected a reset"),
     }

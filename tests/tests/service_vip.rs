@@ -100,17 +100,39 @@ fn a_pod_outside_the_mesh_dialling_a_vip_with_a_local_enrolled_endpoint_goes_thr
     // bridge, past the pod's policy) are captured inbound on node-a before the DNAT, and the
     // proxy balances over both endpoints.
     let c1 = cluster.pod("c1").ip;
-    let mut answered = BTreeSet::new();
-    for _ in 0..8 {
-        let (local, greeting) = greet(&cluster.pod("c1").netns, vip()).unwrap();
-        let record = cluster
-            .wait_connection("node-a", "c1's call to the VIP", |c| c.client == local)
-            .unwrap();
-        assert_eq!(record.direction, "inbound");
-        assert_eq!(record.service.as_deref(), Some("mesh/web"));
-        answered.insert(greeting);
-    }
+    let calls = |cluster: &Cluster| {
+        let mut answered = BTreeSet::new();
+        for _ in 0..8 {
+            let (local, greeting) = greet(&cluster.pod("c1").netns, vip()).unwrap();
+            let record = cluster
+                .wait_connection("node-a", "c1's call to the VIP", |c| c.client == local)
+                .unwrap();
+            assert_eq!(record.direction, "inbound");
+            assert_eq!(record.original_dst, vip());
+            assert_eq!(record.service.as_deref(), Some("mesh/web"));
+            answered.insert(greeting);
+        }
+        answered
+    };
+    let answered = calls(&cluster);
     assert_eq!(answered.len(), 2, "both endpoints answer: {answered:?}");
+    // After a kube-proxy resync put its DNAT first, sk_lookup sees the chosen endpoint as
+    // the local address; the client recorded at capture still leads it to the proxy.
+    cluster.kube_proxy_first("node-a").unwrap();
+    let before = retransmitted(&cluster.pod("c1").netns);
+    let answered = calls(&cluster);
+    assert_eq!(
+        answered.len(),
+        2,
+        "after kube-proxy moved first: {answered:?}"
+    );
+    // Each connection made it at its first SYN (one the node cannot place is lost and only
+    // a retransmission gets through, seconds later).
+    assert_eq!(
+        retransmitted(&cluster.pod("c1").netns),
+        before,
+        "SYNs were retransmitted"
+    );
     let conns = cluster.connections("node-a").unwrap();
     assert!(conns.iter().all(|c| c.direction != "outbound"), "{conns:?}");
     // The calls balanced to b1 keep c1's address (node-a registers their replies with its
@@ -124,4 +146,16 @@ fn a_pod_outside_the_mesh_dialling_a_vip_with_a_local_enrolled_endpoint_goes_thr
         "{node_b:?}"
     );
     assert!(node_b.iter().all(|c| c.client.ip() == c1), "{node_b:?}");
+}
+
+/// TCP segments the namespace retransmitted (`Tcp: RetransSegs` of /proc/net/snmp).
+fn retransmitted(ns: &mesh_tests::netns::Netns) -> u64 {
+    let snmp = ns.exec("cat", &["/proc/net/snmp"]).unwrap();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "RetransSegs")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
 }

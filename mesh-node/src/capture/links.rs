@@ -61,6 +61,8 @@ pub fn discover() -> Result<NodeLinks, CaptureError> {
 #[derive(Clone, Debug, Deserialize)]
 struct Addresses {
     #[serde(default)]
+    ifname: String,
+    #[serde(default)]
     addr_info: Vec<AddrInfo>,
 }
 
@@ -70,11 +72,13 @@ struct AddrInfo {
     local: Option<std::net::Ipv4Addr>,
 }
 
-/// The node's own IPv4 addresses (loopback excluded): where its NodePorts listen.
+/// The node's own IPv4 addresses (loopback excluded): where its NodePorts listen. The
+/// Service VIPs kube-proxy's IPVS mode puts on `kube-ipvs0` are not node addresses.
 pub fn addresses() -> Result<BTreeSet<std::net::Ipv4Addr>, CaptureError> {
     let interfaces: Vec<Addresses> = ip_json(&["-j", "-4", "addr", "show"])?;
     Ok(interfaces
         .iter()
+        .filter(|i| i.ifname != "kube-ipvs0")
         .flat_map(|i| &i.addr_info)
         .filter_map(|a| a.local)
         .filter(|ip| !ip.is_loopback())

@@ -107,7 +107,11 @@ pub struct Datapath {
     services: HashMap<MapData, ServiceKey, u32>,
     /// What the Service map was last asked to hold: VIP:ports, and NodePorts (captured at
     /// every address of the node).
-    service_inputs: (BTreeSet<SocketAddrV4>, BTreeSet<u16>),
+    /// `None` until the first config is applied: the map a previous run pinned is kept as it
+    /// is until then (the mesh fails closed).
+    service_inputs: Option<(BTreeSet<SocketAddrV4>, BTreeSet<u16>)>,
+    /// The node addresses the Service map was last built for.
+    services_addresses: Option<BTreeSet<Ipv4Addr>>,
     /// The node's own IPv4 addresses, refreshed with the links.
     node_addresses: BTreeSet<Ipv4Addr>,
     bridge_ports: HashMap<MapData, u32, BridgePort>,
@@ -191,7 +195,8 @@ impl Datapath {
             dir,
             enrolled,
             services,
-            service_inputs: Default::default(),
+            service_inputs: None,
+            services_addresses: None,
             node_addresses: BTreeSet::new(),
             bridge_ports,
             listeners,
@@ -260,11 +265,11 @@ impl Datapath {
     /// attaches to new links, drops pins of links that are gone. Links that could not be
     /// attached are remembered in [`Datapath::failed_links`]; call again to retry them.
     pub fn sync_links(&mut self) -> Result<(), CaptureError> {
-        let addresses = links::addresses()?;
-        if addresses != self.node_addresses {
-            self.node_addresses = addresses;
-            let (vips, node_ports) = self.service_inputs.clone();
-            self.set_services(&vips, &node_ports)?;
+        self.node_addresses = links::addresses()?;
+        if let Some((vips, node_ports)) = self.service_inputs.clone() {
+            if self.services_addresses.as_ref() != Some(&self.node_addresses) {
+                self.set_services(&vips, &node_ports)?;
+            }
         }
         let node = links::discover()?;
         // Bridge ports first: a port must never capture before its frames can be readdressed.
@@ -411,7 +416,8 @@ impl Datapath {
         vips: &BTreeSet<SocketAddrV4>,
         node_ports: &BTreeSet<u16>,
     ) -> Result<(), CaptureError> {
-        self.service_inputs = (vips.clone(), node_ports.clone());
+        self.service_inputs = Some((vips.clone(), node_ports.clone()));
+        self.services_addresses = None;
         let mut want = vips.clone();
         for ip in &self.node_addresses {
             want.extend(node_ports.iter().map(|port| SocketAddrV4::new(*ip, *port)));
@@ -428,16 +434,18 @@ impl Datapath {
             .filter_map(Result::ok)
             .map(|k| SocketAddrV4::new(Ipv4Addr::from(k.ip.to_ne_bytes()), u16::from_be(k.port)))
             .collect();
-        for addr in have.difference(want) {
-            self.services
-                .remove(&key(addr))
-                .map_err(map_error(maps::SERVICES))?;
-        }
+        // New entries first: no moment with less capture than either state.
         for addr in want.difference(&have) {
             self.services
                 .insert(key(addr), 1, 0)
                 .map_err(map_error(maps::SERVICES))?;
         }
+        for addr in have.difference(want) {
+            self.services
+                .remove(&key(addr))
+                .map_err(map_error(maps::SERVICES))?;
+        }
+        self.services_addresses = Some(self.node_addresses.clone());
         Ok(())
     }
 
@@ -533,22 +541,16 @@ impl ReplySteering {
         }
     }
 
-    /// Packets from `remote` to `local` (the proxy's socket) are steered to it.
+    /// Packets from `remote` to `local` (the proxy's socket) are steered to it. The entry is
+    /// left to the LRU (late packets after the socket closed still reach its TIME_WAIT
+    /// state); the capture program drops it when the local client itself opens a flow
+    /// with that tuple.
     pub fn add(&self, remote: SocketAddrV4, local: SocketAddrV4) -> Result<(), CaptureError> {
         self.flows
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(Self::key(remote, local), flow_verdict::INBOUND, 0)
             .map_err(map_error(maps::FLOWS))
-    }
-
-    /// Forgets what [`ReplySteering::add`] registered.
-    pub fn remove(&self, remote: SocketAddrV4, local: SocketAddrV4) {
-        let _ = self
-            .flows
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&Self::key(remote, local));
     }
 }
 

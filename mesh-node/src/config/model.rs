@@ -218,7 +218,21 @@ pub struct Service {
     pub metadata: ObjectMeta,
     /// Spec.
     pub spec: ServiceSpec,
+    /// Status (load-balancer ingress addresses).
+    pub status: ServiceStatus,
 }
+
+/// `Service.status`: the addresses a load balancer gave the Service
+/// (`status.loadBalancer.ingress[].ip`), which kube-proxy also forwards to its endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStatus {
+    /// Ingress IPs.
+    pub ingress_ips: Vec<String>,
+}
+
+struct LoadBalancerStatus(Vec<String>);
+
+struct LoadBalancerIngress(Option<String>);
 
 /// `Service.spec`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -229,6 +243,8 @@ pub struct ServiceSpec {
     pub ports: Vec<ServicePort>,
     /// Pod selector; endpoints come from it unless EndpointSlices are given.
     pub selector: Option<Labels>,
+    /// Other addresses kube-proxy forwards the Service's ports at (`externalIPs`).
+    pub external_ips: Vec<String>,
 }
 
 /// `Service.spec.ports[]`.
@@ -380,7 +396,38 @@ impl Decode for Service {
         cx.object(value, false, |f| Service {
             metadata: f.req("metadata"),
             spec: f.opt("spec").unwrap_or_default(),
+            status: f.opt("status").unwrap_or_default(),
         })
+    }
+}
+
+impl Decode for ServiceStatus {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| ServiceStatus {
+            ingress_ips: f
+                .opt::<LoadBalancerStatus>("loadBalancer")
+                .map(|lb| lb.0)
+                .unwrap_or_default(),
+        })
+    }
+}
+
+impl Decode for LoadBalancerStatus {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| {
+            LoadBalancerStatus(
+                f.list::<LoadBalancerIngress>("ingress")
+                    .into_iter()
+                    .filter_map(|i| i.0)
+                    .collect(),
+            )
+        })
+    }
+}
+
+impl Decode for LoadBalancerIngress {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| LoadBalancerIngress(f.opt("ip")))
     }
 }
 
@@ -390,6 +437,7 @@ impl Decode for ServiceSpec {
             cluster_ip: f.opt("clusterIP"),
             ports: f.list("ports"),
             selector: f.opt("selector"),
+            external_ips: f.list("externalIPs"),
         })
     }
 }

@@ -194,12 +194,26 @@ pub struct EffectiveMtls {
     pub ports: BTreeMap<u16, &'static str>,
     /// The policies that decided it, mesh-wide first (`namespace/name`).
     pub policies: Vec<String>,
+    /// The policy that set `mode` (none when nothing set it: the PERMISSIVE default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode_from: Option<String>,
+    /// The policy that set each port-level mode.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports_from: BTreeMap<u16, String>,
 }
 
 impl EffectiveMtls {
     /// The mode for workload port `port`: its port-level mode, else the workload's.
     pub fn mode_for(&self, port: u16) -> &'static str {
         self.ports.get(&port).copied().unwrap_or(self.mode)
+    }
+
+    /// The policy (`namespace/name`) that decided the mode of `port`, if any did.
+    pub fn policy_for(&self, port: u16) -> Option<&str> {
+        self.ports_from
+            .get(&port)
+            .or(self.mode_from.as_ref())
+            .map(String::as_str)
     }
 }
 
@@ -244,7 +258,10 @@ pub fn effective_mtls(
         out.policies.push(policy.metadata.qualified());
         match policy.spec.mtls {
             None | Some(MtlsMode::Unset) => {}
-            Some(set) => mode = set,
+            Some(set) => {
+                mode = set;
+                out.mode_from = Some(policy.metadata.qualified());
+            }
         }
     }
     out.mode = mode.as_str();
@@ -253,6 +270,7 @@ pub fn effective_mtls(
             let resolved = if *port_mode == MtlsMode::Unset {
                 mode
             } else {
+                out.ports_from.insert(*port, policy.metadata.qualified());
                 *port_mode
             };
             out.ports.insert(*port, resolved.as_str());
@@ -410,6 +428,11 @@ spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]
         // Namespace UNSET inherits the mesh's STRICT; the root-namespace selector is ignored.
         assert_eq!(web.mode, "STRICT");
         assert_eq!(web.policies, ["istio-system/mesh", "shop/ns"]);
+        assert_eq!(
+            web.policy_for(80),
+            Some("istio-system/mesh"),
+            "UNSET decides nothing"
+        );
         let legacy = effective_mtls(
             &Mesh::default(),
             &r.peer_authentications,
@@ -421,6 +444,12 @@ spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]
         assert_eq!(
             legacy.ports[&9001], "PERMISSIVE",
             "UNSET port inherits the workload mode"
+        );
+        assert_eq!(legacy.policy_for(9000), Some("shop/legacy"));
+        assert_eq!(
+            legacy.policy_for(9001),
+            Some("shop/legacy"),
+            "the workload mode's policy"
         );
         // Two namespace-wide policies: the oldest wins.
         let lab = effective_mtls(

@@ -10,7 +10,10 @@
 //! destination port refuses it before a byte reaches the pod; otherwise
 //! AuthorizationPolicy decides.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
+};
 
 use tokio::net::TcpStream;
 
@@ -151,7 +154,7 @@ async fn same_node(
         })
         .collect();
     if !mtls && destination.mtls.mode_for(upstream.port()) == "STRICT" {
-        rec.authorization = Some(strict_refusal(destination));
+        rec.authorization = Some(strict_refusal(destination, upstream.port()));
         deny(ctx, Direction::Outbound, &client, rec, reports);
         return;
     }
@@ -229,8 +232,17 @@ async fn inbound(
             plain_elsewhere(ctx, client, peer, upstream, rec, local_client).await;
             return;
         }
-        // A flow captured for a pod that has since left the mesh (or a stale capture):
-        // deliver it as the kernel would have.
+        if state.workload(original_dst.ip()).is_none() {
+            // Not a pod, and no longer a Service address of this node (the snapshot or the
+            // node's addresses changed since the capture): dialling it would let kube-proxy
+            // deliver it to a pod with no policy applied. Refuse.
+            reset(&client);
+            let error = format!("{original_dst} is no pod and no Service of this node");
+            Tracked::open(ctx, Direction::Inbound, rec).finish(Outcome::refused("NR", error));
+            return;
+        }
+        // A flow captured for a pod that has since left the mesh: deliver it as the kernel
+        // would have.
         plain(
             ctx,
             Direction::Inbound,
@@ -259,7 +271,7 @@ async fn inbound(
     .service(service)];
     let mode = destination.mtls.mode_for(upstream.port());
     if mode == "STRICT" {
-        rec.authorization = Some(strict_refusal(destination));
+        rec.authorization = Some(strict_refusal(destination, upstream.port()));
         deny(ctx, Direction::Inbound, &client, rec, reports);
         return;
     }
@@ -295,8 +307,25 @@ async fn plain_elsewhere(
     rec: super::connections::ConnectionRecord,
     local_client: bool,
 ) {
-    let (Some(source), SocketAddr::V4(endpoint), true) = (ip_of(peer), upstream, local_client)
-    else {
+    // Hairpin (the endpoint is the client itself) is masqueraded too, as kube-proxy does.
+    let preserve = |source: &std::net::Ipv4Addr, endpoint: &SocketAddrV4| {
+        local_client && endpoint.ip() != source
+    };
+    let (Some(source), SocketAddr::V4(endpoint)) = (ip_of(peer), upstream) else {
+        let node = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
+        plain(
+            ctx,
+            Direction::Inbound,
+            client,
+            node,
+            upstream,
+            rec,
+            Vec::new(),
+        )
+        .await;
+        return;
+    };
+    if !preserve(&source, &endpoint) {
         let node = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
         plain(
             ctx,
@@ -311,8 +340,7 @@ async fn plain_elsewhere(
         return;
     };
     let tracked = Tracked::open(ctx, Direction::Inbound, rec);
-    let (mut server, _steered) = match super::connect_steered(source, endpoint, &ctx.replies).await
-    {
+    let mut server = match super::connect_steered(source, endpoint, &ctx.replies).await {
         Ok(connected) => connected,
         Err(err) => {
             reset(&client);
@@ -327,10 +355,10 @@ async fn plain_elsewhere(
 }
 
 /// The decision for plaintext to a STRICT workload port.
-fn strict_refusal(destination: &Workload) -> Decision {
+fn strict_refusal(destination: &Workload, port: u16) -> Decision {
     Decision {
         allowed: false,
-        policy: destination.mtls.policies.last().cloned(),
+        policy: destination.mtls.policy_for(port).map(str::to_string),
         reason: "plaintext refused: PeerAuthentication STRICT",
         audited: Vec::new(),
     }

@@ -273,20 +273,6 @@ pub(crate) async fn connect_from(source: Ipv4Addr, upstream: SocketAddr) -> io::
     Ok(stream)
 }
 
-/// Keeps the capture program steering the replies of one connection to the proxy's socket;
-/// unregisters them when dropped.
-pub(crate) struct SteeredReplies {
-    replies: Arc<crate::capture::ReplySteering>,
-    remote: SocketAddrV4,
-    local: SocketAddrV4,
-}
-
-impl Drop for SteeredReplies {
-    fn drop(&mut self) {
-        self.replies.remove(self.remote, self.local);
-    }
-}
-
 /// Connects to `upstream` as `source`, a local pod outside the mesh, whose replies would
 /// otherwise go straight to it: the port is taken at bind time and the reply direction is
 /// registered with the capture program before the SYN leaves.
@@ -294,7 +280,7 @@ pub(crate) async fn connect_steered(
     source: Ipv4Addr,
     upstream: SocketAddrV4,
     replies: &Arc<crate::capture::ReplySteering>,
-) -> io::Result<(TcpStream, SteeredReplies)> {
+) -> io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     let sock = SockRef::from(&socket);
     sock.set_mark(MARK_PROXY)?;
@@ -308,11 +294,6 @@ pub(crate) async fn connect_steered(
     replies
         .add(upstream, local)
         .map_err(|e| io::Error::other(e.to_string()))?;
-    let steered = SteeredReplies {
-        replies: replies.clone(),
-        remote: upstream,
-        local,
-    };
     socket.set_nodelay(true)?;
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(upstream.into())).await
     {
@@ -320,7 +301,7 @@ pub(crate) async fn connect_steered(
         Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")),
     };
     keepalive(&stream);
-    Ok((stream, steered))
+    Ok(stream)
 }
 
 /// Detects peers that vanished without a word (a deleted pod, a dead node): after 60 s idle,
