@@ -319,12 +319,22 @@ impl State {
         }
     }
 
+    /// Whether `w` runs on this node.
+    pub fn is_local(&self, w: &Workload) -> bool {
+        w.node.as_deref() == Some(self.node.as_str())
+    }
+
+    /// The enrolled pods of this node.
+    fn local_enrolled_workloads(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads
+            .values()
+            .filter(|w| w.enrolled && self.is_local(w))
+    }
+
     /// AuthorizationPolicies with HTTP rules that apply to pods of this node, which the L4
     /// proxy enforces as Istio ambient's ztunnel does (see `authz`): logged on each change.
     pub fn l7_policies_at_l4(&self) -> BTreeSet<String> {
-        self.workloads
-            .values()
-            .filter(|w| w.enrolled && w.node.as_deref() == Some(self.node.as_str()))
+        self.local_enrolled_workloads()
             .flat_map(|w| &w.authorization)
             .filter(|p| p.0.spec.uses_l7())
             .map(|p| p.0.metadata.qualified())
@@ -341,9 +351,7 @@ impl State {
 
     /// SPIFFE IDs of the enrolled pods on this node: the certificates it holds.
     pub fn local_identities(&self) -> BTreeSet<String> {
-        self.workloads
-            .values()
-            .filter(|w| w.enrolled && w.node.as_deref() == Some(self.node.as_str()))
+        self.local_enrolled_workloads()
             .map(|w| w.identity.clone())
             .collect()
     }
@@ -352,16 +360,11 @@ impl State {
     /// endpoint that is an enrolled pod of this node: the kernel captures new flows to them
     /// from clients outside the mesh (see `proxy::forward`).
     pub fn local_enrolled_vips(&self) -> BTreeSet<SocketAddrV4> {
+        let local = self.local_enrolled();
         let vips: BTreeSet<SocketAddrV4> = self
             .services
             .values()
-            .filter(|s| {
-                s.endpoints.iter().any(|e| {
-                    self.workloads.get(e.ip()).is_some_and(|w| {
-                        w.enrolled && w.node.as_deref() == Some(self.node.as_str())
-                    })
-                })
-            })
+            .filter(|s| s.endpoints.iter().any(|e| local.contains(e.ip())))
             .map(|s| s.vip)
             .collect();
         // Their external and load-balancer addresses too: kube-proxy forwards those alike.
@@ -418,11 +421,7 @@ impl State {
 
     /// IPs of the enrolled pods on this node: what the kernel captures.
     pub fn local_enrolled(&self) -> BTreeSet<Ipv4Addr> {
-        self.workloads
-            .values()
-            .filter(|w| w.enrolled && w.node.as_deref() == Some(self.node.as_str()))
-            .map(|w| w.ip)
-            .collect()
+        self.local_enrolled_workloads().map(|w| w.ip).collect()
     }
 
     /// Classifies an outbound original destination.

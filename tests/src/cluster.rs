@@ -12,8 +12,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -485,29 +484,9 @@ impl Cluster {
 
     /// GET on node `name`'s admin endpoint; returns status and body.
     pub fn admin_get(&self, name: &str, path: &str) -> Result<(u16, String)> {
-        let path = path.to_string();
-        self.node(name).netns.run(move || {
-            let mut stream = TcpStream::connect_timeout(
-                &SocketAddr::from(([127, 0, 0, 1], mesh_common::PORT_ADMIN)),
-                Duration::from_secs(2),
-            )?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(
-                stream,
-                "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            let (head, body) = response
-                .split_once("\r\n\r\n")
-                .ok_or_else(|| anyhow!("malformed response"))?;
-            let status = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| anyhow!("no status in {head:?}"))?;
-            Ok((status, body.to_string()))
-        })
+        self.node(name)
+            .netns
+            .http_get(mesh_common::PORT_ADMIN, path)
     }
 
     /// The connections node `name`'s proxy recorded.

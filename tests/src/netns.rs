@@ -106,6 +106,32 @@ impl Netns {
             .map_err(|_| anyhow::anyhow!("thread in netns {} panicked", self.name))?
     }
 
+    /// `GET path` (HTTP/1.0, so no chunked bodies) to `127.0.0.1:port` inside this
+    /// namespace; returns the status and the body.
+    pub fn http_get(&self, port: u16, path: &str) -> Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let path = path.to_string();
+        self.run(move || {
+            let mut stream = std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                std::time::Duration::from_secs(2),
+            )?;
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+            write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            let (head, body) = response
+                .split_once("\r\n\r\n")
+                .ok_or_else(|| anyhow::anyhow!("malformed response"))?;
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("no status in {head:?}"))?;
+            Ok((status, body.to_string()))
+        })
+    }
+
     fn enter_and_forget(self) -> Result<()> {
         let result = self.enter();
         std::mem::forget(self);

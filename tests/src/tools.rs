@@ -4,8 +4,7 @@
 //! test created, and ended by its PID.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -261,26 +260,7 @@ impl Prometheus {
     }
 
     fn get(&self, ns: &Netns, path: &str) -> Result<(u16, String)> {
-        let path = path.to_string();
-        ns.run(move || {
-            let mut stream = TcpStream::connect_timeout(
-                &SocketAddr::from(([127, 0, 0, 1], PROMETHEUS_PORT)),
-                Duration::from_secs(2),
-            )?;
-            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(stream, "GET {path} HTTP/1.0\r\nHost: prometheus\r\n\r\n")?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            let (head, body) = response
-                .split_once("\r\n\r\n")
-                .ok_or_else(|| anyhow!("malformed response"))?;
-            let status = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| anyhow!("no status in {head:?}"))?;
-            Ok((status, body.to_string()))
-        })
+        ns.http_get(PROMETHEUS_PORT, path)
     }
 }
 

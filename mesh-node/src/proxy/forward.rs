@@ -58,30 +58,11 @@ async fn outbound(
         rec.source_workload = Some(qualified(source));
         rec.source_identity = source.enrolled.then(|| source.identity.clone());
     }
-    let (service, upstream) = match state.resolve_at_node(original_dst, &ctx.node_addresses.load())
-    {
-        Resolution::Direct => (None, original_dst),
-        Resolution::Pod(pod) => (None, SocketAddr::V4(pod)),
-        Resolution::Service(target) => {
-            rec.service = Some(target.qualified_name());
-            match target.pick() {
-                Some(endpoint) => (Some(target), SocketAddr::V4(endpoint)),
-                None => {
-                    reset(&client);
-                    Tracked::open(ctx, Direction::Outbound, rec)
-                        .finish(Outcome::refused("UH", "no ready endpoint"));
-                    return;
-                }
-            }
-        }
-        Resolution::UnknownServicePort { service } => {
+    let (service, upstream) = match resolve_upstream(ctx, state, original_dst, &mut rec) {
+        Ok(resolved) => resolved,
+        Err(outcome) => {
             reset(&client);
-            rec.service = Some(service.clone());
-            let error = format!(
-                "port {} is not a port of Service {service}",
-                original_dst.port()
-            );
-            Tracked::open(ctx, Direction::Outbound, rec).finish(Outcome::refused("NR", error));
+            Tracked::open(ctx, Direction::Outbound, rec).finish(outcome);
             return;
         }
     };
@@ -92,7 +73,7 @@ async fn outbound(
     }
     let source = source.filter(|s| s.enrolled);
     match (source, destination.filter(|d| d.enrolled)) {
-        (_, Some(d)) if d.node.as_deref() == Some(state.node.as_str()) => {
+        (_, Some(d)) if state.is_local(d) => {
             same_node(ctx, client, peer, rec, source, d, service).await
         }
         (Some(s), Some(d)) => {
@@ -191,44 +172,23 @@ async fn inbound(
     // A client outside the mesh dialled a Service VIP, NodePort or hostPort leading to an
     // enrolled pod of this node (the kernel captures those before kube-proxy's DNAT):
     // resolve and balance as kube-proxy would.
-    let upstream = match state.resolve_at_node(original_dst, &ctx.node_addresses.load()) {
-        Resolution::Direct => original_dst,
-        Resolution::Pod(pod) => SocketAddr::V4(pod),
-        Resolution::Service(target) => {
-            rec.service = Some(target.qualified_name());
-            match target.pick() {
-                Some(endpoint) => SocketAddr::V4(endpoint),
-                None => {
-                    reset(&client);
-                    Tracked::open(ctx, Direction::Inbound, rec)
-                        .finish(Outcome::refused("UH", "no ready endpoint"));
-                    return;
-                }
-            }
-        }
-        Resolution::UnknownServicePort { service } => {
+    let (service, upstream) = match resolve_upstream(ctx, state, original_dst, &mut rec) {
+        Ok(resolved) => resolved,
+        Err(outcome) => {
             reset(&client);
-            rec.service = Some(service.clone());
-            let error = format!(
-                "port {} is not a port of Service {service}",
-                original_dst.port()
-            );
-            Tracked::open(ctx, Direction::Inbound, rec).finish(Outcome::refused("NR", error));
+            Tracked::open(ctx, Direction::Inbound, rec).finish(outcome);
             return;
         }
     };
     rec.upstream = Some(upstream);
     let destination = ip_of(upstream)
         .and_then(|ip| state.workloads.get(&ip))
-        .filter(|d| d.enrolled && d.node.as_deref() == Some(state.node.as_str()));
+        .filter(|d| d.enrolled && state.is_local(d));
     let Some(destination) = destination else {
         if upstream != original_dst {
-            // The VIP's endpoint chosen is elsewhere (another node, or a pod outside the
-            // mesh): connect from this node's own address, because the replies to a pod
-            // outside the mesh would not come back through the proxy. The destination's node
-            // applies its own policy.
-            let local_client =
-                source.is_some_and(|s| s.node.as_deref() == Some(state.node.as_str()));
+            // The endpoint chosen is elsewhere (another node, or a pod outside the mesh):
+            // its node applies its own policy.
+            let local_client = source.is_some_and(|s| state.is_local(s));
             plain_elsewhere(ctx, client, peer, upstream, rec, local_client).await;
             return;
         }
@@ -257,10 +217,7 @@ async fn inbound(
     };
     rec.destination_workload = Some(qualified(destination));
     rec.destination_identity = Some(destination.identity.clone());
-    let service = match state.resolve_at_node(original_dst, &ctx.node_addresses.load()) {
-        Resolution::Service(target) => Some(target),
-        _ => state.service_of_endpoint(upstream),
-    };
+    let service = service.or_else(|| state.service_of_endpoint(upstream));
     let reports = vec![Report {
         reporter: "destination",
         source: source.map_or_else(Peer::unknown, |s| Peer::of(s, false)),
@@ -361,6 +318,34 @@ fn strict_refusal(destination: &Workload, port: u16) -> Decision {
         policy: destination.mtls.policy_for(port).map(str::to_string),
         reason: "plaintext refused: PeerAuthentication STRICT",
         audited: Vec::new(),
+    }
+}
+
+/// Where a captured connection goes: a Service address (VIP, external, NodePort) resolves to
+/// its next ready endpoint, a hostPort to its pod, anything else to itself. Notes the Service
+/// in the record; the error is the outcome to record when there is nowhere to go.
+fn resolve_upstream<'s>(
+    ctx: &ProxyContext,
+    state: &'s State,
+    original_dst: SocketAddr,
+    rec: &mut super::connections::ConnectionRecord,
+) -> Result<(Option<&'s ServiceTarget>, SocketAddr), Outcome> {
+    match state.resolve_at_node(original_dst, &ctx.node_addresses.load()) {
+        Resolution::Direct => Ok((None, original_dst)),
+        Resolution::Pod(pod) => Ok((None, SocketAddr::V4(pod))),
+        Resolution::Service(target) => {
+            rec.service = Some(target.qualified_name());
+            match target.pick() {
+                Some(endpoint) => Ok((Some(target), SocketAddr::V4(endpoint))),
+                None => Err(Outcome::refused("UH", "no ready endpoint")),
+            }
+        }
+        Resolution::UnknownServicePort { service } => {
+            let port = original_dst.port();
+            let error = format!("port {port} is not a port of Service {service}");
+            rec.service = Some(service);
+            Err(Outcome::refused("NR", error))
+        }
     }
 }
 

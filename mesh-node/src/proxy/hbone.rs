@@ -472,7 +472,7 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
     let state = ctx.state.load_full();
     let destination = ip_of(local)
         .and_then(|ip| state.workloads.get(&ip))
-        .filter(|w| w.enrolled && w.node.as_deref() == Some(state.node.as_str()));
+        .filter(|w| w.enrolled && state.is_local(w));
     let Some(destination) = destination else {
         tracing::warn!(%peer, %local, "HBONE connection to an address that is no enrolled pod of this node: refused");
         reset(&tcp);

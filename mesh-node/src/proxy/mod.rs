@@ -180,6 +180,10 @@ impl<'a> Tracked<'a> {
 
     /// Records the end of the connection and writes its access-log line.
     pub fn finish(mut self, outcome: Outcome) {
+        self.end(outcome);
+    }
+
+    fn end(&mut self, outcome: Outcome) {
         self.finished = true;
         let (ctx, direction, id) = (self.ctx, self.direction, self.id);
         let live = std::mem::replace(&mut self.live, Live::none());
@@ -204,15 +208,7 @@ impl<'a> Tracked<'a> {
 impl Drop for Tracked<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            let live = std::mem::replace(&mut self.live, Live::none());
-            let tracked = Tracked {
-                ctx: self.ctx,
-                direction: self.direction,
-                id: self.id,
-                live,
-                finished: false,
-            };
-            tracked.finish(Outcome::refused(
+            self.end(Outcome::refused(
                 "DC",
                 "the connection's task ended abnormally",
             ));
