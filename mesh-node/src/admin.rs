@@ -37,6 +37,8 @@ pub struct Admin {
     pub state: Arc<ArcSwap<State>>,
     /// What the datapath thread last applied to the kernel.
     pub datapath: Mutex<DatapathView>,
+    /// L7 destinations in use (connections, requests, ejected endpoints).
+    pub clusters: Arc<crate::http::cluster::Clusters>,
 }
 
 /// The kernel side as last applied, for `/debug/state`.
@@ -144,6 +146,7 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "virtual_services": state.virtual_services,
                 "destination_rules": state.destination_rules,
                 "datapath": datapath,
+                "clusters": admin.clusters.snapshot(),
             }))
         }
         _ => text(

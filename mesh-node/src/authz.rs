@@ -35,6 +35,21 @@ pub struct Connection<'a> {
     pub destination_ip: Ipv4Addr,
     /// The destination port (the workload's port).
     pub destination_port: u16,
+    /// The HTTP request, when the port speaks HTTP and the proxy parses it.
+    pub request: Option<HttpAttrs<'a>>,
+}
+
+/// What an AuthorizationPolicy can see of an HTTP request.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpAttrs<'a> {
+    /// Method.
+    pub method: &'a str,
+    /// Path without the query string.
+    pub path: &'a str,
+    /// `Host` / `:authority`.
+    pub host: &'a str,
+    /// Request headers.
+    pub headers: &'a http::HeaderMap,
 }
 
 impl Connection<'_> {
@@ -128,9 +143,9 @@ pub fn authorize(policies: &[Ref<AuthorizationPolicySpec>], conn: &Connection<'_
 /// Whether any rule of the policy matches at L4.
 fn policy_matches(spec: &AuthorizationPolicySpec, conn: &Connection<'_>) -> bool {
     spec.rules.iter().any(|rule| {
-        // An ALLOW (or AUDIT) rule that needs HTTP attributes never matches at L4; a DENY rule
-        // is judged on its L4 part.
-        if rule.uses_l7() && spec.action != Action::Deny {
+        // Without the request (an L4 port), an ALLOW (or AUDIT) rule that needs HTTP
+        // attributes never matches; a DENY rule is judged on its L4 part.
+        if rule.uses_l7() && conn.request.is_none() && spec.action != Action::Deny {
             return false;
         }
         rule_matches(rule, conn)
@@ -170,8 +185,33 @@ fn source_matches(source: &Source, conn: &Connection<'_>) -> bool {
 
 fn operation_matches(operation: &Operation, conn: &Connection<'_>) -> bool {
     let port = conn.destination_port;
-    (operation.ports.is_empty() || operation.ports.contains(&port))
-        && !operation.not_ports.contains(&port)
+    let l4 = (operation.ports.is_empty() || operation.ports.contains(&port))
+        && !operation.not_ports.contains(&port);
+    let Some(request) = conn.request else {
+        return l4;
+    };
+    // Hosts compare without case, with or without the port.
+    let host = request.host.to_ascii_lowercase();
+    let bare = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+    let host_matches = |patterns: &[Pattern]| {
+        patterns.iter().any(|p| {
+            let p = lowercase(p);
+            p.matches(&host) || p.matches(bare)
+        })
+    };
+    l4 && patterns(&operation.methods, &operation.not_methods, request.method)
+        && patterns(&operation.paths, &operation.not_paths, request.path)
+        && (operation.hosts.is_empty() || host_matches(&operation.hosts))
+        && !host_matches(&operation.not_hosts)
+}
+
+fn lowercase(pattern: &Pattern) -> Pattern {
+    match pattern {
+        Pattern::Exact(s) => Pattern::Exact(s.to_ascii_lowercase()),
+        Pattern::Prefix(s) => Pattern::Prefix(s.to_ascii_lowercase()),
+        Pattern::Suffix(s) => Pattern::Suffix(s.to_ascii_lowercase()),
+        other => other.clone(),
+    }
 }
 
 /// A `when` condition. Keys about HTTP requests are not known at L4 and count as matching
@@ -193,7 +233,22 @@ fn condition_matches(condition: &Condition, conn: &Connection<'_>) -> bool {
         "source.serviceAccount" => text(&conn.service_account()),
         // No SNI inside the mesh's own tunnel.
         "connection.sni" => text(""),
-        _ => true,
+        key => match (conn.request, key.strip_prefix("request.headers[")) {
+            (Some(request), Some(name)) => {
+                let name = name.trim_end_matches(']');
+                let value = request.headers.get(name).and_then(|v| v.to_str().ok());
+                // A missing header matches no value, and is not excluded by any.
+                match value {
+                    Some(value) => text(value),
+                    None => condition.values.is_empty(),
+                }
+            }
+            // No request authentication (JWT) in the mesh: its principal and claims are empty.
+            (Some(_), None) if key.starts_with("request.auth.") => text(""),
+            (Some(_), None) => false,
+            // At L4 (DENY rules only get here): judged on the L4 part.
+            (None, _) => true,
+        },
     }
 }
 
@@ -231,6 +286,7 @@ spec:
             source_ip: Ipv4Addr::new(100, 64, 1, 5),
             destination_ip: Ipv4Addr::new(100, 64, 2, 7),
             destination_port: port,
+            request: None,
         }
     }
 

@@ -2,7 +2,8 @@
 //!
 //! Modules by domain: [`config`] (the typed resources and their loader), [`state`] (the
 //! immutable snapshot built from them), [`capture`] (eBPF programs, links, pins, routing
-//! rules), [`proxy`] (transparent listeners and L4 forwarding), [`metrics`], [`admin`],
+//! rules), [`proxy`] (transparent listeners and L4 forwarding), [`http`] (L7 routing and
+//! policy), [`metrics`], [`admin`],
 //! [`reload`] (config file watching), [`preflight`] (privilege and kernel checks) and [`sys`]
 //! (the only module allowed to use `unsafe`).
 #![deny(unsafe_code)]
@@ -12,6 +13,7 @@ pub mod analyze;
 pub mod authz;
 pub mod capture;
 pub mod config;
+pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod preflight;

@@ -373,6 +373,10 @@ async fn serve(
     let proxy_metrics = ProxyMetrics::register(&mut registry);
     let config_metrics = ConfigMetrics::register(&mut registry);
     let tcp_metrics = TcpMetrics::register(&mut registry);
+    let l7 = Arc::new(mesh_node::http::L7 {
+        clusters: Default::default(),
+        metrics: telemetry::RequestMetrics::register(&mut registry),
+    });
     telemetry::start_access_log(&mut registry).context("starting the access-log writer")?;
     let certs = Arc::new(identity::Certificates::new(
         ca,
@@ -393,6 +397,7 @@ async fn serve(
         connections: connections.clone(),
         state: state.clone(),
         datapath: Mutex::new(DatapathView::default()),
+        clusters: l7.clusters.clone(),
     });
     let admin_listener = admin::bind(args.admin_addr)
         .await
@@ -414,7 +419,9 @@ async fn serve(
     let pool = proxy::hbone::Pool::default();
     pool.spawn_reaper(certs.clone());
     tokio::spawn(keep_certificates(certs.clone(), state.clone()));
+    l7.clusters.spawn_reaper(state.clone());
     let ctx = Arc::new(ProxyContext {
+        l7,
         state,
         connections,
         metrics: proxy_metrics,

@@ -159,6 +159,9 @@ pub struct State {
     pub endpoint_services: HashMap<SocketAddrV4, SocketAddrV4>,
     /// Clusters IPs (any port) to Service `namespace/name`.
     pub vips: HashMap<Ipv4Addr, String>,
+    /// Service FQDNs to their ports (`clusterIP:port`), for route destinations.
+    #[serde(skip)]
+    pub services_by_host: HashMap<String, Vec<SocketAddrV4>>,
     /// VirtualServices for mesh traffic by the FQDN (or wildcard) of each of their hosts.
     pub virtual_services: BTreeMap<String, Vec<Ref<crate::config::networking::VirtualServiceSpec>>>,
     /// DestinationRules by the FQDN of their host, oldest first. Istio merges several for one
@@ -272,6 +275,14 @@ impl State {
                     .or_insert(target.vip);
             }
         }
+        let mut services_by_host: HashMap<String, Vec<SocketAddrV4>> = HashMap::new();
+        for target in services.values() {
+            services_by_host
+                .entry(target.host.clone())
+                .or_default()
+                .push(target.vip);
+        }
+        services_by_host.values_mut().for_each(|v| v.sort());
         let node_ports = services
             .values()
             .filter_map(|t| Some((t.node_port?, t.vip)))
@@ -308,6 +319,7 @@ impl State {
             node: node.to_string(),
             mesh: mesh.clone(),
             endpoint_services,
+            services_by_host,
             external,
             node_ports,
             host_ports,
@@ -453,12 +465,14 @@ impl State {
     }
 }
 
-/// VirtualServices that apply to mesh traffic, by each host's FQDN, in the order read.
+/// VirtualServices that apply to mesh traffic, by each host's FQDN, oldest first.
 fn index_virtual_services(
     list: &[VirtualService],
 ) -> BTreeMap<String, Vec<Ref<crate::config::networking::VirtualServiceSpec>>> {
+    let mut sorted: Vec<&VirtualService> = list.iter().collect();
+    sorted.sort_by_key(|vs| vs.metadata.age_key());
     let mut out: BTreeMap<String, Vec<_>> = BTreeMap::new();
-    for vs in list.iter().filter(|vs| vs.spec.applies_to_mesh()) {
+    for vs in sorted.into_iter().filter(|vs| vs.spec.applies_to_mesh()) {
         let shared = Arc::new(vs.clone());
         let hosts: BTreeSet<String> = vs
             .spec

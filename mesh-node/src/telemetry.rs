@@ -11,7 +11,7 @@ use std::io::Write;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
 
@@ -157,6 +157,25 @@ impl Report {
         self
     }
 
+    /// The labels of one HTTP request.
+    pub fn request_labels(
+        &self,
+        protocol: &'static str,
+        response_code: u16,
+        grpc_status: Option<&str>,
+        response_flags: &'static str,
+    ) -> RequestLabels {
+        let tcp = self.labels(response_flags);
+        RequestLabels {
+            tcp: TcpLabels {
+                request_protocol: protocol,
+                ..tcp
+            },
+            response_code,
+            grpc_response_status: grpc_status.unwrap_or("").to_string(),
+        }
+    }
+
     fn labels(&self, response_flags: &'static str) -> TcpLabels {
         let (service, service_name, service_namespace) = self
             .service
@@ -292,6 +311,122 @@ impl Live {
     }
 }
 
+/// Istio's standard labels for request metrics: the TCP ones plus the response's.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    tcp: TcpLabels,
+    response_code: u16,
+    grpc_response_status: String,
+}
+
+/// Istio's default buckets of `istio_request_duration_milliseconds`.
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Buckets of the size histograms (Istio's: powers of ten up to 10^9 bytes).
+const SIZE_BUCKETS: [f64; 10] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
+
+type Histograms = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+fn size_histogram() -> Histogram {
+    Histogram::new(SIZE_BUCKETS)
+}
+
+/// `istio_requests_total` and the three request histograms.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: Histograms,
+    request_bytes: Histograms,
+    response_bytes: Histograms,
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        RequestMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            request_bytes: Family::new_with_constructor(size_histogram),
+            response_bytes: Family::new_with_constructor(size_histogram),
+        }
+    }
+}
+
+/// One finished request as the metrics see it.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestOutcome<'a> {
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    /// Response status sent to the client.
+    pub code: u16,
+    /// `grpc-status` of a gRPC response.
+    pub grpc_status: Option<&'a str>,
+    /// Istio response flags, `-` when none.
+    pub flags: &'static str,
+    /// Time from the request to the end of the response.
+    pub duration: std::time::Duration,
+    /// Request body bytes.
+    pub request_bytes: u64,
+    /// Response body bytes.
+    pub response_bytes: u64,
+}
+
+impl RequestMetrics {
+    /// Registers the request metrics (prometheus-client appends `_total` to the counter).
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "istio_requests",
+            "HTTP and gRPC requests",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Time from the request to the end of the response",
+            metrics.duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes",
+            metrics.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            metrics.response_bytes.clone(),
+        );
+        metrics
+    }
+
+    /// Records one request for each report.
+    pub fn record(&self, reports: &[Report], outcome: &RequestOutcome<'_>) {
+        for report in reports {
+            let labels = report.request_labels(
+                outcome.protocol,
+                outcome.code,
+                outcome.grpc_status,
+                outcome.flags,
+            );
+            self.requests.get_or_create(&labels).inc();
+            self.duration
+                .get_or_create(&labels)
+                .observe(outcome.duration.as_secs_f64() * 1000.0);
+            self.request_bytes
+                .get_or_create(&labels)
+                .observe(outcome.request_bytes as f64);
+            self.response_bytes
+                .get_or_create(&labels)
+                .observe(outcome.response_bytes as f64);
+        }
+    }
+}
+
 /// Lines waiting for the access-log writer; beyond this, lines are dropped and counted rather
 /// than stalling the proxy on a slow standard output.
 const ACCESS_LOG_BACKLOG: usize = 8192;
@@ -332,6 +467,11 @@ pub fn start_access_log(registry: &mut Registry) -> std::io::Result<()> {
 /// One JSON line per finished connection on standard output (logs go to standard error), so
 /// a log collector can take them apart.
 pub fn access_log(record: &ConnectionRecord) {
+    access_log_line(record);
+}
+
+/// Writes any serializable record as one access-log line.
+pub fn access_log_line(record: &impl serde::Serialize) {
     let mut line = match serde_json::to_vec(record) {
         Ok(line) => line,
         Err(err) => {

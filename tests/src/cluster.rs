@@ -323,6 +323,16 @@ impl Cluster {
         Ok(())
     }
 
+    /// Waits until every node's mesh-node serves config generation `generation`.
+    pub fn wait_generation(&self, generation: u64) {
+        for node in self.mesh.keys() {
+            crate::wait_until(&format!("generation {generation} on {node}"), || {
+                self.debug_state(node)
+                    .is_ok_and(|s| s["generation"].as_u64() == Some(generation))
+            });
+        }
+    }
+
     /// The node called `name`.
     pub fn node(&self, name: &str) -> &Node {
         self.nodes

@@ -218,3 +218,144 @@ spec:
   action: DENY
   rules: [{from: [{source: {principals: ["cluster.local/ns/default/sa/api-service"]}}]}]
 "#;
+
+/// The L7 tests' cluster: namespace `default` enrolled, `plain` not. Three `web-app` pods
+/// (one on node-a, two on node-b) with `version` and `role` labels for subsets; clients named
+/// after their service accounts on node-a.
+///
+/// | pod      | node   | ns      | service account | labels                 | IP         |
+/// |----------|--------|---------|-----------------|------------------------|------------|
+/// | api      | node-a | default | api-service     | app: api               | 100.65.0.2 |
+/// | admin    | node-a | default | admin-service   | app: admin             | 100.65.0.3 |
+/// | other    | node-a | default | other           | app: other             | 100.65.0.4 |
+/// | web-1    | node-a | default | web-app         | v1, role: web          | 100.65.0.5 |
+/// | plain-a  | node-a | plain   | default         |                        | 100.65.0.6 |
+/// | web-2    | node-b | default | web-app         | v1, role: api          | 100.65.1.2 |
+/// | web-3    | node-b | default | web-app         | v2, role: admin        | 100.65.1.3 |
+///
+/// Service `default/web-app` (VIP 100.66.0.30): port `http` 8080 and port `grpc` 9090, both
+/// to the pods' 8080; port `tcp-raw` 7000 to 7000 (declared TCP: stays L4).
+pub const L7: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: default, labels: {app: api}}
+spec: {nodeName: node-a, serviceAccountName: api-service}
+status: {podIP: 100.65.0.2, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: admin, namespace: default, labels: {app: admin}}
+spec: {nodeName: node-a, serviceAccountName: admin-service}
+status: {podIP: 100.65.0.3, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: default, labels: {app: other}}
+spec: {nodeName: node-a, serviceAccountName: other}
+status: {podIP: 100.65.0.4, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: default, labels: {app: web-app, version: v1, role: web}}
+spec: {nodeName: node-a, serviceAccountName: web-app}
+status: {podIP: 100.65.0.5, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain-a, namespace: plain}
+spec: {nodeName: node-a}
+status: {podIP: 100.65.0.6, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: default, labels: {app: web-app, version: v1, role: api}}
+spec: {nodeName: node-b, serviceAccountName: web-app}
+status: {podIP: 100.65.1.2, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-3, namespace: default, labels: {app: web-app, version: v2, role: admin}}
+spec: {nodeName: node-b, serviceAccountName: web-app}
+status: {podIP: 100.65.1.3, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-app, namespace: default}
+spec:
+  clusterIP: 100.66.0.30
+  selector: {app: web-app}
+  ports:
+  - {name: http, port: 8080, targetPort: 8080}
+  - {name: grpc, port: 9090, targetPort: 8080}
+  - {name: tcp-raw, port: 7000, targetPort: 7000}
+"#;
+
+/// The `web-app` Service's HTTP port.
+pub const L7_HTTP: &str = "100.66.0.30:8080";
+/// The `web-app` Service's gRPC port.
+pub const L7_GRPC: &str = "100.66.0.30:9090";
+
+/// The issue's DestinationRule (subsets v1, v2; round robin; pool; outlier detection), with
+/// the `role` subsets of the path-routing example added.
+pub const WEB_APP_DR: &str = r#"
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: web-app, namespace: default}
+spec:
+  host: web-app
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 100}
+      http: {http1MaxPendingRequests: 100, maxRequestsPerConnection: 2}
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection: {consecutive5xxErrors: 5, interval: 30s, baseEjectionTime: 30s, maxEjectionPercent: 50}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: admin, labels: {role: admin}}
+  - {name: api, labels: {role: api}}
+  - {name: web, labels: {role: web}}
+"#;
+
+/// The issue's VirtualService.
+pub const WEB_APP_VS: &str = r#"
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: web-app, namespace: default}
+spec:
+  hosts: [web-app]
+  http:
+  - match: [{headers: {user-agent: {regex: ".*Chrome.*"}}}]
+    route: [{destination: {host: web-app, subset: v2}}]
+  - match: [{uri: {prefix: "/api"}}]
+    route:
+    - {destination: {host: web-app, port: {number: 8080}, subset: v1}, weight: 90}
+    - {destination: {host: web-app, port: {number: 8080}, subset: v2}, weight: 10}
+    retries: {attempts: 3, perTryTimeout: 2s}
+    timeout: 10s
+"#;
+
+/// The issue's L7 AuthorizationPolicy.
+pub const WEB_APP_AUTHZ: &str = r#"
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: web-app-policy, namespace: default}
+spec:
+  selector: {matchLabels: {app: web-app}}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/api-service"]}}]
+    to: [{operation: {methods: ["GET"], paths: ["/api/v1/*"]}}]
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/admin-service"]}}]
+    to: [{operation: {methods: ["*"]}}]
+"#;

@@ -6,7 +6,8 @@
 //!   pods on veths, kube-proxy-like DNAT of Service VIPs) built from a mesh config file,
 //!   with mesh-node started per node and everything removed on drop, also on panic;
 //! - [`apps`]: echo and greeting servers, and clients that check every byte;
-//! - [`tools`]: tcpdump, openssl s_client and Prometheus, run inside the test's namespaces.
+//! - [`tools`]: tcpdump, openssl s_client and Prometheus, run inside the test's namespaces;
+//! - [`web`]: an HTTP/h2c/gRPC server for pods whose answers name the pod, curl and wrk.
 //!
 //! Addresses: underlay 100.64.0.0/24, pod CIDR of node i 100.65.i.0/24, Service VIPs in
 //! 100.66.0.0/16; nothing routes out of the machine.
@@ -16,6 +17,7 @@ pub mod cluster;
 pub mod fixtures;
 pub mod netns;
 pub mod tools;
+pub mod web;
 
 /// True when running as root (the end-to-end tests need it; CI runs as root).
 pub fn is_root() -> bool {

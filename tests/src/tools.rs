@@ -168,8 +168,8 @@ pub fn s_client(
 /// Port Prometheus listens on, inside the namespace it runs in.
 const PROMETHEUS_PORT: u16 = 9090;
 
-/// A Prometheus server scraping the mesh-node admin endpoint of the namespace it runs in
-/// every second.
+/// A Prometheus server scraping mesh-node admin endpoints every second: the one of the
+/// namespace it runs in, and any others given.
 pub struct Prometheus {
     child: Child,
     ns_name: String,
@@ -178,13 +178,28 @@ pub struct Prometheus {
 impl Prometheus {
     /// Starts Prometheus in `ns` (a node namespace) with its data under `dir`.
     pub fn start(ns: &Netns, dir: &Path) -> Result<Prometheus> {
+        Self::start_scraping(ns, dir, &[])
+    }
+
+    /// Starts Prometheus in `ns`, also scraping the admin endpoints of `others` (the
+    /// underlay addresses of other nodes).
+    pub fn start_scraping(
+        ns: &Netns,
+        dir: &Path,
+        others: &[std::net::Ipv4Addr],
+    ) -> Result<Prometheus> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("prometheus.yml");
+        let mut targets = vec!["'127.0.0.1:15020'".to_string()];
+        targets.extend(others.iter().map(|ip| format!("'{ip}:15020'")));
         std::fs::write(
             &config,
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n\
-             scrape_configs:\n\
-             - job_name: mesh-node\n  static_configs: [{targets: ['127.0.0.1:15020']}]\n",
+            format!(
+                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+                 scrape_configs:\n\
+                 - job_name: mesh-node\n  static_configs: [{{targets: [{}]}}]\n",
+                targets.join(", ")
+            ),
         )?;
         let child = Command::new("ip")
             .args(["netns", "exec", ns.name(), "prometheus"])

@@ -39,15 +39,8 @@ fn reaches(cluster: &Cluster, from: &str, to: &str, port: u16) -> bool {
     echo_text(&cluster.pod(from).netns, addr(cluster, to, port), &msg).is_ok_and(|back| back == msg)
 }
 
-/// Waits until every node serves config generation `generation`.
 fn wait_generation(cluster: &Cluster, generation: u64) {
-    for node in ["node-a", "node-b"] {
-        wait_until(&format!("generation {generation} on {node}"), || {
-            cluster
-                .debug_state(node)
-                .is_ok_and(|s| s["generation"].as_u64() == Some(generation))
-        });
-    }
+    cluster.wait_generation(generation);
 }
 
 /// A client certificate for `identity` from the CA in `ca_dir`, as DER files for openssl.

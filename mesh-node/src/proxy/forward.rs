@@ -46,7 +46,7 @@ pub async fn handle(
 }
 
 async fn outbound(
-    ctx: &ProxyContext,
+    ctx: &Arc<ProxyContext>,
     state: &State,
     client: TcpStream,
     peer: SocketAddr,
@@ -58,7 +58,28 @@ async fn outbound(
         rec.source_workload = Some(qualified(source));
         rec.source_identity = source.enrolled.then(|| source.identity.clone());
     }
-    let (service, upstream) = match resolve_upstream(ctx, state, original_dst, &mut rec) {
+    let resolved = state.resolve_at_node(original_dst, &ctx.node_addresses.load());
+    if let (Resolution::Service(target), Some(_)) = (&resolved, source.filter(|s| s.enrolled)) {
+        // An HTTP port of a Service: routed per request.
+        if target.protocol.is_http() {
+            rec.service = Some(target.qualified_name());
+            crate::http::outbound::serve(ctx.clone(), client, peer, target.vip, rec).await;
+            return;
+        }
+    }
+    let routed = match &resolved {
+        Resolution::Service(target) => crate::http::outbound::tcp_route(ctx, state, source, target),
+        _ => None,
+    };
+    let resolved = match routed {
+        Some(Ok((target, endpoint))) => {
+            rec.service = Some(target.qualified_name());
+            Ok((Some(target), SocketAddr::V4(endpoint)))
+        }
+        Some(Err(outcome)) => Err(outcome),
+        None => resolve_upstream(ctx, state, original_dst, &mut rec),
+    };
+    let (service, upstream) = match resolved {
         Ok(resolved) => resolved,
         Err(outcome) => {
             reset(&client);
@@ -106,7 +127,7 @@ async fn outbound(
 /// with the source's identity, then a direct connection (the identity is known in-process,
 /// so this counts as mutual TLS for PeerAuthentication, as in Istio ambient).
 async fn same_node(
-    ctx: &ProxyContext,
+    ctx: &Arc<ProxyContext>,
     client: TcpStream,
     peer: SocketAddr,
     mut rec: super::connections::ConnectionRecord,
@@ -140,6 +161,16 @@ async fn same_node(
         return;
     }
     let identity = source.map(|s| s.identity.as_str());
+    if http_port(ctx, upstream) {
+        let inbound = crate::http::inbound::Inbound {
+            peer,
+            identity: identity.map(Into::into),
+            target: upstream,
+            mtls,
+        };
+        serve_http(ctx, Direction::Outbound, client, rec, inbound).await;
+        return;
+    }
     let decision = authorize(destination, identity, peer, upstream);
     let allowed = decision.allowed;
     rec.authorization = Some(decision);
@@ -160,7 +191,7 @@ async fn same_node(
 }
 
 async fn inbound(
-    ctx: &ProxyContext,
+    ctx: &Arc<ProxyContext>,
     state: &State,
     client: TcpStream,
     peer: SocketAddr,
@@ -230,6 +261,16 @@ async fn inbound(
     if mode == "STRICT" {
         rec.authorization = Some(strict_refusal(destination, upstream.port()));
         deny(ctx, Direction::Inbound, &client, rec, reports);
+        return;
+    }
+    if http_port(ctx, upstream) {
+        let inbound = crate::http::inbound::Inbound {
+            peer,
+            identity: None,
+            target: upstream,
+            mtls: false,
+        };
+        serve_http(ctx, Direction::Inbound, client, rec, inbound).await;
         return;
     }
     let decision = authorize(destination, None, peer, upstream);
@@ -311,6 +352,42 @@ async fn plain_elsewhere(
     finish_relay(tracked, &mut client, &mut server).await;
 }
 
+/// Whether a pod port serves a Service port that declares HTTP: the destination side then
+/// parses requests (AuthorizationPolicy per request, request metrics).
+pub(crate) fn http_port(ctx: &ProxyContext, upstream: SocketAddr) -> bool {
+    ctx.state
+        .load()
+        .service_of_endpoint(upstream)
+        .is_some_and(|s| s.protocol.is_http())
+}
+
+/// Serves HTTP from a client to a local pod's HTTP port: connects to the pod first (a client
+/// of an unreachable pod gets a reset, as at L4), then authorizes and relays each request.
+pub(crate) async fn serve_http(
+    ctx: &Arc<ProxyContext>,
+    direction: Direction,
+    client: TcpStream,
+    mut rec: super::connections::ConnectionRecord,
+    inbound: crate::http::inbound::Inbound,
+) {
+    rec.path = "http";
+    let tracked = Tracked::open(ctx, direction, rec);
+    let source = ip_of(inbound.peer).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    let pod = match connect_from(source, inbound.target).await {
+        Ok(pod) => pod,
+        Err(err) => {
+            reset(&client);
+            let error = format!("connect to {}: {err}", inbound.target);
+            tracked.finish(Outcome::refused("UF", error));
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    super::keepalive(&client);
+    crate::http::inbound::serve(ctx.clone(), client, inbound, Some(pod)).await;
+    tracked.finish(Outcome::default());
+}
+
 /// The decision for plaintext to a STRICT workload port.
 fn strict_refusal(destination: &Workload, port: u16) -> Decision {
     Decision {
@@ -356,6 +433,17 @@ pub(crate) fn authorize(
     peer: SocketAddr,
     upstream: SocketAddr,
 ) -> Decision {
+    authorize_request(destination, source_identity, peer, upstream, None)
+}
+
+/// Decides a connection, or one HTTP request on it, to a local workload.
+pub(crate) fn authorize_request(
+    destination: &Workload,
+    source_identity: Option<&str>,
+    peer: SocketAddr,
+    upstream: SocketAddr,
+    request: Option<authz::HttpAttrs<'_>>,
+) -> Decision {
     let decision = authz::authorize(
         &destination.authorization,
         &authz::Connection {
@@ -363,6 +451,7 @@ pub(crate) fn authorize(
             source_ip: ip_of(peer).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
             destination_ip: destination.ip,
             destination_port: upstream.port(),
+            request,
         },
     );
     if !decision.audited.is_empty() {

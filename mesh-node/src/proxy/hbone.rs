@@ -65,9 +65,9 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 const REAP_EVERY: Duration = Duration::from_secs(1);
 
 /// Why a tunnel could not be opened.
-struct Failure {
-    flag: &'static str,
-    error: String,
+pub(crate) struct Failure {
+    pub flag: &'static str,
+    pub error: String,
 }
 
 impl Failure {
@@ -234,7 +234,7 @@ impl Pool {
 
     /// Opens a tunnel to `target` from workload `source` (holding `cert`) to a workload that
     /// must prove `identity`.
-    async fn stream(
+    pub(crate) async fn stream(
         &self,
         ctx: &ProxyContext,
         source: std::net::Ipv4Addr,
@@ -624,6 +624,35 @@ async fn serve_stream(
     }
     // The client's Service is not in the tunnel: name the one the pod port serves.
     .service(state.service_of_endpoint(target));
+    let source_ip = ip_of(peer).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    if super::forward::http_port(&ctx, target) {
+        // HTTP inside the tunnel: authorized and reported per request.
+        rec.path = "hbone_http";
+        let tracked = Tracked::open(&ctx, Direction::Hbone, rec);
+        let server = match connect_from(source_ip, target).await {
+            Ok(server) => server,
+            Err(err) => {
+                answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                let error = format!("connect to {target}: {err}");
+                tracked.finish(Outcome::refused("UF", error));
+                return;
+            }
+        };
+        let Ok(send) = respond.send_response(Response::new(()), false) else {
+            tracked.finish(Outcome::refused("DC", "tunnel closed"));
+            return;
+        };
+        let tunnel = crate::http::tunnel::Tunnel::new(send, request.into_body());
+        let inbound = crate::http::inbound::Inbound {
+            peer,
+            identity: Some(identity),
+            target,
+            mtls: true,
+        };
+        crate::http::inbound::serve(ctx.clone(), tunnel, inbound, Some(server)).await;
+        tracked.finish(Outcome::default());
+        return;
+    }
     let decision = authorize(destination, Some(&identity), peer, target);
     let allowed = decision.allowed;
     let reason = decision.reason;
@@ -636,7 +665,6 @@ async fn serve_stream(
         tracked.finish(Outcome::refused("DENY", reason));
         return;
     }
-    let source_ip = ip_of(peer).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
     let mut server = match connect_from(source_ip, target).await {
         Ok(server) => server,
         Err(err) => {

@@ -88,6 +88,8 @@ pub struct ProxyContext {
     pub node_addresses: Arc<ArcSwap<std::collections::BTreeSet<Ipv4Addr>>>,
     /// Registers reply directions the capture program must steer back to the proxy.
     pub replies: Arc<crate::capture::ReplySteering>,
+    /// L7 routing state and request metrics.
+    pub l7: Arc<crate::http::L7>,
 }
 
 /// Binds a transparent listener on `127.0.0.1:port`.

@@ -1,0 +1,281 @@
+//! The destination side of L7: HTTP to an HTTP port of an enrolled pod of this node, inside an
+//! HBONE tunnel (the client authenticated by mTLS) or in plaintext (PERMISSIVE). Every
+//! request is authorized with its method, path, host and headers (Istio's HTTP
+//! AuthorizationPolicy: 403 `RBAC: access denied`), reported with
+//! `reporter="destination"`, and passed to the pod over one connection per client
+//! connection, in the protocol the request came in.
+
+use std::{
+    convert::Infallible,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{atomic::AtomicU64, Arc},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::Mutex,
+};
+
+use super::{
+    full, local_response, protocol_of, strip_hop_by_hop,
+    upstream::{handshake, Sender},
+    version_name, Counting, Finish, Observed, RequestLog, RespBody,
+};
+use crate::{
+    authz::HttpAttrs,
+    proxy::ProxyContext,
+    proxy::{
+        connect_from,
+        connections::now_ms,
+        forward::{authorize_request, ip_of, qualified},
+    },
+    telemetry::{Peer, Report},
+};
+
+/// One client connection to a local pod's HTTP port.
+pub struct Inbound {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Its SPIFFE ID, when authenticated.
+    pub identity: Option<Arc<str>>,
+    /// `podIP:port`.
+    pub target: SocketAddr,
+    /// Whether the client came through mTLS (or is an enrolled pod of this node).
+    pub mtls: bool,
+}
+
+/// Connections to the pod, opened on demand in the protocol of the requests.
+struct Upstream {
+    /// A connection made before serving (the tunnel was accepted only once the pod was
+    /// reachable), not yet used.
+    fresh: Option<TcpStream>,
+    h1: Option<Sender>,
+    h2: Option<Sender>,
+}
+
+/// Serves HTTP on `io` until the client is done.
+pub async fn serve<I>(ctx: Arc<ProxyContext>, io: I, conn: Inbound, pod: Option<TcpStream>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(conn);
+    let upstream = Arc::new(Mutex::new(Upstream {
+        fresh: pod,
+        h1: None,
+        h2: None,
+    }));
+    let service = service_fn(move |req| {
+        let (ctx, conn, upstream) = (ctx.clone(), conn.clone(), upstream.clone());
+        async move { Ok::<_, Infallible>(handle(&ctx, &conn, &upstream, req).await) }
+    });
+    if let Err(err) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
+        tracing::debug!("inbound HTTP connection: {err}");
+    }
+}
+
+async fn handle(
+    ctx: &ProxyContext,
+    conn: &Inbound,
+    upstream: &Mutex<Upstream>,
+    mut req: Request<Incoming>,
+) -> Response<RespBody> {
+    let started = Instant::now();
+    let state = ctx.state.load_full();
+    let peer_ip = ip_of(conn.peer).unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let identity = conn.identity.as_deref();
+    // The client pod, when its address and identity agree.
+    let source = state
+        .workloads
+        .get(&peer_ip)
+        .filter(|s| identity.is_none_or(|id| s.identity == id));
+    let destination = ip_of(conn.target)
+        .and_then(|ip| state.workloads.get(&ip))
+        .filter(|d| d.enrolled && state.is_local(d));
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let mut log = RequestLog {
+        kind: "http",
+        reporter: "destination",
+        start_ms: now_ms(),
+        method: req.method().to_string(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or("/".into(), |p| p.as_str().to_string()),
+        authority: authority.clone(),
+        version: version_name(req.version()),
+        protocol: protocol_of(req.headers()),
+        response_flags: "-",
+        client: conn.peer.to_string(),
+        source_workload: source.map(qualified),
+        source_principal: identity.map(str::to_string),
+        upstream: Some(conn.target.to_string()),
+        attempts: 1,
+        ..RequestLog::default()
+    };
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let Some(destination) = destination else {
+        log.response_flags = "NR";
+        let finish = Finish::new(
+            ctx.l7.metrics.clone(),
+            Vec::new(),
+            log,
+            started,
+            request_bytes,
+        );
+        let response = local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        return Observed::wrap(response, finish);
+    };
+    let service = state.service_of_endpoint(conn.target);
+    log.destination_service = service.map(|s| s.host.clone());
+    let report = Report {
+        reporter: "destination",
+        source: match (source, identity) {
+            (Some(s), _) => Peer::of(s, conn.mtls),
+            (None, Some(id)) => Peer::identity(id),
+            (None, None) => Peer::unknown(),
+        },
+        destination: Peer::of(destination, conn.mtls),
+        service: None,
+        mtls: conn.mtls,
+    }
+    .service(service);
+    let decision = authorize_request(
+        destination,
+        identity,
+        conn.peer,
+        conn.target,
+        Some(HttpAttrs {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            host: &authority,
+            headers: req.headers(),
+        }),
+    );
+    log.authorization = decision.policy.clone();
+    let finish = |log: RequestLog| {
+        Finish::new(
+            ctx.l7.metrics.clone(),
+            vec![report.clone()],
+            log,
+            started,
+            request_bytes.clone(),
+        )
+    };
+    if !decision.allowed {
+        log.error = Some(decision.reason.to_string());
+        let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
+        return Observed::wrap(response, finish(log));
+    }
+
+    let upgrade = super::is_upgrade(req.headers()) && req.version() != http::Version::HTTP_2;
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let h2 = req.version() == http::Version::HTTP_2;
+    let sender = match sender(upstream, peer_ip, conn.target, h2, upgrade).await {
+        Ok(sender) => sender,
+        Err(err) => {
+            log.response_flags = "UF";
+            log.error = Some(err.clone());
+            let response = local_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("upstream connect error or disconnect/reset before headers. reset reason: {err}"),
+            );
+            return Observed::wrap(response, finish(log));
+        }
+    };
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let body = Counting::wrap(super::boxed(body), request_bytes.clone());
+    let mut forwarded = Request::from_parts(parts, body);
+    if !h2 {
+        // Origin form to the pod.
+        let path = forwarded
+            .uri()
+            .path_and_query()
+            .map_or("/".to_string(), |p| p.as_str().to_string());
+        if let Ok(uri) = path.parse() {
+            *forwarded.uri_mut() = uri;
+        }
+        if let Ok(host) = http::HeaderValue::from_str(&authority) {
+            forwarded.headers_mut().insert(header::HOST, host);
+        }
+    }
+    match sender.send(forwarded).await {
+        Ok(mut response) => {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(client_upgrade) = client_upgrade {
+                    let server_upgrade = hyper::upgrade::on(&mut response);
+                    super::splice_upgrade(client_upgrade, server_upgrade);
+                    let (parts, _) = response.into_parts();
+                    return Observed::wrap(
+                        Response::from_parts(parts, full(Bytes::new())),
+                        finish(log),
+                    );
+                }
+            }
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers, false);
+            Observed::wrap(Response::from_parts(parts, super::boxed(body)), finish(log))
+        }
+        Err(err) => {
+            log.response_flags = "UC";
+            log.error = Some(err.to_string());
+            let response = local_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("upstream connect error or disconnect/reset before headers. reset reason: {err}"),
+            );
+            Observed::wrap(response, finish(log))
+        }
+    }
+}
+
+/// The connection to the pod for a request of this protocol; an upgrade gets its own.
+async fn sender(
+    upstream: &Mutex<Upstream>,
+    source: Ipv4Addr,
+    target: SocketAddr,
+    h2: bool,
+    upgrade: bool,
+) -> Result<Sender, String> {
+    let mut up = upstream.lock().await;
+    let slot_open = |s: &Option<Sender>| s.as_ref().is_some_and(|s| !s.closed());
+    if !upgrade {
+        let slot = if h2 { &up.h2 } else { &up.h1 };
+        if slot_open(slot) {
+            return Ok(slot.clone().expect("checked"));
+        }
+    }
+    let stream = match up.fresh.take() {
+        Some(stream) => stream,
+        None => connect_from(source, target)
+            .await
+            .map_err(|e| format!("connect to {target}: {e}"))?,
+    };
+    let sender = handshake(TokioIo::new(stream), h2, ()).await?;
+    if !upgrade {
+        if h2 {
+            up.h2 = Some(sender.clone());
+        } else {
+            up.h1 = Some(sender.clone());
+        }
+    }
+    Ok(sender)
+}

@@ -1,0 +1,453 @@
+//! L7 in the node proxy: HTTP/1.1, HTTP/2 (h2c with prior knowledge) and gRPC on Service
+//! ports that declare them (`appProtocol` or the port name's prefix), with no waypoint hop.
+//!
+//! - [`outbound`] (client side): VirtualService routing, DestinationRule load balancing,
+//!   connection-pool limits and outlier detection, retries, timeouts, faults, mirroring,
+//!   header operations; `reporter="source"` request metrics.
+//! - [`inbound`] (destination side, inside the HBONE tunnel or on a plaintext connection):
+//!   AuthorizationPolicy per request (403 `RBAC: access denied`), `reporter="destination"`
+//!   request metrics, then the pod.
+//! - [`route`], [`cluster`]: the Istio semantics as pure functions and per-destination state.
+//! - [`upstream`]: pooled connections to endpoints; [`tunnel`]: an HBONE stream as a socket.
+
+pub mod cluster;
+pub mod inbound;
+pub mod outbound;
+pub mod route;
+pub mod tunnel;
+pub mod upstream;
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use serde::Serialize;
+
+use crate::{
+    config::networking::HeaderOperations,
+    telemetry::{Report, RequestMetrics, RequestOutcome},
+};
+
+/// Errors carried by bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Response bodies sent to clients.
+pub type RespBody = BoxBody<Bytes, BoxError>;
+
+/// What L7 handling shares across connections.
+#[derive(Default)]
+pub struct L7 {
+    /// Per-destination state.
+    pub clusters: Arc<cluster::Clusters>,
+    /// Request metrics.
+    pub metrics: RequestMetrics,
+}
+
+/// Headers that belong to one hop and are not forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// Removes hop-by-hop headers (and those the `Connection` header names), keeping an upgrade
+/// request's `Connection: upgrade` and `Upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !(upgrade && name == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether a request asks for a protocol upgrade (WebSocket).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// Applies Istio header operations: set, then add, then remove.
+pub fn apply_header_ops(headers: &mut HeaderMap, ops: Option<&HeaderOperations>) {
+    let Some(ops) = ops else { return };
+    for (name, value) in &ops.set {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(n, v);
+        }
+    }
+    for (name, value) in &ops.add {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    for name in &ops.remove {
+        headers.remove(name.as_str());
+    }
+}
+
+/// `http` or `grpc`, as Istio's `request_protocol` label says.
+pub fn protocol_of(headers: &HeaderMap) -> &'static str {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        "grpc"
+    } else {
+        "http"
+    }
+}
+
+/// A response the proxy makes itself (an error, a denial, a redirect).
+pub fn local_response(status: StatusCode, body: impl Into<Bytes>) -> Response<RespBody> {
+    let body: Bytes = body.into();
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// A complete body.
+pub fn full(bytes: impl Into<Bytes>) -> RespBody {
+    Full::new(bytes.into()).map_err(|e| match e {}).boxed()
+}
+
+/// One request's access-log line.
+#[derive(Debug, Default, Serialize)]
+pub struct RequestLog {
+    /// Always `http`: tells request lines from connection lines.
+    pub kind: &'static str,
+    /// `source` or `destination`.
+    pub reporter: &'static str,
+    /// Milliseconds since the Unix epoch.
+    pub start_ms: u64,
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// Authority.
+    pub authority: String,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub version: &'static str,
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    /// Status sent to the client.
+    pub response_code: u16,
+    /// `grpc-status`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<String>,
+    /// Istio response flags.
+    pub response_flags: &'static str,
+    /// Detail on a failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Until the end of the response.
+    pub duration_ms: f64,
+    /// Request body bytes.
+    pub request_bytes: u64,
+    /// Response body bytes.
+    pub response_bytes: u64,
+    /// Client address.
+    pub client: String,
+    /// Client workload (`namespace/name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_workload: Option<String>,
+    /// Client SPIFFE ID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_principal: Option<String>,
+    /// The VirtualService route that matched (`namespace/name#index` or its name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// The destination host routed to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_service: Option<String>,
+    /// The subset routed to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    /// The endpoint of the last attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Attempts made (1 without retries).
+    pub attempts: u32,
+    /// The deciding AuthorizationPolicy (destination side).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<String>,
+}
+
+/// Records a request (metrics and access log) when its response ends.
+pub struct Finish {
+    metrics: RequestMetrics,
+    reports: Vec<Report>,
+    log: RequestLog,
+    started: Instant,
+    request_bytes: Arc<std::sync::atomic::AtomicU64>,
+    cluster_slot: Option<Slot>,
+}
+
+/// Releases a request slot of a destination when the response ends.
+pub struct Slot {
+    /// The destination.
+    pub cluster: Arc<cluster::Cluster>,
+    /// The endpoint.
+    pub endpoint: Option<Arc<cluster::EndpointState>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        self.cluster.requests.fetch_sub(1, Ordering::AcqRel);
+        if let Some(e) = &self.endpoint {
+            e.active.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.cluster.freed.notify_waiters();
+    }
+}
+
+impl Finish {
+    /// What to record once the response has been sent.
+    pub fn new(
+        metrics: RequestMetrics,
+        reports: Vec<Report>,
+        log: RequestLog,
+        started: Instant,
+        request_bytes: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Finish {
+        Finish {
+            metrics,
+            reports,
+            log,
+            started,
+            request_bytes,
+            cluster_slot: None,
+        }
+    }
+
+    /// Holds `slot` until the response ends.
+    pub fn hold(&mut self, slot: Slot) {
+        self.cluster_slot = Some(slot);
+    }
+
+    fn done(mut self, response_bytes: u64, grpc_status: Option<String>, complete: bool) {
+        let log = &mut self.log;
+        if !complete && log.response_flags == "-" {
+            log.response_flags = "DC";
+        }
+        log.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        log.response_bytes = response_bytes;
+        log.request_bytes = self
+            .request_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        log.grpc_status = grpc_status;
+        self.metrics.record(
+            &self.reports,
+            &RequestOutcome {
+                protocol: log.protocol,
+                code: log.response_code,
+                grpc_status: log.grpc_status.as_deref(),
+                flags: log.response_flags,
+                duration: self.started.elapsed(),
+                request_bytes: log.request_bytes,
+                response_bytes,
+            },
+        );
+        crate::telemetry::access_log_line(&self.log);
+        drop(self.cluster_slot.take());
+    }
+}
+
+/// A response body that counts its bytes, notes a gRPC status in its trailers, and records
+/// the request when it ends (or is dropped unfinished: `DC`).
+pub struct Observed {
+    inner: RespBody,
+    bytes: u64,
+    grpc_status: Option<String>,
+    finish: Option<Finish>,
+}
+
+impl Observed {
+    /// Wraps a response: its headers may already carry `grpc-status` (trailers-only).
+    pub fn wrap(response: Response<RespBody>, mut finish: Finish) -> Response<RespBody> {
+        let (parts, inner) = response.into_parts();
+        finish.log.response_code = parts.status.as_u16();
+        let grpc_status = parts
+            .headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = Observed {
+            inner,
+            bytes: 0,
+            grpc_status,
+            finish: Some(finish),
+        };
+        if body.inner.is_end_stream() {
+            let mut body = body;
+            body.end(true);
+            return Response::from_parts(parts, full(Bytes::new()));
+        }
+        Response::from_parts(parts, BoxBody::new(body))
+    }
+
+    fn end(&mut self, complete: bool) {
+        if let Some(finish) = self.finish.take() {
+            finish.done(self.bytes, self.grpc_status.take(), complete);
+        }
+    }
+}
+
+impl Body for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+                if let Some(status) = frame
+                    .trailers_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                {
+                    this.grpc_status = Some(status.to_string());
+                }
+                if this.inner.is_end_stream() {
+                    this.end(true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.end(false),
+            Poll::Ready(None) => this.end(true),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        let complete = self.inner.is_end_stream();
+        self.end(complete);
+    }
+}
+
+/// A request body that counts the bytes it passes on.
+pub struct Counting {
+    inner: BoxBody<Bytes, BoxError>,
+    count: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Counting {
+    /// Wraps `inner`, adding its bytes to `count`.
+    pub fn wrap(
+        inner: BoxBody<Bytes, BoxError>,
+        count: Arc<std::sync::atomic::AtomicU64>,
+    ) -> BoxBody<Bytes, BoxError> {
+        BoxBody::new(Counting { inner, count })
+    }
+}
+
+impl Body for Counting {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.count
+                    .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An incoming body as a boxed body.
+pub fn boxed(body: hyper::body::Incoming) -> BoxBody<Bytes, BoxError> {
+    body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
+}
+
+/// `HTTP/1.1` or `HTTP/2`.
+pub fn version_name(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// Copies both ways between the two upgraded ends of a WebSocket (or other upgrade).
+pub fn splice_upgrade(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (Ok(client), Ok(server)) = (client.await, server.await) else {
+            return;
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut server = hyper_util::rt::TokioIo::new(server);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    });
+}

@@ -1,0 +1,1369 @@
+//! The client side of L7: a local enrolled pod's connection to an HTTP port of a Service.
+//! Each request is routed by the VirtualService for the Service's host (or straight to the
+//! Service without one), sent to an endpoint of the chosen destination under its
+//! DestinationRule, retried and timed as the route says, and reported with
+//! `reporter="source"` (and `reporter="destination"` when the endpoint is an enrolled pod of
+//! this node, whose AuthorizationPolicy is then applied here).
+
+use std::{
+    collections::HashSet,
+    convert::Infallible,
+    net::{SocketAddr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, request::Parts, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use super::{
+    apply_header_ops,
+    cluster::{self, ClusterKey, View},
+    full, local_response, protocol_of, route, strip_hop_by_hop,
+    upstream::{self, Target},
+    version_name, BoxError, Counting, Finish, Observed, RequestLog, RespBody, Slot,
+};
+use crate::{
+    authz::HttpAttrs,
+    config::{
+        networking::{HttpRetry, HttpRoute, HttpRouteDestination},
+        semantics::Protocol,
+    },
+    proxy::{
+        connections::{now_ms, ConnectionRecord},
+        forward::{authorize_request, ip_of},
+        Direction, Outcome, ProxyContext, Tracked,
+    },
+    state::{ServiceTarget, State, Workload},
+    telemetry::{Peer, Report},
+};
+
+/// Request bodies up to this size are buffered, so the request can be retried and mirrored;
+/// larger or open-ended ones stream through with a single attempt.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+/// Envoy's default retry back-off base interval.
+const BACKOFF_BASE: Duration = Duration::from_millis(25);
+
+/// Serves one client connection to an HTTP Service port (`vip`).
+pub async fn serve(
+    ctx: Arc<ProxyContext>,
+    client: TcpStream,
+    peer: SocketAddr,
+    vip: SocketAddrV4,
+    mut rec: ConnectionRecord,
+) {
+    rec.path = "http";
+    let tracked = Tracked::open(&ctx, Direction::Outbound, rec);
+    let _ = client.set_nodelay(true);
+    crate::proxy::keepalive(&client);
+    let conn = Arc::new(ClientConn { peer, vip });
+    let service = {
+        let ctx = ctx.clone();
+        service_fn(move |req| {
+            let ctx = ctx.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(handle(&ctx, &conn, req).await) }
+        })
+    };
+    let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(client), service)
+        .await;
+    tracked.finish(match served {
+        Ok(()) => Outcome::default(),
+        Err(err) => Outcome::refused("DC", err.to_string()),
+    });
+}
+
+struct ClientConn {
+    peer: SocketAddr,
+    vip: SocketAddrV4,
+}
+
+/// Where a request goes.
+struct Plan<'s> {
+    route: Option<&'s HttpRoute>,
+    route_name: Option<String>,
+    destination: Option<&'s HttpRouteDestination>,
+    host: String,
+    subset: Option<String>,
+    port: Option<u16>,
+}
+
+/// One request in progress: what is needed to answer it and record it.
+struct Call {
+    metrics: crate::telemetry::RequestMetrics,
+    started: Instant,
+    log: RequestLog,
+    request_bytes: Arc<AtomicU64>,
+    reports: Vec<Report>,
+    slot: Option<Slot>,
+}
+
+impl Call {
+    fn answer(
+        mut self,
+        response: Response<RespBody>,
+        flag: &'static str,
+        error: Option<String>,
+    ) -> Response<RespBody> {
+        if !flag.is_empty() {
+            self.log.response_flags = flag;
+        }
+        self.log.error = error;
+        let mut finish = Finish::new(
+            self.metrics.clone(),
+            std::mem::take(&mut self.reports),
+            std::mem::take(&mut self.log),
+            self.started,
+            self.request_bytes.clone(),
+        );
+        if let Some(slot) = self.slot.take() {
+            finish.hold(slot);
+        }
+        Observed::wrap(response, finish)
+    }
+}
+
+async fn handle(
+    ctx: &Arc<ProxyContext>,
+    conn: &ClientConn,
+    mut req: Request<Incoming>,
+) -> Response<RespBody> {
+    let started = Instant::now();
+    let state = ctx.state.load_full();
+    let source = ip_of(conn.peer).and_then(|ip| state.workloads.get(&ip));
+    let upgrade = super::is_upgrade(req.headers()) && req.version() != http::Version::HTTP_2;
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let authority = authority_of(&parts);
+    let mut call = Call {
+        metrics: ctx.l7.metrics.clone(),
+        started,
+        log: RequestLog {
+            kind: "http",
+            reporter: "source",
+            start_ms: now_ms(),
+            method: parts.method.to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or("/".into(), |p| p.as_str().to_string()),
+            authority: authority.clone(),
+            version: version_name(parts.version),
+            protocol: protocol_of(&parts.headers),
+            response_flags: "-",
+            client: conn.peer.to_string(),
+            source_workload: source.map(crate::proxy::forward::qualified),
+            source_principal: source.filter(|s| s.enrolled).map(|s| s.identity.clone()),
+            ..RequestLog::default()
+        },
+        request_bytes: Arc::new(AtomicU64::new(0)),
+        reports: Vec::new(),
+        slot: None,
+    };
+    let answer = |call: Call, response, flag, error| call.answer(response, flag, error);
+    let Some(service) = state.services.get(&conn.vip) else {
+        // The Service went away while the connection was open.
+        let response = local_response(StatusCode::SERVICE_UNAVAILABLE, "no such service");
+        return answer(
+            call,
+            response,
+            "NR",
+            Some(format!("{} is no Service port now", conn.vip)),
+        );
+    };
+    call.reports = vec![report("source", source, None, Some(service), false)];
+    let client_ns = source.map_or("default", |s| s.namespace.as_str());
+    let plan = match plan(&state, service, source, &parts, &authority, client_ns) {
+        Ok(plan) => plan,
+        Err(()) => {
+            let response = local_response(StatusCode::NOT_FOUND, "");
+            return answer(call, response, "NR", Some("no route matched".into()));
+        }
+    };
+    call.log.route = plan.route_name.clone();
+    call.log.destination_service = Some(plan.host.clone());
+    call.log.subset = plan.subset.clone();
+
+    if let Some(route) = plan.route {
+        if let Some(redirect) = &route.redirect {
+            let response = redirect_response(redirect, &parts, &authority, conn.vip.port());
+            return answer(call, response, "", None);
+        }
+        if let Some(direct) = &route.direct_response {
+            let status = StatusCode::from_u16(direct.status as u16).unwrap_or(StatusCode::OK);
+            let body = direct.body.clone().unwrap_or_default();
+            let mut response = local_response(status, body);
+            apply_header_ops(
+                response.headers_mut(),
+                route.headers.as_ref().and_then(|h| h.response.as_ref()),
+            );
+            return answer(call, response, "", None);
+        }
+        if let Some(fault) = &route.fault {
+            if let Some(delay) = &fault.delay {
+                if hit(delay.percentage.as_ref().map(|p| p.0)) {
+                    tokio::time::sleep(delay.fixed_delay.0).await;
+                    call.log.response_flags = "DI";
+                }
+            }
+            if let Some(abort) = &fault.abort {
+                if hit(abort.percentage.as_ref().map(|p| p.0)) {
+                    let response = abort_response(abort, &parts);
+                    return answer(call, response, "FI", Some("fault injected".into()));
+                }
+            }
+        }
+    }
+
+    // The destination Service and port.
+    let Some(target) = destination_service(&state, &plan.host, plan.port, service, conn.vip.port())
+    else {
+        let response = local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        return answer(
+            call,
+            response,
+            "NC",
+            Some(format!("{} has no such port", plan.host)),
+        );
+    };
+    call.reports = vec![report("source", source, None, Some(target), false)];
+    let key = ClusterKey {
+        client_ns: client_ns.to_string(),
+        host: plan.host.clone(),
+        subset: plan.subset.clone(),
+        port: target.vip.port(),
+    };
+    let (cluster, view) = cluster_view(ctx, &state, key, target, source);
+    if let Some(error) = &view.error {
+        let response = local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        return answer(call, response, "NC", Some(error.clone()));
+    }
+    if cluster.requests.fetch_add(1, Ordering::AcqRel) >= view.policy.max_requests {
+        cluster.requests.fetch_sub(1, Ordering::AcqRel);
+        let response = local_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+        );
+        return answer(
+            call,
+            response,
+            "UO",
+            Some("http2MaxRequests reached".into()),
+        );
+    }
+    call.slot = Some(Slot {
+        cluster: cluster.clone(),
+        endpoint: None,
+    });
+
+    // The request as it goes upstream.
+    let route_headers = plan.route.and_then(|r| r.headers.as_ref());
+    let dest_headers = plan.destination.and_then(|d| d.headers.as_ref());
+    apply_header_ops(
+        &mut parts.headers,
+        route_headers.and_then(|h| h.request.as_ref()),
+    );
+    apply_header_ops(
+        &mut parts.headers,
+        dest_headers.and_then(|h| h.request.as_ref()),
+    );
+    let mut authority = authority;
+    if let Some(rewrite) = plan.route.and_then(|r| r.rewrite.as_ref()) {
+        rewrite_request(rewrite, plan.route, &mut parts, &mut authority);
+    }
+    if !parts.headers.contains_key("x-request-id") {
+        let id = format!("{:032x}", fastrand::u128(..));
+        if let Ok(value) = HeaderValue::from_str(&id) {
+            parts.headers.insert("x-request-id", value);
+        }
+    }
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let h2 = !upgrade
+        && match target.protocol {
+            Protocol::Http2 | Protocol::Grpc => true,
+            _ => {
+                view.policy.h2_upgrade
+                    || (view.policy.use_client_protocol && parts.version == http::Version::HTTP_2)
+            }
+        };
+    let body = match replayable(body, &parts).await {
+        Ok(body) => body,
+        Err(err) => {
+            let response = local_response(StatusCode::BAD_REQUEST, "");
+            return answer(
+                call,
+                response,
+                "DC",
+                Some(format!("reading the request body: {err}")),
+            );
+        }
+    };
+    if let ReqBody::Bytes(bytes) = &body {
+        call.request_bytes
+            .store(bytes.len() as u64, Ordering::Relaxed);
+        if let Some(route) = plan.route {
+            mirror(
+                ctx,
+                &state,
+                source,
+                route,
+                &parts,
+                bytes,
+                &authority,
+                client_ns,
+                conn.vip.port(),
+            );
+        }
+    }
+
+    let retry = RetryPolicy::of(plan.route.and_then(|r| r.retries.as_ref()));
+    let deadline = plan
+        .route
+        .and_then(|r| r.timeout)
+        .filter(|t| !t.0.is_zero())
+        .map(|t| started + t.0);
+    let hash = hash_key(&view.policy.balancer, &parts, conn.peer);
+    let mut tried = HashSet::new();
+    let mut body = Some(body);
+    let mut last: Option<(Response<RespBody>, &'static str, Option<String>)> = None;
+    let mut attempts = 0u32;
+    let mut retrying = None::<RetryGuard>;
+    let result = loop {
+        if attempts > 0 {
+            // A retry: within maxRetries, after a jittered back-off.
+            if cluster.retries.load(Ordering::Acquire) >= view.policy.max_retries
+                && retrying.is_none()
+            {
+                break last.take().expect("a retry follows an attempt");
+            }
+            if retrying.is_none() {
+                cluster.retries.fetch_add(1, Ordering::AcqRel);
+                retrying = Some(RetryGuard(cluster.clone()));
+            }
+            let ceiling = retry
+                .backoff
+                .saturating_mul(1 << (attempts - 1).min(4))
+                .min(retry.backoff * 10);
+            tokio::time::sleep(ceiling.mul_f64(fastrand::f64())).await;
+        }
+        attempts += 1;
+        let Some(endpoint) = cluster.pick(&view, &tried, hash, None) else {
+            break (
+                local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
+                "UH",
+                Some(format!("{} has no ready endpoint", plan.host)),
+            );
+        };
+        tried.insert(endpoint);
+        call.log.upstream = Some(endpoint.to_string());
+        let destination = state.workloads.get(endpoint.ip());
+        call.reports = reports_for(&state, source, destination, target);
+        let this_body = match body.take() {
+            Some(ReqBody::Bytes(bytes)) => {
+                body = Some(ReqBody::Bytes(bytes.clone()));
+                Full::new(bytes).map_err(|e| match e {}).boxed()
+            }
+            Some(ReqBody::Stream(stream)) => Counting::wrap(stream, call.request_bytes.clone()),
+            None => break last.take().expect("a streamed body is sent once"),
+        };
+        let can_retry = attempts <= retry.attempts && body.is_some();
+        let now = Instant::now();
+        let mut budget = retry.per_try;
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(now);
+            budget = Some(budget.map_or(left, |b| b.min(left)));
+        }
+        let endpoint_state = cluster.endpoint(endpoint);
+        endpoint_state.active.fetch_add(1, Ordering::AcqRel);
+        let request = upstream_request(&parts, this_body, h2, &authority);
+        let sent = send(
+            ctx,
+            &state,
+            &cluster,
+            &view,
+            &endpoint_state,
+            source,
+            destination,
+            endpoint,
+            request,
+            h2,
+            conn.peer,
+        );
+        let sent = match budget {
+            Some(budget) => tokio::time::timeout(budget, sent)
+                .await
+                .unwrap_or(Err(Failure::Timeout)),
+            None => sent.await,
+        };
+        let overall_expired = deadline.is_some_and(|d| Instant::now() >= d);
+        match sent {
+            Ok(Answer::Upstream(response)) => {
+                let status = response.status().as_u16();
+                cluster.outcome(&view, endpoint, status);
+                let grpc = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                if retry.on.status(status, grpc) && can_retry && !overall_expired {
+                    endpoint_state.active.fetch_sub(1, Ordering::AcqRel);
+                    let (parts, _) = response.into_parts();
+                    last = Some((Response::from_parts(parts, full(Bytes::new())), "URX", None));
+                    continue;
+                }
+                if let Some(slot) = &mut call.slot {
+                    slot.endpoint = Some(endpoint_state);
+                }
+                let retried_out = attempts > 1 && retry.on.status(status, grpc);
+                let (mut parts, incoming) = response.into_parts();
+                if status == 101 {
+                    if let Some(client_upgrade) = client_upgrade {
+                        let mut response = Response::from_parts(parts, incoming);
+                        let server_upgrade = hyper::upgrade::on(&mut response);
+                        super::splice_upgrade(client_upgrade, server_upgrade);
+                        let (parts, _) = response.into_parts();
+                        break (Response::from_parts(parts, full(Bytes::new())), "", None);
+                    }
+                }
+                strip_hop_by_hop(&mut parts.headers, false);
+                break (
+                    Response::from_parts(parts, super::boxed(incoming)),
+                    if retried_out { "URX" } else { "" },
+                    None,
+                );
+            }
+            Ok(Answer::Local(response, flag, error)) => {
+                endpoint_state.active.fetch_sub(1, Ordering::AcqRel);
+                break (response, flag, error);
+            }
+            Err(failure) => {
+                endpoint_state.active.fetch_sub(1, Ordering::AcqRel);
+                if let Failure::Connect(f) = &failure {
+                    if f.flag == "UO" {
+                        break (local_response(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow"), "UO", Some(f.error.clone()));
+                    }
+                }
+                cluster.outcome(&view, endpoint, 0);
+                let (status, flag, error, retriable) = match failure {
+                    Failure::Timeout => (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT",
+                        "upstream request timeout".to_string(),
+                        retry.on.timeout(),
+                    ),
+                    Failure::Connect(f) if f.flag == "DENY" => {
+                        (StatusCode::FORBIDDEN, "UF", f.error, false)
+                    }
+                    Failure::Connect(f) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UF",
+                        f.error,
+                        retry.on.connect(),
+                    ),
+                    Failure::Reset(err, refused) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UC",
+                        err,
+                        retry.on.reset(refused),
+                    ),
+                };
+                let body = match status {
+                    StatusCode::GATEWAY_TIMEOUT => "upstream request timeout".to_string(),
+                    _ => format!("upstream connect error or disconnect/reset before headers. reset reason: {error}"),
+                };
+                let response = local_response(status, body);
+                if retriable && can_retry && !overall_expired {
+                    last = Some((
+                        response,
+                        if flag == "UT" { "UT" } else { "URX" },
+                        Some(error),
+                    ));
+                    continue;
+                }
+                if overall_expired {
+                    break (
+                        local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                        "UT",
+                        Some("route timeout".into()),
+                    );
+                }
+                let flag = if attempts > 1 && retriable {
+                    "URX"
+                } else {
+                    flag
+                };
+                break (response, flag, Some(error));
+            }
+        }
+    };
+    drop(retrying);
+    call.log.attempts = attempts;
+    let (mut response, flag, error) = result;
+    apply_header_ops(
+        response.headers_mut(),
+        route_headers.and_then(|h| h.response.as_ref()),
+    );
+    apply_header_ops(
+        response.headers_mut(),
+        dest_headers.and_then(|h| h.response.as_ref()),
+    );
+    if let cluster::Balancer::Hash(cluster::HashOn::Cookie(cookie)) = &view.policy.balancer {
+        set_hash_cookie(&mut response, cookie, &parts);
+    }
+    call.answer(response, flag, error)
+}
+
+/// The runtime state of a destination and its view under the current snapshot.
+fn cluster_view(
+    ctx: &ProxyContext,
+    state: &State,
+    key: ClusterKey,
+    target: &ServiceTarget,
+    source: Option<&Workload>,
+) -> (Arc<cluster::Cluster>, Arc<View>) {
+    let cluster = ctx.l7.clusters.get(&key);
+    let no_labels = Default::default();
+    let labels = source.map_or(&no_labels, |s| &s.labels);
+    let view = cluster.view(state.generation, || {
+        let effective = cluster::effective(
+            state,
+            &key.host,
+            key.subset.as_deref(),
+            key.port,
+            &key.client_ns,
+            labels,
+        );
+        match effective {
+            Ok((policy, subset)) => View {
+                generation: state.generation,
+                policy,
+                endpoints: cluster::subset_endpoints(state, target, subset.as_ref()),
+                error: None,
+            },
+            Err(cluster::Unroutable::NoSubset(name)) => View {
+                generation: state.generation,
+                policy: Default::default(),
+                endpoints: Vec::new(),
+                error: Some(format!(
+                    "no DestinationRule defines subset {name} of {}",
+                    key.host
+                )),
+            },
+        }
+    });
+    (cluster, view)
+}
+
+/// A TCP connection to a Service port with a VirtualService `tcp` route: the weighted
+/// destination's endpoint under its DestinationRule. `None` when no tcp route applies.
+pub(crate) fn tcp_route<'s>(
+    ctx: &ProxyContext,
+    state: &'s State,
+    source: Option<&Workload>,
+    service: &'s ServiceTarget,
+) -> Option<Result<(&'s ServiceTarget, SocketAddrV4), Outcome>> {
+    let client_ns = source.map_or("default", |s| s.namespace.as_str());
+    let vs = route::virtual_service(state, &service.host, client_ns)?;
+    let matched = route::tcp_route(&vs.0.spec, service.vip.port(), source)?;
+    let Some(destination) = route::pick_tcp(matched) else {
+        return Some(Err(Outcome::refused(
+            "NR",
+            "tcp route without destinations",
+        )));
+    };
+    let host = crate::config::semantics::fqdn(&destination.destination.host, vs.0.namespace());
+    let port = destination.destination.port.map(|p| p as u16);
+    let Some(target) = destination_service(state, &host, port, service, service.vip.port()) else {
+        return Some(Err(Outcome::refused(
+            "NC",
+            format!("{host} has no such port"),
+        )));
+    };
+    let key = ClusterKey {
+        client_ns: client_ns.to_string(),
+        host,
+        subset: destination.destination.subset.clone(),
+        port: target.vip.port(),
+    };
+    let (cluster, view) = cluster_view(ctx, state, key, target, source);
+    if let Some(error) = &view.error {
+        return Some(Err(Outcome::refused("NC", error.clone())));
+    }
+    let hash = hash_key_l4(&view.policy.balancer, source);
+    Some(match cluster.pick(&view, &HashSet::new(), hash, None) {
+        Some(endpoint) => Ok((target, endpoint)),
+        None => Err(Outcome::refused("UH", "no healthy upstream")),
+    })
+}
+
+fn hash_key_l4(balancer: &cluster::Balancer, source: Option<&Workload>) -> Option<u64> {
+    match balancer {
+        cluster::Balancer::Hash(cluster::HashOn::SourceIp) => {
+            source.map(|s| cluster::hash_ip(s.ip))
+        }
+        _ => None,
+    }
+}
+
+/// Decrements the destination's retries in flight.
+struct RetryGuard(Arc<cluster::Cluster>);
+
+impl Drop for RetryGuard {
+    fn drop(&mut self) {
+        self.0.retries.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The request's authority: `:authority`, else `Host`.
+fn authority_of(parts: &Parts) -> String {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+/// The route for a request: `Err` when a VirtualService applies and no route matches (NR).
+fn plan<'s>(
+    state: &'s State,
+    service: &'s ServiceTarget,
+    source: Option<&'s Workload>,
+    parts: &Parts,
+    authority: &str,
+    client_ns: &str,
+) -> Result<Plan<'s>, ()> {
+    let default = Plan {
+        route: None,
+        route_name: None,
+        destination: None,
+        host: service.host.clone(),
+        subset: None,
+        port: Some(service.vip.port()),
+    };
+    let Some(vs) = route::virtual_service(state, &service.host, client_ns) else {
+        return Ok(default);
+    };
+    let view = route::RequestView {
+        method: parts.method.as_str(),
+        scheme: "http",
+        authority,
+        path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+        headers: &parts.headers,
+        port: service.vip.port(),
+        source,
+    };
+    let (index, matched) = route::http_route(&vs.0.spec, &view).ok_or(())?;
+    let name = matched
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}#{index}", vs.0.metadata.qualified()));
+    let mut plan = Plan {
+        route: Some(matched),
+        route_name: Some(name),
+        ..default
+    };
+    if matched.redirect.is_some() || matched.direct_response.is_some() {
+        return Ok(plan);
+    }
+    let Some(destination) = route::pick_http(matched) else {
+        return Err(());
+    };
+    plan.destination = Some(destination);
+    plan.host = crate::config::semantics::fqdn(&destination.destination.host, vs.0.namespace());
+    plan.subset = destination.destination.subset.clone();
+    plan.port = destination.destination.port.map(|p| p as u16);
+    Ok(plan)
+}
+
+/// The Service port a route destination names: its `port`, else the port the client
+/// dialled when the Service has it, else the Service's only port.
+fn destination_service<'s>(
+    state: &'s State,
+    host: &str,
+    port: Option<u16>,
+    dialled: &'s ServiceTarget,
+    dialled_port: u16,
+) -> Option<&'s ServiceTarget> {
+    if host == dialled.host && port.is_none_or(|p| p == dialled_port) {
+        return Some(dialled);
+    }
+    let vips = state.services_by_host.get(host)?;
+    let vip = match port {
+        Some(port) => vips.iter().find(|v| v.port() == port)?,
+        None => vips
+            .iter()
+            .find(|v| v.port() == dialled_port)
+            .or_else(|| (vips.len() == 1).then(|| &vips[0]))?,
+    };
+    state.services.get(vip)
+}
+
+fn report(
+    reporter: &'static str,
+    source: Option<&Workload>,
+    destination: Option<&Workload>,
+    service: Option<&ServiceTarget>,
+    mtls: bool,
+) -> Report {
+    Report {
+        reporter,
+        source: source.map_or_else(Peer::unknown, |s| Peer::of(s, s.enrolled)),
+        destination: destination.map_or_else(Peer::unknown, |d| Peer::of(d, mtls)),
+        service: None,
+        mtls,
+    }
+    .service(service)
+}
+
+/// The reports of a request sent to `destination`: the source's; the destination's too when
+/// it is an enrolled pod of this node.
+fn reports_for(
+    state: &State,
+    source: Option<&Workload>,
+    destination: Option<&Workload>,
+    target: &ServiceTarget,
+) -> Vec<Report> {
+    let enrolled = |w: Option<&Workload>| w.is_some_and(|w| w.enrolled);
+    let mtls = enrolled(source) && enrolled(destination);
+    let mut reports = vec![report("source", source, destination, Some(target), mtls)];
+    if destination.is_some_and(|d| d.enrolled && state.is_local(d)) {
+        reports.push(report(
+            "destination",
+            source,
+            destination,
+            Some(target),
+            mtls,
+        ));
+    }
+    reports
+}
+
+enum ReqBody {
+    Bytes(Bytes),
+    Stream(http_body_util::combinators::BoxBody<Bytes, BoxError>),
+}
+
+/// Buffers a request body that is empty or declared small; streams the rest.
+async fn replayable(body: Incoming, parts: &Parts) -> Result<ReqBody, hyper::Error> {
+    use http_body::Body;
+    if body.is_end_stream() {
+        return Ok(ReqBody::Bytes(Bytes::new()));
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n <= REPLAY_LIMIT => Ok(ReqBody::Bytes(body.collect().await?.to_bytes())),
+        _ => Ok(ReqBody::Stream(super::boxed(body))),
+    }
+}
+
+/// The request to send upstream: origin-form with `Host` for HTTP/1.1, absolute for HTTP/2.
+fn upstream_request(
+    parts: &Parts,
+    body: upstream::Body,
+    h2: bool,
+    authority: &str,
+) -> Request<upstream::Body> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut builder = Request::builder().method(parts.method.clone());
+    let mut headers = parts.headers.clone();
+    if h2 {
+        headers.remove(header::HOST);
+        builder = builder
+            .version(http::Version::HTTP_2)
+            .uri(format!("http://{authority}{path}"));
+    } else {
+        if let Ok(host) = HeaderValue::from_str(authority) {
+            headers.insert(header::HOST, host);
+        }
+        builder = builder.version(http::Version::HTTP_11).uri(path);
+    }
+    let mut request = builder.body(body).unwrap_or_else(|_| {
+        Request::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+    });
+    *request.headers_mut() = headers;
+    request
+}
+
+enum Answer {
+    Upstream(Response<Incoming>),
+    Local(Response<RespBody>, &'static str, Option<String>),
+}
+
+enum Failure {
+    Connect(upstream::ConnectFailure),
+    /// Error text, and whether it was a refused stream.
+    Reset(String, bool),
+    Timeout,
+}
+
+/// One attempt: the destination's policy when it is a local enrolled pod, a connection,
+/// the request.
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    ctx: &ProxyContext,
+    state: &State,
+    cluster: &Arc<cluster::Cluster>,
+    view: &View,
+    endpoint_state: &cluster::EndpointState,
+    source: Option<&Workload>,
+    destination: Option<&Workload>,
+    endpoint: SocketAddrV4,
+    request: Request<upstream::Body>,
+    h2: bool,
+    peer: SocketAddr,
+) -> Result<Answer, Failure> {
+    if let Some(d) = destination.filter(|d| d.enrolled && state.is_local(d)) {
+        let identity = source.filter(|s| s.enrolled).map(|s| s.identity.as_str());
+        if identity.is_none() && d.mtls.mode_for(endpoint.port()) == "STRICT" {
+            let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
+            return Ok(Answer::Local(
+                response,
+                "-",
+                Some("plaintext refused: PeerAuthentication STRICT".into()),
+            ));
+        }
+        let host = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                request
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or("");
+        let decision = authorize_request(
+            d,
+            identity,
+            peer,
+            SocketAddr::V4(endpoint),
+            Some(HttpAttrs {
+                method: request.method().as_str(),
+                path: request.uri().path(),
+                host,
+                headers: request.headers(),
+            }),
+        );
+        if !decision.allowed {
+            let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
+            let why = format!(
+                "{} ({})",
+                decision.reason,
+                decision.policy.as_deref().unwrap_or("-")
+            );
+            return Ok(Answer::Local(response, "-", Some(why)));
+        }
+    }
+    let target = Target {
+        source,
+        destination,
+        endpoint,
+        h2,
+    };
+    let lease = upstream::lease(ctx, cluster, view, endpoint_state, &target)
+        .await
+        .map_err(Failure::Connect)?;
+    let upgrade = request.headers().contains_key(header::UPGRADE);
+    match lease.sender.send(request).await {
+        Ok(response) => {
+            let close = response
+                .headers()
+                .get(header::CONNECTION)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+            lease.release(
+                endpoint_state,
+                view.policy.max_requests_per_connection,
+                !close && !upgrade,
+            );
+            Ok(Answer::Upstream(response))
+        }
+        Err(err) => {
+            let refused = refused_stream(&err);
+            Err(Failure::Reset(err.to_string(), refused))
+        }
+    }
+}
+
+fn refused_stream(err: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// Istio's retry policy of a route: its `retries`, or the default (2 retries on
+/// connect-failure, refused-stream, unavailable, cancelled and 503).
+struct RetryPolicy {
+    attempts: u32,
+    per_try: Option<Duration>,
+    backoff: Duration,
+    on: RetryOn,
+}
+
+#[derive(Default)]
+struct RetryOn {
+    five_xx: bool,
+    gateway: bool,
+    connect: bool,
+    reset: bool,
+    refused_stream: bool,
+    retriable_4xx: bool,
+    status_codes: bool,
+    codes: Vec<u16>,
+    grpc: Vec<u32>,
+}
+
+impl RetryOn {
+    fn parse(text: &str) -> RetryOn {
+        let mut on = RetryOn {
+            codes: vec![503],
+            ..RetryOn::default()
+        };
+        let mut numbers = Vec::new();
+        for item in text.split(',').map(str::trim) {
+            match item {
+                "5xx" => on.five_xx = true,
+                "gateway-error" => on.gateway = true,
+                "connect-failure" => on.connect = true,
+                "reset" | "reset-before-request" => on.reset = true,
+                "refused-stream" => on.refused_stream = true,
+                "retriable-4xx" => on.retriable_4xx = true,
+                "retriable-status-codes" => on.status_codes = true,
+                "cancelled" => on.grpc.push(1),
+                "deadline-exceeded" => on.grpc.push(4),
+                "resource-exhausted" => on.grpc.push(8),
+                "internal" => on.grpc.push(13),
+                "unavailable" => on.grpc.push(14),
+                other => {
+                    if let Ok(code) = other.parse::<u16>() {
+                        numbers.push(code);
+                    }
+                }
+            }
+        }
+        if !numbers.is_empty() {
+            on.status_codes = true;
+            on.codes = numbers;
+        }
+        on
+    }
+
+    fn status(&self, status: u16, grpc: Option<u32>) -> bool {
+        (self.five_xx && status >= 500)
+            || (self.gateway && matches!(status, 502..=504))
+            || (self.retriable_4xx && status == 409)
+            || (self.status_codes && self.codes.contains(&status))
+            || grpc.is_some_and(|g| self.grpc.contains(&g))
+    }
+
+    fn connect(&self) -> bool {
+        self.connect || self.five_xx || self.gateway || self.reset
+    }
+
+    fn reset(&self, refused: bool) -> bool {
+        self.reset || self.five_xx || self.gateway || (refused && self.refused_stream)
+    }
+
+    fn timeout(&self) -> bool {
+        self.five_xx || self.gateway || self.reset
+    }
+}
+
+const DEFAULT_RETRY_ON: &str =
+    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+
+impl RetryPolicy {
+    fn of(retries: Option<&HttpRetry>) -> RetryPolicy {
+        let Some(r) = retries else {
+            return RetryPolicy {
+                attempts: 2,
+                per_try: None,
+                backoff: BACKOFF_BASE,
+                on: RetryOn::parse(DEFAULT_RETRY_ON),
+            };
+        };
+        RetryPolicy {
+            attempts: r.attempts.max(0) as u32,
+            per_try: r.per_try_timeout.map(|d| d.0).filter(|d| !d.is_zero()),
+            backoff: r.backoff.map_or(BACKOFF_BASE, |d| d.0),
+            on: RetryOn::parse(r.retry_on.as_deref().unwrap_or(DEFAULT_RETRY_ON)),
+        }
+    }
+}
+
+/// Whether a fault with `percentage` (all requests when unset) applies to this request.
+fn hit(percentage: Option<f64>) -> bool {
+    let p = percentage.unwrap_or(100.0);
+    p >= 100.0 || fastrand::f64() * 100.0 < p
+}
+
+fn abort_response(
+    abort: &crate::config::networking::FaultAbort,
+    parts: &Parts,
+) -> Response<RespBody> {
+    if let Some(grpc) = &abort.grpc_status {
+        let code = grpc_code(grpc);
+        let mut response = local_response(StatusCode::OK, "");
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(code));
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static("fault filter abort"),
+        );
+        let _ = parts;
+        return response;
+    }
+    let status = abort
+        .http_status
+        .and_then(|s| StatusCode::from_u16(s as u16).ok())
+        .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    local_response(status, "fault filter abort")
+}
+
+/// gRPC status numbers by name (Istio takes names such as `UNAVAILABLE`).
+fn grpc_code(name: &str) -> u32 {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    name.parse()
+        .ok()
+        .or_else(|| {
+            NAMES
+                .iter()
+                .position(|n| n.eq_ignore_ascii_case(name))
+                .map(|i| i as u32)
+        })
+        .unwrap_or(2)
+}
+
+fn redirect_response(
+    redirect: &crate::config::networking::HttpRedirect,
+    parts: &Parts,
+    authority: &str,
+    port: u16,
+) -> Response<RespBody> {
+    let scheme = redirect.scheme.clone().unwrap_or_else(|| "http".into());
+    let (host, request_port) = match authority.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), p.parse().ok()),
+        _ => (authority.to_string(), None),
+    };
+    let host = redirect.authority.clone().unwrap_or(host);
+    let port = match (&redirect.port, &redirect.derive_port) {
+        (Some(p), _) => Some(*p as u16),
+        (None, Some(crate::config::networking::DerivePort::FromRequestPort)) => {
+            request_port.or(Some(port))
+        }
+        (None, Some(_)) => None,
+        (None, None) => request_port,
+    };
+    let path = match &redirect.uri {
+        Some(uri) => {
+            let query = parts
+                .uri
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default();
+            format!("{uri}{query}")
+        }
+        None => parts
+            .uri
+            .path_and_query()
+            .map_or("/".into(), |p| p.as_str().to_string()),
+    };
+    let location = match port {
+        Some(p) if !(scheme == "http" && p == 80 || scheme == "https" && p == 443) => {
+            format!("{scheme}://{host}:{p}{path}")
+        }
+        _ => format!("{scheme}://{host}{path}"),
+    };
+    let code = StatusCode::from_u16(redirect.redirect_code as u16)
+        .unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    let mut response = local_response(code, "");
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// `rewrite`: the matched prefix (or the whole path) and the authority.
+fn rewrite_request(
+    rewrite: &crate::config::networking::HttpRewrite,
+    route: Option<&HttpRoute>,
+    parts: &mut Parts,
+    authority: &mut String,
+) {
+    let path = parts.uri.path().to_string();
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let mut new_path = None;
+    if let Some(uri) = &rewrite.uri {
+        let prefix = route
+            .into_iter()
+            .flat_map(|r| &r.matches)
+            .find_map(|m| match &m.uri {
+                Some(crate::config::values::StringMatch::Prefix(p))
+                    if path.starts_with(p.as_str()) =>
+                {
+                    Some(p.clone())
+                }
+                _ => None,
+            });
+        new_path = Some(match prefix {
+            Some(prefix) => {
+                let rest = &path[prefix.len()..];
+                // `/api` -> `/`: do not produce `//x`.
+                if uri.ends_with('/') && rest.starts_with('/') {
+                    format!("{uri}{}", &rest[1..])
+                } else {
+                    format!("{uri}{rest}")
+                }
+            }
+            None => uri.clone(),
+        });
+    } else if let Some(regex) = &rewrite.uri_regex_rewrite {
+        if let Ok(re) = regex::Regex::new(&regex.pattern) {
+            let replacement = regex.rewrite.replace("\\", "$");
+            new_path = Some(re.replace_all(&path, replacement.as_str()).into_owned());
+        }
+    }
+    if let Some(new_path) = new_path {
+        if let Ok(uri) = format!("{new_path}{query}").parse::<Uri>() {
+            parts.uri = uri;
+        }
+    }
+    if let Some(new_authority) = &rewrite.authority {
+        *authority = new_authority.clone();
+    }
+}
+
+/// Sends copies of the request to the route's mirrors (as Envoy does: `-shadow` appended to
+/// the host, the answer ignored).
+#[allow(clippy::too_many_arguments)]
+fn mirror(
+    ctx: &Arc<ProxyContext>,
+    state: &Arc<State>,
+    source: Option<&Workload>,
+    route: &HttpRoute,
+    parts: &Parts,
+    body: &Bytes,
+    authority: &str,
+    client_ns: &str,
+    dialled_port: u16,
+) {
+    let mut targets: Vec<(&crate::config::networking::Destination, Option<f64>)> = Vec::new();
+    if let Some(m) = &route.mirror {
+        targets.push((m, route.mirror_percentage.as_ref().map(|p| p.0)));
+    }
+    for m in &route.mirrors {
+        targets.push((&m.destination, m.percentage.as_ref().map(|p| p.0)));
+    }
+    for (destination, percentage) in targets {
+        if !hit(percentage) {
+            continue;
+        }
+        let host = crate::config::semantics::fqdn(&destination.host, client_ns);
+        let Some(target) = state
+            .services_by_host
+            .get(&host)
+            .and_then(|vips| {
+                let port = destination.port.map(|p| p as u16);
+                vips.iter()
+                    .find(|v| {
+                        port.is_none_or(|p| v.port() == p)
+                            && (port.is_some() || v.port() == dialled_port)
+                    })
+                    .or_else(|| vips.first())
+            })
+            .and_then(|vip| state.services.get(vip))
+        else {
+            continue;
+        };
+        let shadow = match authority.rsplit_once(':') {
+            Some((h, p)) => format!("{h}-shadow:{p}"),
+            None => format!("{authority}-shadow"),
+        };
+        let key = ClusterKey {
+            client_ns: client_ns.to_string(),
+            host: host.clone(),
+            subset: destination.subset.clone(),
+            port: target.vip.port(),
+        };
+        let (cluster, view) = cluster_view(ctx, state, key, target, source);
+        let Some(endpoint) = cluster.pick(&view, &HashSet::new(), None, None) else {
+            continue;
+        };
+        let h2 = matches!(target.protocol, Protocol::Http2 | Protocol::Grpc);
+        let request = upstream_request(
+            parts,
+            Full::new(body.clone()).map_err(|e| match e {}).boxed(),
+            h2,
+            &shadow,
+        );
+        let (ctx, state) = (ctx.clone(), state.clone());
+        let source_ip = source.map(|s| s.ip);
+        tokio::spawn(async move {
+            let source = source_ip.and_then(|ip| state.workloads.get(&ip));
+            let destination = state.workloads.get(endpoint.ip());
+            let endpoint_state = cluster.endpoint(endpoint);
+            let peer = SocketAddr::from((source_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED), 0));
+            let sent = send(
+                &ctx,
+                &state,
+                &cluster,
+                &view,
+                &endpoint_state,
+                source,
+                destination,
+                endpoint,
+                request,
+                h2,
+                peer,
+            );
+            if let Ok(Ok(Answer::Upstream(response))) =
+                tokio::time::timeout(Duration::from_secs(30), sent).await
+            {
+                let _ = response.into_body().collect().await;
+            }
+        });
+    }
+}
+
+/// The consistent-hash key of a request, when the balancer hashes.
+fn hash_key(balancer: &cluster::Balancer, parts: &Parts, peer: SocketAddr) -> Option<u64> {
+    let cluster::Balancer::Hash(on) = balancer else {
+        return None;
+    };
+    match on {
+        cluster::HashOn::Header(name) => parts
+            .headers
+            .get(name.as_str())
+            .map(|v| cluster::hash_key(v.as_bytes())),
+        cluster::HashOn::Cookie(cookie) => {
+            cookie_value(parts, &cookie.name).map(|v| cluster::hash_key(v.as_bytes()))
+        }
+        cluster::HashOn::SourceIp => ip_of(peer).map(cluster::hash_ip),
+        cluster::HashOn::Query(name) => parts.uri.query().and_then(|q| {
+            q.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (k == name).then(|| cluster::hash_key(v.as_bytes()))
+            })
+        }),
+    }
+}
+
+fn cookie_value(parts: &Parts, name: &str) -> Option<String> {
+    parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then(|| v.to_string())
+        })
+}
+
+/// A hashing cookie with a TTL that the client did not send is generated, as Envoy does, so
+/// its next requests stick to the same endpoint.
+fn set_hash_cookie(
+    response: &mut Response<RespBody>,
+    cookie: &crate::config::networking::HttpCookie,
+    parts: &Parts,
+) {
+    let Some(ttl) = cookie.ttl else { return };
+    if cookie_value(parts, &cookie.name).is_some() {
+        return;
+    }
+    let path = cookie
+        .path
+        .as_deref()
+        .map(|p| format!("; Path={p}"))
+        .unwrap_or_default();
+    let value = format!(
+        "{}=\"{:016x}\"; Max-Age={}{path}; HttpOnly",
+        cookie.name,
+        fastrand::u64(..),
+        ttl.as_secs()
+    );
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        response.headers_mut().append(header::SET_COOKIE, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_conditions_follow_istio() {
+        let default = RetryPolicy::of(None);
+        assert_eq!(default.attempts, 2);
+        assert!(default.on.status(503, None));
+        assert!(!default.on.status(500, None));
+        assert!(default.on.connect());
+        assert!(!default.on.reset(false));
+        assert!(default.on.reset(true));
+        assert!(default.on.status(200, Some(14)), "gRPC unavailable");
+        let on = RetryOn::parse("gateway-error,retriable-4xx,429");
+        assert!(on.status(502, None) && on.status(409, None) && on.status(429, None));
+        assert!(!on.status(503 + 97, None));
+        assert!(!on.status(503, None) || on.gateway);
+        let five = RetryOn::parse("5xx");
+        assert!(five.status(500, None) && five.timeout() && five.connect());
+    }
+
+    #[test]
+    fn grpc_names() {
+        assert_eq!(grpc_code("UNAVAILABLE"), 14);
+        assert_eq!(grpc_code("7"), 7);
+    }
+}

@@ -1,0 +1,126 @@
+//! An HBONE tunnel (one HTTP/2 CONNECT stream) as a byte stream, so HTTP can be spoken inside
+//! it with hyper: reads take DATA frames (releasing flow-control capacity as they are
+//! consumed), writes wait for send capacity, shutdown ends the stream.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
+
+use bytes::{Buf, Bytes};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest single write handed to HTTP/2 at once.
+const MAX_WRITE: usize = 256 * 1024;
+
+/// One CONNECT stream, readable and writable.
+pub struct Tunnel {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received but not yet read.
+    pending: Bytes,
+    /// The peer ended its side.
+    eof: bool,
+}
+
+impl Tunnel {
+    /// Wraps the two halves of an established CONNECT stream.
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Tunnel {
+        Tunnel {
+            send,
+            recv,
+            pending: Bytes::new(),
+            eof: false,
+        }
+    }
+}
+
+fn h2_io(err: h2::Error) -> io::Error {
+    if err.is_io() {
+        return err
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+    }
+    io::Error::new(io::ErrorKind::ConnectionReset, err)
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.pending.is_empty() {
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    this.pending = data;
+                }
+                Some(Err(err)) => return Poll::Ready(Err(h2_io(err))),
+                None => this.eof = true,
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let this = &mut *self;
+        this.send.reserve_capacity(data.len().min(MAX_WRITE));
+        loop {
+            match ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(granted)) => {
+                    let n = granted.min(data.len());
+                    this.send
+                        .send_data(Bytes::copy_from_slice(&data[..n]), false)
+                        .map_err(h2_io)?;
+                    return Poll::Ready(Ok(n));
+                }
+                Some(Err(err)) => return Poll::Ready(Err(h2_io(err))),
+                None => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "tunnel stream closed",
+                    )))
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Ending a stream that was reset already is not an error worth reporting.
+        let _ = self.send.send_data(Bytes::new(), true);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        // Dropped mid-stream (a connection given up on): tell the peer now.
+        if !self.eof {
+            self.send.send_reset(h2::Reason::CANCEL);
+        }
+    }
+}

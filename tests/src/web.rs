@@ -1,0 +1,429 @@
+//! A real HTTP server for pod namespaces (hyper: HTTP/1.1 and h2c, gRPC framing with
+//! trailers, protocol upgrades), whose answers say which pod served them and whose failures
+//! and delays the tests control; and curl/wrk drivers run inside pod namespaces.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Frame, service::service_fn, Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::netns::Netns;
+
+/// How the server answers, changeable while it runs.
+#[derive(Clone, Debug, Default)]
+pub struct Mode {
+    /// Every `n`-th request (1st, n+1-th, ...) gets 503.
+    pub fail_every: Option<u64>,
+    /// Every request gets this status.
+    pub status: Option<u16>,
+}
+
+/// Counters of what the server saw.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// Requests answered.
+    pub requests: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicUsize,
+    /// Most connections open at once.
+    pub max_open: AtomicUsize,
+    /// Paths and `Host` of the requests, in order.
+    pub log: Mutex<Vec<(String, String)>>,
+}
+
+/// An HTTP server in a pod namespace; stopped on drop.
+pub struct WebServer {
+    /// The pod name it reports as (`x-pod` header, and the body).
+    pub name: String,
+    /// Change to alter answers.
+    pub mode: Arc<Mutex<Mode>>,
+    /// What it saw.
+    pub seen: Arc<Seen>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WebServer {
+    /// Serves on `0.0.0.0:port` inside `ns`, as `name`.
+    pub fn start(ns: &Netns, port: u16, name: &str) -> Result<WebServer> {
+        let listener = ns.run(move || {
+            let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })?;
+        let mode = Arc::new(Mutex::new(Mode::default()));
+        let seen = Arc::new(Seen::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (m, s, n) = (mode.clone(), seen.clone(), name.to_string());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                tokio::pin!(stopped);
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => return,
+                        accepted = listener.accept() => {
+                            let Ok((stream, _)) = accepted else { continue };
+                            let (m, s, n) = (m.clone(), s.clone(), n.clone());
+                            tokio::spawn(async move { connection(stream, m, s, n).await });
+                        }
+                    }
+                }
+            });
+        });
+        Ok(WebServer {
+            name: name.to_string(),
+            mode,
+            seen,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Sets the mode.
+    pub fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    /// Requests answered so far.
+    pub fn requests(&self) -> u64 {
+        self.seen.requests.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for WebServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Open(Arc<Seen>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn connection(
+    stream: tokio::net::TcpStream,
+    mode: Arc<Mutex<Mode>>,
+    seen: Arc<Seen>,
+    name: String,
+) {
+    let now = seen.open.fetch_add(1, Ordering::AcqRel) + 1;
+    seen.max_open.fetch_max(now, Ordering::AcqRel);
+    let _open = Open(seen.clone());
+    let service = service_fn(move |req| {
+        let (mode, seen, name) = (mode.clone(), seen.clone(), name.clone());
+        async move { Ok::<_, Infallible>(answer(req, &mode, &seen, &name).await) }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .await;
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn answer(
+    mut req: Request<hyper::body::Incoming>,
+    mode: &Mutex<Mode>,
+    seen: &Seen,
+    name: &str,
+) -> Response<Body> {
+    let n = seen.requests.fetch_add(1, Ordering::AcqRel) + 1;
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/".into(), |p| p.to_string());
+    seen.log.lock().unwrap().push((path.clone(), host));
+    let delay = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("delay_ms="))
+            .and_then(|v| v.parse::<u64>().ok())
+    });
+    if let Some(ms) = delay {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let mode = mode.lock().unwrap().clone();
+    let version = format!("{:?}", req.version());
+    let builder = |status: u16| {
+        Response::builder()
+            .status(status)
+            .header("x-pod", name)
+            .header("x-seen-version", version.clone())
+            .header("x-seen-path", path.clone())
+    };
+    if req.headers().contains_key("upgrade") {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on.await {
+                let mut io = TokioIo::new(upgraded);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        return builder(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "echo")
+            .body(empty())
+            .unwrap();
+    }
+    let grpc = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    if grpc {
+        // Echo the message, then trailers with the status.
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let body = Trailed {
+            data: Some(body),
+            trailers: Some(trailers),
+        };
+        return builder(200)
+            .header("content-type", "application/grpc")
+            .body(BodyExt::boxed(body))
+            .unwrap();
+    }
+    let status = match (mode.status, mode.fail_every) {
+        (Some(status), _) => status,
+        (None, Some(every)) if (n - 1).is_multiple_of(every) => 503,
+        _ => 200,
+    };
+    builder(status)
+        .body(Full::new(Bytes::from(format!("{name}\n"))).boxed())
+        .unwrap()
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new()).boxed()
+}
+
+/// A body of one data frame, then trailers (a gRPC response).
+struct Trailed {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl http_body::Body for Trailed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(data) = self.data.take() {
+            return std::task::Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        std::task::Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+}
+
+/// One curl answer: status and the `x-pod` header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// Status code (0 when curl got none).
+    pub status: u16,
+    /// Which pod answered (`x-pod`), empty when none.
+    pub pod: String,
+}
+
+/// Runs `curl` in `ns` for `count` requests to `url` over one keep-alive connection, with
+/// `extra` arguments; returns each answer in order.
+pub fn curl_many(ns: &Netns, url: &str, count: usize, extra: &[&str]) -> Result<Vec<Answer>> {
+    curl_urls(ns, &vec![url.to_string(); count], extra)
+}
+
+/// Runs one `curl` in `ns` requesting each of `urls` in turn over one keep-alive connection.
+pub fn curl_urls(ns: &Netns, urls: &[String], extra: &[&str]) -> Result<Vec<Answer>> {
+    let count = urls.len();
+    let config = std::env::temp_dir().join(format!(
+        "mesh-curl-{}-{}.cfg",
+        std::process::id(),
+        fastrand_u64()
+    ));
+    let mut text = String::new();
+    for url in urls {
+        text.push_str(&format!("url = \"{url}\"\noutput = \"/dev/null\"\n"));
+    }
+    std::fs::write(&config, text)?;
+    let mut args: Vec<String> = vec![
+        "-sS".into(),
+        "--max-time".into(),
+        "120".into(),
+        "-w".into(),
+        "%{http_code} %header{x-pod}\\n".into(),
+        "-K".into(),
+        config.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ns.exec("curl", &refs);
+    let _ = std::fs::remove_file(&config);
+    let out = out?;
+    let answers: Vec<Answer> = out
+        .lines()
+        .map(|line| {
+            let (code, pod) = line.split_once(' ').unwrap_or((line, ""));
+            Answer {
+                status: code.trim().parse().unwrap_or(0),
+                pod: pod.trim().to_string(),
+            }
+        })
+        .collect();
+    if answers.len() != count {
+        bail!("curl gave {} answers for {count} requests", answers.len());
+    }
+    Ok(answers)
+}
+
+/// One request with curl in `ns`: `(status, headers, body)`.
+pub fn curl(ns: &Netns, args: &[&str]) -> Result<(u16, String, String)> {
+    let mut all = vec!["-sS", "--max-time", "20", "-D", "-", "-w", "\n%{http_code}"];
+    all.extend_from_slice(args);
+    let out = ns.exec("curl", &all).context("curl")?;
+    let (rest, code) = out.rsplit_once('\n').unwrap_or(("", &out));
+    let (headers, body) = rest
+        .split_once("\r\n\r\n")
+        .map_or((rest, ""), |(h, b)| (h, b));
+    Ok((
+        code.trim().parse().unwrap_or(0),
+        headers.to_string(),
+        body.to_string(),
+    ))
+}
+
+/// What `wrk` reports.
+#[derive(Debug, Default)]
+pub struct Load {
+    /// Requests completed.
+    pub requests: u64,
+    /// Responses that were not 2xx/3xx.
+    pub non_2xx: u64,
+    /// Socket errors (connect, read, write, timeout).
+    pub errors: u64,
+    /// Latency percentiles in microseconds: p50, p90, p99.
+    pub latency_us: [f64; 3],
+}
+
+/// Runs `wrk` in the namespace named `ns` against `url` for `seconds` with `connections`
+/// connections (a name, so it can run on another thread while the test changes things).
+pub fn wrk(ns: &str, url: &str, connections: u32, seconds: u32) -> Result<Load> {
+    let c = connections.to_string();
+    let d = format!("{seconds}s");
+    let out = crate::netns::sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "wrk",
+            "-t",
+            "1",
+            "-c",
+            &c,
+            "-d",
+            &d,
+            "--timeout",
+            "5s",
+            "--latency",
+            url,
+        ],
+    )?;
+    let mut load = Load::default();
+    for line in out.lines().map(str::trim) {
+        {
+            let rest = line;
+            if let Some((n, _)) = rest.split_once(" requests in ") {
+                load.requests = n.trim().parse().unwrap_or(0);
+            }
+            if let Some(n) = rest.strip_prefix("Non-2xx or 3xx responses:") {
+                load.non_2xx = n.trim().parse().unwrap_or(0);
+            }
+            for (i, p) in ["50%", "90%", "99%"].iter().enumerate() {
+                if let Some(v) = rest.strip_prefix(p) {
+                    load.latency_us[i] = micros(v.trim());
+                }
+            }
+            if let Some(errs) = rest.strip_prefix("Socket errors:") {
+                load.errors = errs
+                    .split(',')
+                    .filter_map(|kv| kv.split_whitespace().last()?.parse::<u64>().ok())
+                    .sum();
+            }
+        }
+    }
+    if load.requests == 0 {
+        bail!("wrk completed no request:\n{out}");
+    }
+    Ok(load)
+}
+
+/// wrk's `123.45us` / `1.20ms` / `2.00s` in microseconds.
+fn micros(text: &str) -> f64 {
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let (n, unit) = text.split_at(split);
+    let n: f64 = n.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        "m" => n * 60e6,
+        _ => f64::NAN,
+    }
+}
+
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    h.finish()
+}
+
+/// `addr` as an `http://` URL with `path`.
+pub fn url(addr: SocketAddr, path: &str) -> String {
+    format!("http://{addr}{path}")
+}
