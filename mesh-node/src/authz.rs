@@ -435,4 +435,82 @@ spec:
         assert!(authorize(&p, &conn(Some(API), 80)).allowed);
         assert!(!authorize(&p, &conn(Some(OTHER), 80)).allowed);
     }
+
+    #[test]
+    fn http_rules_per_request() {
+        let p = policies(
+            r#"
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: web-app-policy, namespace: default}
+spec:
+  selector: {matchLabels: {app: web-app}}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/api-service"]}}]
+    to: [{operation: {methods: ["GET"], paths: ["/api/v1/*"]}}]
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/admin-service"]}}]
+    to: [{operation: {methods: ["*"]}}]
+  - to: [{operation: {hosts: ["Status.Example"], notPaths: ["/private*"]}}]
+    when: [{key: "request.headers[x-token]", values: ["ok-*"]}]
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: no-delete, namespace: default}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {methods: [DELETE]}}], when: [{key: request.auth.principal, values: ["*"]}]}]
+"#,
+        );
+        let admin = "spiffe://cluster.local/ns/default/sa/admin-service";
+        let check =
+            |id: Option<&str>, method: &str, path: &str, host: &str, token: Option<&str>| {
+                let mut headers = http::HeaderMap::new();
+                if let Some(t) = token {
+                    headers.insert("x-token", t.parse().unwrap());
+                }
+                let mut c = conn(id, 8080);
+                c.request = Some(HttpAttrs {
+                    method,
+                    path,
+                    host,
+                    headers: &headers,
+                });
+                authorize(&p, &c).allowed
+            };
+        let h = "web-app:8080";
+        assert!(check(Some(API), "GET", "/api/v1/users", h, None));
+        assert!(!check(Some(API), "POST", "/api/v1/users", h, None));
+        assert!(!check(Some(API), "GET", "/admin", h, None));
+        assert!(!check(Some(API), "GET", "/api/v2/users", h, None));
+        assert!(
+            check(Some(admin), "DELETE", "/anything", h, None),
+            "no JWT principal"
+        );
+        assert!(!check(Some(OTHER), "GET", "/api/v1/users", h, None));
+        // Hosts without case and port; a header condition; notPaths.
+        assert!(check(
+            None,
+            "GET",
+            "/health",
+            "status.example:80",
+            Some("ok-1")
+        ));
+        assert!(!check(
+            None,
+            "GET",
+            "/health",
+            "status.example",
+            Some("bad")
+        ));
+        assert!(!check(None, "GET", "/health", "status.example", None));
+        assert!(!check(
+            None,
+            "GET",
+            "/private/x",
+            "status.example",
+            Some("ok-1")
+        ));
+        // The same policy on an L4 port: the HTTP rules never allow.
+        assert!(!authorize(&p, &conn(Some(API), 8080)).allowed);
+    }
 }

@@ -39,8 +39,9 @@ pub fn warn_l7_policies(state: &State) {
     for policy in state.l7_policies_at_l4() {
         tracing::warn!(
             policy,
-            "AuthorizationPolicy has HTTP rules, enforced at L4 as Istio ambient's ztunnel does: \
-             an ALLOW rule with HTTP fields never matches, a DENY rule applies on its L4 part"
+            "AuthorizationPolicy has HTTP rules and selects pods serving TCP ports: there they are \
+             enforced at L4 as Istio ambient's ztunnel does (an ALLOW rule with HTTP fields \
+             never matches, a DENY rule applies on its L4 part); on HTTP ports per request"
         );
     }
 }

@@ -343,10 +343,18 @@ impl State {
             .filter(|w| w.enrolled && self.is_local(w))
     }
 
-    /// AuthorizationPolicies with HTTP rules that apply to pods of this node, which the L4
-    /// proxy enforces as Istio ambient's ztunnel does (see `authz`): logged on each change.
+    /// AuthorizationPolicies with HTTP rules that apply to pods of this node serving a
+    /// Service port declared TCP (or undeclared), where the proxy enforces them at L4 as Istio
+    /// ambient's ztunnel does (see `authz`); on HTTP ports they apply per request. Logged on
+    /// each change.
     pub fn l7_policies_at_l4(&self) -> BTreeSet<String> {
+        let opaque = |w: &Workload| {
+            self.services
+                .values()
+                .any(|s| !s.protocol.is_http() && s.endpoints.iter().any(|e| *e.ip() == w.ip))
+        };
         self.local_enrolled_workloads()
+            .filter(|w| opaque(w))
             .flat_map(|w| &w.authorization)
             .filter(|p| p.0.spec.uses_l7())
             .map(|p| p.0.metadata.qualified())

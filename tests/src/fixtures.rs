@@ -11,7 +11,8 @@
 /// | c2  | node-b | plain | 100.65.1.3  | server                       |
 /// | c3  | node-a | plain | 100.65.0.5  | server                       |
 ///
-/// Service `mesh/web`: VIP 100.66.0.10:80 -> targetPort `http` (8080).
+/// Service `mesh/web`: VIP 100.66.0.10:80 (declared TCP: the apps here are not HTTP) ->
+/// targetPort `http` (8080).
 pub const TWO_NODES: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -69,7 +70,7 @@ metadata: {name: web, namespace: mesh}
 spec:
   clusterIP: 100.66.0.10
   selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: http}]
+  ports: [{name: tcp-web, port: 80, targetPort: http}]
 "#;
 
 /// Port the `web` pods listen on.

@@ -330,6 +330,30 @@ pub fn curl(ns: &Netns, args: &[&str]) -> Result<(u16, String, String)> {
     ))
 }
 
+/// One GET with curl in `ns`: `(status, x-pod, the client's own address)`.
+pub fn get(ns: &Netns, url: &str, extra: &[&str]) -> Result<(u16, String, SocketAddr)> {
+    let mut args = vec![
+        "-sS",
+        "--max-time",
+        "20",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{local_ip}:%{local_port} %header{x-pod}",
+    ];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let out = ns.exec("curl", &args)?;
+    let mut parts = out.trim().splitn(3, ' ');
+    let status = parts.next().unwrap_or("").parse().unwrap_or(0);
+    let local = parts
+        .next()
+        .unwrap_or("")
+        .parse()
+        .with_context(|| format!("curl printed no local address: {out}"))?;
+    Ok((status, parts.next().unwrap_or("").to_string(), local))
+}
+
 /// What `wrk` reports.
 #[derive(Debug, Default)]
 pub struct Load {

@@ -202,8 +202,8 @@ fn edits_under_load<'s, 'e>(scope: &'s std::thread::Scope<'s, 'e>, cluster: &'s 
     let generation_before = generation(cluster);
     cluster
         .write_config(&enrolled.replace(
-            "ports: [{name: http, port: 80, targetPort: http}]",
-            "ports: [{name: http, port: 80, targetPort: http, appProtocol: 7}]",
+            "ports: [{name: tcp-web, port: 80, targetPort: http}]",
+            "ports: [{name: tcp-web, port: 80, targetPort: http, appProtocol: 7}]",
         ))
         .unwrap();
     wait_until("the rejection to be counted", || {

@@ -59,7 +59,7 @@ pub async fn serve(
     vip: SocketAddrV4,
     mut rec: ConnectionRecord,
 ) {
-    rec.path = "http";
+    rec.path = "http_routed";
     let tracked = Tracked::open(&ctx, Direction::Outbound, rec);
     let _ = client.set_nodelay(true);
     crate::proxy::keepalive(&client);

@@ -46,7 +46,10 @@ pub struct ConnectionRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destination_identity: Option<String>,
     /// How the bytes travel to the destination: `hbone` (mTLS tunnel to its node),
-    /// `same_node` (this proxy delivers; identity known in-process), `plaintext`.
+    /// `same_node` (this proxy delivers; identity known in-process), `plaintext`; with
+    /// `_http` when the destination side parses HTTP (authorization per request), and
+    /// `http_routed` for a client connection to an HTTP Service port (each request routed
+    /// on its own: see the request lines of the access log).
     pub path: &'static str,
     /// `mutual_tls` or `none`.
     pub security: &'static str,

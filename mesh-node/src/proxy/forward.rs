@@ -168,6 +168,7 @@ async fn same_node(
             target: upstream,
             mtls,
         };
+        rec.path = "same_node_http";
         serve_http(ctx, Direction::Outbound, client, rec, inbound).await;
         return;
     }
@@ -270,6 +271,7 @@ async fn inbound(
             target: upstream,
             mtls: false,
         };
+        rec.path = "plaintext_http";
         serve_http(ctx, Direction::Inbound, client, rec, inbound).await;
         return;
     }
@@ -367,10 +369,9 @@ pub(crate) async fn serve_http(
     ctx: &Arc<ProxyContext>,
     direction: Direction,
     client: TcpStream,
-    mut rec: super::connections::ConnectionRecord,
+    rec: super::connections::ConnectionRecord,
     inbound: crate::http::inbound::Inbound,
 ) {
-    rec.path = "http";
     let tracked = Tracked::open(ctx, direction, rec);
     let source = ip_of(inbound.peer).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
     let pod = match connect_from(source, inbound.target).await {

@@ -1,9 +1,11 @@
 //! The demo: a two-node cluster in network namespaces, from a mesh config file
 //! (`examples/demo.yaml` by default), with mesh-node on every node. Every pod that declares
-//! container ports runs a greeting server on them; every other pod is a client that calls each
-//! Service VIP twice and each server pod once. The report shows, for each call, who answered
-//! and which node proxy carried it (from the proxies' own records), with the original
-//! destination. Everything is removed at the end, also on failure.
+//! container ports serves on them: HTTP where a Service declares the port HTTP, a greeting
+//! over plain TCP otherwise; every other pod is a client that calls each Service port twice
+//! and each server pod once (curl for HTTP). The report shows, for each call, who answered
+//! and which node proxies carried it (from their own records), then the canary split of 100
+//! requests per enrolled client and HTTP Service as the VirtualService routes them, and the
+//! Istio metrics. Everything is removed at the end, also on failure.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
@@ -12,6 +14,7 @@ use mesh_node::{config, state::State};
 use mesh_tests::{
     apps::{greet, Behaviour, Server},
     cluster::{Cluster, ProxyConnection},
+    web::{self, WebServer},
 };
 
 struct Call {
@@ -22,6 +25,8 @@ struct Call {
     dst: SocketAddr,
     local: Option<SocketAddr>,
     answer: String,
+    /// The pod that answered.
+    server: String,
 }
 
 fn now_ms() -> u64 {
@@ -69,7 +74,13 @@ fn main() -> Result<()> {
     cluster.start_mesh_everywhere()?;
     println!("   mesh-node running on {}", nodes.join(", "));
 
+    let http = |addr: SocketAddr| {
+        state
+            .service_of_endpoint(addr)
+            .is_some_and(|s| s.protocol.is_http())
+    };
     let mut servers = Vec::new();
+    let mut web_servers = Vec::new();
     let mut server_ports: Vec<(String, SocketAddr)> = Vec::new();
     let mut clients = Vec::new();
     for pod in &resources.pods {
@@ -87,11 +98,15 @@ fn main() -> Result<()> {
             clients.push(p.name.clone());
         }
         for port in ports {
-            servers.push(Server::start(
-                &p.netns,
-                port,
-                Behaviour::Greet(p.name.clone()),
-            )?);
+            if http(SocketAddr::from((p.ip, port))) {
+                web_servers.push(WebServer::start(&p.netns, port, &p.name)?);
+            } else {
+                servers.push(Server::start(
+                    &p.netns,
+                    port,
+                    Behaviour::Greet(p.name.clone()),
+                )?);
+            }
             server_ports.push((
                 format!("{}/{}", p.namespace, p.name),
                 SocketAddr::from((p.ip, port)),
@@ -121,9 +136,26 @@ fn main() -> Result<()> {
         );
         for (target, dst) in targets {
             let start = now_ms();
-            let (local, answer) = match greet(&pod.netns, dst) {
-                Ok((local, answer)) => (Some(local), answer),
-                Err(err) => (None, format!("failed: {err:#}")),
+            let is_http = http(dst)
+                || state
+                    .services
+                    .values()
+                    .any(|s| SocketAddr::V4(s.vip) == dst && s.protocol.is_http());
+            let (local, answer, server) = if is_http {
+                match web::get(&pod.netns, &format!("http://{dst}/"), &[]) {
+                    Ok((status, pod, local)) => {
+                        (Some(local), format!("HTTP {status} from {pod}"), pod)
+                    }
+                    Err(err) => (None, format!("failed: {err:#}"), String::new()),
+                }
+            } else {
+                match greet(&pod.netns, dst) {
+                    Ok((local, answer)) => {
+                        let server = answer.strip_prefix("hello from ").unwrap_or("").to_string();
+                        (Some(local), answer, server)
+                    }
+                    Err(err) => (None, format!("failed: {err:#}"), String::new()),
+                }
             };
             // The proxies' records are kept to the millisecond: keep calls apart.
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -134,6 +166,7 @@ fn main() -> Result<()> {
                 dst,
                 local,
                 answer,
+                server,
             });
         }
     }
@@ -179,6 +212,75 @@ fn main() -> Result<()> {
             );
         }
     }
+    println!("\n== canary routing (100 requests per enrolled client and HTTP Service, by pod)");
+    for client in &clients {
+        let pod = cluster.pod(client);
+        let enrolled = state.workloads.get(&pod.ip).is_some_and(|w| w.enrolled);
+        if !enrolled {
+            continue;
+        }
+        for svc in vips.iter().filter(|s| s.protocol.is_http()) {
+            let url = format!("http://{}/", svc.vip);
+            for (label, extra) in [
+                ("", &[][..]),
+                (" with x-canary: always", &["-H", "x-canary: always"][..]),
+            ] {
+                let answers = web::curl_many(&pod.netns, &url, 100, extra)?;
+                let mut by_pod: BTreeMap<String, usize> = BTreeMap::new();
+                for a in &answers {
+                    let key = if a.status == 200 {
+                        a.pod.clone()
+                    } else {
+                        format!("HTTP {}", a.status)
+                    };
+                    *by_pod.entry(key).or_default() += 1;
+                }
+                let split: Vec<String> = by_pod.iter().map(|(k, n)| format!("{k} {n}")).collect();
+                println!(
+                    "   {}/{} -> Service {}{label}: {}",
+                    pod.namespace,
+                    pod.name,
+                    svc.qualified_name(),
+                    split.join(", ")
+                );
+            }
+        }
+    }
+    println!("\n== Istio request metrics (istio_requests_total by reporter, version and code)");
+    for node in &nodes {
+        let (_, body) = cluster.admin_get(node, "/metrics")?;
+        let mut sums: BTreeMap<String, u64> = BTreeMap::new();
+        for line in body
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+        {
+            let label = |key: &str| {
+                line.split(&format!("{key}=\""))
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let value: u64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let key = format!(
+                "{} {}->{}/{} {}",
+                label("reporter"),
+                label("source_workload"),
+                label("destination_workload"),
+                label("destination_version"),
+                label("response_code")
+            );
+            *sums.entry(key).or_default() += value;
+        }
+        println!("   {node}:");
+        for (key, n) in sums {
+            println!("     {key}: {n}");
+        }
+    }
     println!(
         "\n== Istio TCP metrics (istio_tcp_connections_opened_total by reporter and security)"
     );
@@ -222,6 +324,7 @@ fn main() -> Result<()> {
     }
     let failed = calls.iter().filter(|c| c.local.is_none()).count();
     drop(servers);
+    drop(web_servers);
     drop(cluster);
     println!("\n== cleaned up (namespaces, programs, pins, rules)");
     if failed > 0 {
@@ -258,6 +361,8 @@ fn describe_path(
                     short(&c.destination_identity)
                 ),
                 "same_node" => " [same node, identity in-process]".to_string(),
+                "http_routed" => " [L7: each request routed by the VirtualService]".to_string(),
+                "same_node_http" | "plaintext_http" => " [HTTP authorized per request]".to_string(),
                 _ => String::new(),
             };
             hops.push(format!(
@@ -269,7 +374,7 @@ fn describe_path(
     // The destination node's proxy records the delivery to the pod (HBONE or plaintext
     // inbound), with the source pod or the previous hop as its client: match it by pod and by
     // time.
-    let answered_by = call.answer.strip_prefix("hello from ").unwrap_or("");
+    let answered_by = call.server.as_str();
     if let Some(server) = cluster.pods.get(answered_by) {
         let node = &server.node;
         let inbound = records.get(node).and_then(|conns| {
@@ -282,10 +387,13 @@ fn describe_path(
         });
         if let Some(c) = inbound {
             if !hops.iter().any(|h| h.starts_with(node.as_str())) {
-                let how = if c.direction == "hbone" {
-                    format!(" [peer sa/{} verified]", short(&c.source_identity))
-                } else {
-                    String::new()
+                let how = match c.path.as_str() {
+                    "hbone" => format!(" [peer sa/{} verified]", short(&c.source_identity)),
+                    "hbone_http" => format!(
+                        " [peer sa/{} verified, HTTP authorized per request]",
+                        short(&c.source_identity)
+                    ),
+                    _ => String::new(),
                 };
                 hops.push(format!(
                     "{node} proxy {} to {}{how}",
