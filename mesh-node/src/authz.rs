@@ -170,7 +170,16 @@ fn cidrs(want: &[Cidr], not: &[Cidr], ip: Ipv4Addr) -> bool {
 
 fn source_matches(source: &Source, conn: &Connection<'_>) -> bool {
     let account = conn.service_account();
-    patterns(&source.principals, &source.not_principals, conn.principal())
+    // No RequestAuthentication (JWT) in this mesh: a request's principal is empty, so
+    // `requestPrincipals: ["*"]` never matches. At L4 these fields never get here for ALLOW.
+    let request_principal = conn.request.is_none()
+        || patterns(
+            &source.request_principals,
+            &source.not_request_principals,
+            "",
+        );
+    request_principal
+        && patterns(&source.principals, &source.not_principals, conn.principal())
         && patterns(&source.namespaces, &source.not_namespaces, conn.namespace())
         && (source.service_accounts.is_empty() || source.service_accounts.contains(&account))
         && !source.not_service_accounts.contains(&account)
@@ -510,6 +519,24 @@ spec:
             "status.example",
             Some("ok-1")
         ));
+        // A JWT requirement: nobody carries one here.
+        let jwt = policies(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: jwt, namespace: default}
+spec: {rules: [{from: [{source: {requestPrincipals: ["*"]}}]}]}
+"#,
+        );
+        let headers = http::HeaderMap::new();
+        let mut c = conn(Some(API), 8080);
+        c.request = Some(HttpAttrs {
+            method: "GET",
+            path: "/",
+            host: h,
+            headers: &headers,
+        });
+        assert!(!authorize(&jwt, &c).allowed);
         // The same policy on an L4 port: the HTTP rules never allow.
         assert!(!authorize(&p, &conn(Some(API), 8080)).allowed);
     }

@@ -159,6 +159,10 @@ pub struct State {
     pub endpoint_services: HashMap<SocketAddrV4, SocketAddrV4>,
     /// Clusters IPs (any port) to Service `namespace/name`.
     pub vips: HashMap<Ipv4Addr, String>,
+    /// Endpoints that a Service port declaring HTTP/2 or gRPC leads to: the destination side
+    /// speaks HTTP/2 to them when the request came as HTTP/2.
+    #[serde(skip)]
+    pub h2_endpoints: std::collections::HashSet<SocketAddrV4>,
     /// Service FQDNs to their ports (`clusterIP:port`), for route destinations.
     #[serde(skip)]
     pub services_by_host: HashMap<String, Vec<SocketAddrV4>>,
@@ -275,6 +279,11 @@ impl State {
                     .or_insert(target.vip);
             }
         }
+        let h2_endpoints = services
+            .values()
+            .filter(|s| matches!(s.protocol, Protocol::Http2 | Protocol::Grpc))
+            .flat_map(|s| s.endpoints.iter().copied())
+            .collect();
         let mut services_by_host: HashMap<String, Vec<SocketAddrV4>> = HashMap::new();
         for target in services.values() {
             services_by_host
@@ -320,6 +329,7 @@ impl State {
             mesh: mesh.clone(),
             endpoint_services,
             services_by_host,
+            h2_endpoints,
             external,
             node_ports,
             host_ports,

@@ -35,6 +35,8 @@ use crate::{
 const UNLIMITED: usize = u32::MAX as usize;
 /// Istio's default upstream connect timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Envoy's default longest ejection.
+const MAX_EJECTION: Duration = Duration::from_secs(300);
 /// Istio's default idle timeout of upstream HTTP connections.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -276,8 +278,7 @@ pub fn destination_rule<'s>(
     let service_ns = host.split('.').nth(1).unwrap_or("");
     let chosen_ns = [client_ns, service_ns, state.mesh.root_namespace.as_str()]
         .into_iter()
-        .find(|ns| candidates.iter().any(|r| r.0.namespace() == *ns))
-        .or_else(|| candidates.first().map(|r| r.0.namespace()))?;
+        .find(|ns| candidates.iter().any(|r| r.0.namespace() == *ns))?;
     let chosen: Vec<_> = candidates
         .into_iter()
         .filter(|r| r.0.namespace() == chosen_ns)
@@ -347,6 +348,9 @@ pub struct ClusterKey {
     pub subset: Option<String>,
     /// Service port.
     pub port: u16,
+    /// The client's labels (hashed) when a DestinationRule for the host has a
+    /// `workloadSelector`, so clients it selects and others do not share a policy; else 0.
+    pub selector: u64,
 }
 
 /// Per-endpoint state kept across config changes: load, outlier bookkeeping, and the HTTP
@@ -564,7 +568,13 @@ impl Cluster {
             health.ejections = health.ejections.saturating_sub(decay);
         }
         health.ejections += 1;
-        health.ejected_until = Some(now + outlier.base_ejection * health.ejections);
+        // Envoy caps an ejection at max_ejection_time (default 300 s).
+        let time = outlier
+            .base_ejection
+            .checked_mul(health.ejections)
+            .unwrap_or(MAX_EJECTION)
+            .min(MAX_EJECTION.max(outlier.base_ejection));
+        health.ejected_until = Some(now + time);
         health.consecutive_5xx = 0;
         health.consecutive_gateway = 0;
         self.ejected_total.fetch_add(1, Ordering::Relaxed);
@@ -853,6 +863,7 @@ spec: {host: web-app.default.svc.cluster.local, trafficPolicy: {loadBalancer: {c
             host: HOST.into(),
             subset: None,
             port: 8080,
+            selector: 0,
         });
         let view = view(Policy {
             balancer: Balancer::RoundRobin,
@@ -903,6 +914,7 @@ spec: {host: web-app.default.svc.cluster.local, trafficPolicy: {loadBalancer: {c
             host: HOST.into(),
             subset: None,
             port: 8080,
+            selector: 0,
         });
         let rr = view(Policy {
             balancer: Balancer::RoundRobin,

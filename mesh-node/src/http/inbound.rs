@@ -38,6 +38,9 @@ use crate::{
     telemetry::{Peer, Report},
 };
 
+/// Deadline for the HTTP handshake with the pod (the TCP connect has its own).
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One client connection to a local pod's HTTP port.
 pub struct Inbound {
     /// The client's address.
@@ -89,6 +92,7 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Response<RespBody> {
     let started = Instant::now();
+    super::normalize_uri(req.uri_mut());
     let state = ctx.state.load_full();
     let peer_ip = ip_of(conn.peer).unwrap_or(Ipv4Addr::UNSPECIFIED);
     let identity = conn.identity.as_deref();
@@ -188,7 +192,12 @@ async fn handle(
 
     let upgrade = super::is_upgrade(req.headers()) && req.version() != http::Version::HTTP_2;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let h2 = req.version() == http::Version::HTTP_2;
+    // HTTP/2 to the pod only where a Service port declares HTTP/2 or gRPC for it (the hop
+    // before may have upgraded an HTTP/1.1 request, as `h2UpgradePolicy` does between
+    // proxies; the application still gets HTTP/1.1).
+    let h2 = !upgrade
+        && req.version() == http::Version::HTTP_2
+        && matches!(conn.target, SocketAddr::V4(t) if state.h2_endpoints.contains(&t));
     let sender = match sender(upstream, peer_ip, conn.target, h2, upgrade).await {
         Ok(sender) => sender,
         Err(err) => {
@@ -205,7 +214,27 @@ async fn handle(
     strip_hop_by_hop(&mut parts.headers, upgrade);
     let body = Counting::wrap(super::boxed(body), request_bytes.clone());
     let mut forwarded = Request::from_parts(parts, body);
-    if !h2 {
+    if h2 {
+        // `:authority` only, as Envoy forwards it: a `Host` header the policy did not see
+        // must not reach the pod.
+        forwarded.headers_mut().remove(header::HOST);
+        *forwarded.version_mut() = http::Version::HTTP_2;
+        if forwarded.uri().authority().is_none() {
+            let path = forwarded
+                .uri()
+                .path_and_query()
+                .map_or("/".to_string(), |p| p.as_str().to_string());
+            match format!("http://{authority}{path}").parse() {
+                Ok(uri) => *forwarded.uri_mut() = uri,
+                Err(_) => {
+                    log.response_flags = "-";
+                    let response = local_response(StatusCode::BAD_REQUEST, "invalid authority");
+                    return Observed::wrap(response, finish(log));
+                }
+            }
+        }
+    } else {
+        *forwarded.version_mut() = http::Version::HTTP_11;
         // Origin form to the pod.
         let path = forwarded
             .uri()
@@ -269,7 +298,9 @@ async fn sender(
             .await
             .map_err(|e| format!("connect to {target}: {e}"))?,
     };
-    let sender = handshake(TokioIo::new(stream), h2, ()).await?;
+    let sender = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(TokioIo::new(stream), h2, ()))
+        .await
+        .map_err(|_| format!("HTTP handshake with {target} timed out"))??;
     if !upgrade {
         if h2 {
             up.h2 = Some(sender.clone());

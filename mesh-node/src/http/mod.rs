@@ -49,14 +49,14 @@ pub struct L7 {
     pub metrics: RequestMetrics,
 }
 
-/// Headers that belong to one hop and are not forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
+/// Headers that belong to one hop and are not forwarded (RFC 9110 7.6.1); `te: trailers`
+/// is kept (gRPC needs it).
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "proxy-authenticate",
     "proxy-authorization",
-    "te",
     "trailer",
     "transfer-encoding",
 ];
@@ -78,16 +78,29 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
+    let trailers_only = headers
+        .get_all(header::TE)
+        .iter()
+        .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !trailers_only {
+        headers.remove(header::TE);
+    }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
         headers.remove(header::UPGRADE);
+        headers.remove("http2-settings");
     }
 }
 
-/// Whether a request asks for a protocol upgrade (WebSocket).
+/// Whether a request asks for a WebSocket upgrade, the only upgrade passed through (as
+/// Istio enables only `websocket`; `h2c` and others are stripped, so no second protocol can
+/// run past the per-request checks).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -119,6 +132,79 @@ pub fn apply_header_ops(headers: &mut HeaderMap, ops: Option<&HeaderOperations>)
     }
     for name in &ops.remove {
         headers.remove(name.as_str());
+    }
+}
+
+/// Normalizes a request path as Istio's default (`BASE`, RFC 3986) does before routing and
+/// authorization, and forwards it so normalized: percent-encoded unreserved characters are
+/// decoded and `.` / `..` segments removed. The query string is kept as it is.
+pub fn normalize_uri(uri: &mut http::Uri) {
+    let Some(pq) = uri.path_and_query() else {
+        return;
+    };
+    let path = pq.path();
+    let normalized = normalize_path(path);
+    if normalized == path {
+        return;
+    }
+    let query = pq.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = format!("{normalized}{query}").parse().ok();
+    if let Ok(rebuilt) = http::Uri::from_parts(parts) {
+        *uri = rebuilt;
+    }
+}
+
+/// RFC 3986 section 6.2.2: decode unreserved characters, remove dot segments.
+pub fn normalize_path(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                    decoded.push(b as char);
+                    i += 3;
+                    continue;
+                }
+                // Other escapes stay, with upper-case hex digits.
+                decoded.push('%');
+                decoded.push_str(&hex.to_ascii_uppercase());
+                i += 3;
+                continue;
+            }
+        }
+        decoded.push(bytes[i] as char);
+        i += 1;
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded.split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    for (n, segment) in segments.iter().enumerate() {
+        match *segment {
+            "." => {
+                if n == last {
+                    out.push("");
+                }
+            }
+            ".." => {
+                if out.len() > 1 {
+                    out.pop();
+                }
+                if n == last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    let joined = out.join("/");
+    if joined.starts_with('/') {
+        joined
+    } else {
+        format!("/{joined}")
     }
 }
 
@@ -227,18 +313,39 @@ pub struct Finish {
 pub struct Slot {
     /// The destination.
     pub cluster: Arc<cluster::Cluster>,
-    /// The endpoint.
-    pub endpoint: Option<Arc<cluster::EndpointState>>,
+    /// The endpoint answering, counted as busy until the response ends.
+    pub endpoint: Option<Active>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        use std::sync::atomic::Ordering;
-        self.cluster.requests.fetch_sub(1, Ordering::AcqRel);
-        if let Some(e) = &self.endpoint {
-            e.active.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.cluster
+            .requests
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.endpoint.take();
         self.cluster.freed.notify_waiters();
+    }
+}
+
+/// A request in flight at an endpoint (LEAST_REQUEST counts them); released on drop, also
+/// when the client goes away mid-request.
+pub struct Active(Arc<cluster::EndpointState>);
+
+impl Active {
+    /// Counts one more request at `endpoint`.
+    pub fn start(endpoint: Arc<cluster::EndpointState>) -> Active {
+        endpoint
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Active(endpoint)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -450,4 +557,46 @@ pub fn splice_upgrade(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade:
         let mut server = hyper_util::rt::TokioIo::new(server);
         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_normalized_as_rfc_3986_says() {
+        for (raw, want) in [
+            ("/a/b", "/a/b"),
+            ("/public/../admin", "/admin"),
+            ("/a/./b/.", "/a/b/"),
+            ("/../../x", "/x"),
+            ("/%61dmin", "/admin"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/a/b/..", "/a/"),
+            ("/%2e%2e/admin", "/admin"),
+            ("/", "/"),
+            ("/%", "/%"),
+        ] {
+            assert_eq!(normalize_path(raw), want, "{raw}");
+        }
+        let mut uri: http::Uri = "/x/../api/v1?q=/../a".parse().unwrap();
+        normalize_uri(&mut uri);
+        assert_eq!(uri, "/api/v1?q=/../a");
+    }
+
+    #[test]
+    fn only_websocket_upgrades_and_te_trailers_pass() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Upgrade, HTTP2-Settings".parse().unwrap());
+        h.insert("upgrade", "h2c".parse().unwrap());
+        h.insert("http2-settings", "AAMAAABkAAQAAP__".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        assert!(!is_upgrade(&h));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("upgrade").is_none() && h.get("http2-settings").is_none());
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("connection", "upgrade".parse().unwrap());
+        assert!(is_upgrade(&h));
+    }
 }

@@ -28,7 +28,7 @@ use super::{
     cluster::{self, ClusterKey, View},
     full, local_response, protocol_of, route, strip_hop_by_hop,
     upstream::{self, Target},
-    version_name, BoxError, Counting, Finish, Observed, RequestLog, RespBody, Slot,
+    version_name, Active, BoxError, Counting, Finish, Observed, RequestLog, RespBody, Slot,
 };
 use crate::{
     authz::HttpAttrs,
@@ -89,6 +89,10 @@ struct ClientConn {
 /// Where a request goes.
 struct Plan<'s> {
     route: Option<&'s HttpRoute>,
+    /// The `uri.prefix` of the match entry that applied (prefix rewrites replace it).
+    matched_prefix: Option<String>,
+    /// The VirtualService's namespace (short hosts in it resolve there).
+    vs_namespace: Option<String>,
     route_name: Option<String>,
     destination: Option<&'s HttpRouteDestination>,
     host: String,
@@ -139,6 +143,7 @@ async fn handle(
     let started = Instant::now();
     let state = ctx.state.load_full();
     let source = ip_of(conn.peer).and_then(|ip| state.workloads.get(&ip));
+    super::normalize_uri(req.uri_mut());
     let upgrade = super::is_upgrade(req.headers()) && req.version() != http::Version::HTTP_2;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -192,6 +197,7 @@ async fn handle(
     call.log.destination_service = Some(plan.host.clone());
     call.log.subset = plan.subset.clone();
 
+    let mut routed_at = started;
     if let Some(route) = plan.route {
         if let Some(redirect) = &route.redirect {
             let response = redirect_response(redirect, &parts, &authority, conn.vip.port());
@@ -211,6 +217,9 @@ async fn handle(
             if let Some(delay) = &fault.delay {
                 if hit(delay.percentage.as_ref().map(|p| p.0)) {
                     tokio::time::sleep(delay.fixed_delay.0).await;
+                    // The route timeout starts after the injected delay, as Envoy's router
+                    // runs after its fault filter.
+                    routed_at = Instant::now();
                     call.log.response_flags = "DI";
                 }
             }
@@ -235,12 +244,14 @@ async fn handle(
         );
     };
     call.reports = vec![report("source", source, None, Some(target), false)];
-    let key = ClusterKey {
-        client_ns: client_ns.to_string(),
-        host: plan.host.clone(),
-        subset: plan.subset.clone(),
-        port: target.vip.port(),
-    };
+    let key = cluster_key(
+        &state,
+        client_ns,
+        source,
+        &plan.host,
+        plan.subset.clone(),
+        target,
+    );
     let (cluster, view) = cluster_view(ctx, &state, key, target, source);
     if let Some(error) = &view.error {
         let response = local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
@@ -277,7 +288,12 @@ async fn handle(
     );
     let mut authority = authority;
     if let Some(rewrite) = plan.route.and_then(|r| r.rewrite.as_ref()) {
-        rewrite_request(rewrite, plan.route, &mut parts, &mut authority);
+        rewrite_request(
+            rewrite,
+            plan.matched_prefix.as_deref(),
+            &mut parts,
+            &mut authority,
+        );
     }
     if !parts.headers.contains_key("x-request-id") {
         let id = format!("{:032x}", fastrand::u128(..));
@@ -286,6 +302,7 @@ async fn handle(
         }
     }
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    let declared_h2 = matches!(target.protocol, Protocol::Http2 | Protocol::Grpc);
     let h2 = !upgrade
         && match target.protocol {
             Protocol::Http2 | Protocol::Grpc => true,
@@ -318,7 +335,7 @@ async fn handle(
                 &parts,
                 bytes,
                 &authority,
-                client_ns,
+                (client_ns, plan.vs_namespace.as_deref().unwrap_or(client_ns)),
                 conn.vip.port(),
             );
         }
@@ -329,7 +346,7 @@ async fn handle(
         .route
         .and_then(|r| r.timeout)
         .filter(|t| !t.0.is_zero())
-        .map(|t| started + t.0);
+        .map(|t| routed_at + t.0);
     let hash = hash_key(&view.policy.balancer, &parts, conn.peer);
     let mut tried = HashSet::new();
     let mut body = Some(body);
@@ -382,8 +399,21 @@ async fn handle(
             budget = Some(budget.map_or(left, |b| b.min(left)));
         }
         let endpoint_state = cluster.endpoint(endpoint);
-        endpoint_state.active.fetch_add(1, Ordering::AcqRel);
-        let request = upstream_request(&parts, this_body, h2, &authority);
+        let active = Active::start(endpoint_state.clone());
+        // The application always gets the protocol its Service port declares; between two
+        // node proxies, the DestinationRule may upgrade to HTTP/2.
+        let hop_h2 = if via_hbone(&state, source, destination) {
+            h2
+        } else {
+            declared_h2 && !upgrade
+        };
+        let Some(request) = upstream_request(&parts, this_body, hop_h2, &authority) else {
+            break (
+                local_response(StatusCode::BAD_REQUEST, "invalid request target"),
+                "",
+                Some(format!("cannot forward {} to {authority}", parts.uri)),
+            );
+        };
         let sent = send(
             ctx,
             &state,
@@ -394,7 +424,7 @@ async fn handle(
             destination,
             endpoint,
             request,
-            h2,
+            hop_h2,
             conn.peer,
         );
         let sent = match budget {
@@ -414,13 +444,13 @@ async fn handle(
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse().ok());
                 if retry.on.status(status, grpc) && can_retry && !overall_expired {
-                    endpoint_state.active.fetch_sub(1, Ordering::AcqRel);
+                    drop(active);
                     let (parts, _) = response.into_parts();
                     last = Some((Response::from_parts(parts, full(Bytes::new())), "URX", None));
                     continue;
                 }
                 if let Some(slot) = &mut call.slot {
-                    slot.endpoint = Some(endpoint_state);
+                    slot.endpoint = Some(active);
                 }
                 let retried_out = attempts > 1 && retry.on.status(status, grpc);
                 let (mut parts, incoming) = response.into_parts();
@@ -440,15 +470,18 @@ async fn handle(
                     None,
                 );
             }
-            Ok(Answer::Local(response, flag, error)) => {
-                endpoint_state.active.fetch_sub(1, Ordering::AcqRel);
-                break (response, flag, error);
-            }
+            Ok(Answer::Local(response, flag, error)) => break (response, flag, error),
             Err(failure) => {
-                endpoint_state.active.fetch_sub(1, Ordering::AcqRel);
+                drop(active);
                 if let Failure::Connect(f) = &failure {
                     if f.flag == "UO" {
                         break (local_response(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow"), "UO", Some(f.error.clone()));
+                    }
+                    if f.flag == "DENY" {
+                        // The destination's policy refused the tunnel: not the endpoint's
+                        // fault, and not worth a retry.
+                        let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
+                        break (response, "", Some(f.error.clone()));
                     }
                 }
                 cluster.outcome(&view, endpoint, 0);
@@ -459,9 +492,6 @@ async fn handle(
                         "upstream request timeout".to_string(),
                         retry.on.timeout(),
                     ),
-                    Failure::Connect(f) if f.flag == "DENY" => {
-                        (StatusCode::FORBIDDEN, "UF", f.error, false)
-                    }
                     Failure::Connect(f) => (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "UF",
@@ -519,6 +549,42 @@ async fn handle(
         set_hash_cookie(&mut response, cookie, &parts);
     }
     call.answer(response, flag, error)
+}
+
+/// The key of a destination's runtime state for a client.
+fn cluster_key(
+    state: &State,
+    client_ns: &str,
+    source: Option<&Workload>,
+    host: &str,
+    subset: Option<String>,
+    target: &ServiceTarget,
+) -> ClusterKey {
+    let selective = state
+        .destination_rules
+        .get(host)
+        .is_some_and(|rules| rules.iter().any(|r| r.0.spec.workload_selector.is_some()));
+    let selector = match source.filter(|_| selective) {
+        Some(s) => cluster::hash_key(format!("{:?}", s.labels).as_bytes()),
+        None => 0,
+    };
+    ClusterKey {
+        client_ns: client_ns.to_string(),
+        host: host.to_string(),
+        subset,
+        port: target.vip.port(),
+        selector,
+    }
+}
+
+/// Whether a request from `source` to `destination` travels in an HBONE tunnel.
+pub(crate) fn via_hbone(
+    state: &State,
+    source: Option<&Workload>,
+    destination: Option<&Workload>,
+) -> bool {
+    source.is_some_and(|s| s.enrolled)
+        && destination.is_some_and(|d| d.enrolled && !state.is_local(d))
 }
 
 /// The runtime state of a destination and its view under the current snapshot.
@@ -587,12 +653,8 @@ pub(crate) fn tcp_route<'s>(
             format!("{host} has no such port"),
         )));
     };
-    let key = ClusterKey {
-        client_ns: client_ns.to_string(),
-        host,
-        subset: destination.destination.subset.clone(),
-        port: target.vip.port(),
-    };
+    let subset = destination.destination.subset.clone();
+    let key = cluster_key(state, client_ns, source, &host, subset, target);
     let (cluster, view) = cluster_view(ctx, state, key, target, source);
     if let Some(error) = &view.error {
         return Some(Err(Outcome::refused("NC", error.clone())));
@@ -649,6 +711,8 @@ fn plan<'s>(
 ) -> Result<Plan<'s>, ()> {
     let default = Plan {
         route: None,
+        matched_prefix: None,
+        vs_namespace: None,
         route_name: None,
         destination: None,
         host: service.host.clone(),
@@ -672,9 +736,19 @@ fn plan<'s>(
         .name
         .clone()
         .unwrap_or_else(|| format!("{}#{index}", vs.0.metadata.qualified()));
+    let matched_prefix = matched
+        .matches
+        .iter()
+        .find(|m| route::matches(m, &view))
+        .and_then(|m| match &m.uri {
+            Some(crate::config::values::StringMatch::Prefix(p)) => Some(p.clone()),
+            _ => None,
+        });
     let mut plan = Plan {
         route: Some(matched),
         route_name: Some(name),
+        matched_prefix,
+        vs_namespace: Some(vs.0.namespace().to_string()),
         ..default
     };
     if matched.redirect.is_some() || matched.direct_response.is_some() {
@@ -781,7 +855,7 @@ fn upstream_request(
     body: upstream::Body,
     h2: bool,
     authority: &str,
-) -> Request<upstream::Body> {
+) -> Option<Request<upstream::Body>> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut builder = Request::builder().method(parts.method.clone());
     let mut headers = parts.headers.clone();
@@ -796,11 +870,9 @@ fn upstream_request(
         }
         builder = builder.version(http::Version::HTTP_11).uri(path);
     }
-    let mut request = builder.body(body).unwrap_or_else(|_| {
-        Request::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
-    });
+    let mut request = builder.body(body).ok()?;
     *request.headers_mut() = headers;
-    request
+    Some(request)
 }
 
 enum Answer {
@@ -1016,9 +1088,9 @@ impl RetryPolicy {
     }
 }
 
-/// Whether a fault with `percentage` (all requests when unset) applies to this request.
+/// Whether a fault or mirror with `percentage` applies to this request.
 fn hit(percentage: Option<f64>) -> bool {
-    let p = percentage.unwrap_or(100.0);
+    let p = percentage.unwrap_or(0.0);
     p >= 100.0 || fastrand::f64() * 100.0 < p
 }
 
@@ -1092,6 +1164,12 @@ fn redirect_response(
         Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), p.parse().ok()),
         _ => (authority.to_string(), None),
     };
+    // `authority` replaces host and port, as Envoy's host_redirect does.
+    let request_port = if redirect.authority.is_some() {
+        None
+    } else {
+        request_port
+    };
     let host = redirect.authority.clone().unwrap_or(host);
     let port = match (&redirect.port, &redirect.derive_port) {
         (Some(p), _) => Some(*p as u16),
@@ -1133,7 +1211,7 @@ fn redirect_response(
 /// `rewrite`: the matched prefix (or the whole path) and the authority.
 fn rewrite_request(
     rewrite: &crate::config::networking::HttpRewrite,
-    route: Option<&HttpRoute>,
+    matched_prefix: Option<&str>,
     parts: &mut Parts,
     authority: &mut String,
 ) {
@@ -1145,20 +1223,10 @@ fn rewrite_request(
         .unwrap_or_default();
     let mut new_path = None;
     if let Some(uri) = &rewrite.uri {
-        let prefix = route
-            .into_iter()
-            .flat_map(|r| &r.matches)
-            .find_map(|m| match &m.uri {
-                Some(crate::config::values::StringMatch::Prefix(p))
-                    if path.starts_with(p.as_str()) =>
-                {
-                    Some(p.clone())
-                }
-                _ => None,
-            });
-        new_path = Some(match prefix {
-            Some(prefix) => {
-                let rest = &path[prefix.len()..];
+        // The prefix matched (perhaps ignoring case): the path's first bytes are it.
+        let rest = matched_prefix.and_then(|p| path.get(p.len()..));
+        new_path = Some(match rest {
+            Some(rest) => {
                 // `/api` -> `/`: do not produce `//x`.
                 if uri.ends_with('/') && rest.starts_with('/') {
                     format!("{uri}{}", &rest[1..])
@@ -1170,7 +1238,7 @@ fn rewrite_request(
         });
     } else if let Some(regex) = &rewrite.uri_regex_rewrite {
         if let Ok(re) = regex::Regex::new(&regex.pattern) {
-            let replacement = regex.rewrite.replace("\\", "$");
+            let replacement = re2_replacement(&regex.rewrite);
             new_path = Some(re.replace_all(&path, replacement.as_str()).into_owned());
         }
     }
@@ -1184,6 +1252,31 @@ fn rewrite_request(
     }
 }
 
+/// An RE2 rewrite (`\\1` for a group) in the regex crate's syntax (`${1}`; `$` literal as
+/// `$$`).
+fn re2_replacement(rewrite: &str) -> String {
+    let mut out = String::with_capacity(rewrite.len());
+    let mut chars = rewrite.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '$' => out.push_str("$$"),
+            '\\' => match chars.peek().copied() {
+                Some(d) if d.is_ascii_digit() => {
+                    chars.next();
+                    out.push_str(&format!("${{{d}}}"));
+                }
+                Some(other) => {
+                    chars.next();
+                    out.push(other);
+                }
+                None => out.push('\\'),
+            },
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Sends copies of the request to the route's mirrors (as Envoy does: `-shadow` appended to
 /// the host, the answer ignored).
 #[allow(clippy::too_many_arguments)]
@@ -1195,7 +1288,7 @@ fn mirror(
     parts: &Parts,
     body: &Bytes,
     authority: &str,
-    client_ns: &str,
+    (client_ns, vs_ns): (&str, &str),
     dialled_port: u16,
 ) {
     let mut targets: Vec<(&crate::config::networking::Destination, Option<f64>)> = Vec::new();
@@ -1206,10 +1299,11 @@ fn mirror(
         targets.push((&m.destination, m.percentage.as_ref().map(|p| p.0)));
     }
     for (destination, percentage) in targets {
-        if !hit(percentage) {
+        // A mirror without a percentage mirrors everything.
+        if !hit(percentage.or(Some(100.0))) {
             continue;
         }
-        let host = crate::config::semantics::fqdn(&destination.host, client_ns);
+        let host = crate::config::semantics::fqdn(&destination.host, vs_ns);
         let Some(target) = state
             .services_by_host
             .get(&host)
@@ -1230,23 +1324,27 @@ fn mirror(
             Some((h, p)) => format!("{h}-shadow:{p}"),
             None => format!("{authority}-shadow"),
         };
-        let key = ClusterKey {
-            client_ns: client_ns.to_string(),
-            host: host.clone(),
-            subset: destination.subset.clone(),
-            port: target.vip.port(),
-        };
+        let key = cluster_key(
+            state,
+            client_ns,
+            source,
+            &host,
+            destination.subset.clone(),
+            target,
+        );
         let (cluster, view) = cluster_view(ctx, state, key, target, source);
         let Some(endpoint) = cluster.pick(&view, &HashSet::new(), None, None) else {
             continue;
         };
         let h2 = matches!(target.protocol, Protocol::Http2 | Protocol::Grpc);
-        let request = upstream_request(
+        let Some(request) = upstream_request(
             parts,
             Full::new(body.clone()).map_err(|e| match e {}).boxed(),
             h2,
             &shadow,
-        );
+        ) else {
+            continue;
+        };
         let (ctx, state) = (ctx.clone(), state.clone());
         let source_ip = source.map(|s| s.ip);
         tokio::spawn(async move {

@@ -114,7 +114,8 @@ fn labels_match(want: &crate::config::model::Labels, source: Option<&Workload>) 
     want.is_empty() || source.is_some_and(|s| want.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
 }
 
-fn matches(m: &HttpMatchRequest, req: &RequestView<'_>) -> bool {
+/// Whether one `match` entry applies to the request.
+pub(crate) fn matches(m: &HttpMatchRequest, req: &RequestView<'_>) -> bool {
     if !m.gateways.is_empty() && !m.gateways.iter().any(|g| g == "mesh") {
         return false;
     }

@@ -74,10 +74,22 @@ impl Sender {
     }
 }
 
+/// Who a pooled connection belongs to and how it travels: a connection is only reused for
+/// the same client pod (address and identity) over the same kind of path to the same
+/// destination identity, so an address reused by another pod, or a destination that joined
+/// the mesh, never inherits a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    source: Ipv4Addr,
+    source_identity: Option<String>,
+    destination_identity: Option<String>,
+    hbone: bool,
+}
+
 /// One pooled connection.
 pub struct Conn {
     sender: Sender,
-    source: Ipv4Addr,
+    owner: Owner,
     h2: bool,
     served: usize,
     idle_since: Instant,
@@ -99,12 +111,12 @@ impl Conns {
         });
     }
 
-    fn take(&mut self, source: Ipv4Addr, h2: bool, max_per_conn: usize) -> Option<Lease> {
+    fn take(&mut self, owner: &Owner, h2: bool, max_per_conn: usize) -> Option<Lease> {
         self.list.retain(|c| !c.sender.closed());
         let i = self
             .list
             .iter()
-            .position(|c| c.source == source && c.h2 == h2 && c.sender.is_ready())?;
+            .position(|c| c.owner == *owner && c.h2 == h2 && c.sender.is_ready())?;
         if h2 {
             // Shared: stays pooled, unless this request is its last.
             let conn = &mut self.list[i];
@@ -117,7 +129,7 @@ impl Conns {
                 sender,
                 reusable: false,
                 served: 0,
-                source,
+                owner: owner.clone(),
                 h2,
             });
         }
@@ -126,7 +138,7 @@ impl Conns {
             sender: conn.sender,
             reusable: true,
             served: conn.served,
-            source,
+            owner: owner.clone(),
             h2,
         })
     }
@@ -139,7 +151,7 @@ pub struct Lease {
     /// HTTP/1.1, to be returned after the response headers.
     reusable: bool,
     served: usize,
-    source: Ipv4Addr,
+    owner: Owner,
     h2: bool,
 }
 
@@ -158,7 +170,7 @@ impl Lease {
             .list
             .push(Conn {
                 sender: self.sender,
-                source: self.source,
+                owner: self.owner,
                 h2: self.h2,
                 served,
                 idle_since: Instant::now(),
@@ -208,11 +220,23 @@ pub struct Target<'a> {
 impl Target<'_> {
     /// Whether the connection goes through an HBONE tunnel.
     pub fn hbone(&self, ctx: &ProxyContext) -> bool {
-        let state = ctx.state.load();
-        self.source.is_some_and(|s| s.enrolled)
-            && self
+        super::outbound::via_hbone(&ctx.state.load(), self.source, self.destination)
+    }
+
+    fn owner(&self, ctx: &ProxyContext) -> Owner {
+        let hbone = self.hbone(ctx);
+        Owner {
+            source: self.source.map_or(Ipv4Addr::UNSPECIFIED, |s| s.ip),
+            source_identity: self
+                .source
+                .filter(|s| s.enrolled)
+                .map(|s| s.identity.clone()),
+            destination_identity: self
                 .destination
-                .is_some_and(|d| d.enrolled && !state.is_local(d))
+                .filter(|d| d.enrolled)
+                .map(|d| d.identity.clone()),
+            hbone,
+        }
     }
 }
 
@@ -227,7 +251,7 @@ pub async fn lease(
     target: &Target<'_>,
 ) -> Result<Lease, ConnectFailure> {
     let policy = &view.policy;
-    let source = target.source.map_or(Ipv4Addr::UNSPECIFIED, |s| s.ip);
+    let owner = target.owner(ctx);
     let mut waiting: Option<Waiting<'_>> = None;
     let deadline = Instant::now() + policy.connect_timeout;
     loop {
@@ -238,7 +262,7 @@ pub async fn lease(
             .conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take(source, target.h2, policy.max_requests_per_connection);
+            .take(&owner, target.h2, policy.max_requests_per_connection);
         if let Some(lease) = pooled {
             return Ok(lease);
         }
@@ -252,7 +276,7 @@ pub async fn lease(
                         sender: sender.clone(),
                         reusable: !target.h2,
                         served: 0,
-                        source,
+                        owner: owner.clone(),
                         h2: target.h2,
                     };
                     if target.h2 {
@@ -263,7 +287,7 @@ pub async fn lease(
                             .list
                             .push(Conn {
                                 sender,
-                                source,
+                                owner,
                                 h2: true,
                                 served: 1,
                                 idle_since: Instant::now(),
