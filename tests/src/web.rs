@@ -370,27 +370,39 @@ pub struct Load {
 /// Runs `wrk` in the namespace named `ns` against `url` for `seconds` with `connections`
 /// connections (a name, so it can run on another thread while the test changes things).
 pub fn wrk(ns: &str, url: &str, connections: u32, seconds: u32) -> Result<Load> {
+    wrk_with(ns, url, connections, seconds, &[])
+}
+
+/// [`wrk`] with extra request headers (`name: value`).
+pub fn wrk_with(
+    ns: &str,
+    url: &str,
+    connections: u32,
+    seconds: u32,
+    headers: &[&str],
+) -> Result<Load> {
     let c = connections.to_string();
     let d = format!("{seconds}s");
-    let out = crate::netns::sh(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            ns,
-            "wrk",
-            "-t",
-            "1",
-            "-c",
-            &c,
-            "-d",
-            &d,
-            "--timeout",
-            "5s",
-            "--latency",
-            url,
-        ],
-    )?;
+    let mut args = vec![
+        "netns",
+        "exec",
+        ns,
+        "wrk",
+        "-t",
+        "1",
+        "-c",
+        &c,
+        "-d",
+        &d,
+        "--timeout",
+        "5s",
+        "--latency",
+    ];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.push(url);
+    let out = crate::netns::sh("ip", &args)?;
     let mut load = Load::default();
     for line in out.lines().map(str::trim) {
         {

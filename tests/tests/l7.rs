@@ -11,11 +11,13 @@ use std::{
 };
 
 use mesh_tests::{
+    apps::{greet, Behaviour, Server},
     cluster::Cluster,
     fixtures::{L7, L7_GRPC, L7_HTTP, WEB_APP_AUTHZ, WEB_APP_DR, WEB_APP_VS},
     require_root,
     tools::Prometheus,
-    web::{curl, curl_many, curl_urls, wrk, Answer, Mode, WebServer},
+    wait_until,
+    web::{curl, curl_many, curl_urls, wrk, wrk_with, Answer, Mode, WebServer},
 };
 
 const PORT: u16 = 8080;
@@ -635,10 +637,14 @@ spec:
   - match: [{uri: {prefix: /teapot}}]
     fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
     route: [{destination: {host: web-app}}]
-  - route: [{destination: {host: web-app}}]
+  - match: [{uri: {prefix: /mirrored}}]
+    route: [{destination: {host: web-app}}]
+    mirror: {host: web-app}
+  - name: default-route
+    route: [{destination: {host: web-app}}]
     headers: {response: {set: {x-routed: "yes"}}}
 "#;
-    let (cluster, _servers) = start(config);
+    let (cluster, servers) = start(config);
     let api = &cluster.pod("api").netns;
     let (status, _, body) = curl(api, &[&url("/empty")]).unwrap();
     assert_eq!((status, body.as_str()), (503, "no healthy upstream"));
@@ -670,6 +676,54 @@ spec:
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
     let (status, _, _) = curl(api, &[&url("/")]).unwrap();
     assert_eq!(status, 200);
+
+    // Two pipelined requests in one write: two answers, in order.
+    let answer = api
+        .run(move || {
+            let mut s = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /first HTTP/1.1\r\nHost: web-app\r\n\r\nGET /second HTTP/1.1\r\nHost: web-app\r\nConnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            Ok(out)
+        })
+        .unwrap();
+    let first = answer.find("x-seen-path: /first").expect("first answered");
+    let second = answer
+        .find("x-seen-path: /second")
+        .expect("second answered");
+    assert!(first < second, "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+
+    // A mirrored request reaches a second endpoint with `-shadow` on its host.
+    let (status, _, _) = curl(api, &[&url("/mirrored")]).unwrap();
+    assert_eq!(status, 200);
+    wait_until("the shadow request", || {
+        servers.values().any(|s| {
+            s.seen
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(path, host)| path == "/mirrored" && host == "100.66.0.30-shadow:8080")
+        })
+    });
+
+    // One access-log line per request, with the route.
+    let log = cluster.mesh_log("node-a");
+    let line = log
+        .lines()
+        .filter(|l| l.starts_with("{\"kind\":\"http\""))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["path"] == "/" && v["reporter"] == "source")
+        .expect("an access-log line for GET /");
+    assert_eq!(line["route"], "default-route", "{line}");
+    assert_eq!(line["response_code"], 200, "{line}");
+    assert_eq!(
+        line["destination_service"],
+        "web-app.default.svc.cluster.local"
+    );
+
     for (flag, want) in [("UH", 1), ("NC", 1), ("FI", 1)] {
         let got = cluster
             .metric_sum(
@@ -797,20 +851,74 @@ spec:
 #[test]
 fn added_latency_of_l7_routing_over_l4_is_measured() {
     require_root!();
-    let (cluster, _servers) = start(&format!("{WEB_APP_DR}{WEB_APP_VS}"));
+    // The issue's VirtualService (Chrome -> v2) and AuthorizationPolicy applied, plus a rule
+    // that lets api-service use the Service's L4 port.
+    let config = format!(
+        "{WEB_APP_VS}{WEB_APP_AUTHZ}  - from: [{{source: {{principals: [\"cluster.local/ns/default/sa/api-service\"]}}}}]\n    to: [{{operation: {{ports: [\"7000\"]}}}}]\n{}",
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-app, namespace: default}
+spec:
+  host: web-app
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+"#
+    );
+    let (cluster, _servers) = start(&config);
     // The same server on the Service's L4 port.
     let _raw = WebServer::start(&cluster.pod("web-3").netns, 7000, "web-3-raw").unwrap();
     let api = cluster.pod("api").netns.name();
     // One connection: each request waits for the previous answer, so the percentiles are
-    // the unloaded round trip through each path.
-    let l4 = wrk(api, "http://100.65.1.3:7000/", 1, 3).unwrap();
-    let l7 = wrk(api, "http://100.65.1.3:8080/", 1, 3).unwrap();
-    let vip = wrk(api, &url("/api/x"), 1, 3).unwrap();
-    for load in [&l4, &l7, &vip] {
+    // the unloaded round trip through each path, both to web-3 across nodes: L4 to its
+    // address on the TCP port, L7 through the Service, routed to v2 by the header.
+    let l4 = wrk(api, "http://100.65.1.3:7000/api/v1/x", 1, 3).unwrap();
+    let l7 = wrk_with(api, &url("/api/v1/x"), 1, 3, &["User-Agent: Chrome"]).unwrap();
+    for load in [&l4, &l7] {
         assert_eq!((load.errors, load.non_2xx), (0, 0), "{load:?}");
     }
     println!(
-        "latency p50/p90/p99 us: L4 HBONE {:?}, L7 at destination {:?}, L7 routed both sides {:?}",
-        l4.latency_us, l7.latency_us, vip.latency_us
+        "latency p50/p90/p99 us: L4 HBONE {:?}, L7 routed and authorized {:?}; added p50 {:.0} us, p99 {:.0} us",
+        l4.latency_us,
+        l7.latency_us,
+        l7.latency_us[0] - l4.latency_us[0],
+        l7.latency_us[2] - l4.latency_us[2]
     );
+}
+
+#[test]
+fn tcp_routes_split_connections_by_weight() {
+    require_root!();
+    let config = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-app, namespace: default}
+spec:
+  host: web-app
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web-app-tcp, namespace: default}
+spec:
+  hosts: [web-app]
+  tcp:
+  - match: [{port: 7000}]
+    route:
+    - {destination: {host: web-app, subset: v1, port: {number: 7000}}, weight: 0}
+    - {destination: {host: web-app, subset: v2, port: {number: 7000}}, weight: 100}
+"#;
+    let (cluster, _web) = start(config);
+    let _greeters: Vec<_> = ["web-1", "web-2", "web-3"]
+        .iter()
+        .map(|p| {
+            Server::start(&cluster.pod(p).netns, 7000, Behaviour::Greet(p.to_string())).unwrap()
+        })
+        .collect();
+    let vip: SocketAddr = "100.66.0.30:7000".parse().unwrap();
+    for _ in 0..20 {
+        let (_, answer) = greet(&cluster.pod("api").netns, vip).unwrap();
+        assert_eq!(answer, "hello from web-3");
+    }
 }
