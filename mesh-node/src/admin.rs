@@ -145,6 +145,7 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "services": services,
                 "virtual_services": state.virtual_services,
                 "destination_rules": state.destination_rules,
+                "network_policies": state.network_policies,
                 "datapath": datapath,
                 "clusters": admin.clusters.snapshot(),
             }))

@@ -15,6 +15,7 @@ pub mod capture;
 pub mod config;
 pub mod http;
 pub mod identity;
+pub mod kube_source;
 pub mod metrics;
 pub mod preflight;
 pub mod proxy;

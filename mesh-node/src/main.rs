@@ -16,7 +16,7 @@ use mesh_node::{
     admin::{self, Admin, DatapathView},
     capture::{self, Datapath, Event},
     config::{self, semantics},
-    identity,
+    identity, kube_source,
     metrics::{ConfigMetrics, KernelCollector, ProxyMetrics},
     preflight, proxy,
     proxy::{connections::Connections, Direction, ProxyContext},
@@ -115,8 +115,20 @@ struct RunArgs {
     #[arg(long, env = "MESH_CERT_LIFETIME", default_value = "24h", value_parser = parse_lifetime)]
     cert_lifetime: Duration,
     /// Multi-document YAML of Kubernetes-shaped resources; re-read when it changes.
-    #[arg(long, env = "MESH_CONFIG")]
-    config: PathBuf,
+    #[arg(
+        long,
+        env = "MESH_CONFIG",
+        required_unless_present = "kube",
+        conflicts_with = "kube"
+    )]
+    config: Option<PathBuf>,
+    /// Read the resources from the Kubernetes API server instead (in-cluster credentials,
+    /// or the kubeconfig).
+    #[arg(long, env = "MESH_KUBE")]
+    kube: bool,
+    /// Kubeconfig to use with `--kube` outside a cluster.
+    #[arg(long, env = "KUBECONFIG", requires = "kube")]
+    kubeconfig: Option<PathBuf>,
     /// Admin endpoint (health, metrics, debug).
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], PORT_ADMIN)))]
     admin_addr: SocketAddr,
@@ -244,15 +256,46 @@ fn prepare_bpffs(bpffs: &std::path::Path) {
     }
 }
 
+/// Where the resources come from.
+enum Source {
+    /// A file, re-read when it changes (its version when first read).
+    File(PathBuf, Option<reload::Version>),
+    /// The Kubernetes API server.
+    Kube(Arc<kube_source::Store>),
+}
+
 fn run(args: RunArgs) -> ExitCode {
     init_logging(&args.log);
-    let config_version = reload::version(&args.config);
-    let resources = match config::load_file(&args.config) {
-        Ok(resources) => resources,
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("mesh-worker")
+        .build()
+    {
+        Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("{}", err.render());
-            return ExitCode::from(EXIT_CONFIG);
+            eprintln!("cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
         }
+    };
+    let (source, resources) = match &args.config {
+        Some(path) => {
+            let version = reload::version(path);
+            match config::load_file(path) {
+                Ok(resources) => (Source::File(path.clone(), version), resources),
+                Err(err) => {
+                    eprintln!("{}", err.render());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+        None => match runtime.block_on(kube_source::start(args.kubeconfig.as_deref())) {
+            Ok((store, resources)) => (Source::Kube(store), resources),
+            Err(err) => {
+                eprintln!("kube: {err:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
     };
     for warning in &resources.warnings {
         tracing::warn!("{warning}");
@@ -288,19 +331,7 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let state = State::build(&resources, &args.node.node, &args.mesh.mesh(), 1);
     reload::warn_l7_policies(&state);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("mesh-worker")
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(args, state, ca, config_version)) {
+    match runtime.block_on(serve(args, state, ca, source)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("mesh-node: {err:#}");
@@ -328,12 +359,12 @@ async fn serve(
     args: RunArgs,
     state: State,
     ca: identity::Ca,
-    config_version: Option<reload::Version>,
+    source: Source,
 ) -> anyhow::Result<()> {
     let node = args.node.node.clone();
     tracing::info!(
         node = %node,
-        config = %args.config.display(),
+        config = %args.config.as_ref().map_or("the Kubernetes API".into(), |p| p.display().to_string()),
         bpffs = %capture::pin_dir(&args.node.bpffs, &node).display(),
         admin = %args.admin_addr,
         "starting"
@@ -406,15 +437,25 @@ async fn serve(
     let (events, receiver) = mpsc::channel();
     spawn_datapath_thread(datapath, receiver, admin.clone(), node_addresses.clone())?;
     spawn_link_watcher(link_events, events.clone())?;
-    tokio::spawn(reload::watch(
-        config_version,
-        args.config.clone(),
-        node,
-        args.mesh.mesh(),
-        state.clone(),
-        config_metrics,
-        events,
-    ));
+    match source {
+        Source::File(path, version) => tokio::spawn(reload::watch(
+            version,
+            path,
+            node,
+            args.mesh.mesh(),
+            state.clone(),
+            config_metrics,
+            events,
+        )),
+        Source::Kube(store) => tokio::spawn(kube_source::reconcile(
+            store,
+            node,
+            args.mesh.mesh(),
+            state.clone(),
+            config_metrics,
+            events,
+        )),
+    };
 
     let pool = proxy::hbone::Pool::default();
     pool.spawn_reaper(certs.clone());

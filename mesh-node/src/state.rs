@@ -168,6 +168,8 @@ pub struct State {
     pub services_by_host: HashMap<String, Vec<SocketAddrV4>>,
     /// VirtualServices for mesh traffic by the FQDN (or wildcard) of each of their hosts.
     pub virtual_services: BTreeMap<String, Vec<Ref<crate::config::networking::VirtualServiceSpec>>>,
+    /// NetworkPolicies known (`namespace/name`), for `/debug/state`.
+    pub network_policies: Vec<String>,
     /// DestinationRules by the FQDN of their host, oldest first. Istio merges several for one
     /// host (subsets from all; the traffic policy of the oldest) and prefers the client's
     /// namespace, then the Service's, then the root namespace's: the routing code picks.
@@ -337,6 +339,11 @@ impl State {
             services,
             vips,
             virtual_services: index_virtual_services(&resources.virtual_services),
+            network_policies: resources
+                .network_policies
+                .iter()
+                .map(|p| p.metadata.qualified())
+                .collect(),
             destination_rules: index_destination_rules(&resources.destination_rules),
         }
     }

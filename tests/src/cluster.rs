@@ -111,6 +111,9 @@ pub struct Cluster {
     mesh: BTreeMap<String, Child>,
     /// Extra arguments for `mesh-node run` (e.g. `--cert-lifetime 20s`).
     pub run_args: Vec<String>,
+    /// When set, `mesh-node run` reads the Kubernetes API through this kubeconfig
+    /// (`--kube`) instead of the config file.
+    pub kubeconfig: Option<PathBuf>,
     /// Pods by name.
     pub pods: BTreeMap<String, Pod>,
     /// Nodes in index order.
@@ -138,6 +141,7 @@ impl Cluster {
             bpffs,
             mesh: BTreeMap::new(),
             run_args: Vec::new(),
+            kubeconfig: None,
             pods: BTreeMap::new(),
             nodes: Vec::new(),
             fabric: None,
@@ -410,9 +414,11 @@ impl Cluster {
         if args.first() == Some(&"run") {
             // One state directory for the whole cluster: the first node to start creates
             // the mesh CA there, the others load it (nodes start one after the other).
-            cmd.arg("--config")
-                .arg(&self.config)
-                .arg("--state-dir")
+            match &self.kubeconfig {
+                Some(kubeconfig) => cmd.arg("--kube").arg("--kubeconfig").arg(kubeconfig),
+                None => cmd.arg("--config").arg(&self.config),
+            };
+            cmd.arg("--state-dir")
                 .arg(self.dir.join("state"))
                 .args(&self.run_args);
         }

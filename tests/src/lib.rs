@@ -6,6 +6,8 @@
 //!   pods on veths, kube-proxy-like DNAT of Service VIPs) built from a mesh config file,
 //!   with mesh-node started per node and everything removed on drop, also on panic;
 //! - [`apps`]: echo and greeting servers, and clients that check every byte;
+//! - [`kube_api`]: a fake Kubernetes API server (list/watch wire protocol, bookmarks, 410 Gone,
+//!   dropped connections) for the kube source;
 //! - [`tools`]: tcpdump, openssl s_client and Prometheus, run inside the test's namespaces;
 //! - [`web`]: an HTTP/h2c/gRPC server for pods whose answers name the pod, curl and wrk.
 //!
@@ -15,6 +17,7 @@
 pub mod apps;
 pub mod cluster;
 pub mod fixtures;
+pub mod kube_api;
 pub mod netns;
 pub mod tools;
 pub mod web;

@@ -298,6 +298,33 @@ pub fn parse_str(file: &str, text: &str) -> Result<Resources, LoadError> {
     Ok(resources)
 }
 
+/// Decodes resources one by one, as a Kubernetes API server serves them: `(position,
+/// document)` pairs, the position naming each in diagnostics. A resource with an error is left
+/// out and reported; the others are kept (one broken VirtualService does not stop the rest).
+/// Returns the resources and every diagnostic, errors included.
+pub fn parse_objects(
+    source: &str,
+    objects: impl IntoIterator<Item = (String, Value)>,
+) -> (Resources, Vec<Diagnostic>) {
+    let mut loader = Loader {
+        file: source,
+        resources: Resources::default(),
+        diagnostics: Vec::new(),
+        pod_ips: BTreeMap::new(),
+    };
+    for (position, value) in objects {
+        loader.document(&position, value);
+    }
+    let mut resources = loader.resources;
+    resources.warnings = loader
+        .diagnostics
+        .iter()
+        .filter(|d| d.severity != Severity::Error)
+        .cloned()
+        .collect();
+    (resources, loader.diagnostics)
+}
+
 struct Loader<'a> {
     file: &'a str,
     resources: Resources,

@@ -1,0 +1,282 @@
+//! The Kubernetes API as a config source (`mesh-node run --kube`): one kube-runtime watcher
+//! per kind of the model (every namespace; pods of every node, which routing needs), each
+//! keeping its objects as the API serves them, fed through the same decoder as the file
+//! source (`config::load::parse_objects`) into the same snapshot builder.
+//!
+//! - The first snapshot is built once every kind finished its initial list: mesh-node is
+//!   not ready before.
+//! - Watch errors back off exponentially (kube-runtime's default backoff); a `410 Gone`
+//!   (expired resource version) or a dropped connection makes the watcher list again, and
+//!   the relisted set replaces the kind's objects whole, so deleted objects go and memory
+//!   does not grow over relists. Bookmarks keep resource versions fresh.
+//! - One invalid object (a VirtualService with a bad field) is left out and logged; the
+//!   others keep serving. `managedFields` are dropped on arrival.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{mpsc, Arc, Mutex},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use futures_util::StreamExt;
+use kube::{
+    api::{Api, ApiResource, DynamicObject, GroupVersionKind},
+    runtime::{watcher, WatchStreamExt},
+    Client,
+};
+
+use crate::{
+    capture::Event,
+    config::{self, semantics::Mesh, Resources},
+    metrics::ConfigMetrics,
+    state::State,
+};
+
+/// The kinds watched: `(group, version, kind, plural)`.
+pub const KINDS: [(&str, &str, &str, &str); 9] = [
+    ("", "v1", "Namespace", "namespaces"),
+    ("", "v1", "Pod", "pods"),
+    ("", "v1", "Service", "services"),
+    ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
+    (
+        "networking.k8s.io",
+        "v1",
+        "NetworkPolicy",
+        "networkpolicies",
+    ),
+    (
+        "networking.istio.io",
+        "v1",
+        "VirtualService",
+        "virtualservices",
+    ),
+    (
+        "networking.istio.io",
+        "v1",
+        "DestinationRule",
+        "destinationrules",
+    ),
+    (
+        "security.istio.io",
+        "v1",
+        "PeerAuthentication",
+        "peerauthentications",
+    ),
+    (
+        "security.istio.io",
+        "v1",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+    ),
+];
+
+/// Changes are gathered this long before a snapshot is built.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// Every watched object, by kind and `namespace/name`, as JSON.
+#[derive(Default)]
+pub struct Store {
+    objects: Mutex<BTreeMap<&'static str, BTreeMap<String, serde_json::Value>>>,
+    synced: Mutex<BTreeSet<&'static str>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Store {
+    fn with<R>(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<&'static str, BTreeMap<String, serde_json::Value>>) -> R,
+    ) -> R {
+        f(&mut self.objects.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Whether every kind has finished its initial list.
+    pub fn synced(&self) -> bool {
+        self.synced.lock().unwrap_or_else(|e| e.into_inner()).len() == KINDS.len()
+    }
+
+    /// Objects held (for tests and `/debug`).
+    pub fn len(&self) -> usize {
+        self.with(|o| o.values().map(BTreeMap::len).sum())
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Decodes every object held into resources; problems of single objects are returned,
+    /// those objects left out.
+    pub fn resources(&self) -> (Resources, Vec<config::Diagnostic>) {
+        let docs: Vec<(String, serde_yaml_ng::Value)> = self.with(|objects| {
+            objects
+                .iter()
+                .flat_map(|(kind, list)| {
+                    list.iter().filter_map(move |(key, json)| {
+                        let value = serde_yaml_ng::to_value(json).ok()?;
+                        Some((format!("{kind} {key}"), value))
+                    })
+                })
+                .collect()
+        });
+        config::load::parse_objects("kube", docs)
+    }
+}
+
+/// The key and JSON of an object as the decoder wants it: `apiVersion` and `kind` set (list
+/// items may lack them), `managedFields` dropped.
+fn to_json(obj: DynamicObject, ar: &ApiResource) -> Option<(String, serde_json::Value)> {
+    let key = format!(
+        "{}/{}",
+        obj.metadata.namespace.as_deref().unwrap_or(""),
+        obj.metadata.name.as_deref()?
+    );
+    let mut json = serde_json::to_value(&obj).ok()?;
+    let map = json.as_object_mut()?;
+    map.insert("apiVersion".into(), ar.api_version.clone().into());
+    map.insert("kind".into(), ar.kind.clone().into());
+    if let Some(meta) = map.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("managedFields");
+    }
+    Some((key, json))
+}
+
+/// Starts one watcher task per kind, filling `store`.
+pub fn spawn_watchers(client: Client, store: Arc<Store>) {
+    for (group, version, kind, plural) in KINDS {
+        let gvk = GroupVersionKind::gvk(group, version, kind);
+        let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
+        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            let mut relist: Option<BTreeMap<String, serde_json::Value>> = None;
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(watcher::Event::Init) => relist = Some(BTreeMap::new()),
+                    Ok(watcher::Event::InitApply(obj)) => {
+                        if let (Some(list), Some((key, json))) = (&mut relist, to_json(obj, &ar)) {
+                            list.insert(key, json);
+                        }
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        let fresh = relist.take().unwrap_or_default();
+                        let count = fresh.len();
+                        store.with(|o| o.insert(kind, fresh));
+                        store
+                            .synced
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(kind);
+                        tracing::info!(kind, count, "kube: listed");
+                        store.changed.notify_one();
+                    }
+                    Ok(watcher::Event::Apply(obj)) => {
+                        if let Some((key, json)) = to_json(obj, &ar) {
+                            store.with(|o| o.entry(kind).or_default().insert(key, json));
+                            store.changed.notify_one();
+                        }
+                    }
+                    Ok(watcher::Event::Delete(obj)) => {
+                        if let Some((key, _)) = to_json(obj, &ar) {
+                            store.with(|o| o.entry(kind).or_default().remove(&key));
+                            store.changed.notify_one();
+                        }
+                    }
+                    Err(err) => tracing::warn!(kind, "kube watch: {err} (retrying with backoff)"),
+                }
+            }
+        });
+    }
+}
+
+/// Connects to the API server (the kubeconfig at `kubeconfig`, else in-cluster credentials
+/// or `$KUBECONFIG`), starts the watchers and waits for every kind's first list (API errors
+/// are retried with backoff meanwhile): the store and the first resources.
+pub async fn start(
+    kubeconfig: Option<&std::path::Path>,
+) -> anyhow::Result<(Arc<Store>, Resources)> {
+    use anyhow::Context;
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    tracing::info!(api = %config.cluster_url, "kube: watching the API server");
+    let client = Client::try_from(config)?;
+    let store = Arc::new(Store::default());
+    spawn_watchers(client, store.clone());
+    let resources = initial_sync(&store).await;
+    tracing::info!(objects = store.len(), "kube: initial sync done");
+    Ok((store, resources))
+}
+
+/// Waits until every kind is listed, then returns the first resources.
+pub async fn initial_sync(store: &Store) -> Resources {
+    loop {
+        let notified = store.changed.notified();
+        if store.synced() {
+            let (resources, diagnostics) = store.resources();
+            log_new(&diagnostics, &mut BTreeSet::new());
+            return resources;
+        }
+        notified.await;
+    }
+}
+
+/// Logs the diagnostics not logged before.
+fn log_new(diagnostics: &[config::Diagnostic], seen: &mut BTreeSet<String>) {
+    let now: BTreeSet<String> = diagnostics.iter().map(ToString::to_string).collect();
+    for d in diagnostics {
+        let text = d.to_string();
+        if seen.contains(&text) {
+            continue;
+        }
+        if d.severity == config::Severity::Error {
+            tracing::error!("kube: resource left out: {text}");
+        } else {
+            tracing::warn!("kube: {text}");
+        }
+    }
+    *seen = now;
+}
+
+/// After the initial sync: every change becomes the next snapshot generation (changes are
+/// gathered for a moment first), sent to the datapath like a file reload.
+pub async fn reconcile(
+    store: Arc<Store>,
+    node: String,
+    mesh: Mesh,
+    state: Arc<ArcSwap<State>>,
+    metrics: ConfigMetrics,
+    changed: mpsc::Sender<Event>,
+) {
+    let mut seen = BTreeSet::new();
+    loop {
+        store.changed.notified().await;
+        tokio::time::sleep(SETTLE).await;
+        let (resources, diagnostics) = store.resources();
+        let rejected = diagnostics
+            .iter()
+            .filter(|d| d.severity == config::Severity::Error)
+            .count();
+        if rejected > 0 {
+            metrics.rejected.inc();
+        }
+        log_new(&diagnostics, &mut seen);
+        let generation = state.load().generation + 1;
+        let next = Arc::new(State::build(&resources, &node, &mesh, generation));
+        crate::reload::warn_l7_policies(&next);
+        state.store(next.clone());
+        metrics.generation.set(generation as i64);
+        tracing::debug!(generation, "kube: config applied");
+        if changed.send(Event::Config(next)).is_err() {
+            return;
+        }
+    }
+}
