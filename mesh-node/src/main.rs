@@ -64,6 +64,23 @@ enum Command {
     },
     /// Remove every program, pin, rule and route of a node.
     Uninstall(NodeArgs),
+    /// The mesh CA for a cluster.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Generate a new root CA and print it as a Secret manifest for the DaemonSet to mount
+    /// (`kubectl apply -f`); the key is in the output only.
+    Init {
+        /// Secret name.
+        #[arg(long, default_value = "mesh-ca")]
+        name: String,
+        /// Namespace of the mesh (deploy/ uses mesh-system).
+        #[arg(long, default_value = "mesh-system")]
+        namespace: String,
+    },
 }
 
 #[derive(Args)]
@@ -168,6 +185,18 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => run(args),
+        Command::Ca(CaCommand::Init { name, namespace }) => {
+            match identity::ca_secret_manifest(&name, &namespace) {
+                Ok(manifest) => {
+                    print!("{manifest}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("mesh-node ca init: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -1,0 +1,21 @@
+# The mesh-node image. Builds with Debian's toolchain for the eBPF part, as the repository's
+# scripts do (../shared/TOOLCHAIN.md), then ships the binary with the tools it runs (ip,
+# iptables) on a slim base.
+FROM debian:bookworm AS build
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+      ca-certificates curl git build-essential \
+    && rm -rf /var/lib/apt/lists/*
+# rustup's toolchain for user space (scripts/setup installs Debian's rustc-web for bpfel).
+RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain stable
+ENV PATH=/root/.cargo/bin:$PATH
+WORKDIR /src
+COPY . .
+RUN scripts/setup && cargo build --release --locked -p mesh-node
+
+FROM debian:bookworm-slim
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+      iproute2 iptables ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/mesh-node /usr/local/bin/mesh-node
+USER 0
+ENTRYPOINT ["/usr/local/bin/mesh-node"]
