@@ -67,6 +67,13 @@ enum Command {
     /// The mesh CA for a cluster.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Print the CustomResourceDefinitions of the four Istio kinds the mesh reads (generated
+    /// from its typed model), or write one file per CRD into a directory.
+    Crds {
+        /// Write `<plural>.<group>.yaml` files here instead of printing.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -185,6 +192,25 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => run(args),
+        Command::Crds { out } => {
+            let crds = config::schema::crds();
+            match out {
+                None => {
+                    let all: Vec<String> = crds.into_iter().map(|(_, yaml)| yaml).collect();
+                    print!("{}", all.join("---\n"));
+                    ExitCode::SUCCESS
+                }
+                Some(dir) => {
+                    for (name, yaml) in crds {
+                        if let Err(err) = std::fs::write(dir.join(&name), yaml) {
+                            eprintln!("mesh-node crds: {}: {err}", dir.join(&name).display());
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+            }
+        }
         Command::Ca(CaCommand::Init { name, namespace }) => {
             match identity::ca_secret_manifest(&name, &namespace) {
                 Ok(manifest) => {

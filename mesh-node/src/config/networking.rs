@@ -11,7 +11,8 @@ use super::model::Labels;
 use super::values::{Duration, Percent, StringMatch, WorkloadSelector};
 
 /// `VirtualService.spec`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct VirtualServiceSpec {
     /// Destination hosts: short names, `name.namespace`, FQDNs, or wildcards.
     pub hosts: Vec<String>,
@@ -111,11 +112,14 @@ fn check_export_to(f: &mut Fields<'_, '_>, export_to: &[String]) {
 }
 
 /// `HTTPRoute`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
+#[schemars(transform = super::schema::http_route_extras)]
 pub struct HttpRoute {
     /// Name (for logs and stats).
     pub name: Option<String>,
     /// Match conditions, ORed; empty matches everything.
+    #[schemars(rename = "match")]
     pub matches: Vec<HttpMatchRequest>,
     /// Weighted destinations.
     pub route: Vec<HttpRouteDestination>,
@@ -201,7 +205,8 @@ impl Decode for HttpRoute {
 }
 
 /// `HTTPMatchRequest`: every condition set must hold.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct HttpMatchRequest {
     /// Name (for logs).
     pub name: Option<String>,
@@ -308,7 +313,8 @@ fn check_port(f: &mut Fields<'_, '_>, key: &str, port: Option<u32>) {
 }
 
 /// `HTTPRouteDestination`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct HttpRouteDestination {
     /// Where to send.
     pub destination: Destination,
@@ -340,13 +346,15 @@ fn check_weight(f: &mut Fields<'_, '_>, weight: Option<i32>) {
 }
 
 /// `Destination`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct Destination {
     /// Service host (short name, `name.namespace`, or FQDN).
     pub host: String,
     /// Subset defined by a DestinationRule.
     pub subset: Option<String>,
     /// Port on the host (required when the Service has several ports).
+    #[schemars(with = "Option<super::schema::PortSelector>")]
     pub port: Option<u32>,
 }
 
@@ -401,7 +409,8 @@ string_enum! {
 }
 
 /// `HTTPRedirect`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct HttpRedirect {
     /// Replacement path.
     pub uri: Option<String>,
@@ -458,11 +467,13 @@ impl Decode for HttpRedirect {
 }
 
 /// `HTTPDirectResponse`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct HttpDirectResponse {
     /// Status code.
     pub status: u32,
     /// Body (`string` or base64 `bytes`).
+    #[schemars(with = "Option<super::schema::HttpBody>")]
     pub body: Option<String>,
 }
 
@@ -496,7 +507,8 @@ impl Decode for HttpBody {
 }
 
 /// `Delegate`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct Delegate {
     /// VirtualService name.
     pub name: String,
@@ -514,7 +526,8 @@ impl Decode for Delegate {
 }
 
 /// `HTTPRewrite`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct HttpRewrite {
     /// Replace the matched prefix (or the whole path for exact/regex matches).
     pub uri: Option<String>,
@@ -545,7 +558,8 @@ impl Decode for HttpRewrite {
 
 /// `RegexRewrite`: every substring of the path matching `pattern` is replaced (as Envoy's
 /// `regex_rewrite` does; anchor with `^...$` to replace the whole path).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct RegexRewrite {
     /// The pattern (RE2, not anchored).
     pub pattern: String,
@@ -591,7 +605,8 @@ pub const RETRY_ON: &[&str] = &[
 ];
 
 /// `HTTPRetry`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct HttpRetry {
     /// Retries allowed (not counting the first try).
     pub attempts: i32,
@@ -648,7 +663,8 @@ impl Decode for HttpRetry {
 }
 
 /// `HTTPFaultInjection`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct HttpFaultInjection {
     /// Delay before forwarding.
     pub delay: Option<FaultDelay>,
@@ -672,7 +688,9 @@ impl Decode for HttpFaultInjection {
 }
 
 /// `HTTPFaultInjection.Delay`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
+#[schemars(transform = super::schema::delay_extras)]
 pub struct FaultDelay {
     /// The delay.
     pub fixed_delay: Duration,
@@ -698,7 +716,8 @@ impl Decode for FaultDelay {
 }
 
 /// `HTTPFaultInjection.Abort`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct FaultAbort {
     /// HTTP status returned.
     pub http_status: Option<u32>,
@@ -741,7 +760,8 @@ impl Decode for FaultAbort {
 }
 
 /// `HTTPMirrorPolicy`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct HttpMirrorPolicy {
     /// Where copies go.
     pub destination: Destination,
@@ -771,7 +791,9 @@ string_enum! {
 }
 
 /// `CorsPolicy`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
+#[schemars(transform = super::schema::cors_extras)]
 pub struct CorsPolicy {
     /// Allowed origins.
     pub allow_origins: Vec<StringMatch>,
@@ -810,7 +832,8 @@ impl Decode for CorsPolicy {
 }
 
 /// `Headers`: request and response manipulation.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct Headers {
     /// Request headers.
     pub request: Option<HeaderOperations>,
@@ -828,7 +851,8 @@ impl Decode for Headers {
 }
 
 /// `Headers.HeaderOperations`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct HeaderOperations {
     /// Overwrite.
     pub set: BTreeMap<String, String>,
@@ -849,9 +873,11 @@ impl Decode for HeaderOperations {
 }
 
 /// `TLSRoute`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct TlsRoute {
     /// Matches (at least one).
+    #[schemars(rename = "match")]
     pub matches: Vec<TlsMatchAttributes>,
     /// Destinations.
     pub route: Vec<RouteDestination>,
@@ -873,7 +899,8 @@ impl Decode for TlsRoute {
 }
 
 /// `TLSMatchAttributes`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct TlsMatchAttributes {
     /// SNI names (required).
     pub sni_hosts: Vec<String>,
@@ -916,9 +943,11 @@ fn check_subnets(f: &mut Fields<'_, '_>, subnets: &[String]) {
 }
 
 /// `TCPRoute`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct TcpRoute {
     /// Matches; empty matches everything.
+    #[schemars(rename = "match")]
     pub matches: Vec<L4MatchAttributes>,
     /// Destinations.
     pub route: Vec<RouteDestination>,
@@ -940,7 +969,8 @@ impl Decode for TcpRoute {
 }
 
 /// `L4MatchAttributes`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct L4MatchAttributes {
     /// Destination CIDRs.
     pub destination_subnets: Vec<String>,
@@ -972,7 +1002,8 @@ impl Decode for L4MatchAttributes {
 }
 
 /// `RouteDestination` (TCP and TLS routes).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct RouteDestination {
     /// Where to send.
     pub destination: Destination,
@@ -994,7 +1025,8 @@ impl Decode for RouteDestination {
 }
 
 /// `DestinationRule.spec`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct DestinationRuleSpec {
     /// The Service host it applies to.
     pub host: String,
@@ -1040,7 +1072,8 @@ impl Decode for DestinationRuleSpec {
 }
 
 /// `Subset`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct Subset {
     /// Name, referenced by routes.
     pub name: String,
@@ -1070,7 +1103,8 @@ impl Decode for Subset {
 }
 
 /// `TrafficPolicy`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct TrafficPolicy {
     /// Load balancing.
     pub load_balancer: Option<LoadBalancerSettings>,
@@ -1085,6 +1119,7 @@ pub struct TrafficPolicy {
     /// Tunnel through a proxy (recorded).
     pub tunnel: Option<TunnelSettings>,
     /// PROXY protocol version to send upstream (recorded).
+    #[schemars(with = "Option<super::schema::ProxyProtocol>")]
     pub proxy_protocol: Option<ProxyProtocolVersion>,
 }
 
@@ -1119,7 +1154,8 @@ string_enum! {
 }
 
 /// `TrafficPolicy.TunnelSettings`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct TunnelSettings {
     /// CONNECT (default) or POST.
     pub protocol: TunnelProtocol,
@@ -1166,9 +1202,11 @@ impl Decode for ProxyProtocol {
 }
 
 /// `TrafficPolicy.PortTrafficPolicy`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct PortTrafficPolicy {
     /// The port.
+    #[schemars(with = "super::schema::PortSelector")]
     pub port: u32,
     /// Load balancing.
     pub load_balancer: Option<LoadBalancerSettings>,
@@ -1217,7 +1255,8 @@ string_enum! {
 }
 
 /// `LoadBalancerSettings`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct LoadBalancerSettings {
     /// Simple policy.
     pub simple: Option<SimpleLb>,
@@ -1254,7 +1293,8 @@ impl Decode for LoadBalancerSettings {
 }
 
 /// `LocalityLoadBalancerSetting`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct LocalityLbSetting {
     /// Traffic shares from a locality to others (`region/zone/subzone` patterns).
     pub distribute: Vec<LocalityDistribute>,
@@ -1284,7 +1324,8 @@ impl Decode for LocalityLbSetting {
 }
 
 /// `LocalityLoadBalancerSetting.Distribute`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct LocalityDistribute {
     /// Originating locality.
     pub from: String,
@@ -1309,7 +1350,8 @@ impl Decode for LocalityDistribute {
 }
 
 /// `LocalityLoadBalancerSetting.Failover`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct LocalityFailover {
     /// Region traffic fails over from.
     pub from: String,
@@ -1327,7 +1369,9 @@ impl Decode for LocalityFailover {
 }
 
 /// `LoadBalancerSettings.ConsistentHashLB`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
+#[schemars(transform = super::schema::consistent_hash_extras)]
 pub struct ConsistentHash {
     /// Hash on this request header.
     pub http_header_name: Option<String>,
@@ -1404,13 +1448,15 @@ impl Decode for Maglev {
 }
 
 /// `ConsistentHashLB.HTTPCookie`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct HttpCookie {
     /// Cookie name.
     pub name: String,
     /// Cookie path.
     pub path: Option<String>,
     /// Lifetime of a generated cookie; 0 makes a session cookie.
+    #[schemars(with = "Option<super::values::Duration>")]
     pub ttl: Option<std::time::Duration>,
 }
 
@@ -1437,7 +1483,8 @@ impl Decode for HttpCookie {
 }
 
 /// `ConnectionPoolSettings`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct ConnectionPoolSettings {
     /// TCP limits.
     pub tcp: Option<TcpSettings>,
@@ -1455,7 +1502,8 @@ impl Decode for ConnectionPoolSettings {
 }
 
 /// `ConnectionPoolSettings.TCPSettings`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct TcpSettings {
     /// Maximum connections to a destination host.
     pub max_connections: Option<i32>,
@@ -1492,7 +1540,8 @@ fn non_negative(f: &mut Fields<'_, '_>, key: &str, value: Option<i32>) {
 }
 
 /// `TCPSettings.TcpKeepalive`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct TcpKeepalive {
     /// Probes before the connection is dead.
     pub probes: Option<u32>,
@@ -1525,7 +1574,8 @@ string_enum! {
 }
 
 /// `ConnectionPoolSettings.HTTPSettings`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct HttpSettings {
     /// Pending requests allowed while waiting for a connection.
     pub http1_max_pending_requests: Option<i32>,
@@ -1569,7 +1619,9 @@ impl Decode for HttpSettings {
 }
 
 /// `OutlierDetection`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
+#[schemars(transform = super::schema::outlier_extras)]
 pub struct OutlierDetection {
     /// Tell local-origin failures from upstream errors.
     pub split_external_local_origin_errors: bool,
@@ -1642,7 +1694,8 @@ string_enum! {
 }
 
 /// `ClientTLSSettings` (accepted and recorded).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct ClientTlsSettings {
     /// Mode.
     pub mode: ClientTlsMode,

@@ -23,13 +23,16 @@ string_enum! {
 }
 
 /// `PeerAuthentication.spec`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct PeerAuthenticationSpec {
     /// Workloads it applies to; `None` means the namespace (mesh-wide in the root namespace).
     pub selector: Option<WorkloadSelector>,
     /// Mode for all ports.
+    #[schemars(with = "Option<super::schema::MutualTls>")]
     pub mtls: Option<MtlsMode>,
     /// Per-port modes (only with a selector).
+    #[schemars(with = "std::collections::BTreeMap<String, super::schema::MutualTls>")]
     pub port_level_mtls: BTreeMap<u16, MtlsMode>,
 }
 
@@ -108,7 +111,9 @@ string_enum! {
 }
 
 /// `AuthorizationPolicy.spec`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
+#[schemars(transform = super::schema::authorization_extras)]
 pub struct AuthorizationPolicySpec {
     /// Workloads it applies to; `None` means every workload of the namespace (all namespaces
     /// in the root namespace).
@@ -121,6 +126,7 @@ pub struct AuthorizationPolicySpec {
     /// What a match does.
     pub action: Action,
     /// External authorizer (CUSTOM only).
+    #[schemars(with = "Option<super::schema::Provider>")]
     pub provider: Option<String>,
 }
 
@@ -132,7 +138,8 @@ impl AuthorizationPolicySpec {
 }
 
 /// `PolicyTargetReference`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct TargetRef {
     /// API group.
     pub group: String,
@@ -203,11 +210,14 @@ impl Decode for AuthorizationPolicySpec {
 }
 
 /// `Rule`: all of `from`, `to` and `when` must match (each list ORs its items).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct Rule {
     /// Sources.
+    #[schemars(with = "Vec<super::schema::RuleFrom>")]
     pub from: Vec<Source>,
     /// Operations.
+    #[schemars(with = "Vec<super::schema::RuleTo>")]
     pub to: Vec<Operation>,
     /// Extra conditions.
     pub when: Vec<Condition>,
@@ -276,7 +286,8 @@ impl Decode for Rule {
 }
 
 /// `Source`: every non-empty field must match.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct Source {
     /// Peer identities (`<trust-domain>/ns/<ns>/sa/<sa>`).
     pub principals: Vec<Pattern>,
@@ -347,15 +358,18 @@ impl Decode for Source {
 }
 
 /// `Operation`: every non-empty field must match.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct Operation {
     /// Host header values (HTTP).
     pub hosts: Vec<Pattern>,
     /// Excluded hosts.
     pub not_hosts: Vec<Pattern>,
     /// Destination ports.
+    #[schemars(with = "Vec<String>")]
     pub ports: Vec<u16>,
     /// Excluded ports.
+    #[schemars(with = "Vec<String>")]
     pub not_ports: Vec<u16>,
     /// Methods (HTTP).
     pub methods: Vec<Pattern>,
@@ -474,7 +488,8 @@ const CONDITION_KEYS: &[&str] = &[
 ];
 
 /// `Condition` (`when`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct Condition {
     /// Attribute name, e.g. `source.ip` or `request.headers[x-token]`.
     pub key: String,

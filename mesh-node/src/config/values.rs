@@ -244,7 +244,8 @@ impl Decode for StringMatch {
 
 /// Istio's `WorkloadSelector` (`selector: {matchLabels: ...}`); an empty one selects every
 /// workload of its namespace.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename_all = "camelCase", default)]
 pub struct WorkloadSelector {
     /// Labels a workload must all have.
     pub match_labels: Labels,
