@@ -14,7 +14,7 @@ RUN scripts/setup && cargo build --release --locked -p mesh-node
 
 FROM debian:bookworm-slim
 RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \
-      iproute2 iptables ca-certificates \
+      iproute2 iptables ipset ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/mesh-node /usr/local/bin/mesh-node
 USER 0

@@ -131,6 +131,8 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 ),
             }
         }
+        // Liveness: the admin server answers, so the proxy's runtime is alive.
+        "/healthz/live" => text(StatusCode::OK, "alive\n".into()),
         "/debug/connections" => json(&admin.connections.snapshot()),
         "/debug/state" => {
             let state = admin.state.load();

@@ -5,12 +5,17 @@
 //!
 //! - The first snapshot is built once every kind finished its initial list: mesh-node is
 //!   not ready before.
-//! - Watch errors back off exponentially (kube-runtime's default backoff); a `410 Gone`
-//!   (expired resource version) or a dropped connection makes the watcher list again, and
-//!   the relisted set replaces the kind's objects whole, so deleted objects go and memory
-//!   does not grow over relists. Bookmarks keep resource versions fresh.
-//! - One invalid object (a VirtualService with a bad field) is left out and logged; the
-//!   others keep serving. `managedFields` are dropped on arrival.
+//! - Watch errors back off exponentially (kube-runtime's default backoff); a dropped
+//!   connection resumes the watch from the last resource version (kept fresh by bookmarks);
+//!   a `410 Gone` (expired resource version) makes the watcher list again, and the relisted
+//!   set replaces the kind's objects whole, so objects deleted meanwhile go and memory does
+//!   not grow over relists.
+//! - An invalid object never weakens what is in force: an object that was valid keeps its
+//!   last valid version until it is fixed or deleted; an AuthorizationPolicy that was never
+//!   valid denies everything to the workloads it selects, a PeerAuthentication that was never
+//!   valid requires mTLS (fail closed); other kinds are left out (a VirtualService with a bad
+//!   field routes as if it were absent). Each is logged. `managedFields` are dropped on
+//!   arrival.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -78,6 +83,10 @@ const SETTLE: Duration = Duration::from_millis(50);
 #[derive(Default)]
 pub struct Store {
     objects: Mutex<BTreeMap<&'static str, BTreeMap<String, serde_json::Value>>>,
+    /// Diagnostics logged already (each is logged once while it lasts).
+    logged: Mutex<BTreeSet<String>>,
+    /// The last version of each object that decoded, by `Kind namespace/name`.
+    last_good: Mutex<BTreeMap<String, serde_json::Value>>,
     synced: Mutex<BTreeSet<&'static str>>,
     changed: tokio::sync::Notify,
 }
@@ -105,22 +114,94 @@ impl Store {
         self.len() == 0
     }
 
-    /// Decodes every object held into resources; problems of single objects are returned,
-    /// those objects left out.
+    /// Decodes every object held into resources (see the module's notes on invalid
+    /// objects); returns the diagnostics of the objects as they are.
     pub fn resources(&self) -> (Resources, Vec<config::Diagnostic>) {
-        let docs: Vec<(String, serde_yaml_ng::Value)> = self.with(|objects| {
+        // Copy under the lock, convert outside it.
+        let objects: Vec<(String, &'static str, serde_json::Value)> = self.with(|objects| {
             objects
                 .iter()
                 .flat_map(|(kind, list)| {
-                    list.iter().filter_map(move |(key, json)| {
-                        let value = serde_yaml_ng::to_value(json).ok()?;
-                        Some((format!("{kind} {key}"), value))
-                    })
+                    list.iter()
+                        .map(move |(key, json)| (format!("{kind} {key}"), *kind, json.clone()))
                 })
                 .collect()
         });
-        config::load::parse_objects("kube", docs)
+        let decode = |docs: Vec<(String, serde_json::Value)>| {
+            let docs = docs.into_iter().filter_map(|(position, json)| {
+                Some((position, serde_yaml_ng::to_value(json).ok()?))
+            });
+            config::load::parse_objects("kube", docs)
+        };
+        let (resources, diagnostics) = decode(
+            objects
+                .iter()
+                .map(|(p, _, j)| (p.clone(), j.clone()))
+                .collect(),
+        );
+        let failed: BTreeSet<&str> = diagnostics
+            .iter()
+            .filter(|d| d.severity == config::Severity::Error)
+            .map(|d| d.document.as_str())
+            .collect();
+        let mut last_good = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
+        last_good.retain(|position, _| objects.iter().any(|(p, _, _)| p == position));
+        if failed.is_empty() {
+            for (position, _, json) in &objects {
+                last_good.insert(position.clone(), json.clone());
+            }
+            return (resources, diagnostics);
+        }
+        let mut substituted = Vec::with_capacity(objects.len());
+        for (position, kind, json) in objects {
+            if !failed.contains(position.as_str()) {
+                last_good.insert(position.clone(), json.clone());
+                substituted.push((position, json));
+            } else if let Some(good) = last_good.get(&position) {
+                substituted.push((position, good.clone()));
+            } else if let Some(closed) = fail_closed(kind, &json) {
+                substituted.push((position, closed));
+            }
+        }
+        drop(last_good);
+        let (resources, _) = decode(substituted);
+        (resources, diagnostics)
     }
+}
+
+/// The stand-in for a security object that was never valid: an AuthorizationPolicy that
+/// denies everything to what it selects (the whole namespace when its selector is broken too),
+/// a PeerAuthentication that requires mTLS.
+fn fail_closed(kind: &str, json: &serde_json::Value) -> Option<serde_json::Value> {
+    let meta = serde_json::json!({
+        "name": json["metadata"]["name"],
+        "namespace": json["metadata"]["namespace"],
+    });
+    let selector = json["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .filter(|labels| labels.values().all(serde_json::Value::is_string))
+        .map(|labels| serde_json::json!({"matchLabels": labels}));
+    let mut spec = match kind {
+        "AuthorizationPolicy" => serde_json::json!({"action": "DENY", "rules": [{}]}),
+        "PeerAuthentication" => serde_json::json!({"mtls": {"mode": "STRICT"}}),
+        _ => return None,
+    };
+    if let Some(selector) = selector {
+        spec["selector"] = selector;
+    }
+    tracing::error!(
+        kind,
+        name = %json["metadata"]["name"],
+        namespace = %json["metadata"]["namespace"],
+        "invalid and never valid: enforced fail closed until fixed ({})",
+        if kind == "AuthorizationPolicy" { "everything denied to the workloads it selects" } else { "mTLS required" }
+    );
+    Some(serde_json::json!({
+        "apiVersion": json["apiVersion"],
+        "kind": kind,
+        "metadata": meta,
+        "spec": spec,
+    }))
 }
 
 /// The key and JSON of an object as the decoder wants it: `apiVersion` and `kind` set (list
@@ -222,15 +303,19 @@ pub async fn initial_sync(store: &Store) -> Resources {
         let notified = store.changed.notified();
         if store.synced() {
             let (resources, diagnostics) = store.resources();
-            log_new(&diagnostics, &mut BTreeSet::new());
+            log_new(
+                &diagnostics,
+                &mut store.logged.lock().unwrap_or_else(|e| e.into_inner()),
+            );
             return resources;
         }
         notified.await;
     }
 }
 
-/// Logs the diagnostics not logged before.
-fn log_new(diagnostics: &[config::Diagnostic], seen: &mut BTreeSet<String>) {
+/// Logs the diagnostics not logged before; returns how many errors are new.
+fn log_new(diagnostics: &[config::Diagnostic], seen: &mut BTreeSet<String>) -> usize {
+    let mut new_errors = 0;
     let now: BTreeSet<String> = diagnostics.iter().map(ToString::to_string).collect();
     for d in diagnostics {
         let text = d.to_string();
@@ -238,12 +323,14 @@ fn log_new(diagnostics: &[config::Diagnostic], seen: &mut BTreeSet<String>) {
             continue;
         }
         if d.severity == config::Severity::Error {
-            tracing::error!("kube: resource left out: {text}");
+            new_errors += 1;
+            tracing::error!("kube: invalid resource: {text}");
         } else {
             tracing::warn!("kube: {text}");
         }
     }
     *seen = now;
+    new_errors
 }
 
 /// After the initial sync: every change becomes the next snapshot generation (changes are
@@ -256,21 +343,30 @@ pub async fn reconcile(
     metrics: ConfigMetrics,
     changed: mpsc::Sender<Event>,
 ) {
-    let mut seen = BTreeSet::new();
     loop {
         store.changed.notified().await;
         tokio::time::sleep(SETTLE).await;
-        let (resources, diagnostics) = store.resources();
-        let rejected = diagnostics
-            .iter()
-            .filter(|d| d.severity == config::Severity::Error)
-            .count();
-        if rejected > 0 {
-            metrics.rejected.inc();
-        }
-        log_new(&diagnostics, &mut seen);
         let generation = state.load().generation + 1;
-        let next = Arc::new(State::build(&resources, &node, &mesh, generation));
+        // Decoding the whole cluster and building the snapshot is CPU work: off the proxy's
+        // worker threads.
+        let (store2, node2, mesh2) = (store.clone(), node.clone(), mesh.clone());
+        let built = tokio::task::spawn_blocking(move || {
+            let (resources, diagnostics) = store2.resources();
+            let new = log_new(
+                &diagnostics,
+                &mut store2.logged.lock().unwrap_or_else(|e| e.into_inner()),
+            );
+            (State::build(&resources, &node2, &mesh2, generation), new)
+        })
+        .await;
+        let Ok((next, new_errors)) = built else {
+            tracing::error!("kube: building the snapshot failed; the last one keeps serving");
+            continue;
+        };
+        if new_errors > 0 {
+            metrics.rejected.inc_by(new_errors as u64);
+        }
+        let next = Arc::new(next);
         crate::reload::warn_l7_policies(&next);
         state.store(next.clone());
         metrics.generation.set(generation as i64);

@@ -150,8 +150,9 @@ struct RunArgs {
     /// or the kubeconfig).
     #[arg(long, env = "MESH_KUBE")]
     kube: bool,
-    /// Kubeconfig to use with `--kube` outside a cluster.
-    #[arg(long, env = "KUBECONFIG", requires = "kube")]
+    /// Kubeconfig to use with `--kube` outside a cluster (without it: in-cluster
+    /// credentials, else `$KUBECONFIG`, else ~/.kube/config).
+    #[arg(long, requires = "kube")]
     kubeconfig: Option<PathBuf>,
     /// Admin endpoint (health, metrics, debug).
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], PORT_ADMIN)))]

@@ -98,8 +98,10 @@ struct Inner {
     history: Vec<(u64, String, &'static str, Value)>,
     /// Bumped to end every open watch.
     epoch: u64,
-    /// Requests served, by kind of request (`list`, `watch`, `gone`).
-    requests: BTreeMap<&'static str, u64>,
+    /// Requests served, by kind of request (`list`, `watch`, `gone`) and collection.
+    requests: BTreeMap<(&'static str, String), u64>,
+    /// While set, watches are refused with 503 (the client retries with backoff).
+    paused: bool,
 }
 
 /// The fake API server's store and listeners; stopped on drop.
@@ -286,15 +288,39 @@ impl FakeApi {
         self.changed.notify_waiters();
     }
 
-    /// Requests served by kind (`list`, `watch`, `gone`).
+    /// Requests served by kind (`list`, `watch`, `gone`), all collections.
     pub fn requests(&self, what: &str) -> u64 {
-        self.inner
-            .lock()
-            .unwrap()
+        let inner = self.inner.lock().unwrap();
+        inner
             .requests
-            .get(what)
-            .copied()
-            .unwrap_or(0)
+            .iter()
+            .filter(|((w, _), _)| *w == what)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Requests of a kind (`list`, `watch`, `gone`) for the collection of `kind` (`Pod`).
+    pub fn requests_for(&self, what: &str, kind: &str) -> u64 {
+        let Some((path, _, _)) = collection(kind) else {
+            return 0;
+        };
+        let inner = self.inner.lock().unwrap();
+        inner
+            .requests
+            .iter()
+            .filter(|((w, p), _)| *w == what && *p == path)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Refuses new watches (503) while set and ends the open ones: changes made meanwhile
+    /// reach the clients only when they watch again (or, after [`FakeApi::compact`], list).
+    pub fn pause_watches(&self, paused: bool) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.paused = paused;
+        inner.epoch += 1;
+        drop(inner);
+        self.changed.notify_waiters();
     }
 
     /// A kubeconfig pointing at `url`, written to `path`.
@@ -362,7 +388,7 @@ fn handle(
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     if !watch {
         let mut state = inner.lock().unwrap();
-        *state.requests.entry("list").or_default() += 1;
+        *state.requests.entry(("list", path.clone())).or_default() += 1;
         let items: Vec<Value> = state
             .objects
             .iter()
@@ -383,20 +409,26 @@ fn handle(
     let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(64);
     let (inner, changed) = (inner.clone(), changed.clone());
     let kind = kind.to_string();
-    {
+    let epoch = {
         let mut state = inner.lock().unwrap();
+        if state.paused {
+            return reply(
+                503,
+                status(503, "ServiceUnavailable", "watches paused by the test"),
+            );
+        }
         if from < state.compacted {
-            *state.requests.entry("gone").or_default() += 1;
+            *state.requests.entry(("gone", path.clone())).or_default() += 1;
             let event = json!({"type": "ERROR", "object": status(410, "Expired",
                 &format!("too old resource version: {from} ({})", state.compacted))});
             let _ = sender.try_send(Bytes::from(format!("{event}\n")));
             drop(sender);
             return stream_reply(receiver);
         }
-        *state.requests.entry("watch").or_default() += 1;
-    }
+        *state.requests.entry(("watch", path.clone())).or_default() += 1;
+        state.epoch
+    };
     tokio::spawn(async move {
-        let epoch = inner.lock().unwrap().epoch;
         let mut sent = from;
         loop {
             let notified = changed.notified();

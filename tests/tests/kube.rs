@@ -64,7 +64,7 @@ fn file_and_kube_sources_build_identical_snapshots() {
     }
     assert!(!a_few(&from_kube), "the examples have every kind");
     assert!(store.len() >= 20, "{} objects", store.len());
-    assert!(api.requests("list") >= 9 && api.requests("watch") >= 9);
+    assert!(api.requests("list") >= 9, "every kind listed");
 }
 
 /// False when every kind has at least one resource.
@@ -312,38 +312,93 @@ fn kube_changes_of_every_kind_reach_the_state_and_the_kernel_and_watches_recover
         s["network_policies"].as_array().unwrap().is_empty()
     });
 
-    // Dropped connections: the watchers come back and see what changed meanwhile.
-    let watches = api.requests("watch");
+    // An invalid edit of a valid policy keeps its last valid version; a policy that was
+    // never valid is enforced fail closed (deny all to what it selects).
+    let rejected = cluster
+        .metric("node-a", "mesh_config_rejected_total")
+        .unwrap();
+    api.apply_yaml(WEB_APP_AUTHZ).unwrap();
+    eventually(&cluster, "node-a", "policy back", |s| {
+        workload(s, "web-1")["authorization"][0] == "default/web-app-policy"
+    });
+    let broken = "\n    when: [{key: no.such.key, values: [x]}]\n";
+    api.apply_yaml(&format!("{}{broken}", WEB_APP_AUTHZ.trim_end()))
+        .unwrap();
+    let fresh = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: fresh-broken}\nspec: {selector: {matchLabels: {app: api}}, rules: [{when: [{key: no.such.key, values: [x]}]}]}\n";
+    api.apply_yaml(fresh).unwrap();
+    eventually(&cluster, "node-a", "invalid policies fail closed", |s| {
+        workload(s, "web-1")["authorization"][0] == "default/web-app-policy"
+            && workload(s, "api")["authorization"][0] == "default/fresh-broken"
+    });
+    let now = cluster
+        .metric("node-a", "mesh_config_rejected_total")
+        .unwrap();
+    assert!(
+        now >= rejected + 2,
+        "both invalid objects counted: {rejected} -> {now}"
+    );
+    api.delete("AuthorizationPolicy", "default", "fresh-broken")
+        .unwrap();
+    api.delete("AuthorizationPolicy", "default", "web-app-policy")
+        .unwrap();
+    eventually(&cluster, "node-a", "invalid policies deleted", |s| {
+        workload(s, "api")["authorization"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            && workload(s, "web-1")["authorization"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+    });
+
+    // A dropped connection: the watchers resume and see what changed meanwhile.
+    let watches = api.requests_for("watch", "Pod");
     api.drop_watches();
     api.delete("Pod", "default", "admin").unwrap();
     eventually(&cluster, "node-a", "change after a dropped watch", |s| {
         !enrolled(s).contains(&ip("100.65.0.3"))
     });
-    assert!(api.requests("watch") > watches, "the watches were reopened");
+    assert!(
+        api.requests_for("watch", "Pod") > watches,
+        "the Pod watch was reopened"
+    );
 
-    // 410 Gone: the history is compacted while the watches are down; the watchers must list
-    // again to see the change.
-    let lists = api.requests("list");
-    api.drop_watches();
+    // 410 Gone: watches are refused while a Pod is added and another deleted, and the
+    // history is compacted; the watchers can only learn of it by listing again.
+    let (lists, gone) = (
+        api.requests_for("list", "Pod"),
+        api.requests_for("gone", "Pod"),
+    );
+    api.pause_watches(true);
     api.apply_yaml(
         &other
             .replace("name: other", "name: admin")
             .replace("100.65.0.4", "100.65.0.3")
-            .replace("sa/other", "sa/admin")
             .replace(
                 "serviceAccountName: other",
                 "serviceAccountName: admin-service",
             ),
     )
     .unwrap();
+    api.delete("Pod", "default", "other").unwrap();
     api.compact();
-    eventually(&cluster, "node-a", "change seen after 410 Gone", |s| {
-        enrolled(s) == node_a
+    api.pause_watches(false);
+    eventually(&cluster, "node-a", "changes seen after 410 Gone", |s| {
+        enrolled(s).contains(&ip("100.65.0.3"))
+            && !enrolled(s).contains(&ip("100.65.0.4"))
+            && workload(s, "other").is_null()
     });
-    assert!(api.requests("gone") > 0, "a watch met 410 Gone");
-    assert!(api.requests("list") > lists, "the watchers listed again");
-    // Relists replace the kind's objects: nothing doubles.
+    assert!(
+        api.requests_for("gone", "Pod") > gone,
+        "the Pod watch met 410 Gone"
+    );
+    assert!(
+        api.requests_for("list", "Pod") > lists,
+        "the Pod watcher listed again"
+    );
+    // The relist replaced the Pods: the deleted one is gone, nothing doubled.
     let state = cluster.debug_state("node-a").unwrap();
     let pods = state["workloads"].as_array().unwrap().len();
-    assert_eq!(pods, 7, "one workload per pod after relists");
+    assert_eq!(pods, 6, "one workload per pod after the relist");
 }

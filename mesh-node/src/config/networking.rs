@@ -562,6 +562,7 @@ impl Decode for HttpRewrite {
 #[schemars(rename_all = "camelCase", default)]
 pub struct RegexRewrite {
     /// The pattern (RE2, not anchored).
+    #[schemars(rename = "match")]
     pub pattern: String,
     /// The replacement (`\1` for groups).
     pub rewrite: String,

@@ -301,12 +301,23 @@ fn crd(group: &str, kind: &str, plural: &str, versions: &[&str], spec: Value) ->
                 "listKind": format!("{kind}List"),
                 "plural": plural,
                 "singular": kind.to_ascii_lowercase(),
+                "shortNames": [short_name(kind)],
                 "categories": ["istio-io", format!("{}-istio-io", group.split('.').next().unwrap_or(""))]
             },
             "scope": "Namespaced",
             "versions": versions
         }
     })
+}
+
+/// Istio's short names (`kubectl get vs`).
+fn short_name(kind: &str) -> &'static str {
+    match kind {
+        "VirtualService" => "vs",
+        "DestinationRule" => "dr",
+        "PeerAuthentication" => "pa",
+        _ => "ap",
+    }
 }
 
 /// The four CRDs, by file name (`<plural>.<group>.yaml`), as YAML.
@@ -402,6 +413,8 @@ mod tests {
             "integer"
         );
         assert_eq!(http["timeout"]["type"], "string");
+        let regex = &http["rewrite"]["properties"]["uriRegexRewrite"]["properties"];
+        assert!(regex.get("match").is_some() && regex.get("pattern").is_none());
         assert!(http.get("mirrorPercent").is_some());
         let dr = spec_schema::<DestinationRuleSpec>();
         assert_structural("dr", &dr);
