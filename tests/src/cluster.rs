@@ -833,15 +833,20 @@ pub fn mesh_node_bin() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("MESH_NODE_BIN") {
         return Ok(path.into());
     }
+    built_bin("mesh-node")
+}
+
+/// A binary of this workspace built next to the running test (`cargo build --bins`).
+pub fn built_bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     for dir in exe.ancestors().skip(1).take(2) {
-        let candidate = dir.join("mesh-node");
+        let candidate = dir.join(name);
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
     bail!(
-        "mesh-node binary not found next to {}: run `cargo build --bins` first",
+        "{name} binary not found next to {}: run `cargo build --bins` first",
         exe.display()
     )
 }

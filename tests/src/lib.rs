@@ -8,6 +8,7 @@
 //! - [`apps`]: echo and greeting servers, and clients that check every byte;
 //! - [`kube_api`]: a fake Kubernetes API server (list/watch wire protocol, bookmarks, 410 Gone,
 //!   dropped connections) for the kube source;
+//! - [`load`]: a fixed-rate HTTP load generator without coordinated omission (`mesh-load`);
 //! - [`tools`]: tcpdump, openssl s_client and Prometheus, run inside the test's namespaces;
 //! - [`web`]: an HTTP/h2c/gRPC server for pods whose answers name the pod, curl and wrk.
 //!
@@ -18,6 +19,7 @@ pub mod apps;
 pub mod cluster;
 pub mod fixtures;
 pub mod kube_api;
+pub mod load;
 pub mod netns;
 pub mod tools;
 pub mod web;

@@ -851,10 +851,11 @@ spec:
 #[test]
 fn added_latency_of_l7_routing_over_l4_is_measured() {
     require_root!();
-    // The issue's VirtualService (Chrome -> v2) and AuthorizationPolicy applied, plus a rule
-    // that lets api-service use the Service's L4 port.
+    // The issue's VirtualService (Chrome -> v2) and AuthorizationPolicy applied, plus rules
+    // that let api-service use the Service's L4 port and POST (the fixed-rate load sends
+    // 1 KiB bodies).
     let config = format!(
-        "{WEB_APP_VS}{WEB_APP_AUTHZ}  - from: [{{source: {{principals: [\"cluster.local/ns/default/sa/api-service\"]}}}}]\n    to: [{{operation: {{ports: [\"7000\"]}}}}]\n{}",
+        "{WEB_APP_VS}{WEB_APP_AUTHZ}  - from: [{{source: {{principals: [\"cluster.local/ns/default/sa/api-service\"]}}}}]\n    to: [{{operation: {{ports: [\"7000\"]}}}}]\n  - from: [{{source: {{principals: [\"cluster.local/ns/default/sa/api-service\"]}}}}]\n    to: [{{operation: {{methods: [POST], paths: [\"/api/v1/*\"]}}}}]\n{}",
         r#"
 ---
 apiVersion: networking.istio.io/v1
@@ -883,6 +884,36 @@ spec:
         l7.latency_us,
         l7.latency_us[0] - l4.latency_us[0],
         l7.latency_us[2] - l4.latency_us[2]
+    );
+    // The same two paths at a fixed 1,000 requests/s of 1 KiB over 4 connections, latency
+    // from the intended send time (mesh-load: no coordinated omission).
+    let load = mesh_tests::cluster::built_bin("mesh-load").unwrap();
+    let fixed = |url: &str, header: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "netns".to_string(),
+            "exec".into(),
+            api.to_string(),
+            load.display().to_string(),
+            url.to_string(),
+            "--rate=1000".into(),
+            "--connections=4".into(),
+            "--seconds=3".into(),
+        ];
+        args.extend(header.iter().map(|h| format!("--header={h}")));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = mesh_tests::netns::sh("ip", &refs).unwrap();
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let l4_fixed = fixed("http://100.65.1.3:7000/api/v1/x", &[]);
+    let l7_fixed = fixed(&url("/api/v1/x"), &["User-Agent: Chrome"]);
+    for report in [&l4_fixed, &l7_fixed] {
+        assert_eq!(report["errors"], 0, "{report}");
+        assert_eq!(report["non_2xx"], 0, "{report}");
+        assert!(report["requests"].as_u64().unwrap() > 2500, "{report}");
+    }
+    println!(
+        "fixed 1000 rps p50/p90/p99/p99.9/max us: L4 HBONE {}, L7 {}",
+        l4_fixed["latency_us"], l7_fixed["latency_us"]
     );
 }
 
