@@ -327,6 +327,17 @@ spec:
   - {name: web, labels: {role: web}}
 "#;
 
+/// A DestinationRule with only the `version` subsets v1 and v2 of `web-app`.
+pub const WEB_APP_SUBSETS: &str = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-app, namespace: default}
+spec:
+  host: web-app
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+"#;
+
 /// The issue's VirtualService.
 pub const WEB_APP_VS: &str = r#"
 ---

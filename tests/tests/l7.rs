@@ -13,7 +13,7 @@ use std::{
 use mesh_tests::{
     apps::{greet, Behaviour, Server},
     cluster::Cluster,
-    fixtures::{L7, L7_GRPC, L7_HTTP, WEB_APP_AUTHZ, WEB_APP_DR, WEB_APP_VS},
+    fixtures::{L7, L7_GRPC, L7_HTTP, WEB_APP_AUTHZ, WEB_APP_DR, WEB_APP_SUBSETS, WEB_APP_VS},
     require_root,
     tools::Prometheus,
     wait_until,
@@ -493,14 +493,9 @@ fn l7_authorization_policy_as_istio_documents_it() {
 #[test]
 fn h2c_grpc_and_upgrades_are_routed_by_the_same_rules() {
     require_root!();
-    let canary = r#"
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web-app, namespace: default}
-spec:
-  host: web-app
-  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+    let canary = format!(
+        "{WEB_APP_SUBSETS}{}",
+        r#"
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -511,8 +506,9 @@ spec:
   - match: [{headers: {x-canary: {exact: "yes"}}}]
     route: [{destination: {host: web-app, subset: v2}}]
   - route: [{destination: {host: web-app, subset: v1}}]
-"#;
-    let (cluster, servers) = start(canary);
+"#
+    );
+    let (cluster, servers) = start(&canary);
     let api = &cluster.pod("api").netns;
     // h2c with prior knowledge on the HTTP port, the requests multiplexed on one connection
     // (curl 7.88 cannot reuse a prior-knowledge connection for sequential requests).
@@ -739,14 +735,9 @@ spec:
 #[test]
 fn request_metrics_answer_istio_dashboard_queries_in_prometheus() {
     require_root!();
-    let config = r#"
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web-app, namespace: default}
-spec:
-  host: web-app
-  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+    let config = format!(
+        "{WEB_APP_SUBSETS}{}",
+        r#"
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -758,8 +749,9 @@ spec:
     route: [{destination: {host: web-app, subset: v2}}]
     retries: {attempts: 0}
   - route: [{destination: {host: web-app, subset: v1}}]
-"#;
-    let (cluster, servers) = start(config);
+"#
+    );
+    let (cluster, servers) = start(&config);
     servers["web-3"].set(Mode {
         fail_every: None,
         status: Some(500),
@@ -856,15 +848,7 @@ fn added_latency_of_l7_routing_over_l4_is_measured() {
     // 1 KiB bodies).
     let config = format!(
         "{WEB_APP_VS}{WEB_APP_AUTHZ}  - from: [{{source: {{principals: [\"cluster.local/ns/default/sa/api-service\"]}}}}]\n    to: [{{operation: {{ports: [\"7000\"]}}}}]\n  - from: [{{source: {{principals: [\"cluster.local/ns/default/sa/api-service\"]}}}}]\n    to: [{{operation: {{methods: [POST], paths: [\"/api/v1/*\"]}}}}]\n{}",
-        r#"
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web-app, namespace: default}
-spec:
-  host: web-app
-  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
-"#
+        WEB_APP_SUBSETS
     );
     let (cluster, _servers) = start(&config);
     // The same server on the Service's L4 port.
@@ -920,14 +904,9 @@ spec:
 #[test]
 fn tcp_routes_split_connections_by_weight() {
     require_root!();
-    let config = r#"
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web-app, namespace: default}
-spec:
-  host: web-app
-  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+    let config = format!(
+        "{WEB_APP_SUBSETS}{}",
+        r#"
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -939,8 +918,9 @@ spec:
     route:
     - {destination: {host: web-app, subset: v1, port: {number: 7000}}, weight: 0}
     - {destination: {host: web-app, subset: v2, port: {number: 7000}}, weight: 100}
-"#;
-    let (cluster, _web) = start(config);
+"#
+    );
+    let (cluster, _web) = start(&config);
     let _greeters: Vec<_> = ["web-1", "web-2", "web-3"]
         .iter()
         .map(|p| {

@@ -469,12 +469,15 @@ impl Cluster {
         let now = Instant::now();
         let healthy: Vec<SocketAddrV4> = match &view.policy.outlier {
             Some(outlier) => {
+                // One lock for the whole list; an endpoint without state was never ejected.
+                let states = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
                 let healthy: Vec<_> = view
                     .endpoints
                     .iter()
                     .copied()
-                    .filter(|e| !self.endpoint(*e).is_ejected(now))
+                    .filter(|e| !states.get(e).is_some_and(|s| s.is_ejected(now)))
                     .collect();
+                drop(states);
                 let share = healthy.len() * 100 / view.endpoints.len();
                 if healthy.is_empty() || share < outlier.min_health_percent as usize {
                     view.endpoints.clone()
@@ -497,7 +500,12 @@ impl Cluster {
             Balancer::LeastRequest => {
                 let a = choices[fastrand::usize(..n)];
                 let b = choices[fastrand::usize(..n)];
-                let load = |e: SocketAddrV4| self.endpoint(e).active.load(Ordering::Relaxed);
+                let states = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+                let load = |e: SocketAddrV4| {
+                    states
+                        .get(&e)
+                        .map_or(0, |s| s.active.load(Ordering::Relaxed))
+                };
                 if load(b) < load(a) {
                     b
                 } else {

@@ -13,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
@@ -104,17 +104,7 @@ async fn handle(
     let destination = ip_of(conn.target)
         .and_then(|ip| state.workloads.get(&ip))
         .filter(|d| d.enrolled && state.is_local(d));
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
+    let authority = super::authority_of(req.uri(), req.headers()).to_string();
     let mut log = RequestLog {
         kind: "http",
         reporter: "destination",
@@ -213,40 +203,10 @@ async fn handle(
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
     let body = Counting::wrap(super::boxed(body), request_bytes.clone());
-    let mut forwarded = Request::from_parts(parts, body);
-    if h2 {
-        // `:authority` only, as Envoy forwards it: a `Host` header the policy did not see
-        // must not reach the pod.
-        forwarded.headers_mut().remove(header::HOST);
-        *forwarded.version_mut() = http::Version::HTTP_2;
-        if forwarded.uri().authority().is_none() {
-            let path = forwarded
-                .uri()
-                .path_and_query()
-                .map_or("/".to_string(), |p| p.as_str().to_string());
-            match format!("http://{authority}{path}").parse() {
-                Ok(uri) => *forwarded.uri_mut() = uri,
-                Err(_) => {
-                    log.response_flags = "-";
-                    let response = local_response(StatusCode::BAD_REQUEST, "invalid authority");
-                    return Observed::wrap(response, finish(log));
-                }
-            }
-        }
-    } else {
-        *forwarded.version_mut() = http::Version::HTTP_11;
-        // Origin form to the pod.
-        let path = forwarded
-            .uri()
-            .path_and_query()
-            .map_or("/".to_string(), |p| p.as_str().to_string());
-        if let Ok(uri) = path.parse() {
-            *forwarded.uri_mut() = uri;
-        }
-        if let Ok(host) = http::HeaderValue::from_str(&authority) {
-            forwarded.headers_mut().insert(header::HOST, host);
-        }
-    }
+    let Some(forwarded) = super::upstream_request(&parts, body, h2, &authority) else {
+        let response = local_response(StatusCode::BAD_REQUEST, "invalid authority");
+        return Observed::wrap(response, finish(log));
+    };
     match sender.send(forwarded).await {
         Ok(mut response) => {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {

@@ -208,6 +208,42 @@ pub fn normalize_path(path: &str) -> String {
     }
 }
 
+/// The request to send to the next hop: origin form with `Host` for HTTP/1.1; for HTTP/2 the
+/// absolute form and no `Host` (`:authority` only, as Envoy forwards it: a `Host` header the
+/// policy did not see must not reach the pod). `None` when `authority` makes no URI.
+pub fn upstream_request(
+    parts: &http::request::Parts,
+    body: upstream::Body,
+    h2: bool,
+    authority: &str,
+) -> Option<http::Request<upstream::Body>> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut builder = http::Request::builder().method(parts.method.clone());
+    let mut headers = parts.headers.clone();
+    if h2 {
+        headers.remove(header::HOST);
+        builder = builder
+            .version(http::Version::HTTP_2)
+            .uri(format!("http://{authority}{path}"));
+    } else {
+        if let Ok(host) = HeaderValue::from_str(authority) {
+            headers.insert(header::HOST, host);
+        }
+        builder = builder.version(http::Version::HTTP_11).uri(path);
+    }
+    let mut request = builder.body(body).ok()?;
+    *request.headers_mut() = headers;
+    Some(request)
+}
+
+/// A request's authority: `:authority` (the URI's), else the `Host` header; empty without.
+pub fn authority_of<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> &'a str {
+    uri.authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or("")
+}
+
 /// `http` or `grpc`, as Istio's `request_protocol` label says.
 pub fn protocol_of(headers: &HeaderMap) -> &'static str {
     let grpc = headers

@@ -28,7 +28,8 @@ use super::{
     cluster::{self, ClusterKey, View},
     full, local_response, protocol_of, route, strip_hop_by_hop,
     upstream::{self, Target},
-    version_name, Active, BoxError, Counting, Finish, Observed, RequestLog, RespBody, Slot,
+    upstream_request, version_name, Active, BoxError, Counting, Finish, Observed, RequestLog,
+    RespBody, Slot,
 };
 use crate::{
     authz::HttpAttrs,
@@ -100,17 +101,21 @@ struct Plan<'s> {
     port: Option<u16>,
 }
 
-/// One request in progress: what is needed to answer it and record it.
-struct Call {
+/// One request in progress: what is needed to answer it and record it. The reports are
+/// built once, when it is answered, from the Service and endpoint it got to.
+struct Call<'s> {
     metrics: crate::telemetry::RequestMetrics,
     started: Instant,
     log: RequestLog,
     request_bytes: Arc<AtomicU64>,
-    reports: Vec<Report>,
+    state: &'s State,
+    source: Option<&'s Workload>,
+    service: Option<&'s ServiceTarget>,
+    destination: Option<&'s Workload>,
     slot: Option<Slot>,
 }
 
-impl Call {
+impl Call<'_> {
     fn answer(
         mut self,
         response: Response<RespBody>,
@@ -123,7 +128,10 @@ impl Call {
         self.log.error = error;
         let mut finish = Finish::new(
             self.metrics.clone(),
-            std::mem::take(&mut self.reports),
+            match self.service {
+                Some(service) => reports_for(self.state, self.source, self.destination, service),
+                None => Vec::new(),
+            },
             std::mem::take(&mut self.log),
             self.started,
             self.request_bytes.clone(),
@@ -147,7 +155,7 @@ async fn handle(
     let upgrade = super::is_upgrade(req.headers()) && req.version() != http::Version::HTTP_2;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let authority = authority_of(&parts);
+    let authority = super::authority_of(&parts.uri, &parts.headers).to_string();
     let mut call = Call {
         metrics: ctx.l7.metrics.clone(),
         started,
@@ -170,27 +178,28 @@ async fn handle(
             ..RequestLog::default()
         },
         request_bytes: Arc::new(AtomicU64::new(0)),
-        reports: Vec::new(),
+        state: &state,
+        source,
+        service: None,
+        destination: None,
         slot: None,
     };
-    let answer = |call: Call, response, flag, error| call.answer(response, flag, error);
     let Some(service) = state.services.get(&conn.vip) else {
         // The Service went away while the connection was open.
         let response = local_response(StatusCode::SERVICE_UNAVAILABLE, "no such service");
-        return answer(
-            call,
+        return call.answer(
             response,
             "NR",
             Some(format!("{} is no Service port now", conn.vip)),
         );
     };
-    call.reports = vec![report("source", source, None, Some(service), false)];
+    call.service = Some(service);
     let client_ns = source.map_or("default", |s| s.namespace.as_str());
     let plan = match plan(&state, service, source, &parts, &authority, client_ns) {
         Ok(plan) => plan,
         Err(()) => {
             let response = local_response(StatusCode::NOT_FOUND, "");
-            return answer(call, response, "NR", Some("no route matched".into()));
+            return call.answer(response, "NR", Some("no route matched".into()));
         }
     };
     call.log.route = plan.route_name.clone();
@@ -201,7 +210,7 @@ async fn handle(
     if let Some(route) = plan.route {
         if let Some(redirect) = &route.redirect {
             let response = redirect_response(redirect, &parts, &authority, conn.vip.port());
-            return answer(call, response, "", None);
+            return call.answer(response, "", None);
         }
         if let Some(direct) = &route.direct_response {
             let status = StatusCode::from_u16(direct.status as u16).unwrap_or(StatusCode::OK);
@@ -211,7 +220,7 @@ async fn handle(
                 response.headers_mut(),
                 route.headers.as_ref().and_then(|h| h.response.as_ref()),
             );
-            return answer(call, response, "", None);
+            return call.answer(response, "", None);
         }
         if let Some(fault) = &route.fault {
             if let Some(delay) = &fault.delay {
@@ -226,7 +235,7 @@ async fn handle(
             if let Some(abort) = &fault.abort {
                 if hit(abort.percentage.as_ref().map(|p| p.0)) {
                     let response = abort_response(abort, &parts);
-                    return answer(call, response, "FI", Some("fault injected".into()));
+                    return call.answer(response, "FI", Some("fault injected".into()));
                 }
             }
         }
@@ -236,14 +245,13 @@ async fn handle(
     let Some(target) = destination_service(&state, &plan.host, plan.port, service, conn.vip.port())
     else {
         let response = local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-        return answer(
-            call,
+        return call.answer(
             response,
             "NC",
             Some(format!("{} has no such port", plan.host)),
         );
     };
-    call.reports = vec![report("source", source, None, Some(target), false)];
+    call.service = Some(target);
     let key = cluster_key(
         &state,
         client_ns,
@@ -255,7 +263,7 @@ async fn handle(
     let (cluster, view) = cluster_view(ctx, &state, key, target, source);
     if let Some(error) = &view.error {
         let response = local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-        return answer(call, response, "NC", Some(error.clone()));
+        return call.answer(response, "NC", Some(error.clone()));
     }
     if cluster.requests.fetch_add(1, Ordering::AcqRel) >= view.policy.max_requests {
         cluster.requests.fetch_sub(1, Ordering::AcqRel);
@@ -263,12 +271,7 @@ async fn handle(
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream connect error or disconnect/reset before headers. reset reason: overflow",
         );
-        return answer(
-            call,
-            response,
-            "UO",
-            Some("http2MaxRequests reached".into()),
-        );
+        return call.answer(response, "UO", Some("http2MaxRequests reached".into()));
     }
     call.slot = Some(Slot {
         cluster: cluster.clone(),
@@ -315,8 +318,7 @@ async fn handle(
         Ok(body) => body,
         Err(err) => {
             let response = local_response(StatusCode::BAD_REQUEST, "");
-            return answer(
-                call,
+            return call.answer(
                 response,
                 "DC",
                 Some(format!("reading the request body: {err}")),
@@ -382,7 +384,7 @@ async fn handle(
         tried.insert(endpoint);
         call.log.upstream = Some(endpoint.to_string());
         let destination = state.workloads.get(endpoint.ip());
-        call.reports = reports_for(&state, source, destination, target);
+        call.destination = destination;
         let this_body = match body.take() {
             Some(ReqBody::Bytes(bytes)) => {
                 body = Some(ReqBody::Bytes(bytes.clone()));
@@ -684,22 +686,6 @@ impl Drop for RetryGuard {
     }
 }
 
-/// The request's authority: `:authority`, else `Host`.
-fn authority_of(parts: &Parts) -> String {
-    parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default()
-}
-
 /// The route for a request: `Err` when a VirtualService applies and no route matches (NR).
 fn plan<'s>(
     state: &'s State,
@@ -849,32 +835,6 @@ async fn replayable(body: Incoming, parts: &Parts) -> Result<ReqBody, hyper::Err
     }
 }
 
-/// The request to send upstream: origin-form with `Host` for HTTP/1.1, absolute for HTTP/2.
-fn upstream_request(
-    parts: &Parts,
-    body: upstream::Body,
-    h2: bool,
-    authority: &str,
-) -> Option<Request<upstream::Body>> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut builder = Request::builder().method(parts.method.clone());
-    let mut headers = parts.headers.clone();
-    if h2 {
-        headers.remove(header::HOST);
-        builder = builder
-            .version(http::Version::HTTP_2)
-            .uri(format!("http://{authority}{path}"));
-    } else {
-        if let Ok(host) = HeaderValue::from_str(authority) {
-            headers.insert(header::HOST, host);
-        }
-        builder = builder.version(http::Version::HTTP_11).uri(path);
-    }
-    let mut request = builder.body(body).ok()?;
-    *request.headers_mut() = headers;
-    Some(request)
-}
-
 enum Answer {
     Upstream(Response<Incoming>),
     Local(Response<RespBody>, &'static str, Option<String>),
@@ -913,17 +873,7 @@ async fn send(
                 Some("plaintext refused: PeerAuthentication STRICT".into()),
             ));
         }
-        let host = request
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
-                request
-                    .headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
-            .unwrap_or("");
+        let host = super::authority_of(request.uri(), request.headers());
         let decision = authorize_request(
             d,
             identity,

@@ -155,40 +155,64 @@ async fn same_node(
             .service(service)
         })
         .collect();
-    if !mtls && destination.mtls.mode_for(upstream.port()) == "STRICT" {
+    let identity = source.map(|s| s.identity.as_str());
+    deliver(
+        ctx,
+        Direction::Outbound,
+        client,
+        peer,
+        upstream,
+        destination,
+        identity,
+        rec,
+        reports,
+    )
+    .await
+}
+
+/// A connection to an enrolled pod of this node, the client authenticated (`identity`) or
+/// not: plaintext to a STRICT port is refused; an HTTP port is served request by request
+/// (AuthorizationPolicy per request); any other port gets AuthorizationPolicy for the
+/// connection, then a relay.
+#[allow(clippy::too_many_arguments)]
+async fn deliver(
+    ctx: &Arc<ProxyContext>,
+    direction: Direction,
+    client: TcpStream,
+    peer: SocketAddr,
+    upstream: SocketAddr,
+    destination: &Workload,
+    identity: Option<&str>,
+    mut rec: super::connections::ConnectionRecord,
+    reports: Vec<Report>,
+) {
+    if identity.is_none() && destination.mtls.mode_for(upstream.port()) == "STRICT" {
         rec.authorization = Some(strict_refusal(destination, upstream.port()));
-        deny(ctx, Direction::Outbound, &client, rec, reports);
+        deny(ctx, direction, &client, rec, reports);
         return;
     }
-    let identity = source.map(|s| s.identity.as_str());
     if http_port(ctx, upstream) {
         let inbound = crate::http::inbound::Inbound {
             peer,
             identity: identity.map(Into::into),
             target: upstream,
-            mtls,
+            mtls: identity.is_some(),
         };
-        rec.path = "same_node_http";
-        serve_http(ctx, Direction::Outbound, client, rec, inbound).await;
+        rec.path = match direction {
+            Direction::Outbound => "same_node_http",
+            _ => "plaintext_http",
+        };
+        serve_http(ctx, direction, client, rec, inbound).await;
         return;
     }
     let decision = authorize(destination, identity, peer, upstream);
     let allowed = decision.allowed;
     rec.authorization = Some(decision);
     if !allowed {
-        deny(ctx, Direction::Outbound, &client, rec, reports);
+        deny(ctx, direction, &client, rec, reports);
         return;
     }
-    plain(
-        ctx,
-        Direction::Outbound,
-        client,
-        peer,
-        upstream,
-        rec,
-        reports,
-    )
-    .await
+    plain(ctx, direction, client, peer, upstream, rec, reports).await
 }
 
 async fn inbound(
@@ -258,36 +282,14 @@ async fn inbound(
         mtls: false,
     }
     .service(service)];
-    let mode = destination.mtls.mode_for(upstream.port());
-    if mode == "STRICT" {
-        rec.authorization = Some(strict_refusal(destination, upstream.port()));
-        deny(ctx, Direction::Inbound, &client, rec, reports);
-        return;
-    }
-    if http_port(ctx, upstream) {
-        let inbound = crate::http::inbound::Inbound {
-            peer,
-            identity: None,
-            target: upstream,
-            mtls: false,
-        };
-        rec.path = "plaintext_http";
-        serve_http(ctx, Direction::Inbound, client, rec, inbound).await;
-        return;
-    }
-    let decision = authorize(destination, None, peer, upstream);
-    let allowed = decision.allowed;
-    rec.authorization = Some(decision);
-    if !allowed {
-        deny(ctx, Direction::Inbound, &client, rec, reports);
-        return;
-    }
-    plain(
+    deliver(
         ctx,
         Direction::Inbound,
         client,
         peer,
         upstream,
+        destination,
+        None,
         rec,
         reports,
     )
