@@ -447,6 +447,15 @@ impl Cluster {
         Ok(())
     }
 
+    /// The process ID of node `name`'s mesh-node (`ip netns exec` execs it, so the child is
+    /// mesh-node itself).
+    pub fn mesh_pid(&self, name: &str) -> Result<u32> {
+        self.mesh
+            .get(name)
+            .map(Child::id)
+            .ok_or_else(|| anyhow!("mesh-node is not running on {name}"))
+    }
+
     /// Resident memory of node `name`'s mesh-node, in KiB (from /proc).
     pub fn mesh_rss_kib(&self, name: &str) -> Result<u64> {
         let child = self

@@ -1,8 +1,14 @@
-//! A fixed-rate HTTP/1.1 load generator for the benchmarks: `connections` keep-alive
-//! connections share a schedule of `rate` requests per second; each request's latency is
-//! measured from the time the schedule meant to send it, so a stalled answer counts for every
-//! request it held up (no coordinated omission, as wrk2, Istio's and Linkerd's benchmarks
-//! do). Bounded by count and time; stops by itself.
+//! The benchmarks' HTTP/1.1 load generator. Every mode is bounded in time and stops by itself.
+//!
+//! - [`run`] with a rate: `connections` keep-alive connections share a schedule of `rate`
+//!   requests per second; each request's latency is measured from the time the schedule meant
+//!   to send it, so a stalled answer counts for every request it held up (no coordinated
+//!   omission, as wrk2, Istio's and Linkerd's benchmarks do). With rate 0 each connection
+//!   sends its next request as soon as the previous one is answered (the maximum rate).
+//! - [`bulk`]: one connection downloading an endless body; bytes per second.
+//! - [`connects`]: a new connection for every request (`connection: close`); connections per
+//!   second.
+//! - [`hold`]: opens connections and keeps them idle.
 
 use std::{
     sync::{Arc, Mutex},
@@ -58,6 +64,7 @@ pub async fn run(plan: &Plan) -> Result<Report> {
     let path = uri
         .path_and_query()
         .map_or("/".to_string(), |p| p.to_string());
+    let closed_loop = plan.rate == 0;
     let interval = Duration::from_nanos(1_000_000_000 / plan.rate.max(1));
     let histogram = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram")?,
@@ -79,7 +86,11 @@ pub async fn run(plan: &Plan) -> Result<Report> {
             let body = Bytes::from(vec![b'x'; plan.body]);
             let step = interval * plan.connections.max(1) as u32;
             // Connection c owns the schedule's slots c, c+n, c+2n, ...
-            let mut intended = start + interval * c as u32;
+            let mut intended = if closed_loop {
+                start
+            } else {
+                start + interval * c as u32
+            };
             while intended < end {
                 tokio::time::sleep_until(intended.into()).await;
                 let mut request = http::Request::builder()
@@ -116,7 +127,11 @@ pub async fn run(plan: &Plan) -> Result<Report> {
                     }
                 }
                 drop(t);
-                intended += step;
+                intended = if closed_loop {
+                    Instant::now()
+                } else {
+                    intended + step
+                };
             }
             Ok(())
         }));
@@ -139,6 +154,152 @@ pub async fn run(plan: &Plan) -> Result<Report> {
         h.max(),
     ];
     Ok(report)
+}
+
+/// An endless response body of 64 KiB frames (what the harness's web server answers to
+/// `/bytes`); it ends when the client goes away.
+pub struct Endless(Bytes);
+
+impl Default for Endless {
+    fn default() -> Endless {
+        Endless(Bytes::from(vec![b'x'; 64 << 10]))
+    }
+}
+
+impl http_body::Body for Endless {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.0.clone()))))
+    }
+}
+
+/// What [`bulk`] or [`connects`] achieved.
+#[derive(Debug, Default, Serialize)]
+pub struct Throughput {
+    /// Bytes received (bulk) or connections completed (connects).
+    pub count: u64,
+    /// Connections that failed (connects).
+    pub errors: u64,
+    /// Seconds measured.
+    pub seconds: f64,
+    /// `count` per second.
+    pub per_second: f64,
+}
+
+/// Downloads `url` (an endless body, as the harness's web server sends for `/bytes`) on one
+/// connection for `duration` after the first byte; counts the bytes.
+pub async fn bulk(url: &str, duration: Duration) -> Result<Throughput> {
+    let uri: http::Uri = url.parse().context("url")?;
+    let authority = uri.authority().context("url has no host")?.clone();
+    let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = http::Request::get(uri.path())
+        .header("host", authority.as_str())
+        .body(Full::new(Bytes::new()))?;
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .context("no answer in 10 s")??;
+    anyhow::ensure!(response.status().is_success(), "{}", response.status());
+    let mut body = response.into_body();
+    let mut count = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        match tokio::time::timeout(Duration::from_secs(5), body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    count += data.len() as u64;
+                }
+            }
+            Ok(None) => break,
+            Ok(Some(Err(err))) => return Err(err.into()),
+            Err(_) => anyhow::bail!("the download stalled for 5 s"),
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Throughput {
+        count,
+        errors: 0,
+        seconds,
+        per_second: count as f64 / seconds,
+    })
+}
+
+/// `workers` loops, each opening a connection, sending one `GET` with `connection: close`,
+/// reading the answer to the end and starting again, for `duration`; counts the completed
+/// connections. The server closes first, so the client's ports do not pile up in TIME_WAIT.
+pub async fn connects(url: &str, workers: usize, duration: Duration) -> Result<Throughput> {
+    let uri: http::Uri = url.parse().context("url")?;
+    let authority = uri.authority().context("url has no host")?.to_string();
+    let path = uri.path().to_string();
+    let started = Instant::now();
+    let end = started + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..workers.max(1) {
+        let (authority, path) = (authority.clone(), path.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut done, mut errors) = (0u64, 0u64);
+            while Instant::now() < end {
+                let one = async {
+                    let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+                    stream.set_nodelay(true)?;
+                    let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+                        _,
+                        Full<Bytes>,
+                    >(TokioIo::new(stream))
+                    .await?;
+                    let conn = tokio::spawn(conn);
+                    let request = http::Request::get(path.as_str())
+                        .header("host", authority.as_str())
+                        .header("connection", "close")
+                        .body(Full::new(Bytes::new()))?;
+                    let response = sender.send_request(request).await?;
+                    let ok = response.status().is_success();
+                    response.into_body().collect().await?;
+                    let _ = conn.await;
+                    anyhow::ensure!(ok, "not 2xx");
+                    Ok::<_, anyhow::Error>(())
+                };
+                match tokio::time::timeout(Duration::from_secs(5), one).await {
+                    Ok(Ok(())) => done += 1,
+                    _ => errors += 1,
+                }
+            }
+            (done, errors)
+        }));
+    }
+    let mut out = Throughput::default();
+    for task in tasks {
+        let (done, errors) = task.await?;
+        out.count += done;
+        out.errors += errors;
+    }
+    out.seconds = started.elapsed().as_secs_f64();
+    out.per_second = out.count as f64 / out.seconds;
+    Ok(out)
+}
+
+/// Opens `count` TCP connections to `addr` (sending nothing) and returns them; the caller
+/// keeps them open as long as it holds them.
+pub async fn hold(addr: &str, count: usize) -> Result<Vec<tokio::net::TcpStream>> {
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        let stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        .with_context(|| format!("connection {i} not answered in 5 s"))?
+        .with_context(|| format!("connection {i}"))?;
+        held.push(stream);
+    }
+    Ok(held)
 }
 
 #[cfg(test)]
@@ -180,6 +341,59 @@ mod tests {
             }
         });
         url
+    }
+
+    /// A loopback server answering every request with an endless body.
+    async fn endless_server() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/bytes", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = service_fn(|_req| async {
+                        Ok::<_, Infallible>(http::Response::new(Endless::default()))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn bulk_connects_hold_and_closed_loop_count_what_happened() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let bytes = bulk(&endless_server().await, Duration::from_millis(300))
+                .await
+                .unwrap();
+            assert!(bytes.count > 1 << 20, "{bytes:?}");
+            assert!((0.3..1.0).contains(&bytes.seconds), "{bytes:?}");
+            let url = server(u64::MAX, Duration::ZERO).await;
+            let made = connects(&url, 2, Duration::from_millis(300)).await.unwrap();
+            assert_eq!(made.errors, 0, "{made:?}");
+            assert!(made.count > 20, "{made:?}");
+            let addr = url.trim_start_matches("http://").trim_end_matches('/');
+            assert_eq!(hold(addr, 50).await.unwrap().len(), 50);
+            // Rate 0: as fast as answers come, far above a paced rate.
+            let mut max = plan(url.clone(), 0);
+            max.duration = Duration::from_millis(300);
+            let report = run(&max).await.unwrap();
+            assert_eq!((report.errors, report.non_2xx), (0, 0), "{report:?}");
+            assert!(report.requests > 100, "{report:?}");
+            // Nothing listens: every connection fails and is counted.
+            let closed = connects("http://127.0.0.1:1/", 1, Duration::from_millis(100))
+                .await
+                .unwrap();
+            assert_eq!(closed.count, 0);
+            assert!(closed.errors > 0);
+        });
     }
 
     fn plan(url: String, rate: u64) -> Plan {

@@ -5,6 +5,9 @@
 //! - `clippy-ebpf`: lint the eBPF crate with Debian's clippy (warnings denied).
 //! - `fmt-ebpf [--check]`: rustfmt the eBPF crate.
 //! - `demo`: build everything and run the two-node demo cluster (root).
+//! - `bench [--quick]`: build release binaries and run the benchmark matrix (root), writing
+//!   JSON to target/bench/ and the table to docs/benchmarks.md; `--quick` is the short smoke
+//!   variant on the tests' (debug) build, which writes only the JSON.
 
 use std::{
     path::{Path, PathBuf},
@@ -24,9 +27,10 @@ fn main() -> Result<()> {
         ),
         Some("fmt-ebpf") => fmt_ebpf(&root, args.iter().any(|a| a == "--check")),
         Some("demo") => demo(&root, &args[1..]),
+        Some("bench") => bench(&root, args.iter().any(|a| a == "--quick")),
         _ => {
             eprintln!(
-                "usage: cargo xtask <build-ebpf | clippy-ebpf | fmt-ebpf [--check] | demo [CONFIG]>"
+                "usage: cargo xtask <build-ebpf | clippy-ebpf | fmt-ebpf [--check] | demo [CONFIG] | bench [--quick]>"
             );
             std::process::exit(2);
         }
@@ -132,6 +136,27 @@ fn demo(root: &Path, args: &[String]) -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("examples/demo.yaml"));
     run(Command::new(root.join("target/debug/mesh-demo")).arg(config))
+}
+
+fn bench(root: &Path, quick: bool) -> Result<()> {
+    build_ebpf(root)?;
+    // The quick variant uses the tests' build (what `cargo build --workspace --bins` made for
+    // them, so CI compiles nothing twice); the full one measures release binaries.
+    let (profile, mut build) = if quick {
+        ("debug", vec!["build"])
+    } else {
+        ("release", vec!["build", "--release"])
+    };
+    build.extend(["--workspace", "--bins", "--locked"]);
+    run(Command::new(env!("CARGO")).current_dir(root).args(&build))?;
+    let mut cmd = Command::new(root.join("target").join(profile).join("mesh-bench"));
+    cmd.current_dir(root).arg("--out").arg(root.join("target/bench"));
+    if quick {
+        cmd.arg("--quick");
+    } else {
+        cmd.arg("--doc").arg(root.join("docs/benchmarks.md"));
+    }
+    run(&mut cmd)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

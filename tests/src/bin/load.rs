@@ -1,24 +1,42 @@
-//! `mesh-load`: the benchmarks' fixed-rate HTTP/1.1 load generator (see `mesh_tests::load`).
-//! Prints one JSON report. Run it inside a pod namespace (`ip netns exec`).
+//! `mesh-load`: the benchmarks' HTTP/1.1 load generator (see `mesh_tests::load`). Prints one
+//! JSON report. Run it inside a pod namespace (`ip netns exec`).
 
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use clap::Parser;
-use mesh_tests::load::{run, Plan};
+use clap::{Parser, ValueEnum};
+use mesh_tests::load::{bulk, connects, hold, run, Plan};
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// `--rate` requests per second over `--connections` keep-alive connections, latency
+    /// from the intended send time (rate 0: each connection as fast as answers come).
+    Rate,
+    /// One connection downloading the URL's endless body (the harness server's `/bytes`).
+    Bulk,
+    /// A new connection per request, `--connections` at a time.
+    Connect,
+    /// Opens `--connections` idle TCP connections to the URL's address, prints
+    /// `{"held": N}` and keeps them for `--seconds`.
+    Hold,
+}
 
 #[derive(Parser)]
-#[command(about = "Fixed-rate HTTP/1.1 load without coordinated omission; prints JSON")]
+#[command(about = "HTTP/1.1 load for the benchmarks, bounded in time; prints JSON")]
 struct Args {
     /// `http://host:port/path`.
     url: String,
-    /// Requests per second, all connections together.
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "rate")]
+    mode: Mode,
+    /// Requests per second, all connections together (0: as fast as possible).
     #[arg(long, default_value_t = 1000)]
     rate: u64,
-    /// Keep-alive connections.
+    /// Connections (keep-alive ones for `rate`, concurrent ones for `connect`, held ones for
+    /// `hold`).
     #[arg(long, default_value_t = 4)]
     connections: usize,
-    /// Seconds to send (at most 300).
+    /// Seconds to run (at most 300).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
     /// Request body bytes (POST when > 0).
@@ -34,6 +52,10 @@ fn main() -> Result<()> {
     if args.seconds == 0 || args.seconds > 300 {
         bail!("--seconds must be between 1 and 300");
     }
+    if args.connections == 0 || args.connections > 60_000 {
+        bail!("--connections must be between 1 and 60000");
+    }
+    mesh_node::sys::raise_nofile_limit()?;
     let headers = args
         .headers
         .iter()
@@ -42,19 +64,46 @@ fn main() -> Result<()> {
             None => bail!("header {h:?} is not `name: value`"),
         })
         .collect::<Result<Vec<_>>>()?;
-    let plan = Plan {
-        url: args.url,
-        rate: args.rate,
-        connections: args.connections,
-        duration: Duration::from_secs(args.seconds),
-        body: args.body,
-        headers,
-    };
+    let duration = Duration::from_secs(args.seconds);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let report = runtime.block_on(run(&plan))?;
-    println!("{}", serde_json::to_string(&report)?);
+    let report = runtime.block_on(async {
+        Ok::<_, anyhow::Error>(match args.mode {
+            Mode::Rate => {
+                let plan = Plan {
+                    url: args.url,
+                    rate: args.rate,
+                    connections: args.connections,
+                    duration,
+                    body: args.body,
+                    headers,
+                };
+                serde_json::to_value(run(&plan).await?)?
+            }
+            Mode::Bulk => serde_json::to_value(bulk(&args.url, duration).await?)?,
+            Mode::Connect => {
+                serde_json::to_value(connects(&args.url, args.connections, duration).await?)?
+            }
+            Mode::Hold => {
+                let addr = args
+                    .url
+                    .trim_start_matches("http://")
+                    .split('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let held = hold(&addr, args.connections).await?;
+                println!("{}", serde_json::json!({"held": held.len()}));
+                tokio::time::sleep(duration).await;
+                return Ok(None);
+            }
+        })
+        .map(Some)
+    })?;
+    if let Some(report) = report {
+        println!("{}", serde_json::to_string(&report)?);
+    }
     Ok(())
 }

@@ -1,0 +1,559 @@
+//! `mesh-bench` (root; run by `cargo xtask bench`): builds a two-node netns cluster, measures
+//! the same loads without the mesh (baseline), through it at L4 (HBONE mTLS across nodes, the
+//! local relay on one node) and at L7 (HTTP routed by a VirtualService, authorized per request
+//! by an AuthorizationPolicy), on the same node and across nodes; then the proxies' idle
+//! memory and their memory holding idle connections. Writes JSON to `--out` and, with
+//! `--doc`, the table into that Markdown file between its markers. Every mesh figure is also
+//! given relative to the baseline of the same run.
+//!
+//! The load (`mesh-load`) runs in the client pod's namespace, the servers (the harness's web
+//! server) in the server pods' namespaces; the proxies' CPU and memory come from /proc.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use mesh_tests::{
+    cluster::{built_bin, Cluster},
+    netns::sh,
+    web::WebServer,
+};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(about = "The mesh's benchmark matrix (root): baseline, L4 and L7, same and cross node")]
+struct Args {
+    /// Short runs (about a minute in all): a smoke test that every mode completes.
+    #[arg(long)]
+    quick: bool,
+    /// Directory for the JSON report.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Markdown file whose generated section (between `<!-- bench:begin -->` and
+    /// `<!-- bench:end -->`) gets the table.
+    #[arg(long)]
+    doc: Option<PathBuf>,
+}
+
+const CONFIG: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: bench, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: bench, labels: {app: client}}
+spec: {nodeName: node-a, serviceAccountName: client}
+status: {podIP: 100.65.0.2, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: srv-same, namespace: bench, labels: {app: same, role: server}}
+spec: {nodeName: node-a, serviceAccountName: server}
+status: {podIP: 100.65.0.3, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: srv-cross, namespace: bench, labels: {app: cross, role: server}}
+spec: {nodeName: node-b, serviceAccountName: server}
+status: {podIP: 100.65.1.2, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: same, namespace: bench}
+spec:
+  clusterIP: 100.66.0.40
+  selector: {app: same}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: tcp-raw, port: 81, targetPort: 8081}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cross, namespace: bench}
+spec:
+  clusterIP: 100.66.0.41
+  selector: {app: cross}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: tcp-raw, port: 81, targetPort: 8081}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: same, namespace: bench}
+spec:
+  hosts: [same]
+  http:
+  - match: [{uri: {prefix: /admin}}]
+    directResponse: {status: 403}
+  - match: [{uri: {prefix: /}}]
+    route: [{destination: {host: same, port: {number: 80}}}]
+    timeout: 10s
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: cross, namespace: bench}
+spec:
+  hosts: [cross]
+  http:
+  - match: [{uri: {prefix: /admin}}]
+    directResponse: {status: 403}
+  - match: [{uri: {prefix: /}}]
+    route: [{destination: {host: cross, port: {number: 80}}}]
+    timeout: 10s
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: servers, namespace: bench}
+spec:
+  selector: {matchLabels: {role: server}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/bench/sa/client"]}}]
+    to: [{operation: {methods: [GET, POST], paths: ["/*"], ports: ["8080"]}}]
+  - from: [{source: {principals: ["cluster.local/ns/bench/sa/client"]}}]
+    to: [{operation: {ports: ["8081"]}}]
+"#;
+
+/// Where each path's Service lives.
+const PATHS: [(&str, &str); 2] = [("same node", "100.66.0.40"), ("cross node", "100.66.0.41")];
+
+/// How long each load runs.
+struct Plan {
+    fixed_s: u64,
+    max_s: u64,
+    bulk_s: u64,
+    connect_s: u64,
+    idle_connections: usize,
+}
+
+/// One load in one cell of the matrix, with what the proxies spent on it.
+#[derive(Clone, Debug, Serialize)]
+struct Run {
+    path: String,
+    mode: String,
+    load: String,
+    /// mesh-load's report.
+    result: Value,
+    /// CPU seconds of both node proxies during the run.
+    proxy_cpu_s: f64,
+    /// Highest peak RSS of a node proxy during the run, KiB.
+    proxy_peak_rss_kib: u64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !mesh_tests::is_root() {
+        bail!("mesh-bench needs root (network namespaces, eBPF)");
+    }
+    let plan = if args.quick {
+        Plan {
+            fixed_s: 1,
+            max_s: 1,
+            bulk_s: 1,
+            connect_s: 1,
+            idle_connections: 500,
+        }
+    } else {
+        Plan {
+            fixed_s: 10,
+            max_s: 5,
+            bulk_s: 5,
+            connect_s: 5,
+            idle_connections: 10_000,
+        }
+    };
+    let started = Instant::now();
+    let machine = machine()?;
+    eprintln!("mesh-bench: {}", machine["cpu"]);
+    let mut cluster = Cluster::new(CONFIG)?;
+    for pod in ["client", "srv-same", "srv-cross"] {
+        // Many short connections: a wide port range, and reuse of TIME_WAIT ports.
+        cluster.pod(pod).netns.exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.ip_local_port_range=1024 65000",
+                "net.ipv4.tcp_tw_reuse=1",
+            ],
+        )?;
+    }
+    mesh_node::sys::raise_nofile_limit()?;
+    let mut servers = Vec::new();
+    for pod in ["srv-same", "srv-cross"] {
+        for port in [8080, 8081] {
+            servers.push(WebServer::start(&cluster.pod(pod).netns, port, pod)?);
+        }
+    }
+    let load = built_bin("mesh-load")?;
+    let mut bench = Bench {
+        load: &load,
+        plan: &plan,
+        runs: Vec::new(),
+        proxies: Vec::new(),
+    };
+    for (path, vip) in PATHS {
+        bench.cell(&cluster, path, "baseline", &format!("http://{vip}:80"))?;
+    }
+    cluster.start_mesh_everywhere()?;
+    // Idle: started, configured, nothing proxied yet.
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_rss_kib = [cluster.mesh_rss_kib("node-a")?, cluster.mesh_rss_kib("node-b")?];
+    bench.proxies = vec![cluster.mesh_pid("node-a")?, cluster.mesh_pid("node-b")?];
+    for (path, vip) in PATHS {
+        bench.cell(&cluster, path, "L4", &format!("http://{vip}:81"))?;
+        bench.cell(&cluster, path, "L7", &format!("http://{vip}:80"))?;
+    }
+    let runs = bench.runs;
+    let held = hold_idle(&cluster, &load, &servers[3], plan.idle_connections)?;
+    drop(servers);
+    let report = json!({
+        "machine": machine,
+        "quick": args.quick,
+        "seconds": started.elapsed().as_secs_f64(),
+        "idle_rss_kib": {"node-a": idle_rss_kib[0], "node-b": idle_rss_kib[1]},
+        "idle_connections": held,
+        "runs": runs,
+    });
+    drop(cluster);
+    std::fs::create_dir_all(&args.out)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let name = if args.quick { "quick" } else { "full" };
+    for file in [format!("{name}-{stamp}.json"), format!("{name}-latest.json")] {
+        std::fs::write(
+            args.out.join(&file),
+            serde_json::to_string_pretty(&report)?,
+        )?;
+    }
+    let table = table(&report);
+    println!("{table}");
+    if let Some(doc) = &args.doc {
+        write_doc(doc, &table)?;
+    }
+    eprintln!(
+        "mesh-bench: done in {:.0} s; JSON in {}",
+        started.elapsed().as_secs_f64(),
+        args.out.join(format!("{name}-latest.json")).display()
+    );
+    Ok(())
+}
+
+struct Bench<'a> {
+    load: &'a Path,
+    plan: &'a Plan,
+    runs: Vec<Run>,
+    /// PIDs of the node proxies (none for the baseline).
+    proxies: Vec<u32>,
+}
+
+impl Bench<'_> {
+    /// The four loads of one cell.
+    fn cell(&mut self, cluster: &Cluster, path: &str, mode: &str, base: &str) -> Result<()> {
+        let p = self.plan;
+        let loads: [(&str, String, Vec<String>); 4] = [
+            (
+                "fixed",
+                format!("{base}/echo"),
+                args(&["--rate=1000", "--connections=4", "--body=1024"], p.fixed_s),
+            ),
+            (
+                "max",
+                format!("{base}/echo"),
+                args(&["--rate=0", "--connections=64", "--body=0"], p.max_s),
+            ),
+            ("bulk", format!("{base}/bytes"), args(&["--mode=bulk"], p.bulk_s)),
+            (
+                "connect",
+                format!("{base}/echo"),
+                args(&["--mode=connect", "--connections=16"], p.connect_s),
+            ),
+        ];
+        for (load, url, extra) in loads {
+            let run = self.run(cluster, [path, mode, load], &url, &extra)?;
+            eprintln!(
+                "mesh-bench: {path:<10} {mode:<8} {load:<7} {} (proxies {:.2} CPU s)",
+                run.result, run.proxy_cpu_s
+            );
+            self.runs.push(run);
+        }
+        Ok(())
+    }
+
+    fn run(
+        &self,
+        cluster: &Cluster,
+        [path, mode, load]: [&str; 3],
+        url: &str,
+        extra: &[String],
+    ) -> Result<Run> {
+        for pid in &self.proxies {
+            // Resets the peak RSS (VmHWM) to the current RSS.
+            std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
+        }
+        let cpu_before = self.cpu()?;
+        let client = cluster.pod("client").netns.name();
+        let mut argv = vec!["netns", "exec", client, path_str(self.load)?, url];
+        argv.extend(extra.iter().map(String::as_str));
+        let out = sh("ip", &argv).with_context(|| format!("{path} {mode} {load}"))?;
+        let result: Value = serde_json::from_str(out.trim())
+            .with_context(|| format!("mesh-load printed {out:?}"))?;
+        let proxy_cpu_s = self.cpu()? - cpu_before;
+        let mut proxy_peak_rss_kib = 0;
+        for pid in &self.proxies {
+            proxy_peak_rss_kib = proxy_peak_rss_kib.max(status_kib(*pid, "VmHWM:")?);
+        }
+        let failed = result["errors"].as_u64().unwrap_or(0) + result["non_2xx"].as_u64().unwrap_or(0);
+        if failed > 0 {
+            bail!("{path} {mode} {load}: {failed} requests failed: {result}");
+        }
+        Ok(Run {
+            path: path.into(),
+            mode: mode.into(),
+            load: load.into(),
+            result,
+            proxy_cpu_s,
+            proxy_peak_rss_kib,
+        })
+    }
+
+    /// CPU seconds (user + system) the proxies used so far.
+    fn cpu(&self) -> Result<f64> {
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let mut total = 0.0;
+        for pid in &self.proxies {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            // Fields 14 and 15 of stat(5) (utime, stime); `fields` starts at field 3.
+            let field = |i: usize| -> Result<f64> {
+                Ok(fields.get(i - 3).context("short /proc stat")?.parse::<f64>()?)
+            };
+            total += (field(14)? + field(15)?) / ticks;
+        }
+        Ok(total)
+    }
+}
+
+fn args(extra: &[&str], seconds: u64) -> Vec<String> {
+    extra
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("--seconds={seconds}")])
+        .collect()
+}
+
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str().context("non-UTF-8 path")
+}
+
+/// A `/proc/PID/status` line's value in KiB.
+fn status_kib(pid: u32, key: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {key} in /proc/{pid}/status"))
+}
+
+/// Holds `count` idle connections from the client to the cross-node server's TCP port
+/// through the mesh (HBONE), and reports what the two proxies hold per connection.
+fn hold_idle(cluster: &Cluster, load: &Path, server: &WebServer, count: usize) -> Result<Value> {
+    let open_before = server.seen.open.load(std::sync::atomic::Ordering::Acquire);
+    let before = [cluster.mesh_rss_kib("node-a")?, cluster.mesh_rss_kib("node-b")?];
+    let client = cluster.pod("client").netns.name();
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", client])
+        .arg(load)
+        .args([
+            "http://100.66.0.41:81/",
+            "--mode=hold",
+            &format!("--connections={count}"),
+            "--seconds=60",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let measured = (|| {
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().context("stdout")?),
+            &mut line,
+        )?;
+        let held: Value = serde_json::from_str(line.trim())
+            .with_context(|| format!("mesh-load --mode=hold printed {line:?}"))?;
+        // Every connection reached the server through both proxies.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while server.seen.open.load(std::sync::atomic::Ordering::Acquire) < open_before + count {
+            if Instant::now() > deadline {
+                bail!(
+                    "only {} of {count} held connections reached the server",
+                    server.seen.open.load(std::sync::atomic::Ordering::Acquire) - open_before
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let after = [cluster.mesh_rss_kib("node-a")?, cluster.mesh_rss_kib("node-b")?];
+        let per = |i: usize| (after[i].saturating_sub(before[i])) as f64 * 1024.0 / count as f64;
+        Ok(json!({
+            "count": held["held"],
+            "rss_kib_before": {"node-a": before[0], "node-b": before[1]},
+            "rss_kib_after": {"node-a": after[0], "node-b": after[1]},
+            "bytes_per_connection": {"node-a": per(0), "node-b": per(1)},
+        }))
+    })();
+    // The child is ours: end it by its PID.
+    let _ = child.kill();
+    let _ = child.wait();
+    measured
+}
+
+/// What the machine is.
+fn machine() -> Result<Value> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")?;
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let commit = sh("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_default();
+    Ok(json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "memory_gib": (mem_kib as f64 / 1048576.0).round(),
+        "kernel": sh("uname", &["-r"])?.trim(),
+        "commit": commit.trim(),
+        "date": sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"])?.trim(),
+    }))
+}
+
+/// The Markdown table: every cell with its ratio to the baseline of the same path.
+fn table(report: &Value) -> String {
+    let runs: Vec<&Value> = report["runs"].as_array().into_iter().flatten().collect();
+    let find = |path: &str, mode: &str, load: &str| {
+        runs.iter()
+            .find(|r| r["path"] == path && r["mode"] == mode && r["load"] == load)
+            .copied()
+    };
+    let m = &report["machine"];
+    let mut out = format!(
+        "Run {} on {} ({} CPUs, {} GiB, kernel {}), commit {}{}.\n\n",
+        m["date"].as_str().unwrap_or(""),
+        m["cpu"].as_str().unwrap_or(""),
+        m["cpus"],
+        m["memory_gib"],
+        m["kernel"].as_str().unwrap_or(""),
+        m["commit"].as_str().unwrap_or(""),
+        if report["quick"] == true { " (quick)" } else { "" },
+    );
+    out.push_str(
+        "| path | mode | latency p50 / p90 / p99 / p99.9 µs at 1,000 req/s | added p50 / p99 µs | max req/s (64 conns) | bulk Gbit/s (1 conn) | new conns/s | proxy CPU s per 1,000 req | proxy peak RSS MiB |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for (path, _) in PATHS {
+        let base = |load| find(path, "baseline", load);
+        for mode in ["baseline", "L4", "L7"] {
+            let (Some(fixed), Some(max), Some(bulk), Some(connect)) = (
+                find(path, mode, "fixed"),
+                find(path, mode, "max"),
+                find(path, mode, "bulk"),
+                find(path, mode, "connect"),
+            ) else {
+                continue;
+            };
+            let lat = |r: &Value, i: usize| r["result"]["latency_us"][i].as_f64().unwrap_or(0.0);
+            let ratio = |v: f64, b: Option<f64>| match (mode, b) {
+                ("baseline", _) | (_, None) => String::new(),
+                (_, Some(b)) if b > 0.0 => format!(" ({:.2}x)", v / b),
+                _ => String::new(),
+            };
+            let added = match base("fixed") {
+                Some(b) if mode != "baseline" => format!(
+                    "+{:.0} / +{:.0}",
+                    lat(fixed, 0) - lat(b, 0),
+                    lat(fixed, 2) - lat(b, 2)
+                ),
+                _ => "-".into(),
+            };
+            let max_rate = max["result"]["rate"].as_f64().unwrap_or(0.0);
+            let gbit = bulk["result"]["per_second"].as_f64().unwrap_or(0.0) * 8.0 / 1e9;
+            let conns = connect["result"]["per_second"].as_f64().unwrap_or(0.0);
+            let requests = fixed["result"]["requests"].as_f64().unwrap_or(0.0).max(1.0);
+            let (cpu, rss) = if mode == "baseline" {
+                ("-".to_string(), "-".to_string())
+            } else {
+                (
+                    format!("{:.3}", fixed["proxy_cpu_s"].as_f64().unwrap_or(0.0) * 1000.0 / requests),
+                    format!(
+                        "{:.1}",
+                        runs.iter()
+                            .filter(|r| r["path"] == path && r["mode"] == mode)
+                            .filter_map(|r| r["proxy_peak_rss_kib"].as_f64())
+                            .fold(0.0, f64::max)
+                            / 1024.0
+                    ),
+                )
+            };
+            out.push_str(&format!(
+                "| {path} | {mode} | {:.0} / {:.0} / {:.0} / {:.0} | {added} | {:.0}{} | {:.2}{} | {:.0}{} | {cpu} | {rss} |\n",
+                lat(fixed, 0),
+                lat(fixed, 1),
+                lat(fixed, 2),
+                lat(fixed, 3),
+                max_rate,
+                ratio(max_rate, base("max").and_then(|b| b["result"]["rate"].as_f64())),
+                gbit,
+                ratio(gbit, base("bulk").and_then(|b| b["result"]["per_second"].as_f64().map(|v| v * 8.0 / 1e9))),
+                conns,
+                ratio(conns, base("connect").and_then(|b| b["result"]["per_second"].as_f64())),
+            ));
+        }
+    }
+    let idle = &report["idle_rss_kib"];
+    let held = &report["idle_connections"];
+    out.push_str(&format!(
+        "\nProxy idle RSS (started and configured, nothing proxied yet): node-a {:.1} MiB, node-b {:.1} MiB.\n",
+        idle["node-a"].as_f64().unwrap_or(0.0) / 1024.0,
+        idle["node-b"].as_f64().unwrap_or(0.0) / 1024.0,
+    ));
+    out.push_str(&format!(
+        "{} idle connections held across nodes (L4, HBONE): node-a {:.1} -> {:.1} MiB ({:.0} bytes each), node-b {:.1} -> {:.1} MiB ({:.0} bytes each).\n",
+        held["count"],
+        held["rss_kib_before"]["node-a"].as_f64().unwrap_or(0.0) / 1024.0,
+        held["rss_kib_after"]["node-a"].as_f64().unwrap_or(0.0) / 1024.0,
+        held["bytes_per_connection"]["node-a"].as_f64().unwrap_or(0.0),
+        held["rss_kib_before"]["node-b"].as_f64().unwrap_or(0.0) / 1024.0,
+        held["rss_kib_after"]["node-b"].as_f64().unwrap_or(0.0) / 1024.0,
+        held["bytes_per_connection"]["node-b"].as_f64().unwrap_or(0.0),
+    ));
+    out
+}
+
+/// Replaces the part of `doc` between the markers with `table`.
+fn write_doc(doc: &Path, table: &str) -> Result<()> {
+    const BEGIN: &str = "<!-- bench:begin -->";
+    const END: &str = "<!-- bench:end -->";
+    let text = std::fs::read_to_string(doc).with_context(|| format!("{}", doc.display()))?;
+    let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) else {
+        bail!("{} has no {BEGIN} ... {END} section", doc.display());
+    };
+    if e < b {
+        bail!("{}: {END} comes before {BEGIN}", doc.display());
+    }
+    let new = format!("{}{BEGIN}\n{table}{}", &text[..b], &text[e..]);
+    std::fs::write(doc, new)?;
+    Ok(())
+}
