@@ -58,7 +58,12 @@ pub struct Report {
 
 /// Runs `plan`; every connection stops at the end of the duration (plus at most 10 s for the
 /// answers in flight).
-pub async fn run(plan: &Plan) -> Result<Report> {
+///
+/// Each connection runs on its own thread (a current-thread runtime): tokio's timer ticks in
+/// milliseconds, so a request is sent by a coarse sleep to 2 ms before its time and a
+/// thread sleep (about 50 µs of slack) for the rest; otherwise every latency would include
+/// up to a millisecond of timer lateness.
+pub fn run(plan: &Plan) -> Result<Report> {
     let uri: http::Uri = plan.url.parse().context("url")?;
     let authority = uri.authority().context("url has no host")?.clone();
     let path = uri
@@ -76,7 +81,7 @@ pub async fn run(plan: &Plan) -> Result<Report> {
     for c in 0..plan.connections.max(1) {
         let (histogram, totals) = (histogram.clone(), totals.clone());
         let (authority, path, plan) = (authority.clone(), path.clone(), plan.clone());
-        tasks.push(tokio::spawn(async move {
+        let connection = async move {
             let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
             stream.set_nodelay(true)?;
             let (mut sender, conn) =
@@ -92,7 +97,7 @@ pub async fn run(plan: &Plan) -> Result<Report> {
                 start + interval * c as u32
             };
             while intended < end {
-                tokio::time::sleep_until(intended.into()).await;
+                sleep_precisely(intended).await;
                 let mut request = http::Request::builder()
                     .method(if plan.body > 0 { "POST" } else { "GET" })
                     .uri(&path)
@@ -134,10 +139,16 @@ pub async fn run(plan: &Plan) -> Result<Report> {
                 };
             }
             Ok(())
+        };
+        tasks.push(std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(connection)
         }));
     }
     for task in tasks {
-        if let Ok(Err(err)) = task.await {
+        if let Ok(Err(err)) = task.join() {
             totals.lock().unwrap().errors += 1;
             eprintln!("mesh-load: connection failed: {err:#}");
         }
@@ -175,6 +186,18 @@ impl http_body::Body for Endless {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.0.clone()))))
+    }
+}
+
+/// Sleeps until `until`, to within the thread sleep's slack.
+async fn sleep_precisely(until: Instant) {
+    if let Some(coarse) = until.checked_sub(Duration::from_millis(2)) {
+        tokio::time::sleep_until(coarse.into()).await;
+    }
+    let now = Instant::now();
+    if until > now {
+        // Blocks only this connection's thread, whose connection is idle until then.
+        std::thread::sleep(until - now);
     }
 }
 
@@ -384,7 +407,7 @@ mod tests {
             // Rate 0: as fast as answers come, far above a paced rate.
             let mut max = plan(url.clone(), 0);
             max.duration = Duration::from_millis(300);
-            let report = run(&max).await.unwrap();
+            let report = run(&max).unwrap();
             assert_eq!((report.errors, report.non_2xx), (0, 0), "{report:?}");
             assert!(report.requests > 100, "{report:?}");
             // Nothing listens: every connection fails and is counted.
@@ -416,14 +439,14 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let fast = server(u64::MAX, Duration::ZERO).await;
-            let report = run(&plan(fast, 400)).await.unwrap();
+            let report = run(&plan(fast, 400)).unwrap();
             assert_eq!((report.errors, report.non_2xx), (0, 0), "{report:?}");
             assert!((540..=660).contains(&report.requests), "{report:?}");
             // One answer in 100 stalls 200 ms at 200 requests/s on one connection: the ~40
             // requests scheduled during each stall are late too, so p99 shows it, where
             // timing each request from its actual send would not.
             let stalling = server(100, Duration::from_millis(200)).await;
-            let report = run(&plan(stalling, 200)).await.unwrap();
+            let report = run(&plan(stalling, 200)).unwrap();
             assert!(report.latency_us[2] >= 100_000, "{report:?}");
             assert!(report.latency_us[0] < 100_000, "{report:?}");
         });

@@ -37,6 +37,10 @@ struct Args {
     /// `<!-- bench:end -->`) gets the table.
     #[arg(long)]
     doc: Option<PathBuf>,
+    /// Run only the loads whose `path/mode/load` contains this (for example `cross/L7`, or
+    /// `fixed`). The report is then partial and no doc is written.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 const CONFIG: &str = r#"
@@ -170,35 +174,26 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let machine = machine()?;
     eprintln!("mesh-bench: {}", machine["cpu"]);
-    let mut cluster = Cluster::new(CONFIG)?;
-    for pod in ["client", "srv-same", "srv-cross"] {
-        // Many short connections: a wide port range, and reuse of TIME_WAIT ports.
-        cluster.pod(pod).netns.exec(
-            "sysctl",
-            &[
-                "-qw",
-                "net.ipv4.ip_local_port_range=1024 65000",
-                "net.ipv4.tcp_tw_reuse=1",
-            ],
-        )?;
-    }
     mesh_node::sys::raise_nofile_limit()?;
-    let mut servers = Vec::new();
-    for pod in ["srv-same", "srv-cross"] {
-        for port in [8080, 8081] {
-            servers.push(WebServer::start(&cluster.pod(pod).netns, port, pod)?);
-        }
-    }
     let load = built_bin("mesh-load")?;
     let mut bench = Bench {
+        only: args.only.clone(),
         load: &load,
         plan: &plan,
         runs: Vec::new(),
         proxies: Vec::new(),
     };
-    for (path, vip) in PATHS {
-        bench.cell(&cluster, path, "baseline", &format!("http://{vip}:80"))?;
+    // The baseline gets a cluster of its own: its connections, DNATed by the kube-proxy-like
+    // rules, would otherwise leave conntrack entries behind that the proxy's connections
+    // (made from the same client address and ports) could collide with (ARCHITECTURE.md,
+    // known gaps).
+    {
+        let (cluster, _servers) = topology()?;
+        for (path, vip) in PATHS {
+            bench.cell(&cluster, path, "baseline", &format!("http://{vip}:80"))?;
+        }
     }
+    let (mut cluster, servers) = topology()?;
     cluster.start_mesh_everywhere()?;
     // Idle: started, configured, nothing proxied yet.
     std::thread::sleep(Duration::from_secs(2));
@@ -219,8 +214,11 @@ fn main() -> Result<()> {
         "idle_connections": held,
         "runs": runs,
     });
-    drop(cluster);
     std::fs::create_dir_all(&args.out)?;
+    for node in ["node-a", "node-b"] {
+        std::fs::write(args.out.join(format!("{node}.log")), cluster.mesh_log(node))?;
+    }
+    drop(cluster);
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
@@ -233,7 +231,7 @@ fn main() -> Result<()> {
     }
     let table = table(&report);
     println!("{table}");
-    if let Some(doc) = &args.doc {
+    if let (Some(doc), None) = (&args.doc, &args.only) {
         write_doc(doc, &table)?;
     }
     eprintln!(
@@ -244,7 +242,32 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// The cluster with the servers started: web servers on 8080 (HTTP port) and 8081 (TCP
+/// port) in both server pods.
+fn topology() -> Result<(Cluster, Vec<WebServer>)> {
+    let cluster = Cluster::new(CONFIG)?;
+    for pod in ["client", "srv-same", "srv-cross"] {
+        // Many short connections: a wide port range, and reuse of TIME_WAIT ports.
+        cluster.pod(pod).netns.exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.ip_local_port_range=1024 65000",
+                "net.ipv4.tcp_tw_reuse=1",
+            ],
+        )?;
+    }
+    let mut servers = Vec::new();
+    for pod in ["srv-same", "srv-cross"] {
+        for port in [8080, 8081] {
+            servers.push(WebServer::start(&cluster.pod(pod).netns, port, pod)?);
+        }
+    }
+    Ok((cluster, servers))
+}
+
 struct Bench<'a> {
+    only: Option<String>,
     load: &'a Path,
     plan: &'a Plan,
     runs: Vec<Run>,
@@ -275,7 +298,24 @@ impl Bench<'_> {
             ),
         ];
         for (load, url, extra) in loads {
-            let run = self.run(cluster, [path, mode, load], &url, &extra)?;
+            let name = format!("{}/{mode}/{load}", path.split(' ').next().unwrap_or(path));
+            if self.only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+                continue;
+            }
+            let run = match self.run(cluster, [path, mode, load], &url, &extra) {
+                Ok(run) => run,
+                Err(err) => {
+                    for node in ["node-a", "node-b"] {
+                        let log = cluster.mesh_log(node);
+                        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                        eprintln!("--- {node}'s mesh-node log, last lines:");
+                        for line in tail.iter().rev() {
+                            eprintln!("{line}");
+                        }
+                    }
+                    return Err(err);
+                }
+            };
             eprintln!(
                 "mesh-bench: {path:<10} {mode:<8} {load:<7} {} (proxies {:.2} CPU s)",
                 run.result, run.proxy_cpu_s

@@ -65,23 +65,25 @@ fn main() -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let duration = Duration::from_secs(args.seconds);
+    if let Mode::Rate = args.mode {
+        let plan = Plan {
+            url: args.url,
+            rate: args.rate,
+            connections: args.connections,
+            duration,
+            body: args.body,
+            headers,
+        };
+        println!("{}", serde_json::to_string(&run(&plan)?)?);
+        return Ok(());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
     let report = runtime.block_on(async {
         Ok::<_, anyhow::Error>(match args.mode {
-            Mode::Rate => {
-                let plan = Plan {
-                    url: args.url,
-                    rate: args.rate,
-                    connections: args.connections,
-                    duration,
-                    body: args.body,
-                    headers,
-                };
-                serde_json::to_value(run(&plan).await?)?
-            }
+            Mode::Rate => unreachable!("served above"),
             Mode::Bulk => serde_json::to_value(bulk(&args.url, duration).await?)?,
             Mode::Connect => {
                 serde_json::to_value(connects(&args.url, args.connections, duration).await?)?
