@@ -387,7 +387,9 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let state = State::build(&resources, &args.node.node, &args.mesh.mesh(), 1);
     reload::warn_l7_policies(&state);
-    match runtime.block_on(serve(args, state, ca, source)) {
+    let served = runtime.block_on(serve(args, state, ca, source));
+    telemetry::flush_access_log();
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("mesh-node: {err:#}");

@@ -427,41 +427,61 @@ impl RequestMetrics {
     }
 }
 
-/// Lines waiting for the access-log writer; beyond this, lines are dropped and counted rather
-/// than stalling the proxy on a slow standard output.
-const ACCESS_LOG_BACKLOG: usize = 8192;
+/// Bytes of lines waiting for the access-log writer; beyond this, lines are dropped and
+/// counted rather than stalling the proxy on a slow standard output.
+const ACCESS_LOG_BACKLOG: usize = 4 << 20;
+/// How often the writer takes the waiting lines. Lines are batched rather than handed over
+/// one by one: waking a thread per request cost more CPU than the request itself (measured,
+/// docs/benchmarks.md).
+const ACCESS_LOG_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 struct AccessLog {
-    lines: std::sync::mpsc::SyncSender<Vec<u8>>,
+    lines: std::sync::Mutex<Vec<u8>>,
     dropped: Counter,
 }
 
 static ACCESS_LOG: std::sync::OnceLock<AccessLog> = std::sync::OnceLock::new();
 
-/// Starts the `access-log` thread that writes the lines to standard output, and registers
-/// `mesh_access_log_dropped_total`. Until it runs, lines are written directly.
+/// Starts the `access-log` thread that writes the lines to standard output every 50 ms, and
+/// registers `mesh_access_log_dropped_total`. Until it runs, lines are written directly.
 pub fn start_access_log(registry: &mut Registry) -> std::io::Result<()> {
-    let (lines, receiver) = std::sync::mpsc::sync_channel::<Vec<u8>>(ACCESS_LOG_BACKLOG);
     let dropped = Counter::default();
     registry.register(
         "mesh_access_log_dropped",
         "Access-log lines dropped because standard output did not keep up",
         dropped.clone(),
     );
+    let log = ACCESS_LOG.get_or_init(|| AccessLog {
+        lines: std::sync::Mutex::new(Vec::new()),
+        dropped,
+    });
     std::thread::Builder::new()
         .name("access-log".into())
         .spawn(move || {
-            let mut out = std::io::BufWriter::new(std::io::stdout());
-            while let Ok(line) = receiver.recv() {
-                let _ = out.write_all(&line);
-                while let Ok(more) = receiver.try_recv() {
-                    let _ = out.write_all(&more);
+            let mut batch = Vec::new();
+            loop {
+                std::thread::sleep(ACCESS_LOG_EVERY);
+                std::mem::swap(
+                    &mut batch,
+                    &mut log.lines.lock().unwrap_or_else(|e| e.into_inner()),
+                );
+                if !batch.is_empty() {
+                    let _ = std::io::stdout().lock().write_all(&batch);
+                    batch.clear();
+                    // Keep the buffer for reuse, but not a burst's worth of it.
+                    batch.shrink_to(64 << 10);
                 }
-                let _ = out.flush();
             }
         })?;
-    let _ = ACCESS_LOG.set(AccessLog { lines, dropped });
     Ok(())
+}
+
+/// Writes the lines still waiting (at shutdown).
+pub fn flush_access_log() {
+    if let Some(log) = ACCESS_LOG.get() {
+        let batch = std::mem::take(&mut *log.lines.lock().unwrap_or_else(|e| e.into_inner()));
+        let _ = std::io::stdout().lock().write_all(&batch);
+    }
 }
 
 /// One JSON line per finished connection on standard output (logs go to standard error), so
@@ -472,22 +492,28 @@ pub fn access_log(record: &ConnectionRecord) {
 
 /// Writes any serializable record as one access-log line.
 pub fn access_log_line(record: &impl serde::Serialize) {
-    let mut line = match serde_json::to_vec(record) {
-        Ok(line) => line,
-        Err(err) => {
-            tracing::warn!("access log: {err}");
-            return;
-        }
-    };
-    line.push(b'\n');
-    match ACCESS_LOG.get() {
-        Some(log) => {
-            if log.lines.try_send(line).is_err() {
-                log.dropped.inc();
+    let Some(log) = ACCESS_LOG.get() else {
+        match serde_json::to_vec(record) {
+            Ok(mut line) => {
+                line.push(b'\n');
+                let _ = std::io::stdout().lock().write_all(&line);
             }
+            Err(err) => tracing::warn!("access log: {err}"),
         }
-        None => {
-            let _ = std::io::stdout().lock().write_all(&line);
+        return;
+    };
+    let mut lines = log.lines.lock().unwrap_or_else(|e| e.into_inner());
+    if lines.len() >= ACCESS_LOG_BACKLOG {
+        log.dropped.inc();
+        return;
+    }
+    let before = lines.len();
+    match serde_json::to_writer(&mut *lines, record) {
+        Ok(()) => lines.push(b'\n'),
+        Err(err) => {
+            lines.truncate(before);
+            drop(lines);
+            tracing::warn!("access log: {err}");
         }
     }
 }
