@@ -122,7 +122,7 @@ fn fmt_ebpf(root: &Path, check: bool) -> Result<()> {
 
 fn demo(root: &Path, args: &[String]) -> Result<()> {
     build_ebpf(root)?;
-    run(Command::new(env!("CARGO")).current_dir(root).args([
+    run(workspace_cargo(root).args([
         "build",
         "--quiet",
         "-p",
@@ -148,7 +148,7 @@ fn bench(root: &Path, quick: bool) -> Result<()> {
         ("release", vec!["build", "--release"])
     };
     build.extend(["--workspace", "--bins", "--locked"]);
-    run(Command::new(env!("CARGO")).current_dir(root).args(&build))?;
+    run(workspace_cargo(root).args(&build))?;
     let mut cmd = Command::new(root.join("target").join(profile).join("mesh-bench"));
     cmd.current_dir(root).arg("--out").arg(root.join("target/bench"));
     if quick {
@@ -157,6 +157,35 @@ fn bench(root: &Path, quick: bool) -> Result<()> {
         cmd.arg("--doc").arg(root.join("docs/benchmarks.md"));
     }
     run(&mut cmd)
+}
+
+/// `cargo` (rustup's, from PATH) for the workspace, without what `cargo run` put in this
+/// process's environment: with `LD_LIBRARY_PATH`, `CARGO_PKG_*` and the like inherited, the
+/// build's fingerprints differ from a plain `cargo build`'s and everything is compiled again.
+fn workspace_cargo(root: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root);
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || [
+                "CARGO",
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "LD_LIBRARY_PATH",
+                "RUSTUP_TOOLCHAIN",
+                "RUSTUP_TOOLCHAIN_SOURCE",
+                "RUST_RECURSION_COUNT",
+            ]
+            .contains(&name.as_ref())
+        {
+            cmd.env_remove(name.as_ref());
+        }
+    }
+    cmd
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use mesh_common::MARK_PROXY;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
 };
 
@@ -43,10 +43,8 @@ use crate::{
 
 /// How long to wait for an upstream connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Copy buffer per direction of a plain TCP relay.
+/// Largest read from a TCP socket in a relay (plain or into an HTTP/2 tunnel).
 const COPY_BUFFER: usize = 64 * 1024;
-/// Largest read from a TCP socket into the HTTP/2 tunnel.
-const H2_CHUNK: usize = 64 * 1024;
 
 /// Which listener accepted the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -351,25 +349,37 @@ pub(crate) async fn relay(
     (copied, result.err())
 }
 
-async fn pipe<R, W>(
-    from: &mut R,
+async fn pipe<W: AsyncWrite + Unpin>(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
     to: &mut W,
     count: &mut u64,
     counted: impl Fn(u64),
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; COPY_BUFFER];
+) -> io::Result<()> {
     loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
+        let Some(buf) = read_when_ready(from).await? else {
             return to.shutdown().await;
+        };
+        to.write_all(&buf).await?;
+        *count += buf.len() as u64;
+        counted(buf.len() as u64);
+    }
+}
+
+/// Waits until `from` is readable, then reads what is there (`None` at end of stream). The
+/// buffer exists only while data is in hand, so an idle connection holds none (measured:
+/// 64 KiB reserved per direction while waiting dominated idle connections' memory).
+async fn read_when_ready(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+) -> io::Result<Option<bytes::BytesMut>> {
+    loop {
+        from.as_ref().readable().await?;
+        let mut buf = bytes::BytesMut::with_capacity(COPY_BUFFER);
+        match from.as_ref().try_read_buf(&mut buf) {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(buf)),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err),
         }
-        to.write_all(&buf[..n]).await?;
-        *count += n as u64;
-        counted(n as u64);
     }
 }
 
@@ -423,20 +433,18 @@ pub(crate) async fn relay_h2(
 /// Called with each relayed chunk's size.
 type Counted<'a> = dyn Fn(u64) + Sync + 'a;
 
-async fn tcp_to_h2<R: AsyncRead + Unpin>(
-    from: &mut R,
+async fn tcp_to_h2(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
     to: &mut h2::SendStream<Bytes>,
     count: &mut u64,
     counted: &Counted<'_>,
 ) -> io::Result<()> {
-    let mut buf = bytes::BytesMut::new();
     loop {
-        buf.reserve(H2_CHUNK);
-        let n = from.read_buf(&mut buf).await?;
-        if n == 0 {
+        let Some(buf) = read_when_ready(from).await? else {
             return to.send_data(Bytes::new(), true).map_err(h2_io);
-        }
-        let mut data = buf.split().freeze();
+        };
+        let n = buf.len();
+        let mut data = buf.freeze();
         while !data.is_empty() {
             to.reserve_capacity(data.len());
             let granted = std::future::poll_fn(|cx| to.poll_capacity(cx))
