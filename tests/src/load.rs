@@ -272,11 +272,11 @@ pub async fn connects(url: &str, workers: usize, duration: Duration) -> Result<T
                 let one = async {
                     let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
                     stream.set_nodelay(true)?;
-                    let (mut sender, conn) = hyper::client::conn::http1::handshake::<
-                        _,
-                        Full<Bytes>,
-                    >(TokioIo::new(stream))
-                    .await?;
+                    let (mut sender, conn) =
+                        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(
+                            stream,
+                        ))
+                        .await?;
                     let conn = tokio::spawn(conn);
                     let request = http::Request::get(path.as_str())
                         .header("host", authority.as_str())
@@ -313,13 +313,11 @@ pub async fn connects(url: &str, workers: usize, duration: Duration) -> Result<T
 pub async fn hold(addr: &str, count: usize) -> Result<Vec<tokio::net::TcpStream>> {
     let mut held = Vec::with_capacity(count);
     for i in 0..count {
-        let stream = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        .with_context(|| format!("connection {i} not answered in 5 s"))?
-        .with_context(|| format!("connection {i}"))?;
+        let stream =
+            tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+                .await
+                .with_context(|| format!("connection {i} not answered in 5 s"))?
+                .with_context(|| format!("connection {i}"))?;
         held.push(stream);
     }
     Ok(held)

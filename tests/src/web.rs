@@ -183,7 +183,9 @@ async fn answer(
             .header("x-seen-path", path.clone())
     };
     if path == "/bytes" {
-        return builder(200).body(crate::load::Endless::default().boxed()).unwrap();
+        return builder(200)
+            .body(crate::load::Endless::default().boxed())
+            .unwrap();
     }
     if req.headers().contains_key("upgrade") {
         let on = hyper::upgrade::on(&mut req);

@@ -150,7 +150,9 @@ fn bench(root: &Path, quick: bool) -> Result<()> {
     build.extend(["--workspace", "--bins", "--locked"]);
     run(workspace_cargo(root).args(&build))?;
     let mut cmd = Command::new(root.join("target").join(profile).join("mesh-bench"));
-    cmd.current_dir(root).arg("--out").arg(root.join("target/bench"));
+    cmd.current_dir(root)
+        .arg("--out")
+        .arg(root.join("target/bench"));
     if quick {
         cmd.arg("--quick");
     } else {

@@ -197,8 +197,16 @@ fn main() -> Result<()> {
     cluster.start_mesh_everywhere()?;
     // Idle: started, configured, nothing proxied yet.
     std::thread::sleep(Duration::from_secs(2));
-    let idle_rss_kib = [cluster.mesh_rss_kib("node-a")?, cluster.mesh_rss_kib("node-b")?];
     bench.proxies = vec![cluster.mesh_pid("node-a")?, cluster.mesh_pid("node-b")?];
+    // RSS, and its parts: private memory (anonymous) and the binary's pages (file).
+    let mut idle = serde_json::Map::new();
+    for (node, pid) in ["node-a", "node-b"].into_iter().zip(&bench.proxies) {
+        let mut parts = serde_json::Map::new();
+        for key in ["VmRSS", "RssAnon", "RssFile"] {
+            parts.insert(key.into(), status_kib(*pid, &format!("{key}:"))?.into());
+        }
+        idle.insert(node.into(), parts.into());
+    }
     for (path, vip) in PATHS {
         bench.cell(&cluster, path, "L4", &format!("http://{vip}:81"))?;
         bench.cell(&cluster, path, "L7", &format!("http://{vip}:80"))?;
@@ -210,7 +218,7 @@ fn main() -> Result<()> {
         "machine": machine,
         "quick": args.quick,
         "seconds": started.elapsed().as_secs_f64(),
-        "idle_rss_kib": {"node-a": idle_rss_kib[0], "node-b": idle_rss_kib[1]},
+        "idle_kib": idle,
         "idle_connections": held,
         "runs": runs,
     });
@@ -223,11 +231,11 @@ fn main() -> Result<()> {
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
     let name = if args.quick { "quick" } else { "full" };
-    for file in [format!("{name}-{stamp}.json"), format!("{name}-latest.json")] {
-        std::fs::write(
-            args.out.join(&file),
-            serde_json::to_string_pretty(&report)?,
-        )?;
+    for file in [
+        format!("{name}-{stamp}.json"),
+        format!("{name}-latest.json"),
+    ] {
+        std::fs::write(args.out.join(&file), serde_json::to_string_pretty(&report)?)?;
     }
     let table = table(&report);
     println!("{table}");
@@ -283,14 +291,21 @@ impl Bench<'_> {
             (
                 "fixed",
                 format!("{base}/echo"),
-                args(&["--rate=1000", "--connections=4", "--body=1024"], p.fixed_s),
+                args(
+                    &["--rate=1000", "--connections=4", "--body=1024"],
+                    p.fixed_s,
+                ),
             ),
             (
                 "max",
                 format!("{base}/echo"),
                 args(&["--rate=0", "--connections=64", "--body=0"], p.max_s),
             ),
-            ("bulk", format!("{base}/bytes"), args(&["--mode=bulk"], p.bulk_s)),
+            (
+                "bulk",
+                format!("{base}/bytes"),
+                args(&["--mode=bulk"], p.bulk_s),
+            ),
             (
                 "connect",
                 format!("{base}/echo"),
@@ -299,7 +314,11 @@ impl Bench<'_> {
         ];
         for (load, url, extra) in loads {
             let name = format!("{}/{mode}/{load}", path.split(' ').next().unwrap_or(path));
-            if self.only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+            if self
+                .only
+                .as_ref()
+                .is_some_and(|o| !name.contains(o.as_str()))
+            {
                 continue;
             }
             let run = match self.run(cluster, [path, mode, load], &url, &extra) {
@@ -348,7 +367,8 @@ impl Bench<'_> {
         for pid in &self.proxies {
             proxy_peak_rss_kib = proxy_peak_rss_kib.max(status_kib(*pid, "VmHWM:")?);
         }
-        let failed = result["errors"].as_u64().unwrap_or(0) + result["non_2xx"].as_u64().unwrap_or(0);
+        let failed =
+            result["errors"].as_u64().unwrap_or(0) + result["non_2xx"].as_u64().unwrap_or(0);
         if failed > 0 {
             bail!("{path} {mode} {load}: {failed} requests failed: {result}");
         }
@@ -373,7 +393,10 @@ impl Bench<'_> {
             let fields: Vec<&str> = after.split_whitespace().collect();
             // Fields 14 and 15 of stat(5) (utime, stime); `fields` starts at field 3.
             let field = |i: usize| -> Result<f64> {
-                Ok(fields.get(i - 3).context("short /proc stat")?.parse::<f64>()?)
+                Ok(fields
+                    .get(i - 3)
+                    .context("short /proc stat")?
+                    .parse::<f64>()?)
             };
             total += (field(14)? + field(15)?) / ticks;
         }
@@ -407,7 +430,10 @@ fn status_kib(pid: u32, key: &str) -> Result<u64> {
 /// through the mesh (HBONE), and reports what the two proxies hold per connection.
 fn hold_idle(cluster: &Cluster, load: &Path, server: &WebServer, count: usize) -> Result<Value> {
     let open_before = server.seen.open.load(std::sync::atomic::Ordering::Acquire);
-    let before = [cluster.mesh_rss_kib("node-a")?, cluster.mesh_rss_kib("node-b")?];
+    let before = [
+        cluster.mesh_rss_kib("node-a")?,
+        cluster.mesh_rss_kib("node-b")?,
+    ];
     let client = cluster.pod("client").netns.name();
     let mut child = std::process::Command::new("ip")
         .args(["netns", "exec", client])
@@ -440,7 +466,10 @@ fn hold_idle(cluster: &Cluster, load: &Path, server: &WebServer, count: usize) -
             std::thread::sleep(Duration::from_millis(100));
         }
         std::thread::sleep(Duration::from_secs(1));
-        let after = [cluster.mesh_rss_kib("node-a")?, cluster.mesh_rss_kib("node-b")?];
+        let after = [
+            cluster.mesh_rss_kib("node-a")?,
+            cluster.mesh_rss_kib("node-b")?,
+        ];
         let per = |i: usize| (after[i].saturating_sub(before[i])) as f64 * 1024.0 / count as f64;
         Ok(json!({
             "count": held["held"],
@@ -497,7 +526,11 @@ fn table(report: &Value) -> String {
         m["memory_gib"],
         m["kernel"].as_str().unwrap_or(""),
         m["commit"].as_str().unwrap_or(""),
-        if report["quick"] == true { " (quick)" } else { "" },
+        if report["quick"] == true {
+            " (quick)"
+        } else {
+            ""
+        },
     );
     out.push_str(
         "| path | mode | latency p50 / p90 / p99 / p99.9 µs at 1,000 req/s | added p50 / p99 µs | max req/s (64 conns) | bulk Gbit/s (1 conn) | new conns/s | proxy CPU s per 1,000 req | proxy peak RSS MiB |\n",
@@ -536,7 +569,10 @@ fn table(report: &Value) -> String {
                 ("-".to_string(), "-".to_string())
             } else {
                 (
-                    format!("{:.3}", fixed["proxy_cpu_s"].as_f64().unwrap_or(0.0) * 1000.0 / requests),
+                    format!(
+                        "{:.3}",
+                        fixed["proxy_cpu_s"].as_f64().unwrap_or(0.0) * 1000.0 / requests
+                    ),
                     format!(
                         "{:.1}",
                         runs.iter()
@@ -562,13 +598,18 @@ fn table(report: &Value) -> String {
             ));
         }
     }
-    let idle = &report["idle_rss_kib"];
     let held = &report["idle_connections"];
-    out.push_str(&format!(
-        "\nProxy idle RSS (started and configured, nothing proxied yet): node-a {:.1} MiB, node-b {:.1} MiB.\n",
-        idle["node-a"].as_f64().unwrap_or(0.0) / 1024.0,
-        idle["node-b"].as_f64().unwrap_or(0.0) / 1024.0,
-    ));
+    for node in ["node-a", "node-b"] {
+        let idle = &report["idle_kib"][node];
+        let mib = |key: &str| idle[key].as_f64().unwrap_or(0.0) / 1024.0;
+        out.push_str(&format!(
+            "\nProxy idle on {node} (started and configured, nothing proxied yet): RSS {:.1} MiB = {:.1} MiB private (anonymous) + {:.1} MiB of the binary's pages.",
+            mib("VmRSS"),
+            mib("RssAnon"),
+            mib("RssFile"),
+        ));
+    }
+    out.push('\n');
     out.push_str(&format!(
         "{} idle connections held across nodes (L4, HBONE): node-a {:.1} -> {:.1} MiB ({:.0} bytes each), node-b {:.1} -> {:.1} MiB ({:.0} bytes each).\n",
         held["count"],

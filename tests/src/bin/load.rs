@@ -65,47 +65,45 @@ fn main() -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let duration = Duration::from_secs(args.seconds);
-    if let Mode::Rate = args.mode {
-        let plan = Plan {
+    // The fixed-rate mode runs its own threads (one runtime per connection); the others share
+    // a one-worker runtime.
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+    };
+    let report = match args.mode {
+        Mode::Rate => serde_json::to_value(run(&Plan {
             url: args.url,
             rate: args.rate,
             connections: args.connections,
             duration,
             body: args.body,
             headers,
-        };
-        println!("{}", serde_json::to_string(&run(&plan)?)?);
-        return Ok(());
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let report = runtime.block_on(async {
-        Ok::<_, anyhow::Error>(match args.mode {
-            Mode::Rate => unreachable!("served above"),
-            Mode::Bulk => serde_json::to_value(bulk(&args.url, duration).await?)?,
-            Mode::Connect => {
-                serde_json::to_value(connects(&args.url, args.connections, duration).await?)?
-            }
-            Mode::Hold => {
-                let addr = args
-                    .url
-                    .trim_start_matches("http://")
-                    .split('/')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
+        })?)?,
+        Mode::Bulk => serde_json::to_value(runtime()?.block_on(bulk(&args.url, duration))?)?,
+        Mode::Connect => serde_json::to_value(runtime()?.block_on(connects(
+            &args.url,
+            args.connections,
+            duration,
+        ))?)?,
+        Mode::Hold => {
+            let addr = args
+                .url
+                .trim_start_matches("http://")
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            return runtime()?.block_on(async {
                 let held = hold(&addr, args.connections).await?;
                 println!("{}", serde_json::json!({"held": held.len()}));
                 tokio::time::sleep(duration).await;
-                return Ok(None);
-            }
-        })
-        .map(Some)
-    })?;
-    if let Some(report) = report {
-        println!("{}", serde_json::to_string(&report)?);
-    }
+                Ok(())
+            });
+        }
+    };
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
