@@ -388,6 +388,8 @@ fn run(args: RunArgs) -> ExitCode {
     let state = State::build(&resources, &args.node.node, &args.mesh.mesh(), 1);
     reload::warn_l7_policies(&state);
     let served = runtime.block_on(serve(args, state, ca, source));
+    // Connections still finishing log their last lines; then the buffer is written out.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     telemetry::flush_access_log();
     match served {
         Ok(()) => ExitCode::SUCCESS,

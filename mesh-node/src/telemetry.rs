@@ -437,6 +437,8 @@ const ACCESS_LOG_EVERY: std::time::Duration = std::time::Duration::from_millis(5
 
 struct AccessLog {
     lines: std::sync::Mutex<Vec<u8>>,
+    /// Held from taking a batch until it is written, so batches reach stdout in order.
+    writing: std::sync::Mutex<()>,
     dropped: Counter,
 }
 
@@ -453,6 +455,7 @@ pub fn start_access_log(registry: &mut Registry) -> std::io::Result<()> {
     );
     let log = ACCESS_LOG.get_or_init(|| AccessLog {
         lines: std::sync::Mutex::new(Vec::new()),
+        writing: std::sync::Mutex::new(()),
         dropped,
     });
     std::thread::Builder::new()
@@ -461,6 +464,7 @@ pub fn start_access_log(registry: &mut Registry) -> std::io::Result<()> {
             let mut batch = Vec::new();
             loop {
                 std::thread::sleep(ACCESS_LOG_EVERY);
+                let _writing = log.writing.lock().unwrap_or_else(|e| e.into_inner());
                 std::mem::swap(
                     &mut batch,
                     &mut log.lines.lock().unwrap_or_else(|e| e.into_inner()),
@@ -476,9 +480,10 @@ pub fn start_access_log(registry: &mut Registry) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Writes the lines still waiting (at shutdown).
+/// Writes the lines still waiting (at shutdown, after the runtime stopped).
 pub fn flush_access_log() {
     if let Some(log) = ACCESS_LOG.get() {
+        let _writing = log.writing.lock().unwrap_or_else(|e| e.into_inner());
         let batch = std::mem::take(&mut *log.lines.lock().unwrap_or_else(|e| e.into_inner()));
         let _ = std::io::stdout().lock().write_all(&batch);
     }
@@ -502,20 +507,22 @@ pub fn access_log_line(record: &impl serde::Serialize) {
         }
         return;
     };
+    // Serialized outside the lock; only the copy into the batch holds it.
+    let mut line = match serde_json::to_vec(record) {
+        Ok(line) => line,
+        Err(err) => {
+            tracing::warn!("access log: {err}");
+            return;
+        }
+    };
+    line.push(b'\n');
     let mut lines = log.lines.lock().unwrap_or_else(|e| e.into_inner());
     if lines.len() >= ACCESS_LOG_BACKLOG {
+        drop(lines);
         log.dropped.inc();
         return;
     }
-    let before = lines.len();
-    match serde_json::to_writer(&mut *lines, record) {
-        Ok(()) => lines.push(b'\n'),
-        Err(err) => {
-            lines.truncate(before);
-            drop(lines);
-            tracing::warn!("access log: {err}");
-        }
-    }
+    lines.extend_from_slice(&line);
 }
 
 #[cfg(test)]

@@ -70,7 +70,8 @@ pub fn run(plan: &Plan) -> Result<Report> {
         .path_and_query()
         .map_or("/".to_string(), |p| p.to_string());
     let closed_loop = plan.rate == 0;
-    let interval = Duration::from_nanos(1_000_000_000 / plan.rate.max(1));
+    let interval =
+        Duration::from_nanos(1_000_000_000 / plan.rate.max(1)).max(Duration::from_nanos(1));
     let histogram = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram")?,
     ));
@@ -140,15 +141,23 @@ pub fn run(plan: &Plan) -> Result<Report> {
             }
             Ok(())
         };
-        tasks.push(std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(connection)
-        }));
+        tasks.push(
+            std::thread::Builder::new()
+                .name(format!("load-{c}"))
+                .spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?
+                        .block_on(connection)
+                })
+                .context("starting a connection thread")?,
+        );
     }
     for task in tasks {
-        if let Ok(Err(err)) = task.join() {
+        let outcome = task
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the connection thread panicked")));
+        if let Err(err) = outcome {
             totals.lock().unwrap().errors += 1;
             eprintln!("mesh-load: connection failed: {err:#}");
         }
@@ -312,7 +321,12 @@ pub async fn connects(url: &str, workers: usize, duration: Duration) -> Result<T
 /// keeps them open as long as it holds them.
 pub async fn hold(addr: &str, count: usize) -> Result<Vec<tokio::net::TcpStream>> {
     let mut held = Vec::with_capacity(count);
+    let deadline = Instant::now() + Duration::from_secs(60);
     for i in 0..count {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {i} of {count} connections opened in 60 s"
+        );
         let stream =
             tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
                 .await

@@ -161,8 +161,8 @@ fn bench(root: &Path, quick: bool) -> Result<()> {
     run(&mut cmd)
 }
 
-/// `cargo` (rustup's, from PATH) for the workspace, without what `cargo run` put in this
-/// process's environment: with `LD_LIBRARY_PATH`, `CARGO_PKG_*` and the like inherited, the
+/// `cargo` (rustup's, from PATH; `RUSTUP_TOOLCHAIN` is kept, so `cargo +TOOLCHAIN xtask`
+/// holds) for the workspace, without what `cargo run` put in this process's environment: with `LD_LIBRARY_PATH`, `CARGO_PKG_*` and the like inherited, the
 /// build's fingerprints differ from a plain `cargo build`'s and everything is compiled again.
 fn workspace_cargo(root: &Path) -> Command {
     let mut cmd = Command::new("cargo");
@@ -178,8 +178,6 @@ fn workspace_cargo(root: &Path) -> Command {
                 "CARGO_BIN_NAME",
                 "CARGO_PRIMARY_PACKAGE",
                 "LD_LIBRARY_PATH",
-                "RUSTUP_TOOLCHAIN",
-                "RUSTUP_TOOLCHAIN_SOURCE",
                 "RUST_RECURSION_COUNT",
             ]
             .contains(&name.as_ref())

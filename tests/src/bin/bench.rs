@@ -460,7 +460,11 @@ fn hold_idle(cluster: &Cluster, load: &Path, server: &WebServer, count: usize) -
             if Instant::now() > deadline {
                 bail!(
                     "only {} of {count} held connections reached the server",
-                    server.seen.open.load(std::sync::atomic::Ordering::Acquire) - open_before
+                    server
+                        .seen
+                        .open
+                        .load(std::sync::atomic::Ordering::Acquire)
+                        .saturating_sub(open_before)
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -555,7 +559,7 @@ fn table(report: &Value) -> String {
             };
             let added = match base("fixed") {
                 Some(b) if mode != "baseline" => format!(
-                    "+{:.0} / +{:.0}",
+                    "{:+.0} / {:+.0}",
                     lat(fixed, 0) - lat(b, 0),
                     lat(fixed, 2) - lat(b, 2)
                 ),

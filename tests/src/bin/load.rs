@@ -55,6 +55,10 @@ fn main() -> Result<()> {
     if args.connections == 0 || args.connections > 60_000 {
         bail!("--connections must be between 1 and 60000");
     }
+    if matches!(args.mode, Mode::Rate) && (args.connections > 1024 || args.rate > 1_000_000) {
+        // A thread per connection; a schedule step of at least a microsecond.
+        bail!("the rate mode takes at most 1024 connections and 1000000 requests/s");
+    }
     mesh_node::sys::raise_nofile_limit()?;
     let headers = args
         .headers
