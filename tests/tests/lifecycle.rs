@@ -288,7 +288,7 @@ fn uninstall_removes_every_trace_and_pods_talk_directly() {
         node.ip(&["route", "show", "table", "100"]).unwrap().trim(),
         ""
     );
-    for table in ["filter", "nat"] {
+    for table in ["filter", "nat", "raw"] {
         let rules = node.exec("iptables", &["-w", "-t", table, "-S"]).unwrap();
         assert!(!rules.contains("MESH-"), "{table}: {rules}");
     }

@@ -12,18 +12,29 @@
 //!   pod created while mesh-node was down): the backstop that keeps the mesh closed then.
 //!   Flows kube-proxy DNATed are exempt: br_netfilter bridges a Service connection DNATed to a
 //!   pod on the same bridge, and that is legitimate.
+//! - `MESH-NOTRACK` (raw PREROUTING) and `MESH-NOTRACK-OUT` (raw OUTPUT): captured packets
+//!   from enrolled pods and every packet the proxy sends them (`MARK_PROXY`, on its
+//!   connections and on its listeners, whose handshake answers and accepted connections
+//!   inherit it) bypass conntrack, both directions alike. The proxy connects to pods as the
+//!   client pod, from the client's address and a port the kernel picks; tracked, such a
+//!   connection collided with one kube-proxy DNATed for the same client and port before it
+//!   was enrolled (TIME_WAIT entries live 2 minutes): conntrack rewrote the proxy's source
+//!   port or un-DNATed the pod's reply, the reply never reached the proxy, and the request
+//!   waited 5 s for the connect timeout (measured in the benchmark).
 //!
 //! Every step is idempotent, so a restart changes nothing that is already in place.
 
 use std::process::Command;
 
-use mesh_common::{MARK_CAPTURE, ROUTE_TABLE, RULE_PRIORITY};
+use mesh_common::{MARK_CAPTURE, MARK_PROXY, ROUTE_TABLE, RULE_PRIORITY};
 
 use super::CaptureError;
 
 const GUARD_CHAIN: &str = "MESH-GUARD";
 const NAT_CHAIN: &str = "MESH-PREROUTING";
 const BRIDGE_CHAIN: &str = "MESH-BRIDGE";
+const NOTRACK_CHAIN: &str = "MESH-NOTRACK";
+const NOTRACK_OUT_CHAIN: &str = "MESH-NOTRACK-OUT";
 const ENROLLED_SET: &str = "mesh-enrolled";
 
 fn mark() -> String {
@@ -100,6 +111,31 @@ pub fn install() -> Result<(), CaptureError> {
         .collect();
     ensure_chain("filter", BRIDGE_CHAIN, &[&to_enrolled, &from_enrolled])?;
     ensure_jump_first("filter", "FORWARD", BRIDGE_CHAIN)?;
+
+    let proxy_mark = format!("{MARK_PROXY:#x}/{MARK_PROXY:#x}");
+    let notrack = ["-j", "CT", "--notrack"];
+    let from_pods: Vec<&str> = ["-m", "mark", "--mark", &mark, "-m", "set", "--match-set"]
+        .into_iter()
+        .chain([ENROLLED_SET, "src"])
+        .chain(notrack)
+        .collect();
+    let to_pods: Vec<&str> = [
+        "-m",
+        "mark",
+        "--mark",
+        &proxy_mark,
+        "-m",
+        "set",
+        "--match-set",
+    ]
+    .into_iter()
+    .chain([ENROLLED_SET, "dst"])
+    .chain(notrack)
+    .collect();
+    ensure_chain("raw", NOTRACK_CHAIN, &[&from_pods])?;
+    ensure_jump_first("raw", "PREROUTING", NOTRACK_CHAIN)?;
+    ensure_chain("raw", NOTRACK_OUT_CHAIN, &[&to_pods])?;
+    ensure_jump_first("raw", "OUTPUT", NOTRACK_OUT_CHAIN)?;
     Ok(())
 }
 
@@ -168,6 +204,8 @@ pub fn remove() -> Result<Vec<String>, CaptureError> {
         ("filter", "INPUT", GUARD_CHAIN),
         ("filter", "FORWARD", BRIDGE_CHAIN),
         ("nat", "PREROUTING", NAT_CHAIN),
+        ("raw", "PREROUTING", NOTRACK_CHAIN),
+        ("raw", "OUTPUT", NOTRACK_OUT_CHAIN),
     ] {
         if iptables(table, &["-S", chain]).is_err() {
             continue; // not there

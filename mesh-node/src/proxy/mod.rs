@@ -90,11 +90,14 @@ pub struct ProxyContext {
     pub l7: Arc<crate::http::L7>,
 }
 
-/// Binds a transparent listener on `127.0.0.1:port`.
+/// Binds a transparent listener on `127.0.0.1:port`. It carries `MARK_PROXY`, and so do its
+/// handshake answers and the connections it accepts (they inherit the listener's mark): every
+/// packet the proxy sends has it, which the conntrack bypass relies on (capture::routing).
 pub fn bind_listener(port: u16) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_ip_transparent_v4(true)?;
+    socket.set_mark(MARK_PROXY)?;
     socket.set_nonblocking(true)?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     socket.bind(&addr.into())?;
