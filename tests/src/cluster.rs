@@ -462,12 +462,7 @@ impl Cluster {
             .mesh
             .get(name)
             .ok_or_else(|| anyhow!("mesh-node is not running on {name}"))?;
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| anyhow!("no VmRSS for mesh-node on {name}"))
+        proc_status_kib(child.id(), "VmRSS:")
     }
 
     /// Kills node `name`'s mesh-node with SIGKILL (a crash: no chance to clean anything).
@@ -834,6 +829,16 @@ pub fn wait_loaded_programs(name: &str, count: usize) -> Result<usize> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A `/proc/PID/status` line's value in KiB (`key` with its colon, e.g. `VmRSS:`).
+pub fn proc_status_kib(pid: u32, key: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow!("no {key} in /proc/{pid}/status"))
 }
 
 /// The mesh-node binary next to the running test or demo executable

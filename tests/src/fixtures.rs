@@ -371,3 +371,90 @@ spec:
   - from: [{source: {principals: ["cluster.local/ns/default/sa/admin-service"]}}]
     to: [{operation: {methods: ["*"]}}]
 "#;
+
+/// The benchmark's cluster (`mesh-bench`), also used by tests that need its shape: namespace
+/// `bench` (ambient); pod `client` (node-a, 100.65.0.2), `srv-same` (node-a, 100.65.0.3,
+/// Service `same` 100.66.0.40) and `srv-cross` (node-b, 100.65.1.2, Service `cross`
+/// 100.66.0.41); each Service has `http` 80 -> 8080 and `tcp-raw` 81 -> 8081. A
+/// VirtualService per Service (a `/admin` directResponse, then the route with a timeout) and
+/// an AuthorizationPolicy on the servers (the client's principal: GET/POST `/*` on 8080, any
+/// on 8081).
+pub const BENCH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: bench, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: bench, labels: {app: client}}
+spec: {nodeName: node-a, serviceAccountName: client}
+status: {podIP: 100.65.0.2, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: srv-same, namespace: bench, labels: {app: same, role: server}}
+spec: {nodeName: node-a, serviceAccountName: server}
+status: {podIP: 100.65.0.3, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: srv-cross, namespace: bench, labels: {app: cross, role: server}}
+spec: {nodeName: node-b, serviceAccountName: server}
+status: {podIP: 100.65.1.2, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: same, namespace: bench}
+spec:
+  clusterIP: 100.66.0.40
+  selector: {app: same}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: tcp-raw, port: 81, targetPort: 8081}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cross, namespace: bench}
+spec:
+  clusterIP: 100.66.0.41
+  selector: {app: cross}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: tcp-raw, port: 81, targetPort: 8081}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: same, namespace: bench}
+spec:
+  hosts: [same]
+  http:
+  - match: [{uri: {prefix: /admin}}]
+    directResponse: {status: 403}
+  - match: [{uri: {prefix: /}}]
+    route: [{destination: {host: same, port: {number: 80}}}]
+    timeout: 10s
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: cross, namespace: bench}
+spec:
+  hosts: [cross]
+  http:
+  - match: [{uri: {prefix: /admin}}]
+    directResponse: {status: 403}
+  - match: [{uri: {prefix: /}}]
+    route: [{destination: {host: cross, port: {number: 80}}}]
+    timeout: 10s
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: servers, namespace: bench}
+spec:
+  selector: {matchLabels: {role: server}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/bench/sa/client"]}}]
+    to: [{operation: {methods: [GET, POST], paths: ["/*"], ports: ["8080"]}}]
+  - from: [{source: {principals: ["cluster.local/ns/bench/sa/client"]}}]
+    to: [{operation: {ports: ["8081"]}}]
+"#;

@@ -198,6 +198,19 @@ impl http_body::Body for Endless {
     }
 }
 
+/// Runs the `mesh-load` binary (built next to the running executable) inside namespace `ns`
+/// with `args`, and returns the JSON report it prints.
+pub fn mesh_load_in(ns: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let load = crate::cluster::built_bin("mesh-load")?;
+    let load = load.to_str().context("non-UTF-8 path")?;
+    let argv: Vec<&str> = ["netns", "exec", ns, load]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    let out = crate::netns::sh("ip", &argv)?;
+    serde_json::from_str(out.trim()).with_context(|| format!("mesh-load printed {out:?}"))
+}
+
 /// Sleeps until `until`, to within the thread sleep's slack.
 async fn sleep_precisely(until: Instant) {
     if let Some(coarse) = until.checked_sub(Duration::from_millis(2)) {

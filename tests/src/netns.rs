@@ -50,6 +50,20 @@ impl Netns {
         Ok(ns)
     }
 
+    /// Readies the namespace for many short connections: a wide ephemeral port range and
+    /// reuse of TIME_WAIT ports for new outgoing connections.
+    pub fn allow_many_connections(&self) -> Result<()> {
+        self.exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.ip_local_port_range=1024 65000",
+                "net.ipv4.tcp_tw_reuse=1",
+            ],
+        )
+        .map(drop)
+    }
+
     /// The namespace's name.
     pub fn name(&self) -> &str {
         &self.name

@@ -13,7 +13,10 @@ use std::{
 use mesh_tests::{
     apps::{greet, Behaviour, Server},
     cluster::Cluster,
-    fixtures::{L7, L7_GRPC, L7_HTTP, WEB_APP_AUTHZ, WEB_APP_DR, WEB_APP_SUBSETS, WEB_APP_VS},
+    fixtures::{
+        BENCH, L7, L7_GRPC, L7_HTTP, WEB_APP_AUTHZ, WEB_APP_DR, WEB_APP_SUBSETS, WEB_APP_VS,
+    },
+    load::mesh_load_in,
     require_root,
     tools::Prometheus,
     wait_until,
@@ -885,22 +888,13 @@ fn added_latency_of_l7_routing_over_l4_is_measured() {
     );
     // The same two paths at a fixed 1,000 requests/s of 1 KiB over 4 connections, latency
     // from the intended send time (mesh-load: no coordinated omission).
-    let load = mesh_tests::cluster::built_bin("mesh-load").unwrap();
     let fixed = |url: &str, header: &[&str]| -> serde_json::Value {
-        let mut args = vec![
-            "netns".to_string(),
-            "exec".into(),
-            api.to_string(),
-            load.display().to_string(),
-            url.to_string(),
-            "--rate=1000".into(),
-            "--connections=4".into(),
-            "--seconds=3".into(),
-        ];
-        args.extend(header.iter().map(|h| format!("--header={h}")));
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = mesh_tests::netns::sh("ip", &refs).unwrap();
-        serde_json::from_str(out.trim()).unwrap()
+        let headers: Vec<String> = header.iter().map(|h| format!("--header={h}")).collect();
+        let args: Vec<&str> = [url, "--rate=1000", "--connections=4", "--seconds=3"]
+            .into_iter()
+            .chain(headers.iter().map(String::as_str))
+            .collect();
+        mesh_load_in(api, &args).unwrap()
     };
     let l4_fixed = fixed("http://100.65.1.3:7000/api/v1/x", &[]);
     let l7_fixed = fixed(&url("/api/v1/x"), &["User-Agent: Chrome"]);
@@ -956,69 +950,36 @@ spec:
 #[test]
 fn connections_dnated_before_enrolment_do_not_stall_the_proxys_connections() {
     require_root!();
-    let config = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: bench, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: bench, labels: {app: client}}
-spec: {nodeName: node-a, serviceAccountName: client}
-status: {podIP: 100.65.0.2, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: srv, namespace: bench, labels: {app: srv}}
-spec: {nodeName: node-a, serviceAccountName: srv}
-status: {podIP: 100.65.0.3, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: srv, namespace: bench}
-spec:
-  clusterIP: 100.66.0.40
-  selector: {app: srv}
-  ports: [{name: http, port: 80, targetPort: 8080}]
-"#;
-    let mut cluster = Cluster::new(config).unwrap();
+    let mut cluster = Cluster::new(BENCH).unwrap();
     let client = cluster.pod("client").netns.name().to_string();
     cluster
         .pod("client")
         .netns
-        .exec(
-            "sysctl",
-            &[
-                "-qw",
-                "net.ipv4.ip_local_port_range=1024 65000",
-                "net.ipv4.tcp_tw_reuse=1",
-            ],
-        )
+        .allow_many_connections()
         .unwrap();
-    let _server = WebServer::start(&cluster.pod("srv").netns, PORT, "srv").unwrap();
-    let load = mesh_tests::cluster::built_bin("mesh-load").unwrap();
-    let run = |args: &[&str]| -> serde_json::Value {
-        let mut argv = vec!["netns", "exec", &client];
-        let load = load.to_str().unwrap();
-        argv.push(load);
-        argv.extend(args);
-        let out = mesh_tests::netns::sh("ip", &argv).unwrap();
-        serde_json::from_str(out.trim()).unwrap()
-    };
-    let before = run(&[
-        "http://100.66.0.40:80/",
-        "--mode=connect",
-        "--connections=16",
-        "--seconds=8",
-    ]);
+    let _server = WebServer::start(&cluster.pod("srv-same").netns, PORT, "srv-same").unwrap();
+    let before = mesh_load_in(
+        &client,
+        &[
+            "http://100.66.0.40:80/",
+            "--mode=connect",
+            "--connections=16",
+            "--seconds=8",
+        ],
+    )
+    .unwrap();
     assert!(before["count"].as_u64().unwrap() > 10_000, "{before}");
     cluster.start_mesh_everywhere().unwrap();
-    let after = run(&[
-        "http://100.66.0.40:80/",
-        "--rate=400",
-        "--connections=32",
-        "--seconds=2",
-    ]);
+    let after = mesh_load_in(
+        &client,
+        &[
+            "http://100.66.0.40:80/",
+            "--rate=400",
+            "--connections=32",
+            "--seconds=2",
+        ],
+    )
+    .unwrap();
     assert_eq!(
         (after["errors"].as_u64(), after["non_2xx"].as_u64()),
         (Some(0), Some(0)),

@@ -17,7 +17,9 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use mesh_tests::{
-    cluster::{built_bin, Cluster},
+    cluster::{built_bin, proc_status_kib, Cluster},
+    fixtures::BENCH,
+    load::mesh_load_in,
     netns::sh,
     web::WebServer,
 };
@@ -42,86 +44,6 @@ struct Args {
     #[arg(long)]
     only: Option<String>,
 }
-
-const CONFIG: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: bench, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: bench, labels: {app: client}}
-spec: {nodeName: node-a, serviceAccountName: client}
-status: {podIP: 100.65.0.2, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: srv-same, namespace: bench, labels: {app: same, role: server}}
-spec: {nodeName: node-a, serviceAccountName: server}
-status: {podIP: 100.65.0.3, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: srv-cross, namespace: bench, labels: {app: cross, role: server}}
-spec: {nodeName: node-b, serviceAccountName: server}
-status: {podIP: 100.65.1.2, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: same, namespace: bench}
-spec:
-  clusterIP: 100.66.0.40
-  selector: {app: same}
-  ports:
-  - {name: http, port: 80, targetPort: 8080}
-  - {name: tcp-raw, port: 81, targetPort: 8081}
----
-apiVersion: v1
-kind: Service
-metadata: {name: cross, namespace: bench}
-spec:
-  clusterIP: 100.66.0.41
-  selector: {app: cross}
-  ports:
-  - {name: http, port: 80, targetPort: 8080}
-  - {name: tcp-raw, port: 81, targetPort: 8081}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: same, namespace: bench}
-spec:
-  hosts: [same]
-  http:
-  - match: [{uri: {prefix: /admin}}]
-    directResponse: {status: 403}
-  - match: [{uri: {prefix: /}}]
-    route: [{destination: {host: same, port: {number: 80}}}]
-    timeout: 10s
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: cross, namespace: bench}
-spec:
-  hosts: [cross]
-  http:
-  - match: [{uri: {prefix: /admin}}]
-    directResponse: {status: 403}
-  - match: [{uri: {prefix: /}}]
-    route: [{destination: {host: cross, port: {number: 80}}}]
-    timeout: 10s
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: servers, namespace: bench}
-spec:
-  selector: {matchLabels: {role: server}}
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: ["cluster.local/ns/bench/sa/client"]}}]
-    to: [{operation: {methods: [GET, POST], paths: ["/*"], ports: ["8080"]}}]
-  - from: [{source: {principals: ["cluster.local/ns/bench/sa/client"]}}]
-    to: [{operation: {ports: ["8081"]}}]
-"#;
 
 /// Where each path's Service lives.
 const PATHS: [(&str, &str); 2] = [("same node", "100.66.0.40"), ("cross node", "100.66.0.41")];
@@ -178,7 +100,6 @@ fn main() -> Result<()> {
     let load = built_bin("mesh-load")?;
     let mut bench = Bench {
         only: args.only.clone(),
-        load: &load,
         plan: &plan,
         runs: Vec::new(),
         proxies: Vec::new(),
@@ -203,7 +124,10 @@ fn main() -> Result<()> {
     for (node, pid) in ["node-a", "node-b"].into_iter().zip(&bench.proxies) {
         let mut parts = serde_json::Map::new();
         for key in ["VmRSS", "RssAnon", "RssFile"] {
-            parts.insert(key.into(), status_kib(*pid, &format!("{key}:"))?.into());
+            parts.insert(
+                key.into(),
+                proc_status_kib(*pid, &format!("{key}:"))?.into(),
+            );
         }
         idle.insert(node.into(), parts.into());
     }
@@ -253,17 +177,9 @@ fn main() -> Result<()> {
 /// The cluster with the servers started: web servers on 8080 (HTTP port) and 8081 (TCP
 /// port) in both server pods.
 fn topology() -> Result<(Cluster, Vec<WebServer>)> {
-    let cluster = Cluster::new(CONFIG)?;
+    let cluster = Cluster::new(BENCH)?;
     for pod in ["client", "srv-same", "srv-cross"] {
-        // Many short connections: a wide port range, and reuse of TIME_WAIT ports.
-        cluster.pod(pod).netns.exec(
-            "sysctl",
-            &[
-                "-qw",
-                "net.ipv4.ip_local_port_range=1024 65000",
-                "net.ipv4.tcp_tw_reuse=1",
-            ],
-        )?;
+        cluster.pod(pod).netns.allow_many_connections()?;
     }
     let mut servers = Vec::new();
     for pod in ["srv-same", "srv-cross"] {
@@ -276,7 +192,6 @@ fn topology() -> Result<(Cluster, Vec<WebServer>)> {
 
 struct Bench<'a> {
     only: Option<String>,
-    load: &'a Path,
     plan: &'a Plan,
     runs: Vec<Run>,
     /// PIDs of the node proxies (none for the baseline).
@@ -356,16 +271,16 @@ impl Bench<'_> {
             std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
         }
         let cpu_before = self.cpu()?;
-        let client = cluster.pod("client").netns.name();
-        let mut argv = vec!["netns", "exec", client, path_str(self.load)?, url];
-        argv.extend(extra.iter().map(String::as_str));
-        let out = sh("ip", &argv).with_context(|| format!("{path} {mode} {load}"))?;
-        let result: Value = serde_json::from_str(out.trim())
-            .with_context(|| format!("mesh-load printed {out:?}"))?;
+        let argv: Vec<&str> = [url]
+            .into_iter()
+            .chain(extra.iter().map(String::as_str))
+            .collect();
+        let result = mesh_load_in(cluster.pod("client").netns.name(), &argv)
+            .with_context(|| format!("{path} {mode} {load}"))?;
         let proxy_cpu_s = self.cpu()? - cpu_before;
         let mut proxy_peak_rss_kib = 0;
         for pid in &self.proxies {
-            proxy_peak_rss_kib = proxy_peak_rss_kib.max(status_kib(*pid, "VmHWM:")?);
+            proxy_peak_rss_kib = proxy_peak_rss_kib.max(proc_status_kib(*pid, "VmHWM:")?);
         }
         let failed =
             result["errors"].as_u64().unwrap_or(0) + result["non_2xx"].as_u64().unwrap_or(0);
@@ -410,20 +325,6 @@ fn args(extra: &[&str], seconds: u64) -> Vec<String> {
         .map(|s| s.to_string())
         .chain([format!("--seconds={seconds}")])
         .collect()
-}
-
-fn path_str(path: &Path) -> Result<&str> {
-    path.to_str().context("non-UTF-8 path")
-}
-
-/// A `/proc/PID/status` line's value in KiB.
-fn status_kib(pid: u32, key: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {key} in /proc/{pid}/status"))
 }
 
 /// Holds `count` idle connections from the client to the cross-node server's TCP port
