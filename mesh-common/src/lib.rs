@@ -52,6 +52,17 @@ pub mod maps {
     pub const SERVICE_CLIENTS: &str = "MESH_SERVICE_CLIENTS";
     /// `PerCpuArray<u64>` indexed by [`super::Counter`].
     pub const COUNTERS: &str = "MESH_COUNTERS";
+    /// `SockHash<SockKey>`: established TCP sockets of local enrolled pods (same-node bypass).
+    /// Not pinned, like the other bypass maps: they live and die with the proxy, whose
+    /// sockets every bypassed byte goes to or comes from.
+    pub const BYPASS_PODS: &str = "MESH_BYP_PODS";
+    /// `SockHash<SockKey>`: the proxy's established sockets to and from local enrolled pods.
+    pub const BYPASS_PROXY: &str = "MESH_BYP_PROXY";
+    /// `LruHashMap<SockKey, u32>`: sending sockets that found no peer at their first message
+    /// and so send over TCP for good (their bytes must never overtake each other).
+    pub const BYPASS_PASSED: &str = "MESH_BYP_PASSED";
+    /// `PerCpuArray<u64>` indexed by [`super::BypassCounter`].
+    pub const BYPASS_COUNTERS: &str = "MESH_BYP_COUNT";
 }
 
 /// Program names as they appear in the object file and in `bpftool prog` (15 characters max).
@@ -60,6 +71,12 @@ pub mod programs {
     pub const CAPTURE: &str = "mesh_capture";
     /// `sk_lookup` program attached to the node's network namespace.
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+    /// `sock_ops` program (cgroup): puts pod and proxy sockets in the bypass maps.
+    pub const SOCKOPS: &str = "mesh_sockops";
+    /// `sk_msg` program on `BYPASS_PODS`: a pod's message goes straight to the proxy's socket.
+    pub const MSG_FROM_POD: &str = "mesh_msg_pod";
+    /// `sk_msg` program on `BYPASS_PROXY`: the proxy's message goes straight to the pod's.
+    pub const MSG_FROM_PROXY: &str = "mesh_msg_proxy";
 }
 
 /// Index of a proxy listener in the `LISTENERS` sockmap.
@@ -174,6 +191,12 @@ pub enum Counter {
     MacRewriteFailed = 8,
 }
 
+impl From<Counter> for u32 {
+    fn from(counter: Counter) -> u32 {
+        counter as u32
+    }
+}
+
 /// Number of slots in the `COUNTERS` map.
 pub const COUNTER_SLOTS: u32 = 9;
 
@@ -192,8 +215,75 @@ impl Counter {
     ];
 }
 
+/// Which bypass map a socket is in (part of [`SockKey`]).
+pub mod sock_class {
+    /// A socket of a local enrolled pod, in its own network namespace.
+    pub const POD: u32 = 1;
+    /// A socket of the node proxy to or from a local enrolled pod.
+    pub const PROXY: u32 = 2;
+}
+
+/// Key of the bypass maps: a socket's own view of its connection. A pod's socket and the
+/// proxy's socket of the same leg have mirrored keys; the proxy's transparent sockets can have
+/// exactly the key of a pod's socket (it connects from the client's address), so the class
+/// tells them apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// Local address, network order.
+    pub local_ip: u32,
+    /// Remote address, network order.
+    pub remote_ip: u32,
+    /// Local port, host order.
+    pub local_port: u16,
+    /// Remote port, host order.
+    pub remote_port: u16,
+    /// [`sock_class`] of the socket.
+    pub class: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockKey>() == 16);
+
+/// Counters of the same-node bypass, one slot each in the `BYPASS_COUNTERS` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BypassCounter {
+    /// A pod socket joined the bypass.
+    PodSocket = 0,
+    /// A proxy socket joined the bypass.
+    ProxySocket = 1,
+    /// A socket could not join (map full): its connection uses TCP, as without bypass.
+    MapFull = 2,
+    /// A message went straight to its peer socket.
+    Redirected = 3,
+    /// A socket found no peer socket to send to: its first message (the peer has not joined
+    /// yet, or never will), or one after the peer closed. It sends over TCP from then on.
+    NoPeer = 4,
+}
+
+impl From<BypassCounter> for u32 {
+    fn from(counter: BypassCounter) -> u32 {
+        counter as u32
+    }
+}
+
+/// Number of slots in the `BYPASS_COUNTERS` map.
+pub const BYPASS_COUNTER_SLOTS: u32 = 5;
+
+impl BypassCounter {
+    /// Every counter, in slot order, with its label.
+    pub const ALL: [(BypassCounter, &'static str); BYPASS_COUNTER_SLOTS as usize] = [
+        (BypassCounter::PodSocket, "pod_socket"),
+        (BypassCounter::ProxySocket, "proxy_socket"),
+        (BypassCounter::MapFull, "map_full"),
+        (BypassCounter::Redirected, "redirected"),
+        (BypassCounter::NoPeer, "no_peer"),
+    ];
+}
+
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: each type is `#[repr(C)]`, `Copy`, has no implicit padding (checked by the size
     // asserts above) and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::EnrolledPod {}

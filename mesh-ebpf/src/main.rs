@@ -5,9 +5,11 @@
 //!   chosen from maps (it sees no packet mark).
 //! - [`maps`]: the maps shared with user space, pinned by name.
 //! - [`counters`]: per-CPU counters for every decision and drop reason.
+//! - [`bypass`]: `sock_ops` + `sk_msg`: bytes between local pods and the proxy skip TCP.
 #![no_std]
 #![no_main]
 
+mod bypass;
 mod capture;
 mod counters;
 mod lookup;

@@ -157,6 +157,12 @@ struct RunArgs {
     /// Admin endpoint (health, metrics, debug).
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], PORT_ADMIN)))]
     admin_addr: SocketAddr,
+    /// Same-node socket bypass (experimental, off by default): bytes between local pods and
+    /// this proxy skip the TCP stack (sock_ops on the cgroup v2 root + sk_msg). Policy,
+    /// routing and metrics are unchanged. Known problem: a blocking read on a socket in the
+    /// bypass can fail with EAGAIN (docs/benchmarks.md).
+    #[arg(long, env = "MESH_SOCKET_BYPASS", default_value_t = false, action = clap::ArgAction::Set)]
+    socket_bypass: bool,
     /// Log filter (tracing EnvFilter syntax); `mesh_ebpf=debug` also logs every captured SYN
     /// from the kernel programs.
     #[arg(long, env = "MESH_LOG", default_value = "info")]
@@ -432,8 +438,9 @@ async fn serve(
     let log_captures = tracing::enabled!(target: "mesh_ebpf", tracing::Level::DEBUG);
     // Subscribe to link events before the first scan, so no link appears unseen.
     let link_events = sys::LinkEvents::open().context("opening the netlink link-event socket")?;
-    let (mut datapath, counters) = Datapath::install(&args.node.bpffs, &node, log_captures)
-        .context("installing the capture datapath")?;
+    let (mut datapath, counters) =
+        Datapath::install(&args.node.bpffs, &node, log_captures, args.socket_bypass)
+            .context("installing the capture datapath")?;
     if log_captures {
         spawn_kernel_log(&mut datapath);
     }

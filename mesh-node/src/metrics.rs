@@ -165,7 +165,13 @@ struct DecisionLabels {
     decision: &'static str,
 }
 
-/// Exposes the kernel programs' counters as `mesh_kernel_packets_total{decision}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BypassLabels {
+    event: &'static str,
+}
+
+/// Exposes the kernel programs' counters as `mesh_kernel_packets_total{decision}` and, with
+/// the same-node bypass attached, `mesh_socket_bypass_total{event}`.
 pub struct KernelCollector {
     counters: Mutex<KernelCounters>,
 }
@@ -187,11 +193,10 @@ impl KernelCollector {
 
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let values = self
-            .counters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .read();
+        let (values, bypass) = {
+            let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+            (counters.read(), counters.read_bypass())
+        };
         let mut family = encoder.encode_descriptor(
             "mesh_kernel_packets",
             "Decisions of the kernel capture programs, by decision",
@@ -202,6 +207,20 @@ impl Collector for KernelCollector {
             let labels = DecisionLabels { decision };
             let metric = family.encode_family(&labels)?;
             ConstCounter::new(value).encode(metric)?;
+        }
+        if let Some(bypass) = bypass {
+            let mut family = encoder.encode_descriptor(
+                "mesh_socket_bypass",
+                "Same-node socket bypass: sockets that joined it, messages moved straight to \
+                 the peer socket, senders left on TCP",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (event, value) in bypass {
+                let labels = BypassLabels { event };
+                let metric = family.encode_family(&labels)?;
+                ConstCounter::new(value).encode(metric)?;
+            }
         }
         Ok(())
     }

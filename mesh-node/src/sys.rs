@@ -226,3 +226,98 @@ pub fn try_lock_dir(path: &Path) -> io::Result<Option<OwnedFd>> {
     }
     Ok(Some(dir.into()))
 }
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux >= 5.14):
+/// what `bpf_get_netns_cookie` returns for sockets of that namespace.
+pub fn netns_cookie() -> io::Result<u64> {
+    let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the fd is a live socket we own; pointer and length describe `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Opens the root of the cgroup v2 hierarchy: the first `cgroup2` mount this process sees,
+/// else a private mount of it that is detached again at once (`ip netns exec` gives its
+/// command a fresh /sys without cgroup mounts); the open directory stays usable. Returns the
+/// directory and where it was found.
+pub fn open_cgroup2_root() -> io::Result<(std::fs::File, String)> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    if let Some(path) = cgroup2_mount(&mountinfo) {
+        return Ok((std::fs::File::open(&path)?, path));
+    }
+    let dir = std::env::temp_dir().join(format!("mesh-node-cgroup2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = mount_and_open_cgroup2(&dir);
+    let _ = std::fs::remove_dir(&dir);
+    result.map(|file| (file, "a private cgroup2 mount".to_string()))
+}
+
+fn mount_and_open_cgroup2(dir: &Path) -> io::Result<std::fs::File> {
+    let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"cgroup2".as_ptr(),
+            target.as_ptr(),
+            c"cgroup2".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let file = std::fs::File::open(dir);
+    // SAFETY: as above; MNT_DETACH unmounts lazily while `file` keeps the directory usable.
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    file
+}
+
+/// The mount point of the first `cgroup2` filesystem in a mountinfo listing.
+fn cgroup2_mount(mountinfo: &str) -> Option<String> {
+    mountinfo.lines().find_map(|line| {
+        let (fields, rest) = line.split_once(" - ")?;
+        if rest.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        // Mount points escape spaces and the like as octal (\040).
+        let point = fields.split_whitespace().nth(4)?;
+        Some(point.replace("\\040", " "))
+    })
+}
+
+#[cfg(test)]
+mod cgroup_tests {
+    use super::*;
+
+    #[test]
+    fn the_first_cgroup2_mount_is_found_in_mountinfo() {
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                      32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount(hybrid).as_deref(),
+            Some("/sys/fs/cgroup/unified")
+        );
+        let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mount(unified).as_deref(), Some("/sys/fs/cgroup"));
+        assert_eq!(
+            cgroup2_mount("31 23 0:28 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
+    }
+}

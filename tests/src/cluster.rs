@@ -29,6 +29,8 @@ use crate::netns::{sh, veth_pair, Netns};
 const PREFIX: &str = "mt";
 /// Where test bpffs instances are mounted (outside /sys, which `ip netns exec` remounts).
 const BPFFS_ROOT: &str = "/run/mesh-test";
+/// Lock file held by each cluster while it exists ([`Cluster::new`]).
+const CLUSTER_LOCK: &str = "/run/mesh-test.lock";
 
 /// A node of the cluster.
 pub struct Node {
@@ -119,13 +121,29 @@ pub struct Cluster {
     /// Nodes in index order.
     pub nodes: Vec<Node>,
     fabric: Option<Netns>,
+    /// Held while the cluster exists (dropped last): one cluster at a time on this machine.
+    _exclusive: std::fs::File,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl Cluster {
     /// Builds the cluster described by `config_yaml`.
+    ///
+    /// Clusters on one machine take turns (an exclusive lock, across processes, waited for):
+    /// they all use the same pod addresses, and the same-node socket bypass's programs, on
+    /// the cgroup v2 root, see every socket of the machine and tell pods apart by address, so
+    /// one cluster's mesh-node would claim another cluster's pod sockets (a real node has one
+    /// mesh-node per kernel).
     pub fn new(config_yaml: &str) -> Result<Cluster> {
+        let exclusive = std::fs::File::create(CLUSTER_LOCK)?;
+        // SAFETY: flock on a file we own; blocks until the other cluster is gone.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&exclusive), libc::LOCK_EX) } != 0 {
+            bail!(
+                "cannot lock {CLUSTER_LOCK}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
         sweep_stale();
         let id = format!(
             "{PREFIX}{}x{}",
@@ -146,6 +164,7 @@ impl Cluster {
             nodes: Vec::new(),
             fabric: None,
             id,
+            _exclusive: exclusive,
         };
         cluster.build(config_yaml)?;
         Ok(cluster)
@@ -543,6 +562,14 @@ impl Cluster {
         self.metric(
             name,
             &format!("mesh_kernel_packets_total{{decision=\"{decision}\"}}"),
+        )
+    }
+
+    /// One same-node bypass counter of node `name` (`mesh_socket_bypass_total{event}`).
+    pub fn bypass_counter(&self, name: &str, event: &str) -> Result<u64> {
+        self.metric(
+            name,
+            &format!("mesh_socket_bypass_total{{event=\"{event}\"}}"),
         )
     }
 

@@ -1,5 +1,6 @@
 //! Outbound capture: an enrolled pod's connections go through its node proxy (same node over
-//! the cni0 bridge, and across nodes over VXLAN), byte-exact both ways with half-close; a
+//! the cni0 bridge, and across nodes over VXLAN), byte-exact both ways with half-close, also
+//! with the same-node socket bypass on; a
 //! non-enrolled pod's traffic to a non-enrolled pod never touches the proxy.
 
 use std::net::SocketAddr;
@@ -25,6 +26,9 @@ fn report(what: &str, started: std::time::Instant) {
 fn enrolled_pod_traffic_goes_through_the_node_proxy_same_node_and_cross_node() {
     require_root!();
     let mut cluster = Cluster::new(TWO_NODES).unwrap();
+    // With the same-node socket bypass (off by default), so the byte-exact transfers below
+    // also cover it.
+    cluster.run_args = vec!["--socket-bypass=true".into()];
     cluster.start_mesh_everywhere().unwrap();
     let a2 = Server::start(&cluster.pod("a2").netns, WEB_PORT, Behaviour::Echo).unwrap();
     let b1 = Server::start(&cluster.pod("b1").netns, WEB_PORT, Behaviour::Echo).unwrap();
@@ -93,6 +97,20 @@ fn enrolled_pod_traffic_goes_through_the_node_proxy_same_node_and_cross_node() {
             .unwrap()
             >= 2
     );
+    // The bypass carried the bytes between the pods and the proxies: on node-a both legs of
+    // a1 -> a2 and a1's leg to b1, on node-b the leg to b1 (64 MiB each way per leg, in
+    // messages of at most 64 KiB, so far more than 1,000 messages per node).
+    for node in ["node-a", "node-b"] {
+        let redirected = cluster.bypass_counter(node, "redirected").unwrap();
+        let pods = cluster.bypass_counter(node, "pod_socket").unwrap();
+        let proxy = cluster.bypass_counter(node, "proxy_socket").unwrap();
+        eprintln!("{node} bypass: {redirected} messages, {pods} pod / {proxy} proxy sockets");
+        assert!(redirected > 1_000, "{node}: {redirected} messages bypassed");
+        assert!(
+            pods >= 1 && proxy >= 1,
+            "{node}: {pods} pod / {proxy} proxy sockets"
+        );
+    }
     assert!(
         cluster
             .kernel_counter("node-b", "captured_inbound_syn")

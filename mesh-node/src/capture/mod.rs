@@ -4,6 +4,7 @@
 //! adopting them on the next start without a gap, keeping the maps in step with the config,
 //! and removing all of it on `mesh-node uninstall`.
 
+pub mod bypass;
 pub mod links;
 pub mod routing;
 
@@ -25,7 +26,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
-    flow_verdict, maps, programs, BridgePort, Counter, EnrolledPod, FlowKey, Listener, ServiceKey,
+    flow_verdict, maps, programs, BridgePort, BypassCounter, Counter, EnrolledPod, FlowKey,
+    Listener, ServiceKey,
 };
 
 /// What the datapath thread reacts to.
@@ -122,6 +124,8 @@ pub struct Datapath {
     failed: BTreeMap<String, String>,
     /// The enrolled set the bridge guard's ipset last received, if it is known to be current.
     guard_set: Option<BTreeSet<Ipv4Addr>>,
+    /// The same-node socket bypass, when attached.
+    _bypass: Option<bypass::Bypass>,
     /// Exclusive lock on the pin directory: one mesh-node per node.
     _lock: std::os::fd::OwnedFd,
 }
@@ -140,6 +144,17 @@ fn prog_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> 
     }
 }
 
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, CaptureError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(CaptureError::Program {
+        program: name,
+        message: "missing from the object".into(),
+    })?;
+    program.try_into().map_err(prog_error(name))
+}
+
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut parts = Vec::new();
     let mut source = err.source();
@@ -154,10 +169,13 @@ impl Datapath {
     /// Loads the programs and takes over the node: adopts or replaces what a previous
     /// mesh-node left pinned, installs routing and guard rules, attaches to every link.
     /// Subscribe to link events before calling this, so no link appears unseen.
+    /// With `bypass`, the same-node socket bypass is attached too; if the kernel refuses it,
+    /// the error is logged and the node runs without it (traffic is the same, only slower).
     pub fn install(
         bpffs: &Path,
         node: &str,
         log_captures: bool,
+        bypass: bool,
     ) -> Result<(Datapath, KernelCounters), CaptureError> {
         let dir = pin_dir(bpffs, node);
         let links_dir = dir.join("links");
@@ -166,9 +184,14 @@ impl Datapath {
             message: err.to_string(),
         })?;
         let lock = lock(&dir)?;
+        let netns_cookie = crate::sys::netns_cookie().map_err(|err| CaptureError::Program {
+            program: programs::SOCKOPS,
+            message: format!("cannot read this network namespace's cookie (Linux >= 5.14): {err}"),
+        })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .override_global("LOG_CAPTURES", &u8::from(log_captures), true)
+            .override_global("NODE_NETNS_COOKIE", &netns_cookie, true)
             .load(OBJECT)?;
 
         let take = |ebpf: &mut Ebpf, name: &'static str| {
@@ -185,9 +208,28 @@ impl Datapath {
             .map_err(map_error(maps::BRIDGE_PORTS))?;
         let listeners = SockMap::try_from(take(&mut ebpf, maps::LISTENERS)?)
             .map_err(map_error(maps::LISTENERS))?;
-        let counters = KernelCounters {
+        let mut counters = KernelCounters {
             map: PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?)
                 .map_err(map_error(maps::COUNTERS))?,
+            bypass: None,
+        };
+        let bypass = if bypass {
+            match bypass::Bypass::attach(&mut ebpf) {
+                Ok((bypass, bypass_counters, cgroup)) => {
+                    tracing::info!(cgroup = %cgroup, "same-node socket bypass attached");
+                    counters.bypass = Some(bypass_counters);
+                    Some(bypass)
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        "same-node socket bypass unavailable, running without it: {err}"
+                    );
+                    None
+                }
+            }
+        } else {
+            tracing::info!("same-node socket bypass off");
+            None
         };
 
         let mut datapath = Datapath {
@@ -203,6 +245,7 @@ impl Datapath {
             attached: BTreeMap::new(),
             failed: BTreeMap::new(),
             guard_set: None,
+            _bypass: bypass,
             _lock: lock,
         };
         datapath.load_programs()?;
@@ -235,11 +278,7 @@ impl Datapath {
     where
         &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
     {
-        let program = self.ebpf.program_mut(name).ok_or(CaptureError::Program {
-            program: name,
-            message: "missing from the object".into(),
-        })?;
-        program.try_into().map_err(prog_error(name))
+        program(&mut self.ebpf, name)
     }
 
     /// Attaches `sk_lookup` to this netns; a link pinned by a previous run is replaced after
@@ -557,23 +596,38 @@ impl ReplySteering {
 /// The kernel decision counters (`mesh_kernel_packets_total`).
 pub struct KernelCounters {
     map: PerCpuArray<MapData, u64>,
+    bypass: Option<PerCpuArray<MapData, u64>>,
 }
 
 impl KernelCounters {
-    /// Every counter with its label, summed over CPUs.
+    /// Every capture counter with its label, summed over CPUs.
     pub fn read(&self) -> Vec<(&'static str, u64)> {
-        Counter::ALL
-            .iter()
-            .map(|(counter, label)| {
-                let total = self
-                    .map
-                    .get(&(*counter as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
-                (*label, total)
-            })
-            .collect()
+        sum_slots(&self.map, &Counter::ALL)
     }
+
+    /// Every bypass counter with its label (`mesh_socket_bypass_total`); `None` when the
+    /// bypass is not attached.
+    pub fn read_bypass(&self) -> Option<Vec<(&'static str, u64)>> {
+        self.bypass
+            .as_ref()
+            .map(|map| sum_slots(map, &BypassCounter::ALL))
+    }
+}
+
+fn sum_slots<C: Copy + Into<u32>>(
+    map: &PerCpuArray<MapData, u64>,
+    slots: &[(C, &'static str)],
+) -> Vec<(&'static str, u64)> {
+    slots
+        .iter()
+        .map(|(slot, label)| {
+            let total = map
+                .get(&(*slot).into(), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0);
+            (*label, total)
+        })
+        .collect()
 }
 
 /// Removes every attachment, pin, rule and route of `node`. Returns what was removed. Every

@@ -114,6 +114,32 @@ fn main() -> Result<()> {
             bench.cell(&cluster, path, "baseline", &format!("http://{vip}:80"))?;
         }
     }
+    // The mesh with the same-node socket bypass (off by default), in a cluster of its own
+    // too; what the bypass did is in the report.
+    let mut bypass = serde_json::Map::new();
+    {
+        let (mut cluster, _servers) = topology()?;
+        cluster.run_args = vec!["--socket-bypass=true".into()];
+        cluster.start_mesh_everywhere()?;
+        bench.proxies = vec![cluster.mesh_pid("node-a")?, cluster.mesh_pid("node-b")?];
+        for (path, vip) in PATHS {
+            bench.cell(&cluster, path, "L4 bypass", &format!("http://{vip}:81"))?;
+            bench.cell(&cluster, path, "L7 bypass", &format!("http://{vip}:80"))?;
+        }
+        for node in ["node-a", "node-b"] {
+            let mut events = serde_json::Map::new();
+            for event in [
+                "pod_socket",
+                "proxy_socket",
+                "redirected",
+                "no_peer",
+                "map_full",
+            ] {
+                events.insert(event.into(), cluster.bypass_counter(node, event)?.into());
+            }
+            bypass.insert(node.into(), events.into());
+        }
+    }
     let (mut cluster, servers) = topology()?;
     cluster.start_mesh_everywhere()?;
     // Idle: started, configured, nothing proxied yet.
@@ -144,6 +170,7 @@ fn main() -> Result<()> {
         "seconds": started.elapsed().as_secs_f64(),
         "idle_kib": idle,
         "idle_connections": held,
+        "bypass": bypass,
         "runs": runs,
     });
     std::fs::create_dir_all(&args.out)?;
@@ -443,7 +470,7 @@ fn table(report: &Value) -> String {
     out.push_str("|---|---|---|---|---|---|---|---|---|\n");
     for (path, _) in PATHS {
         let base = |load| find(path, "baseline", load);
-        for mode in ["baseline", "L4", "L7"] {
+        for mode in ["baseline", "L4", "L4 bypass", "L7", "L7 bypass"] {
             let (Some(fixed), Some(max), Some(bulk), Some(connect)) = (
                 find(path, mode, "fixed"),
                 find(path, mode, "max"),
@@ -503,6 +530,14 @@ fn table(report: &Value) -> String {
             ));
         }
     }
+    let bypass = &report["bypass"];
+    out.push_str(&format!(
+        "\nSame-node socket bypass (on in the \"bypass\" rows, which ran in a cluster of their own; off, the default, in the others): {} messages moved socket to socket on node-a, {} on node-b; senders left on TCP (no peer socket): {} / {}.\n",
+        bypass["node-a"]["redirected"],
+        bypass["node-b"]["redirected"],
+        bypass["node-a"]["no_peer"],
+        bypass["node-b"]["no_peer"],
+    ));
     let held = &report["idle_connections"];
     for node in ["node-a", "node-b"] {
         let idle = &report["idle_kib"][node];

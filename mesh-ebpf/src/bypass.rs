@@ -1,0 +1,171 @@
+//! Same-node socket bypass: bytes between a local enrolled pod and the node proxy skip the TCP
+//! stack, the veth pair and the bridge. Both ends still see an ordinary TCP connection (the
+//! handshake and the FIN/RST go over it as before); only the payload of each `sendmsg` is
+//! moved straight into the peer socket's receive queue. The proxy sees every byte it saw
+//! before, so policy, routing, metrics and mTLS are unchanged; only kernel work is saved.
+//!
+//! - [`mesh_sockops`] (cgroup `sock_ops`, on the cgroup v2 root): when a TCP connection is
+//!   established, a socket of a local enrolled pod (without the proxy's mark: another node's
+//!   proxy on the same kernel connects from these addresses too) joins `BYPASS_PODS`, a proxy socket (in the
+//!   node's netns, carrying `MARK_PROXY`) whose remote end is a local enrolled pod joins
+//!   `BYPASS_PROXY`. Every other socket is left alone.
+//! - [`mesh_msg_pod`] / [`mesh_msg_proxy`] (`sk_msg`, one per map): a message is redirected
+//!   into the receive queue of the peer socket in the other map (the mirrored key).
+//!
+//! Order: a receiver reads its bypass queue before its TCP queue, so one sender's bytes must
+//! all take one path. A socket joins its map when its connection is established, before it can
+//! send; the peer may join later (the passive side is created when the handshake's last ACK
+//! arrives). So a sender that finds no peer socket at a message (its first, if the peer has
+//! not joined yet) is put in `BYPASS_PASSED` and sends over TCP for the rest of its life; one
+//! that found its peer at its first message finds it until the peer closes.
+
+use aya_ebpf::{
+    bindings::{
+        sk_action::SK_PASS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+    },
+    helpers::bpf_get_netns_cookie,
+    macros::{map, sk_msg, sock_ops},
+    maps::{LruHashMap, PerCpuArray, SockHash},
+    programs::{SkMsgContext, SockOpsContext},
+};
+use mesh_common::{sock_class, BypassCounter, SockKey, BYPASS_COUNTER_SLOTS, MARK_PROXY};
+
+use crate::maps::ENROLLED;
+
+/// The cookie of the node's network namespace, set by mesh-node before loading.
+#[no_mangle]
+static NODE_NETNS_COOKIE: u64 = 0;
+
+const AF_INET: u32 = 2;
+
+/// Sockets of local enrolled pods.
+#[map(name = "MESH_BYP_PODS")]
+static PODS: SockHash<SockKey> = SockHash::with_max_entries(65_536, 0);
+
+/// The proxy's sockets to and from local enrolled pods.
+#[map(name = "MESH_BYP_PROXY")]
+static PROXY: SockHash<SockKey> = SockHash::with_max_entries(65_536, 0);
+
+/// Senders that send over TCP for good (value unused, 1).
+#[map(name = "MESH_BYP_PASSED")]
+static PASSED: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(65_536, 0);
+
+#[map(name = "MESH_BYP_COUNT")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(BYPASS_COUNTER_SLOTS, 0);
+
+#[inline(always)]
+fn bump(counter: BypassCounter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: a per-CPU slot, used by this CPU only while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+        || ctx.family() != AF_INET
+    {
+        return 1;
+    }
+    let local_ip = ctx.local_ip4();
+    let remote_ip = ctx.remote_ip4();
+    // SAFETY: the helper takes the program's context pointer.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+    // SAFETY: a read of a plain global that user space sets before loading.
+    let node_netns = unsafe { core::ptr::read_volatile(&NODE_NETNS_COOKIE) };
+    let proxy = proxy_socket(&ctx);
+    let class = if netns == node_netns {
+        if !proxy || ENROLLED.get_ptr(remote_ip).is_none() {
+            return 1;
+        }
+        sock_class::PROXY
+    } else if !proxy && ENROLLED.get_ptr(local_ip).is_some() {
+        // Not a proxy's socket: another node's proxy (tests run several nodes on one
+        // kernel) connects from this node's pods' addresses too.
+        sock_class::POD
+    } else {
+        return 1;
+    };
+    let key = SockKey {
+        local_ip,
+        remote_ip,
+        local_port: ctx.local_port() as u16,
+        remote_port: u32::from_be(ctx.remote_port()) as u16,
+        class,
+    };
+    // A decision about an earlier connection with this tuple does not carry over.
+    let _ = PASSED.remove(key);
+    let map = if class == sock_class::PROXY {
+        &PROXY
+    } else {
+        &PODS
+    };
+    // SAFETY: `ops` is the valid context pointer of this program invocation.
+    match map.update(key, unsafe { &mut *ctx.ops }, 0) {
+        Ok(()) => bump(if class == sock_class::PROXY {
+            BypassCounter::ProxySocket
+        } else {
+            BypassCounter::PodSocket
+        }),
+        Err(_) => bump(BypassCounter::MapFull),
+    }
+    1
+}
+
+/// True when the socket carries the proxy's mark (its own connections and the ones its
+/// listeners accepted).
+#[inline(always)]
+fn proxy_socket(ctx: &SockOpsContext) -> bool {
+    // SAFETY: `ops` is valid; `sk` is checked for null before it is read.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null full socket handed to the program by the kernel.
+    unsafe { (*sk).mark & MARK_PROXY != 0 }
+}
+
+#[sk_msg]
+pub fn mesh_msg_pod(ctx: SkMsgContext) -> u32 {
+    forward(&ctx, sock_class::POD, &PROXY, sock_class::PROXY)
+}
+
+#[sk_msg]
+pub fn mesh_msg_proxy(ctx: SkMsgContext) -> u32 {
+    forward(&ctx, sock_class::PROXY, &PODS, sock_class::POD)
+}
+
+#[inline(always)]
+fn forward(ctx: &SkMsgContext, class: u32, peers: &SockHash<SockKey>, peer_class: u32) -> u32 {
+    // SAFETY: `msg` is the valid context pointer of this program invocation.
+    let msg = unsafe { &*ctx.msg };
+    let local_port = msg.local_port as u16;
+    let remote_port = u32::from_be(msg.remote_port) as u16;
+    let own = SockKey {
+        local_ip: msg.local_ip4,
+        remote_ip: msg.remote_ip4,
+        local_port,
+        remote_port,
+        class,
+    };
+    if PASSED.get_ptr(own).is_some() {
+        return SK_PASS;
+    }
+    let peer = SockKey {
+        local_ip: msg.remote_ip4,
+        remote_ip: msg.local_ip4,
+        local_port: remote_port,
+        remote_port: local_port,
+        class: peer_class,
+    };
+    if peers.redirect_msg(ctx, peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
+        bump(BypassCounter::Redirected);
+    } else {
+        let _ = PASSED.insert(own, 1, 0);
+        bump(BypassCounter::NoPeer);
+    }
+    SK_PASS
+}
