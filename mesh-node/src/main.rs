@@ -159,8 +159,8 @@ struct RunArgs {
     admin_addr: SocketAddr,
     /// Same-node socket bypass (experimental, off by default): bytes between local pods and
     /// this proxy skip the TCP stack (sock_ops on the cgroup v2 root + sk_msg). Policy,
-    /// routing and metrics are unchanged. Known problem: a blocking read on a socket in the
-    /// bypass can fail with EAGAIN (docs/benchmarks.md).
+    /// routing and metrics are unchanged. Known problem: the kernel answers some blocking
+    /// reads of pods' sockets with EAGAIN (ARCHITECTURE.md, known gaps).
     #[arg(long, env = "MESH_SOCKET_BYPASS", default_value_t = false, action = clap::ArgAction::Set)]
     socket_bypass: bool,
     /// Log filter (tracing EnvFilter syntax); `mesh_ebpf=debug` also logs every captured SYN
