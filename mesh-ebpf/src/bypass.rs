@@ -4,11 +4,11 @@
 //! moved straight into the peer socket's receive queue. The proxy sees every byte it saw
 //! before, so policy, routing, metrics and mTLS are unchanged; only kernel work is saved.
 //!
-//! - [`mesh_sockops`] (cgroup `sock_ops`, on the cgroup v2 root): when a TCP connection is
-//!   established, a socket of a local enrolled pod (without the proxy's mark: another node's
-//!   proxy on the same kernel connects from these addresses too) joins `BYPASS_PODS`, a proxy socket (in the
-//!   node's netns, carrying `MARK_PROXY`) whose remote end is a local enrolled pod joins
-//!   `BYPASS_PROXY`. Every other socket is left alone.
+//! - [`mesh_sockops`] (cgroup `sock_ops`, on the cgroup v2 root): when a TCP connection
+//!   between two local pods is established (directly, or through a Service address with a
+//!   local endpoint), the pods' sockets join `BYPASS_PODS` and the proxy's sockets (in the
+//!   node's netns, carrying `MARK_PROXY`) join `BYPASS_PROXY`. Every other socket is left
+//!   alone, so nothing is moved into a socket that feeds a slower path.
 //! - [`mesh_msg_pod`] / [`mesh_msg_proxy`] (`sk_msg`, one per map): a message is redirected
 //!   into the receive queue of the peer socket in the other map (the mirrored key).
 //!
@@ -29,9 +29,11 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
-use mesh_common::{sock_class, BypassCounter, SockKey, BYPASS_COUNTER_SLOTS, MARK_PROXY};
+use mesh_common::{
+    sock_class, BypassCounter, ServiceKey, SockKey, BYPASS_COUNTER_SLOTS, MARK_PROXY,
+};
 
-use crate::maps::ENROLLED;
+use crate::maps::{ENROLLED, SERVICES};
 
 /// The cookie of the node's network namespace, set by mesh-node before loading.
 #[no_mangle]
@@ -76,15 +78,32 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
     // SAFETY: a read of a plain global that user space sets before loading.
     let node_netns = unsafe { core::ptr::read_volatile(&NODE_NETNS_COOKIE) };
+    let local_port = ctx.local_port() as u16;
+    let remote_port = u32::from_be(ctx.remote_port()) as u16;
     let proxy = proxy_socket(&ctx);
+    // Only connections between two pods of this node, relayed by this proxy, join: the
+    // proxy then moves bytes between two bypassed sockets at memory speed. A redirected
+    // message is queued at the receiver without TCP's window, so a pod's bytes must never
+    // be moved into a proxy socket that feeds a slower path (HBONE to another node): that
+    // queue would grow without bound (measured: the cross-node bulk download was reset).
     let class = if netns == node_netns {
-        if !proxy || ENROLLED.get_ptr(remote_ip).is_none() {
+        // The proxy's socket: accepted from a local pod for a local pod or a Service
+        // address with a local endpoint (local = the original destination), or its own
+        // connection to a local pod from a local pod's address.
+        if !proxy
+            || ENROLLED.get_ptr(remote_ip).is_none()
+            || !local_destination(local_ip, local_port)
+        {
             return 1;
         }
         sock_class::PROXY
     } else if !proxy && ENROLLED.get_ptr(local_ip).is_some() {
-        // Not a proxy's socket: another node's proxy (tests run several nodes on one
-        // kernel) connects from this node's pods' addresses too.
+        // A pod's socket (not a proxy's: another node's proxy, when tests run several nodes
+        // on one kernel, connects from this node's pods' addresses too), to a local pod or
+        // Service address with a local endpoint, or accepted from a local pod's address.
+        if !local_destination(remote_ip, remote_port) {
+            return 1;
+        }
         sock_class::POD
     } else {
         return 1;
@@ -92,8 +111,8 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     let key = SockKey {
         local_ip,
         remote_ip,
-        local_port: ctx.local_port() as u16,
-        remote_port: u32::from_be(ctx.remote_port()) as u16,
+        local_port,
+        remote_port,
         class,
     };
     // A decision about an earlier connection with this tuple does not carry over.
@@ -113,6 +132,20 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         Err(_) => bump(BypassCounter::MapFull),
     }
     1
+}
+
+/// True for a local enrolled pod's address, or a Service address:port (host order) with a
+/// ready enrolled endpoint on this node.
+#[inline(always)]
+fn local_destination(ip: u32, port: u16) -> bool {
+    ENROLLED.get_ptr(ip).is_some()
+        || SERVICES
+            .get_ptr(ServiceKey {
+                ip,
+                port: port.to_be(),
+                _pad: 0,
+            })
+            .is_some()
 }
 
 /// True when the socket carries the proxy's mark (its own connections and the ones its
