@@ -544,7 +544,10 @@ async fn serve(
     tokio::spawn(proxy::serve(hbone, Direction::Hbone, ctx));
     tokio::spawn(admin::serve(admin_listener, admin.clone()));
     admin.ready.store(true, Ordering::Release);
-    tracing::info!("ready");
+    match sys::release_startup_memory() {
+        Ok(code) => tracing::info!(code_unmapped_kib = code / 1024, "ready"),
+        Err(err) => tracing::info!("ready (start-up memory not released: {err})"),
+    }
 
     wait_for_shutdown().await?;
     tracing::info!(

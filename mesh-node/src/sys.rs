@@ -321,3 +321,95 @@ mod cgroup_tests {
         );
     }
 }
+
+/// Gives back what start-up used and no longer needs: heap pages freed since (the parsed
+/// kernel BTF, the first config's YAML documents: `malloc_trim`), and this binary's code pages
+/// from the page tables (`MADV_DONTNEED` on its executable mappings, which are private,
+/// file-backed and never written: the pages stay in the page cache, and what runs again is
+/// mapped back from there on its next use). Returns the bytes of code unmapped.
+pub fn release_startup_memory() -> io::Result<u64> {
+    // SAFETY: malloc_trim only returns free heap memory to the kernel.
+    unsafe { libc::malloc_trim(0) };
+    let exe = std::fs::read_link("/proc/self/exe")?;
+    let exe = exe.to_string_lossy();
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let mut released = 0u64;
+    for (start, end) in executable_mappings(&maps, &exe) {
+        // SAFETY: the range is one of this process's own mappings, executable and read-only
+        // (no relocation or write ever changed its pages); dropping its page-table entries
+        // makes the next access fault the same file contents back in.
+        let rc = unsafe {
+            libc::madvise(
+                start as *mut libc::c_void,
+                (end - start) as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        released += end - start;
+    }
+    Ok(released)
+}
+
+/// The address ranges of `exe`'s read-only executable mappings in a /proc/<pid>/maps listing.
+fn executable_mappings(maps: &str, exe: &str) -> Vec<(u64, u64)> {
+    maps.lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(6, ' ');
+            let range = fields.next()?;
+            let perms = fields.next()?;
+            let path = fields.nth(3)?.trim_start();
+            if perms != "r-xp" || path != exe {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            Some((
+                u64::from_str_radix(start, 16).ok()?,
+                u64::from_str_radix(end, 16).ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod startup_memory_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_binarys_read_only_code_is_picked() {
+        let maps = "55a3f17bd000-55a3f1a91000 r--p 00000000 fe:00 5440320    /usr/bin/mesh-node\n\
+                    55a3f1a91000-55a3f1e81000 r-xp 002d4000 fe:00 5440320    /usr/bin/mesh-node\n\
+                    55a3f1e81000-55a3f1ee6000 r--p 006c4000 fe:00 5440320    /usr/bin/mesh-node\n\
+                    55a3f1ee6000-55a3f1ee7000 rw-p 00729000 fe:00 5440320    /usr/bin/mesh-node\n\
+                    7f3a987bb000-7f3a9894f000 r-xp 00028000 fe:00 1234       /usr/lib/x86_64-linux-gnu/libc.so.6\n\
+                    7ffc1c5d5000-7ffc1c5f6000 rwxp 00000000 00:00 0          [stack]\n";
+        assert_eq!(
+            executable_mappings(maps, "/usr/bin/mesh-node"),
+            vec![(0x55a3f1a91000, 0x55a3f1e81000)]
+        );
+        assert!(executable_mappings(maps, "/other").is_empty());
+    }
+
+    fn rss_file_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("RssFile:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    #[test]
+    fn releasing_start_up_memory_unmaps_code_and_the_code_still_runs() {
+        let before = rss_file_kib();
+        let released = release_startup_memory().unwrap();
+        let after = rss_file_kib();
+        assert!(released > 0, "no code mapping of the test binary was found");
+        assert!(after < before, "RssFile {before} kB -> {after} kB");
+        // The code this test runs on was unmapped too: running it again faults it back.
+        assert!(executable_mappings("", "x").is_empty());
+        assert!(release_startup_memory().unwrap() > 0);
+    }
+}

@@ -5,9 +5,9 @@
 //! - `clippy-ebpf`: lint the eBPF crate with Debian's clippy (warnings denied).
 //! - `fmt-ebpf [--check]`: rustfmt the eBPF crate.
 //! - `demo`: build everything and run the two-node demo cluster (root).
-//! - `bench [--quick]`: build release binaries and run the benchmark matrix (root), writing
+//! - `bench [--quick] [--only PATTERN]`: build release binaries and run the benchmark matrix (root), writing
 //!   JSON to target/bench/ and the table to docs/benchmarks.md; `--quick` is the short smoke
-//!   variant on the tests' (debug) build, which writes only the JSON.
+//!   variant on the tests' (debug) build, which writes only the JSON; `--only` runs a subset (no doc).
 
 use std::{
     path::{Path, PathBuf},
@@ -27,10 +27,10 @@ fn main() -> Result<()> {
         ),
         Some("fmt-ebpf") => fmt_ebpf(&root, args.iter().any(|a| a == "--check")),
         Some("demo") => demo(&root, &args[1..]),
-        Some("bench") => bench(&root, args.iter().any(|a| a == "--quick")),
+        Some("bench") => bench(&root, &args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <build-ebpf | clippy-ebpf | fmt-ebpf [--check] | demo [CONFIG] | bench [--quick]>"
+                "usage: cargo xtask <build-ebpf | clippy-ebpf | fmt-ebpf [--check] | demo [CONFIG] | bench [--quick] [--only PATTERN]>"
             );
             std::process::exit(2);
         }
@@ -138,7 +138,8 @@ fn demo(root: &Path, args: &[String]) -> Result<()> {
     run(Command::new(root.join("target/debug/mesh-demo")).arg(config))
 }
 
-fn bench(root: &Path, quick: bool) -> Result<()> {
+fn bench(root: &Path, args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
     build_ebpf(root)?;
     // The quick variant uses the tests' build (what `cargo build --workspace --bins` made for
     // them, so CI compiles nothing twice); the full one measures release binaries.
@@ -153,12 +154,11 @@ fn bench(root: &Path, quick: bool) -> Result<()> {
     cmd.current_dir(root)
         .arg("--out")
         .arg(root.join("target/bench"));
-    if quick {
-        cmd.arg("--quick");
-    } else {
+    if !quick {
         cmd.arg("--doc").arg(root.join("docs/benchmarks.md"));
     }
-    run(&mut cmd)
+    // `--quick`, `--only PATTERN` (which writes no doc) and the rest go to mesh-bench.
+    run(cmd.args(args))
 }
 
 /// `cargo` (rustup's, from PATH; `RUSTUP_TOOLCHAIN` is kept, so `cargo +TOOLCHAIN xtask`

@@ -41,7 +41,9 @@ pub async fn handle(
     let state = ctx.state.load_full();
     match direction {
         Direction::Outbound => outbound(&ctx, &state, client, peer, original_dst).await,
-        _ => inbound(&ctx, &state, client, peer, original_dst).await,
+        // Boxed: the inbound ways are larger than the outbound ones (whose every way is
+        // boxed), and would size every outbound connection's task.
+        _ => Box::pin(inbound(&ctx, &state, client, peer, original_dst)).await,
     }
 }
 
@@ -63,7 +65,16 @@ async fn outbound(
         // An HTTP port of a Service: routed per request.
         if target.protocol.is_http() {
             rec.service = Some(target.qualified_name());
-            crate::http::outbound::serve(ctx.clone(), client, peer, target.vip, rec).await;
+            // Boxed, as every L7 server: its future is large, and sizing this one (and so
+            // every L4 connection's task) by it cost idle connections kilobytes each.
+            Box::pin(crate::http::outbound::serve(
+                ctx.clone(),
+                client,
+                peer,
+                target.vip,
+                rec,
+            ))
+            .await;
             return;
         }
     }
@@ -94,11 +105,16 @@ async fn outbound(
     }
     let source = source.filter(|s| s.enrolled);
     match (source, destination.filter(|d| d.enrolled)) {
+        // Each way boxed, so the connection's task is sized by the way it takes, not by the
+        // largest (an idle HBONE connection held 4.6 KB of task before).
         (_, Some(d)) if state.is_local(d) => {
-            same_node(ctx, client, peer, rec, source, d, service).await
+            Box::pin(same_node(ctx, client, peer, rec, source, d, service)).await
         }
         (Some(s), Some(d)) => {
-            super::hbone::outbound(ctx, client, rec, s, d, service, upstream).await
+            Box::pin(super::hbone::outbound(
+                ctx, client, rec, s, d, service, upstream,
+            ))
+            .await
         }
         _ => {
             let reports = vec![Report {
@@ -109,7 +125,7 @@ async fn outbound(
                 mtls: false,
             }
             .service(service)];
-            plain(
+            Box::pin(plain(
                 ctx,
                 Direction::Outbound,
                 client,
@@ -117,7 +133,7 @@ async fn outbound(
                 upstream,
                 rec,
                 reports,
-            )
+            ))
             .await
         }
     }
@@ -387,7 +403,13 @@ pub(crate) async fn serve_http(
     };
     let _ = client.set_nodelay(true);
     super::keepalive(&client);
-    crate::http::inbound::serve(ctx.clone(), client, inbound, Some(pod)).await;
+    Box::pin(crate::http::inbound::serve(
+        ctx.clone(),
+        client,
+        inbound,
+        Some(pod),
+    ))
+    .await;
     tracked.finish(Outcome::default());
 }
 

@@ -115,10 +115,13 @@ pub(crate) async fn outbound(
             return;
         }
     };
-    let tunnel = ctx
-        .pool
-        .stream(ctx, source.ip, &cert, &destination.identity, target)
-        .await;
+    // Boxed: opening a new tunnel connection (TLS and HTTP/2 handshakes) is a large future,
+    // and the task of every connection would otherwise be sized by it for its whole life.
+    let tunnel = Box::pin(
+        ctx.pool
+            .stream(ctx, source.ip, &cert, &destination.identity, target),
+    )
+    .await;
     let (send, recv, _guard) = match tunnel {
         Ok(tunnel) => tunnel,
         Err(failure) => {
@@ -649,7 +652,13 @@ async fn serve_stream(
             target,
             mtls: true,
         };
-        crate::http::inbound::serve(ctx.clone(), tunnel, inbound, Some(server)).await;
+        Box::pin(crate::http::inbound::serve(
+            ctx.clone(),
+            tunnel,
+            inbound,
+            Some(server),
+        ))
+        .await;
         tracked.finish(Outcome::default());
         return;
     }
