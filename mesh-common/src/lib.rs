@@ -58,9 +58,13 @@ pub mod maps {
     pub const BYPASS_PODS: &str = "MESH_BYP_PODS";
     /// `SockHash<SockKey>`: the proxy's established sockets to and from local enrolled pods.
     pub const BYPASS_PROXY: &str = "MESH_BYP_PROXY";
-    /// `LruHashMap<SockKey, u32>`: sending sockets that found no peer at their first message
-    /// and so send over TCP for good (their bytes must never overtake each other).
+    /// `HashMap<SockKey, u32>`: bypass sockets that found no peer to send to and so send over
+    /// TCP for good (their bytes must never overtake each other); an entry goes when its
+    /// socket closes.
     pub const BYPASS_PASSED: &str = "MESH_BYP_PASSED";
+    /// `HashMap<ServiceKey, u32>`: Service VIP:ports whose every ready endpoint is an
+    /// enrolled pod of this node, so a connection to one stays on the node (the bypass).
+    pub const BYPASS_SERVICES: &str = "MESH_BYP_SVC";
     /// `PerCpuArray<u64>` indexed by [`super::BypassCounter`].
     pub const BYPASS_COUNTERS: &str = "MESH_BYP_COUNT";
 }
@@ -251,8 +255,9 @@ pub enum BypassCounter {
     PodSocket = 0,
     /// A proxy socket joined the bypass.
     ProxySocket = 1,
-    /// A socket could not join (map full): its connection uses TCP, as without bypass.
-    MapFull = 2,
+    /// A socket could not join (map full, or the socket already in another program's
+    /// sockmap): its connection uses TCP, as without the bypass.
+    InsertFailed = 2,
     /// A message went straight to its peer socket.
     Redirected = 3,
     /// A socket found no peer socket to send to: its first message (the peer has not joined
@@ -274,7 +279,7 @@ impl BypassCounter {
     pub const ALL: [(BypassCounter, &'static str); BYPASS_COUNTER_SLOTS as usize] = [
         (BypassCounter::PodSocket, "pod_socket"),
         (BypassCounter::ProxySocket, "proxy_socket"),
-        (BypassCounter::MapFull, "map_full"),
+        (BypassCounter::InsertFailed, "insert_failed"),
         (BypassCounter::Redirected, "redirected"),
         (BypassCounter::NoPeer, "no_peer"),
     ];

@@ -5,10 +5,12 @@
 //! before, so policy, routing, metrics and mTLS are unchanged; only kernel work is saved.
 //!
 //! - [`mesh_sockops`] (cgroup `sock_ops`, on the cgroup v2 root): when a TCP connection
-//!   between two local pods is established (directly, or through a Service address with a
-//!   local endpoint), the pods' sockets join `BYPASS_PODS` and the proxy's sockets (in the
-//!   node's netns, carrying `MARK_PROXY`) join `BYPASS_PROXY`. Every other socket is left
-//!   alone, so nothing is moved into a socket that feeds a slower path.
+//!   between two local pods is established (to the pod's address, or to a Service VIP:port
+//!   whose every ready endpoint is a local pod: `BYPASS_SERVICES`), the pods' sockets join
+//!   `BYPASS_PODS` and the proxy's sockets (in the node's netns, carrying `MARK_PROXY`) join
+//!   `BYPASS_PROXY`. Every other socket is left alone, so at L4 nothing is moved into a
+//!   socket that feeds a slower path (an L7 route to another host still can: the
+//!   VirtualService is not known here).
 //! - [`mesh_msg_pod`] / [`mesh_msg_proxy`] (`sk_msg`, one per map): a message is redirected
 //!   into the receive queue of the peer socket in the other map (the mirrored key).
 //!
@@ -16,30 +18,33 @@
 //! all take one path. A socket joins its map when its connection is established, before it can
 //! send; the peer may join later (the passive side is created when the handshake's last ACK
 //! arrives). So a sender that finds no peer socket at a message (its first, if the peer has
-//! not joined yet) is put in `BYPASS_PASSED` and sends over TCP for the rest of its life; one
-//! that found its peer at its first message finds it until the peer closes.
+//! not joined yet) is put in `BYPASS_PASSED` and sends over TCP for the rest of its life (the
+//! entry goes when the socket closes, seen by the state callback); one that found its peer at
+//! its first message finds it until the peer closes.
 
 use aya_ebpf::{
     bindings::{
-        sk_action::SK_PASS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        sk_action::{SK_DROP, SK_PASS},
+        BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::bpf_get_netns_cookie,
     macros::{map, sk_msg, sock_ops},
-    maps::{LruHashMap, PerCpuArray, SockHash},
+    maps::{HashMap, PerCpuArray, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
 use mesh_common::{
     sock_class, BypassCounter, ServiceKey, SockKey, BYPASS_COUNTER_SLOTS, MARK_PROXY,
 };
 
-use crate::maps::{ENROLLED, SERVICES};
+use crate::maps::ENROLLED;
 
 /// The cookie of the node's network namespace, set by mesh-node before loading.
 #[no_mangle]
 static NODE_NETNS_COOKIE: u64 = 0;
 
 const AF_INET: u32 = 2;
+const TCP_CLOSE: u32 = 7;
 
 /// Sockets of local enrolled pods.
 #[map(name = "MESH_BYP_PODS")]
@@ -49,9 +54,17 @@ static PODS: SockHash<SockKey> = SockHash::with_max_entries(65_536, 0);
 #[map(name = "MESH_BYP_PROXY")]
 static PROXY: SockHash<SockKey> = SockHash::with_max_entries(65_536, 0);
 
-/// Senders that send over TCP for good (value unused, 1).
+/// Senders that send over TCP for good (value unused, 1). Never full: an entry belongs to a
+/// socket in one of the two maps above and goes when that socket closes (state callback),
+/// so it can hold one per socket of both; not an LRU, which could forget a live sender and
+/// let its next message overtake the ones it sent over TCP.
 #[map(name = "MESH_BYP_PASSED")]
-static PASSED: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(65_536, 0);
+static PASSED: HashMap<SockKey, u32> = HashMap::with_max_entries(131_072, 0);
+
+/// Service VIP:ports whose every ready endpoint is an enrolled pod of this node (value
+/// unused, 1); kept by mesh-node.
+#[map(name = "MESH_BYP_SVC")]
+static LOCAL_SERVICES: HashMap<ServiceKey, u32> = HashMap::with_max_entries(65_536, 0);
 
 #[map(name = "MESH_BYP_COUNT")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(BYPASS_COUNTER_SLOTS, 0);
@@ -67,9 +80,17 @@ fn bump(counter: BypassCounter) {
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-        || ctx.family() != AF_INET
-    {
+    if ctx.family() != AF_INET {
+        return 1;
+    }
+    if op == BPF_SOCK_OPS_STATE_CB {
+        // Only sockets that joined asked for state callbacks.
+        if ctx.arg(1) == TCP_CLOSE {
+            forget_passed(&ctx);
+        }
+        return 1;
+    }
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return 1;
     }
     let local_ip = ctx.local_ip4();
@@ -88,7 +109,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     // queue would grow without bound (measured: the cross-node bulk download was reset).
     let class = if netns == node_netns {
         // The proxy's socket: accepted from a local pod for a local pod or a Service
-        // address with a local endpoint (local = the original destination), or its own
+        // address served by local pods only (local = the original destination), or its own
         // connection to a local pod from a local pod's address.
         if !proxy
             || ENROLLED.get_ptr(remote_ip).is_none()
@@ -124,22 +145,48 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     };
     // SAFETY: `ops` is the valid context pointer of this program invocation.
     match map.update(key, unsafe { &mut *ctx.ops }, 0) {
-        Ok(()) => bump(if class == sock_class::PROXY {
-            BypassCounter::ProxySocket
-        } else {
-            BypassCounter::PodSocket
-        }),
-        Err(_) => bump(BypassCounter::MapFull),
+        Ok(()) => {
+            // Its close must drop its PASSED entry, if it gets one.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            bump(if class == sock_class::PROXY {
+                BypassCounter::ProxySocket
+            } else {
+                BypassCounter::PodSocket
+            })
+        }
+        Err(_) => bump(BypassCounter::InsertFailed),
     }
     1
 }
 
-/// True for a local enrolled pod's address, or a Service address:port (host order) with a
-/// ready enrolled endpoint on this node.
+/// Drops the PASSED entry of a socket that joined and is now closed (its class found as
+/// when it joined: a socket of the node's netns is the proxy's).
+#[inline(always)]
+fn forget_passed(ctx: &SockOpsContext) {
+    // SAFETY: the helper takes the program's context pointer.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+    // SAFETY: a read of a plain global that user space sets before loading.
+    let node_netns = unsafe { core::ptr::read_volatile(&NODE_NETNS_COOKIE) };
+    let key = SockKey {
+        local_ip: ctx.local_ip4(),
+        remote_ip: ctx.remote_ip4(),
+        local_port: ctx.local_port() as u16,
+        remote_port: u32::from_be(ctx.remote_port()) as u16,
+        class: if netns == node_netns {
+            sock_class::PROXY
+        } else {
+            sock_class::POD
+        },
+    };
+    let _ = PASSED.remove(key);
+}
+
+/// True for a local enrolled pod's address, or a Service VIP:port (host order) whose every
+/// ready endpoint is one.
 #[inline(always)]
 fn local_destination(ip: u32, port: u16) -> bool {
     ENROLLED.get_ptr(ip).is_some()
-        || SERVICES
+        || LOCAL_SERVICES
             .get_ptr(ServiceKey {
                 ip,
                 port: port.to_be(),
@@ -196,9 +243,14 @@ fn forward(ctx: &SkMsgContext, class: u32, peers: &SockHash<SockKey>, peer_class
     };
     if peers.redirect_msg(ctx, peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
         bump(BypassCounter::Redirected);
-    } else {
-        let _ = PASSED.insert(own, 1, 0);
-        bump(BypassCounter::NoPeer);
+        return SK_PASS;
     }
+    if PASSED.insert(own, 1, 0).is_err() {
+        // Cannot happen (one entry per socket at most, room for all): were it to, this
+        // sender could not be kept on TCP, so its message must not go anywhere.
+        bump(BypassCounter::InsertFailed);
+        return SK_DROP;
+    }
+    bump(BypassCounter::NoPeer);
     SK_PASS
 }

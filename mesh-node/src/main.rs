@@ -460,6 +460,7 @@ async fn serve(
         &state.local_enrolled_vips(),
         &state.local_enrolled_node_ports(),
     )?;
+    datapath.set_bypass_services(&state.local_only_vips())?;
     let node_addresses = Arc::new(ArcSwap::from_pointee(datapath.node_addresses().clone()));
     tracing::info!(
         enrolled = state.local_enrolled().len(),
@@ -653,15 +654,15 @@ fn spawn_datapath_thread(
                 }
                 let mut applied = None;
                 if let Some(state) = config_pending.take() {
-                    let applied_maps =
-                        datapath
-                            .set_enrolled(&state.local_enrolled())
-                            .and_then(|()| {
-                                datapath.set_services(
-                                    &state.local_enrolled_vips(),
-                                    &state.local_enrolled_node_ports(),
-                                )
-                            });
+                    let applied_maps = datapath
+                        .set_enrolled(&state.local_enrolled())
+                        .and_then(|()| {
+                            datapath.set_services(
+                                &state.local_enrolled_vips(),
+                                &state.local_enrolled_node_ports(),
+                            )
+                        })
+                        .and_then(|()| datapath.set_bypass_services(&state.local_only_vips()));
                     match applied_maps {
                         Ok(()) => {
                             tracing::info!(

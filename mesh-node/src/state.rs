@@ -413,6 +413,20 @@ impl State {
         external.chain(vips.iter().copied()).collect()
     }
 
+    /// Service VIP:ports whose every ready endpoint (at least one) is an enrolled pod of this
+    /// node: a connection to one stays on the node at L4 (the same-node socket bypass takes
+    /// only those, with pods' own addresses).
+    pub fn local_only_vips(&self) -> BTreeSet<SocketAddrV4> {
+        let local = self.local_enrolled();
+        self.services
+            .values()
+            .filter(|s| {
+                !s.endpoints.is_empty() && s.endpoints.iter().all(|e| local.contains(e.ip()))
+            })
+            .map(|s| s.vip)
+            .collect()
+    }
+
     /// NodePorts whose Service has a ready endpoint that is an enrolled pod of this node, and
     /// hostPorts of this node's enrolled pods: the kernel captures new flows to them at this
     /// node's addresses, as it does for VIPs.

@@ -230,7 +230,13 @@ pub fn try_lock_dir(path: &Path) -> io::Result<Option<OwnedFd>> {
 /// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux >= 5.14):
 /// what `bpf_get_netns_cookie` returns for sockets of that namespace.
 pub fn netns_cookie() -> io::Result<u64> {
-    let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    // SAFETY: socket(2) with constant arguments; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut cookie: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: the fd is a live socket we own; pointer and length describe `cookie`.
@@ -249,17 +255,22 @@ pub fn netns_cookie() -> io::Result<u64> {
     Ok(cookie)
 }
 
-/// Opens the root of the cgroup v2 hierarchy: the first `cgroup2` mount this process sees,
-/// else a private mount of it that is detached again at once (`ip netns exec` gives its
-/// command a fresh /sys without cgroup mounts); the open directory stays usable. Returns the
-/// directory and where it was found.
+/// Opens the root of the cgroup v2 hierarchy: the first `cgroup2` mount of its root this
+/// process sees, else a private mount of it that is detached again at once (`ip netns exec`
+/// gives its command a fresh /sys without cgroup mounts); the open directory stays usable.
+/// Returns the directory and where it was found.
 pub fn open_cgroup2_root() -> io::Result<(std::fs::File, String)> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     if let Some(path) = cgroup2_mount(&mountinfo) {
         return Ok((std::fs::File::open(&path)?, path));
     }
-    let dir = std::env::temp_dir().join(format!("mesh-node-cgroup2-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    // A directory of our own: mkdir fails rather than reuse anything already there.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir =
+        std::env::temp_dir().join(format!("mesh-node-cgroup2-{}-{nanos}", std::process::id()));
+    std::fs::create_dir(&dir)?;
     let result = mount_and_open_cgroup2(&dir);
     let _ = std::fs::remove_dir(&dir);
     result.map(|file| (file, "a private cgroup2 mount".to_string()))
@@ -287,15 +298,20 @@ fn mount_and_open_cgroup2(dir: &Path) -> io::Result<std::fs::File> {
     file
 }
 
-/// The mount point of the first `cgroup2` filesystem in a mountinfo listing.
+/// The mount point of the first `cgroup2` filesystem mounted from its root (not a subtree,
+/// whose programs would see only part of the machine) in a mountinfo listing.
 fn cgroup2_mount(mountinfo: &str) -> Option<String> {
     mountinfo.lines().find_map(|line| {
         let (fields, rest) = line.split_once(" - ")?;
         if rest.split_whitespace().next()? != "cgroup2" {
             return None;
         }
+        let mut fields = fields.split_whitespace();
+        if fields.nth(3)? != "/" {
+            return None;
+        }
         // Mount points escape spaces and the like as octal (\040).
-        let point = fields.split_whitespace().nth(4)?;
+        let point = fields.next()?;
         Some(point.replace("\\040", " "))
     })
 }
@@ -319,58 +335,105 @@ mod cgroup_tests {
             cgroup2_mount("31 23 0:28 / /sys rw - sysfs sysfs rw\n"),
             None
         );
+        let subtree = "50 41 0:38 /kubepods /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mount(subtree), None);
     }
 }
 
 /// Gives back what start-up used and no longer needs: heap pages freed since (the parsed
 /// kernel BTF, the first config's YAML documents: `malloc_trim`), and this binary's code pages
-/// from the page tables (`MADV_DONTNEED` on its executable mappings, which are private,
-/// file-backed and never written: the pages stay in the page cache, and what runs again is
-/// mapped back from there on its next use). Returns the bytes of code unmapped.
+/// from the page tables (`MADV_DONTNEED` on its read-only executable mappings that hold no
+/// private copy of a page, as a uprobe or a breakpoint would leave: the pages stay in the
+/// page cache, and what runs again is mapped back from there on its next use). Returns the
+/// resident bytes of code unmapped.
 pub fn release_startup_memory() -> io::Result<u64> {
+    #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free heap memory to the kernel.
-    unsafe { libc::malloc_trim(0) };
+    unsafe {
+        libc::malloc_trim(0);
+    }
     let exe = std::fs::read_link("/proc/self/exe")?;
     let exe = exe.to_string_lossy();
-    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let mut released = 0u64;
-    for (start, end) in executable_mappings(&maps, &exe) {
-        // SAFETY: the range is one of this process's own mappings, executable and read-only
-        // (no relocation or write ever changed its pages); dropping its page-table entries
-        // makes the next access fault the same file contents back in.
+    for code in clean_code_mappings(&smaps, &exe) {
+        // SAFETY: the range is one of this process's own mappings: executable, read-only,
+        // file-backed, with no anonymous (private, changed) page. Dropping its page-table
+        // entries makes the next access fault the same file contents back in.
         let rc = unsafe {
             libc::madvise(
-                start as *mut libc::c_void,
-                (end - start) as usize,
+                code.start as *mut libc::c_void,
+                (code.end - code.start) as usize,
                 libc::MADV_DONTNEED,
             )
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        released += end - start;
+        released += code.resident;
     }
     Ok(released)
 }
 
-/// The address ranges of `exe`'s read-only executable mappings in a /proc/<pid>/maps listing.
-fn executable_mappings(maps: &str, exe: &str) -> Vec<(u64, u64)> {
-    maps.lines()
-        .filter_map(|line| {
-            let mut fields = line.splitn(6, ' ');
-            let range = fields.next()?;
-            let perms = fields.next()?;
-            let path = fields.nth(3)?.trim_start();
-            if perms != "r-xp" || path != exe {
-                return None;
-            }
-            let (start, end) = range.split_once('-')?;
-            Some((
-                u64::from_str_radix(start, 16).ok()?,
-                u64::from_str_radix(end, 16).ok()?,
-            ))
-        })
-        .collect()
+/// A mapping of the binary's code, as /proc/self/smaps lists it.
+#[derive(Debug, PartialEq)]
+struct CodeMapping {
+    start: u64,
+    end: u64,
+    /// Resident bytes.
+    resident: u64,
+}
+
+/// `exe`'s read-only executable mappings without anonymous pages, from a smaps listing.
+fn clean_code_mappings(smaps: &str, exe: &str) -> Vec<CodeMapping> {
+    let mut found = Vec::new();
+    // The mapping being read (start, end, whether it is exe's code), its Rss and Anonymous.
+    let mut current: Option<(u64, u64, bool)> = None;
+    let (mut rss, mut anonymous) = (None::<u64>, None::<u64>);
+    let mut finish = |current: Option<(u64, u64, bool)>, rss: Option<u64>, anon: Option<u64>| {
+        if let (Some((start, end, true)), Some(rss), Some(0)) = (current, rss, anon) {
+            found.push(CodeMapping {
+                start,
+                end,
+                resident: rss * 1024,
+            });
+        }
+    };
+    for line in smaps.lines() {
+        let kib = |key: &str| -> Option<u64> {
+            line.strip_prefix(key)?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()
+        };
+        if let Some(v) = kib("Rss:") {
+            rss = Some(v);
+        } else if let Some(v) = kib("Anonymous:") {
+            anonymous = Some(v);
+        } else if let Some((start, end, perms, path)) = mapping_header(line) {
+            finish(current, rss, anonymous);
+            current = Some((start, end, perms == "r-xp" && path == exe));
+            (rss, anonymous) = (None, None);
+        }
+    }
+    finish(current, rss, anonymous);
+    found
+}
+
+/// The range, permissions and path of a maps/smaps mapping line (`None` for other lines).
+fn mapping_header(line: &str) -> Option<(u64, u64, &str, &str)> {
+    let mut fields = line.splitn(6, ' ');
+    let (start, end) = fields.next()?.split_once('-')?;
+    let start = u64::from_str_radix(start, 16).ok()?;
+    let end = u64::from_str_radix(end, 16).ok()?;
+    let perms = fields.next()?;
+    if perms.len() != 4 {
+        return None;
+    }
+    let path = fields.nth(3).map_or("", str::trim_start);
+    Some((start, end, perms, path))
 }
 
 #[cfg(test)]
@@ -378,18 +441,32 @@ mod startup_memory_tests {
     use super::*;
 
     #[test]
-    fn only_the_binarys_read_only_code_is_picked() {
-        let maps = "55a3f17bd000-55a3f1a91000 r--p 00000000 fe:00 5440320    /usr/bin/mesh-node\n\
-                    55a3f1a91000-55a3f1e81000 r-xp 002d4000 fe:00 5440320    /usr/bin/mesh-node\n\
-                    55a3f1e81000-55a3f1ee6000 r--p 006c4000 fe:00 5440320    /usr/bin/mesh-node\n\
-                    55a3f1ee6000-55a3f1ee7000 rw-p 00729000 fe:00 5440320    /usr/bin/mesh-node\n\
-                    7f3a987bb000-7f3a9894f000 r-xp 00028000 fe:00 1234       /usr/lib/x86_64-linux-gnu/libc.so.6\n\
-                    7ffc1c5d5000-7ffc1c5f6000 rwxp 00000000 00:00 0          [stack]\n";
+    fn only_the_binarys_unchanged_read_only_code_is_picked() {
+        let smaps = "55a3f17bd000-55a3f1a91000 r--p 00000000 fe:00 5440320    /usr/bin/mesh-node\n\
+                     Rss:                 100 kB\n\
+                     Anonymous:             0 kB\n\
+                     55a3f1a91000-55a3f1e81000 r-xp 002d4000 fe:00 5440320    /usr/bin/mesh-node\n\
+                     Rss:                8000 kB\n\
+                     Anonymous:             0 kB\n\
+                     55a3f1e81000-55a3f1ee6000 r-xp 006c4000 fe:00 5440320    /usr/bin/mesh-node\n\
+                     Rss:                  40 kB\n\
+                     Anonymous:             4 kB\n\
+                     7f3a987bb000-7f3a9894f000 r-xp 00028000 fe:00 1234       /usr/lib/libc.so.6\n\
+                     Rss:                1000 kB\n\
+                     Anonymous:             0 kB\n\
+                     7ffc1c5d5000-7ffc1c5f6000 rw-p 00000000 00:00 0          [stack]\n\
+                     Rss:                 132 kB\n\
+                     Anonymous:           132 kB\n";
+        // The second code mapping has a changed (anonymous) page, as a uprobe leaves: kept.
         assert_eq!(
-            executable_mappings(maps, "/usr/bin/mesh-node"),
-            vec![(0x55a3f1a91000, 0x55a3f1e81000)]
+            clean_code_mappings(smaps, "/usr/bin/mesh-node"),
+            vec![CodeMapping {
+                start: 0x55a3f1a91000,
+                end: 0x55a3f1e81000,
+                resident: 8000 * 1024,
+            }]
         );
-        assert!(executable_mappings(maps, "/other").is_empty());
+        assert!(clean_code_mappings(smaps, "/other").is_empty());
     }
 
     fn rss_file_kib() -> u64 {
@@ -406,10 +483,13 @@ mod startup_memory_tests {
         let before = rss_file_kib();
         let released = release_startup_memory().unwrap();
         let after = rss_file_kib();
-        assert!(released > 0, "no code mapping of the test binary was found");
+        assert!(
+            released > 0,
+            "no resident code mapping of the test binary was found"
+        );
         assert!(after < before, "RssFile {before} kB -> {after} kB");
-        // The code this test runs on was unmapped too: running it again faults it back.
-        assert!(executable_mappings("", "x").is_empty());
+        // This test's own code was unmapped too, and here it still runs; so does a second
+        // release, which finds the code faulted back in since.
         assert!(release_startup_memory().unwrap() > 0);
     }
 }

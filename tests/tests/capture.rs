@@ -25,7 +25,17 @@ fn report(what: &str, started: std::time::Instant) {
 #[test]
 fn enrolled_pod_traffic_goes_through_the_node_proxy_same_node_and_cross_node() {
     require_root!();
-    let mut cluster = Cluster::new(TWO_NODES).unwrap();
+    // Plus a Service whose only endpoint is a2 (`web` has a2 and b1).
+    let config = format!(
+        "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web-a, namespace: mesh}}\n\
+         spec: {{clusterIP: 100.66.0.11, selector: {{only: a}}, ports: [{{name: tcp-web, \
+         port: 80, targetPort: 8080}}]}}\n",
+        TWO_NODES.replace(
+            "name: a2, namespace: mesh, labels: {app: web}",
+            "name: a2, namespace: mesh, labels: {app: web, only: a}",
+        )
+    );
+    let mut cluster = Cluster::new(&config).unwrap();
     // With the same-node socket bypass (off by default), so the byte-exact transfers below
     // also cover it.
     cluster.run_args = vec!["--socket-bypass=true".into()];
@@ -117,6 +127,37 @@ fn enrolled_pod_traffic_goes_through_the_node_proxy_same_node_and_cross_node() {
     for event in ["redirected", "pod_socket", "proxy_socket"] {
         assert_eq!(counter("node-b", event), 0, "node-b {event}");
     }
+    // Through Services. `web` balances (round robin) over a2 and b1: the client's leg never
+    // joins (the proxy may pick b1, and a pod's bytes must not queue for HBONE), the
+    // proxy's leg to a2 does, once in two connections. `web-a`'s only endpoint is a2: both
+    // legs join, as for a1 -> a2.
+    let joined = || {
+        (
+            counter("node-a", "pod_socket"),
+            counter("node-a", "proxy_socket"),
+        )
+    };
+    let before = joined();
+    for vip in [[100, 66, 0, 10], [100, 66, 0, 10]] {
+        let done = transfer(client, SocketAddr::from((vip, 80)), 1 << 20).unwrap();
+        assert_eq!(done.received, 1 << 20);
+    }
+    let after = joined();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 1),
+        "joined through a Service with an endpoint on another node (pod, proxy sockets)"
+    );
+    let redirected = counter("node-a", "redirected");
+    let done = transfer(client, SocketAddr::from(([100, 66, 0, 11], 80)), 1 << 20).unwrap();
+    assert_eq!(done.received, 1 << 20);
+    let local_only = joined();
+    assert_eq!(
+        (local_only.0 - after.0, local_only.1 - after.1),
+        (2, 2),
+        "joined through a Service served by a2 only (pod, proxy sockets)"
+    );
+    assert!(counter("node-a", "redirected") >= redirected + 32);
     assert!(
         cluster
             .kernel_counter("node-b", "captured_inbound_syn")

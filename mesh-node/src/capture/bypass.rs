@@ -4,20 +4,36 @@
 //! and the cgroup link live exactly as long as this process, whose sockets are one end of
 //! every bypassed connection (when it exits they are closed anyway).
 
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
 use aya::{
-    maps::{MapData, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, SkMsg, SockOps},
     Ebpf,
 };
-use mesh_common::{maps, programs, SockKey};
+use mesh_common::{maps, programs, ServiceKey, SockKey};
 
 use super::{map_error, prog_error, program, CaptureError};
 
-/// The attached bypass: its socket maps, held open while the programs use them.
+/// The attached bypass: its socket maps, held open while the programs use them, and the
+/// Services it may take.
 pub struct Bypass {
     _pods: SockHash<MapData, SockKey>,
     _proxy: SockHash<MapData, SockKey>,
+    services: HashMap<MapData, ServiceKey, u32>,
 }
+
+/// The bypass's maps and their sizes when it is off: created with the object all the same,
+/// so they are made as small as the kernel allows.
+pub const MAPS: [&str; 4] = [
+    maps::BYPASS_PODS,
+    maps::BYPASS_PROXY,
+    maps::BYPASS_PASSED,
+    maps::BYPASS_SERVICES,
+];
 
 impl Bypass {
     /// Loads and attaches the bypass programs of a loaded object. Returns the bypass, its
@@ -37,6 +53,8 @@ impl Bypass {
             SockHash::try_from(take(maps::BYPASS_PROXY)?).map_err(map_error(maps::BYPASS_PROXY))?;
         let counters = PerCpuArray::try_from(take(maps::BYPASS_COUNTERS)?)
             .map_err(map_error(maps::BYPASS_COUNTERS))?;
+        let services = HashMap::try_from(take(maps::BYPASS_SERVICES)?)
+            .map_err(map_error(maps::BYPASS_SERVICES))?;
 
         for (name, map) in [
             (programs::MSG_FROM_POD, &pods),
@@ -62,9 +80,37 @@ impl Bypass {
             Bypass {
                 _pods: pods,
                 _proxy: proxy,
+                services,
             },
             counters,
             cgroup,
         ))
+    }
+
+    /// Makes the bypass's Service map hold exactly `vips` (VIP:ports whose every ready
+    /// endpoint is an enrolled pod of this node), by difference.
+    pub fn set_services(&mut self, vips: &BTreeSet<SocketAddrV4>) -> Result<(), CaptureError> {
+        let key = |addr: &SocketAddrV4| ServiceKey {
+            ip: u32::from_ne_bytes(addr.ip().octets()),
+            port: addr.port().to_be(),
+            _pad: 0,
+        };
+        let have: BTreeSet<SocketAddrV4> = self
+            .services
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| SocketAddrV4::new(Ipv4Addr::from(k.ip.to_ne_bytes()), u16::from_be(k.port)))
+            .collect();
+        for addr in have.difference(vips) {
+            self.services
+                .remove(&key(addr))
+                .map_err(map_error(maps::BYPASS_SERVICES))?;
+        }
+        for addr in vips.difference(&have) {
+            self.services
+                .insert(key(addr), 1, 0)
+                .map_err(map_error(maps::BYPASS_SERVICES))?;
+        }
+        Ok(())
     }
 }

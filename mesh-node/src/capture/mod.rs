@@ -125,7 +125,7 @@ pub struct Datapath {
     /// The enrolled set the bridge guard's ipset last received, if it is known to be current.
     guard_set: Option<BTreeSet<Ipv4Addr>>,
     /// The same-node socket bypass, when attached.
-    _bypass: Option<bypass::Bypass>,
+    bypass: Option<bypass::Bypass>,
     /// Exclusive lock on the pin directory: one mesh-node per node.
     _lock: std::os::fd::OwnedFd,
 }
@@ -184,15 +184,32 @@ impl Datapath {
             message: err.to_string(),
         })?;
         let lock = lock(&dir)?;
-        let netns_cookie = crate::sys::netns_cookie().map_err(|err| CaptureError::Program {
-            program: programs::SOCKOPS,
-            message: format!("cannot read this network namespace's cookie (Linux >= 5.14): {err}"),
-        })?;
-        let mut ebpf = EbpfLoader::new()
+        // The bypass needs this namespace's cookie (to tell the proxy's sockets from pods').
+        let netns_cookie = match bypass.then(crate::sys::netns_cookie) {
+            Some(Ok(cookie)) => Some(cookie),
+            Some(Err(err)) => {
+                tracing::warn!(
+                    "same-node socket bypass unavailable, running without it: cannot read this \
+                     network namespace's cookie (Linux >= 5.14): {err}"
+                );
+                None
+            }
+            None => None,
+        };
+        let log_captures = u8::from(log_captures);
+        let cookie = netns_cookie.unwrap_or(0);
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(&dir)
-            .override_global("LOG_CAPTURES", &u8::from(log_captures), true)
-            .override_global("NODE_NETNS_COOKIE", &netns_cookie, true)
-            .load(OBJECT)?;
+            .override_global("LOG_CAPTURES", &log_captures, true)
+            .override_global("NODE_NETNS_COOKIE", &cookie, true);
+        if netns_cookie.is_none() {
+            // The object creates every map it declares: the bypass's, unused, take the least.
+            for name in bypass::MAPS {
+                loader.map_max_entries(name, 1);
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
 
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(CaptureError::Map {
@@ -213,7 +230,7 @@ impl Datapath {
                 .map_err(map_error(maps::COUNTERS))?,
             bypass: None,
         };
-        let bypass = if bypass {
+        let bypass = if netns_cookie.is_some() {
             match bypass::Bypass::attach(&mut ebpf) {
                 Ok((bypass, bypass_counters, cgroup)) => {
                     tracing::info!(cgroup = %cgroup, "same-node socket bypass attached");
@@ -228,7 +245,9 @@ impl Datapath {
                 }
             }
         } else {
-            tracing::info!("same-node socket bypass off");
+            if !bypass {
+                tracing::info!("same-node socket bypass off");
+            }
             None
         };
 
@@ -245,7 +264,7 @@ impl Datapath {
             attached: BTreeMap::new(),
             failed: BTreeMap::new(),
             guard_set: None,
-            _bypass: bypass,
+            bypass,
             _lock: lock,
         };
         datapath.load_programs()?;
@@ -486,6 +505,18 @@ impl Datapath {
         }
         self.services_addresses = Some(self.node_addresses.clone());
         Ok(())
+    }
+
+    /// Gives the same-node bypass, when attached, the Service VIP:ports whose every ready
+    /// endpoint is an enrolled pod of this node.
+    pub fn set_bypass_services(
+        &mut self,
+        vips: &BTreeSet<SocketAddrV4>,
+    ) -> Result<(), CaptureError> {
+        match &mut self.bypass {
+            Some(bypass) => bypass.set_services(vips),
+            None => Ok(()),
+        }
     }
 
     /// The pods in the kernel's enrolled map.

@@ -128,13 +128,7 @@ fn main() -> Result<()> {
         }
         for node in ["node-a", "node-b"] {
             let mut events = serde_json::Map::new();
-            for event in [
-                "pod_socket",
-                "proxy_socket",
-                "redirected",
-                "no_peer",
-                "map_full",
-            ] {
+            for (_, event) in mesh_common::BypassCounter::ALL {
                 events.insert(event.into(), cluster.bypass_counter(node, event)?.into());
             }
             bypass.insert(node.into(), events.into());
