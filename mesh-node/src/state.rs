@@ -413,15 +413,20 @@ impl State {
         external.chain(vips.iter().copied()).collect()
     }
 
-    /// Service VIP:ports whose every ready endpoint (at least one) is an enrolled pod of this
-    /// node: a connection to one stays on the node at L4 (the same-node socket bypass takes
+    /// Service VIP:ports, not HTTP, whose every ready endpoint (at least one) is an enrolled
+    /// pod of this node: a connection to one stays on the node at L4 (the same-node socket bypass takes
     /// only those, with pods' own addresses).
     pub fn local_only_vips(&self) -> BTreeSet<SocketAddrV4> {
         let local = self.local_enrolled();
         self.services
             .values()
+            // Not HTTP ports: the proxy's HTTP server reads slower than a pod writes, and a
+            // bypassed socket's queue has no window (the full bench's same-node L7 bulk
+            // download was reset); and a route may send the requests to another node.
             .filter(|s| {
-                !s.endpoints.is_empty() && s.endpoints.iter().all(|e| local.contains(e.ip()))
+                !s.protocol.is_http()
+                    && !s.endpoints.is_empty()
+                    && s.endpoints.iter().all(|e| local.contains(e.ip()))
             })
             .map(|s| s.vip)
             .collect()
