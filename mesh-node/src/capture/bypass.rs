@@ -4,10 +4,7 @@
 //! and the cgroup link live exactly as long as this process, whose sockets are one end of
 //! every bypassed connection (when it exits they are closed anyway).
 
-use std::{
-    collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
-};
+use std::{collections::BTreeSet, net::SocketAddrV4};
 
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, SockHash},
@@ -90,27 +87,6 @@ impl Bypass {
     /// Makes the bypass's Service map hold exactly `vips` (VIP:ports whose every ready
     /// endpoint is an enrolled pod of this node), by difference.
     pub fn set_services(&mut self, vips: &BTreeSet<SocketAddrV4>) -> Result<(), CaptureError> {
-        let key = |addr: &SocketAddrV4| ServiceKey {
-            ip: u32::from_ne_bytes(addr.ip().octets()),
-            port: addr.port().to_be(),
-            _pad: 0,
-        };
-        let have: BTreeSet<SocketAddrV4> = self
-            .services
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| SocketAddrV4::new(Ipv4Addr::from(k.ip.to_ne_bytes()), u16::from_be(k.port)))
-            .collect();
-        for addr in have.difference(vips) {
-            self.services
-                .remove(&key(addr))
-                .map_err(map_error(maps::BYPASS_SERVICES))?;
-        }
-        for addr in vips.difference(&have) {
-            self.services
-                .insert(key(addr), 1, 0)
-                .map_err(map_error(maps::BYPASS_SERVICES))?;
-        }
-        Ok(())
+        super::sync_service_map(&mut self.services, vips, maps::BYPASS_SERVICES)
     }
 }

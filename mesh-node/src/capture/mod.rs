@@ -480,29 +480,7 @@ impl Datapath {
         for ip in &self.node_addresses {
             want.extend(node_ports.iter().map(|port| SocketAddrV4::new(*ip, *port)));
         }
-        let want = &want;
-        let key = |addr: &SocketAddrV4| ServiceKey {
-            ip: u32::from_ne_bytes(addr.ip().octets()),
-            port: addr.port().to_be(),
-            _pad: 0,
-        };
-        let have: BTreeSet<SocketAddrV4> = self
-            .services
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| SocketAddrV4::new(Ipv4Addr::from(k.ip.to_ne_bytes()), u16::from_be(k.port)))
-            .collect();
-        // New entries first: no moment with less capture than either state.
-        for addr in want.difference(&have) {
-            self.services
-                .insert(key(addr), 1, 0)
-                .map_err(map_error(maps::SERVICES))?;
-        }
-        for addr in have.difference(want) {
-            self.services
-                .remove(&key(addr))
-                .map_err(map_error(maps::SERVICES))?;
-        }
+        sync_service_map(&mut self.services, &want, maps::SERVICES)?;
         self.services_addresses = Some(self.node_addresses.clone());
         Ok(())
     }
@@ -552,6 +530,32 @@ enum Attach {
     Adopted,
     /// A new link was attached and pinned.
     New,
+}
+
+/// Makes a map keyed by [`ServiceKey`] hold exactly `want`, by difference: new entries
+/// first, so there is no moment with less than either state.
+fn sync_service_map(
+    map: &mut HashMap<MapData, ServiceKey, u32>,
+    want: &BTreeSet<SocketAddrV4>,
+    name: &'static str,
+) -> Result<(), CaptureError> {
+    let key = |addr: &SocketAddrV4| ServiceKey {
+        ip: u32::from_ne_bytes(addr.ip().octets()),
+        port: addr.port().to_be(),
+        _pad: 0,
+    };
+    let have: BTreeSet<SocketAddrV4> = map
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| SocketAddrV4::new(Ipv4Addr::from(k.ip.to_ne_bytes()), u16::from_be(k.port)))
+        .collect();
+    for addr in want.difference(&have) {
+        map.insert(key(addr), 1, 0).map_err(map_error(name))?;
+    }
+    for addr in have.difference(want) {
+        map.remove(&key(addr)).map_err(map_error(name))?;
+    }
+    Ok(())
 }
 
 /// Pins `link` at `path`, replacing (and so detaching) whatever was pinned there before. The
