@@ -722,14 +722,18 @@ spec:
         })
     });
 
-    // One access-log line per request, with the route.
-    let log = cluster.mesh_log("node-a");
-    let line = log
-        .lines()
-        .filter(|l| l.starts_with("{\"kind\":\"http\""))
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|v| v["path"] == "/" && v["reporter"] == "source")
-        .expect("an access-log line for GET /");
+    // One access-log line per request, with the route. Lines are written in batches every
+    // 50 ms, so the line may not be out yet when the request has been answered.
+    let find_line = || {
+        cluster
+            .mesh_log("node-a")
+            .lines()
+            .filter(|l| l.starts_with("{\"kind\":\"http\""))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["path"] == "/" && v["reporter"] == "source")
+    };
+    wait_until("an access-log line for GET /", || find_line().is_some());
+    let line = find_line().unwrap();
     assert_eq!(line["route"], "default-route", "{line}");
     assert_eq!(line["response_code"], 200, "{line}");
     assert_eq!(
