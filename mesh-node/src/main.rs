@@ -546,7 +546,7 @@ async fn serve(
     tokio::spawn(admin::serve(admin_listener, admin.clone()));
     admin.ready.store(true, Ordering::Release);
     match sys::release_startup_memory() {
-        Ok(code) => tracing::info!(code_unmapped_kib = code / 1024, "ready"),
+        Ok(bytes) => tracing::info!(file_pages_unmapped_kib = bytes / 1024, "ready"),
         Err(err) => tracing::info!("ready (start-up memory not released: {err})"),
     }
 

@@ -341,23 +341,22 @@ mod cgroup_tests {
 }
 
 /// Gives back what start-up used and no longer needs: heap pages freed since (the parsed
-/// kernel BTF, the first config's YAML documents: `malloc_trim`), and this binary's code pages
-/// from the page tables (`MADV_DONTNEED` on its read-only executable mappings that hold no
-/// private copy of a page, as a uprobe or a breakpoint would leave: the pages stay in the
-/// page cache, and what runs again is mapped back from there on its next use). Returns the
-/// resident bytes of code unmapped.
+/// kernel BTF, the first config's YAML documents: `malloc_trim`), and the pages of files
+/// mapped read-only - this binary's and its libraries' code and constants, the embedded eBPF
+/// object among them - from the page tables (`MADV_DONTNEED` on private read-only file
+/// mappings that hold no private copy of a page, as relocations, a uprobe or a breakpoint
+/// would leave: the pages stay in the page cache, and what is used again is mapped back from
+/// there on its next use). Returns the resident bytes unmapped.
 pub fn release_startup_memory() -> io::Result<u64> {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free heap memory to the kernel.
     unsafe {
         libc::malloc_trim(0);
     }
-    let exe = std::fs::read_link("/proc/self/exe")?;
-    let exe = exe.to_string_lossy();
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let mut released = 0u64;
-    for code in clean_code_mappings(&smaps, &exe) {
-        // SAFETY: the range is one of this process's own mappings: executable, read-only,
+    for code in clean_file_mappings(&smaps) {
+        // SAFETY: the range is one of this process's own mappings: private, read-only,
         // file-backed, with no anonymous (private, changed) page. Dropping its page-table
         // entries makes the next access fault the same file contents back in.
         let rc = unsafe {
@@ -375,24 +374,24 @@ pub fn release_startup_memory() -> io::Result<u64> {
     Ok(released)
 }
 
-/// A mapping of the binary's code, as /proc/self/smaps lists it.
+/// A read-only file mapping, as /proc/self/smaps lists it.
 #[derive(Debug, PartialEq)]
-struct CodeMapping {
+struct FileMapping {
     start: u64,
     end: u64,
     /// Resident bytes.
     resident: u64,
 }
 
-/// `exe`'s read-only executable mappings without anonymous pages, from a smaps listing.
-fn clean_code_mappings(smaps: &str, exe: &str) -> Vec<CodeMapping> {
+/// The private read-only file mappings without anonymous pages, from a smaps listing.
+fn clean_file_mappings(smaps: &str) -> Vec<FileMapping> {
     let mut found = Vec::new();
-    // The mapping being read (start, end, whether it is exe's code), its Rss and Anonymous.
+    // The mapping being read (start, end, whether it is a candidate), its Rss and Anonymous.
     let mut current: Option<(u64, u64, bool)> = None;
     let (mut rss, mut anonymous) = (None::<u64>, None::<u64>);
     let mut finish = |current: Option<(u64, u64, bool)>, rss: Option<u64>, anon: Option<u64>| {
         if let (Some((start, end, true)), Some(rss), Some(0)) = (current, rss, anon) {
-            found.push(CodeMapping {
+            found.push(FileMapping {
                 start,
                 end,
                 resident: rss * 1024,
@@ -414,7 +413,8 @@ fn clean_code_mappings(smaps: &str, exe: &str) -> Vec<CodeMapping> {
             anonymous = Some(v);
         } else if let Some((start, end, perms, path)) = mapping_header(line) {
             finish(current, rss, anonymous);
-            current = Some((start, end, perms == "r-xp" && path == exe));
+            let read_only = perms == "r-xp" || perms == "r--p";
+            current = Some((start, end, read_only && path.starts_with('/')));
             (rss, anonymous) = (None, None);
         }
     }
@@ -441,7 +441,7 @@ mod startup_memory_tests {
     use super::*;
 
     #[test]
-    fn only_the_binarys_unchanged_read_only_code_is_picked() {
+    fn only_unchanged_read_only_file_mappings_are_picked() {
         let smaps = "55a3f17bd000-55a3f1a91000 r--p 00000000 fe:00 5440320    /usr/bin/mesh-node\n\
                      Rss:                 100 kB\n\
                      Anonymous:             0 kB\n\
@@ -451,22 +451,38 @@ mod startup_memory_tests {
                      55a3f1e81000-55a3f1ee6000 r-xp 006c4000 fe:00 5440320    /usr/bin/mesh-node\n\
                      Rss:                  40 kB\n\
                      Anonymous:             4 kB\n\
+                     55a3f1ee6000-55a3f1ef0000 r--p 006c4000 fe:00 5440320    /usr/bin/mesh-node\n\
+                     Rss:                  40 kB\n\
+                     Anonymous:            40 kB\n\
+                     55a3f1ef0000-55a3f1ef2000 rw-p 006ce000 fe:00 5440320    /usr/bin/mesh-node\n\
+                     Rss:                   8 kB\n\
+                     Anonymous:             0 kB\n\
                      7f3a987bb000-7f3a9894f000 r-xp 00028000 fe:00 1234       /usr/lib/libc.so.6\n\
                      Rss:                1000 kB\n\
                      Anonymous:             0 kB\n\
+                     7f3a98950000-7f3a98960000 r--s 00000000 00:0f 77         /memfd:x (deleted)\n\
+                     Rss:                  64 kB\n\
+                     Anonymous:             0 kB\n\
                      7ffc1c5d5000-7ffc1c5f6000 rw-p 00000000 00:00 0          [stack]\n\
                      Rss:                 132 kB\n\
-                     Anonymous:           132 kB\n";
-        // The second code mapping has a changed (anonymous) page, as a uprobe leaves: kept.
+                     Anonymous:           132 kB\n\
+                     7ffc1c5f8000-7ffc1c5fa000 r-xp 00000000 00:00 0          [vdso]\n\
+                     Rss:                   8 kB\n\
+                     Anonymous:             0 kB\n";
+        // Kept: code with a changed page (as a uprobe leaves), relocated constants (RELRO),
+        // writable data, a shared mapping, the stack and the vDSO.
+        let picked: Vec<(u64, u64)> = clean_file_mappings(smaps)
+            .iter()
+            .map(|m| (m.start, m.resident / 1024))
+            .collect();
         assert_eq!(
-            clean_code_mappings(smaps, "/usr/bin/mesh-node"),
-            vec![CodeMapping {
-                start: 0x55a3f1a91000,
-                end: 0x55a3f1e81000,
-                resident: 8000 * 1024,
-            }]
+            picked,
+            [
+                (0x55a3f17bd000, 100),
+                (0x55a3f1a91000, 8000),
+                (0x7f3a987bb000, 1000)
+            ]
         );
-        assert!(clean_code_mappings(smaps, "/other").is_empty());
     }
 
     fn rss_file_kib() -> u64 {
@@ -485,7 +501,7 @@ mod startup_memory_tests {
         let after = rss_file_kib();
         assert!(
             released > 0,
-            "no resident code mapping of the test binary was found"
+            "no resident read-only file mapping was found"
         );
         assert!(after < before, "RssFile {before} kB -> {after} kB");
         // This test's own code was unmapped too, and here it still runs; so does a second
