@@ -420,9 +420,9 @@ impl State {
         let local = self.local_enrolled();
         self.services
             .values()
-            // Not HTTP ports: the proxy's HTTP server reads slower than a pod writes, and a
-            // bypassed socket's queue has no window (the full bench's same-node L7 bulk
-            // download was reset); and a route may send the requests to another node.
+            // Not HTTP ports: a route may send the requests to another node, and a bypassed
+            // socket's queue has no window (a full bench's same-node L7 bulk download was
+            // reset with the client's leg bypassed).
             .filter(|s| {
                 !s.protocol.is_http()
                     && !s.endpoints.is_empty()

@@ -499,10 +499,7 @@ mod startup_memory_tests {
         let before = rss_file_kib();
         let released = release_startup_memory().unwrap();
         let after = rss_file_kib();
-        assert!(
-            released > 0,
-            "no resident read-only file mapping was found"
-        );
+        assert!(released > 0, "no resident read-only file mapping was found");
         assert!(after < before, "RssFile {before} kB -> {after} kB");
         // This test's own code was unmapped too, and here it still runs; so does a second
         // release, which finds the code faulted back in since.

@@ -139,7 +139,7 @@ fn main() -> Result<()> {
     // Idle: started, configured, nothing proxied yet.
     std::thread::sleep(Duration::from_secs(2));
     bench.proxies = vec![cluster.mesh_pid("node-a")?, cluster.mesh_pid("node-b")?];
-    // RSS, and its parts: private memory (anonymous) and the binary's pages (file).
+    // RSS, and its parts: private memory (anonymous) and mapped files (the binary and its libraries).
     let mut idle = serde_json::Map::new();
     for (node, pid) in ["node-a", "node-b"].into_iter().zip(&bench.proxies) {
         let mut parts = serde_json::Map::new();
@@ -537,7 +537,7 @@ fn table(report: &Value) -> String {
         let idle = &report["idle_kib"][node];
         let mib = |key: &str| idle[key].as_f64().unwrap_or(0.0) / 1024.0;
         out.push_str(&format!(
-            "\nProxy idle on {node} (started and configured, nothing proxied yet): RSS {:.1} MiB = {:.1} MiB private (anonymous) + {:.1} MiB of the binary's pages.",
+            "\nProxy idle on {node} (started and configured, nothing proxied yet): RSS {:.1} MiB = {:.1} MiB private (anonymous) + {:.1} MiB of mapped files (the binary and its libraries).",
             mib("VmRSS"),
             mib("RssAnon"),
             mib("RssFile"),
