@@ -51,6 +51,7 @@ const PATHS: [(&str, &str); 2] = [("same node", "100.66.0.40"), ("cross node", "
 /// How long each load runs.
 struct Plan {
     fixed_s: u64,
+    pingpong_s: u64,
     max_s: u64,
     bulk_s: u64,
     connect_s: u64,
@@ -79,6 +80,7 @@ fn main() -> Result<()> {
     let plan = if args.quick {
         Plan {
             fixed_s: 1,
+            pingpong_s: 1,
             max_s: 1,
             bulk_s: 1,
             connect_s: 1,
@@ -87,6 +89,7 @@ fn main() -> Result<()> {
     } else {
         Plan {
             fixed_s: 10,
+            pingpong_s: 5,
             max_s: 5,
             bulk_s: 5,
             connect_s: 5,
@@ -220,16 +223,26 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    /// The four loads of one cell.
+    /// The five loads of one cell.
     fn cell(&mut self, cluster: &Cluster, path: &str, mode: &str, base: &str) -> Result<()> {
         let p = self.plan;
-        let loads: [(&str, String, Vec<String>); 4] = [
+        let loads: [(&str, String, Vec<String>); 5] = [
             (
                 "fixed",
                 format!("{base}/echo"),
                 args(
                     &["--rate=1000", "--connections=4", "--body=1024"],
                     p.fixed_s,
+                ),
+            ),
+            (
+                // One connection, each 1 KiB request sent when the previous one is answered:
+                // the ping-pong that ztunnel's figures in the performance issue come from.
+                "pingpong",
+                format!("{base}/echo"),
+                args(
+                    &["--rate=0", "--connections=1", "--body=1024"],
+                    p.pingpong_s,
                 ),
             ),
             (
@@ -459,14 +472,15 @@ fn table(report: &Value) -> String {
         },
     );
     out.push_str(
-        "| path | mode | latency p50 / p90 / p99 / p99.9 µs at 1,000 req/s | added p50 / p99 µs | max req/s (64 conns) | bulk Gbit/s (1 conn) | new conns/s | proxy CPU s per 1,000 req | proxy peak RSS MiB |\n",
+        "| path | mode | latency p50 / p90 / p99 / p99.9 µs at 1,000 req/s | added p50 / p99 µs | 1 KiB ping-pong p50 / p99 µs (added) | max req/s (64 conns) | bulk Gbit/s (1 conn) | new conns/s | proxy CPU s per 1,000 req | proxy peak RSS MiB |\n",
     );
-    out.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for (path, _) in PATHS {
-        let base = |load| find(path, "baseline", load);
+        let base = |load: &str| find(path, "baseline", load);
         for mode in ["baseline", "L4", "L4 bypass", "L7", "L7 bypass"] {
-            let (Some(fixed), Some(max), Some(bulk), Some(connect)) = (
+            let (Some(fixed), Some(pingpong), Some(max), Some(bulk), Some(connect)) = (
                 find(path, mode, "fixed"),
+                find(path, mode, "pingpong"),
                 find(path, mode, "max"),
                 find(path, mode, "bulk"),
                 find(path, mode, "connect"),
@@ -479,14 +493,21 @@ fn table(report: &Value) -> String {
                 (_, Some(b)) if b > 0.0 => format!(" ({:.2}x)", v / b),
                 _ => String::new(),
             };
-            let added = match base("fixed") {
-                Some(b) if mode != "baseline" => format!(
+            let added = |run: &Value, load: &str| match base(load) {
+                Some(b) if mode != "baseline" => Some(format!(
                     "{:+.0} / {:+.0}",
-                    lat(fixed, 0) - lat(b, 0),
-                    lat(fixed, 2) - lat(b, 2)
-                ),
-                _ => "-".into(),
+                    lat(run, 0) - lat(b, 0),
+                    lat(run, 2) - lat(b, 2)
+                )),
+                _ => None,
             };
+            let pingpong = format!(
+                "{:.0} / {:.0}{}",
+                lat(pingpong, 0),
+                lat(pingpong, 2),
+                added(pingpong, "pingpong").map_or(String::new(), |a| format!(" ({a})"))
+            );
+            let added = added(fixed, "fixed").unwrap_or_else(|| "-".into());
             let max_rate = max["result"]["rate"].as_f64().unwrap_or(0.0);
             let gbit = bulk["result"]["per_second"].as_f64().unwrap_or(0.0) * 8.0 / 1e9;
             let conns = connect["result"]["per_second"].as_f64().unwrap_or(0.0);
@@ -510,7 +531,7 @@ fn table(report: &Value) -> String {
                 )
             };
             out.push_str(&format!(
-                "| {path} | {mode} | {:.0} / {:.0} / {:.0} / {:.0} | {added} | {:.0}{} | {:.2}{} | {:.0}{} | {cpu} | {rss} |\n",
+                "| {path} | {mode} | {:.0} / {:.0} / {:.0} / {:.0} | {added} | {pingpong} | {:.0}{} | {:.2}{} | {:.0}{} | {cpu} | {rss} |\n",
                 lat(fixed, 0),
                 lat(fixed, 1),
                 lat(fixed, 2),
