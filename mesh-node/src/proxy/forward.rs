@@ -111,7 +111,7 @@ async fn outbound(
             Box::pin(same_node(ctx, client, peer, rec, source, d, service)).await
         }
         (Some(s), Some(d)) => {
-            Box::pin(super::hbone::outbound(
+            Box::pin(super::hbone::outbound_way(
                 ctx, client, rec, s, d, service, upstream,
             ))
             .await
