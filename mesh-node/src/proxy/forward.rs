@@ -15,6 +15,7 @@ use std::{
     sync::Arc,
 };
 
+use futures_util::future::OptionFuture;
 use tokio::net::TcpStream;
 
 use super::{connect_from, record, relay, reset, Direction, Outcome, ProxyContext, Tracked};
@@ -39,21 +40,65 @@ pub async fn handle(
     // after a kube-proxy DNAT it is the Service VIP the client dialled.
     let original_dst = sys::original_dst(&client).unwrap_or(local);
     let state = ctx.state.load_full();
-    match direction {
+    let opened = match direction {
         Direction::Outbound => outbound(&ctx, &state, client, peer, original_dst).await,
         // Boxed: the inbound ways are larger than the outbound ones (whose every way is
         // boxed), and would size every outbound connection's task.
         _ => Box::pin(inbound(&ctx, &state, client, peer, original_dst)).await,
+    };
+    // A long-lived connection does not keep the config it started under alive.
+    drop(state);
+    // The opening is over and its futures gone: a relayed connection's task holds only its
+    // sockets, its record and the relay (boxed, as HBONE tunnels relay in their own way).
+    OptionFuture::from(opened.map(|relayed| Box::pin(relayed.relay()))).await;
+}
+
+/// A plain TCP connection once both ends are connected: what lives as long as it does.
+/// Opening it (resolution, policy, reports, the connect) runs in futures that are gone by
+/// the time it relays, so an idle connection holds only this and the relay.
+struct Relayed<'a> {
+    tracked: Tracked<'a>,
+    client: TcpStream,
+    server: TcpStream,
+}
+
+impl<'a> Relayed<'a> {
+    /// Relays between the client and the server until both ends finish, then records it.
+    /// (A plain function returning an `async` block: the block keeps its captures in place,
+    /// where an `async fn` would hold its argument and a moved copy of it.)
+    fn relay(self) -> impl std::future::Future<Output = ()> + Send + 'a {
+        let Relayed {
+            tracked,
+            mut client,
+            mut server,
+        } = self;
+        async move {
+            let _ = client.set_nodelay(true);
+            super::keepalive(&client);
+            let (copied, error) = relay(&mut client, &mut server, &tracked.live).await;
+            if error.is_some() {
+                // One side broke (for example reset): reset the other too, so it does not
+                // take a truncated stream for a complete one.
+                reset(&client);
+                reset(&server);
+            }
+            tracked.finish(Outcome {
+                flag: if error.is_some() { "DC" } else { "" },
+                error: error.map(|e| e.to_string()),
+                sent: copied.sent,
+                received: copied.received,
+            });
+        }
     }
 }
 
-async fn outbound(
-    ctx: &Arc<ProxyContext>,
+async fn outbound<'a>(
+    ctx: &'a Arc<ProxyContext>,
     state: &State,
     client: TcpStream,
     peer: SocketAddr,
     original_dst: SocketAddr,
-) {
+) -> Option<Relayed<'a>> {
     let mut rec = record(Direction::Outbound, peer, original_dst);
     let source = ip_of(peer).and_then(|ip| state.workloads.get(&ip));
     if let Some(source) = source {
@@ -75,7 +120,7 @@ async fn outbound(
                 rec,
             ))
             .await;
-            return;
+            return None;
         }
     }
     let routed = match &resolved {
@@ -95,7 +140,7 @@ async fn outbound(
         Err(outcome) => {
             reset(&client);
             Tracked::open(ctx, Direction::Outbound, rec).finish(outcome);
-            return;
+            return None;
         }
     };
     rec.upstream = Some(upstream);
@@ -114,7 +159,8 @@ async fn outbound(
             Box::pin(super::hbone::outbound_way(
                 ctx, client, rec, s, d, service, upstream,
             ))
-            .await
+            .await;
+            None
         }
         _ => {
             let reports = vec![Report {
@@ -142,16 +188,16 @@ async fn outbound(
 /// From an enrolled pod to an enrolled pod of this node: the destination's inbound policy
 /// with the source's identity, then a direct connection (the identity is known in-process,
 /// so this counts as mutual TLS for PeerAuthentication, as in Istio ambient).
-async fn same_node(
-    ctx: &Arc<ProxyContext>,
+async fn same_node<'a>(
+    ctx: &'a Arc<ProxyContext>,
     client: TcpStream,
     peer: SocketAddr,
     mut rec: super::connections::ConnectionRecord,
     source: Option<&Workload>,
     destination: &Workload,
     service: Option<&ServiceTarget>,
-) {
-    let Some(upstream) = rec.upstream else { return };
+) -> Option<Relayed<'a>> {
+    let upstream = rec.upstream?;
     // Without a known enrolled source (the kernel's map and this snapshot disagree for a
     // moment, e.g. right after the pod left the mesh) the client has no identity: plaintext.
     let mtls = source.is_some();
@@ -191,8 +237,8 @@ async fn same_node(
 /// (AuthorizationPolicy per request); any other port gets AuthorizationPolicy for the
 /// connection, then a relay.
 #[allow(clippy::too_many_arguments)]
-async fn deliver(
-    ctx: &Arc<ProxyContext>,
+async fn deliver<'a>(
+    ctx: &'a Arc<ProxyContext>,
     direction: Direction,
     client: TcpStream,
     peer: SocketAddr,
@@ -201,11 +247,11 @@ async fn deliver(
     identity: Option<&str>,
     mut rec: super::connections::ConnectionRecord,
     reports: Vec<Report>,
-) {
+) -> Option<Relayed<'a>> {
     if identity.is_none() && destination.mtls.mode_for(upstream.port()) == "STRICT" {
         rec.authorization = Some(strict_refusal(destination, upstream.port()));
         deny(ctx, direction, &client, rec, reports);
-        return;
+        return None;
     }
     if http_port(ctx, upstream) {
         let inbound = crate::http::inbound::Inbound {
@@ -219,25 +265,25 @@ async fn deliver(
             _ => "plaintext_http",
         };
         serve_http(ctx, direction, client, rec, inbound).await;
-        return;
+        return None;
     }
     let decision = authorize(destination, identity, peer, upstream);
     let allowed = decision.allowed;
     rec.authorization = Some(decision);
     if !allowed {
         deny(ctx, direction, &client, rec, reports);
-        return;
+        return None;
     }
     plain(ctx, direction, client, peer, upstream, rec, reports).await
 }
 
-async fn inbound(
-    ctx: &Arc<ProxyContext>,
+async fn inbound<'a>(
+    ctx: &'a Arc<ProxyContext>,
     state: &State,
     client: TcpStream,
     peer: SocketAddr,
     original_dst: SocketAddr,
-) {
+) -> Option<Relayed<'a>> {
     let mut rec = record(Direction::Inbound, peer, original_dst);
     let source = ip_of(peer).and_then(|ip| state.workloads.get(&ip));
     rec.source_workload = source.map(qualified);
@@ -249,7 +295,7 @@ async fn inbound(
         Err(outcome) => {
             reset(&client);
             Tracked::open(ctx, Direction::Inbound, rec).finish(outcome);
-            return;
+            return None;
         }
     };
     rec.upstream = Some(upstream);
@@ -261,8 +307,7 @@ async fn inbound(
             // The endpoint chosen is elsewhere (another node, or a pod outside the mesh):
             // its node applies its own policy.
             let local_client = source.is_some_and(|s| state.is_local(s));
-            plain_elsewhere(ctx, client, peer, upstream, rec, local_client).await;
-            return;
+            return plain_elsewhere(ctx, client, peer, upstream, rec, local_client).await;
         }
         if state.workload(original_dst.ip()).is_none() {
             // Not a pod, and no longer a Service address of this node (the snapshot or the
@@ -271,11 +316,11 @@ async fn inbound(
             reset(&client);
             let error = format!("{original_dst} is no pod and no Service of this node");
             Tracked::open(ctx, Direction::Inbound, rec).finish(Outcome::refused("NR", error));
-            return;
+            return None;
         }
         // A flow captured for a pod that has since left the mesh: deliver it as the kernel
         // would have.
-        plain(
+        return plain(
             ctx,
             Direction::Inbound,
             client,
@@ -285,7 +330,6 @@ async fn inbound(
             Vec::new(),
         )
         .await;
-        return;
     };
     rec.destination_workload = Some(qualified(destination));
     rec.destination_identity = Some(destination.identity.clone());
@@ -319,33 +363,25 @@ async fn inbound(
 /// replies would not come back through this node at all.
 async fn plain_elsewhere(
     ctx: &ProxyContext,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     upstream: SocketAddr,
     rec: super::connections::ConnectionRecord,
     local_client: bool,
-) {
+) -> Option<Relayed<'_>> {
     // Hairpin (the endpoint is the client itself) is masqueraded too, as kube-proxy does.
     let preserve = |source: &std::net::Ipv4Addr, endpoint: &SocketAddrV4| {
         local_client && endpoint.ip() != source
     };
-    let (Some(source), SocketAddr::V4(endpoint)) = (ip_of(peer), upstream) else {
-        let node = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
-        plain(
-            ctx,
-            Direction::Inbound,
-            client,
-            node,
-            upstream,
-            rec,
-            Vec::new(),
-        )
-        .await;
-        return;
+    let preserved = match (ip_of(peer), upstream) {
+        (Some(source), SocketAddr::V4(endpoint)) if preserve(&source, &endpoint) => {
+            Some((source, endpoint))
+        }
+        _ => None,
     };
-    if !preserve(&source, &endpoint) {
+    let Some((source, endpoint)) = preserved else {
         let node = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
-        plain(
+        return plain(
             ctx,
             Direction::Inbound,
             client,
@@ -355,10 +391,9 @@ async fn plain_elsewhere(
             Vec::new(),
         )
         .await;
-        return;
     };
     let tracked = Tracked::open(ctx, Direction::Inbound, rec);
-    let mut server = match super::connect_steered(source, endpoint, &ctx.replies).await {
+    let server = match super::connect_steered(source, endpoint, &ctx.replies).await {
         Ok(connected) => connected,
         Err(err) => {
             reset(&client);
@@ -366,10 +401,14 @@ async fn plain_elsewhere(
                 "UF",
                 format!("connect to {upstream}: {err}"),
             ));
-            return;
+            return None;
         }
     };
-    finish_relay(tracked, &mut client, &mut server).await;
+    Some(Relayed {
+        tracked,
+        client,
+        server,
+    })
 }
 
 /// Whether a pod port serves a Service port that declares HTTP: the destination side then
@@ -511,20 +550,20 @@ fn deny(
     tracked.finish(Outcome::refused("DENY", reason));
 }
 
-/// Connects to `upstream` as the client and relays plain TCP.
+/// Connects to `upstream` as the client, for a plain TCP relay.
 async fn plain(
     ctx: &ProxyContext,
     direction: Direction,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     upstream: SocketAddr,
     rec: super::connections::ConnectionRecord,
     reports: Vec<Report>,
-) {
+) -> Option<Relayed<'_>> {
     let mut tracked = Tracked::open(ctx, direction, rec);
     tracked.live = ctx.tcp.open(reports);
     let source = ip_of(peer).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
-    let mut server = match connect_from(source, upstream).await {
+    let server = match connect_from(source, upstream).await {
         Ok(server) => server,
         Err(err) => {
             reset(&client);
@@ -532,29 +571,14 @@ async fn plain(
                 "UF",
                 format!("connect to {upstream}: {err}"),
             ));
-            return;
+            return None;
         }
     };
-    finish_relay(tracked, &mut client, &mut server).await;
-}
-
-/// Relays between the client and the server until both ends finish, then records it.
-async fn finish_relay(tracked: Tracked<'_>, client: &mut TcpStream, server: &mut TcpStream) {
-    let _ = client.set_nodelay(true);
-    super::keepalive(client);
-    let (copied, error) = relay(client, server, &tracked.live).await;
-    if error.is_some() {
-        // One side broke (for example reset): reset the other too, so it does not take a
-        // truncated stream for a complete one.
-        reset(client);
-        reset(server);
-    }
-    tracked.finish(Outcome {
-        flag: if error.is_some() { "DC" } else { "" },
-        error: error.map(|e| e.to_string()),
-        sent: copied.sent,
-        received: copied.received,
-    });
+    Some(Relayed {
+        tracked,
+        client,
+        server,
+    })
 }
 
 pub(crate) fn ip_of(addr: SocketAddr) -> Option<std::net::Ipv4Addr> {
