@@ -327,6 +327,8 @@ enum Source {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    // Before any other thread: what start-up memory may be released later (sys).
+    sys::note_startup_mappings();
     init_logging(&args.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

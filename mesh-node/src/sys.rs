@@ -340,36 +340,62 @@ mod cgroup_tests {
     }
 }
 
+/// The file mappings present when start-up began (before any other thread), by range: only
+/// these are released later. A library or a file mapped and unmapped meanwhile (a `dlopen`,
+/// a backtrace reading the binary) could have its range reused for live memory between
+/// reading smaps and `madvise`.
+static STARTUP_MAPPINGS: std::sync::OnceLock<Vec<(u64, u64)>> = std::sync::OnceLock::new();
+
+/// Notes the process's file mappings; call first thing, before other threads exist.
+pub fn note_startup_mappings() {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let ranges = maps
+        .lines()
+        .filter_map(mapping_header)
+        .filter(|(_, _, _, path)| path.starts_with('/'))
+        .map(|(start, end, _, _)| (start, end))
+        .collect();
+    let _ = STARTUP_MAPPINGS.set(ranges);
+}
+
 /// Gives back what start-up used and no longer needs: heap pages freed since (the parsed
 /// kernel BTF, the first config's YAML documents: `malloc_trim`), and the pages of files
 /// mapped read-only - this binary's and its libraries' code and constants, the embedded eBPF
-/// object among them - from the page tables (`MADV_DONTNEED` on private read-only file
-/// mappings that hold no private copy of a page, as relocations, a uprobe or a breakpoint
-/// would leave: the pages stay in the page cache, and what is used again is mapped back from
-/// there on its next use). Returns the resident bytes unmapped.
+/// object among them - from the page tables (`MADV_DONTNEED` on the private read-only file
+/// mappings noted at start ([`note_startup_mappings`]) that hold no private copy of a page,
+/// resident or swapped, as relocations, a uprobe or a breakpoint leave: the pages stay in
+/// the page cache, and what is used again is mapped back from there on its next use).
+/// Returns the resident bytes unmapped.
 pub fn release_startup_memory() -> io::Result<u64> {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free heap memory to the kernel.
     unsafe {
         libc::malloc_trim(0);
     }
+    let noted = STARTUP_MAPPINGS
+        .get()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let mut released = 0u64;
-    for code in clean_file_mappings(&smaps) {
-        // SAFETY: the range is one of this process's own mappings: private, read-only,
-        // file-backed, with no anonymous (private, changed) page. Dropping its page-table
-        // entries makes the next access fault the same file contents back in.
+    for mapping in clean_file_mappings(&smaps) {
+        if !noted.contains(&(mapping.start, mapping.end)) {
+            continue;
+        }
+        // SAFETY: the range is one of this process's own mappings since start-up: private,
+        // read-only, file-backed, not locked or huge-page backed, with no private (changed)
+        // page, resident or swapped. Dropping its page-table entries makes the next access
+        // fault the same file contents back in.
         let rc = unsafe {
             libc::madvise(
-                code.start as *mut libc::c_void,
-                (code.end - code.start) as usize,
+                mapping.start as *mut libc::c_void,
+                (mapping.end - mapping.start) as usize,
                 libc::MADV_DONTNEED,
             )
         };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
+        if rc == 0 {
+            released += mapping.resident;
         }
-        released += code.resident;
     }
     Ok(released)
 }
@@ -383,21 +409,41 @@ struct FileMapping {
     resident: u64,
 }
 
-/// The private read-only file mappings without anonymous pages, from a smaps listing.
+/// One mapping of a smaps listing, as far as read.
+#[derive(Default)]
+struct SmapsEntry {
+    start: u64,
+    end: u64,
+    /// Private, read-only, backed by a file.
+    read_only_file: bool,
+    rss: Option<u64>,
+    anonymous: Option<u64>,
+    swap: Option<u64>,
+    private_hugetlb: u64,
+    /// Locked, huge-page, PFN, I/O or userfaultfd mappings (VmFlags): never released.
+    special: bool,
+}
+
+impl SmapsEntry {
+    fn clean(&self) -> Option<FileMapping> {
+        let clean = self.read_only_file
+            && self.anonymous == Some(0)
+            && self.swap == Some(0)
+            && self.private_hugetlb == 0
+            && !self.special;
+        Some(FileMapping {
+            start: self.start,
+            end: self.end,
+            resident: self.rss? * 1024,
+        })
+        .filter(|_| clean)
+    }
+}
+
+/// The private read-only file mappings without private pages, from a smaps listing.
 fn clean_file_mappings(smaps: &str) -> Vec<FileMapping> {
     let mut found = Vec::new();
-    // The mapping being read (start, end, whether it is a candidate), its Rss and Anonymous.
-    let mut current: Option<(u64, u64, bool)> = None;
-    let (mut rss, mut anonymous) = (None::<u64>, None::<u64>);
-    let mut finish = |current: Option<(u64, u64, bool)>, rss: Option<u64>, anon: Option<u64>| {
-        if let (Some((start, end, true)), Some(rss), Some(0)) = (current, rss, anon) {
-            found.push(FileMapping {
-                start,
-                end,
-                resident: rss * 1024,
-            });
-        }
-    };
+    let mut current: Option<SmapsEntry> = None;
     for line in smaps.lines() {
         let kib = |key: &str| -> Option<u64> {
             line.strip_prefix(key)?
@@ -407,18 +453,34 @@ fn clean_file_mappings(smaps: &str) -> Vec<FileMapping> {
                 .parse()
                 .ok()
         };
+        if let Some((start, end, perms, path)) = mapping_header(line) {
+            found.extend(current.take().and_then(|entry| entry.clean()));
+            current = Some(SmapsEntry {
+                start,
+                end,
+                read_only_file: (perms == "r-xp" || perms == "r--p") && path.starts_with('/'),
+                ..SmapsEntry::default()
+            });
+            continue;
+        }
+        let Some(entry) = current.as_mut() else {
+            continue;
+        };
         if let Some(v) = kib("Rss:") {
-            rss = Some(v);
+            entry.rss = Some(v);
         } else if let Some(v) = kib("Anonymous:") {
-            anonymous = Some(v);
-        } else if let Some((start, end, perms, path)) = mapping_header(line) {
-            finish(current, rss, anonymous);
-            let read_only = perms == "r-xp" || perms == "r--p";
-            current = Some((start, end, read_only && path.starts_with('/')));
-            (rss, anonymous) = (None, None);
+            entry.anonymous = Some(v);
+        } else if let Some(v) = kib("Swap:") {
+            entry.swap = Some(v);
+        } else if let Some(v) = kib("Private_Hugetlb:") {
+            entry.private_hugetlb = v;
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            entry.special = flags
+                .split_whitespace()
+                .any(|f| matches!(f, "lo" | "ht" | "pf" | "io" | "um" | "uw"));
         }
     }
-    finish(current, rss, anonymous);
+    found.extend(current.and_then(|entry| entry.clean()));
     found
 }
 
@@ -442,36 +504,70 @@ mod startup_memory_tests {
 
     #[test]
     fn only_unchanged_read_only_file_mappings_are_picked() {
-        let smaps = "55a3f17bd000-55a3f1a91000 r--p 00000000 fe:00 5440320    /usr/bin/mesh-node\n\
-                     Rss:                 100 kB\n\
-                     Anonymous:             0 kB\n\
-                     55a3f1a91000-55a3f1e81000 r-xp 002d4000 fe:00 5440320    /usr/bin/mesh-node\n\
-                     Rss:                8000 kB\n\
-                     Anonymous:             0 kB\n\
-                     55a3f1e81000-55a3f1ee6000 r-xp 006c4000 fe:00 5440320    /usr/bin/mesh-node\n\
-                     Rss:                  40 kB\n\
-                     Anonymous:             4 kB\n\
-                     55a3f1ee6000-55a3f1ef0000 r--p 006c4000 fe:00 5440320    /usr/bin/mesh-node\n\
-                     Rss:                  40 kB\n\
-                     Anonymous:            40 kB\n\
-                     55a3f1ef0000-55a3f1ef2000 rw-p 006ce000 fe:00 5440320    /usr/bin/mesh-node\n\
-                     Rss:                   8 kB\n\
-                     Anonymous:             0 kB\n\
-                     7f3a987bb000-7f3a9894f000 r-xp 00028000 fe:00 1234       /usr/lib/libc.so.6\n\
-                     Rss:                1000 kB\n\
-                     Anonymous:             0 kB\n\
-                     7f3a98950000-7f3a98960000 r--s 00000000 00:0f 77         /memfd:x (deleted)\n\
-                     Rss:                  64 kB\n\
-                     Anonymous:             0 kB\n\
-                     7ffc1c5d5000-7ffc1c5f6000 rw-p 00000000 00:00 0          [stack]\n\
-                     Rss:                 132 kB\n\
-                     Anonymous:           132 kB\n\
-                     7ffc1c5f8000-7ffc1c5fa000 r-xp 00000000 00:00 0          [vdso]\n\
-                     Rss:                   8 kB\n\
-                     Anonymous:             0 kB\n";
-        // Kept: code with a changed page (as a uprobe leaves), relocated constants (RELRO),
-        // writable data, a shared mapping, the stack and the vDSO.
-        let picked: Vec<(u64, u64)> = clean_file_mappings(smaps)
+        let entry = |range: &str, perms: &str, path: &str, rss: u64, anon: u64, swap: u64| {
+            format!(
+                "{range} {perms} 00000000 fe:00 5440320    {path}\n\
+                 Rss:          {rss} kB\n\
+                 Anonymous:    {anon} kB\n\
+                 Swap:         {swap} kB\n\
+                 SwapPss:      0 kB\n\
+                 Private_Hugetlb:  0 kB\n\
+                 VmFlags: rd mr mw me\n"
+            )
+        };
+        let exe = "/usr/bin/mesh-node";
+        let smaps = [
+            entry("55a3f17bd000-55a3f1a91000", "r--p", exe, 100, 0, 0),
+            entry("55a3f1a91000-55a3f1e81000", "r-xp", exe, 8000, 0, 0),
+            // A changed page (as a uprobe leaves).
+            entry("55a3f1e81000-55a3f1ee6000", "r-xp", exe, 40, 4, 0),
+            // Relocated constants (RELRO), resident or swapped out.
+            entry("55a3f1ee6000-55a3f1ef0000", "r--p", exe, 40, 40, 0),
+            entry("55a3f1ef0000-55a3f1ef2000", "r--p", exe, 0, 0, 8),
+            // Writable data.
+            entry("55a3f1ef2000-55a3f1ef4000", "rw-p", exe, 8, 0, 0),
+            entry(
+                "7f3a987bb000-7f3a9894f000",
+                "r-xp",
+                "/usr/lib/libc.so.6",
+                1000,
+                0,
+                0,
+            ),
+            // Shared.
+            entry(
+                "7f3a98950000-7f3a98960000",
+                "r--s",
+                "/memfd:x (deleted)",
+                64,
+                0,
+                0,
+            ),
+            // Locked.
+            entry(
+                "7f3a98960000-7f3a98970000",
+                "r--p",
+                "/data/locked",
+                64,
+                0,
+                0,
+            )
+            .replace("rd mr mw me", "rd mr mw me lo"),
+            // Private huge pages.
+            entry(
+                "7f3a98a00000-7f3a98c00000",
+                "r--p",
+                "/anon_hugepage (deleted)",
+                0,
+                0,
+                0,
+            )
+            .replace("Private_Hugetlb:  0", "Private_Hugetlb:  2048"),
+            entry("7ffc1c5d5000-7ffc1c5f6000", "rw-p", "[stack]", 132, 132, 0),
+            entry("7ffc1c5f8000-7ffc1c5fa000", "r-xp", "[vdso]", 8, 0, 0),
+        ]
+        .concat();
+        let picked: Vec<(u64, u64)> = clean_file_mappings(&smaps)
             .iter()
             .map(|m| (m.start, m.resident / 1024))
             .collect();
@@ -496,6 +592,7 @@ mod startup_memory_tests {
 
     #[test]
     fn releasing_start_up_memory_unmaps_code_and_the_code_still_runs() {
+        note_startup_mappings();
         let before = rss_file_kib();
         let released = release_startup_memory().unwrap();
         let after = rss_file_kib();
