@@ -65,6 +65,9 @@ pub mod maps {
     /// `HashMap<ServiceKey, u32>`: Service VIP:ports whose every ready endpoint is an
     /// enrolled pod of this node, so a connection to one stays on the node (the bypass).
     pub const BYPASS_SERVICES: &str = "MESH_BYP_SVC";
+    /// `HashMap<ServiceKey, u32>`: local enrolled pods' HTTP ports (`podIP:port`); a
+    /// connection with an end there never joins the bypass.
+    pub const BYPASS_HTTP: &str = "MESH_BYP_HTTP";
     /// `PerCpuArray<u64>` indexed by [`super::BypassCounter`].
     pub const BYPASS_COUNTERS: &str = "MESH_BYP_COUNT";
 }

@@ -8,9 +8,10 @@
 //!   between two local pods is established (to the pod's address, or to a Service VIP:port
 //!   whose every ready endpoint is a local pod: `BYPASS_SERVICES`), the pods' sockets join
 //!   `BYPASS_PODS` and the proxy's sockets (in the node's netns, carrying `MARK_PROXY`) join
-//!   `BYPASS_PROXY`. Every other socket is left alone, so at L4 nothing is moved into a
-//!   socket that feeds a slower path (an L7 route to another host still can: the
-//!   VirtualService is not known here).
+//!   `BYPASS_PROXY`. Every other socket is left alone, so nothing is moved into a socket that
+//!   feeds a slower path. Connections to a local pod's HTTP port (`BYPASS_HTTP`) never join:
+//!   the proxy parses them and reads slower than a pod writes, and a redirected message has
+//!   no window to slow the writer down.
 //! - [`mesh_msg_pod`] / [`mesh_msg_proxy`] (`sk_msg`, one per map): a message is redirected
 //!   into the receive queue of the peer socket in the other map (the mirrored key).
 //!
@@ -65,6 +66,11 @@ static PASSED: HashMap<SockKey, u32> = HashMap::with_max_entries(131_072, 0);
 /// unused, 1); kept by mesh-node.
 #[map(name = "MESH_BYP_SVC")]
 static LOCAL_SERVICES: HashMap<ServiceKey, u32> = HashMap::with_max_entries(65_536, 0);
+
+/// Local enrolled pods' HTTP ports, `podIP:port` (value unused, 1); kept by mesh-node.
+/// Connections with either end in it never join.
+#[map(name = "MESH_BYP_HTTP")]
+static HTTP_PORTS: HashMap<ServiceKey, u32> = HashMap::with_max_entries(65_536, 0);
 
 #[map(name = "MESH_BYP_COUNT")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(BYPASS_COUNTER_SLOTS, 0);
@@ -129,6 +135,11 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     } else {
         return 1;
     };
+    // Either end: the pod's port is the local one of the server pod's and the proxy's
+    // accepted sockets, the remote one of the client's and the proxy's upstream sockets.
+    if http_port(local_ip, local_port) || http_port(remote_ip, remote_port) {
+        return 1;
+    }
     let key = SockKey {
         local_ip,
         remote_ip,
@@ -193,6 +204,18 @@ fn local_destination(ip: u32, port: u16) -> bool {
                 _pad: 0,
             })
             .is_some()
+}
+
+/// True for a local enrolled pod's HTTP port (port in host order).
+#[inline(always)]
+fn http_port(ip: u32, port: u16) -> bool {
+    HTTP_PORTS
+        .get_ptr(ServiceKey {
+            ip,
+            port: port.to_be(),
+            _pad: 0,
+        })
+        .is_some()
 }
 
 /// True when the socket carries the proxy's mark (its own connections and the ones its

@@ -462,7 +462,7 @@ async fn serve(
         &state.local_enrolled_vips(),
         &state.local_enrolled_node_ports(),
     )?;
-    datapath.set_bypass_services(&state.local_only_vips())?;
+    datapath.set_bypass_services(&state.local_only_vips(), &state.local_http_endpoints())?;
     let node_addresses = Arc::new(ArcSwap::from_pointee(datapath.node_addresses().clone()));
     tracing::info!(
         enrolled = state.local_enrolled().len(),
@@ -664,7 +664,12 @@ fn spawn_datapath_thread(
                                 &state.local_enrolled_node_ports(),
                             )
                         })
-                        .and_then(|()| datapath.set_bypass_services(&state.local_only_vips()));
+                        .and_then(|()| {
+                            datapath.set_bypass_services(
+                                &state.local_only_vips(),
+                                &state.local_http_endpoints(),
+                            )
+                        });
                     match applied_maps {
                         Ok(()) => {
                             tracing::info!(

@@ -420,15 +420,29 @@ impl State {
         let local = self.local_enrolled();
         self.services
             .values()
-            // Not HTTP ports: a route may send the requests to another node, and a bypassed
-            // socket's queue has no window (a full bench's same-node L7 bulk download was
-            // reset with the client's leg bypassed).
+            // Not HTTP ports: a route may send the requests to another node, and the proxy
+            // reads them slower than a pod writes into a bypassed socket's windowless queue
+            // (see local_http_endpoints).
             .filter(|s| {
                 !s.protocol.is_http()
                     && !s.endpoints.is_empty()
                     && s.endpoints.iter().all(|e| local.contains(e.ip()))
             })
             .map(|s| s.vip)
+            .collect()
+    }
+
+    /// Enrolled pods of this node at the ports HTTP Service ports lead to: the same-node
+    /// bypass never takes a connection to one (the proxy reads it slower than a pod writes,
+    /// and a bypassed socket's queue has no window).
+    pub fn local_http_endpoints(&self) -> BTreeSet<SocketAddrV4> {
+        let local = self.local_enrolled();
+        self.services
+            .values()
+            .filter(|s| s.protocol.is_http())
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|e| local.contains(e.ip()))
+            .copied()
             .collect()
     }
 

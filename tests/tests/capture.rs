@@ -25,11 +25,12 @@ fn report(what: &str, started: std::time::Instant) {
 #[test]
 fn enrolled_pod_traffic_goes_through_the_node_proxy_same_node_and_cross_node() {
     require_root!();
-    // Plus a Service whose only endpoint is a2 (`web` has a2 and b1).
+    // Plus a Service whose only endpoint is a2 (`web` has a2 and b1), and an HTTP port of
+    // a2 (8081).
     let config = format!(
         "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web-a, namespace: mesh}}\n\
          spec: {{clusterIP: 100.66.0.11, selector: {{only: a}}, ports: [{{name: tcp-web, \
-         port: 80, targetPort: 8080}}]}}\n",
+         port: 80, targetPort: 8080}}, {{name: http-web, port: 81, targetPort: 8081}}]}}\n",
         TWO_NODES.replace(
             "name: a2, namespace: mesh, labels: {app: web}",
             "name: a2, namespace: mesh, labels: {app: web, only: a}",
@@ -158,6 +159,29 @@ fn enrolled_pod_traffic_goes_through_the_node_proxy_same_node_and_cross_node() {
         "joined through a Service served by a2 only (pod, proxy sockets)"
     );
     assert!(counter("node-a", "redirected") >= redirected + 32);
+    // An HTTP port never joins, not even the proxy's leg to the pod: the proxy parses what
+    // comes back and reads slower than a pod writes, and a bypassed queue has no window.
+    let _a2_http = Server::start(&cluster.pod("a2").netns, 8081, Behaviour::Echo).unwrap();
+    let http_dst = SocketAddr::from((cluster.pod("a2").ip, 8081));
+    let local = client
+        .run(move || {
+            use std::io::{Read, Write};
+            let mut s =
+                std::net::TcpStream::connect_timeout(&http_dst, std::time::Duration::from_secs(5))?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            s.write_all(b"GET / HTTP/1.1\r\nhost: a2\r\nconnection: close\r\n\r\n")?;
+            let _ = s.read_to_end(&mut Vec::new());
+            Ok(s.local_addr()?)
+        })
+        .unwrap();
+    cluster
+        .wait_connection("node-a", "a1 -> a2's HTTP port", |c| c.client == local)
+        .unwrap();
+    assert_eq!(
+        joined(),
+        local_only,
+        "joined on an HTTP port (pod, proxy sockets)"
+    );
     assert!(
         cluster
             .kernel_counter("node-b", "captured_inbound_syn")

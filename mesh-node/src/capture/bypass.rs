@@ -21,15 +21,17 @@ pub struct Bypass {
     _pods: SockHash<MapData, SockKey>,
     _proxy: SockHash<MapData, SockKey>,
     services: HashMap<MapData, ServiceKey, u32>,
+    http: HashMap<MapData, ServiceKey, u32>,
 }
 
 /// The bypass's maps and their sizes when it is off: created with the object all the same,
 /// so they are made as small as the kernel allows.
-pub const MAPS: [&str; 4] = [
+pub const MAPS: [&str; 5] = [
     maps::BYPASS_PODS,
     maps::BYPASS_PROXY,
     maps::BYPASS_PASSED,
     maps::BYPASS_SERVICES,
+    maps::BYPASS_HTTP,
 ];
 
 impl Bypass {
@@ -52,6 +54,8 @@ impl Bypass {
             .map_err(map_error(maps::BYPASS_COUNTERS))?;
         let services = HashMap::try_from(take(maps::BYPASS_SERVICES)?)
             .map_err(map_error(maps::BYPASS_SERVICES))?;
+        let http =
+            HashMap::try_from(take(maps::BYPASS_HTTP)?).map_err(map_error(maps::BYPASS_HTTP))?;
 
         for (name, map) in [
             (programs::MSG_FROM_POD, &pods),
@@ -78,15 +82,22 @@ impl Bypass {
                 _pods: pods,
                 _proxy: proxy,
                 services,
+                http,
             },
             counters,
             cgroup,
         ))
     }
 
-    /// Makes the bypass's Service map hold exactly `vips` (VIP:ports whose every ready
-    /// endpoint is an enrolled pod of this node), by difference.
-    pub fn set_services(&mut self, vips: &BTreeSet<SocketAddrV4>) -> Result<(), CaptureError> {
+    /// Makes the bypass's maps hold exactly `vips` (the Service VIP:ports it may take: not
+    /// HTTP, every ready endpoint an enrolled pod of this node) and `http` (local enrolled
+    /// pods' HTTP ports, which it never takes), by difference.
+    pub fn set_services(
+        &mut self,
+        vips: &BTreeSet<SocketAddrV4>,
+        http: &BTreeSet<SocketAddrV4>,
+    ) -> Result<(), CaptureError> {
+        super::sync_service_map(&mut self.http, http, maps::BYPASS_HTTP)?;
         super::sync_service_map(&mut self.services, vips, maps::BYPASS_SERVICES)
     }
 }

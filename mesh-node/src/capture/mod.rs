@@ -485,14 +485,16 @@ impl Datapath {
         Ok(())
     }
 
-    /// Gives the same-node bypass, when attached, the Service VIP:ports whose every ready
-    /// endpoint is an enrolled pod of this node.
+    /// Gives the same-node bypass, when attached, the Service VIP:ports it may take (every
+    /// ready endpoint an enrolled pod of this node) and the local pods' HTTP ports it never
+    /// takes.
     pub fn set_bypass_services(
         &mut self,
         vips: &BTreeSet<SocketAddrV4>,
+        http: &BTreeSet<SocketAddrV4>,
     ) -> Result<(), CaptureError> {
         match &mut self.bypass {
-            Some(bypass) => bypass.set_services(vips),
+            Some(bypass) => bypass.set_services(vips, http),
             None => Ok(()),
         }
     }
