@@ -420,7 +420,8 @@ struct SmapsEntry {
     anonymous: Option<u64>,
     swap: Option<u64>,
     private_hugetlb: u64,
-    /// Locked, huge-page, PFN, I/O or userfaultfd mappings (VmFlags): never released.
+    /// Locked, huge-page, PFN, I/O or userfaultfd (missing, write-protect, minor) mappings
+    /// (VmFlags): never released.
     special: bool,
 }
 
@@ -477,7 +478,7 @@ fn clean_file_mappings(smaps: &str) -> Vec<FileMapping> {
         } else if let Some(flags) = line.strip_prefix("VmFlags:") {
             entry.special = flags
                 .split_whitespace()
-                .any(|f| matches!(f, "lo" | "ht" | "pf" | "io" | "um" | "uw"));
+                .any(|f| matches!(f, "lo" | "ht" | "pf" | "io" | "um" | "uw" | "ui"));
         }
     }
     found.extend(current.and_then(|entry| entry.clean()));
