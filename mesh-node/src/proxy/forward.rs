@@ -82,12 +82,7 @@ impl<'a> Relayed<'a> {
                 reset(&client);
                 reset(&server);
             }
-            tracked.finish(Outcome {
-                flag: if error.is_some() { "DC" } else { "" },
-                error: error.map(|e| e.to_string()),
-                sent: copied.sent,
-                received: copied.received,
-            });
+            tracked.finish(Outcome::relayed(copied, error));
         }
     }
 }

@@ -176,12 +176,7 @@ impl<'a> Tunnelled<'a> {
             if error.is_some() {
                 reset(&tcp);
             }
-            tracked.finish(Outcome {
-                flag: if error.is_some() { "DC" } else { "" },
-                error: error.map(|e| e.to_string()),
-                sent: copied.sent,
-                received: copied.received,
-            });
+            tracked.finish(Outcome::relayed(copied, error));
             drop(slot);
         }
     }

@@ -146,6 +146,16 @@ pub(crate) struct Outcome {
 }
 
 impl Outcome {
+    /// A relayed connection: what it carried, and the error that broke it (flag `DC`).
+    pub fn relayed(copied: Copied, error: Option<io::Error>) -> Outcome {
+        Outcome {
+            flag: if error.is_some() { "DC" } else { "" },
+            error: error.map(|e| e.to_string()),
+            sent: copied.sent,
+            received: copied.received,
+        }
+    }
+
     /// A connection refused before any byte was relayed.
     pub fn refused(flag: &'static str, error: impl Into<String>) -> Outcome {
         Outcome {
