@@ -28,8 +28,22 @@ pub const PORT_ADMIN: u16 = 15020;
 
 /// Map names (pinned by name under the node's bpffs directory).
 pub mod maps {
-    /// `HashMap<u32 (IPv4, network order), EnrolledPod>`: pods on this node that are in the mesh.
-    pub const ENROLLED: &str = "MESH_ENROLLED";
+    /// `HashMap<u32 (IPv4, network order), PodEntry>`: every pod of this node on the pod
+    /// network, enrolled or not, with the host-side interface its address is bound to. A
+    /// packet that carries one of these addresses as its source on any other interface is
+    /// dropped: a pod cannot take another pod's identity by taking its address.
+    pub const PODS: &str = "MESH_PODS";
+    /// `HashMap<u32 (ifindex), PodLink>`: the host-side interfaces of this node's pods, for
+    /// the rules that follow the interface rather than an address (IPv6, fragments, UDP,
+    /// SYNs from the node itself).
+    pub const POD_LINKS: &str = "MESH_POD_LINKS";
+    /// `HashMap<u64 (cgroup id), u32>`: the kubelet's cgroups. Connections from the node to
+    /// enrolled pods made by a process in one of them (or below) reach the pod directly; with
+    /// `--host-traffic=kubelet-only` every other one goes through the proxy.
+    pub const KUBELET_CGROUPS: &str = "MESH_KUBELET_CG";
+    /// `Array<u32>` of one entry: the node address (network order) a host connection to an
+    /// enrolled pod is bound to when it is sent to the proxy (0: none known yet).
+    pub const HOST_SOURCE: &str = "MESH_HOST_SRC";
     /// `LruHashMap<FlowKey, u32 (flow_verdict)>`: flows captured at their SYN.
     pub const FLOWS: &str = "MESH_FLOWS";
     /// `LruHashMap<FlowKey, u32 (flow_verdict)>`: the cached verdict for flows of enrolled
@@ -76,6 +90,11 @@ pub mod maps {
 pub mod programs {
     /// TC ingress program attached to every pod-facing link and uplink.
     pub const CAPTURE: &str = "mesh_capture";
+    /// TC egress program on the same links: what goes into an enrolled pod's interface.
+    pub const EGRESS: &str = "mesh_egress";
+    /// `cgroup/connect4` program (cgroup v2 root): the node's own connections to enrolled
+    /// pods go to the proxy, unless the kubelet makes them.
+    pub const CONNECT4: &str = "mesh_connect4";
     /// `sk_lookup` program attached to the node's network namespace.
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
     /// `sock_ops` program (cgroup): puts pod and proxy sockets in the bypass maps.
@@ -124,14 +143,63 @@ pub mod flow_verdict {
     pub const OWNED: u32 = 3;
 }
 
-/// Value of the `ENROLLED` map.
+/// Flags of [`PodEntry`] and [`PodLink`].
+pub mod pod_flags {
+    /// The pod is in the mesh (a `PodLink`: the interface carries an enrolled pod's
+    /// address, or claims one).
+    pub const ENROLLED: u32 = 1;
+}
+
+/// Value of the `PODS` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EnrolledPod {
-    /// Reserved for flags (for example, per-pod capture modes); zero today.
+pub struct PodEntry {
+    /// The host-side interface the pod's address is bound to; 0 when no interface can be
+    /// trusted with it yet (none claims it, or several do): the address is then refused as
+    /// a source everywhere.
+    pub ifindex: u32,
+    /// [`pod_flags`].
     pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<EnrolledPod>() == 4);
+const _: () = assert!(core::mem::size_of::<PodEntry>() == 8);
+
+impl PodEntry {
+    /// Whether the pod is in the mesh.
+    pub const fn enrolled(&self) -> bool {
+        self.flags & pod_flags::ENROLLED != 0
+    }
+}
+
+/// Value of the `POD_LINKS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodLink {
+    /// The address of the pod bound to this interface (network order); 0 when none is.
+    pub ip: u32,
+    /// [`pod_flags`].
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<PodLink>() == 8);
+
+impl PodLink {
+    /// Whether an enrolled pod is (or may be) behind this interface.
+    pub const fn enrolled(&self) -> bool {
+        self.flags & pod_flags::ENROLLED != 0
+    }
+}
+
+/// Values of the kernel programs' `HOST_POLICY` global (`--host-traffic`).
+pub mod host_policy {
+    /// Only the kubelet's connections reach enrolled pods directly; every other connection
+    /// from the node goes through the proxy as plaintext from outside the mesh.
+    pub const KUBELET_ONLY: u8 = 0;
+    /// Every connection from the node reaches enrolled pods directly (Istio's behaviour).
+    pub const ALLOW: u8 = 1;
+}
+
+/// Deepest cgroup level the programs look at when they match a process against
+/// `KUBELET_CGROUPS` (the root is level 0).
+pub const CGROUP_LEVELS: i32 = 16;
 
 /// Key of the `FLOWS` map: a TCP 4-tuple as seen at TC ingress, before any NAT.
 #[repr(C)]
@@ -188,7 +256,8 @@ pub enum Counter {
     /// A packet to or from an enrolled pod belonged to no captured flow and was left alone
     /// (connections that predate the mesh, replies of flows the mesh never captured).
     PassedUncaptured = 4,
-    /// The packet was too short or malformed to parse; it was passed on untouched.
+    /// A TCP packet (or an IPv4 header) too short or malformed to read was dropped: a TCP
+    /// packet is never passed on uncaptured because its header could not be read.
     Malformed = 5,
     /// `sk_lookup` assigned a proxy listener.
     LookupAssigned = 6,
@@ -196,6 +265,33 @@ pub enum Counter {
     LookupNoListener = 7,
     /// Rewriting the destination MAC of a bridged frame failed.
     MacRewriteFailed = 8,
+    /// An IPv4 packet whose source is a local pod's address arrived on another interface
+    /// than that pod's (or while no interface is trusted with it): dropped.
+    SpoofedSource = 9,
+    /// An ARP packet claiming a local pod's address arrived on another interface than that
+    /// pod's: dropped, so no neighbour table learns the impostor.
+    SpoofedArp = 10,
+    /// IPv6 TCP or UDP to or from an enrolled pod: dropped (IPv6 is not proxied).
+    Ipv6Dropped = 11,
+    /// An IPv4 fragment of TCP to or from an enrolled pod (or to a captured Service
+    /// address): dropped (real TCP sets DF; a fragmented SYN would escape capture).
+    FragmentDropped = 12,
+    /// UDP to an enrolled pod other than DNS, with `--udp-to-enrolled=dns-only`: dropped.
+    UdpDropped = 13,
+    /// A SYN to an enrolled pod from the node that neither the proxy nor the kubelet sent
+    /// (a raw socket, or a connection the `connect4` hook did not see): dropped.
+    HostSynDropped = 14,
+    /// A connection from the node to an enrolled pod (or a captured Service address) was
+    /// sent to the proxy (`connect4`).
+    HostCaptured = 15,
+    /// A connection from the node to an enrolled pod made by the kubelet went directly.
+    HostKubelet = 16,
+    /// A connection from the node to an enrolled pod could not be sent to the proxy (its
+    /// socket is bound to a port but no address): refused with EPERM.
+    HostRefused = 17,
+    /// A connection straight to one of the proxy's own listeners (`127.0.0.1:15001`, ...):
+    /// refused by `sk_lookup`, so the proxy never dials itself.
+    SelfLoop = 18,
 }
 
 impl From<Counter> for u32 {
@@ -204,8 +300,12 @@ impl From<Counter> for u32 {
     }
 }
 
-/// Number of slots in the `COUNTERS` map.
-pub const COUNTER_SLOTS: u32 = 9;
+/// Number of counters in use.
+pub const COUNTER_SLOTS: u32 = 19;
+/// Size of the pinned `COUNTERS` map: larger than needed, so a version that adds counters
+/// can adopt the map a previous one pinned.
+pub const COUNTER_CAPACITY: u32 = 64;
+const _: () = assert!(COUNTER_SLOTS <= COUNTER_CAPACITY);
 
 impl Counter {
     /// Every counter, in slot order, with the label the daemon exports it under.
@@ -219,6 +319,16 @@ impl Counter {
         (Counter::LookupAssigned, "lookup_assigned"),
         (Counter::LookupNoListener, "lookup_no_listener"),
         (Counter::MacRewriteFailed, "mac_rewrite_failed"),
+        (Counter::SpoofedSource, "spoofed_source"),
+        (Counter::SpoofedArp, "spoofed_arp"),
+        (Counter::Ipv6Dropped, "ipv6_dropped"),
+        (Counter::FragmentDropped, "fragment_dropped"),
+        (Counter::UdpDropped, "udp_dropped"),
+        (Counter::HostSynDropped, "host_syn_dropped"),
+        (Counter::HostCaptured, "host_captured"),
+        (Counter::HostKubelet, "host_kubelet"),
+        (Counter::HostRefused, "host_refused"),
+        (Counter::SelfLoop, "self_loop"),
     ];
 }
 
@@ -294,7 +404,9 @@ mod user {
     unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: each type is `#[repr(C)]`, `Copy`, has no implicit padding (checked by the size
     // asserts above) and every bit pattern is a valid value.
-    unsafe impl aya::Pod for super::EnrolledPod {}
+    unsafe impl aya::Pod for super::PodEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodLink {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above.

@@ -38,11 +38,7 @@ use mesh_common::{
     sock_class, BypassCounter, ServiceKey, SockKey, BYPASS_COUNTER_SLOTS, MARK_PROXY,
 };
 
-use crate::maps::ENROLLED;
-
-/// The cookie of the node's network namespace, set by mesh-node before loading.
-#[no_mangle]
-static NODE_NETNS_COOKIE: u64 = 0;
+use crate::{maps::enrolled, settings::node_netns_cookie};
 
 const AF_INET: u32 = 2;
 const TCP_CLOSE: u32 = 7;
@@ -103,8 +99,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     let remote_ip = ctx.remote_ip4();
     // SAFETY: the helper takes the program's context pointer.
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-    // SAFETY: a read of a plain global that user space sets before loading.
-    let node_netns = unsafe { core::ptr::read_volatile(&NODE_NETNS_COOKIE) };
+    let node_netns = node_netns_cookie();
     let local_port = ctx.local_port() as u16;
     let remote_port = u32::from_be(ctx.remote_port()) as u16;
     let proxy = proxy_socket(&ctx);
@@ -117,14 +112,11 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         // The proxy's socket: accepted from a local pod for a local pod or a Service
         // address served by local pods only (local = the original destination), or its own
         // connection to a local pod from a local pod's address.
-        if !proxy
-            || ENROLLED.get_ptr(remote_ip).is_none()
-            || !local_destination(local_ip, local_port)
-        {
+        if !proxy || !enrolled(remote_ip) || !local_destination(local_ip, local_port) {
             return 1;
         }
         sock_class::PROXY
-    } else if !proxy && ENROLLED.get_ptr(local_ip).is_some() {
+    } else if !proxy && enrolled(local_ip) {
         // A pod's socket (not a proxy's: another node's proxy, when tests run several nodes
         // on one kernel, connects from this node's pods' addresses too), to a local pod or
         // Service address with a local endpoint, or accepted from a local pod's address.
@@ -176,8 +168,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 fn forget_passed(ctx: &SockOpsContext) {
     // SAFETY: the helper takes the program's context pointer.
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-    // SAFETY: a read of a plain global that user space sets before loading.
-    let node_netns = unsafe { core::ptr::read_volatile(&NODE_NETNS_COOKIE) };
+    let node_netns = node_netns_cookie();
     let key = SockKey {
         local_ip: ctx.local_ip4(),
         remote_ip: ctx.remote_ip4(),
@@ -196,7 +187,7 @@ fn forget_passed(ctx: &SockOpsContext) {
 /// ready endpoint is one.
 #[inline(always)]
 fn local_destination(ip: u32, port: u16) -> bool {
-    ENROLLED.get_ptr(ip).is_some()
+    enrolled(ip)
         || LOCAL_SERVICES
             .get_ptr(ServiceKey {
                 ip,

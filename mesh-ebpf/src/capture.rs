@@ -1,19 +1,29 @@
-//! TC ingress capture (attached to every pod-facing link and uplink of the node).
+//! TC ingress (attached to every pod-facing link and uplink of the node): what comes in.
 //!
-//! A TCP packet is steered to the node proxy by setting `MARK_CAPTURE`, which policy routing
-//! turns into local delivery (where `sk_lookup` picks the proxy listener). Only new flows are
-//! steered: a SYN without ACK from a local enrolled pod (outbound) or to one (inbound), and the
-//! later packets of flows that were steered at their SYN (`FLOWS`, which keeps a flow captured
-//! until it ends even if its pod leaves the mesh) or that a local socket owns. Everything else,
-//! including connections that predate the mesh, passes untouched. The socket lookup's verdict
-//! is kept in `VERDICTS`, so it runs once per flow, not once per packet.
+//! First, who may claim an address. A local pod's IPv4 address is believed only from that
+//! pod's host-side interface (`PODS`): any IPv4 packet or ARP claiming it elsewhere (another
+//! pod that added the address, the overlay, an uplink) is dropped, and a pod's interface
+//! only sends from its pod's address. IPv6 from an enrolled pod is dropped but for ICMPv6
+//! (neighbour discovery): IPv6 is not proxied, and must not go around the proxy. Fragments
+//! of TCP to or from an enrolled pod are dropped (real TCP sets DF; the first fragment of a
+//! SYN need not even hold its flags), and a TCP packet whose header cannot be read is
+//! dropped, never passed on uncaptured.
+//!
+//! Then capture. A TCP packet is steered to the node proxy by setting `MARK_CAPTURE`, which
+//! policy routing turns into local delivery (where `sk_lookup` picks the proxy listener).
+//! Only new flows are steered: a SYN without ACK from a local enrolled pod (outbound) or to
+//! one (inbound), and the later packets of flows that were steered at their SYN (`FLOWS`,
+//! which keeps a flow captured until it ends even if its pod leaves the mesh) or that a
+//! local socket owns. Everything else, including connections that predate the mesh, passes
+//! untouched. The socket lookup's verdict is kept in `VERDICTS`, so it runs once per flow,
+//! not once per packet.
 //!
 //! On a bridge port, a frame from one pod to another pod of the same node would be switched at
 //! L2 and never reach the IP stack, so a steered frame also gets the bridge's MAC address as its
 //! destination: the bridge then passes it up.
 
 use aya_ebpf::{
-    bindings::{bpf_sock_tuple, TC_ACT_UNSPEC},
+    bindings::{bpf_sock_tuple, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_sk_release, bpf_skc_lookup_tcp},
     macros::classifier,
     programs::TcContext,
@@ -24,18 +34,11 @@ use mesh_common::{flow_verdict, Counter, Direction, FlowKey, ServiceKey, MARK_CA
 
 use crate::{
     counters::bump,
-    maps::{BRIDGE_PORTS, ENROLLED, FLOWS, SERVICES, SERVICE_CLIENTS, VERDICTS},
+    maps::{enrolled, pod, pod_link, BRIDGE_PORTS, FLOWS, SERVICES, SERVICE_CLIENTS, VERDICTS},
+    packet::{self, Ipv4, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP},
+    settings,
 };
 
-/// Set from user space (`EbpfLoader::override_global`) to log every steered SYN.
-#[no_mangle]
-static LOG_CAPTURES: u8 = 0;
-
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const IPPROTO_TCP: u8 = 6;
-const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_ACK: u8 = 0x10;
 const TCP_TIME_WAIT: u32 = 6;
 const TCP_CLOSE: u32 = 7;
 const TCP_LISTEN: u32 = 10;
@@ -43,7 +46,9 @@ const TCP_NEW_SYN_RECV: u32 = 12;
 /// `BPF_F_CURRENT_NETNS`: look sockets up in the netns of the device the packet arrived on.
 const CURRENT_NETNS: u64 = u64::MAX;
 /// "Continue with the next program, or pass": lets other TCX programs on the link run.
-const NEXT: i32 = TC_ACT_UNSPEC;
+pub const NEXT: i32 = TC_ACT_UNSPEC;
+/// Drop the packet.
+pub const DROP: i32 = TC_ACT_SHOT;
 
 #[classifier]
 pub fn mesh_capture(ctx: TcContext) -> i32 {
@@ -53,44 +58,39 @@ pub fn mesh_capture(ctx: TcContext) -> i32 {
 }
 
 fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
-    let ether_type = u16::from_be(ctx.load::<u16>(12).map_err(|_| NEXT)?);
-    if ether_type != ETH_P_IP {
+    // SAFETY: `skb` is the valid context pointer of this program invocation.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match packet::ether_type(ctx).map_err(|()| NEXT)? {
+        ETH_P_IP => {}
+        ETH_P_ARP => return arp(ctx, ifindex),
+        ETH_P_IPV6 => return ipv6(ctx, ifindex),
+        _ => return Ok(NEXT),
+    }
+    let ip = packet::ipv4(ctx).map_err(|()| dropped(Counter::Malformed))?;
+    claim(ip.src, ifindex)?;
+    if ip.proto != IPPROTO_TCP {
         return Ok(NEXT);
     }
-    let version_ihl: u8 = ctx.load(ETH_HLEN).map_err(|_| malformed())?;
-    let ihl = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || ihl < 20 {
-        return Err(malformed());
+    if ip.fragment {
+        return fragment(ctx, &ip);
     }
-    if ctx.load::<u8>(ETH_HLEN + 9).map_err(|_| malformed())? != IPPROTO_TCP {
-        return Ok(NEXT);
-    }
-    // Only the first fragment carries the TCP header.
-    let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).map_err(|_| malformed())?);
-    if frag & 0x1fff != 0 {
-        return Ok(NEXT);
-    }
-    let src_ip: u32 = ctx.load(ETH_HLEN + 12).map_err(|_| malformed())?;
-    let dst_ip: u32 = ctx.load(ETH_HLEN + 16).map_err(|_| malformed())?;
-
-    let l4 = ETH_HLEN + ihl;
-    let src_port: u16 = ctx.load(l4).map_err(|_| malformed())?;
-    let dst_port: u16 = ctx.load(l4 + 2).map_err(|_| malformed())?;
-    let flags: u8 = ctx.load(l4 + 13).map_err(|_| malformed())?;
+    let (src_port, dst_port) = packet::ports(ctx, &ip).map_err(|()| dropped(Counter::Malformed))?;
+    let flags = packet::tcp_flags(ctx, &ip).map_err(|()| dropped(Counter::Malformed))?;
+    let (src_ip, dst_ip) = (ip.src, ip.dst);
     let service = ServiceKey {
         ip: dst_ip,
         port: dst_port,
         _pad: 0,
     };
-    let syn = flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0;
+    let syn = flags & packet::TCP_FLAG_SYN != 0 && flags & packet::TCP_FLAG_ACK == 0;
     let client = ServiceKey {
         ip: src_ip,
         port: src_port,
         _pad: 0,
     };
-    let direction = if ENROLLED.get_ptr(src_ip).is_some() {
+    let direction = if enrolled(src_ip) {
         Some(Direction::Outbound)
-    } else if ENROLLED.get_ptr(dst_ip).is_some() {
+    } else if enrolled(dst_ip) {
         Some(Direction::Inbound)
     } else if syn && SERVICES.get_ptr(service).is_some() {
         // A new flow to a Service address that kube-proxy could DNAT to an enrolled pod here
@@ -137,8 +137,7 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
             Direction::Outbound => Counter::CapturedOutboundSyn,
             Direction::Inbound => Counter::CapturedInboundSyn,
         });
-        // SAFETY: a read of a plain global that user space sets before loading.
-        if unsafe { core::ptr::read_volatile(&LOG_CAPTURES) } != 0 {
+        if settings::log_captures() {
             debug!(
                 ctx,
                 "steer syn {:i}:{} -> {:i}:{} dir {}",
@@ -178,6 +177,83 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
     }
 
     steer(ctx);
+    Ok(NEXT)
+}
+
+/// Counts `counter` and returns the verdict that drops the packet.
+#[inline(always)]
+pub fn dropped(counter: Counter) -> i32 {
+    bump(counter);
+    DROP
+}
+
+/// Whether `src` may send from the interface `ifindex`: a local pod's address only from that
+/// pod's interface, and a pod's interface only with its pod's address.
+#[inline(always)]
+fn claim(src: u32, ifindex: u32) -> Result<(), i32> {
+    if let Some(owner) = pod(src) {
+        if owner.ifindex != ifindex {
+            return Err(dropped(Counter::SpoofedSource));
+        }
+    } else if pod_link(ifindex).is_some_and(|link| link.ip != 0) {
+        // A bound pod interface, and not its pod's address (that one is in PODS).
+        return Err(dropped(Counter::SpoofedSource));
+    }
+    Ok(())
+}
+
+/// ARP: a claim on a local pod's address from another interface, or a pod's interface
+/// claiming an address that is not its pod's, is dropped, so no neighbour table (the
+/// node's, other pods') learns an impostor's MAC for it. Probes (sender 0.0.0.0) pass.
+#[inline(always)]
+fn arp(ctx: &TcContext, ifindex: u32) -> Result<i32, i32> {
+    let Ok(sender) = packet::arp_sender(ctx) else {
+        return Ok(NEXT);
+    };
+    if sender == 0 {
+        return Ok(NEXT);
+    }
+    let foreign = match pod(sender) {
+        Some(owner) => owner.ifindex != ifindex,
+        None => pod_link(ifindex).is_some_and(|link| link.ip != 0),
+    };
+    if foreign {
+        return Err(dropped(Counter::SpoofedArp));
+    }
+    Ok(NEXT)
+}
+
+/// IPv6 from an enrolled pod's interface: only ICMPv6 passes (the proxy carries IPv4 only,
+/// and nothing of an enrolled pod may go around it).
+#[inline(always)]
+pub fn ipv6(ctx: &TcContext, ifindex: u32) -> Result<i32, i32> {
+    if !pod_link(ifindex).is_some_and(|link| link.enrolled()) {
+        return Ok(NEXT);
+    }
+    match packet::ipv6_is_icmp(ctx) {
+        Ok(true) => Ok(NEXT),
+        _ => Err(dropped(Counter::Ipv6Dropped)),
+    }
+}
+
+/// A fragment of TCP: dropped when it is to or from an enrolled pod, or (the first one, which
+/// has the ports) to a captured Service address, which kube-proxy would DNAT to one.
+#[inline(always)]
+fn fragment(ctx: &TcContext, ip: &Ipv4) -> Result<i32, i32> {
+    let to_service = || {
+        packet::ports(ctx, ip).is_ok_and(|(_, port)| {
+            SERVICES
+                .get_ptr(ServiceKey {
+                    ip: ip.dst,
+                    port,
+                    _pad: 0,
+                })
+                .is_some()
+        })
+    };
+    if enrolled(ip.src) || enrolled(ip.dst) || to_service() {
+        return Err(dropped(Counter::FragmentDropped));
+    }
     Ok(NEXT)
 }
 
@@ -247,10 +323,4 @@ fn owned_by_local_socket(ctx: &TcContext, flow: &FlowKey) -> bool {
         state,
         TCP_TIME_WAIT | TCP_CLOSE | TCP_LISTEN | TCP_NEW_SYN_RECV
     )
-}
-
-#[inline(always)]
-fn malformed() -> i32 {
-    bump(Counter::Malformed);
-    NEXT
 }

@@ -6,17 +6,30 @@
 //! listener otherwise; so does a flow to a Service VIP:port in `SERVICES`. With no
 //! listener registered (the proxy is down) the lookup continues normally and finds nothing, and
 //! the node's guard rule refuses the connection: the mesh fails closed.
+//!
+//! A flow that came in over loopback was made by the node itself, never by a pod, whatever
+//! its source address: it never goes to the outbound listener (which would give it that
+//! pod's identity, and the proxy's own connections from a pod's address to an address of the
+//! node would come back to it). A connection straight to a listener's own address
+//! (`127.0.0.1:15001`, ...) is refused: the proxy would take it for a captured flow to
+//! itself and dial itself, again and again.
 
-use aya_ebpf::{bindings::sk_action::SK_PASS, macros::sk_lookup, programs::SkLookupContext};
-use mesh_common::{Counter, Listener, ServiceKey, PORT_HBONE};
+use aya_ebpf::{
+    bindings::sk_action::{SK_DROP, SK_PASS},
+    macros::sk_lookup,
+    programs::SkLookupContext,
+};
+use mesh_common::{Counter, Listener, ServiceKey, PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND};
 
 use crate::{
     counters::bump,
-    maps::{ENROLLED, LISTENERS, SERVICES, SERVICE_CLIENTS},
+    maps::{enrolled, LISTENERS, SERVICES, SERVICE_CLIENTS},
 };
 
 const AF_INET: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
+/// The loopback device's ifindex, in every network namespace.
+const LOOPBACK: u32 = 1;
 
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -25,10 +38,18 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     if lookup.family != AF_INET || lookup.protocol != IPPROTO_TCP {
         return SK_PASS;
     }
-    let listener = if ENROLLED.get_ptr(lookup.remote_ip4).is_some() {
+    let local_port = lookup.local_port as u16;
+    if u32::from_be(lookup.local_ip4) >> 24 == 127
+        && matches!(local_port, PORT_OUTBOUND | PORT_INBOUND | PORT_HBONE)
+    {
+        bump(Counter::SelfLoop);
+        return SK_DROP;
+    }
+    let from_pod = lookup.ingress_ifindex != LOOPBACK;
+    let listener = if from_pod && enrolled(lookup.remote_ip4) {
         Listener::Outbound
-    } else if ENROLLED.get_ptr(lookup.local_ip4).is_some() {
-        if lookup.local_port == u32::from(PORT_HBONE) {
+    } else if enrolled(lookup.local_ip4) {
+        if local_port == PORT_HBONE {
             Listener::Hbone
         } else {
             Listener::Inbound
@@ -36,7 +57,7 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     } else if SERVICES
         .get_ptr(ServiceKey {
             ip: lookup.local_ip4,
-            port: (lookup.local_port as u16).to_be(),
+            port: local_port.to_be(),
             _pad: 0,
         })
         .is_some()

@@ -4,13 +4,20 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
 };
-use mesh_common::{BridgePort, EnrolledPod, FlowKey, ServiceKey, COUNTER_SLOTS, LISTENER_SLOTS};
+use mesh_common::{
+    BridgePort, FlowKey, PodEntry, PodLink, ServiceKey, COUNTER_CAPACITY, LISTENER_SLOTS,
+};
 
-/// Local pods in the mesh, by IPv4 address (network order).
-#[map(name = "MESH_ENROLLED")]
-pub static ENROLLED: HashMap<u32, EnrolledPod> = HashMap::pinned(65_536, 0);
+/// This node's pods on the pod network by IPv4 address (network order): the interface each
+/// address is bound to, and whether the pod is enrolled.
+#[map(name = "MESH_PODS")]
+pub static PODS: HashMap<u32, PodEntry> = HashMap::pinned(65_536, 0);
+
+/// The host-side interfaces of this node's pods, by ifindex.
+#[map(name = "MESH_POD_LINKS")]
+pub static POD_LINKS: HashMap<u32, PodLink> = HashMap::pinned(65_536, 0);
 
 /// Flows captured at their SYN, keyed by the pre-NAT tuple TC sees; value: the direction
 /// (`mesh_common::flow_verdict`).
@@ -37,6 +44,34 @@ pub static SERVICE_CLIENTS: LruHashMap<ServiceKey, u32> = LruHashMap::pinned(65_
 #[map(name = "MESH_BRIDGE_PORTS")]
 pub static BRIDGE_PORTS: HashMap<u32, BridgePort> = HashMap::pinned(65_536, 0);
 
+/// The kubelet's cgroups (value unused, 1).
+#[map(name = "MESH_KUBELET_CG")]
+pub static KUBELET_CGROUPS: HashMap<u64, u32> = HashMap::pinned(64, 0);
+
+/// Index 0: the node address host connections to enrolled pods are bound to.
+#[map(name = "MESH_HOST_SRC")]
+pub static HOST_SOURCE: Array<u32> = Array::pinned(1, 0);
+
 /// Decision counters, indexed by `mesh_common::Counter`.
 #[map(name = "MESH_COUNTERS")]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_CAPACITY, 0);
+
+/// This node's pod with address `ip` (network order), if any.
+#[inline(always)]
+pub fn pod(ip: u32) -> Option<PodEntry> {
+    // SAFETY: the value is plain data, copied out of the map right away.
+    unsafe { PODS.get(ip) }.copied()
+}
+
+/// Whether `ip` (network order) is an enrolled pod of this node.
+#[inline(always)]
+pub fn enrolled(ip: u32) -> bool {
+    pod(ip).is_some_and(|p| p.enrolled())
+}
+
+/// The pod interface with this ifindex, if it is one.
+#[inline(always)]
+pub fn pod_link(ifindex: u32) -> Option<PodLink> {
+    // SAFETY: as in `pod`.
+    unsafe { POD_LINKS.get(ifindex) }.copied()
+}

@@ -48,8 +48,11 @@ pub struct DatapathView {
     pub generation: u64,
     /// Links carrying the capture program (ifindex, name).
     pub links: Vec<(u32, String)>,
-    /// Pod IPs in the kernel's enrolled map.
+    /// Enrolled pods' IPs in the kernel's pod map.
     pub enrolled: Vec<std::net::Ipv4Addr>,
+    /// Every pod address of this node and the interface (ifindex) the kernel believes it
+    /// from; 0: none can be trusted with it (the address is refused as a source).
+    pub pod_interfaces: std::collections::BTreeMap<std::net::Ipv4Addr, u32>,
     /// Links the capture program could not be attached to (retried every second): name ->
     /// error. Not ready while any remain.
     pub failed_links: std::collections::BTreeMap<String, String>,

@@ -367,7 +367,7 @@ pub async fn reconcile(
             metrics.rejected.inc_by(new_errors as u64);
         }
         let next = Arc::new(next);
-        crate::reload::warn_l7_policies(&next);
+        crate::reload::warn_about(&next, Some(&state.load()));
         state.store(next.clone());
         metrics.generation.set(generation as i64);
         tracing::debug!(generation, "kube: config applied");

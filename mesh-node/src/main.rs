@@ -14,7 +14,11 @@ use clap::{Args, Parser, Subcommand};
 use mesh_common::{Listener, PORT_ADMIN, PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND};
 use mesh_node::{
     admin::{self, Admin, DatapathView},
-    capture::{self, Datapath, Event},
+    capture::{
+        self,
+        host::{HostTraffic, DEFAULT_KUBELET_CGROUPS},
+        Datapath, Event, UdpToEnrolled,
+    },
     config::{self, semantics},
     identity, kube_source,
     metrics::{ConfigMetrics, KernelCollector, ProxyMetrics},
@@ -46,7 +50,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node proxy: load and attach the kernel programs, serve captured traffic.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check configuration files; print each problem as file:document:field; exit 1 on errors.
     Validate {
         /// Files to check.
@@ -163,6 +167,26 @@ struct RunArgs {
     /// reads of pods' sockets with EAGAIN (ARCHITECTURE.md, known gaps).
     #[arg(long, env = "MESH_SOCKET_BYPASS", default_value_t = false, action = clap::ArgAction::Set)]
     socket_bypass: bool,
+    /// The node's own connections to enrolled pods (host-network pods, node daemons):
+    /// `kubelet-only` sends every one but the kubelet's through the proxy as plaintext from
+    /// outside the mesh (STRICT refuses it, AuthorizationPolicy applies); `allow` lets them
+    /// all reach the pods directly, as Istio ambient does.
+    #[arg(long, env = "MESH_HOST_TRAFFIC", value_enum, default_value_t = HostTraffic::KubeletOnly)]
+    host_traffic: HostTraffic,
+    /// The kubelet's cgroups, as paths below the cgroup v2 root (repeat the flag, or
+    /// comma-separate): its processes and every process below them reach enrolled pods
+    /// directly with `--host-traffic=kubelet-only`. Paths that do not exist are skipped.
+    #[arg(
+        long = "kubelet-cgroup",
+        env = "MESH_KUBELET_CGROUPS",
+        value_delimiter = ',',
+        default_values = DEFAULT_KUBELET_CGROUPS
+    )]
+    kubelet_cgroups: Vec<PathBuf>,
+    /// UDP to enrolled pods: `allow` (STRICT covers TCP, as in Istio) or `dns-only` (only
+    /// DNS, a port 53 at either end, reaches them; everything else is dropped).
+    #[arg(long, env = "MESH_UDP_TO_ENROLLED", value_enum, default_value_t = UdpToEnrolled::Allow)]
+    udp_to_enrolled: UdpToEnrolled,
     /// Log filter (tracing EnvFilter syntax); `mesh_ebpf=debug` also logs every captured SYN
     /// from the kernel programs.
     #[arg(long, env = "MESH_LOG", default_value = "info")]
@@ -198,7 +222,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Crds { out } => {
             let crds = config::schema::crds();
             match out {
@@ -394,7 +418,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let state = State::build(&resources, &args.node.node, &args.mesh.mesh(), 1);
-    reload::warn_l7_policies(&state);
+    reload::warn_about(&state, None);
     let served = runtime.block_on(serve(args, state, ca, source));
     // Connections still finishing log their last lines; then the buffer is written out.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -440,9 +464,20 @@ async fn serve(
     let log_captures = tracing::enabled!(target: "mesh_ebpf", tracing::Level::DEBUG);
     // Subscribe to link events before the first scan, so no link appears unseen.
     let link_events = sys::LinkEvents::open().context("opening the netlink link-event socket")?;
-    let (mut datapath, counters) =
-        Datapath::install(&args.node.bpffs, &node, log_captures, args.socket_bypass)
-            .context("installing the capture datapath")?;
+    let settings = capture::Settings {
+        log_captures,
+        bypass: args.socket_bypass,
+        host_traffic: args.host_traffic,
+        kubelet_cgroups: args.kubelet_cgroups.clone(),
+        udp_dns_only: args.udp_to_enrolled == UdpToEnrolled::DnsOnly,
+    };
+    tracing::info!(
+        host_traffic = ?settings.host_traffic,
+        udp_to_enrolled = ?args.udp_to_enrolled,
+        "datapath settings"
+    );
+    let (mut datapath, counters) = Datapath::install(&args.node.bpffs, &node, &settings)
+        .context("installing the capture datapath")?;
     if log_captures {
         spawn_kernel_log(&mut datapath);
     }
@@ -457,7 +492,7 @@ async fn serve(
     datapath.register_listener(Listener::Outbound, &outbound)?;
     datapath.register_listener(Listener::Inbound, &inbound)?;
     datapath.register_listener(Listener::Hbone, &hbone)?;
-    datapath.set_enrolled(&state.local_enrolled())?;
+    datapath.set_pods(&state.local_pods())?;
     datapath.set_services(
         &state.local_enrolled_vips(),
         &state.local_enrolled_node_ports(),
@@ -601,6 +636,7 @@ fn spawn_datapath_thread(
                 .map(|(i, n)| (*i, n.clone()))
                 .collect();
             view.enrolled = datapath.enrolled().into_iter().collect();
+            view.pod_interfaces = datapath.pod_interfaces();
             view.failed_links = datapath.failed_links().clone();
             if let Some(generation) = generation {
                 view.generation = generation;
@@ -657,7 +693,7 @@ fn spawn_datapath_thread(
                 let mut applied = None;
                 if let Some(state) = config_pending.take() {
                     let applied_maps = datapath
-                        .set_enrolled(&state.local_enrolled())
+                        .set_pods(&state.local_pods())
                         .and_then(|()| {
                             datapath.set_services(
                                 &state.local_enrolled_vips(),

@@ -34,8 +34,17 @@ pub fn version(path: &Path) -> Option<Version> {
     })
 }
 
-/// Logs the AuthorizationPolicies whose HTTP rules are enforced at L4 only.
-pub fn warn_l7_policies(state: &State) {
+/// Logs what a new snapshot does differently from what its resources may lead one to expect:
+/// AuthorizationPolicies whose HTTP rules are enforced at L4 only, and (when it becomes so)
+/// a dual-stack cluster, whose IPv6 the mesh does not carry.
+pub fn warn_about(state: &State, previous: Option<&State>) {
+    if state.dual_stack && !previous.is_some_and(|p| p.dual_stack) {
+        tracing::warn!(
+            "the cluster is dual-stack (pods or Services with IPv6 addresses): the mesh \
+             carries IPv4 only, so IPv6 TCP and UDP to and from enrolled pods are dropped \
+             (ICMPv6 passes); give enrolled workloads IPv4 to talk over"
+        );
+    }
     for policy in state.l7_policies_at_l4() {
         tracing::warn!(
             policy,
@@ -72,7 +81,7 @@ pub async fn watch(
                 }
                 let generation = state.load().generation + 1;
                 let next = Arc::new(State::build(&resources, &node, &mesh, generation));
-                warn_l7_policies(&next);
+                warn_about(&next, Some(&state.load()));
                 state.store(next.clone());
                 metrics.generation.set(generation as i64);
                 tracing::info!(generation, file = %path.display(), "config reloaded");

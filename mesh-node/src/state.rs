@@ -135,6 +135,8 @@ pub enum Resolution<'a> {
 pub struct State {
     /// Increases with every accepted config change.
     pub generation: u64,
+    /// Some pod or Service has an IPv6 address: IPv6 to and from enrolled pods is dropped.
+    pub dual_stack: bool,
     /// The node this proxy serves.
     pub node: String,
     /// Root namespace and trust domain.
@@ -325,8 +327,11 @@ impl State {
                 }
             }
         }
+        let dual_stack = resources.pods.iter().any(|p| p.status.ipv6)
+            || resources.services.iter().any(|s| s.spec.ipv6);
         State {
             generation,
+            dual_stack,
             node: node.to_string(),
             mesh: mesh.clone(),
             endpoint_services,
@@ -487,6 +492,16 @@ impl State {
             }
         }
         self.resolve(orig_dst)
+    }
+
+    /// This node's pods on the pod network, address -> enrolled: the kernel binds each
+    /// address to its pod's interface, and captures the enrolled ones.
+    pub fn local_pods(&self) -> std::collections::BTreeMap<Ipv4Addr, bool> {
+        self.workloads
+            .values()
+            .filter(|w| self.is_local(w))
+            .map(|w| (w.ip, w.enrolled))
+            .collect()
     }
 
     /// IPs of the enrolled pods on this node: what the kernel captures.
@@ -694,6 +709,42 @@ spec:
             &Mesh::default(),
             1,
         )
+    }
+
+    #[test]
+    fn local_pods_are_every_pod_network_pod_of_the_node_and_ipv6_makes_a_dual_stack_cluster() {
+        let state = State::build(&parse_str("t", CONFIG).unwrap(), "n1", &Mesh::default(), 1);
+        let local = state.local_pods();
+        assert_eq!(local.get(&"100.65.0.2".parse().unwrap()), Some(&true));
+        assert_eq!(local.get(&"100.65.0.3".parse().unwrap()), Some(&false));
+        assert!(local.values().filter(|e| **e).count() < local.len());
+        assert!(!state.dual_stack);
+        // IPv6 first: the pod keeps its IPv4 address from podIPs; the cluster is dual-stack.
+        let dual = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: d, namespace: default}
+spec: {nodeName: n1}
+status: {podIP: "fd00::5", podIPs: [{ip: "fd00::5"}, {ip: 100.65.0.9}]}
+"#;
+        let resources = parse_str("t", dual).unwrap();
+        assert_eq!(
+            resources.pods[0].status.pod_ip,
+            Some("100.65.0.9".parse().unwrap())
+        );
+        let state = State::build(&resources, "n1", &Mesh::default(), 1);
+        assert!(state.dual_stack);
+        assert!(state
+            .local_pods()
+            .contains_key(&"100.65.0.9".parse().unwrap()));
+        let service = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec: {clusterIP: 100.66.0.1, clusterIPs: [100.66.0.1, "fd00:1::1"], ports: [{port: 80}]}
+"#;
+        let state = State::build(&parse_str("t", service).unwrap(), "n1", &Mesh::default(), 1);
+        assert!(state.dual_stack);
     }
 
     #[test]

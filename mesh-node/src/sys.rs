@@ -151,6 +151,9 @@ impl LinkEvents {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
+        // Also the events of the namespaces this one has an id for (the pods' ends of their
+        // veths): a pod's address appearing, or another pod claiming it.
+        set_netlink_option(&fd, NETLINK_LISTEN_ALL_NSID)?;
         Ok(LinkEvents { fd })
     }
 
@@ -174,6 +177,186 @@ impl LinkEvents {
 impl AsRawFd for LinkEvents {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+/// `NETLINK_LISTEN_ALL_NSID` from `<linux/netlink.h>`.
+const NETLINK_LISTEN_ALL_NSID: libc::c_int = 8;
+/// `NETLINK_GET_STRICT_CHK` from `<linux/netlink.h>`.
+const NETLINK_GET_STRICT_CHK: libc::c_int = 12;
+/// `IFA_TARGET_NETNSID` from `<linux/if_addr.h>`.
+const IFA_TARGET_NETNSID: u16 = 10;
+/// `IFA_LOCAL` from `<linux/if_addr.h>`.
+const IFA_LOCAL: u16 = 2;
+
+fn set_netlink_option(fd: &OwnedFd, option: libc::c_int) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: the fd is a live netlink socket; pointer and length describe `on`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_NETLINK,
+            option,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The IPv4 addresses of interface `ifindex` of the network namespace this one knows as
+/// `nsid` (a veth's `link_netnsid`): what a pod configured on its end of its veth. One
+/// `RTM_GETADDR` dump with `IFA_TARGET_NETNSID` (Linux >= 4.20; strict checking on, so the
+/// kernel filters by interface).
+pub fn peer_ipv4_addresses(nsid: i32, ifindex: u32) -> io::Result<Vec<Ipv4Addr>> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_netlink_option(&fd, NETLINK_GET_STRICT_CHK)?;
+    let request = addr_dump_request(nsid, ifindex);
+    // SAFETY: the buffer is valid for its length; the kernel is the destination (no address).
+    let sent = unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut addresses = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: the buffer is valid for `buf.len()` bytes.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if parse_addr_dump(&buf[..n as usize], &mut addresses)? {
+            return Ok(addresses);
+        }
+    }
+}
+
+/// An `RTM_GETADDR` dump request for IPv4 addresses of one interface of namespace `nsid`.
+fn addr_dump_request(nsid: i32, ifindex: u32) -> Vec<u8> {
+    const RTM_GETADDR: u16 = 22;
+    const FLAGS: u16 = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    let mut body = vec![libc::AF_INET as u8, 0, 0, 0];
+    body.extend_from_slice(&ifindex.to_ne_bytes());
+    body.extend_from_slice(&8u16.to_ne_bytes());
+    body.extend_from_slice(&IFA_TARGET_NETNSID.to_ne_bytes());
+    body.extend_from_slice(&nsid.to_ne_bytes());
+    let mut request = Vec::with_capacity(16 + body.len());
+    request.extend_from_slice(&(16 + body.len() as u32).to_ne_bytes());
+    request.extend_from_slice(&RTM_GETADDR.to_ne_bytes());
+    request.extend_from_slice(&FLAGS.to_ne_bytes());
+    request.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    request.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
+    request.extend_from_slice(&body);
+    request
+}
+
+/// Adds the `IFA_LOCAL` addresses of the `RTM_NEWADDR` messages in one read of a dump to
+/// `out`; true at the end of the dump. An error message (`NLMSG_ERROR`) becomes the error.
+fn parse_addr_dump(mut data: &[u8], out: &mut Vec<Ipv4Addr>) -> io::Result<bool> {
+    const RTM_NEWADDR: u16 = 20;
+    let u16_at = |b: &[u8], at: usize| u16::from_ne_bytes([b[at], b[at + 1]]);
+    let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let truncated = || io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message");
+    while data.len() >= 16 {
+        let len = u32_at(data, 0) as usize;
+        if len < 16 || len > data.len() {
+            return Err(truncated());
+        }
+        let (message, rest) = data.split_at(len);
+        data = rest.get(((len + 3) & !3) - len..).unwrap_or(&[]);
+        match u16_at(message, 4) {
+            kind if kind == libc::NLMSG_DONE as u16 => return Ok(true),
+            kind if kind == libc::NLMSG_ERROR as u16 => {
+                let errno = message.get(16..20).ok_or_else(truncated)?;
+                let errno = i32::from_ne_bytes([errno[0], errno[1], errno[2], errno[3]]);
+                return Err(io::Error::from_raw_os_error(-errno));
+            }
+            RTM_NEWADDR => {}
+            _ => continue,
+        }
+        // ifaddrmsg (8 bytes), then attributes.
+        let mut attributes = message.get(24..).ok_or_else(truncated)?;
+        while attributes.len() >= 4 {
+            let attr_len = u16_at(attributes, 0) as usize;
+            if attr_len < 4 || attr_len > attributes.len() {
+                return Err(truncated());
+            }
+            if u16_at(attributes, 2) == IFA_LOCAL && attr_len == 8 {
+                let a = &attributes[4..8];
+                out.push(Ipv4Addr::new(a[0], a[1], a[2], a[3]));
+            }
+            attributes = attributes.get((attr_len + 3) & !3..).unwrap_or(&[]);
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod netlink_tests {
+    use super::*;
+
+    fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&(16 + payload.len() as u32).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(payload);
+        m
+    }
+
+    fn new_addr(local: [u8; 4]) -> Vec<u8> {
+        let mut payload = vec![2, 24, 0, 0, 7, 0, 0, 0];
+        // IFA_ADDRESS (1) then IFA_LOCAL (2); only the latter counts.
+        for (kind, ip) in [(1u16, [9, 9, 9, 9]), (IFA_LOCAL, local)] {
+            payload.extend_from_slice(&8u16.to_ne_bytes());
+            payload.extend_from_slice(&kind.to_ne_bytes());
+            payload.extend_from_slice(&ip);
+        }
+        message(20, &payload)
+    }
+
+    #[test]
+    fn address_dumps_yield_the_local_addresses_until_done() {
+        let mut read = new_addr([100, 65, 0, 2]);
+        read.extend(new_addr([100, 65, 0, 9]));
+        let mut out = Vec::new();
+        assert!(!parse_addr_dump(&read, &mut out).unwrap());
+        assert!(parse_addr_dump(&message(libc::NLMSG_DONE as u16, &[0; 4]), &mut out).unwrap());
+        assert_eq!(
+            out,
+            [Ipv4Addr::new(100, 65, 0, 2), Ipv4Addr::new(100, 65, 0, 9)]
+        );
+        let refused = message(libc::NLMSG_ERROR as u16, &(-libc::EPERM).to_ne_bytes());
+        let err = parse_addr_dump(&refused, &mut out).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        let mut cut = new_addr([1, 2, 3, 4]);
+        cut.truncate(30);
+        assert!(parse_addr_dump(&cut, &mut out).is_err());
+    }
+
+    #[test]
+    fn the_request_names_the_namespace_and_interface() {
+        let request = addr_dump_request(3, 7);
+        assert_eq!(request.len(), 32);
+        assert_eq!(u32::from_ne_bytes(request[0..4].try_into().unwrap()), 32);
+        assert_eq!(request[16], libc::AF_INET as u8);
+        assert_eq!(u32::from_ne_bytes(request[20..24].try_into().unwrap()), 7);
+        assert_eq!(i32::from_ne_bytes(request[28..32].try_into().unwrap()), 3);
     }
 }
 

@@ -35,10 +35,15 @@ pub struct Server {
 impl Server {
     /// Starts a server on `0.0.0.0:port` inside `ns`.
     pub fn start(ns: &Netns, port: u16, behaviour: Behaviour) -> Result<Server> {
+        Server::start_at(ns, SocketAddr::from(([0, 0, 0, 0], port)), behaviour)
+    }
+
+    /// Starts a server on `addr` inside `ns` (`[::]:port` takes IPv4 and IPv6).
+    pub fn start_at(ns: &Netns, addr: SocketAddr, behaviour: Behaviour) -> Result<Server> {
         let stop = Arc::new(AtomicBool::new(false));
         let peers = Arc::new(Mutex::new(Vec::new()));
         let listener = ns.run(move || {
-            let listener = TcpListener::bind(("0.0.0.0", port))?;
+            let listener = TcpListener::bind(addr)?;
             listener.set_nonblocking(true)?;
             Ok(listener)
         })?;

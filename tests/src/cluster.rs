@@ -118,6 +118,8 @@ pub struct Cluster {
     pub kubeconfig: Option<PathBuf>,
     /// Pods by name.
     pub pods: BTreeMap<String, Pod>,
+    /// Pods created so far (names namespaces and veths, never reused).
+    pods_created: usize,
     /// Nodes in index order.
     pub nodes: Vec<Node>,
     fabric: Option<Netns>,
@@ -161,6 +163,7 @@ impl Cluster {
             run_args: Vec::new(),
             kubeconfig: None,
             pods: BTreeMap::new(),
+            pods_created: 0,
             nodes: Vec::new(),
             fabric: None,
             id,
@@ -278,7 +281,8 @@ impl Cluster {
     /// Creates a pod namespace on `node` with a veth into its `cni0` (the config is not
     /// changed: see [`Cluster::write_config`]).
     pub fn add_pod(&mut self, name: &str, namespace: &str, node: &str, ip: Ipv4Addr) -> Result<()> {
-        let k = self.pods.len();
+        let k = self.pods_created;
+        self.pods_created += 1;
         let node = self.node(node);
         if ip.octets()[..3] != node.gateway.octets()[..3] {
             bail!(

@@ -6,6 +6,8 @@
 //!   pods on veths, kube-proxy-like DNAT of Service VIPs) built from a mesh config file,
 //!   with mesh-node started per node and everything removed on drop, also on panic;
 //! - [`apps`]: echo and greeting servers, and clients that check every byte;
+//! - [`attack`]: what a hostile pod or host process does (address theft with a gratuitous
+//!   ARP, spoofed sources, raw SYNs, fragmented SYNs, IPv6 link-local, its own cgroup);
 //! - [`kube_api`]: a fake Kubernetes API server (list/watch wire protocol, bookmarks, 410 Gone,
 //!   dropped connections) for the kube source;
 //! - [`load`]: a fixed-rate HTTP load generator without coordinated omission (`mesh-load`);
@@ -16,6 +18,7 @@
 //! 100.66.0.0/16; nothing routes out of the machine.
 
 pub mod apps;
+pub mod attack;
 pub mod cluster;
 pub mod fixtures;
 pub mod kube_api;

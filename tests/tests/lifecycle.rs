@@ -11,6 +11,14 @@ use mesh_tests::{
     require_root,
 };
 
+/// The programs every node loads (the socket bypass's only when it is on).
+const PROGRAMS: [&str; 4] = [
+    "mesh_capture",
+    "mesh_egress",
+    "mesh_sk_lookup",
+    "mesh_connect4",
+];
+
 fn addr(cluster: &Cluster, pod: &str, port: u16) -> SocketAddr {
     SocketAddr::from((cluster.pod(pod).ip, port))
 }
@@ -39,8 +47,8 @@ fn stopped_mesh_fails_closed_and_a_restart_adopts_the_pinned_programs() {
     let pinned: Vec<_> = std::fs::read_dir(&pins).unwrap().flatten().collect();
     assert_eq!(
         pinned.len(),
-        1 + links,
-        "sk_lookup and every TC link stay pinned: {pinned:?}"
+        2 + 2 * links,
+        "sk_lookup, connect4 and every TC link (both ways) stay pinned: {pinned:?}"
     );
 
     // New connections of the enrolled pod are refused, promptly, and reach no server.
@@ -129,8 +137,9 @@ fn stopped_mesh_fails_closed_and_a_restart_adopts_the_pinned_programs() {
         "{log}"
     );
     // One program of each kind per node: the restart replaced, it did not add.
-    assert_eq!(wait_loaded_programs("mesh_capture", 2).unwrap(), 2);
-    assert_eq!(wait_loaded_programs("mesh_sk_lookup", 2).unwrap(), 2);
+    for program in PROGRAMS {
+        assert_eq!(wait_loaded_programs(program, 2).unwrap(), 2, "{program}");
+    }
 
     cluster.kill_mesh("node-a").unwrap();
     assert_refused(&cluster, &[("a1", addr(&cluster, "a2", WEB_PORT))]);
@@ -262,23 +271,20 @@ fn uninstall_removes_every_trace_and_pods_talk_directly() {
 
     let report = cluster.uninstall("node-a").unwrap();
     assert!(
-        report.contains("sk_lookup") && report.contains("MESH_ENROLLED"),
+        report.contains("sk_lookup") && report.contains("MESH_PODS"),
         "{report}"
     );
     let node = &cluster.node("node-a").netns;
     // Only node-a's mesh ran in this test: with its links detached and pins gone, no program
     // of ours may stay loaded anywhere (bpftool 7.1's `net show` does not list TCX or
     // sk_lookup attachments, so this is the check that can fail).
-    assert_eq!(
-        wait_loaded_programs("mesh_capture", 0).unwrap(),
-        0,
-        "TC program still loaded"
-    );
-    assert_eq!(
-        wait_loaded_programs("mesh_sk_lookup", 0).unwrap(),
-        0,
-        "sk_lookup still loaded"
-    );
+    for program in PROGRAMS {
+        assert_eq!(
+            wait_loaded_programs(program, 0).unwrap(),
+            0,
+            "{program} still loaded"
+        );
+    }
     assert!(
         !cluster.bpffs().join("node-a").exists(),
         "pin directory left behind"

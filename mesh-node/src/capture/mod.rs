@@ -1,11 +1,14 @@
 //! The kernel side of capture, owned end to end by mesh-node: loading the programs, attaching
-//! them (TC on every pod-facing link and uplink, `sk_lookup` on the node's netns), pinning
-//! links and maps under `<bpffs>/<node>/` so they outlive the process (the mesh fails closed),
-//! adopting them on the next start without a gap, keeping the maps in step with the config,
-//! and removing all of it on `mesh-node uninstall`.
+//! them (TC ingress and egress on every pod-facing link and uplink, `sk_lookup` on the node's
+//! netns, `connect4` on the cgroup v2 root), pinning links and maps under `<bpffs>/<node>/` so
+//! they outlive the process (the mesh fails closed), adopting them on the next start without
+//! a gap, keeping the maps in step with the config and the node's interfaces, and removing
+//! all of it on `mesh-node uninstall`.
 
 pub mod bypass;
+pub mod host;
 pub mod links;
+pub mod pods;
 pub mod routing;
 
 use std::{
@@ -26,8 +29,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
-    flow_verdict, maps, programs, BridgePort, BypassCounter, Counter, EnrolledPod, FlowKey,
-    Listener, ServiceKey,
+    flow_verdict, maps, programs, BridgePort, BypassCounter, Counter, FlowKey, Listener, ServiceKey,
+};
+
+use self::{
+    host::{Host, HostTraffic},
+    pods::{LocalPods, PodMaps},
 };
 
 /// What the datapath thread reacts to.
@@ -85,6 +92,34 @@ pub enum CaptureError {
     },
 }
 
+/// `--udp-to-enrolled`: what UDP may reach enrolled pods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum UdpToEnrolled {
+    /// All of it (STRICT covers TCP, as in Istio).
+    #[default]
+    Allow,
+    /// DNS only (a port 53 at either end); everything else is dropped and counted.
+    DnsOnly,
+}
+
+/// How the datapath is set up (from the command line).
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// Log every steered SYN from the kernel.
+    pub log_captures: bool,
+    /// Attach the same-node socket bypass.
+    pub bypass: bool,
+    /// What the node's own connections to enrolled pods may do.
+    pub host_traffic: HostTraffic,
+    /// The kubelet's cgroups (paths below the cgroup v2 root).
+    pub kubelet_cgroups: Vec<PathBuf>,
+    /// UDP to enrolled pods: DNS only.
+    pub udp_dns_only: bool,
+}
+
+/// Map pins an earlier version of mesh-node made and this one no longer uses.
+const OBSOLETE_PINS: [&str; 1] = ["MESH_ENROLLED"];
+
 /// The per-node pin directory under the bpffs root. bpffs refuses names with dots, which
 /// node names (FQDNs) often have.
 pub fn pin_dir(bpffs: &Path, node: &str) -> PathBuf {
@@ -105,7 +140,15 @@ pub fn pin_dir(bpffs: &Path, node: &str) -> PathBuf {
 pub struct Datapath {
     ebpf: Ebpf,
     dir: PathBuf,
-    enrolled: HashMap<MapData, u32, EnrolledPod>,
+    pods: PodMaps,
+    /// The node's pods as the config last gave them (address -> enrolled); `None` until the
+    /// first config is applied.
+    local_pods: Option<LocalPods>,
+    /// Pod interfaces as of the last link scan: ifindex -> (namespace id, ifindex there).
+    peers: BTreeMap<u32, (i32, u32)>,
+    /// Pod addresses bound to no interface, with why, as last reported.
+    unbound: BTreeMap<Ipv4Addr, String>,
+    host: Host,
     services: HashMap<MapData, ServiceKey, u32>,
     /// What the Service map was last asked to hold: VIP:ports, and NodePorts (captured at
     /// every address of the node).
@@ -116,9 +159,11 @@ pub struct Datapath {
     services_addresses: Option<BTreeSet<Ipv4Addr>>,
     /// The node's own IPv4 addresses, refreshed with the links.
     node_addresses: BTreeSet<Ipv4Addr>,
+    /// The same with their prefix lengths.
+    node_networks: BTreeSet<(Ipv4Addr, u8)>,
     bridge_ports: HashMap<MapData, u32, BridgePort>,
     listeners: SockMap<MapData>,
-    /// Links carrying the capture program: ifindex -> name.
+    /// Links carrying the TC programs (both ways): ifindex -> name.
     attached: BTreeMap<u32, String>,
     /// Links the program could not be attached to (retried): name -> error.
     failed: BTreeMap<String, String>,
@@ -169,13 +214,13 @@ impl Datapath {
     /// Loads the programs and takes over the node: adopts or replaces what a previous
     /// mesh-node left pinned, installs routing and guard rules, attaches to every link.
     /// Subscribe to link events before calling this, so no link appears unseen.
-    /// With `bypass`, the same-node socket bypass is attached too; if the kernel refuses it,
-    /// the error is logged and the node runs without it (traffic is the same, only slower).
+    /// With `settings.bypass`, the same-node socket bypass is attached too; if the kernel
+    /// refuses it, the error is logged and the node runs without it (traffic is the same,
+    /// only slower).
     pub fn install(
         bpffs: &Path,
         node: &str,
-        log_captures: bool,
-        bypass: bool,
+        settings: &Settings,
     ) -> Result<(Datapath, KernelCounters), CaptureError> {
         let dir = pin_dir(bpffs, node);
         let links_dir = dir.join("links");
@@ -184,26 +229,31 @@ impl Datapath {
             message: err.to_string(),
         })?;
         let lock = lock(&dir)?;
-        // The bypass needs this namespace's cookie (to tell the proxy's sockets from pods').
-        let netns_cookie = match bypass.then(crate::sys::netns_cookie) {
-            Some(Ok(cookie)) => Some(cookie),
-            Some(Err(err)) => {
-                tracing::warn!(
-                    "same-node socket bypass unavailable, running without it: cannot read this \
-                     network namespace's cookie (Linux >= 5.14): {err}"
-                );
-                None
+        for name in OBSOLETE_PINS {
+            if fs::remove_file(dir.join(name)).is_ok() {
+                tracing::info!(pin = name, "removed a map pin an earlier version left");
             }
-            None => None,
-        };
-        let log_captures = u8::from(log_captures);
-        let cookie = netns_cookie.unwrap_or(0);
+        }
+        // `connect4` and the bypass act on this namespace's sockets only (cgroup programs see
+        // every namespace's).
+        let cookie = crate::sys::netns_cookie().map_err(|err| CaptureError::Program {
+            program: programs::CONNECT4,
+            message: format!(
+                "cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux >= 5.14): \
+                 {err}"
+            ),
+        })?;
+        let log_captures = u8::from(settings.log_captures);
+        let host_policy = settings.host_traffic.policy();
+        let udp_dns_only = u8::from(settings.udp_dns_only);
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(&dir)
             .override_global("LOG_CAPTURES", &log_captures, true)
-            .override_global("NODE_NETNS_COOKIE", &cookie, true);
-        if netns_cookie.is_none() {
+            .override_global("NODE_NETNS_COOKIE", &cookie, true)
+            .override_global("HOST_POLICY", &host_policy, true)
+            .override_global("UDP_DNS_ONLY", &udp_dns_only, true);
+        if !settings.bypass {
             // The object creates every map it declares: the bypass's, unused, take the least.
             for name in bypass::MAPS {
                 loader.map_max_entries(name, 1);
@@ -217,8 +267,11 @@ impl Datapath {
                 message: "missing from the object".into(),
             })
         };
-        let enrolled = HashMap::try_from(take(&mut ebpf, maps::ENROLLED)?)
-            .map_err(map_error(maps::ENROLLED))?;
+        let pods = PodMaps::new(
+            HashMap::try_from(take(&mut ebpf, maps::PODS)?).map_err(map_error(maps::PODS))?,
+            HashMap::try_from(take(&mut ebpf, maps::POD_LINKS)?)
+                .map_err(map_error(maps::POD_LINKS))?,
+        );
         let services = HashMap::try_from(take(&mut ebpf, maps::SERVICES)?)
             .map_err(map_error(maps::SERVICES))?;
         let bridge_ports = HashMap::try_from(take(&mut ebpf, maps::BRIDGE_PORTS)?)
@@ -230,7 +283,7 @@ impl Datapath {
                 .map_err(map_error(maps::COUNTERS))?,
             bypass: None,
         };
-        let bypass = if netns_cookie.is_some() {
+        let bypass = if settings.bypass {
             match bypass::Bypass::attach(&mut ebpf) {
                 Ok((bypass, bypass_counters, cgroup)) => {
                     tracing::info!(cgroup = %cgroup, "same-node socket bypass attached");
@@ -245,20 +298,29 @@ impl Datapath {
                 }
             }
         } else {
-            if !bypass {
-                tracing::info!("same-node socket bypass off");
-            }
+            tracing::info!("same-node socket bypass off");
             None
         };
+        let host = Host::install(
+            &mut ebpf,
+            &dir,
+            settings.host_traffic,
+            &settings.kubelet_cgroups,
+        )?;
 
         let mut datapath = Datapath {
             ebpf,
             dir,
-            enrolled,
+            pods,
+            local_pods: None,
+            peers: BTreeMap::new(),
+            unbound: BTreeMap::new(),
+            host,
             services,
             service_inputs: None,
             services_addresses: None,
             node_addresses: BTreeSet::new(),
+            node_networks: BTreeSet::new(),
             bridge_ports,
             listeners,
             attached: BTreeMap::new(),
@@ -280,8 +342,10 @@ impl Datapath {
     }
 
     fn load_programs(&mut self) -> Result<(), CaptureError> {
-        let capture: &mut SchedClassifier = self.program(programs::CAPTURE)?;
-        capture.load().map_err(prog_error(programs::CAPTURE))?;
+        for name in [programs::CAPTURE, programs::EGRESS] {
+            let tc: &mut SchedClassifier = self.program(name)?;
+            tc.load().map_err(prog_error(name))?;
+        }
         let lookup: &mut SkLookup = self.program(programs::SK_LOOKUP)?;
         lookup.load().map_err(|err| CaptureError::Program {
             program: programs::SK_LOOKUP,
@@ -323,7 +387,8 @@ impl Datapath {
     /// attaches to new links, drops pins of links that are gone. Links that could not be
     /// attached are remembered in [`Datapath::failed_links`]; call again to retry them.
     pub fn sync_links(&mut self) -> Result<(), CaptureError> {
-        self.node_addresses = links::addresses()?;
+        self.node_networks = links::addresses()?;
+        self.node_addresses = self.node_networks.iter().map(|(ip, _)| *ip).collect();
         if let Some((vips, node_ports)) = self.service_inputs.clone() {
             if self.services_addresses.as_ref() != Some(&self.node_addresses) {
                 self.set_services(&vips, &node_ports)?;
@@ -352,7 +417,11 @@ impl Datapath {
             if self.attached.get(&ifindex) == Some(name) {
                 continue;
             }
-            match self.attach_tc(ifindex, name) {
+            let attached = Tc::BOTH
+                .into_iter()
+                .map(|tc| self.attach_tc(tc, ifindex, name))
+                .collect::<Result<Vec<_>, _>>();
+            match attached {
                 Ok(how) => {
                     tracing::info!(link = %name, ifindex, "capture attached ({how:?})");
                     self.attached.insert(ifindex, name.clone());
@@ -374,20 +443,26 @@ impl Datapath {
         for ifindex in gone {
             let name = self.attached.remove(&ifindex).unwrap_or_default();
             tracing::info!(link = %name, ifindex, "link gone, capture detached");
-            let _ = fs::remove_file(self.tc_pin(ifindex));
+            for tc in Tc::BOTH {
+                let _ = fs::remove_file(self.tc_pin(tc, ifindex));
+            }
         }
         // Pins of links that disappeared while mesh-node was not running.
         if let Ok(entries) = fs::read_dir(self.dir.join("links")) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if let Some(ifindex) = name.strip_prefix("tc-").and_then(|i| i.parse().ok()) {
-                    if !node.capture.contains_key(&ifindex) {
-                        let _ = fs::remove_file(entry.path());
-                    }
+                let ifindex = Tc::BOTH
+                    .iter()
+                    .find_map(|tc| name.strip_prefix(tc.pin_prefix()))
+                    .and_then(|i| i.parse().ok());
+                if ifindex.is_some_and(|i| !node.capture.contains_key(&i)) {
+                    let _ = fs::remove_file(entry.path());
                 }
             }
         }
-        Ok(())
+        self.peers = node.peers;
+        self.host.sync_kubelet()?;
+        self.rebind()
     }
 
     /// Links the capture program could not be attached to at the last sync, with the error.
@@ -395,15 +470,16 @@ impl Datapath {
         &self.failed
     }
 
-    fn tc_pin(&self, ifindex: u32) -> PathBuf {
-        self.dir.join(format!("links/tc-{ifindex}"))
+    fn tc_pin(&self, tc: Tc, ifindex: u32) -> PathBuf {
+        self.dir.join(format!("links/{}{ifindex}", tc.pin_prefix()))
     }
 
-    /// Attaches the capture program to one link. A link pinned by a previous run gets the new
-    /// program atomically (TCX link update): no packet goes uncaptured in between.
-    fn attach_tc(&mut self, ifindex: u32, name: &str) -> Result<Attach, CaptureError> {
-        let pin = self.tc_pin(ifindex);
-        let prog: &mut SchedClassifier = self.program(programs::CAPTURE)?;
+    /// Attaches one TC program to one link. A link pinned by a previous run gets the new
+    /// program atomically (TCX link update): no packet goes unhandled in between.
+    fn attach_tc(&mut self, tc: Tc, ifindex: u32, name: &str) -> Result<Attach, CaptureError> {
+        let pin = self.tc_pin(tc, ifindex);
+        let program_name = tc.program();
+        let prog: &mut SchedClassifier = self.program(program_name)?;
         let adopted = PinnedLink::from_pin(&pin)
             .ok()
             .and_then(|old| SchedClassifierLink::try_from(FdLink::from(old)).ok())
@@ -411,55 +487,98 @@ impl Datapath {
         if let Some(id) = adopted {
             // The pinned link now runs the new program; its pin stays as it is. Taking the
             // link out of the program and closing our fd leaves it attached (the pin holds it).
-            let link = prog.take_link(id).map_err(prog_error(programs::CAPTURE))?;
+            let link = prog.take_link(id).map_err(prog_error(program_name))?;
             drop(FdLink::try_from(link));
             return Ok(Attach::Adopted);
         }
         let id = prog
             .attach_with_options(
                 name,
-                TcAttachType::Ingress,
+                tc.attach_type(),
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
-            .map_err(prog_error(programs::CAPTURE))?;
-        let link = prog.take_link(id).map_err(prog_error(programs::CAPTURE))?;
+            .map_err(prog_error(program_name))?;
+        let link = prog.take_link(id).map_err(prog_error(program_name))?;
         let link = FdLink::try_from(link).map_err(|err| CaptureError::Program {
-            program: programs::CAPTURE,
+            program: program_name,
             message: format!("not a TCX link ({err}): kernel >= 6.6 is required"),
         })?;
         replace_pin(&pin, link).map(|()| Attach::New)
     }
 
-    /// Makes the enrolled-pod map equal `want`. Flows already captured stay captured until
-    /// they end (the kernel forgets an entry when a new, uncaptured SYN reuses its tuple).
-    pub fn set_enrolled(&mut self, want: &BTreeSet<Ipv4Addr>) -> Result<(), CaptureError> {
+    /// Makes the kernel's pods those of the config (address -> enrolled), each bound to its
+    /// interface ([`pods::bind`]). Flows already captured stay captured until they end (the
+    /// kernel forgets an entry when a new, uncaptured SYN reuses its tuple). Until this is
+    /// first called, what a previous run pinned stays as it is (the mesh fails closed).
+    pub fn set_pods(&mut self, pods: &LocalPods) -> Result<(), CaptureError> {
+        let want: BTreeSet<Ipv4Addr> = pods
+            .iter()
+            .filter(|(_, enrolled)| **enrolled)
+            .map(|(ip, _)| *ip)
+            .collect();
+        if self.local_pods.as_ref() == Some(pods) && self.guard_set.as_ref() == Some(&want) {
+            // Most config changes do not touch the node's pods: no map or ipset work at all.
+            return Ok(());
+        }
+        self.local_pods = Some(pods.clone());
         // The bridge guard refuses bridged SYNs of the pods in its set, which is only right
         // while the kernel captures them: pods leave the set before they leave the map, and
         // join it after they joined the map.
         let have = self.enrolled();
-        if have == *want && self.guard_set.as_ref() == Some(want) {
-            // Most config changes do not touch enrolment: no map or ipset work at all.
-            return Ok(());
-        }
         self.guard_set = None;
-        let staying: BTreeSet<Ipv4Addr> = have.intersection(want).copied().collect();
+        let staying: BTreeSet<Ipv4Addr> = have.intersection(&want).copied().collect();
         if staying.len() < have.len() {
             routing::sync_enrolled_set(&staying)?;
         }
-        let key = |ip: &Ipv4Addr| u32::from_ne_bytes(ip.octets());
-        for ip in have.difference(want) {
-            self.enrolled
-                .remove(&key(ip))
-                .map_err(map_error(maps::ENROLLED))?;
-        }
-        for ip in want.difference(&have) {
-            self.enrolled
-                .insert(key(ip), EnrolledPod::default(), 0)
-                .map_err(map_error(maps::ENROLLED))?;
-        }
-        routing::sync_enrolled_set(want)?;
-        self.guard_set = Some(want.clone());
+        self.rebind()?;
+        routing::sync_enrolled_set(&want)?;
+        self.guard_set = Some(want);
         Ok(())
+    }
+
+    /// Binds the config's pods to the interfaces that hold their addresses now, and reports
+    /// an address that no interface can be trusted with (once, when that changes).
+    fn rebind(&mut self) -> Result<(), CaptureError> {
+        let Some(local_pods) = &self.local_pods else {
+            return Ok(());
+        };
+        let claims: pods::Claims = self
+            .peers
+            .iter()
+            .filter_map(|(&ifindex, &(nsid, peer))| {
+                match crate::sys::peer_ipv4_addresses(nsid, peer) {
+                    Ok(addresses) => Some((ifindex, addresses.into_iter().collect())),
+                    Err(err) => {
+                        // Gone since the scan (a pod being deleted); the next event rescans.
+                        tracing::debug!(ifindex, "cannot read the pod's addresses: {err}");
+                        None
+                    }
+                }
+            })
+            .collect();
+        let before = self.pods.bound();
+        let binding = pods::bind(local_pods, &claims, &before);
+        self.pods.apply(&binding)?;
+        let moved: Vec<Ipv4Addr> = binding
+            .pods
+            .iter()
+            .filter(|(ip, entry)| entry.ifindex != 0 && before.get(ip) != Some(&entry.ifindex))
+            .map(|(ip, _)| *ip)
+            .collect();
+        routing::forget_neighbours(&moved)?;
+        for ip in &moved {
+            let ifindex = binding.pods[ip].ifindex;
+            let name = self.attached.get(&ifindex).map_or("?", String::as_str);
+            tracing::info!(%ip, ifindex, link = name, "pod address bound to its interface");
+        }
+        for (ip, why) in &binding.unbound {
+            if self.unbound.get(ip) != Some(why) {
+                tracing::warn!("{why}: the kernel refuses it as a source until then");
+            }
+        }
+        let source = links::host_source(&self.node_networks, local_pods.keys().copied());
+        self.unbound = binding.unbound;
+        self.host.set_source(source)
     }
 
     /// The node's own IPv4 addresses, as of the last link scan.
@@ -499,13 +618,14 @@ impl Datapath {
         }
     }
 
-    /// The pods in the kernel's enrolled map.
+    /// The enrolled pods in the kernel's pod map.
     pub fn enrolled(&self) -> BTreeSet<Ipv4Addr> {
-        self.enrolled
-            .keys()
-            .filter_map(Result::ok)
-            .map(|key| Ipv4Addr::from(key.to_ne_bytes()))
-            .collect()
+        self.pods.enrolled()
+    }
+
+    /// The kernel's binding of pod addresses to interfaces: address -> ifindex (0: none).
+    pub fn pod_interfaces(&self) -> BTreeMap<Ipv4Addr, u32> {
+        self.pods.bound()
     }
 
     /// Registers a proxy listener in the sockmap `sk_lookup` picks from.
@@ -525,7 +645,42 @@ impl Datapath {
     }
 }
 
-/// How a link got the capture program.
+/// The two TC programs, by the way they face.
+#[derive(Clone, Copy)]
+enum Tc {
+    /// `mesh_capture`: what comes in.
+    Ingress,
+    /// `mesh_egress`: what goes out (into a pod).
+    Egress,
+}
+
+impl Tc {
+    const BOTH: [Tc; 2] = [Tc::Ingress, Tc::Egress];
+
+    fn program(self) -> &'static str {
+        match self {
+            Tc::Ingress => programs::CAPTURE,
+            Tc::Egress => programs::EGRESS,
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Tc::Ingress => TcAttachType::Ingress,
+            Tc::Egress => TcAttachType::Egress,
+        }
+    }
+
+    /// Pins are `links/<prefix><ifindex>`.
+    fn pin_prefix(self) -> &'static str {
+        match self {
+            Tc::Ingress => "tc-",
+            Tc::Egress => "tce-",
+        }
+    }
+}
+
+/// How a link got a TC program.
 #[derive(Debug)]
 enum Attach {
     /// A link pinned by an earlier mesh-node was updated in place to the new program.

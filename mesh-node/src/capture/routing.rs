@@ -2,7 +2,8 @@
 //! - policy routing: packets carrying `MARK_CAPTURE` are delivered locally
 //!   (`ip rule fwmark 0x200/0x200 lookup 100`, `local 0.0.0.0/0 dev lo table 100`);
 //! - `MESH-PREROUTING` (nat): captured flows skip kube-proxy's DNAT, so the proxy sees the
-//!   Service VIP itself and dials endpoints directly;
+//!   Service VIP itself and dials endpoints directly; `MESH-OUTPUT` (nat) does the same for
+//!   the node's own connections that `connect4` sends to the proxy (`--host-traffic`);
 //! - `MESH-GUARD` (filter INPUT): a captured SYN that no transparent proxy socket will take
 //!   (mesh-node is down) is refused with a TCP reset: the mesh fails closed, promptly.
 //! - `MESH-BRIDGE` (filter FORWARD, bridged frames via br_netfilter, as on K3s): a SYN to or
@@ -32,6 +33,7 @@ use super::CaptureError;
 
 const GUARD_CHAIN: &str = "MESH-GUARD";
 const NAT_CHAIN: &str = "MESH-PREROUTING";
+const NAT_OUTPUT_CHAIN: &str = "MESH-OUTPUT";
 const BRIDGE_CHAIN: &str = "MESH-BRIDGE";
 const NOTRACK_CHAIN: &str = "MESH-NOTRACK";
 const NOTRACK_OUT_CHAIN: &str = "MESH-NOTRACK-OUT";
@@ -77,6 +79,12 @@ pub fn install() -> Result<(), CaptureError> {
         &[&["-m", "mark", "--mark", &mark, "-j", "ACCEPT"]],
     )?;
     ensure_jump_first("nat", "PREROUTING", NAT_CHAIN)?;
+    ensure_chain(
+        "nat",
+        NAT_OUTPUT_CHAIN,
+        &[&["-m", "mark", "--mark", &mark, "-j", "ACCEPT"]],
+    )?;
+    ensure_jump_first("nat", "OUTPUT", NAT_OUTPUT_CHAIN)?;
 
     run("ipset", &["create", ENROLLED_SET, "hash:ip", "-exist"])?;
     let bridged = [
@@ -151,12 +159,39 @@ pub fn sync_enrolled_set(
     script.push_str(&format!(
         "swap {staging} {ENROLLED_SET}\ndestroy {staging}\n"
     ));
+    let command = format!("ipset restore (set {ENROLLED_SET}, {} entries)", ips.len());
+    run_script(&command, "ipset", &["restore"], &script)
+}
+
+/// Drops the node's neighbour (ARP) entries for `ips`: their addresses just moved to
+/// another interface (a new pod took a freed address), and an entry naming the old pod's MAC
+/// would hold the new pod's traffic until it expired. The pod's own announcement at start
+/// may have been refused while its interface was not yet trusted with the address.
+pub fn forget_neighbours(ips: &[std::net::Ipv4Addr]) -> Result<(), CaptureError> {
+    if ips.is_empty() {
+        return Ok(());
+    }
+    let script: String = ips
+        .iter()
+        .map(|ip| format!("neigh flush to {ip}\n"))
+        .collect();
+    let command = format!("ip -batch - (neigh flush, {} addresses)", ips.len());
+    run_script(&command, "ip", &["-4", "-batch", "-"], &script)
+}
+
+/// Runs `program args` with `script` as its standard input; `command` names it in errors.
+fn run_script(
+    command: &str,
+    program: &str,
+    args: &[&str],
+    script: &str,
+) -> Result<(), CaptureError> {
     let fail = |message: String| CaptureError::Command {
-        command: format!("ipset restore (set {ENROLLED_SET}, {} entries)", ips.len()),
+        command: command.to_string(),
         message,
     };
-    let mut child = Command::new("ipset")
-        .arg("restore")
+    let mut child = Command::new(program)
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -204,6 +239,7 @@ pub fn remove() -> Result<Vec<String>, CaptureError> {
         ("filter", "INPUT", GUARD_CHAIN),
         ("filter", "FORWARD", BRIDGE_CHAIN),
         ("nat", "PREROUTING", NAT_CHAIN),
+        ("nat", "OUTPUT", NAT_OUTPUT_CHAIN),
         ("raw", "PREROUTING", NOTRACK_CHAIN),
         ("raw", "OUTPUT", NOTRACK_OUT_CHAIN),
     ] {

@@ -6,7 +6,10 @@
 //! Field names follow the Kubernetes API (camelCase in YAML). A resource without
 //! `metadata.namespace` belongs to `default`, as `kubectl apply` does.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use serde_yaml_ng::Value;
 
@@ -164,8 +167,11 @@ pub struct ContainerPort {
 pub struct PodStatus {
     /// `Pending`, `Running`, `Succeeded`, `Failed` or `Unknown`.
     pub phase: Option<String>,
-    /// The pod's IPv4 address.
+    /// The pod's IPv4 address: `podIP`, or on a cluster whose first family is IPv6 the
+    /// IPv4 one of `podIPs`.
     pub pod_ip: Option<Ipv4Addr>,
+    /// The pod has an IPv6 address (`podIP`, `podIPs`): the cluster is dual-stack.
+    pub ipv6: bool,
     /// Conditions; `Ready` decides whether the pod is a Service endpoint.
     pub conditions: Vec<Condition>,
 }
@@ -245,6 +251,9 @@ pub struct ServiceSpec {
     pub selector: Option<Labels>,
     /// Other addresses kube-proxy forwards the Service's ports at (`externalIPs`).
     pub external_ips: Vec<String>,
+    /// The Service has an IPv6 family (`ipFamilies`, `clusterIPs`): the cluster is
+    /// dual-stack.
+    pub ipv6: bool,
 }
 
 /// `Service.spec.ports[]`.
@@ -374,11 +383,32 @@ impl Decode for ContainerPort {
 
 impl Decode for PodStatus {
     fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
-        cx.object(value, false, |f| PodStatus {
-            phase: f.opt("phase"),
-            pod_ip: f.opt("podIP"),
-            conditions: f.list("conditions"),
+        cx.object(value, false, |f| {
+            let primary: Option<IpAddr> = f.opt("podIP");
+            let all: Vec<PodIp> = f.list("podIPs");
+            let addresses: Vec<IpAddr> = primary
+                .into_iter()
+                .chain(all.into_iter().filter_map(|p| p.0))
+                .collect();
+            PodStatus {
+                phase: f.opt("phase"),
+                pod_ip: addresses.iter().find_map(|ip| match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                }),
+                ipv6: addresses.iter().any(IpAddr::is_ipv6),
+                conditions: f.list("conditions"),
+            }
         })
+    }
+}
+
+/// `Pod.status.podIPs[]`.
+struct PodIp(Option<IpAddr>);
+
+impl Decode for PodIp {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        cx.object(value, false, |f| PodIp(f.opt("ip")))
     }
 }
 
@@ -433,11 +463,21 @@ impl Decode for LoadBalancerIngress {
 
 impl Decode for ServiceSpec {
     fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
-        cx.object(value, false, |f| ServiceSpec {
-            cluster_ip: f.opt("clusterIP"),
-            ports: f.list("ports"),
-            selector: f.opt("selector"),
-            external_ips: f.list("externalIPs"),
+        cx.object(value, false, |f| {
+            let cluster_ip: Option<String> = f.opt("clusterIP");
+            let cluster_ips: Vec<String> = f.list("clusterIPs");
+            let families: Vec<String> = f.list("ipFamilies");
+            ServiceSpec {
+                ipv6: families.iter().any(|f| f == "IPv6")
+                    || cluster_ip
+                        .iter()
+                        .chain(&cluster_ips)
+                        .any(|ip| ip.contains(':')),
+                cluster_ip,
+                ports: f.list("ports"),
+                selector: f.opt("selector"),
+                external_ips: f.list("externalIPs"),
+            }
         })
     }
 }

@@ -429,6 +429,15 @@ impl Decode for Ipv4Addr {
     }
 }
 
+impl Decode for IpAddr {
+    fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
+        let text = String::decode(value, cx)?;
+        text.parse()
+            .map_err(|_| cx.error(format!("{text:?} is not an IP address")))
+            .ok()
+    }
+}
+
 /// An IP network (`10.0.0.0/8`; a bare address is a /32). IPv6 networks are accepted (for
 /// dual-stack configs) but never match: the mesh carries IPv4 only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

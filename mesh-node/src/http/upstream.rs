@@ -350,11 +350,12 @@ async fn connect(
         let io = TokioIo::new(Tunnel::new(send, recv));
         return handshake(io, target.h2, (counted, guard)).await.map_err(uf);
     }
-    let connected = tokio::time::timeout(
-        timeout,
-        crate::proxy::connect_from(source, SocketAddr::V4(target.endpoint)),
-    )
-    .await;
+    let endpoint = SocketAddr::V4(target.endpoint);
+    let source = ctx
+        .upstream_source(source, endpoint)
+        .map_err(|error| ConnectFailure { flag: "NR", error })?;
+    let connected =
+        tokio::time::timeout(timeout, crate::proxy::connect_from(source, endpoint)).await;
     let stream = match connected {
         Ok(Ok(stream)) => stream,
         Ok(Err(err)) => return Err(uf(format!("connect to {}: {err}", target.endpoint))),

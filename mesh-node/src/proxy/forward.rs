@@ -557,7 +557,15 @@ async fn plain(
 ) -> Option<Relayed<'_>> {
     let mut tracked = Tracked::open(ctx, direction, rec);
     tracked.live = ctx.tcp.open(reports);
-    let source = ip_of(peer).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    let client_ip = ip_of(peer).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    let source = match ctx.upstream_source(client_ip, upstream) {
+        Ok(source) => source,
+        Err(error) => {
+            reset(&client);
+            tracked.finish(Outcome::refused("NR", error));
+            return None;
+        }
+    };
     let server = match connect_from(source, upstream).await {
         Ok(server) => server,
         Err(err) => {

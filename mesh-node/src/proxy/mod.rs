@@ -25,7 +25,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use mesh_common::MARK_PROXY;
+use mesh_common::{MARK_PROXY, PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt},
@@ -88,6 +88,35 @@ pub struct ProxyContext {
     pub replies: Arc<crate::capture::ReplySteering>,
     /// L7 routing state and request metrics.
     pub l7: Arc<crate::http::L7>,
+}
+
+impl ProxyContext {
+    /// Where a connection to `upstream` made on behalf of `client` comes from. A connection
+    /// to an address of this node (a host-network server, a NodePort) never leaves it: made
+    /// from the client pod's address, the node's answer would go to the pod rather than to
+    /// the proxy, so it comes from the node's own address, as kube-proxy masquerades
+    /// hairpin traffic. The proxy's own listener ports at such an address are refused: the
+    /// proxy never dials itself.
+    pub(crate) fn upstream_source(
+        &self,
+        client: Ipv4Addr,
+        upstream: SocketAddr,
+    ) -> Result<Ipv4Addr, String> {
+        let SocketAddr::V4(upstream) = upstream else {
+            return Ok(client);
+        };
+        let ip = upstream.ip();
+        if !(ip.is_loopback() || ip.is_unspecified() || self.node_addresses.load().contains(ip)) {
+            return Ok(client);
+        }
+        if [PORT_OUTBOUND, PORT_INBOUND, PORT_HBONE].contains(&upstream.port()) {
+            return Err(format!(
+                "{upstream} is this node proxy's own listener: refused, the proxy never dials \
+                 itself"
+            ));
+        }
+        Ok(Ipv4Addr::UNSPECIFIED)
+    }
 }
 
 /// Binds a transparent listener on `127.0.0.1:port`. It carries `MARK_PROXY`, and so do its

@@ -1,0 +1,420 @@
+//! What a hostile pod or host process does, for the tests that check the mesh refuses it:
+//! take another pod's address and announce it (gratuitous ARP), connect from an address it
+//! does not own, craft a SYN on a raw socket, send a SYN with IP options over a path whose
+//! MTU fragments it, speak IPv6 link-local, and run a process in a cgroup of its choosing.
+//! Every call is bounded in time; nothing is sent outside the test's namespaces.
+
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::netns::Netns;
+
+/// Sends one gratuitous ARP from `iface` in `ns`, claiming `ip` for the interface's MAC:
+/// what a pod with CAP_NET_RAW can do.
+pub fn gratuitous_arp(ns: &Netns, iface: &str, ip: Ipv4Addr) -> Result<()> {
+    let mac = mac_of(ns, iface)?;
+    let ifindex = ifindex(ns, iface)?;
+    ns.run(move || {
+        let mut frame = Vec::with_capacity(42);
+        frame.extend_from_slice(&[0xff; 6]);
+        frame.extend_from_slice(&mac);
+        frame.extend_from_slice(&0x0806u16.to_be_bytes());
+        // An ARP announcement (RFC 5227, what `arping -U` sends): a request with the
+        // address as both sender and target, which neighbour tables take over an entry.
+        frame.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+        frame.extend_from_slice(&mac);
+        frame.extend_from_slice(&ip.octets());
+        frame.extend_from_slice(&[0; 6]);
+        frame.extend_from_slice(&ip.octets());
+        // SAFETY: socket(2) with constant arguments; the fd is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(0x0806u16.to_be()),
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields used are set below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_protocol = 0x0806u16.to_be();
+        to.sll_ifindex = ifindex as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        // SAFETY: the frame and the address are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                socket.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&to as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        Ok(())
+    })
+}
+
+fn mac_of(ns: &Netns, iface: &str) -> Result<[u8; 6]> {
+    let links: serde_json::Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", iface])?)?;
+    let text = links[0]["address"]
+        .as_str()
+        .ok_or_else(|| anyhow!("{iface} has no MAC"))?;
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(text.split(':')) {
+        *byte = u8::from_str_radix(part, 16)?;
+    }
+    Ok(mac)
+}
+
+/// The ifindex of `iface` in `ns`.
+pub fn ifindex(ns: &Netns, iface: &str) -> Result<u32> {
+    let links: serde_json::Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", iface])?)?;
+    links[0]["ifindex"]
+        .as_u64()
+        .and_then(|i| u32::try_from(i).ok())
+        .ok_or_else(|| anyhow!("{iface} has no ifindex"))
+}
+
+/// Connects from inside `ns` to `dst` from the local address `source` (which must be one of
+/// the namespace's addresses), within `timeout`.
+pub fn connect_from(
+    ns: &Netns,
+    source: Ipv4Addr,
+    dst: SocketAddrV4,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    ns.run(move || {
+        // SAFETY: socket(2) with constant arguments; the fd is owned right away.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        let from = sockaddr_in(SocketAddrV4::new(source, 0));
+        // SAFETY: the address is valid for its length.
+        let rc = unsafe {
+            libc::bind(
+                stream.as_raw_fd(),
+                (&from as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error()).context(format!("bind to {source}"));
+        }
+        connect_bounded(stream, dst, timeout)
+    })
+}
+
+/// Connects from inside `ns` to `dst` with `options` as the IPv4 options of every packet
+/// (`IP_OPTIONS`), within `timeout`: with a path MTU of 68 locked on the route, the kernel
+/// fragments the SYN so that its first fragment holds 8 bytes of TCP header, not its flags.
+pub fn connect_with_ip_options(
+    ns: &Netns,
+    dst: SocketAddrV4,
+    options: Vec<u8>,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    ns.run(move || {
+        // SAFETY: socket(2) with constant arguments; the fd is owned right away.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        // SAFETY: the buffer is valid for its length.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_OPTIONS,
+                options.as_ptr().cast(),
+                options.len() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error()).context("IP_OPTIONS");
+        }
+        connect_bounded(stream, dst, timeout)
+    })
+}
+
+fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// `connect` on a fresh socket, waited for at most `timeout` (non-blocking connect + poll).
+fn connect_bounded(stream: TcpStream, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+    stream.set_nonblocking(true)?;
+    let to = sockaddr_in(dst);
+    // SAFETY: the address is valid for its length.
+    let rc = unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            (&to as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(err).context(format!("connect to {dst}"));
+        }
+        let mut pfd = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        if ready == 0 {
+            bail!("connect to {dst}: timed out after {timeout:?}");
+        }
+        if let Some(err) = stream.take_error()? {
+            return Err(err).context(format!("connect to {dst}"));
+        }
+    }
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(stream)
+}
+
+/// Sends one TCP SYN to `dst` from `source` on a raw socket in `ns`, as a process with
+/// CAP_NET_RAW can: no `connect()`, so no connect hook sees it.
+pub fn raw_syn(ns: &Netns, source: Ipv4Addr, dst: SocketAddrV4) -> Result<()> {
+    ns.run(move || {
+        // SAFETY: socket(2) with constant arguments; the fd is owned right away.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 6) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let from = sockaddr_in(SocketAddrV4::new(source, 0));
+        // SAFETY: the address is valid for its length.
+        let rc = unsafe {
+            libc::bind(
+                socket.as_raw_fd(),
+                (&from as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error()).context(format!("bind to {source}"));
+        }
+        // The kernel adds the IP header; this is the TCP header (checksum included).
+        let mut tcp = [0u8; 20];
+        tcp[0..2].copy_from_slice(&40_000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+        tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x02; // SYN
+        tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+        let sum = tcp_checksum(source, *dst.ip(), &tcp);
+        tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+        let to = sockaddr_in(SocketAddrV4::new(*dst.ip(), 0));
+        // SAFETY: the segment and the address are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                socket.as_raw_fd(),
+                tcp.as_ptr().cast(),
+                tcp.len(),
+                0,
+                (&to as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        Ok(())
+    })
+}
+
+fn tcp_checksum(src: Ipv4Addr, dst: Ipv4Addr, segment: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    };
+    add(&src.octets());
+    add(&dst.octets());
+    add(&[0, 6]);
+    add(&(segment.len() as u16).to_be_bytes());
+    add(segment);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The link-local IPv6 address of `iface` in `ns`, once duplicate address detection is done
+/// (waits up to 10 s).
+pub fn link_local(ns: &Netns, iface: &str) -> Result<Ipv6Addr> {
+    for _ in 0..200 {
+        let json = ns.ip(&["-6", "-j", "addr", "show", "dev", iface, "scope", "link"])?;
+        let links: serde_json::Value = serde_json::from_str(&json)?;
+        let ready = links[0]["addr_info"].as_array().and_then(|infos| {
+            infos
+                .iter()
+                .find(|i| i["tentative"].as_bool() != Some(true))
+                .and_then(|i| i["local"].as_str()?.parse().ok())
+        });
+        if let Some(ip) = ready {
+            return Ok(ip);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{iface} in {} has no usable link-local address", ns.name())
+}
+
+/// Connects over IPv6 from inside `ns` to `dst` (link-local, out of `iface`) within `timeout`.
+pub fn connect_v6(
+    ns: &Netns,
+    dst: Ipv6Addr,
+    port: u16,
+    iface: &str,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    let scope = ifindex(ns, iface)?;
+    ns.run(move || {
+        let to = SocketAddr::V6(SocketAddrV6::new(dst, port, 0, scope));
+        TcpStream::connect_timeout(&to, timeout).with_context(|| format!("connect to {to}"))
+    })
+}
+
+/// Sends one UDP datagram from inside `ns` to `dst`.
+pub fn udp_send(ns: &Netns, dst: SocketAddr, payload: &'static [u8]) -> Result<()> {
+    ns.run(move || {
+        let bind: SocketAddr = if dst.is_ipv6() {
+            "[::]:0".parse()?
+        } else {
+            "0.0.0.0:0".parse()?
+        };
+        UdpSocket::bind(bind)?.send_to(payload, dst)?;
+        Ok(())
+    })
+}
+
+/// A UDP socket bound in `ns` (all addresses, both families) that tells what it received.
+pub struct UdpSink(UdpSocket);
+
+impl UdpSink {
+    /// Binds `[::]:port` in `ns`.
+    pub fn bind(ns: &Netns, port: u16) -> Result<UdpSink> {
+        let socket = ns.run(move || Ok(UdpSocket::bind(("::", port))?))?;
+        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(UdpSink(socket))
+    }
+
+    /// The datagrams that arrive within `wait`.
+    pub fn received(&self, wait: Duration) -> Vec<Vec<u8>> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while std::time::Instant::now() < deadline {
+            if let Ok((n, _)) = self.0.recv_from(&mut buf) {
+                got.push(buf[..n].to_vec());
+            }
+        }
+        got
+    }
+}
+
+/// A cgroup (v2) the test makes, removed on drop (after its processes are gone).
+pub struct Cgroup {
+    path: PathBuf,
+    /// The path below the cgroup v2 root, as mesh-node's `--kubelet-cgroup` takes it.
+    pub relative: String,
+}
+
+impl Cgroup {
+    /// Creates `<cgroup v2 root>/<name>`.
+    pub fn create(name: &str) -> Result<Cgroup> {
+        let root = cgroup2_root()?;
+        let path = root.join(name);
+        std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        Ok(Cgroup {
+            path,
+            relative: format!("/{name}"),
+        })
+    }
+
+    /// Runs `ip netns exec NS PROGRAM ARGS` as a process of this cgroup (it moves itself in
+    /// before it execs); returns whether it exited with success, within 10 s.
+    pub fn run_in(&self, ns: &Netns, program: &str, args: &[&str]) -> Result<bool> {
+        let procs = self.path.join("cgroup.procs");
+        let status = Command::new("timeout")
+            .arg("10")
+            .arg("sh")
+            .arg("-c")
+            .arg("echo $$ > \"$0\" && exec ip netns exec \"$@\"")
+            .arg(&procs)
+            .arg(ns.name())
+            .arg(program)
+            .args(args)
+            .status()?;
+        Ok(status.success())
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Where the cgroup v2 hierarchy is mounted (the first `cgroup2` mount of its root).
+fn cgroup2_root() -> Result<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (fields, rest) = line.split_once(" - ")?;
+            let mut fields = fields.split_whitespace();
+            if !rest.starts_with("cgroup2 ") || fields.nth(3)? != "/" {
+                return None;
+            }
+            fields.next().map(|point| Path::new(point).to_path_buf())
+        })
+        .ok_or_else(|| anyhow!("no cgroup v2 hierarchy is mounted"))
+}
+
+/// How many file descriptors process `pid` holds.
+pub fn open_fds(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
