@@ -278,9 +278,10 @@ pub enum Counter {
     FragmentDropped = 12,
     /// UDP to an enrolled pod other than DNS, with `--udp-to-enrolled=dns-only`: dropped.
     UdpDropped = 13,
-    /// A SYN to an enrolled pod from the node that neither the proxy nor the kubelet sent
-    /// (a raw socket, or a connection the `connect4` hook did not see): dropped.
-    HostSynDropped = 14,
+    /// A SYN into an enrolled pod's interface that the proxy did not send, nor a socket of
+    /// the node that may (a raw socket, a connection the `connect4` hook did not see, a pod
+    /// whose own interface has no capture program yet): dropped.
+    UnproxiedSyn = 14,
     /// A connection from the node to an enrolled pod (or a captured Service address) was
     /// sent to the proxy (`connect4`).
     HostCaptured = 15,
@@ -324,7 +325,7 @@ impl Counter {
         (Counter::Ipv6Dropped, "ipv6_dropped"),
         (Counter::FragmentDropped, "fragment_dropped"),
         (Counter::UdpDropped, "udp_dropped"),
-        (Counter::HostSynDropped, "host_syn_dropped"),
+        (Counter::UnproxiedSyn, "unproxied_syn"),
         (Counter::HostCaptured, "host_captured"),
         (Counter::HostKubelet, "host_kubelet"),
         (Counter::HostRefused, "host_refused"),

@@ -30,7 +30,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::debug;
-use mesh_common::{flow_verdict, Counter, Direction, FlowKey, ServiceKey, MARK_CAPTURE};
+use mesh_common::{flow_verdict, Counter, Direction, FlowKey, PodEntry, ServiceKey, MARK_CAPTURE};
 
 use crate::{
     counters::bump,
@@ -67,7 +67,7 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
         _ => return Ok(NEXT),
     }
     let ip = packet::ipv4(ctx).map_err(|()| dropped(Counter::Malformed))?;
-    claim(ip.src, ifindex)?;
+    let source = claim(ip.src, ifindex)?;
     if ip.proto != IPPROTO_TCP {
         return Ok(NEXT);
     }
@@ -88,7 +88,7 @@ fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
         port: src_port,
         _pad: 0,
     };
-    let direction = if enrolled(src_ip) {
+    let direction = if source.is_some_and(|p| p.enrolled()) {
         Some(Direction::Outbound)
     } else if enrolled(dst_ip) {
         Some(Direction::Inbound)
@@ -188,18 +188,19 @@ pub fn dropped(counter: Counter) -> i32 {
 }
 
 /// Whether `src` may send from the interface `ifindex`: a local pod's address only from that
-/// pod's interface, and a pod's interface only with its pod's address.
+/// pod's interface, and a pod's interface only with its pod's address. Returns the local pod
+/// that sent it, if one did.
 #[inline(always)]
-fn claim(src: u32, ifindex: u32) -> Result<(), i32> {
-    if let Some(owner) = pod(src) {
-        if owner.ifindex != ifindex {
-            return Err(dropped(Counter::SpoofedSource));
-        }
-    } else if pod_link(ifindex).is_some_and(|link| link.ip != 0) {
+fn claim(src: u32, ifindex: u32) -> Result<Option<PodEntry>, i32> {
+    let owner = pod(src);
+    match owner {
+        Some(owner) if owner.ifindex != ifindex => Err(dropped(Counter::SpoofedSource)),
         // A bound pod interface, and not its pod's address (that one is in PODS).
-        return Err(dropped(Counter::SpoofedSource));
+        None if pod_link(ifindex).is_some_and(|link| link.ip != 0) => {
+            Err(dropped(Counter::SpoofedSource))
+        }
+        _ => Ok(owner),
     }
-    Ok(())
 }
 
 /// ARP: a claim on a local pod's address from another interface, or a pod's interface

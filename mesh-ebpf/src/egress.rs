@@ -63,7 +63,7 @@ fn tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, i32> {
     if !syn || mark & MARK_PROXY != 0 || host_may_connect(ctx) {
         return Ok(NEXT);
     }
-    Err(dropped(Counter::HostSynDropped))
+    Err(dropped(Counter::UnproxiedSyn))
 }
 
 /// Whether the SYN comes from a socket of the node (a forwarded or bridged packet has none)

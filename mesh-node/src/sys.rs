@@ -123,19 +123,7 @@ pub struct LinkEvents {
 impl LinkEvents {
     /// Opens the socket.
     pub fn open() -> io::Result<LinkEvents> {
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh socket we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = route_netlink_socket()?;
         // SAFETY: an all-zero sockaddr_nl is valid; we set family and groups.
         let mut addr: libc::sockaddr_nl = unsafe { zeroed() };
         addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
@@ -189,6 +177,23 @@ const IFA_TARGET_NETNSID: u16 = 10;
 /// `IFA_LOCAL` from `<linux/if_addr.h>`.
 const IFA_LOCAL: u16 = 2;
 
+/// A new `NETLINK_ROUTE` socket.
+fn route_netlink_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 fn set_netlink_option(fd: &OwnedFd, option: libc::c_int) -> io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: the fd is a live netlink socket; pointer and length describe `on`.
@@ -212,19 +217,7 @@ fn set_netlink_option(fd: &OwnedFd, option: libc::c_int) -> io::Result<()> {
 /// `RTM_GETADDR` dump with `IFA_TARGET_NETNSID` (Linux >= 4.20; strict checking on, so the
 /// kernel filters by interface).
 pub fn peer_ipv4_addresses(nsid: i32, ifindex: u32) -> io::Result<Vec<Ipv4Addr>> {
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh socket we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = route_netlink_socket()?;
     set_netlink_option(&fd, NETLINK_GET_STRICT_CHK)?;
     let request = addr_dump_request(nsid, ifindex);
     // SAFETY: the buffer is valid for its length; the kernel is the destination (no address).
@@ -438,14 +431,25 @@ pub fn netns_cookie() -> io::Result<u64> {
     Ok(cookie)
 }
 
-/// Opens the root of the cgroup v2 hierarchy: the first `cgroup2` mount of its root this
-/// process sees, else a private mount of it that is detached again at once (`ip netns exec`
+/// Opens the root of the cgroup v2 hierarchy, where programs attached see every process of
+/// the machine: the first `cgroup2` mount this process sees that is the root (the root has
+/// no `cgroup.events`; in a container with its own cgroup namespace, a mount of the host's
+/// hierarchy, such as the DaemonSet's hostPath at /sys/fs/cgroup, is one, the runtime's own
+/// mount is not), else a private mount of it that is detached again at once (`ip netns exec`
 /// gives its command a fresh /sys without cgroup mounts); the open directory stays usable.
 /// Returns the directory and where it was found.
 pub fn open_cgroup2_root() -> io::Result<(std::fs::File, String)> {
+    let is_root = |dir: &std::fs::File| {
+        let events = format!("/proc/self/fd/{}/cgroup.events", dir.as_raw_fd());
+        !Path::new(&events).exists()
+    };
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    if let Some(path) = cgroup2_mount(&mountinfo) {
-        return Ok((std::fs::File::open(&path)?, path));
+    for path in cgroup2_mounts(&mountinfo) {
+        if let Ok(dir) = std::fs::File::open(&path) {
+            if is_root(&dir) {
+                return Ok((dir, path));
+            }
+        }
     }
     // A directory of our own: mkdir fails rather than reuse anything already there.
     let nanos = std::time::SystemTime::now()
@@ -456,7 +460,15 @@ pub fn open_cgroup2_root() -> io::Result<(std::fs::File, String)> {
     std::fs::create_dir(&dir)?;
     let result = mount_and_open_cgroup2(&dir);
     let _ = std::fs::remove_dir(&dir);
-    result.map(|file| (file, "a private cgroup2 mount".to_string()))
+    let dir = result?;
+    if !is_root(&dir) {
+        return Err(io::Error::other(
+            "this process's cgroup namespace is not the host's and no mount of the host's \
+             cgroup v2 hierarchy is visible: mount it (the DaemonSet mounts the host's \
+             /sys/fs/cgroup)",
+        ));
+    }
+    Ok((dir, "a private cgroup2 mount".to_string()))
 }
 
 fn mount_and_open_cgroup2(dir: &Path) -> io::Result<std::fs::File> {
@@ -481,22 +493,20 @@ fn mount_and_open_cgroup2(dir: &Path) -> io::Result<std::fs::File> {
     file
 }
 
-/// The mount point of the first `cgroup2` filesystem mounted from its root (not a subtree,
-/// whose programs would see only part of the machine) in a mountinfo listing.
-fn cgroup2_mount(mountinfo: &str) -> Option<String> {
-    mountinfo.lines().find_map(|line| {
-        let (fields, rest) = line.split_once(" - ")?;
-        if rest.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        let mut fields = fields.split_whitespace();
-        if fields.nth(3)? != "/" {
-            return None;
-        }
-        // Mount points escape spaces and the like as octal (\040).
-        let point = fields.next()?;
-        Some(point.replace("\\040", " "))
-    })
+/// The mount points of the `cgroup2` filesystems in a mountinfo listing, in order.
+fn cgroup2_mounts(mountinfo: &str) -> Vec<String> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (fields, rest) = line.split_once(" - ")?;
+            if rest.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            // Mount points escape spaces and the like as octal (\040).
+            let point = fields.split_whitespace().nth(4)?;
+            Some(point.replace("\\040", " "))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -504,22 +514,22 @@ mod cgroup_tests {
     use super::*;
 
     #[test]
-    fn the_first_cgroup2_mount_is_found_in_mountinfo() {
+    fn cgroup2_mounts_are_found_in_mountinfo() {
         let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
                       32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
                       41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mounts(hybrid), ["/sys/fs/cgroup/unified"]);
+        // A container with its own cgroup namespace and the host's hierarchy mounted over
+        // its own: both are listed, the root is told apart by its content.
+        let container = "30 23 0:26 / /sys/fs/cgroup ro shared:4 - cgroup2 cgroup2 rw\n\
+                         40 30 0:26 /../../.. /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
         assert_eq!(
-            cgroup2_mount(hybrid).as_deref(),
-            Some("/sys/fs/cgroup/unified")
+            cgroup2_mounts(container),
+            ["/sys/fs/cgroup", "/sys/fs/cgroup"]
         );
-        let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount(unified).as_deref(), Some("/sys/fs/cgroup"));
-        assert_eq!(
-            cgroup2_mount("31 23 0:28 / /sys rw - sysfs sysfs rw\n"),
-            None
-        );
-        let subtree = "50 41 0:38 /kubepods /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount(subtree), None);
+        assert!(cgroup2_mounts("31 23 0:28 / /sys rw - sysfs sysfs rw\n").is_empty());
+        let spaced = "41 31 0:38 / /mnt/my\\040cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mounts(spaced), ["/mnt/my cgroup"]);
     }
 }
 

@@ -102,25 +102,8 @@ pub fn connect_from(
     timeout: Duration,
 ) -> Result<TcpStream> {
     ns.run(move || {
-        // SAFETY: socket(2) with constant arguments; the fd is owned right away.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error().into());
-        }
-        // SAFETY: a fresh fd nothing else owns.
-        let stream = unsafe { TcpStream::from_raw_fd(fd) };
-        let from = sockaddr_in(SocketAddrV4::new(source, 0));
-        // SAFETY: the address is valid for its length.
-        let rc = unsafe {
-            libc::bind(
-                stream.as_raw_fd(),
-                (&from as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error()).context(format!("bind to {source}"));
-        }
+        let stream = TcpStream::from(socket(libc::SOCK_STREAM, 0)?);
+        bind(&stream, source)?;
         connect_bounded(stream, dst, timeout)
     })
 }
@@ -135,13 +118,7 @@ pub fn connect_with_ip_options(
     timeout: Duration,
 ) -> Result<TcpStream> {
     ns.run(move || {
-        // SAFETY: socket(2) with constant arguments; the fd is owned right away.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error().into());
-        }
-        // SAFETY: a fresh fd nothing else owns.
-        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        let stream = TcpStream::from(socket(libc::SOCK_STREAM, 0)?);
         // SAFETY: the buffer is valid for its length.
         let rc = unsafe {
             libc::setsockopt(
@@ -157,6 +134,34 @@ pub fn connect_with_ip_options(
         }
         connect_bounded(stream, dst, timeout)
     })
+}
+
+/// A new IPv4 socket of `kind` (`SOCK_STREAM`, `SOCK_RAW`) for `protocol`.
+fn socket(kind: libc::c_int, protocol: libc::c_int) -> Result<OwnedFd> {
+    // SAFETY: socket(2) with plain arguments; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Binds `socket` to `source` (any port).
+fn bind(socket: &impl AsRawFd, source: Ipv4Addr) -> Result<()> {
+    let from = sockaddr_in(SocketAddrV4::new(source, 0));
+    // SAFETY: the address is valid for its length.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&from as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context(format!("bind to {source}"));
+    }
+    Ok(())
 }
 
 fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
@@ -210,25 +215,8 @@ fn connect_bounded(stream: TcpStream, dst: SocketAddrV4, timeout: Duration) -> R
 /// CAP_NET_RAW can: no `connect()`, so no connect hook sees it.
 pub fn raw_syn(ns: &Netns, source: Ipv4Addr, dst: SocketAddrV4) -> Result<()> {
     ns.run(move || {
-        // SAFETY: socket(2) with constant arguments; the fd is owned right away.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 6) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error().into());
-        }
-        // SAFETY: a fresh fd nothing else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        let from = sockaddr_in(SocketAddrV4::new(source, 0));
-        // SAFETY: the address is valid for its length.
-        let rc = unsafe {
-            libc::bind(
-                socket.as_raw_fd(),
-                (&from as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error()).context(format!("bind to {source}"));
-        }
+        let socket = socket(libc::SOCK_RAW, libc::IPPROTO_TCP)?;
+        bind(&socket, source)?;
         // The kernel adds the IP header; this is the TCP header (checksum included).
         let mut tcp = [0u8; 20];
         tcp[0..2].copy_from_slice(&40_000u16.to_be_bytes());

@@ -307,7 +307,7 @@ spec: {selector: {matchLabels: {app: client}}}
     // A raw SYN goes around the connect hook: dropped on the pod's interface.
     attack::raw_syn(&cluster.node("node-a").netns, host, pods[0]).unwrap();
     wait_until("the raw SYN dropped", || {
-        counter(&cluster, "node-a", "host_syn_dropped") == 1
+        counter(&cluster, "node-a", "unproxied_syn") == 1
     });
     // The kubelet reaches both directly (its probes must work on STRICT pods).
     for dst in pods {
@@ -334,10 +334,10 @@ spec: {selector: {matchLabels: {app: client}}}
             "the kubelet could not reach {dst}"
         );
     }
-    let raw = counter(&cluster, "node-a", "host_syn_dropped");
+    let raw = counter(&cluster, "node-a", "unproxied_syn");
     attack::raw_syn(&cluster.node("node-a").netns, host, pods[0]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(counter(&cluster, "node-a", "host_syn_dropped"), raw);
+    assert_eq!(counter(&cluster, "node-a", "unproxied_syn"), raw);
 }
 
 #[test]

@@ -423,7 +423,14 @@ impl Datapath {
                 .collect::<Result<Vec<_>, _>>();
             match attached {
                 Ok(how) => {
-                    tracing::info!(link = %name, ifindex, "capture attached ({how:?})");
+                    // "Adopted" or "New" when both ways agree, as they do but after an
+                    // upgrade that added a program.
+                    let how = if how.windows(2).all(|w| w[0] == w[1]) {
+                        format!("{:?}", how[0])
+                    } else {
+                        format!("{how:?}")
+                    };
+                    tracing::info!(link = %name, ifindex, "capture attached ({how})");
                     self.attached.insert(ifindex, name.clone());
                 }
                 Err(err) => {
@@ -681,7 +688,7 @@ impl Tc {
 }
 
 /// How a link got a TC program.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 enum Attach {
     /// A link pinned by an earlier mesh-node was updated in place to the new program.
     Adopted,
