@@ -33,10 +33,19 @@ pub mod maps {
     /// packet that carries one of these addresses as its source on any other interface is
     /// dropped: a pod cannot take another pod's identity by taking its address.
     pub const PODS: &str = "MESH_PODS";
-    /// `HashMap<u32 (ifindex), PodLink>`: the host-side interfaces of this node's pods, for
-    /// the rules that follow the interface rather than an address (IPv6, fragments, UDP,
-    /// SYNs from the node itself).
+    /// `HashMap<u32 (ifindex), PodLink>`: the host-side interfaces of this node's pods (every
+    /// veth whose other end is in another namespace), for the rules that follow the
+    /// interface rather than an address (IPv6, fragments, VLAN tags, UDP, SYNs the proxy did
+    /// not send).
     pub const POD_LINKS: &str = "MESH_POD_LINKS";
+    /// `HashMap<MacKey, u32 (ifindex)>`: each pod interface's MAC address (its other end's,
+    /// as first seen): a frame from another pod interface with that source MAC is dropped,
+    /// so no pod can pull another pod's bridge forwarding entry to its own port.
+    pub const POD_MACS: &str = "MESH_POD_MACS";
+    /// `HashMap<u32 (IPv4), u32>`: the cluster's DNS servers (Service addresses with a port
+    /// 53 and their endpoints): with `--udp-to-enrolled=dns-only`, UDP from port 53 reaches
+    /// enrolled pods only from these.
+    pub const DNS_SERVERS: &str = "MESH_DNS";
     /// `HashMap<u64 (cgroup id), u32>`: the kubelet's cgroups. Connections from the node to
     /// enrolled pods made by a process in one of them (or below) reach the pod directly; with
     /// `--host-traffic=kubelet-only` every other one goes through the proxy.
@@ -148,6 +157,8 @@ pub mod pod_flags {
     /// The pod is in the mesh (a `PodLink`: the interface carries an enrolled pod's
     /// address, or claims one).
     pub const ENROLLED: u32 = 1;
+    /// Set on every entry: the kernel programs read a missing entry as an all-zero one.
+    pub const PRESENT: u32 = 2;
 }
 
 /// Value of the `PODS` map.
@@ -164,6 +175,11 @@ pub struct PodEntry {
 const _: () = assert!(core::mem::size_of::<PodEntry>() == 8);
 
 impl PodEntry {
+    /// Whether there is such a pod (an entry).
+    pub const fn present(&self) -> bool {
+        self.flags & pod_flags::PRESENT != 0
+    }
+
     /// Whether the pod is in the mesh.
     pub const fn enrolled(&self) -> bool {
         self.flags & pod_flags::ENROLLED != 0
@@ -174,7 +190,8 @@ impl PodEntry {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodLink {
-    /// The address of the pod bound to this interface (network order); 0 when none is.
+    /// The address of the pod this interface belongs to (network order), for the
+    /// interface's life; 0 while it belongs to none. It sends from that address only.
     pub ip: u32,
     /// [`pod_flags`].
     pub flags: u32,
@@ -182,11 +199,27 @@ pub struct PodLink {
 const _: () = assert!(core::mem::size_of::<PodLink>() == 8);
 
 impl PodLink {
+    /// Whether this is a pod's interface (an entry).
+    pub const fn present(&self) -> bool {
+        self.flags & pod_flags::PRESENT != 0
+    }
+
     /// Whether an enrolled pod is (or may be) behind this interface.
     pub const fn enrolled(&self) -> bool {
         self.flags & pod_flags::ENROLLED != 0
     }
 }
+
+/// Key of the `POD_MACS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MacKey {
+    /// The MAC address.
+    pub mac: [u8; 6],
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<MacKey>() == 8);
 
 /// Values of the kernel programs' `HOST_POLICY` global (`--host-traffic`).
 pub mod host_policy {
@@ -293,6 +326,11 @@ pub enum Counter {
     /// A connection straight to one of the proxy's own listeners (`127.0.0.1:15001`, ...):
     /// refused by `sk_lookup`, so the proxy never dials itself.
     SelfLoop = 18,
+    /// A VLAN-tagged frame from a pod's interface, or into an enrolled pod's: dropped (a
+    /// tag would hide the packet from every other rule).
+    VlanDropped = 19,
+    /// A frame from a pod's interface whose source MAC is another pod interface's: dropped.
+    SpoofedMac = 20,
 }
 
 impl From<Counter> for u32 {
@@ -302,7 +340,7 @@ impl From<Counter> for u32 {
 }
 
 /// Number of counters in use.
-pub const COUNTER_SLOTS: u32 = 19;
+pub const COUNTER_SLOTS: u32 = 21;
 /// Size of the pinned `COUNTERS` map: larger than needed, so a version that adds counters
 /// can adopt the map a previous one pinned.
 pub const COUNTER_CAPACITY: u32 = 64;
@@ -330,6 +368,8 @@ impl Counter {
         (Counter::HostKubelet, "host_kubelet"),
         (Counter::HostRefused, "host_refused"),
         (Counter::SelfLoop, "self_loop"),
+        (Counter::VlanDropped, "vlan_dropped"),
+        (Counter::SpoofedMac, "spoofed_mac"),
     ];
 }
 
@@ -408,6 +448,8 @@ mod user {
     unsafe impl aya::Pod for super::PodEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PodLink {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MacKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above.

@@ -1,9 +1,11 @@
 //! TC ingress (attached to every pod-facing link and uplink of the node): what comes in.
 //!
-//! First, who may claim an address. A local pod's IPv4 address is believed only from that
-//! pod's host-side interface (`PODS`): any IPv4 packet or ARP claiming it elsewhere (another
-//! pod that added the address, the overlay, an uplink) is dropped, and a pod's interface
-//! only sends from its pod's address. IPv6 from an enrolled pod is dropped but for ICMPv6
+//! First, who may claim an address. A frame from a pod's interface carries no VLAN tag and
+//! no other pod interface's source MAC (`POD_MACS`: no pod pulls another's bridge entry to
+//! its own port). A local pod's IPv4 address is believed only from that pod's host-side
+//! interface (`PODS`): any IPv4 packet or ARP claiming it elsewhere (another pod that added
+//! the address, the overlay, an uplink) is dropped, and a pod's interface only sends from
+//! its pod's address (`POD_LINKS`). IPv6 from an enrolled pod is dropped but for ICMPv6
 //! (neighbour discovery): IPv6 is not proxied, and must not go around the proxy. Fragments
 //! of TCP to or from an enrolled pod are dropped (real TCP sets DF; the first fragment of a
 //! SYN need not even hold its flags), and a TCP packet whose header cannot be read is
@@ -30,11 +32,15 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::debug;
-use mesh_common::{flow_verdict, Counter, Direction, FlowKey, PodEntry, ServiceKey, MARK_CAPTURE};
+use mesh_common::{
+    flow_verdict, Counter, Direction, FlowKey, MacKey, PodEntry, PodLink, ServiceKey, MARK_CAPTURE,
+};
 
 use crate::{
     counters::bump,
-    maps::{enrolled, pod, pod_link, BRIDGE_PORTS, FLOWS, SERVICES, SERVICE_CLIENTS, VERDICTS},
+    maps::{
+        enrolled, pod, pod_link, service, BRIDGE_PORTS, FLOWS, POD_MACS, SERVICE_CLIENTS, VERDICTS,
+    },
     packet::{self, Ipv4, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP},
     settings,
 };
@@ -60,39 +66,39 @@ pub fn mesh_capture(ctx: TcContext) -> i32 {
 fn try_capture(ctx: &TcContext) -> Result<i32, i32> {
     // SAFETY: `skb` is the valid context pointer of this program invocation.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match packet::ether_type(ctx).map_err(|()| NEXT)? {
+    let link = pod_link(ifindex);
+    let ether_type = packet::ether_type(ctx).map_err(|()| NEXT)?;
+    if link.present() {
+        from_pod_link(ctx, ifindex, ether_type)?;
+    }
+    match ether_type {
         ETH_P_IP => {}
-        ETH_P_ARP => return arp(ctx, ifindex),
-        ETH_P_IPV6 => return ipv6(ctx, ifindex),
+        ETH_P_ARP => return arp(ctx, ifindex, link),
+        ETH_P_IPV6 => return ipv6(ctx, link),
         _ => return Ok(NEXT),
     }
     let ip = packet::ipv4(ctx).map_err(|()| dropped(Counter::Malformed))?;
-    let source = claim(ip.src, ifindex)?;
+    let source = claim(ip.src, ifindex, link, Counter::SpoofedSource)?;
     if ip.proto != IPPROTO_TCP {
         return Ok(NEXT);
     }
     if ip.fragment {
-        return fragment(ctx, &ip);
+        return fragment(ctx, &ip, source);
     }
     let (src_port, dst_port) = packet::ports(ctx, &ip).map_err(|()| dropped(Counter::Malformed))?;
     let flags = packet::tcp_flags(ctx, &ip).map_err(|()| dropped(Counter::Malformed))?;
     let (src_ip, dst_ip) = (ip.src, ip.dst);
-    let service = ServiceKey {
-        ip: dst_ip,
-        port: dst_port,
-        _pad: 0,
-    };
     let syn = flags & packet::TCP_FLAG_SYN != 0 && flags & packet::TCP_FLAG_ACK == 0;
     let client = ServiceKey {
         ip: src_ip,
         port: src_port,
         _pad: 0,
     };
-    let direction = if source.is_some_and(|p| p.enrolled()) {
+    let direction = if source.enrolled() {
         Some(Direction::Outbound)
     } else if enrolled(dst_ip) {
         Some(Direction::Inbound)
-    } else if syn && SERVICES.get_ptr(service).is_some() {
+    } else if syn && service(dst_ip, dst_port) {
         // A new flow to a Service address that kube-proxy could DNAT to an enrolled pod here
         // (its later packets follow from FLOWS). Remember the client for sk_lookup, in case
         // the DNAT runs first after all.
@@ -187,48 +193,66 @@ pub fn dropped(counter: Counter) -> i32 {
     DROP
 }
 
-/// Whether `src` may send from the interface `ifindex`: a local pod's address only from that
-/// pod's interface, and a pod's interface only with its pod's address. Returns the local pod
-/// that sent it, if one did.
+/// A frame from a pod's interface: no VLAN tag, and not another pod interface's source MAC.
 #[inline(always)]
-fn claim(src: u32, ifindex: u32) -> Result<Option<PodEntry>, i32> {
-    let owner = pod(src);
-    match owner {
-        Some(owner) if owner.ifindex != ifindex => Err(dropped(Counter::SpoofedSource)),
-        // A bound pod interface, and not its pod's address (that one is in PODS).
-        None if pod_link(ifindex).is_some_and(|link| link.ip != 0) => {
-            Err(dropped(Counter::SpoofedSource))
-        }
-        _ => Ok(owner),
+fn from_pod_link(ctx: &TcContext, ifindex: u32, ether_type: u16) -> Result<(), i32> {
+    if packet::vlan_tagged(ctx, ether_type) {
+        return Err(dropped(Counter::VlanDropped));
     }
+    let mac = packet::source_mac(ctx).map_err(|()| dropped(Counter::Malformed))?;
+    // SAFETY: a plain u32 read from a map value the lookup just returned.
+    let owner = unsafe { POD_MACS.get(MacKey { mac, _pad: [0; 2] }) }
+        .copied()
+        .unwrap_or(ifindex);
+    if owner != ifindex {
+        return Err(dropped(Counter::SpoofedMac));
+    }
+    Ok(())
 }
 
-/// ARP: a claim on a local pod's address from another interface, or a pod's interface
-/// claiming an address that is not its pod's, is dropped, so no neighbour table (the
-/// node's, other pods') learns an impostor's MAC for it. Probes (sender 0.0.0.0) pass.
+/// Whether `src` may be claimed from the interface `ifindex` (an IPv4 source, an ARP
+/// sender): a pod's interface claims only its pod's address, any other interface no local
+/// pod's address that is bound elsewhere. Returns the local pod that claims it (not
+/// `present` when none does).
 #[inline(always)]
-fn arp(ctx: &TcContext, ifindex: u32) -> Result<i32, i32> {
-    let Ok(sender) = packet::arp_sender(ctx) else {
-        return Ok(NEXT);
-    };
-    if sender == 0 {
-        return Ok(NEXT);
+fn claim(src: u32, ifindex: u32, link: PodLink, counter: Counter) -> Result<PodEntry, i32> {
+    if link.ip != 0 {
+        if src != link.ip {
+            return Err(dropped(counter));
+        }
+        return Ok(PodEntry {
+            ifindex,
+            flags: link.flags,
+        });
     }
-    let foreign = match pod(sender) {
-        Some(owner) => owner.ifindex != ifindex,
-        None => pod_link(ifindex).is_some_and(|link| link.ip != 0),
+    let owner = pod(src);
+    if owner.present() && owner.ifindex != ifindex {
+        return Err(dropped(counter));
+    }
+    Ok(owner)
+}
+
+/// ARP: the sender address is claimed like an IPv4 source, so no neighbour table (the
+/// node's, other pods') learns an impostor's MAC for a pod's address. Probes (sender
+/// 0.0.0.0) pass; from a pod's interface, an ARP packet that cannot be read is dropped.
+#[inline(always)]
+fn arp(ctx: &TcContext, ifindex: u32, link: PodLink) -> Result<i32, i32> {
+    let sender = match packet::arp_sender(ctx) {
+        Ok(sender) => sender,
+        Err(()) if link.present() => return Err(dropped(Counter::Malformed)),
+        Err(()) => return Ok(NEXT),
     };
-    if foreign {
-        return Err(dropped(Counter::SpoofedArp));
+    if sender != 0 {
+        claim(sender, ifindex, link, Counter::SpoofedArp)?;
     }
     Ok(NEXT)
 }
 
-/// IPv6 from an enrolled pod's interface: only ICMPv6 passes (the proxy carries IPv4 only,
+/// IPv6 on an enrolled pod's interface: only ICMPv6 passes (the proxy carries IPv4 only,
 /// and nothing of an enrolled pod may go around it).
 #[inline(always)]
-pub fn ipv6(ctx: &TcContext, ifindex: u32) -> Result<i32, i32> {
-    if !pod_link(ifindex).is_some_and(|link| link.enrolled()) {
+pub fn ipv6(ctx: &TcContext, link: PodLink) -> Result<i32, i32> {
+    if !link.enrolled() {
         return Ok(NEXT);
     }
     match packet::ipv6_is_icmp(ctx) {
@@ -237,22 +261,13 @@ pub fn ipv6(ctx: &TcContext, ifindex: u32) -> Result<i32, i32> {
     }
 }
 
-/// A fragment of TCP: dropped when it is to or from an enrolled pod, or (the first one, which
-/// has the ports) to a captured Service address, which kube-proxy would DNAT to one.
+/// A fragment of TCP: dropped when it is from (`source`) or to an enrolled pod, or (the
+/// first one, which has the ports) to a captured Service address, which kube-proxy would
+/// DNAT to one.
 #[inline(always)]
-fn fragment(ctx: &TcContext, ip: &Ipv4) -> Result<i32, i32> {
-    let to_service = || {
-        packet::ports(ctx, ip).is_ok_and(|(_, port)| {
-            SERVICES
-                .get_ptr(ServiceKey {
-                    ip: ip.dst,
-                    port,
-                    _pad: 0,
-                })
-                .is_some()
-        })
-    };
-    if enrolled(ip.src) || enrolled(ip.dst) || to_service() {
+fn fragment(ctx: &TcContext, ip: &Ipv4, source: PodEntry) -> Result<i32, i32> {
+    let to_service = || packet::ports(ctx, ip).is_ok_and(|(_, port)| service(ip.dst, port));
+    if source.enrolled() || enrolled(ip.dst) || to_service() {
         return Err(dropped(Counter::FragmentDropped));
     }
     Ok(NEXT)

@@ -3,16 +3,19 @@
 //! it (another pod over the bridge, the overlay, the node itself), so this is where "to an
 //! enrolled pod" is decided without knowing the pod's every address:
 //!
+//! - a VLAN-tagged frame: dropped;
 //! - IPv6 but ICMPv6 (neighbour discovery): dropped, as in `capture` for the other way;
 //! - IPv4 fragments of TCP: dropped;
-//! - a SYN that the proxy did not send (its `MARK_PROXY`) is dropped unless the node sent it
-//!   and may (`--host-traffic=allow`, or the kubelet's cgroups). Captured flows reach a pod
-//!   only through the proxy, and the `connect4` hook sends the node's own connections there
-//!   too, so what is left is a raw socket, a pod whose interface has no capture program yet,
-//!   or a connection made before the hook was attached;
-//! - with `--udp-to-enrolled=dns-only`, UDP but DNS (a port 53 at either end).
+//! - a SYN that the proxy did not send (its `MARK_PROXY` from a socket of mesh-node's
+//!   cgroup: a mark alone any process with CAP_NET_RAW can set) is dropped unless the node
+//!   sent it and may (`--host-traffic=allow`, or the kubelet's cgroups). Captured flows reach
+//!   a pod only through the proxy, and the `connect4` hook sends the node's own connections
+//!   there too, so what is left is a raw socket, a pod whose interface has no capture
+//!   program yet, or a connection made before the hook was attached;
+//! - with `--udp-to-enrolled=dns-only`, UDP but DNS: to port 53, or from port 53 of one of
+//!   the cluster's DNS servers (`DNS_SERVERS`).
 //!
-//! Other interfaces (uplinks, the overlay, pods outside the mesh) are left alone.
+//! Attached to pod interfaces only; those of pods outside the mesh are left alone.
 
 use aya_ebpf::{helpers::bpf_skb_cgroup_id, macros::classifier, programs::TcContext};
 use mesh_common::{Counter, MARK_PROXY};
@@ -20,7 +23,7 @@ use mesh_common::{Counter, MARK_PROXY};
 use crate::{
     capture::{dropped, ipv6, NEXT},
     host::kubelet_socket,
-    maps::pod_link,
+    maps::{pod_link, DNS_SERVERS},
     packet::{self, Ipv4, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, PORT_DNS},
     settings,
 };
@@ -35,12 +38,17 @@ pub fn mesh_egress(ctx: TcContext) -> i32 {
 fn try_egress(ctx: &TcContext) -> Result<i32, i32> {
     // SAFETY: `skb` is the valid context pointer of this program invocation.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if !pod_link(ifindex).is_some_and(|link| link.enrolled()) {
+    let link = pod_link(ifindex);
+    if !link.enrolled() {
         return Ok(NEXT);
     }
-    match packet::ether_type(ctx).map_err(|()| NEXT)? {
+    let ether_type = packet::ether_type(ctx).map_err(|()| NEXT)?;
+    if packet::vlan_tagged(ctx, ether_type) {
+        return Err(dropped(Counter::VlanDropped));
+    }
+    match ether_type {
         ETH_P_IP => {}
-        ETH_P_IPV6 => return ipv6(ctx, ifindex),
+        ETH_P_IPV6 => return ipv6(ctx, link),
         _ => return Ok(NEXT),
     }
     let ip = packet::ipv4(ctx).map_err(|()| dropped(Counter::Malformed))?;
@@ -58,32 +66,39 @@ fn tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, i32> {
     }
     let flags = packet::tcp_flags(ctx, ip).map_err(|()| dropped(Counter::Malformed))?;
     let syn = flags & packet::TCP_FLAG_SYN != 0 && flags & packet::TCP_FLAG_ACK == 0;
-    // SAFETY: as in `try_egress`.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    if !syn || mark & MARK_PROXY != 0 || host_may_connect(ctx) {
+    if !syn || may_connect(ctx) {
         return Ok(NEXT);
     }
     Err(dropped(Counter::UnproxiedSyn))
 }
 
 /// Whether the SYN comes from a socket of the node (a forwarded or bridged packet has none)
-/// that may reach enrolled pods directly.
+/// that may reach enrolled pods directly: the proxy's, or with `--host-traffic=allow` any,
+/// else the kubelet's.
 #[inline(always)]
-fn host_may_connect(ctx: &TcContext) -> bool {
+fn may_connect(ctx: &TcContext) -> bool {
     // SAFETY: the helper takes the program's context pointer; 0 means no local socket.
-    let local = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) } != 0;
-    local && (settings::host_traffic_allowed() || kubelet_socket(ctx))
+    let cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    if cgroup == 0 {
+        return false;
+    }
+    // SAFETY: as in `try_egress`.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    let proxy = mark & MARK_PROXY != 0 && cgroup == settings::proxy_cgroup();
+    proxy || settings::host_traffic_allowed() || kubelet_socket(ctx)
 }
 
-/// UDP to an enrolled pod with `--udp-to-enrolled=dns-only`: only DNS passes. Later
-/// fragments pass: without their first one (which has the ports) they are never delivered.
+/// UDP to an enrolled pod with `--udp-to-enrolled=dns-only`: only DNS passes, a query to
+/// the pod's port 53 or an answer from a DNS server's. Later fragments pass: without their
+/// first one (which has the ports) they are never delivered.
 #[inline(always)]
 fn udp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, i32> {
     if !ip.first {
         return Ok(NEXT);
     }
     let (src, dst) = packet::ports(ctx, ip).map_err(|()| dropped(Counter::Malformed))?;
-    if src == PORT_DNS || dst == PORT_DNS {
+    let answer = || src == PORT_DNS && DNS_SERVERS.get_ptr(ip.src).is_some();
+    if dst == PORT_DNS || answer() {
         return Ok(NEXT);
     }
     Err(dropped(Counter::UdpDropped))

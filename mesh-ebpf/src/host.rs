@@ -6,23 +6,23 @@
 //! to the proxy: the socket is bound to a node address (`HOST_SOURCE`) and marked with
 //! `MARK_CAPTURE`, so policy routing delivers it locally and `sk_lookup` gives it to the
 //! inbound listener, where it is plaintext from outside the mesh. The kubelet's (a process
-//! in one of `KUBELET_CGROUPS`, or below) and the proxy's (`MARK_PROXY`) go directly.
+//! in one of `KUBELET_CGROUPS`, or below) and the proxy's (mesh-node's cgroup) go directly.
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, sockaddr},
     helpers::{
-        bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_setsockopt,
-        bpf_skb_ancestor_cgroup_id,
+        bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
+        bpf_get_netns_cookie, bpf_setsockopt, bpf_skb_ancestor_cgroup_id,
     },
     macros::cgroup_sock_addr,
     programs::{SockAddrContext, TcContext},
     EbpfContext,
 };
-use mesh_common::{Counter, ServiceKey, CGROUP_LEVELS, MARK_CAPTURE, MARK_PROXY};
+use mesh_common::{Counter, CGROUP_LEVELS, MARK_CAPTURE};
 
 use crate::{
     counters::bump,
-    maps::{enrolled, HOST_SOURCE, KUBELET_CGROUPS, SERVICES},
+    maps::{enrolled, service, HOST_SOURCE, KUBELET_CGROUPS},
     settings,
 };
 
@@ -61,24 +61,19 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(PROCEED);
     }
     let (dst, port) = (addr.user_ip4, addr.user_port as u16);
-    let service = || {
-        SERVICES
-            .get_ptr(ServiceKey {
-                ip: dst,
-                port,
-                _pad: 0,
-            })
-            .is_some()
-    };
-    if !enrolled(dst) && !service() {
+    if !enrolled(dst) && !service(dst, port) {
+        return Ok(PROCEED);
+    }
+    // SAFETY: a helper without arguments.
+    if unsafe { bpf_get_current_cgroup_id() } == settings::proxy_cgroup() {
         return Ok(PROCEED);
     }
     // SAFETY: a connect hook always has the socket.
     let sk = unsafe { &*addr.__bindgen_anon_1.sk };
-    if sk.mark & MARK_PROXY != 0 {
-        return Ok(PROCEED);
-    }
-    if kubelet_task() {
+    if kubelet(|level| {
+        // SAFETY: a helper without pointer arguments; 0 past the task's own depth.
+        unsafe { bpf_get_current_ancestor_cgroup_id(level) }
+    }) {
         bump(Counter::HostKubelet);
         return Ok(PROCEED);
     }
@@ -140,12 +135,12 @@ fn refused() -> i32 {
     REFUSE
 }
 
-/// Whether the calling task is in one of the kubelet's cgroups, or below one.
+/// Whether the cgroup whose ancestor at each level `ancestor` gives (0 past its own depth)
+/// is one of the kubelet's, or below one.
 #[inline(always)]
-fn kubelet_task() -> bool {
+fn kubelet(ancestor: impl Fn(i32) -> u64) -> bool {
     for level in 1..=CGROUP_LEVELS {
-        // SAFETY: a helper without pointer arguments; 0 past the task's own depth.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        let id = ancestor(level);
         if id == 0 {
             return false;
         }
@@ -159,15 +154,8 @@ fn kubelet_task() -> bool {
 /// Whether the packet's socket belongs to one of the kubelet's cgroups, or below one.
 #[inline(always)]
 pub fn kubelet_socket(ctx: &TcContext) -> bool {
-    for level in 1..=CGROUP_LEVELS {
+    kubelet(|level| {
         // SAFETY: the helper takes the program's context pointer; 0 past the depth.
-        let id = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) };
-        if id == 0 {
-            return false;
-        }
-        if KUBELET_CGROUPS.get_ptr(id).is_some() {
-            return true;
-        }
-    }
-    false
+        unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) }
+    })
 }

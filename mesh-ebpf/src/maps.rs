@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
 };
 use mesh_common::{
-    BridgePort, FlowKey, PodEntry, PodLink, ServiceKey, COUNTER_CAPACITY, LISTENER_SLOTS,
+    BridgePort, FlowKey, MacKey, PodEntry, PodLink, ServiceKey, COUNTER_CAPACITY, LISTENER_SLOTS,
 };
 
 /// This node's pods on the pod network by IPv4 address (network order): the interface each
@@ -18,6 +18,14 @@ pub static PODS: HashMap<u32, PodEntry> = HashMap::pinned(65_536, 0);
 /// The host-side interfaces of this node's pods, by ifindex.
 #[map(name = "MESH_POD_LINKS")]
 pub static POD_LINKS: HashMap<u32, PodLink> = HashMap::pinned(65_536, 0);
+
+/// Each pod interface's MAC: the only interface frames with that source MAC may come from.
+#[map(name = "MESH_POD_MACS")]
+pub static POD_MACS: HashMap<MacKey, u32> = HashMap::pinned(65_536, 0);
+
+/// The cluster's DNS servers (value unused, 1).
+#[map(name = "MESH_DNS")]
+pub static DNS_SERVERS: HashMap<u32, u32> = HashMap::pinned(1_024, 0);
 
 /// Flows captured at their SYN, keyed by the pre-NAT tuple TC sees; value: the direction
 /// (`mesh_common::flow_verdict`).
@@ -56,22 +64,32 @@ pub static HOST_SOURCE: Array<u32> = Array::pinned(1, 0);
 #[map(name = "MESH_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_CAPACITY, 0);
 
-/// This node's pod with address `ip` (network order), if any.
+/// This node's pod with address `ip` (network order); an all-zero entry (not `present`)
+/// when there is none. (A plain value, not an `Option`: the verifier refuses code that
+/// spills the uninitialised payload of a `None`.)
 #[inline(always)]
-pub fn pod(ip: u32) -> Option<PodEntry> {
+pub fn pod(ip: u32) -> PodEntry {
     // SAFETY: the value is plain data, copied out of the map right away.
-    unsafe { PODS.get(ip) }.copied()
+    unsafe { PODS.get(ip) }.copied().unwrap_or_default()
 }
 
 /// Whether `ip` (network order) is an enrolled pod of this node.
 #[inline(always)]
 pub fn enrolled(ip: u32) -> bool {
-    pod(ip).is_some_and(|p| p.enrolled())
+    pod(ip).enrolled()
 }
 
-/// The pod interface with this ifindex, if it is one.
+/// The pod interface with this ifindex; an all-zero one (not `present`) when it is none.
 #[inline(always)]
-pub fn pod_link(ifindex: u32) -> Option<PodLink> {
+pub fn pod_link(ifindex: u32) -> PodLink {
     // SAFETY: as in `pod`.
-    unsafe { POD_LINKS.get(ifindex) }.copied()
+    unsafe { POD_LINKS.get(ifindex) }
+        .copied()
+        .unwrap_or_default()
+}
+
+/// Whether `ip:port` (network order) is a captured Service address (`SERVICES`).
+#[inline(always)]
+pub fn service(ip: u32, port: u16) -> bool {
+    SERVICES.get_ptr(ServiceKey { ip, port, _pad: 0 }).is_some()
 }

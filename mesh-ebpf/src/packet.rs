@@ -8,6 +8,8 @@ pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u8 = 58;
@@ -20,6 +22,22 @@ pub const PORT_DNS: u16 = 53u16.to_be();
 #[inline(always)]
 pub fn ether_type(ctx: &TcContext) -> Result<u16, ()> {
     ctx.load::<u16>(12).map(u16::from_be).map_err(|_| ())
+}
+
+/// Whether the frame carries a VLAN tag (the kernel took the outer one out of the frame
+/// before TC; a second one stays in it): the rules below would read the tag as the EtherType
+/// and let the packet inside pass unchecked.
+#[inline(always)]
+pub fn vlan_tagged(ctx: &TcContext, ether_type: u16) -> bool {
+    // SAFETY: `skb` is the valid context pointer of this program invocation.
+    let present = unsafe { (*ctx.skb.skb).vlan_present } != 0;
+    present || ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD
+}
+
+/// The source MAC address of the frame.
+#[inline(always)]
+pub fn source_mac(ctx: &TcContext) -> Result<[u8; 6], ()> {
+    ctx.load(6).map_err(|_| ())
 }
 
 /// What the programs need of an IPv4 header; addresses in network order.
@@ -46,9 +64,13 @@ pub fn ipv4(ctx: &TcContext) -> Result<Ipv4, ()> {
         return Err(());
     }
     let total = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2).map_err(|_| ())?) as usize;
-    if total < ihl {
-        return Err(());
-    }
+    // 0: a BIG TCP aggregate over 64 KiB, whose length is the packet's (what the kernel's
+    // iph_totlen() reads too).
+    let end = match total {
+        0 => ctx.len() as usize,
+        total if total < ihl => return Err(()),
+        total => ETH_HLEN + total,
+    };
     let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).map_err(|_| ())?);
     let offset = frag & 0x1fff;
     let more = frag & 0x2000 != 0;
@@ -57,7 +79,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Ipv4, ()> {
         src: ctx.load(ETH_HLEN + 12).map_err(|_| ())?,
         dst: ctx.load(ETH_HLEN + 16).map_err(|_| ())?,
         l4: ETH_HLEN + ihl,
-        end: ETH_HLEN + total,
+        end,
         fragment: more || offset != 0,
         first: offset == 0,
     })
@@ -83,14 +105,14 @@ pub fn tcp_flags(ctx: &TcContext, ip: &Ipv4) -> Result<u8, ()> {
     ctx.load(ip.l4 + 13).map_err(|_| ())
 }
 
-/// The sender's IPv4 address (network order) of an Ethernet/IPv4 ARP packet.
+/// The sender's IPv4 address (network order) of an ARP packet for IPv4 over Ethernet,
+/// with either hardware type Linux takes on an Ethernet link (1, Ethernet; 6, IEEE 802).
 #[inline(always)]
 pub fn arp_sender(ctx: &TcContext) -> Result<u32, ()> {
-    // Hardware type 1 (Ethernet), protocol 0x0800 (IPv4), address lengths 6 and 4.
     let kinds: [u8; 6] = ctx.load(ETH_HLEN).map_err(|_| ())?;
-    if kinds != [0, 1, 0x08, 0x00, 6, 4] {
+    let [0, 1 | 6, 0x08, 0x00, 6, 4] = kinds else {
         return Err(());
-    }
+    };
     ctx.load(ETH_HLEN + 14).map_err(|_| ())
 }
 

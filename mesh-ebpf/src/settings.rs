@@ -11,6 +11,11 @@ static LOG_CAPTURES: u8 = 0;
 #[no_mangle]
 static NODE_NETNS_COOKIE: u64 = 0;
 
+/// The cgroup id of mesh-node's own sockets: with `MARK_PROXY`, what marks the proxy's
+/// connections (a mark alone can be set by any process with CAP_NET_RAW).
+#[no_mangle]
+static PROXY_CGROUP: u64 = 0;
+
 /// `--host-traffic`: a `mesh_common::host_policy` value.
 #[no_mangle]
 static HOST_POLICY: u8 = host_policy::KUBELET_ONLY;
@@ -31,6 +36,13 @@ pub fn log_captures() -> bool {
 pub fn node_netns_cookie() -> u64 {
     // SAFETY: as above.
     unsafe { core::ptr::read_volatile(&NODE_NETNS_COOKIE) }
+}
+
+/// The cgroup id of mesh-node's sockets.
+#[inline(always)]
+pub fn proxy_cgroup() -> u64 {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&PROXY_CGROUP) }
 }
 
 /// Whether every connection from the node may reach enrolled pods directly.

@@ -492,12 +492,7 @@ async fn serve(
     datapath.register_listener(Listener::Outbound, &outbound)?;
     datapath.register_listener(Listener::Inbound, &inbound)?;
     datapath.register_listener(Listener::Hbone, &hbone)?;
-    datapath.set_pods(&state.local_pods())?;
-    datapath.set_services(
-        &state.local_enrolled_vips(),
-        &state.local_enrolled_node_ports(),
-    )?;
-    datapath.set_bypass_services(&state.local_only_vips(), &state.local_http_endpoints())?;
+    datapath.apply_config(&state)?;
     let node_addresses = Arc::new(ArcSwap::from_pointee(datapath.node_addresses().clone()));
     tracing::info!(
         enrolled = state.local_enrolled().len(),
@@ -653,15 +648,12 @@ fn spawn_datapath_thread(
             let mut links_pending = false;
             let mut config_pending: Option<Arc<State>> = None;
             let mut retry_at: Option<std::time::Instant> = None;
+            // What changes without an event (the kubelet's cgroups) is looked at again.
+            let mut refresh_at = std::time::Instant::now() + Duration::from_secs(5);
             loop {
-                let event = match retry_at {
-                    None => events
-                        .recv()
-                        .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-                    Some(at) => {
-                        events.recv_timeout(at.saturating_duration_since(std::time::Instant::now()))
-                    }
-                };
+                let wake = retry_at.map_or(refresh_at, |at| at.min(refresh_at));
+                let event =
+                    events.recv_timeout(wake.saturating_duration_since(std::time::Instant::now()));
                 match event {
                     Ok(Event::LinksChanged) => links_pending = true,
                     Ok(Event::Config(state)) => config_pending = Some(state),
@@ -681,6 +673,13 @@ fn spawn_datapath_thread(
                     links_pending |= !datapath.failed_links().is_empty();
                 }
                 let mut error = None;
+                if std::time::Instant::now() >= refresh_at {
+                    refresh_at = std::time::Instant::now() + Duration::from_secs(5);
+                    if let Err(err) = datapath.refresh() {
+                        tracing::error!("datapath refresh failed (will retry): {err}");
+                        error = Some(format!("refresh: {err}"));
+                    }
+                }
                 if links_pending {
                     match datapath.sync_links() {
                         Ok(()) => links_pending = !datapath.failed_links().is_empty(),
@@ -692,21 +691,7 @@ fn spawn_datapath_thread(
                 }
                 let mut applied = None;
                 if let Some(state) = config_pending.take() {
-                    let applied_maps = datapath
-                        .set_pods(&state.local_pods())
-                        .and_then(|()| {
-                            datapath.set_services(
-                                &state.local_enrolled_vips(),
-                                &state.local_enrolled_node_ports(),
-                            )
-                        })
-                        .and_then(|()| {
-                            datapath.set_bypass_services(
-                                &state.local_only_vips(),
-                                &state.local_http_endpoints(),
-                            )
-                        });
-                    match applied_maps {
+                    match datapath.apply_config(&state) {
                         Ok(()) => {
                             tracing::info!(
                                 generation = state.generation,

@@ -137,6 +137,9 @@ pub struct State {
     pub generation: u64,
     /// Some pod or Service has an IPv6 address: IPv6 to and from enrolled pods is dropped.
     pub dual_stack: bool,
+    /// The cluster's DNS servers: the addresses of every Service with a port 53 and their
+    /// endpoints (with `--udp-to-enrolled=dns-only`, UDP from port 53 only from these).
+    pub dns_servers: BTreeSet<Ipv4Addr>,
     /// The node this proxy serves.
     pub node: String,
     /// Root namespace and trust domain.
@@ -329,9 +332,25 @@ impl State {
         }
         let dual_stack = resources.pods.iter().any(|p| p.status.ipv6)
             || resources.services.iter().any(|s| s.spec.ipv6);
+        let mut dns_servers = BTreeSet::new();
+        for svc in &resources.services {
+            for (index, port) in svc.spec.ports.iter().enumerate() {
+                if port.port != 53 {
+                    continue;
+                }
+                dns_servers.extend(
+                    svc.spec
+                        .cluster_ip
+                        .as_deref()
+                        .and_then(|ip| ip.parse::<Ipv4Addr>().ok()),
+                );
+                dns_servers.extend(endpoints(resources, svc, index).iter().map(|e| *e.ip()));
+            }
+        }
         State {
             generation,
             dual_stack,
+            dns_servers,
             node: node.to_string(),
             mesh: mesh.clone(),
             endpoint_services,

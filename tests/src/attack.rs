@@ -17,31 +17,64 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::netns::Netns;
 
-/// Sends one gratuitous ARP from `iface` in `ns`, claiming `ip` for the interface's MAC:
-/// what a pod with CAP_NET_RAW can do.
-pub fn gratuitous_arp(ns: &Netns, iface: &str, ip: Ipv4Addr) -> Result<()> {
-    let mac = mac_of(ns, iface)?;
+/// An ARP announcement (RFC 5227, what `arping -U` sends) claiming `ip` for `mac`: a
+/// broadcast request with the address as both sender and target, which neighbour tables take
+/// over an entry. `hardware` is the ARP hardware type: 1 (Ethernet) or 6 (IEEE 802), both of
+/// which Linux accepts on an Ethernet link.
+pub fn arp_announcement(mac: [u8; 6], ip: Ipv4Addr, hardware: u8) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(42);
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&0x0806u16.to_be_bytes());
+    frame.extend_from_slice(&[0, hardware, 0x08, 0x00, 6, 4, 0, 1]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ip.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&ip.octets());
+    frame
+}
+
+/// A UDP datagram in an Ethernet frame to `dst_mac`, inside `tags` VLAN tags with VLAN id 0
+/// (priority tags, which a receiving stack strips).
+pub fn tagged_udp(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    tags: usize,
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&from.port().to_be_bytes());
+    udp.extend_from_slice(&to.port().to_be_bytes());
+    udp.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]); // no checksum (allowed for UDP over IPv4)
+    udp.extend_from_slice(payload);
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(20 + udp.len() as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 1, 0, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&from.ip().octets());
+    ip.extend_from_slice(&to.ip().octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&src_mac);
+    for _ in 0..tags {
+        frame.extend_from_slice(&[0x81, 0x00, 0, 0]);
+    }
+    frame.extend_from_slice(&0x0800u16.to_be_bytes());
+    frame.extend(ip);
+    frame.extend(udp);
+    frame
+}
+
+/// Sends `frame` as it is out of `iface` in `ns` (AF_PACKET), as a pod with CAP_NET_RAW can.
+pub fn send_frame(ns: &Netns, iface: &str, frame: Vec<u8>) -> Result<()> {
     let ifindex = ifindex(ns, iface)?;
     ns.run(move || {
-        let mut frame = Vec::with_capacity(42);
-        frame.extend_from_slice(&[0xff; 6]);
-        frame.extend_from_slice(&mac);
-        frame.extend_from_slice(&0x0806u16.to_be_bytes());
-        // An ARP announcement (RFC 5227, what `arping -U` sends): a request with the
-        // address as both sender and target, which neighbour tables take over an entry.
-        frame.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
-        frame.extend_from_slice(&mac);
-        frame.extend_from_slice(&ip.octets());
-        frame.extend_from_slice(&[0; 6]);
-        frame.extend_from_slice(&ip.octets());
         // SAFETY: socket(2) with constant arguments; the fd is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                i32::from(0x0806u16.to_be()),
-            )
-        };
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(io::Error::last_os_error().into());
         }
@@ -50,10 +83,9 @@ pub fn gratuitous_arp(ns: &Netns, iface: &str, ip: Ipv4Addr) -> Result<()> {
         // SAFETY: an all-zero sockaddr_ll is valid; the fields used are set below.
         let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         to.sll_family = libc::AF_PACKET as u16;
-        to.sll_protocol = 0x0806u16.to_be();
         to.sll_ifindex = ifindex as i32;
         to.sll_halen = 6;
-        to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        to.sll_addr[..6].copy_from_slice(&frame[..6]);
         // SAFETY: the frame and the address are valid for the lengths given.
         let sent = unsafe {
             libc::sendto(
@@ -70,6 +102,11 @@ pub fn gratuitous_arp(ns: &Netns, iface: &str, ip: Ipv4Addr) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// The MAC address of `iface` in `ns`.
+pub fn mac(ns: &Netns, iface: &str) -> Result<[u8; 6]> {
+    mac_of(ns, iface)
 }
 
 fn mac_of(ns: &Netns, iface: &str) -> Result<[u8; 6]> {
@@ -134,6 +171,38 @@ pub fn connect_with_ip_options(
         }
         connect_bounded(stream, dst, timeout)
     })
+}
+
+/// Connects from inside `ns` to `dst` with `mark` on the socket (`SO_MARK`), within
+/// `timeout`: what a host process with CAP_NET_RAW can do to pass as the node proxy.
+pub fn connect_marked(
+    ns: &Netns,
+    mark: u32,
+    dst: SocketAddrV4,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    ns.run(move || {
+        let stream = TcpStream::from(socket(libc::SOCK_STREAM, 0)?);
+        set_mark(&stream, mark)?;
+        connect_bounded(stream, dst, timeout)
+    })
+}
+
+fn set_mark(socket: &impl AsRawFd, mark: u32) -> Result<()> {
+    // SAFETY: the value is a live int of the length given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            4,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("SO_MARK");
+    }
+    Ok(())
 }
 
 /// A new IPv4 socket of `kind` (`SOCK_STREAM`, `SOCK_RAW`) for `protocol`.
@@ -212,11 +281,15 @@ fn connect_bounded(stream: TcpStream, dst: SocketAddrV4, timeout: Duration) -> R
 }
 
 /// Sends one TCP SYN to `dst` from `source` on a raw socket in `ns`, as a process with
-/// CAP_NET_RAW can: no `connect()`, so no connect hook sees it.
-pub fn raw_syn(ns: &Netns, source: Ipv4Addr, dst: SocketAddrV4) -> Result<()> {
+/// CAP_NET_RAW can: no `connect()`, so no connect hook sees it. With `mark`, the socket
+/// carries it (`SO_MARK`, which CAP_NET_RAW allows too).
+pub fn raw_syn(ns: &Netns, source: Ipv4Addr, dst: SocketAddrV4, mark: Option<u32>) -> Result<()> {
     ns.run(move || {
         let socket = socket(libc::SOCK_RAW, libc::IPPROTO_TCP)?;
         bind(&socket, source)?;
+        if let Some(mark) = mark {
+            set_mark(&socket, mark)?;
+        }
         // The kernel adds the IP header; this is the TCP header (checksum included).
         let mut tcp = [0u8; 20];
         tcp[0..2].copy_from_slice(&40_000u16.to_be_bytes());
@@ -247,18 +320,21 @@ pub fn raw_syn(ns: &Netns, source: Ipv4Addr, dst: SocketAddrV4) -> Result<()> {
 }
 
 fn tcp_checksum(src: Ipv4Addr, dst: Ipv4Addr, segment: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    let mut add = |bytes: &[u8]| {
-        for pair in bytes.chunks(2) {
-            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-            sum += u32::from(word);
-        }
-    };
-    add(&src.octets());
-    add(&dst.octets());
-    add(&[0, 6]);
-    add(&(segment.len() as u16).to_be_bytes());
-    add(segment);
+    let mut pseudo = Vec::with_capacity(12 + segment.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(segment);
+    checksum(&pseudo)
+}
+
+/// The Internet checksum of `bytes`.
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -300,13 +376,13 @@ pub fn connect_v6(
     })
 }
 
-/// Sends one UDP datagram from inside `ns` to `dst`.
-pub fn udp_send(ns: &Netns, dst: SocketAddr, payload: &'static [u8]) -> Result<()> {
+/// Sends one UDP datagram from inside `ns` to `dst`, from `port` (0: any).
+pub fn udp_send(ns: &Netns, port: u16, dst: SocketAddr, payload: &'static [u8]) -> Result<()> {
     ns.run(move || {
         let bind: SocketAddr = if dst.is_ipv6() {
-            "[::]:0".parse()?
+            (std::net::Ipv6Addr::UNSPECIFIED, port).into()
         } else {
-            "0.0.0.0:0".parse()?
+            (Ipv4Addr::UNSPECIFIED, port).into()
         };
         UdpSocket::bind(bind)?.send_to(payload, dst)?;
         Ok(())
@@ -338,7 +414,8 @@ impl UdpSink {
     }
 }
 
-/// A cgroup (v2) the test makes, removed on drop (after its processes are gone).
+/// A cgroup (v2) the test makes, removed on drop (after its processes are gone); name it
+/// after the cluster's id, so a killed test's is swept by the next cluster.
 pub struct Cgroup {
     path: PathBuf,
     /// The path below the cgroup v2 root, as mesh-node's `--kubelet-cgroup` takes it.
@@ -357,10 +434,15 @@ impl Cgroup {
         })
     }
 
+    /// Its `cgroup.procs` file: a PID written there moves that process in.
+    pub fn procs(&self) -> PathBuf {
+        self.path.join("cgroup.procs")
+    }
+
     /// Runs `ip netns exec NS PROGRAM ARGS` as a process of this cgroup (it moves itself in
     /// before it execs); returns whether it exited with success, within 10 s.
     pub fn run_in(&self, ns: &Netns, program: &str, args: &[&str]) -> Result<bool> {
-        let procs = self.path.join("cgroup.procs");
+        let procs = self.procs();
         let status = Command::new("timeout")
             .arg("10")
             .arg("sh")
@@ -387,7 +469,7 @@ impl Drop for Cgroup {
 }
 
 /// Where the cgroup v2 hierarchy is mounted (the first `cgroup2` mount of its root).
-fn cgroup2_root() -> Result<PathBuf> {
+pub fn cgroup2_root() -> Result<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     mountinfo
         .lines()

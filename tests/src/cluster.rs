@@ -60,6 +60,8 @@ pub struct Pod {
     pub ip: Ipv4Addr,
     /// The pod's namespace.
     pub netns: Netns,
+    /// The host side of its veth, in the node's namespace.
+    pub veth: String,
 }
 
 /// One connection as the node proxy recorded it (`/debug/connections`).
@@ -111,6 +113,9 @@ pub struct Cluster {
     bpffs: PathBuf,
     config: PathBuf,
     mesh: BTreeMap<String, Child>,
+    /// Each node's mesh-node runs in a cgroup of its own, as in its DaemonSet's container:
+    /// the kernel programs tell the proxy's sockets apart by it.
+    mesh_cgroups: BTreeMap<String, crate::attack::Cgroup>,
     /// Extra arguments for `mesh-node run` (e.g. `--cert-lifetime 20s`).
     pub run_args: Vec<String>,
     /// When set, `mesh-node run` reads the Kubernetes API through this kubeconfig
@@ -160,6 +165,7 @@ impl Cluster {
             dir,
             bpffs,
             mesh: BTreeMap::new(),
+            mesh_cgroups: BTreeMap::new(),
             run_args: Vec::new(),
             kubeconfig: None,
             pods: BTreeMap::new(),
@@ -305,6 +311,7 @@ impl Cluster {
             node: node.name.clone(),
             ip,
             netns,
+            veth,
         };
         self.pods.insert(name.to_string(), pod);
         Ok(())
@@ -422,14 +429,23 @@ impl Cluster {
 
     /// Runs `mesh-node ARGS --node NAME --bpffs ...` in the node's namespace (with `--config`
     /// for `run`), output to the node's log file.
-    pub fn spawn_mesh(&self, name: &str, args: &[&str]) -> Result<Child> {
+    pub fn spawn_mesh(&mut self, name: &str, args: &[&str]) -> Result<Child> {
+        if !self.mesh_cgroups.contains_key(name) {
+            let cgroup = crate::attack::Cgroup::create(&format!("{}-{name}", self.id))?;
+            self.mesh_cgroups.insert(name.to_string(), cgroup);
+        }
         let node = self.node(name);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path(name))?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", node.netns.name()])
+        // The shell moves itself into the cgroup, then becomes `ip netns exec`, which becomes
+        // mesh-node: one process, whose PID the caller keeps.
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("echo $$ > \"$0\" && exec \"$@\"")
+            .arg(self.mesh_cgroups[name].procs())
+            .args(["ip", "netns", "exec", node.netns.name()])
             .arg(mesh_node_bin()?)
             .args(args)
             .args(["--node", name, "--bpffs"])
@@ -689,6 +705,7 @@ impl Drop for Cluster {
                 terminate(&mut child);
             }
         }
+        self.mesh_cgroups.clear();
         if panicking {
             for node in &self.nodes {
                 eprintln!(
@@ -910,6 +927,15 @@ fn sweep_stale() {
         for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
             if name.starts_with(PREFIX) && name.contains('x') && !alive(name) {
                 let _ = sh("ip", &["netns", "del", name]);
+            }
+        }
+    }
+    // Cgroups tests made (`attack::Cgroup`), named after their cluster.
+    if let Ok(entries) = crate::attack::cgroup2_root().and_then(|r| Ok(std::fs::read_dir(r)?)) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(PREFIX) && name.contains('x') && !alive(&name) {
+                let _ = std::fs::remove_dir(entry.path());
             }
         }
     }

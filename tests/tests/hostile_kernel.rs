@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use mesh_common::MARK_PROXY;
 use mesh_tests::{
     apps::{echo_text, Behaviour, Server},
     attack::{self, Cgroup, UdpSink},
@@ -71,7 +72,9 @@ fn a_pod_that_takes_an_enrolled_pods_address_gets_nothing_of_its_identity() {
     let b1 = Server::start(&cluster.pod("b1").netns, WEB_PORT, Behaviour::Echo).unwrap();
     let targets = [v4(&cluster, "a2", WEB_PORT), v4(&cluster, "b1", WEB_PORT)];
     let victim = cluster.pod("a1").ip;
+    let victim_mac = attack::mac(&cluster.pod("a1").netns, "eth0").unwrap();
     let impostor = &cluster.pod("c1").netns;
+    let impostor_mac = attack::mac(impostor, "eth0").unwrap();
 
     // Controls: the policy lets a1 through, same node and across nodes, and refuses c1.
     for dst in targets {
@@ -86,12 +89,16 @@ fn a_pod_that_takes_an_enrolled_pods_address_gets_nothing_of_its_identity() {
         );
     }
 
-    // The attack: c1 takes a1's address and announces it to the bridge.
+    // The attack: c1 takes a1's address and announces it to the bridge (both ARP hardware
+    // types Linux takes), then connects from it.
     let seen = (a2.peers().len(), b1.peers().len());
     impostor
         .ip(&["addr", "add", &format!("{victim}/32"), "dev", "eth0"])
         .unwrap();
-    attack::gratuitous_arp(impostor, "eth0", victim).unwrap();
+    for hardware in [1, 6] {
+        let announcement = attack::arp_announcement(impostor_mac, victim, hardware);
+        attack::send_frame(impostor, "eth0", announcement).unwrap();
+    }
     for dst in targets {
         let stream = attack::connect_from(impostor, victim, dst, Duration::from_secs(3));
         assert!(!echoes(stream), "c1 reached {dst} as a1");
@@ -101,10 +108,24 @@ fn a_pod_that_takes_an_enrolled_pods_address_gets_nothing_of_its_identity() {
         seen,
         "a server saw a connection of the impostor"
     );
-    // Dropped at c1's interface: its packets from a1's address, and its ARP claim, so
-    // neither the node nor the other pods learnt c1's MAC for a1's address.
+    // Dropped at c1's interface: its packets from a1's address, and its ARP claims, so the
+    // node still has a1's MAC for a1's address.
+    assert_eq!(neighbour(&cluster, victim), Some(victim_mac));
     assert!(counter(&cluster, "node-a", "spoofed_source") > 0);
-    assert!(counter(&cluster, "node-a", "spoofed_arp") > 0);
+    assert!(counter(&cluster, "node-a", "spoofed_arp") >= 2);
+
+    // c1 also sends a frame with a2's MAC as its source: the bridge would move a2's entry
+    // to c1's port (and the proxy's plaintext to a2 with it).
+    let a2_mac = attack::mac(&cluster.pod("a2").netns, "eth0").unwrap();
+    let probe = attack::arp_announcement(a2_mac, Ipv4Addr::UNSPECIFIED, 1);
+    attack::send_frame(impostor, "eth0", probe).unwrap();
+    let a2_port = bridge_port_of(&cluster, a2_mac);
+    assert_ne!(
+        a2_port,
+        Some(cluster.pod("c1").veth.clone()),
+        "a2's bridge entry"
+    );
+    assert!(counter(&cluster, "node-a", "spoofed_mac") > 0);
 
     // The real pod keeps working, with its identity, while the impostor holds its address.
     for dst in targets {
@@ -126,9 +147,25 @@ fn a_pod_that_takes_an_enrolled_pods_address_gets_nothing_of_its_identity() {
     let first = pod_interface(&cluster, victim);
     assert!(first > 0, "a1 unbound");
 
-    // a1 goes and a new pod gets its address, the impostor still holding it: the address
-    // follows the new pod's interface (the impostor's belongs to c1), and works at once.
+    // c1 gives up its own address and keeps only a1's; then a1 goes and a new pod gets its
+    // address. c1's interface stays c1's: the address follows the new pod's interface.
+    let own = format!("{}/24", cluster.pod("c1").ip);
+    let impostor = &cluster.pod("c1").netns;
+    impostor.ip(&["addr", "del", &own, "dev", "eth0"]).unwrap();
+    impostor
+        .ip(&["addr", "add", &format!("{victim}/24"), "dev", "eth0"])
+        .unwrap();
     drop(cluster.pods.remove("a1"));
+    wait_until("a1's address bound to no interface", || {
+        pod_interface(&cluster, victim) == 0
+    });
+    let stream = attack::connect_from(
+        &cluster.pod("c1").netns,
+        victim,
+        targets[0],
+        Duration::from_secs(3),
+    );
+    assert!(!echoes(stream), "c1 reached a2 as a1, a1 gone");
     cluster.add_pod("a1", "mesh", "node-a", victim).unwrap();
     wait_until("a1's address bound to the new pod's interface", || {
         ![0, first].contains(&pod_interface(&cluster, victim))
@@ -146,6 +183,39 @@ fn a_pod_that_takes_an_enrolled_pods_address_gets_nothing_of_its_identity() {
     assert!(!echoes(stream), "c1 reached a2 as the new a1");
 }
 
+/// The MAC node-a's neighbour table has for `ip` on `cni0`.
+fn neighbour(cluster: &Cluster, ip: Ipv4Addr) -> Option<[u8; 6]> {
+    let node = &cluster.node("node-a").netns;
+    let json = node
+        .ip(&["-j", "neigh", "show", &ip.to_string(), "dev", "cni0"])
+        .unwrap();
+    let entries: serde_json::Value = serde_json::from_str(&json).unwrap();
+    parse_mac(entries[0]["lladdr"].as_str()?)
+}
+
+/// The bridge port (`cni0`) node-a forwards frames for `mac` to.
+fn bridge_port_of(cluster: &Cluster, mac: [u8; 6]) -> Option<String> {
+    let node = &cluster.node("node-a").netns;
+    let json = node
+        .exec("bridge", &["-j", "fdb", "show", "br", "cni0"])
+        .unwrap();
+    let entries: serde_json::Value = serde_json::from_str(&json).unwrap();
+    entries
+        .as_array()?
+        .iter()
+        .find(|e| e["mac"].as_str().and_then(parse_mac) == Some(mac))
+        .and_then(|e| e["ifname"].as_str().map(str::to_string))
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    Some(mac)
+}
+
 /// The interface node-a's kernel believes `ip` from (0: none), per `/debug/state`.
 fn pod_interface(cluster: &Cluster, ip: Ipv4Addr) -> u64 {
     let state = cluster.debug_state("node-a").unwrap();
@@ -157,8 +227,19 @@ fn pod_interface(cluster: &Cluster, ip: Ipv4Addr) -> u64 {
 #[test]
 fn ipv6_to_and_from_enrolled_pods_is_dropped_and_counted() {
     require_root!();
-    let mut cluster = Cluster::new(&format!("{TWO_NODES}{STRICT_MESH}")).unwrap();
+    // A dual-stack Service: mesh-node says at start that it carries IPv4 only.
+    let dual_stack = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: plain}
+spec: {clusterIP: 100.66.0.30, ipFamilies: [IPv4, IPv6], ports: [{port: 80}]}
+"#;
+    let mut cluster = Cluster::new(&format!("{TWO_NODES}{STRICT_MESH}{dual_stack}")).unwrap();
     cluster.start_mesh_everywhere().unwrap();
+    assert!(cluster
+        .mesh_log("node-a")
+        .contains("the cluster is dual-stack"));
     let any = |port| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
     let a2 = Server::start_at(&cluster.pod("a2").netns, any(WEB_PORT), Behaviour::Echo).unwrap();
     let _c3 = Server::start_at(&cluster.pod("c3").netns, any(WEB_PORT), Behaviour::Echo).unwrap();
@@ -197,13 +278,43 @@ fn ipv6_to_and_from_enrolled_pods_is_dropped_and_counted() {
     let scope = attack::ifindex(c1, "eth0").unwrap();
     for ip in [a2_ip, c3_ip] {
         let dst = SocketAddr::V6(SocketAddrV6::new(ip, 9999, 0, scope));
-        attack::udp_send(c1, dst, b"ping").unwrap();
+        attack::udp_send(c1, 0, dst, b"ping").unwrap();
     }
     assert_eq!(sink_c3.received(Duration::from_secs(1)).len(), 1);
     assert!(sink_a2.received(Duration::from_millis(200)).is_empty());
     // The SYNs both ways (with their retries) and the datagram.
     let dropped = counter(&cluster, "node-a", "ipv6_dropped");
     assert!(dropped >= 3, "ipv6_dropped: {dropped}");
+    // ICMPv6 passes both ways: neighbour discovery found a2 for c1, and c3 for a1.
+    for (pod, ip) in [("c1", a2_ip), ("a1", c3_ip)] {
+        let ns = &cluster.pod(pod).netns;
+        let json = ns
+            .ip(&["-6", "-j", "neigh", "show", &ip.to_string(), "dev", "eth0"])
+            .unwrap();
+        let entries: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(entries[0]["lladdr"].is_string(), "{pod} -> {ip}: {json}");
+    }
+}
+
+#[test]
+fn vlan_tagged_frames_never_reach_enrolled_pods() {
+    require_root!();
+    let mut cluster = Cluster::new(TWO_NODES).unwrap();
+    cluster.start_mesh("node-a").unwrap();
+    let sink = UdpSink::bind(&cluster.pod("a2").netns, 9999).unwrap();
+    let c1 = &cluster.pod("c1").netns;
+    let (from, to) = (v4(&cluster, "c1", 5555), v4(&cluster, "a2", 9999));
+    let c1_mac = attack::mac(c1, "eth0").unwrap();
+    let a2_mac = attack::mac(&cluster.pod("a2").netns, "eth0").unwrap();
+    // Control: the same datagram untagged arrives (UDP is not checked by default).
+    for tags in [0, 2] {
+        let frame = attack::tagged_udp(c1_mac, a2_mac, tags, from, to, b"tagged?");
+        attack::send_frame(c1, "eth0", frame).unwrap();
+    }
+    // Two tags with VLAN id 0: the kernel takes the outer one out before TC, the bridge
+    // forwards the frame, the pod's stack strips the inner one and takes the datagram.
+    assert_eq!(sink.received(Duration::from_secs(1)).len(), 1);
+    assert_eq!(counter(&cluster, "node-a", "vlan_dropped"), 1);
 }
 
 #[test]
@@ -305,9 +416,28 @@ spec: {selector: {matchLabels: {app: client}}}
         .unwrap();
     assert_eq!(denied.flag, "DENY");
     // A raw SYN goes around the connect hook: dropped on the pod's interface.
-    attack::raw_syn(&cluster.node("node-a").netns, host, pods[0]).unwrap();
+    attack::raw_syn(&cluster.node("node-a").netns, host, pods[0], None).unwrap();
     wait_until("the raw SYN dropped", || {
         counter(&cluster, "node-a", "unproxied_syn") == 1
+    });
+    // Nor does the proxy's mark make a host process the proxy (CAP_NET_RAW sets it).
+    let forged = attack::connect_marked(
+        &cluster.node("node-a").netns,
+        MARK_PROXY,
+        pods[0],
+        Duration::from_secs(3),
+    );
+    assert!(!echoes(forged), "a host process passed as the proxy");
+    assert_eq!(counter(&cluster, "node-a", "host_captured"), 3);
+    attack::raw_syn(
+        &cluster.node("node-a").netns,
+        host,
+        pods[0],
+        Some(MARK_PROXY),
+    )
+    .unwrap();
+    wait_until("the marked raw SYN dropped", || {
+        counter(&cluster, "node-a", "unproxied_syn") == 2
     });
     // The kubelet reaches both directly (its probes must work on STRICT pods).
     for dst in pods {
@@ -335,7 +465,7 @@ spec: {selector: {matchLabels: {app: client}}}
         );
     }
     let raw = counter(&cluster, "node-a", "unproxied_syn");
-    attack::raw_syn(&cluster.node("node-a").netns, host, pods[0]).unwrap();
+    attack::raw_syn(&cluster.node("node-a").netns, host, pods[0], None).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(counter(&cluster, "node-a", "unproxied_syn"), raw);
 }
@@ -417,39 +547,48 @@ fn enrolled_pods_reach_servers_in_their_nodes_namespace() {
 #[test]
 fn udp_to_enrolled_pods_can_be_limited_to_dns() {
     require_root!();
-    let mut cluster = Cluster::new(TWO_NODES).unwrap();
+    // c3 serves the cluster's DNS (a Service with port 53).
+    let config = format!(
+        "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: plain}}\n\
+         spec: {{clusterIP: 100.66.0.53, selector: {{app: dns}}, ports: [{{name: dns, \
+         protocol: UDP, port: 53}}]}}\n",
+        TWO_NODES.replace(
+            "metadata: {name: c3, namespace: plain}",
+            "metadata: {name: c3, namespace: plain, labels: {app: dns}}",
+        )
+    );
+    let mut cluster = Cluster::new(&config).unwrap();
     cluster.run_args = vec!["--udp-to-enrolled".into(), "dns-only".into()];
     cluster.start_mesh("node-a").unwrap();
     cluster.run_args.clear();
     cluster.start_mesh("node-b").unwrap();
-    let sinks = |pod: &str| {
-        let ns = &cluster.pod(pod).netns;
-        (
-            UdpSink::bind(ns, 9999).unwrap(),
-            UdpSink::bind(ns, 53).unwrap(),
-        )
-    };
-    let (a2_other, a2_dns) = sinks("a2");
-    let (c3_other, _) = sinks("c3");
-    let (b1_other, _) = sinks("b1");
-    for (from, to, port) in [
-        ("c1", "a2", 9999),
-        ("c2", "a2", 9999),
-        ("c1", "a2", 53),
-        ("c1", "c3", 9999),
-        ("c1", "b1", 9999),
-    ] {
+    let sink = |pod: &str, port| UdpSink::bind(&cluster.pod(pod).netns, port).unwrap();
+    let (a2_other, a2_dns) = (sink("a2", 9999), sink("a2", 53));
+    let (c3_other, b1_other) = (sink("c3", 9999), sink("b1", 9999));
+    let send = |from: &str, from_port: u16, to: &str, port: u16, payload: &'static [u8]| {
         let dst = SocketAddr::from((cluster.pod(to).ip, port));
-        attack::udp_send(&cluster.pod(from).netns, dst, b"ping").unwrap();
-    }
+        attack::udp_send(&cluster.pod(from).netns, from_port, dst, payload).unwrap();
+    };
+    send("c1", 0, "a2", 9999, b"c1");
+    send("c2", 0, "a2", 9999, b"c2");
+    // From port 53 of a pod that serves no DNS: not an answer.
+    send("c1", 53, "a2", 9999, b"c1 as dns");
+    send("c3", 53, "a2", 9999, b"dns answer");
+    send("c1", 0, "a2", 53, b"query");
+    send("c1", 0, "c3", 9999, b"to c3");
+    send("c1", 0, "b1", 9999, b"to b1");
     let wait = Duration::from_secs(1);
-    assert_eq!(a2_dns.received(wait).len(), 1, "DNS to a2");
+    assert_eq!(a2_dns.received(wait), [b"query".to_vec()], "DNS to a2");
+    assert_eq!(
+        a2_other.received(wait),
+        [b"dns answer".to_vec()],
+        "only the DNS server's answer reaches a2's other port"
+    );
     assert_eq!(c3_other.received(wait).len(), 1, "to c3, outside the mesh");
     assert_eq!(
         b1_other.received(wait).len(),
         1,
         "to b1 (node-b allows UDP)"
     );
-    assert!(a2_other.received(wait).is_empty(), "non-DNS UDP reached a2");
-    assert_eq!(counter(&cluster, "node-a", "udp_dropped"), 2);
+    assert_eq!(counter(&cluster, "node-a", "udp_dropped"), 3);
 }

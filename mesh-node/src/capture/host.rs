@@ -61,11 +61,10 @@ pub const DEFAULT_KUBELET_CGROUPS: [&str; 3] = [
 
 /// The host-traffic state: the kubelet's cgroups and the source address in the kernel.
 pub struct Host {
-    traffic: HostTraffic,
     kubelet: HashMap<MapData, u64, u32>,
     source: Array<MapData, u32>,
-    /// The cgroup v2 root, where `--kubelet-cgroup` paths are looked up.
-    root: fs::File,
+    /// The cgroup v2 root, where `--kubelet-cgroup` paths are looked up (`kubelet-only`).
+    root: Option<fs::File>,
     paths: Vec<PathBuf>,
     /// The paths found, with their cgroup id, as last put in the map.
     found: BTreeMap<PathBuf, u64>,
@@ -79,6 +78,7 @@ impl Host {
         dir: &Path,
         traffic: HostTraffic,
         kubelet_cgroups: &[PathBuf],
+        proxy_cgroup: u64,
     ) -> Result<Host, CaptureError> {
         let kubelet = HashMap::try_from(ebpf.take_map(maps::KUBELET_CGROUPS).ok_or(
             CaptureError::Map {
@@ -93,13 +93,23 @@ impl Host {
                 message: "missing from the object".into(),
             })?)
             .map_err(map_error(maps::HOST_SOURCE))?;
-        let (root, _) = crate::sys::open_cgroup2_root().map_err(|err| CaptureError::Program {
-            program: programs::CONNECT4,
-            message: format!("cannot open the cgroup v2 root: {err}"),
-        })?;
         let pin = dir.join("links/connect4");
-        match traffic {
+        let root = match traffic {
             HostTraffic::KubeletOnly => {
+                let (root, _) =
+                    crate::sys::open_cgroup2_root().map_err(|err| CaptureError::Program {
+                        program: programs::CONNECT4,
+                        message: format!(
+                            "cannot open the cgroup v2 root: {err}; --host-traffic=kubelet-only \
+                             needs it (or choose --host-traffic=allow)"
+                        ),
+                    })?;
+                if root.metadata().is_ok_and(|m| m.ino() == proxy_cgroup) {
+                    tracing::warn!(
+                        "mesh-node runs in the root cgroup: the node's processes there are taken \
+                         for the proxy (run it in a cgroup of its own, as the DaemonSet does)"
+                    );
+                }
                 let prog: &mut CgroupSockAddr = program(ebpf, programs::CONNECT4)?;
                 prog.load().map_err(prog_error(programs::CONNECT4))?;
                 // A cgroup link: other programs on the root (another node's mesh-node in
@@ -116,6 +126,7 @@ impl Host {
                         message: format!("not a BPF link ({err}): kernel >= 5.7 is required"),
                     })?;
                 replace_pin(&pin, link)?;
+                Some(root)
             }
             HostTraffic::Allow => {
                 if let Ok(link) = PinnedLink::from_pin(&pin) {
@@ -124,10 +135,10 @@ impl Host {
                         message: err.to_string(),
                     })?;
                 }
+                None
             }
-        }
+        };
         let mut host = Host {
-            traffic,
             kubelet,
             source,
             root,
@@ -149,7 +160,10 @@ impl Host {
     /// Looks the kubelet's cgroups up again (they may appear after mesh-node starts) and
     /// makes the map hold exactly their ids.
     pub fn sync_kubelet(&mut self) -> Result<(), CaptureError> {
-        let root = format!("/proc/self/fd/{}", self.root.as_raw_fd());
+        let Some(root) = &self.root else {
+            return Ok(());
+        };
+        let root = format!("/proc/self/fd/{}", root.as_raw_fd());
         let mut found = BTreeMap::new();
         for path in &self.paths {
             let relative = path.strip_prefix("/").unwrap_or(path);
@@ -173,9 +187,7 @@ impl Host {
                 .remove(id)
                 .map_err(map_error(maps::KUBELET_CGROUPS))?;
         }
-        if self.traffic == HostTraffic::KubeletOnly {
-            tracing::info!(cgroups = ?found.keys().collect::<Vec<_>>(), "the kubelet's cgroups");
-        }
+        tracing::info!(cgroups = ?found.keys().collect::<Vec<_>>(), "the kubelet's cgroups");
         self.found = found;
         Ok(())
     }

@@ -6,10 +6,16 @@
 //! all of it on `mesh-node uninstall`.
 
 pub mod bypass;
+mod handles;
 pub mod host;
 pub mod links;
+mod pins;
 pub mod pods;
 pub mod routing;
+
+pub use handles::{KernelCounters, ReplySteering};
+use pins::{lock, replace_pin};
+pub use pins::{pin_dir, uninstall};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,9 +34,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use mesh_common::{
-    flow_verdict, maps, programs, BridgePort, BypassCounter, Counter, FlowKey, Listener, ServiceKey,
-};
+use mesh_common::{maps, programs, BridgePort, Listener, ServiceKey};
 
 use self::{
     host::{Host, HostTraffic},
@@ -117,25 +121,6 @@ pub struct Settings {
     pub udp_dns_only: bool,
 }
 
-/// Map pins an earlier version of mesh-node made and this one no longer uses.
-const OBSOLETE_PINS: [&str; 1] = ["MESH_ENROLLED"];
-
-/// The per-node pin directory under the bpffs root. bpffs refuses names with dots, which
-/// node names (FQDNs) often have.
-pub fn pin_dir(bpffs: &Path, node: &str) -> PathBuf {
-    let safe: String = node
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    bpffs.join(safe)
-}
-
 /// The loaded programs, their links and the maps user space writes.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -146,10 +131,13 @@ pub struct Datapath {
     local_pods: Option<LocalPods>,
     /// Pod interfaces as of the last link scan: ifindex -> (namespace id, ifindex there).
     peers: BTreeMap<u32, (i32, u32)>,
+    /// What each pod interface's other end held when last read (kept when a read fails).
+    seen: pods::Claims,
     /// Pod addresses bound to no interface, with why, as last reported.
     unbound: BTreeMap<Ipv4Addr, String>,
     host: Host,
     services: HashMap<MapData, ServiceKey, u32>,
+    dns_servers: HashMap<MapData, u32, u32>,
     /// What the Service map was last asked to hold: VIP:ports, and NodePorts (captured at
     /// every address of the node).
     /// `None` until the first config is applied: the map a previous run pinned is kept as it
@@ -163,8 +151,10 @@ pub struct Datapath {
     node_networks: BTreeSet<(Ipv4Addr, u8)>,
     bridge_ports: HashMap<MapData, u32, BridgePort>,
     listeners: SockMap<MapData>,
-    /// Links carrying the TC programs (both ways): ifindex -> name.
+    /// Links carrying the TC programs: ifindex -> name.
     attached: BTreeMap<u32, String>,
+    /// Those of them that carry the egress program too (pod interfaces).
+    egress: BTreeSet<u32>,
     /// Links the program could not be attached to (retried): name -> error.
     failed: BTreeMap<String, String>,
     /// The enrolled set the bridge guard's ipset last received, if it is known to be current.
@@ -229,11 +219,7 @@ impl Datapath {
             message: err.to_string(),
         })?;
         let lock = lock(&dir)?;
-        for name in OBSOLETE_PINS {
-            if fs::remove_file(dir.join(name)).is_ok() {
-                tracing::info!(pin = name, "removed a map pin an earlier version left");
-            }
-        }
+        let earlier_enrolled = pins::prepare(&dir)?;
         // `connect4` and the bypass act on this namespace's sockets only (cgroup programs see
         // every namespace's).
         let cookie = crate::sys::netns_cookie().map_err(|err| CaptureError::Program {
@@ -243,6 +229,24 @@ impl Datapath {
                  {err}"
             ),
         })?;
+        // The proxy's sockets are told apart by their mark and their cgroup: a mark alone
+        // any process with CAP_NET_RAW can set.
+        let proxy_cgroup = match crate::sys::own_cgroup_id() {
+            Ok(id) => id,
+            Err(err) if settings.host_traffic == HostTraffic::Allow => {
+                tracing::warn!("cannot read mesh-node's own cgroup id: {err}");
+                0
+            }
+            Err(err) => {
+                return Err(CaptureError::Program {
+                    program: programs::CONNECT4,
+                    message: format!(
+                        "cannot read mesh-node's own cgroup id (sock_diag, Linux >= 5.8), which \
+                         --host-traffic=kubelet-only needs: {err}"
+                    ),
+                })
+            }
+        };
         let log_captures = u8::from(settings.log_captures);
         let host_policy = settings.host_traffic.policy();
         let udp_dns_only = u8::from(settings.udp_dns_only);
@@ -251,6 +255,7 @@ impl Datapath {
             .default_map_pin_directory(&dir)
             .override_global("LOG_CAPTURES", &log_captures, true)
             .override_global("NODE_NETNS_COOKIE", &cookie, true)
+            .override_global("PROXY_CGROUP", &proxy_cgroup, true)
             .override_global("HOST_POLICY", &host_policy, true)
             .override_global("UDP_DNS_ONLY", &udp_dns_only, true);
         if !settings.bypass {
@@ -267,11 +272,17 @@ impl Datapath {
                 message: "missing from the object".into(),
             })
         };
-        let pods = PodMaps::new(
+        let mut pods = PodMaps::new(
             HashMap::try_from(take(&mut ebpf, maps::PODS)?).map_err(map_error(maps::PODS))?,
             HashMap::try_from(take(&mut ebpf, maps::POD_LINKS)?)
                 .map_err(map_error(maps::POD_LINKS))?,
+            HashMap::try_from(take(&mut ebpf, maps::POD_MACS)?)
+                .map_err(map_error(maps::POD_MACS))?,
         );
+        // Before any program of this version is attached.
+        pods.seed_enrolled(&earlier_enrolled)?;
+        let dns_servers = HashMap::try_from(take(&mut ebpf, maps::DNS_SERVERS)?)
+            .map_err(map_error(maps::DNS_SERVERS))?;
         let services = HashMap::try_from(take(&mut ebpf, maps::SERVICES)?)
             .map_err(map_error(maps::SERVICES))?;
         let bridge_ports = HashMap::try_from(take(&mut ebpf, maps::BRIDGE_PORTS)?)
@@ -306,6 +317,7 @@ impl Datapath {
             &dir,
             settings.host_traffic,
             &settings.kubelet_cgroups,
+            proxy_cgroup,
         )?;
 
         let mut datapath = Datapath {
@@ -314,9 +326,11 @@ impl Datapath {
             pods,
             local_pods: None,
             peers: BTreeMap::new(),
+            seen: BTreeMap::new(),
             unbound: BTreeMap::new(),
             host,
             services,
+            dns_servers,
             service_inputs: None,
             services_addresses: None,
             node_addresses: BTreeSet::new(),
@@ -324,6 +338,7 @@ impl Datapath {
             bridge_ports,
             listeners,
             attached: BTreeMap::new(),
+            egress: BTreeSet::new(),
             failed: BTreeMap::new(),
             guard_set: None,
             bypass,
@@ -414,12 +429,17 @@ impl Datapath {
 
         self.failed.clear();
         for (&ifindex, name) in &node.capture {
-            if self.attached.get(&ifindex) == Some(name) {
+            // Egress only on pod interfaces (a veth can become one when its other end moves
+            // into a pod's namespace after it was first seen).
+            let egress = node.peers.contains_key(&ifindex);
+            if self.attached.get(&ifindex) == Some(name) && self.egress.contains(&ifindex) == egress
+            {
                 continue;
             }
-            let attached = Tc::BOTH
-                .into_iter()
-                .map(|tc| self.attach_tc(tc, ifindex, name))
+            let ways: &[Tc] = if egress { &Tc::BOTH } else { &[Tc::Ingress] };
+            let attached = ways
+                .iter()
+                .map(|tc| self.attach_tc(*tc, ifindex, name))
                 .collect::<Result<Vec<_>, _>>();
             match attached {
                 Ok(how) => {
@@ -430,8 +450,13 @@ impl Datapath {
                     } else {
                         format!("{how:?}")
                     };
-                    tracing::info!(link = %name, ifindex, "capture attached ({how})");
+                    tracing::info!(link = %name, ifindex, egress, "capture attached ({how})");
                     self.attached.insert(ifindex, name.clone());
+                    if egress {
+                        self.egress.insert(ifindex);
+                    } else if self.egress.remove(&ifindex) {
+                        let _ = fs::remove_file(self.tc_pin(Tc::Egress, ifindex));
+                    }
                 }
                 Err(err) => {
                     // A link can also vanish between the scan and the attach (a pod being
@@ -449,6 +474,7 @@ impl Datapath {
             .collect();
         for ifindex in gone {
             let name = self.attached.remove(&ifindex).unwrap_or_default();
+            self.egress.remove(&ifindex);
             tracing::info!(link = %name, ifindex, "link gone, capture detached");
             for tc in Tc::BOTH {
                 let _ = fs::remove_file(self.tc_pin(tc, ifindex));
@@ -462,7 +488,11 @@ impl Datapath {
                     .iter()
                     .find_map(|tc| name.strip_prefix(tc.pin_prefix()))
                     .and_then(|i| i.parse().ok());
-                if ifindex.is_some_and(|i| !node.capture.contains_key(&i)) {
+                let egress = name.starts_with(Tc::Egress.pin_prefix());
+                let stale = |i: u32| {
+                    !node.capture.contains_key(&i) || (egress && !node.peers.contains_key(&i))
+                };
+                if ifindex.is_some_and(stale) {
                     let _ = fs::remove_file(entry.path());
                 }
             }
@@ -470,6 +500,12 @@ impl Datapath {
         self.peers = node.peers;
         self.host.sync_kubelet()?;
         self.rebind()
+    }
+
+    /// Looks again at what changes without an event: the kubelet's cgroups (a restarted
+    /// kubelet unit gets a new one).
+    pub fn refresh(&mut self) -> Result<(), CaptureError> {
+        self.host.sync_kubelet()
     }
 
     /// Links the capture program could not be attached to at the last sync, with the error.
@@ -517,7 +553,7 @@ impl Datapath {
     /// interface ([`pods::bind`]). Flows already captured stay captured until they end (the
     /// kernel forgets an entry when a new, uncaptured SYN reuses its tuple). Until this is
     /// first called, what a previous run pinned stays as it is (the mesh fails closed).
-    pub fn set_pods(&mut self, pods: &LocalPods) -> Result<(), CaptureError> {
+    fn set_pods(&mut self, pods: &LocalPods) -> Result<(), CaptureError> {
         let want: BTreeSet<Ipv4Addr> = pods
             .iter()
             .filter(|(_, enrolled)| **enrolled)
@@ -549,27 +585,32 @@ impl Datapath {
         let Some(local_pods) = &self.local_pods else {
             return Ok(());
         };
-        let claims: pods::Claims = self
-            .peers
-            .iter()
-            .filter_map(|(&ifindex, &(nsid, peer))| {
-                match crate::sys::peer_ipv4_addresses(nsid, peer) {
-                    Ok(addresses) => Some((ifindex, addresses.into_iter().collect())),
-                    Err(err) => {
-                        // Gone since the scan (a pod being deleted); the next event rescans.
-                        tracing::debug!(ifindex, "cannot read the pod's addresses: {err}");
-                        None
+        let mut claims = pods::Claims::new();
+        for (&ifindex, &(nsid, peer)) in &self.peers {
+            match crate::sys::peer_interface(nsid, peer) {
+                Ok(seen) => {
+                    claims.insert(ifindex, seen);
+                }
+                Err(err) => {
+                    // Gone since the scan (a pod being deleted: the next event rescans), or a
+                    // read that failed: what it held last time stands until then.
+                    tracing::debug!(ifindex, "cannot read the pod's end of the link: {err}");
+                    if let Some(seen) = self.seen.get(&ifindex) {
+                        claims.insert(ifindex, seen.clone());
                     }
                 }
-            })
-            .collect();
-        let before = self.pods.bound();
-        let binding = pods::bind(local_pods, &claims, &before);
+            }
+        }
+        let held = self.pods.held();
+        let binding = pods::bind(local_pods, &claims, &held);
         self.pods.apply(&binding)?;
+        self.seen = claims;
         let moved: Vec<Ipv4Addr> = binding
             .pods
             .iter()
-            .filter(|(ip, entry)| entry.ifindex != 0 && before.get(ip) != Some(&entry.ifindex))
+            .filter(|(ip, entry)| {
+                entry.ifindex != 0 && held.pods.get(ip).map(|e| e.ifindex) != Some(entry.ifindex)
+            })
             .map(|(ip, _)| *ip)
             .collect();
         routing::forget_neighbours(&moved)?;
@@ -593,20 +634,49 @@ impl Datapath {
         &self.node_addresses
     }
 
-    /// Makes the Service map hold exactly `vips` (VIP:ports with a ready enrolled endpoint on
-    /// this node) and `node_ports` at each of the node's addresses, by difference.
-    pub fn set_services(
+    /// Applies a config snapshot to the kernel: its Service addresses, pods, DNS servers
+    /// and the bypass's Services. New Service addresses go in before the pods change and old
+    /// ones out after: a newly enrolled pod's interface drops SYNs the proxy did not send,
+    /// so its Services must already be captured (else a client outside the mesh would be
+    /// DNATed to it and refused), and a pod leaving the mesh keeps them until it has left.
+    pub fn apply_config(&mut self, state: &crate::state::State) -> Result<(), CaptureError> {
+        let (vips, node_ports) = (
+            state.local_enrolled_vips(),
+            state.local_enrolled_node_ports(),
+        );
+        let want = self.service_addresses(&vips, &node_ports);
+        sync_service_map(&mut self.services, &want, maps::SERVICES, Sync::AddOnly)?;
+        self.set_pods(&state.local_pods())?;
+        self.set_services(&vips, &node_ports)?;
+        sync_address_map(&mut self.dns_servers, &state.dns_servers)?;
+        self.set_bypass_services(&state.local_only_vips(), &state.local_http_endpoints())
+    }
+
+    /// The Service map's entries for `vips` (VIP:ports with a ready enrolled endpoint on this
+    /// node) and `node_ports` at each of the node's addresses.
+    fn service_addresses(
+        &self,
+        vips: &BTreeSet<SocketAddrV4>,
+        node_ports: &BTreeSet<u16>,
+    ) -> BTreeSet<SocketAddrV4> {
+        let mut want = vips.clone();
+        for ip in &self.node_addresses {
+            want.extend(node_ports.iter().map(|port| SocketAddrV4::new(*ip, *port)));
+        }
+        want
+    }
+
+    /// Makes the Service map hold exactly the entries for `vips` and `node_ports`, by
+    /// difference.
+    fn set_services(
         &mut self,
         vips: &BTreeSet<SocketAddrV4>,
         node_ports: &BTreeSet<u16>,
     ) -> Result<(), CaptureError> {
         self.service_inputs = Some((vips.clone(), node_ports.clone()));
         self.services_addresses = None;
-        let mut want = vips.clone();
-        for ip in &self.node_addresses {
-            want.extend(node_ports.iter().map(|port| SocketAddrV4::new(*ip, *port)));
-        }
-        sync_service_map(&mut self.services, &want, maps::SERVICES)?;
+        let want = self.service_addresses(vips, node_ports);
+        sync_service_map(&mut self.services, &want, maps::SERVICES, Sync::Exact)?;
         self.services_addresses = Some(self.node_addresses.clone());
         Ok(())
     }
@@ -614,7 +684,7 @@ impl Datapath {
     /// Gives the same-node bypass, when attached, the Service VIP:ports it may take (every
     /// ready endpoint an enrolled pod of this node) and the local pods' HTTP ports it never
     /// takes.
-    pub fn set_bypass_services(
+    fn set_bypass_services(
         &mut self,
         vips: &BTreeSet<SocketAddrV4>,
         http: &BTreeSet<SocketAddrV4>,
@@ -627,12 +697,21 @@ impl Datapath {
 
     /// The enrolled pods in the kernel's pod map.
     pub fn enrolled(&self) -> BTreeSet<Ipv4Addr> {
-        self.pods.enrolled()
+        let held = self.pods.held();
+        held.pods
+            .into_iter()
+            .filter(|(_, entry)| entry.enrolled())
+            .map(|(ip, _)| ip)
+            .collect()
     }
 
     /// The kernel's binding of pod addresses to interfaces: address -> ifindex (0: none).
     pub fn pod_interfaces(&self) -> BTreeMap<Ipv4Addr, u32> {
-        self.pods.bound()
+        let held = self.pods.held();
+        held.pods
+            .into_iter()
+            .map(|(ip, entry)| (ip, entry.ifindex))
+            .collect()
     }
 
     /// Registers a proxy listener in the sockmap `sk_lookup` picks from.
@@ -702,6 +781,7 @@ fn sync_service_map(
     map: &mut HashMap<MapData, ServiceKey, u32>,
     want: &BTreeSet<SocketAddrV4>,
     name: &'static str,
+    sync: Sync,
 ) -> Result<(), CaptureError> {
     let key = |addr: &SocketAddrV4| ServiceKey {
         ip: u32::from_ne_bytes(addr.ip().octets()),
@@ -716,188 +796,38 @@ fn sync_service_map(
     for addr in want.difference(&have) {
         map.insert(key(addr), 1, 0).map_err(map_error(name))?;
     }
-    for addr in have.difference(want) {
-        map.remove(&key(addr)).map_err(map_error(name))?;
+    if sync == Sync::Exact {
+        for addr in have.difference(want) {
+            map.remove(&key(addr)).map_err(map_error(name))?;
+        }
     }
     Ok(())
 }
 
-/// Pins `link` at `path`, replacing (and so detaching) whatever was pinned there before. The
-/// new pin is made under another name and renamed over the old one, so at every instant one
-/// of the two links is pinned and attached.
-fn replace_pin(path: &Path, link: FdLink) -> Result<(), CaptureError> {
-    let pin_error = |path: &Path, err: &dyn std::fmt::Display| CaptureError::Pin {
-        path: path.to_path_buf(),
-        message: err.to_string(),
-    };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push("-new");
-    let tmp = PathBuf::from(tmp);
-    let _ = fs::remove_file(&tmp);
-    link.pin(&tmp).map_err(|err| pin_error(&tmp, &err))?;
-    fs::rename(&tmp, path).map_err(|err| pin_error(path, &err))
+/// How [`sync_service_map`] changes a map.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// Only adds what is missing.
+    AddOnly,
+    /// Adds what is missing, then removes what is not wanted.
+    Exact,
 }
 
-/// Takes the exclusive lock on a node's pin directory.
-fn lock(dir: &Path) -> Result<std::os::fd::OwnedFd, CaptureError> {
-    match crate::sys::try_lock_dir(dir) {
-        Ok(Some(fd)) => Ok(fd),
-        Ok(None) => Err(CaptureError::Busy(dir.to_path_buf())),
-        Err(err) => Err(CaptureError::Pin {
-            path: dir.to_path_buf(),
-            message: format!("cannot lock: {err}"),
-        }),
-    }
-}
-
-/// A second handle on the pinned flow map, for the proxy: when it dials a pod of another node
-/// as a local client that is not in the mesh (whose replies the capture program would
-/// otherwise route straight to that client), it registers the reply direction of its
-/// connection as a captured flow, so the replies are steered back to its socket.
-pub struct ReplySteering {
-    flows: std::sync::Mutex<HashMap<MapData, FlowKey, u32>>,
-}
-
-impl ReplySteering {
-    /// Opens the node's pinned `MESH_FLOWS` map (after [`Datapath::install`]).
-    pub fn open(bpffs: &Path, node: &str) -> Result<ReplySteering, CaptureError> {
-        let path = pin_dir(bpffs, node).join(maps::FLOWS);
-        let data = MapData::from_pin(&path).map_err(map_error(maps::FLOWS))?;
-        let map = aya::maps::Map::from_map_data(data).map_err(map_error(maps::FLOWS))?;
-        let flows = HashMap::try_from(map).map_err(map_error(maps::FLOWS))?;
-        Ok(ReplySteering {
-            flows: std::sync::Mutex::new(flows),
-        })
-    }
-
-    fn key(remote: SocketAddrV4, local: SocketAddrV4) -> FlowKey {
-        FlowKey {
-            src_ip: u32::from_ne_bytes(remote.ip().octets()),
-            dst_ip: u32::from_ne_bytes(local.ip().octets()),
-            src_port: remote.port().to_be(),
-            dst_port: local.port().to_be(),
-        }
-    }
-
-    /// Packets from `remote` to `local` (the proxy's socket) are steered to it. The entry is
-    /// left to the LRU (late packets after the socket closed still reach its TIME_WAIT
-    /// state); the capture program drops it when the local client itself opens a flow
-    /// with that tuple.
-    pub fn add(&self, remote: SocketAddrV4, local: SocketAddrV4) -> Result<(), CaptureError> {
-        self.flows
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(Self::key(remote, local), flow_verdict::INBOUND, 0)
-            .map_err(map_error(maps::FLOWS))
-    }
-}
-
-/// The kernel decision counters (`mesh_kernel_packets_total`).
-pub struct KernelCounters {
-    map: PerCpuArray<MapData, u64>,
-    bypass: Option<PerCpuArray<MapData, u64>>,
-}
-
-impl KernelCounters {
-    /// Every capture counter with its label, summed over CPUs.
-    pub fn read(&self) -> Vec<(&'static str, u64)> {
-        sum_slots(&self.map, &Counter::ALL)
-    }
-
-    /// Every bypass counter with its label (`mesh_socket_bypass_total`); `None` when the
-    /// bypass is not attached.
-    pub fn read_bypass(&self) -> Option<Vec<(&'static str, u64)>> {
-        self.bypass
-            .as_ref()
-            .map(|map| sum_slots(map, &BypassCounter::ALL))
-    }
-}
-
-fn sum_slots<C: Copy + Into<u32>>(
-    map: &PerCpuArray<MapData, u64>,
-    slots: &[(C, &'static str)],
-) -> Vec<(&'static str, u64)> {
-    slots
+/// Makes the DNS server map hold exactly `want`.
+fn sync_address_map(
+    map: &mut HashMap<MapData, u32, u32>,
+    want: &BTreeSet<Ipv4Addr>,
+) -> Result<(), CaptureError> {
+    let want: BTreeSet<u32> = want
         .iter()
-        .map(|(slot, label)| {
-            let total = map
-                .get(&(*slot).into(), 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0);
-            (*label, total)
-        })
-        .collect()
-}
-
-/// Removes every attachment, pin, rule and route of `node`. Returns what was removed. Every
-/// step is tried; the errors of all failed steps are reported together.
-pub fn uninstall(bpffs: &Path, node: &str) -> Result<Vec<String>, CaptureError> {
-    let dir = pin_dir(bpffs, node);
-    let mut removed = Vec::new();
-    let mut errors = Vec::new();
-    let _lock = if dir.exists() {
-        Some(lock(&dir)?)
-    } else {
-        None
-    };
-    if let Ok(entries) = fs::read_dir(dir.join("links")) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let result = match PinnedLink::from_pin(&path) {
-                // Dropping the unpinned link detaches it.
-                Ok(link) => link.unpin().map(drop),
-                Err(_) => fs::remove_file(&path),
-            };
-            match result {
-                Ok(()) => removed.push(format!("link {}", path.display())),
-                Err(err) => errors.push(format!("{}: {err}", path.display())),
-            }
-        }
+        .map(|ip| u32::from_ne_bytes(ip.octets()))
+        .collect();
+    let have: BTreeSet<u32> = map.keys().filter_map(Result::ok).collect();
+    for ip in want.difference(&have) {
+        map.insert(ip, 1, 0).map_err(map_error(maps::DNS_SERVERS))?;
     }
-    if let Ok(entries) = fs::read_dir(&dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                continue;
-            }
-            match fs::remove_file(&path) {
-                Ok(()) => removed.push(format!("map {}", path.display())),
-                Err(err) => errors.push(format!("{}: {err}", path.display())),
-            }
-        }
+    for ip in have.difference(&want) {
+        map.remove(ip).map_err(map_error(maps::DNS_SERVERS))?;
     }
-    // Rules before the directory: while the lock is held no `run` can start in between and
-    // have its fresh rules removed.
-    match routing::remove() {
-        Ok(items) => removed.extend(items),
-        Err(err) => errors.push(err.to_string()),
-    }
-    for path in [dir.join("links"), dir.clone()] {
-        if path.exists() {
-            if let Err(err) = fs::remove_dir(&path) {
-                errors.push(format!("{}: {err}", path.display()));
-            }
-        }
-    }
-    if errors.is_empty() {
-        Ok(removed)
-    } else {
-        Err(CaptureError::Command {
-            command: format!("uninstall of node {node}"),
-            message: errors.join("; "),
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pin_dirs_have_no_dots() {
-        assert_eq!(
-            pin_dir(Path::new("/sys/fs/bpf/mesh"), "node-1.example.com"),
-            Path::new("/sys/fs/bpf/mesh/node-1_example_com")
-        );
-    }
+    Ok(())
 }

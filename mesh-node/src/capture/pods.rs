@@ -1,19 +1,21 @@
-//! Which host-side interface each of the node's pods is (`MESH_PODS`, `MESH_POD_LINKS`): the
-//! kernel believes a pod's address only from that interface, so a pod that takes another
-//! pod's address (or sends with it) gets nothing of that pod's identity, and an enrolled
-//! pod's interface carries the rules that follow the interface rather than an address
-//! (capture's `egress`).
+//! Which host-side interface each of the node's pods is (`MESH_PODS`, `MESH_POD_LINKS`,
+//! `MESH_POD_MACS`): the kernel believes a pod's address only from that interface, so a pod
+//! that takes another pod's address (or sends with it, or with its MAC) gets nothing of that
+//! pod's identity, and an enrolled pod's interface carries the rules that follow the
+//! interface rather than an address (capture's `egress`).
 //!
-//! The binding is learnt from the kernel itself: an interface claims the IPv4 addresses its
-//! other end has in the pod's namespace, read over netlink. A pod's address is bound to the
-//! one interface that claims it, and stays bound while that interface exists and still
-//! claims it, whatever else claims it later (an impostor adding the address to its own
-//! interface). An address no interface claims yet, or several claim at once with none bound
-//! before, is bound to none: the kernel then refuses it as a source everywhere, which fails
-//! closed (the pod is cut off, never impersonated) and is reported. A pod started with an
-//! impostor already holding its address is therefore cut off until the impostor lets go;
-//! the CNI plugin's report of the interface at pod start is the stronger source (a later
-//! issue).
+//! The binding is learnt from the kernel: each pod interface (a veth whose other end is in
+//! another namespace) shows the IPv4 addresses and the MAC its other end has, read over
+//! netlink. An interface belongs to a pod for its whole life: to the pod whose address it
+//! held alone when it was first seen with one, provided no other interface had that pod
+//! already. A pod's address is bound to the interface that belongs to it while that
+//! interface holds it. So a pod that adds another pod's address to its own interface gets
+//! nothing, not even when that pod's interface goes (a new interface takes the address); an
+//! address no interface can have yet, or that two new interfaces claim at once, is bound to
+//! none: the kernel then refuses it as a source everywhere, which fails closed (the pod is
+//! cut off, never impersonated) and is reported. Each interface's MAC is recorded once, for
+//! its life, unless another interface has it already. The CNI plugin's report of the
+//! interface at pod start is the stronger source (a later issue).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,129 +23,163 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use mesh_common::{maps, pod_flags, PodEntry, PodLink};
+use mesh_common::{maps, pod_flags, MacKey, PodEntry, PodLink};
 
 use super::{map_error, CaptureError};
+use crate::sys::PeerInterface;
 
 /// The node's pods on the pod network: address -> enrolled.
 pub type LocalPods = BTreeMap<Ipv4Addr, bool>;
 
-/// What each pod interface (ifindex) claims: the addresses on its other end.
-pub type Claims = BTreeMap<u32, BTreeSet<Ipv4Addr>>;
+/// What each pod interface (ifindex) shows of its other end.
+pub type Claims = BTreeMap<u32, PeerInterface>;
 
-/// The kernel's binding of addresses to interfaces, and what could not be bound.
+/// What the kernel holds: the maps' contents, and the binding the next one starts from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Binding {
     /// `MESH_PODS`: every local pod.
     pub pods: BTreeMap<Ipv4Addr, PodEntry>,
-    /// `MESH_POD_LINKS`: every interface bound to a pod, and every interface that claims an
-    /// enrolled pod's address no interface is trusted with (it may be the pod's).
+    /// `MESH_POD_LINKS`: every pod interface.
     pub links: BTreeMap<u32, PodLink>,
-    /// Why an address is bound to no interface, one line each.
+    /// `MESH_POD_MACS`: each pod interface's MAC.
+    pub macs: BTreeMap<[u8; 6], u32>,
+    /// Why an address is bound to no interface, one line each (not in the maps).
     pub unbound: BTreeMap<Ipv4Addr, String>,
 }
 
-/// Decides the binding. `previous` is what the kernel holds now (address -> ifindex, 0 for
-/// none).
-///
-/// First each interface is given to one pod: the pod it was bound to, while it still holds
-/// that pod's address; else the one pod address it holds; an interface that holds several
-/// pods' addresses with none bound to it before belongs to none (an impostor cannot take
-/// a freed address it added to its own pod's interface). Then each pod's address is bound
-/// to the interface given to it, the one it was bound to when several are: a binding stays
-/// while its interface holds the address, whatever else claims it later.
-pub fn bind(pods: &LocalPods, claims: &Claims, previous: &BTreeMap<Ipv4Addr, u32>) -> Binding {
-    let was_bound: BTreeMap<u32, Ipv4Addr> = previous
+fn key(ip: &Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn address(key: u32) -> Ipv4Addr {
+    Ipv4Addr::from(key.to_ne_bytes())
+}
+
+/// Decides the next binding from the config's pods, what the interfaces hold now, and what
+/// the kernel holds (see the module doc).
+pub fn bind(pods: &LocalPods, claims: &Claims, held: &Binding) -> Binding {
+    // Each interface's pod: the one it belonged to before, for its life; else (a new one)
+    // the one pod address it holds, unless an interface that is still there has that pod.
+    let taken: BTreeSet<Ipv4Addr> = held
+        .links
         .iter()
-        .filter(|(_, ifindex)| **ifindex != 0)
-        .map(|(ip, ifindex)| (*ifindex, *ip))
+        .filter(|(ifindex, link)| link.ip != 0 && claims.contains_key(ifindex))
+        .map(|(_, link)| address(link.ip))
+        .chain(
+            held.pods
+                .iter()
+                .filter(|(_, e)| e.ifindex != 0 && claims.contains_key(&e.ifindex))
+                .map(|(ip, _)| *ip),
+        )
         .collect();
-    let mut candidates: BTreeMap<Ipv4Addr, Vec<u32>> = BTreeMap::new();
-    let mut unowned: BTreeMap<u32, Vec<Ipv4Addr>> = BTreeMap::new();
-    for (&ifindex, addresses) in claims {
-        let held: Vec<Ipv4Addr> = addresses
+    let holds = |peer: &PeerInterface| -> Vec<Ipv4Addr> {
+        let mut held: Vec<Ipv4Addr> = peer
+            .addresses
             .iter()
             .filter(|ip| pods.contains_key(ip))
             .copied()
             .collect();
-        let owner = match (was_bound.get(&ifindex), held.as_slice()) {
-            (Some(ip), _) if held.contains(ip) => Some(*ip),
-            (_, &[ip]) => Some(ip),
-            _ => None,
-        };
-        match owner {
-            Some(ip) => candidates.entry(ip).or_default().push(ifindex),
-            None if held.len() > 1 => {
-                unowned.insert(ifindex, held);
+        held.sort();
+        held.dedup();
+        held
+    };
+    let mut owners: BTreeMap<u32, Ipv4Addr> = BTreeMap::new();
+    let mut fresh: BTreeMap<Ipv4Addr, Vec<u32>> = BTreeMap::new();
+    for (&ifindex, peer) in claims {
+        match held.links.get(&ifindex).filter(|l| l.ip != 0) {
+            Some(link) => {
+                owners.insert(ifindex, address(link.ip));
             }
-            None => {}
+            None => {
+                if let [ip] = holds(peer)[..] {
+                    if !taken.contains(&ip) {
+                        fresh.entry(ip).or_default().push(ifindex);
+                    }
+                }
+            }
         }
     }
     let mut binding = Binding::default();
-    for (&ip, &enrolled) in pods {
-        let flags = if enrolled { pod_flags::ENROLLED } else { 0 };
-        let links = candidates.get(&ip).map(Vec::as_slice).unwrap_or_default();
-        let kept = previous
-            .get(&ip)
-            .copied()
-            .filter(|i| *i != 0 && links.contains(i));
-        let ifindex = match (kept, links) {
-            (Some(ifindex), _) | (None, &[ifindex]) => ifindex,
-            (None, []) => {
-                let why = match unowned.iter().find(|(_, held)| held.contains(&ip)) {
-                    Some((ifindex, held)) => format!(
-                        "pod address {ip}: the interface with ifindex {ifindex} holds it among \
-                         the addresses of {} pods, so it is none of theirs",
-                        held.len()
-                    ),
-                    None => format!("pod address {ip}: no pod interface holds it (yet)"),
-                };
-                binding.unbound.insert(ip, why);
-                0
+    for (ip, links) in &fresh {
+        match links[..] {
+            [ifindex] => {
+                owners.insert(ifindex, *ip);
             }
-            (None, several) => {
-                let list: Vec<String> = several.iter().map(u32::to_string).collect();
+            _ => {
+                let list: Vec<String> = links.iter().map(u32::to_string).collect();
                 binding.unbound.insert(
-                    ip,
+                    *ip,
                     format!(
-                        "pod address {ip} is held by the interfaces with ifindex {}: none is \
-                         trusted with it until only one holds it (one may be an impostor)",
+                        "pod address {ip} is held by the new interfaces with ifindex {}: none is \
+                         trusted with it (one may be an impostor) until only one holds it",
                         list.join(", ")
                     ),
                 );
-                if enrolled {
-                    for ifindex in several {
-                        binding.links.entry(*ifindex).or_default().flags |= pod_flags::ENROLLED;
+            }
+        }
+    }
+
+    for (&ip, &enrolled) in pods {
+        let flags = pod_flags::PRESENT | if enrolled { pod_flags::ENROLLED } else { 0 };
+        let own = owners
+            .iter()
+            .find(|(ifindex, owner)| **owner == ip && claims[ifindex].addresses.contains(&ip));
+        let ifindex = match own {
+            Some((ifindex, _)) => *ifindex,
+            None => {
+                binding.unbound.entry(ip).or_insert_with(|| {
+                    match owners.iter().find(|(_, owner)| **owner == ip) {
+                        Some((ifindex, _)) => format!(
+                            "pod address {ip}: its interface (ifindex {ifindex}) does not hold it"
+                        ),
+                        None => format!("pod address {ip}: no pod interface holds it (yet)"),
                     }
-                }
+                });
                 0
             }
         };
         binding.pods.insert(ip, PodEntry { ifindex, flags });
-        if ifindex != 0 {
-            let link = binding.links.entry(ifindex).or_default();
-            link.ip = u32::from_ne_bytes(ip.octets());
-            link.flags |= flags;
-        }
     }
-    // An interface that is no pod's but holds an enrolled pod's address may be that pod's:
-    // it gets the rules of enrolled pods' interfaces.
-    for (ifindex, held) in unowned {
-        if held.iter().any(|ip| pods.get(ip) == Some(&true)) {
-            binding.links.entry(ifindex).or_default().flags |= pod_flags::ENROLLED;
+
+    for (&ifindex, peer) in claims {
+        let owner = owners.get(&ifindex);
+        let enrolled = match owner {
+            Some(ip) => pods.get(ip) == Some(&true),
+            // Not any pod's yet, but it holds an enrolled pod's address: it may be that
+            // pod's, so it gets the rules of enrolled pods' interfaces.
+            None => holds(peer).iter().any(|ip| pods.get(ip) == Some(&true)),
+        };
+        binding.links.insert(
+            ifindex,
+            PodLink {
+                ip: owner.map_or(0, key),
+                flags: pod_flags::PRESENT | if enrolled { pod_flags::ENROLLED } else { 0 },
+            },
+        );
+    }
+
+    // MACs: each interface keeps the one recorded for it; a new one gets its other end's,
+    // unless another interface has it.
+    binding.macs = held
+        .macs
+        .iter()
+        .filter(|(_, ifindex)| claims.contains_key(ifindex))
+        .map(|(mac, ifindex)| (*mac, *ifindex))
+        .collect();
+    let recorded: BTreeSet<u32> = binding.macs.values().copied().collect();
+    for (&ifindex, peer) in claims {
+        if let (false, Some(mac)) = (recorded.contains(&ifindex), peer.mac) {
+            binding.macs.entry(mac).or_insert(ifindex);
         }
     }
     binding
 }
 
-/// The two maps, kept equal to a [`Binding`] by difference.
+/// The three maps, kept equal to a [`Binding`] by difference.
 pub struct PodMaps {
     pods: HashMap<MapData, u32, PodEntry>,
     links: HashMap<MapData, u32, PodLink>,
-}
-
-fn key(ip: &Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
+    macs: HashMap<MapData, MacKey, u32>,
 }
 
 impl PodMaps {
@@ -151,61 +187,90 @@ impl PodMaps {
     pub fn new(
         pods: HashMap<MapData, u32, PodEntry>,
         links: HashMap<MapData, u32, PodLink>,
+        macs: HashMap<MapData, MacKey, u32>,
     ) -> PodMaps {
-        PodMaps { pods, links }
+        PodMaps { pods, links, macs }
     }
 
-    /// What `MESH_PODS` holds: address -> bound ifindex (0: none).
-    pub fn bound(&self) -> BTreeMap<Ipv4Addr, u32> {
-        self.entries()
-            .into_iter()
-            .map(|(ip, entry)| (ip, entry.ifindex))
-            .collect()
+    /// What the maps hold.
+    pub fn held(&self) -> Binding {
+        Binding {
+            pods: self
+                .pods
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(ip, entry)| (address(ip), entry))
+                .collect(),
+            links: self.links.iter().filter_map(Result::ok).collect(),
+            macs: self
+                .macs
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(mac, ifindex)| (mac.mac, ifindex))
+                .collect(),
+            unbound: BTreeMap::new(),
+        }
     }
 
-    fn entries(&self) -> BTreeMap<Ipv4Addr, PodEntry> {
-        self.pods
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(ip, entry)| (Ipv4Addr::from(ip.to_ne_bytes()), entry))
-            .collect()
-    }
-
-    /// The enrolled pods in `MESH_PODS`.
-    pub fn enrolled(&self) -> BTreeSet<Ipv4Addr> {
-        self.entries()
-            .into_iter()
-            .filter(|(_, entry)| entry.enrolled())
-            .map(|(ip, _)| ip)
-            .collect()
-    }
-
-    /// Makes both maps equal `binding`: new and changed entries first, then removals. An
-    /// address moving to a new interface is one update (never a moment with none).
-    pub fn apply(&mut self, binding: &Binding) -> Result<(), CaptureError> {
-        let have = self.entries();
-        for (ip, entry) in &binding.pods {
-            if have.get(ip) != Some(entry) {
+    /// Adds `ips` as enrolled pods bound to no interface, unless present: a start after an
+    /// upgrade from a version that kept enrolled pods in another map, so they are refused,
+    /// not let through uncaptured, until the first config binds them.
+    pub fn seed_enrolled(&mut self, ips: &[Ipv4Addr]) -> Result<(), CaptureError> {
+        let entry = PodEntry {
+            ifindex: 0,
+            flags: pod_flags::PRESENT | pod_flags::ENROLLED,
+        };
+        for ip in ips {
+            if self.pods.get(&key(ip), 0).is_err() {
                 self.pods
-                    .insert(key(ip), *entry, 0)
+                    .insert(key(ip), entry, 0)
                     .map_err(map_error(maps::PODS))?;
             }
         }
-        let links: BTreeMap<u32, PodLink> = self.links.iter().filter_map(Result::ok).collect();
+        Ok(())
+    }
+
+    /// Makes the maps equal `binding`: new and changed entries first, then removals. An
+    /// address moving to a new interface is one update (never a moment with none).
+    pub fn apply(&mut self, binding: &Binding) -> Result<(), CaptureError> {
+        let held = self.held();
+        let mac_key = |mac: &[u8; 6]| MacKey {
+            mac: *mac,
+            _pad: [0; 2],
+        };
+        for (mac, ifindex) in &binding.macs {
+            if held.macs.get(mac) != Some(ifindex) {
+                self.macs
+                    .insert(mac_key(mac), ifindex, 0)
+                    .map_err(map_error(maps::POD_MACS))?;
+            }
+        }
         for (ifindex, link) in &binding.links {
-            if links.get(ifindex) != Some(link) {
+            if held.links.get(ifindex) != Some(link) {
                 self.links
-                    .insert(ifindex, *link, 0)
+                    .insert(ifindex, link, 0)
                     .map_err(map_error(maps::POD_LINKS))?;
             }
         }
-        for ifindex in links.keys().filter(|i| !binding.links.contains_key(i)) {
+        for (ip, entry) in &binding.pods {
+            if held.pods.get(ip) != Some(entry) {
+                self.pods
+                    .insert(key(ip), entry, 0)
+                    .map_err(map_error(maps::PODS))?;
+            }
+        }
+        for ip in held.pods.keys().filter(|ip| !binding.pods.contains_key(ip)) {
+            self.pods.remove(&key(ip)).map_err(map_error(maps::PODS))?;
+        }
+        for ifindex in held.links.keys().filter(|i| !binding.links.contains_key(i)) {
             self.links
                 .remove(ifindex)
                 .map_err(map_error(maps::POD_LINKS))?;
         }
-        for ip in have.keys().filter(|ip| !binding.pods.contains_key(ip)) {
-            self.pods.remove(&key(ip)).map_err(map_error(maps::PODS))?;
+        for mac in held.macs.keys().filter(|m| !binding.macs.contains_key(*m)) {
+            self.macs
+                .remove(&mac_key(mac))
+                .map_err(map_error(maps::POD_MACS))?;
         }
         Ok(())
     }
@@ -219,106 +284,165 @@ mod tests {
         Ipv4Addr::new(100, 65, 0, last)
     }
 
+    fn mac(last: u8) -> [u8; 6] {
+        [2, 0, 0, 0, 0, last]
+    }
+
+    /// Interfaces (ifindex, the addresses of their other end); each has MAC `mac(ifindex)`.
     fn claims(list: &[(u32, &[u8])]) -> Claims {
         list.iter()
-            .map(|(ifindex, ips)| (*ifindex, ips.iter().map(|l| ip(*l)).collect()))
+            .map(|(ifindex, ips)| {
+                let peer = PeerInterface {
+                    addresses: ips.iter().map(|l| ip(*l)).collect(),
+                    mac: Some(mac(*ifindex as u8)),
+                };
+                (*ifindex, peer)
+            })
             .collect()
+    }
+
+    /// Binds twice, each time from what the last one left, as the datapath does.
+    fn settle(pods: &LocalPods, steps: &[Claims]) -> Binding {
+        steps
+            .iter()
+            .fold(Binding::default(), |held, claims| bind(pods, claims, &held))
     }
 
     #[test]
     fn each_pod_is_bound_to_the_one_interface_that_holds_its_address() {
         let pods = LocalPods::from([(ip(2), true), (ip(4), false)]);
-        let binding = bind(&pods, &claims(&[(10, &[2]), (11, &[4])]), &BTreeMap::new());
+        let binding = settle(&pods, &[claims(&[(10, &[2]), (11, &[4]), (12, &[])])]);
+        let present = pod_flags::PRESENT;
         assert_eq!(
             binding.pods[&ip(2)],
             PodEntry {
                 ifindex: 10,
-                flags: pod_flags::ENROLLED
+                flags: present | pod_flags::ENROLLED
             }
         );
         assert_eq!(
             binding.pods[&ip(4)],
             PodEntry {
                 ifindex: 11,
-                flags: 0
+                flags: present
             }
         );
         assert_eq!(binding.links[&10].ip, key(&ip(2)));
         assert!(binding.links[&10].enrolled());
         assert!(!binding.links[&11].enrolled());
+        // Every pod interface is listed, with its MAC; one that is no pod's has ip 0.
+        assert_eq!(
+            binding.links[&12],
+            PodLink {
+                ip: 0,
+                flags: present
+            }
+        );
+        assert_eq!(binding.macs.len(), 3);
+        assert_eq!(binding.macs[&mac(12)], 12);
         assert!(binding.unbound.is_empty());
     }
 
     #[test]
     fn an_impostor_that_adds_a_bound_address_gets_nothing() {
         let pods = LocalPods::from([(ip(2), true), (ip(4), false)]);
-        let before = BTreeMap::from([(ip(2), 10), (ip(4), 11)]);
         // 11 (the pod with .4) adds .2 to its own interface.
-        let binding = bind(&pods, &claims(&[(10, &[2]), (11, &[4, 2])]), &before);
+        let binding = settle(
+            &pods,
+            &[
+                claims(&[(10, &[2]), (11, &[4])]),
+                claims(&[(10, &[2]), (11, &[4, 2])]),
+            ],
+        );
         assert_eq!(binding.pods[&ip(2)].ifindex, 10);
         assert_eq!(binding.pods[&ip(4)].ifindex, 11);
-        // The impostor's own interface is not taken for the enrolled pod's.
+        assert_eq!(binding.links[&11].ip, key(&ip(4)));
         assert!(!binding.links[&11].enrolled());
         assert!(binding.unbound.is_empty());
     }
 
     #[test]
-    fn an_address_held_twice_with_no_binding_before_is_trusted_to_neither() {
-        let pods = LocalPods::from([(ip(2), true)]);
-        let binding = bind(&pods, &claims(&[(10, &[2]), (11, &[2])]), &BTreeMap::new());
-        assert_eq!(binding.pods[&ip(2)].ifindex, 0);
-        assert!(binding.unbound[&ip(2)].contains("10, 11"));
-        // Both interfaces get the enrolled pod's rules: either may be the pod's.
-        assert!(binding.links[&10].enrolled() && binding.links[&11].enrolled());
-        assert_eq!(binding.links[&10].ip, 0);
-    }
-
-    #[test]
-    fn an_impostor_cannot_take_a_freed_address_it_holds_besides_its_own() {
+    fn an_impostor_never_inherits_an_address_even_after_dropping_its_own() {
         let pods = LocalPods::from([(ip(2), true), (ip(4), false)]);
-        let before = BTreeMap::from([(ip(2), 10), (ip(4), 11)]);
-        // The pod with .2 is gone (interface 10 too); its new pod has no address yet.
-        let binding = bind(&pods, &claims(&[(11, &[4, 2]), (12, &[])]), &before);
+        let binding = settle(
+            &pods,
+            &[
+                claims(&[(10, &[2]), (11, &[4])]),
+                // 11 drops its own address and holds only .2 ...
+                claims(&[(10, &[2]), (11, &[2])]),
+                // ... then the pod with .2 goes (interface 10 with it).
+                claims(&[(11, &[2])]),
+            ],
+        );
         assert_eq!(binding.pods[&ip(2)].ifindex, 0);
-        assert_eq!(binding.pods[&ip(4)].ifindex, 11);
-        // Then the new pod's interface has it: bound there, not to the impostor's.
-        let before = BTreeMap::from([(ip(2), 0), (ip(4), 11)]);
-        let binding = bind(&pods, &claims(&[(11, &[4, 2]), (12, &[2])]), &before);
+        assert_eq!(binding.pods[&ip(4)].ifindex, 0);
+        assert_eq!(binding.links[&11].ip, key(&ip(4)), "11 stays .4's");
+        assert!(binding.unbound[&ip(4)].contains("does not hold it"));
+        // The new pod that gets .2 gets it at once.
+        let binding = bind(&pods, &claims(&[(11, &[2]), (12, &[2])]), &binding);
         assert_eq!(binding.pods[&ip(2)].ifindex, 12);
     }
 
     #[test]
-    fn an_interface_with_several_pods_addresses_and_no_binding_is_nobodys() {
+    fn a_new_pod_gets_its_address_although_an_older_pod_added_it_first() {
         let pods = LocalPods::from([(ip(2), true), (ip(4), false)]);
-        let binding = bind(
+        // .2 is the next address the IPAM hands out; the pod with .4 takes it first.
+        let binding = settle(
             &pods,
-            &claims(&[(11, &[4, 2]), (10, &[2])]),
-            &BTreeMap::new(),
+            &[claims(&[(11, &[4])]), claims(&[(11, &[4, 2]), (12, &[2])])],
         );
+        assert_eq!(binding.pods[&ip(2)].ifindex, 12);
+        assert_eq!(binding.pods[&ip(4)].ifindex, 11);
+    }
+
+    #[test]
+    fn an_address_two_new_interfaces_claim_is_trusted_to_neither() {
+        let pods = LocalPods::from([(ip(2), true)]);
+        let binding = settle(&pods, &[claims(&[(10, &[2]), (11, &[2])])]);
+        assert_eq!(binding.pods[&ip(2)].ifindex, 0);
+        assert!(binding.unbound[&ip(2)].contains("10, 11"));
+        // Neither belongs to the pod, both get the enrolled pod's rules.
+        for ifindex in [10, 11] {
+            assert_eq!(binding.links[&ifindex].ip, 0);
+            assert!(binding.links[&ifindex].enrolled());
+        }
+        // One lets go: the other gets it.
+        let binding = bind(&pods, &claims(&[(10, &[2]), (11, &[])]), &binding);
         assert_eq!(binding.pods[&ip(2)].ifindex, 10);
-        assert_eq!(binding.pods[&ip(4)].ifindex, 0);
-        assert!(binding.unbound[&ip(4)].contains("ifindex 11"));
-        // It may be the enrolled pod's: it gets enrolled pods' rules.
-        assert!(binding.links[&11].enrolled());
-        assert_eq!(binding.links[&11].ip, 0);
     }
 
     #[test]
     fn an_address_reused_by_a_new_pod_moves_to_its_interface() {
         let pods = LocalPods::from([(ip(2), true)]);
-        let before = BTreeMap::from([(ip(2), 10)]);
-        // Interface 10 is gone (its pod deleted); 12 is the new pod's.
-        let binding = bind(&pods, &claims(&[(12, &[2])]), &before);
+        let binding = settle(&pods, &[claims(&[(10, &[2])]), claims(&[(12, &[2])])]);
         assert_eq!(binding.pods[&ip(2)].ifindex, 12);
         assert!(!binding.links.contains_key(&10));
+        assert!(!binding.macs.values().any(|i| *i == 10));
     }
 
     #[test]
     fn a_pod_with_no_interface_yet_is_refused_as_a_source_and_reported() {
         let pods = LocalPods::from([(ip(2), false)]);
-        let binding = bind(&pods, &Claims::new(), &BTreeMap::new());
-        assert_eq!(binding.pods[&ip(2)], PodEntry::default());
+        let binding = settle(&pods, &[Claims::new()]);
+        assert_eq!(binding.pods[&ip(2)].ifindex, 0);
+        assert!(binding.pods[&ip(2)].present());
         assert!(binding.unbound[&ip(2)].contains("no pod interface"));
-        assert!(binding.links.is_empty());
+    }
+
+    #[test]
+    fn a_mac_stays_with_the_interface_that_had_it_first() {
+        let pods = LocalPods::from([(ip(2), true), (ip(4), false)]);
+        let first = settle(&pods, &[claims(&[(10, &[2]), (11, &[4])])]);
+        // 11 sets 10's MAC on its own interface.
+        let mut copied = claims(&[(10, &[2]), (11, &[4])]);
+        copied.get_mut(&11).unwrap().mac = Some(mac(10));
+        let binding = bind(&pods, &copied, &first);
+        assert_eq!(binding.macs[&mac(10)], 10);
+        assert_eq!(binding.macs[&mac(11)], 11);
+        // A new interface with a MAC another one has records none.
+        let mut new = claims(&[(10, &[2]), (11, &[4]), (12, &[])]);
+        new.get_mut(&12).unwrap().mac = Some(mac(10));
+        let binding = bind(&pods, &new, &binding);
+        assert!(!binding.macs.values().any(|i| *i == 12));
     }
 }
