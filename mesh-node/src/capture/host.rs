@@ -66,33 +66,21 @@ pub struct Host {
     /// The cgroup v2 root, where `--kubelet-cgroup` paths are looked up (`kubelet-only`).
     root: Option<fs::File>,
     paths: Vec<PathBuf>,
-    /// The paths found, with their cgroup id, as last put in the map.
-    found: BTreeMap<PathBuf, u64>,
+    /// The paths found, with their cgroup id, as last put in the map (`None` before the
+    /// first look, when the map may still hold what an earlier run put there).
+    found: Option<BTreeMap<PathBuf, u64>>,
 }
 
 impl Host {
-    /// Takes the maps of a loaded object and attaches `connect4` (with `kubelet-only`), or
-    /// removes the link a previous run pinned (with `allow`).
+    /// Attaches `connect4` (with `kubelet-only`), or removes the link a previous run pinned
+    /// (with `allow`); `kubelet` and `source` are the loaded object's maps.
     pub fn install(
         ebpf: &mut Ebpf,
         dir: &Path,
-        traffic: HostTraffic,
-        kubelet_cgroups: &[PathBuf],
+        (traffic, kubelet_cgroups): (HostTraffic, &[PathBuf]),
+        (kubelet, source): (HashMap<MapData, u64, u32>, Array<MapData, u32>),
         proxy_cgroup: u64,
     ) -> Result<Host, CaptureError> {
-        let kubelet = HashMap::try_from(ebpf.take_map(maps::KUBELET_CGROUPS).ok_or(
-            CaptureError::Map {
-                map: maps::KUBELET_CGROUPS,
-                message: "missing from the object".into(),
-            },
-        )?)
-        .map_err(map_error(maps::KUBELET_CGROUPS))?;
-        let source =
-            Array::try_from(ebpf.take_map(maps::HOST_SOURCE).ok_or(CaptureError::Map {
-                map: maps::HOST_SOURCE,
-                message: "missing from the object".into(),
-            })?)
-            .map_err(map_error(maps::HOST_SOURCE))?;
         let pin = dir.join("links/connect4");
         let root = match traffic {
             HostTraffic::KubeletOnly => {
@@ -143,10 +131,11 @@ impl Host {
             source,
             root,
             paths: kubelet_cgroups.to_vec(),
-            found: BTreeMap::new(),
+            found: None,
         };
         host.sync_kubelet()?;
-        if traffic == HostTraffic::KubeletOnly && host.found.is_empty() {
+        if traffic == HostTraffic::KubeletOnly && host.found.as_ref().is_some_and(|f| f.is_empty())
+        {
             tracing::warn!(
                 cgroups = ?host.paths,
                 "--host-traffic=kubelet-only, but none of the kubelet's cgroups exists: every \
@@ -172,7 +161,7 @@ impl Host {
                 found.insert(path.clone(), meta.ino());
             }
         }
-        if found == self.found {
+        if self.found.as_ref() == Some(&found) {
             return Ok(());
         }
         let want: BTreeSet<u64> = found.values().copied().collect();
@@ -188,7 +177,7 @@ impl Host {
                 .map_err(map_error(maps::KUBELET_CGROUPS))?;
         }
         tracing::info!(cgroups = ?found.keys().collect::<Vec<_>>(), "the kubelet's cgroups");
-        self.found = found;
+        self.found = Some(found);
         Ok(())
     }
 

@@ -26,7 +26,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, SockMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, SockMap},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
@@ -312,11 +312,17 @@ impl Datapath {
             tracing::info!("same-node socket bypass off");
             None
         };
+        let host_maps = (
+            HashMap::try_from(take(&mut ebpf, maps::KUBELET_CGROUPS)?)
+                .map_err(map_error(maps::KUBELET_CGROUPS))?,
+            Array::try_from(take(&mut ebpf, maps::HOST_SOURCE)?)
+                .map_err(map_error(maps::HOST_SOURCE))?,
+        );
         let host = Host::install(
             &mut ebpf,
             &dir,
-            settings.host_traffic,
-            &settings.kubelet_cgroups,
+            (settings.host_traffic, &settings.kubelet_cgroups),
+            host_maps,
             proxy_cgroup,
         )?;
 
