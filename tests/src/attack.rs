@@ -86,21 +86,7 @@ pub fn send_frame(ns: &Netns, iface: &str, frame: Vec<u8>) -> Result<()> {
         to.sll_ifindex = ifindex as i32;
         to.sll_halen = 6;
         to.sll_addr[..6].copy_from_slice(&frame[..6]);
-        // SAFETY: the frame and the address are valid for the lengths given.
-        let sent = unsafe {
-            libc::sendto(
-                socket.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&to as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error().into());
-        }
-        Ok(())
+        send_to(&socket, &frame, &to)
     })
 }
 
@@ -300,23 +286,27 @@ pub fn raw_syn(ns: &Netns, source: Ipv4Addr, dst: SocketAddrV4, mark: Option<u32
         tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
         let sum = tcp_checksum(source, *dst.ip(), &tcp);
         tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-        let to = sockaddr_in(SocketAddrV4::new(*dst.ip(), 0));
-        // SAFETY: the segment and the address are valid for the lengths given.
-        let sent = unsafe {
-            libc::sendto(
-                socket.as_raw_fd(),
-                tcp.as_ptr().cast(),
-                tcp.len(),
-                0,
-                (&to as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error().into());
-        }
-        Ok(())
+        send_to(&socket, &tcp, &sockaddr_in(SocketAddrV4::new(*dst.ip(), 0)))
     })
+}
+
+/// `sendto(2)` of `bytes` to the socket address `to` (a `sockaddr_in`, `sockaddr_ll`).
+fn send_to<A>(socket: &impl AsRawFd, bytes: &[u8], to: &A) -> Result<()> {
+    // SAFETY: the buffer and the address are valid for the lengths given.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            0,
+            (to as *const A).cast(),
+            std::mem::size_of::<A>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    Ok(())
 }
 
 fn tcp_checksum(src: Ipv4Addr, dst: Ipv4Addr, segment: &[u8]) -> u16 {
