@@ -12,10 +12,12 @@ pub mod links;
 mod pins;
 pub mod pods;
 pub mod routing;
+mod tc;
 
 pub use handles::{KernelCounters, ReplySteering};
 use pins::{lock, replace_pin};
 pub use pins::{pin_dir, uninstall};
+use tc::{Attach, Tc};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -27,11 +29,7 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, SockMap},
-    programs::{
-        links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
-        LinkOrder, SchedClassifier, SkLookup, TcAttachType,
-    },
+    programs::{links::FdLink, SchedClassifier, SkLookup},
     Ebpf, EbpfLoader,
 };
 use mesh_common::{maps, programs, BridgePort, Listener, ServiceKey};
@@ -520,39 +518,12 @@ impl Datapath {
     }
 
     fn tc_pin(&self, tc: Tc, ifindex: u32) -> PathBuf {
-        self.dir.join(format!("links/{}{ifindex}", tc.pin_prefix()))
+        tc::pin(&self.dir, tc, ifindex)
     }
 
-    /// Attaches one TC program to one link. A link pinned by a previous run gets the new
-    /// program atomically (TCX link update): no packet goes unhandled in between.
+    /// Attaches one TC program to one link ([`tc::attach`]).
     fn attach_tc(&mut self, tc: Tc, ifindex: u32, name: &str) -> Result<Attach, CaptureError> {
-        let pin = self.tc_pin(tc, ifindex);
-        let program_name = tc.program();
-        let prog: &mut SchedClassifier = self.program(program_name)?;
-        let adopted = PinnedLink::from_pin(&pin)
-            .ok()
-            .and_then(|old| SchedClassifierLink::try_from(FdLink::from(old)).ok())
-            .and_then(|old| prog.attach_to_link(old).ok());
-        if let Some(id) = adopted {
-            // The pinned link now runs the new program; its pin stays as it is. Taking the
-            // link out of the program and closing our fd leaves it attached (the pin holds it).
-            let link = prog.take_link(id).map_err(prog_error(program_name))?;
-            drop(FdLink::try_from(link));
-            return Ok(Attach::Adopted);
-        }
-        let id = prog
-            .attach_with_options(
-                name,
-                tc.attach_type(),
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map_err(prog_error(program_name))?;
-        let link = prog.take_link(id).map_err(prog_error(program_name))?;
-        let link = FdLink::try_from(link).map_err(|err| CaptureError::Program {
-            program: program_name,
-            message: format!("not a TCX link ({err}): kernel >= 6.6 is required"),
-        })?;
-        replace_pin(&pin, link).map(|()| Attach::New)
+        tc::attach(&mut self.ebpf, &self.dir, tc, ifindex, name)
     }
 
     /// Makes the kernel's pods those of the config (address -> enrolled), each bound to its
@@ -735,50 +706,6 @@ impl Datapath {
     pub fn attached_links(&self) -> &BTreeMap<u32, String> {
         &self.attached
     }
-}
-
-/// The two TC programs, by the way they face.
-#[derive(Clone, Copy)]
-enum Tc {
-    /// `mesh_capture`: what comes in.
-    Ingress,
-    /// `mesh_egress`: what goes out (into a pod).
-    Egress,
-}
-
-impl Tc {
-    const BOTH: [Tc; 2] = [Tc::Ingress, Tc::Egress];
-
-    fn program(self) -> &'static str {
-        match self {
-            Tc::Ingress => programs::CAPTURE,
-            Tc::Egress => programs::EGRESS,
-        }
-    }
-
-    fn attach_type(self) -> TcAttachType {
-        match self {
-            Tc::Ingress => TcAttachType::Ingress,
-            Tc::Egress => TcAttachType::Egress,
-        }
-    }
-
-    /// Pins are `links/<prefix><ifindex>`.
-    fn pin_prefix(self) -> &'static str {
-        match self {
-            Tc::Ingress => "tc-",
-            Tc::Egress => "tce-",
-        }
-    }
-}
-
-/// How a link got a TC program.
-#[derive(Debug, PartialEq, Eq)]
-enum Attach {
-    /// A link pinned by an earlier mesh-node was updated in place to the new program.
-    Adopted,
-    /// A new link was attached and pinned.
-    New,
 }
 
 /// Makes a map keyed by [`ServiceKey`] hold exactly `want`, by difference: new entries
