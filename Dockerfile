@@ -1,5 +1,5 @@
 # The mesh-node image. Builds with Debian's toolchain for the eBPF part, as the repository's
-# scripts do (../shared/TOOLCHAIN.md), then ships the binary with the tools it runs (ip,
+# scripts do (docs/toolchain.md), then ships the binary with the tools it runs (ip,
 # iptables) on a slim base.
 FROM debian:bookworm AS build
 RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \

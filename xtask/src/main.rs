@@ -1,7 +1,7 @@
 //! `cargo xtask <task>`: what developers and CI run daily.
 //!
 //! - `build-ebpf`: build the kernel object with Debian's rustc-web and bpf-linker (see
-//!   ../shared/TOOLCHAIN.md); mesh-node embeds the result.
+//!   docs/toolchain.md); mesh-node embeds the result.
 //! - `clippy-ebpf`: lint the eBPF crate with Debian's clippy (warnings denied).
 //! - `fmt-ebpf [--check]`: rustfmt the eBPF crate.
 //! - `demo`: build everything and run the two-node demo cluster (root).
