@@ -1,4 +1,4 @@
-//! TC egress (on the same links as `capture`): what goes into an enrolled pod's interface.
+//! TC egress (on pod interfaces, next to `capture`): what goes into an enrolled pod's interface.
 //! Every packet to a pod of this node leaves through its host-side interface, whoever sent
 //! it (another pod over the bridge, the overlay, the node itself), so this is where "to an
 //! enrolled pod" is decided without knowing the pod's every address:

@@ -23,7 +23,7 @@ use mesh_common::{Counter, Listener, ServiceKey, PORT_HBONE, PORT_INBOUND, PORT_
 
 use crate::{
     counters::bump,
-    maps::{enrolled, LISTENERS, SERVICES, SERVICE_CLIENTS},
+    maps::{enrolled, service, LISTENERS, SERVICE_CLIENTS},
 };
 
 const AF_INET: u32 = 2;
@@ -54,14 +54,7 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         } else {
             Listener::Inbound
         }
-    } else if SERVICES
-        .get_ptr(ServiceKey {
-            ip: lookup.local_ip4,
-            port: local_port.to_be(),
-            _pad: 0,
-        })
-        .is_some()
-    {
+    } else if service(lookup.local_ip4, local_port.to_be()) {
         // A Service address with an enrolled endpoint here, dialled by a client outside the
         // mesh.
         Listener::Inbound

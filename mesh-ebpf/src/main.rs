@@ -3,7 +3,7 @@
 //!   address from another interface, and what of an enrolled pod would go around the proxy
 //!   (IPv6, fragments); marks new TCP flows of enrolled pods (and the later packets of those
 //!   flows) so policy routing delivers them locally.
-//! - [`egress`]: TC egress on the same links: what goes into an enrolled pod's interface
+//! - [`egress`]: TC egress on pod interfaces: what goes into an enrolled pod's interface
 //!   (no IPv6 but ICMPv6, no TCP fragments, no SYN the proxy or the kubelet did not send).
 //! - [`host`]: `cgroup/connect4`: the node's own connections to enrolled pods go to the proxy.
 //! - [`lookup`]: `sk_lookup` on the node's netns; hands captured flows to the proxy listener

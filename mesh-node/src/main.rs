@@ -184,7 +184,8 @@ struct RunArgs {
     )]
     kubelet_cgroups: Vec<PathBuf>,
     /// UDP to enrolled pods: `allow` (STRICT covers TCP, as in Istio) or `dns-only` (only
-    /// DNS, a port 53 at either end, reaches them; everything else is dropped).
+    /// DNS reaches them: queries to port 53, answers from port 53 of the cluster's DNS
+    /// servers; everything else is dropped).
     #[arg(long, env = "MESH_UDP_TO_ENROLLED", value_enum, default_value_t = UdpToEnrolled::Allow)]
     udp_to_enrolled: UdpToEnrolled,
     /// Log filter (tracing EnvFilter syntax); `mesh_ebpf=debug` also logs every captured SYN

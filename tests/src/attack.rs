@@ -124,11 +124,7 @@ pub fn connect_from(
     dst: SocketAddrV4,
     timeout: Duration,
 ) -> Result<TcpStream> {
-    ns.run(move || {
-        let stream = TcpStream::from(socket(libc::SOCK_STREAM, 0)?);
-        bind(&stream, source)?;
-        connect_bounded(stream, dst, timeout)
-    })
+    connect_prepared(ns, dst, timeout, move |stream| bind(stream, source))
 }
 
 /// Connects from inside `ns` to `dst` with `options` as the IPv4 options of every packet
@@ -140,22 +136,8 @@ pub fn connect_with_ip_options(
     options: Vec<u8>,
     timeout: Duration,
 ) -> Result<TcpStream> {
-    ns.run(move || {
-        let stream = TcpStream::from(socket(libc::SOCK_STREAM, 0)?);
-        // SAFETY: the buffer is valid for its length.
-        let rc = unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_OPTIONS,
-                options.as_ptr().cast(),
-                options.len() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error()).context("IP_OPTIONS");
-        }
-        connect_bounded(stream, dst, timeout)
+    connect_prepared(ns, dst, timeout, move |stream| {
+        set_option(stream, libc::IPPROTO_IP, libc::IP_OPTIONS, &options)
     })
 }
 
@@ -167,26 +149,46 @@ pub fn connect_marked(
     dst: SocketAddrV4,
     timeout: Duration,
 ) -> Result<TcpStream> {
+    connect_prepared(ns, dst, timeout, move |stream| set_mark(stream, mark))
+}
+
+/// Connects from inside `ns` to `dst` within `timeout`, on a socket `prepare` set up first.
+fn connect_prepared(
+    ns: &Netns,
+    dst: SocketAddrV4,
+    timeout: Duration,
+    prepare: impl FnOnce(&TcpStream) -> Result<()> + Send + 'static,
+) -> Result<TcpStream> {
     ns.run(move || {
         let stream = TcpStream::from(socket(libc::SOCK_STREAM, 0)?);
-        set_mark(&stream, mark)?;
+        prepare(&stream)?;
         connect_bounded(stream, dst, timeout)
     })
 }
 
 fn set_mark(socket: &impl AsRawFd, mark: u32) -> Result<()> {
-    // SAFETY: the value is a live int of the length given.
+    set_option(socket, libc::SOL_SOCKET, libc::SO_MARK, &mark.to_ne_bytes())
+}
+
+/// `setsockopt(2)` with `value` as the option's bytes.
+fn set_option(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: &[u8],
+) -> Result<()> {
+    // SAFETY: the buffer is valid for its length.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&mark as *const u32).cast(),
-            4,
+            level,
+            option,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
         )
     };
     if rc != 0 {
-        return Err(io::Error::last_os_error()).context("SO_MARK");
+        return Err(io::Error::last_os_error()).context(format!("setsockopt {level}/{option}"));
     }
     Ok(())
 }

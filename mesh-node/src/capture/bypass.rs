@@ -97,12 +97,17 @@ impl Bypass {
         vips: &BTreeSet<SocketAddrV4>,
         http: &BTreeSet<SocketAddrV4>,
     ) -> Result<(), CaptureError> {
-        super::sync_service_map(&mut self.http, http, maps::BYPASS_HTTP, super::Sync::Exact)?;
+        super::sync_service_map(
+            &mut self.http,
+            http,
+            maps::BYPASS_HTTP,
+            super::Update::Exact,
+        )?;
         super::sync_service_map(
             &mut self.services,
             vips,
             maps::BYPASS_SERVICES,
-            super::Sync::Exact,
+            super::Update::Exact,
         )
     }
 }

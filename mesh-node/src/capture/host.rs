@@ -12,7 +12,7 @@
 //! and are refused, and the kubelet's probes still reach the pods.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fs,
     net::Ipv4Addr,
     os::fd::AsRawFd,
@@ -27,7 +27,7 @@ use aya::{
 };
 use mesh_common::{maps, programs};
 
-use super::{map_error, prog_error, program, replace_pin, CaptureError};
+use super::{map_error, prog_error, program, replace_pin, sync_keys, CaptureError, Update};
 
 /// `--host-traffic`: what the node's own connections to enrolled pods may do.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -164,18 +164,8 @@ impl Host {
         if self.found.as_ref() == Some(&found) {
             return Ok(());
         }
-        let want: BTreeSet<u64> = found.values().copied().collect();
-        let have: BTreeSet<u64> = self.kubelet.keys().filter_map(Result::ok).collect();
-        for id in want.difference(&have) {
-            self.kubelet
-                .insert(id, 1, 0)
-                .map_err(map_error(maps::KUBELET_CGROUPS))?;
-        }
-        for id in have.difference(&want) {
-            self.kubelet
-                .remove(id)
-                .map_err(map_error(maps::KUBELET_CGROUPS))?;
-        }
+        let ids = found.values().copied();
+        sync_keys(&mut self.kubelet, ids, maps::KUBELET_CGROUPS, Update::Exact)?;
         tracing::info!(cgroups = ?found.keys().collect::<Vec<_>>(), "the kubelet's cgroups");
         self.found = Some(found);
         Ok(())

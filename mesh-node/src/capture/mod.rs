@@ -1,6 +1,6 @@
 //! The kernel side of capture, owned end to end by mesh-node: loading the programs, attaching
-//! them (TC ingress and egress on every pod-facing link and uplink, `sk_lookup` on the node's
-//! netns, `connect4` on the cgroup v2 root), pinning links and maps under `<bpffs>/<node>/` so
+//! them (TC ingress on every pod-facing link and uplink, TC egress on pod links, `sk_lookup`
+//! on the node's netns, `connect4` on the cgroup v2 root), pinning links and maps under `<bpffs>/<node>/` so
 //! they outlive the process (the mesh fails closed), adopting them on the next start without
 //! a gap, keeping the maps in step with the config and the node's interfaces, and removing
 //! all of it on `mesh-node uninstall`.
@@ -100,7 +100,8 @@ pub enum UdpToEnrolled {
     /// All of it (STRICT covers TCP, as in Istio).
     #[default]
     Allow,
-    /// DNS only (a port 53 at either end); everything else is dropped and counted.
+    /// DNS only (to port 53, or from port 53 of the cluster's DNS servers); everything else
+    /// is dropped and counted.
     DnsOnly,
 }
 
@@ -622,10 +623,14 @@ impl Datapath {
             state.local_enrolled_node_ports(),
         );
         let want = self.service_addresses(&vips, &node_ports);
-        sync_service_map(&mut self.services, &want, maps::SERVICES, Sync::AddOnly)?;
+        sync_service_map(&mut self.services, &want, maps::SERVICES, Update::AddOnly)?;
         self.set_pods(&state.local_pods())?;
         self.set_services(&vips, &node_ports)?;
-        sync_address_map(&mut self.dns_servers, &state.dns_servers)?;
+        let dns = state
+            .dns_servers
+            .iter()
+            .map(|ip| u32::from_ne_bytes(ip.octets()));
+        sync_keys(&mut self.dns_servers, dns, maps::DNS_SERVERS, Update::Exact)?;
         self.set_bypass_services(&state.local_only_vips(), &state.local_http_endpoints())
     }
 
@@ -653,7 +658,7 @@ impl Datapath {
         self.service_inputs = Some((vips.clone(), node_ports.clone()));
         self.services_addresses = None;
         let want = self.service_addresses(vips, node_ports);
-        sync_service_map(&mut self.services, &want, maps::SERVICES, Sync::Exact)?;
+        sync_service_map(&mut self.services, &want, maps::SERVICES, Update::Exact)?;
         self.services_addresses = Some(self.node_addresses.clone());
         Ok(())
     }
@@ -674,8 +679,8 @@ impl Datapath {
 
     /// The enrolled pods in the kernel's pod map.
     pub fn enrolled(&self) -> BTreeSet<Ipv4Addr> {
-        let held = self.pods.held();
-        held.pods
+        self.pods
+            .pods()
             .into_iter()
             .filter(|(_, entry)| entry.enrolled())
             .map(|(ip, _)| ip)
@@ -684,8 +689,8 @@ impl Datapath {
 
     /// The kernel's binding of pod addresses to interfaces: address -> ifindex (0: none).
     pub fn pod_interfaces(&self) -> BTreeMap<Ipv4Addr, u32> {
-        let held = self.pods.held();
-        held.pods
+        self.pods
+            .pods()
             .into_iter()
             .map(|(ip, entry)| (ip, entry.ifindex))
             .collect()
@@ -708,59 +713,48 @@ impl Datapath {
     }
 }
 
-/// Makes a map keyed by [`ServiceKey`] hold exactly `want`, by difference: new entries
-/// first, so there is no moment with less than either state.
+/// Makes a map keyed by [`ServiceKey`] hold exactly the addresses `want` ([`sync_keys`]).
 fn sync_service_map(
     map: &mut HashMap<MapData, ServiceKey, u32>,
     want: &BTreeSet<SocketAddrV4>,
     name: &'static str,
-    sync: Sync,
+    update: Update,
 ) -> Result<(), CaptureError> {
     let key = |addr: &SocketAddrV4| ServiceKey {
         ip: u32::from_ne_bytes(addr.ip().octets()),
         port: addr.port().to_be(),
         _pad: 0,
     };
-    let have: BTreeSet<SocketAddrV4> = map
-        .keys()
-        .filter_map(Result::ok)
-        .map(|k| SocketAddrV4::new(Ipv4Addr::from(k.ip.to_ne_bytes()), u16::from_be(k.port)))
-        .collect();
-    for addr in want.difference(&have) {
-        map.insert(key(addr), 1, 0).map_err(map_error(name))?;
+    sync_keys(map, want.iter().map(key), name, update)
+}
+
+/// Makes a map used as a set (every value 1) hold exactly the keys `want` (at least them,
+/// with [`Update::AddOnly`]), by difference: new keys first, so there is no moment with
+/// less than either state.
+pub(super) fn sync_keys<K: aya::Pod + Eq + std::hash::Hash>(
+    map: &mut HashMap<MapData, K, u32>,
+    want: impl IntoIterator<Item = K>,
+    name: &'static str,
+    update: Update,
+) -> Result<(), CaptureError> {
+    let want: std::collections::HashSet<K> = want.into_iter().collect();
+    let have: std::collections::HashSet<K> = map.keys().filter_map(Result::ok).collect();
+    for key in want.difference(&have) {
+        map.insert(key, 1, 0).map_err(map_error(name))?;
     }
-    if sync == Sync::Exact {
-        for addr in have.difference(want) {
-            map.remove(&key(addr)).map_err(map_error(name))?;
+    if update == Update::Exact {
+        for key in have.difference(&want) {
+            map.remove(key).map_err(map_error(name))?;
         }
     }
     Ok(())
 }
 
-/// How [`sync_service_map`] changes a map.
+/// How [`sync_keys`] changes a map.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Sync {
+pub(super) enum Update {
     /// Only adds what is missing.
     AddOnly,
     /// Adds what is missing, then removes what is not wanted.
     Exact,
-}
-
-/// Makes the DNS server map hold exactly `want`.
-fn sync_address_map(
-    map: &mut HashMap<MapData, u32, u32>,
-    want: &BTreeSet<Ipv4Addr>,
-) -> Result<(), CaptureError> {
-    let want: BTreeSet<u32> = want
-        .iter()
-        .map(|ip| u32::from_ne_bytes(ip.octets()))
-        .collect();
-    let have: BTreeSet<u32> = map.keys().filter_map(Result::ok).collect();
-    for ip in want.difference(&have) {
-        map.insert(ip, 1, 0).map_err(map_error(maps::DNS_SERVERS))?;
-    }
-    for ip in have.difference(&want) {
-        map.remove(ip).map_err(map_error(maps::DNS_SERVERS))?;
-    }
-    Ok(())
 }

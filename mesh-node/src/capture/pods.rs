@@ -192,15 +192,19 @@ impl PodMaps {
         PodMaps { pods, links, macs }
     }
 
+    /// What `MESH_PODS` holds.
+    pub fn pods(&self) -> BTreeMap<Ipv4Addr, PodEntry> {
+        self.pods
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ip, entry)| (address(ip), entry))
+            .collect()
+    }
+
     /// What the maps hold.
     pub fn held(&self) -> Binding {
         Binding {
-            pods: self
-                .pods
-                .iter()
-                .filter_map(Result::ok)
-                .map(|(ip, entry)| (address(ip), entry))
-                .collect(),
+            pods: self.pods(),
             links: self.links.iter().filter_map(Result::ok).collect(),
             macs: self
                 .macs
