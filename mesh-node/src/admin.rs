@@ -1,9 +1,11 @@
-//! The admin endpoint (`:15020`): `/healthz/ready`, `/metrics`, `/debug/connections`,
-//! `/debug/state`.
+//! The admin endpoint (`:15020`): `/healthz/ready`, `/healthz/live` and `/metrics` on every
+//! address (the kubelet and Prometheus reach it at the node's address); `/debug/connections`
+//! and `/debug/state`, which reveal every workload, identity, policy and connection of the
+//! mesh, only on loopback (or the `--debug-address` an operator opts into). It runs under
+//! the limits of [`crate::http::server`] with [`Limits::ADMIN`].
 
 use std::{
-    convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -15,15 +17,16 @@ use http_body_util::Full;
 use hyper::{
     body::{Bytes, Incoming},
     header::CONTENT_TYPE,
-    server::conn::http1,
-    service::service_fn,
     Method, Request, Response, StatusCode,
 };
-use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::{proxy::connections::Connections, state::State};
+use crate::{
+    http::server::{self, Gate, Served},
+    proxy::connections::Connections,
+    state::State,
+};
 
 /// What the admin endpoint serves.
 pub struct Admin {
@@ -39,6 +42,10 @@ pub struct Admin {
     pub datapath: Mutex<DatapathView>,
     /// L7 destinations in use (connections, requests, ejected endpoints).
     pub clusters: Arc<crate::http::cluster::Clusters>,
+    /// The admin server's limits ([`server::Limits::ADMIN`]).
+    pub gate: Arc<Gate>,
+    /// A non-loopback address that also serves `/debug/*` (`--debug-address`).
+    pub debug_address: Option<IpAddr>,
 }
 
 /// The kernel side as last applied, for `/debug/state`.
@@ -63,8 +70,8 @@ pub struct DatapathView {
 /// Serves the admin endpoint on `listener` forever.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!("admin accept failed: {err}");
@@ -74,13 +81,18 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         };
         let admin = admin.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(&admin, &req)) }
+            let debug = stream.local_addr().is_ok_and(|local| {
+                local.ip().is_loopback() || Some(local.ip()) == admin.debug_address
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let gate = admin.gate.clone();
+            let handle = move |req: Request<Incoming>| {
+                let response = route(&admin, &req, debug);
+                async move { response }
+            };
+            if let Served::Limited(reason) = server::serve(&gate, peer.ip(), stream, handle).await
+            {
+                tracing::debug!(%peer, "admin connection closed: {reason}");
+            }
         });
     }
 }
@@ -90,14 +102,23 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(admin: &Admin, req: &Request<Incoming>, debug: bool) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
             "only GET is supported\n".into(),
         );
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if path.starts_with("/debug/") && !debug {
+        return text(
+            StatusCode::FORBIDDEN,
+            "/debug/* is served on loopback only (mesh-node run --debug-address opts an \
+             address in)\n"
+                .into(),
+        );
+    }
+    match path {
         "/healthz/ready" => {
             let (failed, error) = admin
                 .datapath

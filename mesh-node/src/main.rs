@@ -161,6 +161,11 @@ struct RunArgs {
     /// Admin endpoint (health, metrics, debug).
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], PORT_ADMIN)))]
     admin_addr: SocketAddr,
+    /// A node address, besides loopback, on which the admin endpoint also serves `/debug/*`
+    /// (which reveals every workload, identity, policy and connection of the mesh). Off by
+    /// default: `/debug/*` answers only on loopback.
+    #[arg(long, env = "MESH_DEBUG_ADDRESS")]
+    debug_address: Option<std::net::IpAddr>,
     /// Same-node socket bypass (experimental, off by default): bytes between local pods and
     /// this proxy skip the TCP stack (sock_ops on the cgroup v2 root + sk_msg). Policy,
     /// routing and metrics are unchanged. Known problem: the kernel answers some blocking
@@ -504,11 +509,15 @@ async fn serve(
     let mut registry = Registry::default();
     let proxy_metrics = ProxyMetrics::register(&mut registry);
     let config_metrics = ConfigMetrics::register(&mut registry);
-    let tcp_metrics = TcpMetrics::register(&mut registry);
-    let l7 = Arc::new(mesh_node::http::L7 {
-        clusters: Default::default(),
-        metrics: telemetry::RequestMetrics::register(&mut registry),
-    });
+    let series_cap = telemetry::SeriesCap::register(&mut registry);
+    let tcp_metrics = TcpMetrics::register(&mut registry, series_cap.clone());
+    let limited = mesh_node::http::server::ServerMetrics::register(&mut registry);
+    let request_metrics = telemetry::RequestMetrics::register(&mut registry, series_cap);
+    let l7 = Arc::new(mesh_node::http::L7::new(
+        &mut registry,
+        request_metrics,
+        &limited,
+    ));
     telemetry::start_access_log(&mut registry).context("starting the access-log writer")?;
     let certs = Arc::new(identity::Certificates::new(
         ca,
@@ -530,6 +539,8 @@ async fn serve(
         state: state.clone(),
         datapath: Mutex::new(DatapathView::default()),
         clusters: l7.clusters.clone(),
+        gate: mesh_node::http::server::Gate::new("admin", mesh_node::http::server::Limits::ADMIN, limited),
+        debug_address: args.debug_address,
     });
     let admin_listener = admin::bind(args.admin_addr)
         .await

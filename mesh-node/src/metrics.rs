@@ -48,6 +48,12 @@ pub struct ProxyMetrics {
     bytes: Family<BytesLabels, Counter>,
     handshakes: Family<HandshakeLabels, Counter>,
     hbone: Family<SideLabels, Counter>,
+    hbone_limited: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,7 +91,17 @@ impl ProxyMetrics {
             "HBONE (mTLS) connections established, by side; streams share them",
             metrics.hbone.clone(),
         );
+        registry.register(
+            "mesh_hbone_limited",
+            "HBONE connections refused or closed by a limit (handshake slots, rapid reset)",
+            metrics.hbone_limited.clone(),
+        );
         metrics
+    }
+
+    /// An HBONE connection was refused or closed by a limit.
+    pub fn hbone_limited(&self, reason: &'static str) {
+        self.hbone_limited.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// An HBONE connection was established.

@@ -11,7 +11,11 @@ use std::io::Write;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        histogram::Histogram,
+    },
     registry::Registry,
 };
 
@@ -123,16 +127,51 @@ impl Peer {
     }
 }
 
-/// The workload (Deployment, StatefulSet, ...) a pod belongs to, as Istio names it: a pod
-/// of a ReplicaSet drops the `-<template hash>-<suffix>` its name carries; otherwise the
-/// pod's name.
+/// The workload a pod belongs to, as Istio names it from the pod's controller, read here
+/// from the labels each controller sets on its pods: a ReplicaSet's pod (`pod-template-hash`)
+/// is named by its Deployment (the name without `-<hash>-<suffix>`); a Job's pod
+/// (`batch.kubernetes.io/job-name`, `job-name`) by its Job, or by its CronJob when the Job's
+/// name ends in the CronJob's `-<scheduled time>` (8 to 10 digits); a StatefulSet's pod
+/// (`statefulset.kubernetes.io/pod-name`) by the name without `-<ordinal>`; a DaemonSet's
+/// pod (`pod-template-generation`) by the name without its random suffix. A bare pod is
+/// named by itself, as in Istio.
 fn workload_name(workload: &Workload) -> String {
-    if let Some(hash) = workload.labels.get("pod-template-hash") {
-        if let Some((base, _)) = workload.name.split_once(&format!("-{hash}-")) {
+    let labels = &workload.labels;
+    let name = workload.name.as_str();
+    if let Some(hash) = labels.get("pod-template-hash") {
+        if let Some((base, _)) = name.split_once(&format!("-{hash}-")) {
             return base.to_string();
         }
     }
-    workload.name.clone()
+    if let Some(job) = labels
+        .get("batch.kubernetes.io/job-name")
+        .or_else(|| labels.get("job-name"))
+    {
+        return match job.rsplit_once('-') {
+            Some((cron, time))
+                if (8..=10).contains(&time.len()) && time.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                cron.to_string()
+            }
+            _ => job.clone(),
+        };
+    }
+    let strip = |suffix_ok: fn(&str) -> bool| {
+        name.rsplit_once('-')
+            .filter(|(base, suffix)| !base.is_empty() && suffix_ok(suffix))
+            .map(|(base, _)| base.to_string())
+    };
+    if labels.get("statefulset.kubernetes.io/pod-name").map(String::as_str) == Some(name) {
+        if let Some(base) = strip(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())) {
+            return base;
+        }
+    }
+    if labels.contains_key("pod-template-generation") {
+        if let Some(base) = strip(|s| s.len() == 5 && s.bytes().all(|b| b.is_ascii_alphanumeric())) {
+            return base;
+        }
+    }
+    name.to_string()
 }
 
 /// What the labels say about one connection.
@@ -172,7 +211,7 @@ impl Report {
                 ..tcp
             },
             response_code,
-            grpc_response_status: grpc_status.unwrap_or("").to_string(),
+            grpc_response_status: grpc_status_label(grpc_status),
         }
     }
 
@@ -211,6 +250,128 @@ impl Report {
     }
 }
 
+/// The gRPC status codes (0 `OK` to 16 `UNAUTHENTICATED`) as label values.
+const GRPC_CODES: [&str; 17] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+];
+
+/// `grpc_response_status`: the numeric gRPC code, empty without a `grpc-status`, and
+/// `unknown` for any other value, so a backend cannot make a series per value it sends.
+fn grpc_status_label(status: Option<&str>) -> &'static str {
+    match status {
+        None => "",
+        Some(status) => status
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .and_then(|code| GRPC_CODES.get(code).copied())
+            .unwrap_or(UNKNOWN),
+    }
+}
+
+/// Series one `istio_*` metric family may hold. Label sets beyond it are counted in the
+/// family's overflow series (every workload, service and principal label `overflow`), and
+/// each time that happens in `mesh_metric_series_overflow_total{family}`.
+pub const MAX_SERIES: usize = 5000;
+const OVERFLOW: &str = "overflow";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabels {
+    family: &'static str,
+}
+
+/// Counts label sets sent to an overflow series, by family.
+#[derive(Clone, Default)]
+pub struct SeriesCap {
+    overflowed: Family<FamilyLabels, Counter>,
+    /// Series created per family (families only grow).
+    created: Family<FamilyLabels, Counter>,
+}
+
+impl SeriesCap {
+    /// Registers `mesh_metric_series_overflow_total`.
+    pub fn register(registry: &mut Registry) -> SeriesCap {
+        let cap = SeriesCap::default();
+        registry.register(
+            "mesh_metric_series_overflow",
+            "Observations sent to a metric family's overflow series because the family \
+             holds its most series",
+            cap.overflowed.clone(),
+        );
+        cap
+    }
+
+    /// Applies `f` to the series of `family` for `labels`, or to its overflow series once
+    /// the family holds [`MAX_SERIES`].
+    fn series<L, M, C, R>(
+        &self,
+        name: &'static str,
+        family: &Family<L, M, C>,
+        labels: &L,
+        overflow: impl FnOnce() -> L,
+        f: impl FnOnce(&M) -> R,
+    ) -> R
+    where
+        L: Clone + std::hash::Hash + Eq,
+        C: MetricConstructor<M>,
+    {
+        if let Some(series) = family.get(labels) {
+            return f(&series);
+        }
+        let key = FamilyLabels { family: name };
+        let created = self.created.get_or_create(&key);
+        if created.get() >= MAX_SERIES as u64 {
+            self.overflowed.get_or_create(&key).inc();
+            return f(&family.get_or_create(&overflow()));
+        }
+        // Two callers racing on one new label set count it twice: the cap errs low.
+        created.inc();
+        drop(created);
+        f(&family.get_or_create(labels))
+    }
+}
+
+impl TcpLabels {
+    /// The overflow series' labels: what says who is involved replaced by `overflow`.
+    fn overflow(&self) -> TcpLabels {
+        let o = || OVERFLOW.to_string();
+        TcpLabels {
+            reporter: self.reporter,
+            source_workload: o(),
+            source_workload_namespace: o(),
+            source_principal: o(),
+            source_app: o(),
+            source_version: o(),
+            source_canonical_service: o(),
+            source_canonical_revision: o(),
+            source_cluster: self.source_cluster,
+            destination_workload: o(),
+            destination_workload_namespace: o(),
+            destination_principal: o(),
+            destination_app: o(),
+            destination_version: o(),
+            destination_service: o(),
+            destination_service_name: o(),
+            destination_service_namespace: o(),
+            destination_canonical_service: o(),
+            destination_canonical_revision: o(),
+            destination_cluster: self.destination_cluster,
+            request_protocol: self.request_protocol,
+            response_flags: self.response_flags,
+            connection_security_policy: self.connection_security_policy,
+        }
+    }
+}
+
+impl RequestLabels {
+    fn overflow(&self) -> RequestLabels {
+        RequestLabels {
+            tcp: self.tcp.overflow(),
+            ..self.clone()
+        }
+    }
+}
+
 /// The `istio_tcp_*` counters.
 #[derive(Clone, Default)]
 pub struct TcpMetrics {
@@ -218,12 +379,16 @@ pub struct TcpMetrics {
     closed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
+    cap: SeriesCap,
 }
 
 impl TcpMetrics {
     /// Registers the four counters (prometheus-client appends `_total`).
-    pub fn register(registry: &mut Registry) -> Self {
-        let metrics = Self::default();
+    pub fn register(registry: &mut Registry, cap: SeriesCap) -> Self {
+        let metrics = Self {
+            cap,
+            ..Self::default()
+        };
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened",
@@ -250,17 +415,21 @@ impl TcpMetrics {
     /// A connection opened: counts it and returns the byte counters to feed while it runs.
     pub fn open(&self, reports: Vec<Report>) -> Live {
         let mut live = Live {
-            metrics: self.clone(),
+            metrics: Some(self.clone()),
             reports,
             received: Vec::new(),
             sent: Vec::new(),
         };
         for report in &live.reports {
             let labels = report.labels("-");
-            self.opened.get_or_create(&labels).inc();
+            let series = |name, family: &Family<TcpLabels, Counter>| {
+                self.cap
+                    .series(name, family, &labels, || labels.overflow(), Counter::clone)
+            };
+            series("istio_tcp_connections_opened", &self.opened).inc();
             live.received
-                .push(self.received.get_or_create(&labels).clone());
-            live.sent.push(self.sent.get_or_create(&labels).clone());
+                .push(series("istio_tcp_received_bytes", &self.received));
+            live.sent.push(series("istio_tcp_sent_bytes", &self.sent));
         }
         live
     }
@@ -268,7 +437,7 @@ impl TcpMetrics {
 
 /// The metrics of one open connection.
 pub struct Live {
-    metrics: TcpMetrics,
+    metrics: Option<TcpMetrics>,
     reports: Vec<Report>,
     received: Vec<Counter>,
     sent: Vec<Counter>,
@@ -278,7 +447,7 @@ impl Live {
     /// No reports: a connection the metrics do not count.
     pub fn none() -> Live {
         Live {
-            metrics: TcpMetrics::default(),
+            metrics: None,
             reports: Vec::new(),
             received: Vec::new(),
             sent: Vec::new(),
@@ -301,12 +470,17 @@ impl Live {
 
     /// The connection ended with `flag` (empty when fine).
     pub fn close(self, flag: &'static str) {
+        let Some(metrics) = &self.metrics else { return };
         let flags = if flag.is_empty() { "-" } else { flag };
         for report in &self.reports {
-            self.metrics
-                .closed
-                .get_or_create(&report.labels(flags))
-                .inc();
+            let labels = report.labels(flags);
+            let closed = &metrics.closed;
+            let overflow = || labels.overflow();
+            metrics
+                .cap
+                .series("istio_tcp_connections_closed", closed, &labels, overflow, |c| {
+                    c.inc()
+                });
         }
     }
 }
@@ -317,7 +491,7 @@ pub struct RequestLabels {
     #[prometheus(flatten)]
     tcp: TcpLabels,
     response_code: u16,
-    grpc_response_status: String,
+    grpc_response_status: &'static str,
 }
 
 /// Istio's default buckets of `istio_request_duration_milliseconds`.
@@ -345,6 +519,7 @@ pub struct RequestMetrics {
     duration: Histograms,
     request_bytes: Histograms,
     response_bytes: Histograms,
+    cap: SeriesCap,
 }
 
 impl Default for RequestMetrics {
@@ -354,6 +529,7 @@ impl Default for RequestMetrics {
             duration: Family::new_with_constructor(duration_histogram),
             request_bytes: Family::new_with_constructor(size_histogram),
             response_bytes: Family::new_with_constructor(size_histogram),
+            cap: SeriesCap::default(),
         }
     }
 }
@@ -379,8 +555,11 @@ pub struct RequestOutcome<'a> {
 
 impl RequestMetrics {
     /// Registers the request metrics (prometheus-client appends `_total` to the counter).
-    pub fn register(registry: &mut Registry) -> Self {
-        let metrics = Self::default();
+    pub fn register(registry: &mut Registry, cap: SeriesCap) -> Self {
+        let metrics = Self {
+            cap,
+            ..Self::default()
+        };
         registry.register(
             "istio_requests",
             "HTTP and gRPC requests",
@@ -413,16 +592,20 @@ impl RequestMetrics {
                 outcome.grpc_status,
                 outcome.flags,
             );
-            self.requests.get_or_create(&labels).inc();
-            self.duration
-                .get_or_create(&labels)
-                .observe(outcome.duration.as_secs_f64() * 1000.0);
-            self.request_bytes
-                .get_or_create(&labels)
-                .observe(outcome.request_bytes as f64);
-            self.response_bytes
-                .get_or_create(&labels)
-                .observe(outcome.response_bytes as f64);
+            let overflow = || labels.overflow();
+            let cap = &self.cap;
+            let ms = outcome.duration.as_secs_f64() * 1000.0;
+            cap.series("istio_requests", &self.requests, &labels, overflow, |c| {
+                c.inc()
+            });
+            let histograms = [
+                ("istio_request_duration_milliseconds", &self.duration, ms),
+                ("istio_request_bytes", &self.request_bytes, outcome.request_bytes as f64),
+                ("istio_response_bytes", &self.response_bytes, outcome.response_bytes as f64),
+            ];
+            for (name, family, value) in histograms {
+                cap.series(name, family, &labels, overflow, |h| h.observe(value));
+            }
         }
     }
 }
@@ -440,7 +623,12 @@ struct AccessLog {
     /// Held from taking a batch until it is written, so batches reach stdout in order.
     writing: std::sync::Mutex<()>,
     dropped: Counter,
+    /// Of the dropped lines, those of denials (a security record lost).
+    dropped_denials: Counter,
 }
+
+/// At most one warning about dropped access-log lines per this period.
+const DROPPED_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 static ACCESS_LOG: std::sync::OnceLock<AccessLog> = std::sync::OnceLock::new();
 
@@ -453,17 +641,37 @@ pub fn start_access_log(registry: &mut Registry) -> std::io::Result<()> {
         "Access-log lines dropped because standard output did not keep up",
         dropped.clone(),
     );
+    let dropped_denials = Counter::default();
+    registry.register(
+        "mesh_access_log_dropped_denials",
+        "Access-log lines of denied connections and requests dropped because standard \
+         output did not keep up",
+        dropped_denials.clone(),
+    );
     let log = ACCESS_LOG.get_or_init(|| AccessLog {
         lines: std::sync::Mutex::new(Vec::new()),
         writing: std::sync::Mutex::new(()),
         dropped,
+        dropped_denials,
     });
     std::thread::Builder::new()
         .name("access-log".into())
         .spawn(move || {
             let mut batch = Vec::new();
+            let mut warned = (std::time::Instant::now(), 0, 0);
             loop {
                 std::thread::sleep(ACCESS_LOG_EVERY);
+                let (dropped, denials) = (log.dropped.get(), log.dropped_denials.get());
+                if dropped > warned.1 && warned.0.elapsed() >= DROPPED_WARNING_EVERY {
+                    tracing::warn!(
+                        "access log: {} lines dropped, {} of them denials, in the last {}s: \
+                         standard output does not keep up (mesh_access_log_dropped_total)",
+                        dropped - warned.1,
+                        denials - warned.2,
+                        warned.0.elapsed().as_secs()
+                    );
+                    warned = (std::time::Instant::now(), dropped, denials);
+                }
                 let _writing = log.writing.lock().unwrap_or_else(|e| e.into_inner());
                 std::mem::swap(
                     &mut batch,
@@ -492,11 +700,11 @@ pub fn flush_access_log() {
 /// One JSON line per finished connection on standard output (logs go to standard error), so
 /// a log collector can take them apart.
 pub fn access_log(record: &ConnectionRecord) {
-    access_log_line(record);
+    access_log_line(record, record.flag == "DENY");
 }
 
-/// Writes any serializable record as one access-log line.
-pub fn access_log_line(record: &impl serde::Serialize) {
+/// Writes any serializable record as one access-log line; `denied`: the record of a denial.
+pub fn access_log_line(record: &impl serde::Serialize, denied: bool) {
     let Some(log) = ACCESS_LOG.get() else {
         match serde_json::to_vec(record) {
             Ok(mut line) => {
@@ -520,6 +728,9 @@ pub fn access_log_line(record: &impl serde::Serialize) {
     if lines.len() >= ACCESS_LOG_BACKLOG {
         drop(lines);
         log.dropped.inc();
+        if denied {
+            log.dropped_denials.inc();
+        }
         return;
     }
     lines.extend_from_slice(&line);
@@ -569,5 +780,74 @@ mod tests {
             Peer::identity("spiffe://cluster.local/ns/ops/sa/x").namespace,
             "ops"
         );
+    }
+
+    #[test]
+    fn controllers_name_the_workload_so_their_pods_share_series() {
+        let pod = |name: &str, labels: &[(&str, &str)]| Workload {
+            namespace: "ops".into(),
+            name: name.into(),
+            node: None,
+            ip: [100, 64, 0, 9].into(),
+            service_account: "default".into(),
+            identity: "spiffe://cluster.local/ns/ops/sa/default".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            enrolled: true,
+            ready: true,
+            mtls: Default::default(),
+            authorization: vec![],
+        };
+        for (name, labels, want) in [
+            ("migrate-x7k2p", &[("job-name", "migrate")][..], "migrate"),
+            (
+                "backup-29301840-abcde",
+                &[("batch.kubernetes.io/job-name", "backup-29301840")][..],
+                "backup",
+            ),
+            ("db-2", &[("statefulset.kubernetes.io/pod-name", "db-2")][..], "db"),
+            (
+                "agent-q8z4m",
+                &[("pod-template-generation", "3"), ("controller-revision-hash", "6c")][..],
+                "agent",
+            ),
+            ("debug-shell", &[][..], "debug-shell"),
+        ] {
+            assert_eq!(workload_name(&pod(name, labels)), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn grpc_status_is_a_code_or_unknown() {
+        assert_eq!(grpc_status_label(None), "");
+        assert_eq!(grpc_status_label(Some("0")), "0");
+        assert_eq!(grpc_status_label(Some("16")), "16");
+        assert_eq!(grpc_status_label(Some("17")), "unknown");
+        assert_eq!(grpc_status_label(Some("x-secret-1234")), "unknown");
+    }
+
+    #[test]
+    fn a_family_holds_at_most_max_series_then_overflows() {
+        let cap = SeriesCap::default();
+        let family: Family<FamilyLabels, Counter> = Family::default();
+        let names: Vec<&'static str> = (0..MAX_SERIES + 50)
+            .map(|i| &*Box::leak(format!("f{i}").into_boxed_str()))
+            .collect();
+        for name in &names {
+            let labels = FamilyLabels { family: name };
+            cap.series("t", &family, &labels, || FamilyLabels { family: OVERFLOW }, |c| {
+                c.inc()
+            });
+        }
+        let overflow = FamilyLabels { family: OVERFLOW };
+        assert_eq!(family.get(&overflow).map(|c| c.get()), Some(50));
+        assert!(family.get(&FamilyLabels { family: names[MAX_SERIES] }).is_none());
+        let key = FamilyLabels { family: "t" };
+        assert_eq!(cap.overflowed.get_or_create(&key).get(), 50);
+        // Label sets seen before the cap keep their own series.
+        cap.series("t", &family, &FamilyLabels { family: names[0] }, || overflow.clone(), |c| c.inc());
+        assert_eq!(family.get(&FamilyLabels { family: names[0] }).map(|c| c.get()), Some(2));
     }
 }

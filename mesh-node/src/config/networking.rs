@@ -558,7 +558,7 @@ impl Decode for HttpRewrite {
 
 /// `RegexRewrite`: every substring of the path matching `pattern` is replaced (as Envoy's
 /// `regex_rewrite` does; anchor with `^...$` to replace the whole path).
-#[derive(Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, schemars::JsonSchema)]
 #[schemars(rename_all = "camelCase", default)]
 pub struct RegexRewrite {
     /// The pattern (RE2, not anchored).
@@ -566,20 +566,32 @@ pub struct RegexRewrite {
     pub pattern: String,
     /// The replacement (`\1` for groups).
     pub rewrite: String,
+    /// `pattern` compiled when the config was read (`None` only in a config that failed).
+    #[schemars(skip)]
+    pub compiled: Option<regex::Regex>,
+}
+
+impl PartialEq for RegexRewrite {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.pattern, &self.rewrite) == (&other.pattern, &other.rewrite)
+    }
 }
 
 impl Decode for RegexRewrite {
     fn decode(value: &Value, cx: &mut Cx) -> Option<Self> {
         cx.object(value, true, |f| {
             let pattern: String = f.req("match");
-            if f.has("match") {
-                if let Err(why) = super::values::compile_regex(&pattern, &pattern) {
-                    f.error_at("match", why);
-                }
-            }
+            let compiled = if f.has("match") {
+                super::values::compile_regex(&pattern, &pattern)
+                    .map_err(|why| f.error_at("match", why))
+                    .ok()
+            } else {
+                None
+            };
             RegexRewrite {
                 pattern,
                 rewrite: f.req("rewrite"),
+                compiled,
             }
         })
     }

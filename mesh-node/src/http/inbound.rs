@@ -6,7 +6,6 @@
 //! connection, in the protocol the request came in.
 
 use std::{
-    convert::Infallible,
     net::{Ipv4Addr, SocketAddr},
     sync::{atomic::AtomicU64, Arc},
     time::Instant,
@@ -14,8 +13,8 @@ use std::{
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -23,7 +22,8 @@ use tokio::{
 };
 
 use super::{
-    full, local_response, protocol_of, strip_hop_by_hop,
+    full, local_response,
+    server::{self, Served}, protocol_of, strip_hop_by_hop,
     upstream::{handshake, Sender},
     version_name, Counting, Finish, Observed, RequestLog, RespBody,
 };
@@ -67,21 +67,22 @@ pub async fn serve<I>(ctx: Arc<ProxyContext>, io: I, conn: Inbound, pod: Option<
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let source = conn.peer.ip();
     let conn = Arc::new(conn);
     let upstream = Arc::new(Mutex::new(Upstream {
         fresh: pod,
         h1: None,
         h2: None,
     }));
-    let service = service_fn(move |req| {
+    let gate = ctx.l7.inbound.clone();
+    let handle = move |req| {
         let (ctx, conn, upstream) = (ctx.clone(), conn.clone(), upstream.clone());
-        async move { Ok::<_, Infallible>(handle(&ctx, &conn, &upstream, req).await) }
-    });
-    if let Err(err) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
-    {
-        tracing::debug!("inbound HTTP connection: {err}");
+        async move { handle(&ctx, &conn, &upstream, req).await }
+    };
+    match server::serve(&gate, source, io, handle).await {
+        Served::Limited(reason) => tracing::debug!(%source, "inbound HTTP connection closed: {reason}"),
+        Served::Done(Err(err)) => tracing::debug!("inbound HTTP connection: {err}"),
+        Served::Done(Ok(())) => {}
     }
 }
 
@@ -202,6 +203,7 @@ async fn handle(
     };
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    set_client_cert(&mut parts.headers, &destination.identity, identity);
     let body = Counting::wrap(super::boxed(body), request_bytes.clone());
     let Some(forwarded) = super::upstream_request(&parts, body, h2, &authority) else {
         let response = local_response(StatusCode::BAD_REQUEST, "invalid authority");
@@ -236,6 +238,20 @@ async fn handle(
     }
 }
 
+/// `X-Forwarded-Client-Cert`, as Istio's sidecars set it with `SANITIZE_SET`: whatever the
+/// client sent is removed; a caller authenticated by mTLS is named (`By=` this pod's
+/// identity, `URI=` the caller's verified SPIFFE ID), so the application can trust the
+/// header exactly as far as it trusts the mesh.
+fn set_client_cert(headers: &mut http::HeaderMap, destination: &str, caller: Option<&str>) {
+    headers.remove(XFCC);
+    let Some(caller) = caller else { return };
+    if let Ok(value) = http::HeaderValue::from_str(&format!("By={destination};URI={caller}")) {
+        headers.insert(XFCC, value);
+    }
+}
+
+const XFCC: &str = "x-forwarded-client-cert";
+
 /// The connection to the pod for a request of this protocol; an upgrade gets its own.
 async fn sender(
     upstream: &Mutex<Upstream>,
@@ -269,4 +285,23 @@ async fn sender(
         }
     }
     Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_cert_header_is_replaced_never_passed_on() {
+        let mut headers = http::HeaderMap::new();
+        headers.append(XFCC, "URI=spiffe://cluster.local/ns/kube-system/sa/admin".parse().unwrap());
+        headers.append(XFCC, "By=x;URI=y".parse().unwrap());
+        let me = "spiffe://cluster.local/ns/shop/sa/web";
+        let caller = "spiffe://cluster.local/ns/shop/sa/api";
+        set_client_cert(&mut headers, me, Some(caller));
+        let values: Vec<_> = headers.get_all(XFCC).iter().collect();
+        assert_eq!(values, [&format!("By={me};URI={caller}")]);
+        set_client_cert(&mut headers, me, None);
+        assert!(headers.get(XFCC).is_none(), "plaintext callers get none");
+    }
 }

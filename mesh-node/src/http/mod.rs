@@ -9,11 +9,13 @@
 //!   request metrics, then the pod.
 //! - [`route`], [`cluster`]: the Istio semantics as pure functions and per-destination state.
 //! - [`upstream`]: pooled connections to endpoints; [`tunnel`]: an HBONE stream as a socket.
+//! - [`server`]: the limits every HTTP server of the proxy runs under (also the admin one).
 
 pub mod cluster;
 pub mod inbound;
 pub mod outbound;
 pub mod route;
+pub mod server;
 pub mod tunnel;
 pub mod upstream;
 
@@ -41,12 +43,41 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type RespBody = BoxBody<Bytes, BoxError>;
 
 /// What L7 handling shares across connections.
-#[derive(Default)]
 pub struct L7 {
     /// Per-destination state.
     pub clusters: Arc<cluster::Clusters>,
     /// Request metrics.
     pub metrics: RequestMetrics,
+    /// Limits of the client-side server (pods' requests to Service ports).
+    pub outbound: Arc<server::Gate>,
+    /// Limits of the destination-side server (requests to this node's pods).
+    pub inbound: Arc<server::Gate>,
+    /// Mirrored requests skipped because too many were in flight.
+    pub mirrors_skipped: prometheus_client::metrics::counter::Counter,
+}
+
+impl L7 {
+    /// L7 state recording requests in `metrics` and limited connections in `limited`;
+    /// registers `mesh_mirror_skipped_total`.
+    pub fn new(
+        registry: &mut prometheus_client::registry::Registry,
+        metrics: RequestMetrics,
+        limited: &server::ServerMetrics,
+    ) -> L7 {
+        let l7 = L7 {
+            clusters: Arc::default(),
+            metrics,
+            outbound: server::Gate::new("outbound", server::Limits::L7, limited.clone()),
+            inbound: server::Gate::new("inbound", server::Limits::L7, limited.clone()),
+            mirrors_skipped: Default::default(),
+        };
+        registry.register(
+            "mesh_mirror_skipped",
+            "Mirrored requests not sent because too many mirrors were in flight",
+            l7.mirrors_skipped.clone(),
+        );
+        l7
+    }
 }
 
 /// Headers that belong to one hop and are not forwarded (RFC 9110 7.6.1); `te: trailers`
@@ -432,7 +463,10 @@ impl Finish {
                 response_bytes,
             },
         );
-        crate::telemetry::access_log_line(&self.log);
+        let denied = self.log.response_code == 403
+            && self.log.authorization.is_some()
+            && self.log.error.is_some();
+        crate::telemetry::access_log_line(&self.log, denied);
         drop(self.cluster_slot.take());
     }
 }

@@ -7,7 +7,6 @@
 
 use std::{
     collections::HashSet,
-    convert::Infallible,
     net::{SocketAddr, SocketAddrV4},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -19,14 +18,15 @@ use std::{
 use bytes::Bytes;
 use http::{header, request::Parts, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
 use super::{
     apply_header_ops,
     cluster::{self, ClusterKey, View},
-    full, local_response, protocol_of, route, strip_hop_by_hop,
+    full, local_response, protocol_of, route,
+    server::{self, Served},
+    strip_hop_by_hop,
     upstream::{self, Target},
     upstream_request, version_name, Active, BoxError, Counting, Finish, Observed, RequestLog,
     RespBody, Slot,
@@ -49,6 +49,14 @@ use crate::{
 /// Request bodies up to this size are buffered, so the request can be retried and mirrored;
 /// larger or open-ended ones stream through with a single attempt.
 const REPLAY_LIMIT: u64 = 64 * 1024;
+/// Time a client has to send a body that is buffered for retries and mirrors.
+const BODY_TIMEOUT: Duration = super::server::HEAD_TIMEOUT;
+/// Mirrored requests in flight at once on this node; a mirror beyond it is skipped (and
+/// counted in `mesh_mirror_skipped_total`): a copy must never cost the real traffic.
+const MAX_MIRRORS: usize = 256;
+static MIRRORS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_MIRRORS);
+/// A mirrored request, its answer included, is given up after this.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 /// Envoy's default retry back-off base interval.
 const BACKOFF_BASE: Duration = Duration::from_millis(25);
 
@@ -65,20 +73,18 @@ pub async fn serve(
     let _ = client.set_nodelay(true);
     crate::proxy::keepalive(&client);
     let conn = Arc::new(ClientConn { peer, vip });
-    let service = {
+    let handle = {
         let ctx = ctx.clone();
-        service_fn(move |req| {
-            let ctx = ctx.clone();
-            let conn = conn.clone();
-            async move { Ok::<_, Infallible>(handle(&ctx, &conn, req).await) }
-        })
+        move |req| {
+            let (ctx, conn) = (ctx.clone(), conn.clone());
+            async move { handle(&ctx, &conn, req).await }
+        }
     };
-    let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(client), service)
-        .await;
+    let served = server::serve(&ctx.l7.outbound, peer.ip(), client, handle).await;
     tracked.finish(match served {
-        Ok(()) => Outcome::default(),
-        Err(err) => Outcome::refused("DC", err.to_string()),
+        Served::Done(Ok(())) => Outcome::default(),
+        Served::Done(Err(err)) => Outcome::refused("DC", err.to_string()),
+        Served::Limited(reason) => Outcome::refused("DPE", reason.to_string()),
     });
 }
 
@@ -265,6 +271,30 @@ async fn handle(
         let response = local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         return call.answer(response, "NC", Some(error.clone()));
     }
+    // A small body is read (with a deadline) before the request takes a slot of the
+    // destination: a client that declares a length and sends nothing holds no slot.
+    let body = match tokio::time::timeout(BODY_TIMEOUT, replayable(body, &parts)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(err)) => {
+            let response = local_response(StatusCode::BAD_REQUEST, "");
+            return call.answer(
+                response,
+                "DC",
+                Some(format!("reading the request body: {err}")),
+            );
+        }
+        Err(_) => {
+            let response = local_response(StatusCode::REQUEST_TIMEOUT, "request timeout");
+            return call.answer(
+                response,
+                "DPE",
+                Some(format!(
+                    "the request body did not arrive within {}s",
+                    BODY_TIMEOUT.as_secs()
+                )),
+            );
+        }
+    };
     if cluster.requests.fetch_add(1, Ordering::AcqRel) >= view.policy.max_requests {
         cluster.requests.fetch_sub(1, Ordering::AcqRel);
         let response = local_response(
@@ -314,17 +344,6 @@ async fn handle(
                     || (view.policy.use_client_protocol && parts.version == http::Version::HTTP_2)
             }
         };
-    let body = match replayable(body, &parts).await {
-        Ok(body) => body,
-        Err(err) => {
-            let response = local_response(StatusCode::BAD_REQUEST, "");
-            return call.answer(
-                response,
-                "DC",
-                Some(format!("reading the request body: {err}")),
-            );
-        }
-    };
     if let ReqBody::Bytes(bytes) = &body {
         call.request_bytes
             .store(bytes.len() as u64, Ordering::Relaxed);
@@ -1187,7 +1206,7 @@ fn rewrite_request(
             None => uri.clone(),
         });
     } else if let Some(regex) = &rewrite.uri_regex_rewrite {
-        if let Ok(re) = regex::Regex::new(&regex.pattern) {
+        if let Some(re) = &regex.compiled {
             let replacement = re2_replacement(&regex.rewrite);
             new_path = Some(re.replace_all(&path, replacement.as_str()).into_owned());
         }
@@ -1286,6 +1305,10 @@ fn mirror(
         let Some(endpoint) = cluster.pick(&view, &HashSet::new(), None, None) else {
             continue;
         };
+        let Ok(permit) = MIRRORS.try_acquire() else {
+            ctx.l7.mirrors_skipped.inc();
+            continue;
+        };
         let h2 = matches!(target.protocol, Protocol::Http2 | Protocol::Grpc);
         let Some(request) = upstream_request(
             parts,
@@ -1298,6 +1321,7 @@ fn mirror(
         let (ctx, state) = (ctx.clone(), state.clone());
         let source_ip = source.map(|s| s.ip);
         tokio::spawn(async move {
+            let _permit = permit;
             let source = source_ip.and_then(|ip| state.workloads.get(&ip));
             let destination = state.workloads.get(endpoint.ip());
             let endpoint_state = cluster.endpoint(endpoint);
@@ -1315,11 +1339,12 @@ fn mirror(
                 h2,
                 peer,
             );
-            if let Ok(Ok(Answer::Upstream(response))) =
-                tokio::time::timeout(Duration::from_secs(30), sent).await
-            {
-                let _ = response.into_body().collect().await;
-            }
+            let answered = async {
+                if let Ok(Answer::Upstream(response)) = sent.await {
+                    let _ = response.into_body().collect().await;
+                }
+            };
+            let _ = tokio::time::timeout(MIRROR_TIMEOUT, answered).await;
         });
     }
 }

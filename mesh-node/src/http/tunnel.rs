@@ -23,6 +23,8 @@ pub struct Tunnel {
     pending: Bytes,
     /// The peer ended its side.
     eof: bool,
+    /// This side ended its half (END_STREAM queued behind the data written).
+    shut_down: bool,
 }
 
 impl Tunnel {
@@ -33,6 +35,7 @@ impl Tunnel {
             recv,
             pending: Bytes::new(),
             eof: false,
+            shut_down: false,
         }
     }
 }
@@ -111,15 +114,21 @@ impl AsyncWrite for Tunnel {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Ending a stream that was reset already is not an error worth reporting.
-        let _ = self.send.send_data(Bytes::new(), true);
+        if !self.shut_down {
+            self.shut_down = true;
+            let _ = self.send.send_data(Bytes::new(), true);
+        }
         Poll::Ready(Ok(()))
     }
 }
 
 impl Drop for Tunnel {
     fn drop(&mut self) {
-        // Dropped mid-stream (a connection given up on): tell the peer now.
-        if !self.eof {
+        // Dropped with its own half still open (a connection given up on): tell the peer
+        // now. After a clean shutdown nothing is reset here: an explicit RST_STREAM would
+        // discard the DATA still queued before the END_STREAM (the end of a response), and
+        // h2 itself cancels the peer's half, if still open, once that data is sent.
+        if !self.shut_down && !self.eof {
             self.send.send_reset(h2::Reason::CANCEL);
         }
     }

@@ -64,6 +64,33 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the pool drops idle, broken and superseded connections.
 const REAP_EVERY: Duration = Duration::from_secs(1);
+/// TLS handshakes the destination side runs at once; more wait (up to the handshake
+/// deadline) for a turn, so a flood of connections cannot hold unbounded handshake state.
+const MAX_HANDSHAKES: usize = 128;
+static HANDSHAKES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_HANDSHAKES);
+/// Largest CONNECT head accepted (an HBONE head is an authority and a few short headers).
+const MAX_HEADER_LIST: u32 = 16 << 10;
+
+/// Streams of one destination-side connection cancelled by the client before they were
+/// answered: a client that opens and resets streams as fast as it can (rapid reset) has
+/// its connection closed once most of its streams end so.
+#[derive(Default)]
+struct Cancels {
+    streams: AtomicUsize,
+    cancelled: AtomicUsize,
+    flood: tokio::sync::Notify,
+}
+
+impl Cancels {
+    fn cancelled(&self) {
+        let cancelled = self.cancelled.fetch_add(1, Ordering::AcqRel) + 1;
+        if cancelled as u64 >= crate::http::server::MAX_PREMATURE_CANCELS
+            && cancelled * 2 >= self.streams.load(Ordering::Acquire)
+        {
+            self.flood.notify_one();
+        }
+    }
+}
 
 /// Why a tunnel could not be opened.
 pub(crate) struct Failure {
@@ -555,8 +582,13 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
     };
     let _ = tcp.set_nodelay(true);
     super::keepalive(&tcp);
-    let accept = tokio_rustls::TlsAcceptor::from(cert.server.clone()).accept(tcp);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+    let handshake = async {
+        let _turn = HANDSHAKES.acquire().await;
+        tokio_rustls::TlsAcceptor::from(cert.server.clone())
+            .accept(tcp)
+            .await
+    };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
             let reason = tls::failure_reason(&err);
@@ -586,6 +618,9 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(crate::http::server::MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(Some(crate::http::server::MAX_LOCAL_ERROR_RESETS))
         .handshake::<_, Bytes>(tls);
     let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(connection)) => connection,
@@ -598,9 +633,25 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
             return;
         }
     };
-    while let Some(next) = connection.accept().await {
+    let cancels = Arc::new(Cancels::default());
+    loop {
+        let next = tokio::select! {
+            next = connection.accept() => next,
+            () = cancels.flood.notified() => {
+                ctx.metrics.hbone_limited("premature_cancels");
+                tracing::warn!(%peer, "HBONE client cancels most streams it opens (rapid reset): connection closed");
+                connection.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                let _ = tokio::time::timeout(
+                    HANDSHAKE_TIMEOUT,
+                    std::future::poll_fn(|cx| connection.poll_closed(cx)),
+                )
+                .await;
+                return;
+            }
+        };
         match next {
-            Ok((request, respond)) => {
+            Some(Ok((request, respond))) => {
+                cancels.streams.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(serve_stream(Box::new(Stream {
                     ctx: ctx.clone(),
                     request,
@@ -609,18 +660,37 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
                     local,
                     identity: identity.clone(),
                     presented: presented.clone(),
+                    cancels: cancels.clone(),
                 })));
             }
-            Err(err) => {
+            Some(Err(err)) => {
                 tracing::debug!(%peer, "HBONE connection error: {err}");
                 return;
             }
+            None => break,
         }
     }
     // No new streams (the client is done with the connection, e.g. after a certificate
     // renewal): the open ones still need the connection driven until they end.
     if let Err(err) = std::future::poll_fn(|cx| connection.poll_closed(cx)).await {
         tracing::debug!(%peer, "HBONE connection error: {err}");
+    }
+}
+
+/// Connects to the pod unless the client resets the stream first (then counted as
+/// cancelled, and `None`): a reset stream costs no connection to the pod.
+async fn connect_unless_cancelled(
+    respond: &mut h2::server::SendResponse<Bytes>,
+    cancels: &Cancels,
+    source: std::net::Ipv4Addr,
+    target: SocketAddr,
+) -> Option<std::io::Result<TcpStream>> {
+    tokio::select! {
+        connected = connect_from(source, target) => Some(connected),
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            cancels.cancelled();
+            None
+        }
     }
 }
 
@@ -635,6 +705,8 @@ struct Stream {
     /// The client's SPIFFE ID, and the one this connection presented.
     identity: Arc<str>,
     presented: Arc<str>,
+    /// The connection's count of cancelled streams.
+    cancels: Arc<Cancels>,
 }
 
 /// One CONNECT stream on the destination side (its own task). The stream arrives boxed and
@@ -657,6 +729,7 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         local,
         identity,
         presented,
+        cancels,
     } = *stream;
     let answer = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
         let response = Response::builder()
@@ -720,9 +793,13 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         // HTTP inside the tunnel: authorized and reported per request.
         rec.path = "hbone_http";
         let tracked = Tracked::open(ctx, Direction::Hbone, rec);
-        let server = match connect_from(source_ip, target).await {
-            Ok(server) => server,
-            Err(err) => {
+        let server = match connect_unless_cancelled(&mut respond, &cancels, source_ip, target).await {
+            None => {
+                tracked.finish(Outcome::refused("DC", "stream reset by the client"));
+                return None;
+            }
+            Some(Ok(server)) => server,
+            Some(Err(err)) => {
                 answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
                 let error = format!("connect to {target}: {err}");
                 tracked.finish(Outcome::refused("UF", error));
@@ -730,6 +807,7 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
             }
         };
         let Ok(send) = respond.send_response(Response::new(()), false) else {
+            cancels.cancelled();
             tracked.finish(Outcome::refused("DC", "tunnel closed"));
             return None;
         };
@@ -762,9 +840,13 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         tracked.finish(Outcome::refused("DENY", reason));
         return None;
     }
-    let server = match connect_from(source_ip, target).await {
-        Ok(server) => server,
-        Err(err) => {
+    let server = match connect_unless_cancelled(&mut respond, &cancels, source_ip, target).await {
+        None => {
+            tracked.finish(Outcome::refused("DC", "stream reset by the client"));
+            return None;
+        }
+        Some(Ok(server)) => server,
+        Some(Err(err)) => {
             answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             tracked.finish(Outcome::refused(
                 "UF",
@@ -777,6 +859,7 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         Ok(send) => send,
         Err(err) => {
             reset(&server);
+            cancels.cancelled();
             tracked.finish(Outcome::refused("DC", format!("tunnel closed: {err}")));
             return None;
         }
