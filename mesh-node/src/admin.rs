@@ -89,8 +89,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
                 let response = route(&admin, &req, debug);
                 async move { response }
             };
-            if let Served::Limited(reason) = server::serve(&gate, peer.ip(), stream, handle).await
-            {
+            if let Served::Limited(reason) = server::serve(&gate, peer.ip(), stream, handle).await {
                 tracing::debug!(%peer, "admin connection closed: {reason}");
             }
         });

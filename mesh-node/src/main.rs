@@ -539,7 +539,11 @@ async fn serve(
         state: state.clone(),
         datapath: Mutex::new(DatapathView::default()),
         clusters: l7.clusters.clone(),
-        gate: mesh_node::http::server::Gate::new("admin", mesh_node::http::server::Limits::ADMIN, limited),
+        gate: mesh_node::http::server::Gate::new(
+            "admin",
+            mesh_node::http::server::Limits::ADMIN,
+            limited,
+        ),
         debug_address: args.debug_address,
     });
     let admin_listener = admin::bind(args.admin_addr)

@@ -101,7 +101,9 @@ impl ProxyMetrics {
 
     /// An HBONE connection was refused or closed by a limit.
     pub fn hbone_limited(&self, reason: &'static str) {
-        self.hbone_limited.get_or_create(&ReasonLabels { reason }).inc();
+        self.hbone_limited
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// An HBONE connection was established.

@@ -161,13 +161,18 @@ fn workload_name(workload: &Workload) -> String {
             .filter(|(base, suffix)| !base.is_empty() && suffix_ok(suffix))
             .map(|(base, _)| base.to_string())
     };
-    if labels.get("statefulset.kubernetes.io/pod-name").map(String::as_str) == Some(name) {
+    if labels
+        .get("statefulset.kubernetes.io/pod-name")
+        .map(String::as_str)
+        == Some(name)
+    {
         if let Some(base) = strip(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())) {
             return base;
         }
     }
     if labels.contains_key("pod-template-generation") {
-        if let Some(base) = strip(|s| s.len() == 5 && s.bytes().all(|b| b.is_ascii_alphanumeric())) {
+        if let Some(base) = strip(|s| s.len() == 5 && s.bytes().all(|b| b.is_ascii_alphanumeric()))
+        {
             return base;
         }
     }
@@ -476,11 +481,13 @@ impl Live {
             let labels = report.labels(flags);
             let closed = &metrics.closed;
             let overflow = || labels.overflow();
-            metrics
-                .cap
-                .series("istio_tcp_connections_closed", closed, &labels, overflow, |c| {
-                    c.inc()
-                });
+            metrics.cap.series(
+                "istio_tcp_connections_closed",
+                closed,
+                &labels,
+                overflow,
+                |c| c.inc(),
+            );
         }
     }
 }
@@ -600,8 +607,16 @@ impl RequestMetrics {
             });
             let histograms = [
                 ("istio_request_duration_milliseconds", &self.duration, ms),
-                ("istio_request_bytes", &self.request_bytes, outcome.request_bytes as f64),
-                ("istio_response_bytes", &self.response_bytes, outcome.response_bytes as f64),
+                (
+                    "istio_request_bytes",
+                    &self.request_bytes,
+                    outcome.request_bytes as f64,
+                ),
+                (
+                    "istio_response_bytes",
+                    &self.response_bytes,
+                    outcome.response_bytes as f64,
+                ),
             ];
             for (name, family, value) in histograms {
                 cap.series(name, family, &labels, overflow, |h| h.observe(value));
@@ -807,10 +822,17 @@ mod tests {
                 &[("batch.kubernetes.io/job-name", "backup-29301840")][..],
                 "backup",
             ),
-            ("db-2", &[("statefulset.kubernetes.io/pod-name", "db-2")][..], "db"),
+            (
+                "db-2",
+                &[("statefulset.kubernetes.io/pod-name", "db-2")][..],
+                "db",
+            ),
             (
                 "agent-q8z4m",
-                &[("pod-template-generation", "3"), ("controller-revision-hash", "6c")][..],
+                &[
+                    ("pod-template-generation", "3"),
+                    ("controller-revision-hash", "6c"),
+                ][..],
                 "agent",
             ),
             ("debug-shell", &[][..], "debug-shell"),
@@ -837,17 +859,36 @@ mod tests {
             .collect();
         for name in &names {
             let labels = FamilyLabels { family: name };
-            cap.series("t", &family, &labels, || FamilyLabels { family: OVERFLOW }, |c| {
-                c.inc()
-            });
+            cap.series(
+                "t",
+                &family,
+                &labels,
+                || FamilyLabels { family: OVERFLOW },
+                |c| c.inc(),
+            );
         }
         let overflow = FamilyLabels { family: OVERFLOW };
         assert_eq!(family.get(&overflow).map(|c| c.get()), Some(50));
-        assert!(family.get(&FamilyLabels { family: names[MAX_SERIES] }).is_none());
+        assert!(family
+            .get(&FamilyLabels {
+                family: names[MAX_SERIES]
+            })
+            .is_none());
         let key = FamilyLabels { family: "t" };
         assert_eq!(cap.overflowed.get_or_create(&key).get(), 50);
         // Label sets seen before the cap keep their own series.
-        cap.series("t", &family, &FamilyLabels { family: names[0] }, || overflow.clone(), |c| c.inc());
-        assert_eq!(family.get(&FamilyLabels { family: names[0] }).map(|c| c.get()), Some(2));
+        cap.series(
+            "t",
+            &family,
+            &FamilyLabels { family: names[0] },
+            || overflow.clone(),
+            |c| c.inc(),
+        );
+        assert_eq!(
+            family
+                .get(&FamilyLabels { family: names[0] })
+                .map(|c| c.get()),
+            Some(2)
+        );
     }
 }

@@ -41,6 +41,8 @@ pub struct Seen {
     pub max_open: AtomicUsize,
     /// Paths and `Host` of the requests, in order.
     pub log: Mutex<Vec<(String, String)>>,
+    /// The `x-forwarded-client-cert` values of the requests, in order (empty: none).
+    pub client_certs: Mutex<Vec<String>>,
 }
 
 /// An HTTP server in a pod namespace; stopped on drop.
@@ -165,11 +167,25 @@ async fn answer(
         .path_and_query()
         .map_or("/".into(), |p| p.to_string());
     seen.log.lock().unwrap().push((path.clone(), host));
-    let delay = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("delay_ms="))
-            .and_then(|v| v.parse::<u64>().ok())
-    });
+    let client_cert = req
+        .headers()
+        .get_all("x-forwarded-client-cert")
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    seen.client_certs.lock().unwrap().push(client_cert);
+    let query = |key: &str| {
+        req.uri().query().and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_string)
+        })
+    };
+    // `?grpc_status=X`: the gRPC status a gRPC answer ends with (any text, as a hostile
+    // backend may send).
+    let grpc_status = query("grpc_status").unwrap_or_else(|| "0".into());
+    let delay = query("delay_ms").and_then(|v| v.parse::<u64>().ok());
     if let Some(ms) = delay {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
@@ -216,7 +232,12 @@ async fn answer(
     if grpc {
         // Echo the message, then trailers with the status.
         let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.insert(
+            "grpc-status",
+            grpc_status
+                .parse()
+                .unwrap_or(http::HeaderValue::from_static("0")),
+        );
         let body = Trailed {
             data: Some(body),
             trailers: Some(trailers),

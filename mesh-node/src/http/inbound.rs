@@ -22,8 +22,9 @@ use tokio::{
 };
 
 use super::{
-    full, local_response,
-    server::{self, Served}, protocol_of, strip_hop_by_hop,
+    full, local_response, protocol_of,
+    server::{self, Served},
+    strip_hop_by_hop,
     upstream::{handshake, Sender},
     version_name, Counting, Finish, Observed, RequestLog, RespBody,
 };
@@ -80,7 +81,9 @@ where
         async move { handle(&ctx, &conn, &upstream, req).await }
     };
     match server::serve(&gate, source, io, handle).await {
-        Served::Limited(reason) => tracing::debug!(%source, "inbound HTTP connection closed: {reason}"),
+        Served::Limited(reason) => {
+            tracing::debug!(%source, "inbound HTTP connection closed: {reason}")
+        }
         Served::Done(Err(err)) => tracing::debug!("inbound HTTP connection: {err}"),
         Served::Done(Ok(())) => {}
     }
@@ -242,7 +245,11 @@ async fn handle(
 /// client sent is removed; a caller authenticated by mTLS is named (`By=` this pod's
 /// identity, `URI=` the caller's verified SPIFFE ID), so the application can trust the
 /// header exactly as far as it trusts the mesh.
-fn set_client_cert(headers: &mut http::HeaderMap, destination: &str, caller: Option<&str>) {
+pub(crate) fn set_client_cert(
+    headers: &mut http::HeaderMap,
+    destination: &str,
+    caller: Option<&str>,
+) {
     headers.remove(XFCC);
     let Some(caller) = caller else { return };
     if let Ok(value) = http::HeaderValue::from_str(&format!("By={destination};URI={caller}")) {
@@ -294,7 +301,12 @@ mod tests {
     #[test]
     fn the_client_cert_header_is_replaced_never_passed_on() {
         let mut headers = http::HeaderMap::new();
-        headers.append(XFCC, "URI=spiffe://cluster.local/ns/kube-system/sa/admin".parse().unwrap());
+        headers.append(
+            XFCC,
+            "URI=spiffe://cluster.local/ns/kube-system/sa/admin"
+                .parse()
+                .unwrap(),
+        );
         headers.append(XFCC, "By=x;URI=y".parse().unwrap());
         let me = "spiffe://cluster.local/ns/shop/sa/web";
         let caller = "spiffe://cluster.local/ns/shop/sa/api";

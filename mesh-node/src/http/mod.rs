@@ -483,7 +483,10 @@ pub struct Observed {
 impl Observed {
     /// Wraps a response: its headers may already carry `grpc-status` (trailers-only).
     pub fn wrap(response: Response<RespBody>, mut finish: Finish) -> Response<RespBody> {
-        let (parts, inner) = response.into_parts();
+        let (mut parts, inner) = response.into_parts();
+        if finish.log.response_flags == "DC" {
+            parts.extensions.insert(server::ClientGone);
+        }
         finish.log.response_code = parts.status.as_u16();
         let grpc_status = parts
             .headers

@@ -878,7 +878,7 @@ async fn send(
     source: Option<&Workload>,
     destination: Option<&Workload>,
     endpoint: SocketAddrV4,
-    request: Request<upstream::Body>,
+    mut request: Request<upstream::Body>,
     h2: bool,
     peer: SocketAddr,
 ) -> Result<Answer, Failure> {
@@ -914,6 +914,7 @@ async fn send(
             );
             return Ok(Answer::Local(response, "-", Some(why)));
         }
+        super::inbound::set_client_cert(request.headers_mut(), &d.identity, identity);
     }
     let target = Target {
         source,

@@ -84,6 +84,9 @@ pub struct Limits {
     pub head_bytes_per_source: usize,
     /// Bytes of unfinished request heads in all.
     pub head_bytes: usize,
+    /// Connections from one source served while they wait for their first request head;
+    /// more wait their turn (holding no HTTP state) until the head deadline.
+    pub first_heads_per_source: usize,
 }
 
 impl Limits {
@@ -93,6 +96,7 @@ impl Limits {
         connections: 256,
         head_bytes_per_source: 256 << 10,
         head_bytes: 2 << 20,
+        first_heads_per_source: 4,
     };
     /// An L7 server (client side or destination side): the pods of a node.
     pub const L7: Limits = Limits {
@@ -100,6 +104,7 @@ impl Limits {
         connections: 65536,
         head_bytes_per_source: 1 << 20,
         head_bytes: 8 << 20,
+        first_heads_per_source: 64,
     };
 }
 
@@ -170,7 +175,8 @@ impl ServerMetrics {
 struct Usage {
     connections: usize,
     head_bytes: usize,
-    sources: HashMap<IpAddr, (usize, usize)>,
+    /// Per source: connections, head bytes, connections served before their first head.
+    sources: HashMap<IpAddr, (usize, usize, usize)>,
 }
 
 /// The caps of one server and what is in use of them.
@@ -180,6 +186,8 @@ pub struct Gate {
     limits: Limits,
     usage: Mutex<Usage>,
     metrics: ServerMetrics,
+    /// Woken when a connection of some source got its first head (or closed before).
+    first_head_done: Notify,
 }
 
 impl Gate {
@@ -190,6 +198,7 @@ impl Gate {
             limits,
             usage: Mutex::new(Usage::default()),
             metrics,
+            first_head_done: Notify::new(),
         })
     }
 
@@ -236,6 +245,7 @@ impl Gate {
             exempt: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             premature: AtomicU64::new(0),
+            waiting_first: AtomicBool::new(false),
             closing: Mutex::new(None),
             wake: Notify::new(),
         }))
@@ -254,6 +264,26 @@ impl Gate {
         entry.1 += n;
         usage.head_bytes = total;
         true
+    }
+
+    /// Takes one of the source's turns to be served before a first head; false when all
+    /// are taken.
+    fn first_head_turn(&self, source: IpAddr) -> bool {
+        let mut usage = self.usage();
+        match usage.sources.get_mut(&source) {
+            Some(entry) if entry.2 < self.limits.first_heads_per_source => {
+                entry.2 += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn first_head_done(&self, source: IpAddr) {
+        if let Some(entry) = self.usage().sources.get_mut(&source) {
+            entry.2 = entry.2.saturating_sub(1);
+        }
+        self.first_head_done.notify_waiters();
     }
 
     fn release(&self, source: IpAddr, head_bytes: usize, closed: bool) {
@@ -290,6 +320,8 @@ struct Conn {
     exempt: AtomicBool,
     requests: AtomicU64,
     premature: AtomicU64,
+    /// Holds a turn of its source to be served before its first head.
+    waiting_first: AtomicBool,
     /// Set when a limit ends the connection.
     closing: Mutex<Option<Limited>>,
     wake: Notify,
@@ -315,7 +347,9 @@ impl Conn {
 
     /// `n` bytes were read from the client: charged to the head being waited for.
     fn read(&self, n: usize) -> io::Result<()> {
-        if n == 0 || self.exempt.load(Ordering::Acquire) || self.in_flight.load(Ordering::Acquire) > 0
+        if n == 0
+            || self.exempt.load(Ordering::Acquire)
+            || self.in_flight.load(Ordering::Acquire) > 0
         {
             return Ok(());
         }
@@ -333,6 +367,9 @@ impl Conn {
 
     /// A complete request head arrived.
     fn request(&self, version: http::Version) {
+        if self.waiting_first.swap(false, Ordering::AcqRel) {
+            self.gate.first_head_done(self.source);
+        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(0, Ordering::Release);
@@ -361,6 +398,9 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        if *self.waiting_first.get_mut() {
+            self.gate.first_head_done(self.source);
+        }
         self.gate
             .release(self.source, *self.head_bytes.get_mut(), true);
     }
@@ -418,19 +458,26 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Metered<I> {
     }
 }
 
+/// Marks a response the handler made because the client went away mid-request (its body
+/// ended in an error, its stream was reset): counted as a cancelled request.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientGone;
+
 /// One request in flight; ends when its response body does (or is dropped).
 struct InFlight {
     conn: Arc<Conn>,
     started: Instant,
     done: bool,
+    client_gone: bool,
 }
 
 impl InFlight {
     fn finish(&mut self, complete: bool) {
         if !self.done {
             self.done = true;
+            let cancelled = self.client_gone || !complete;
             self.conn
-                .request_done(!complete && self.started.elapsed() < PREMATURE);
+                .request_done(cancelled && self.started.elapsed() < PREMATURE);
         }
     }
 }
@@ -462,7 +509,8 @@ where
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.in_flight.finish(true),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
+            // Trailers end a body; hyper does not poll past them.
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() || this.inner.is_end_stream() => {
                 this.in_flight.finish(true)
             }
             _ => {}
@@ -513,22 +561,41 @@ where
         Ok(conn) => conn,
         Err(reason) => return Served::Limited(reason),
     };
+    // Its turn to be served: until then the connection holds a socket and this task only.
+    let deadline = tokio::time::Instant::from_std(conn.start + HEAD_TIMEOUT);
+    loop {
+        let turn = gate.first_head_done.notified();
+        tokio::pin!(turn);
+        turn.as_mut().enable();
+        if gate.first_head_turn(source) {
+            conn.waiting_first.store(true, Ordering::Release);
+            break;
+        }
+        if tokio::time::timeout_at(deadline, turn).await.is_err() {
+            conn.close(Limited::HeadTimeout);
+            return Served::Limited(Limited::HeadTimeout);
+        }
+    }
     let service = {
         let conn = conn.clone();
         service_fn(move |req: Request<Incoming>| {
             conn.request(req.version());
-            let in_flight = InFlight {
+            let mut in_flight = InFlight {
                 conn: conn.clone(),
                 started: Instant::now(),
                 done: false,
+                client_gone: false,
             };
             let response = handle(req);
             async move {
                 let response = response.await;
+                in_flight.client_gone = response.extensions().get::<ClientGone>().is_some();
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                     in_flight.conn.exempt.store(true, Ordering::Release);
                 }
-                Ok::<_, std::convert::Infallible>(response.map(|inner| Guarded { inner, in_flight }))
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|inner| Guarded { inner, in_flight }),
+                )
             }
         })
     };

@@ -793,7 +793,8 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         // HTTP inside the tunnel: authorized and reported per request.
         rec.path = "hbone_http";
         let tracked = Tracked::open(ctx, Direction::Hbone, rec);
-        let server = match connect_unless_cancelled(&mut respond, &cancels, source_ip, target).await {
+        let server = match connect_unless_cancelled(&mut respond, &cancels, source_ip, target).await
+        {
             None => {
                 tracked.finish(Outcome::refused("DC", "stream reset by the client"));
                 return None;
