@@ -755,28 +755,36 @@ pub fn access_log_line(record: &impl serde::Serialize, denied: bool) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn workload_names_and_canonical_labels() {
-        let mut w = Workload {
-            namespace: "shop".into(),
-            name: "web-7d4b9c8f6-x2x9q".into(),
+    fn workload(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
+        Workload {
+            namespace: namespace.into(),
+            name: name.into(),
             node: None,
             ip: [100, 64, 0, 9].into(),
             service_account: "web".into(),
-            identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
-            labels: [
-                ("app", "web"),
-                ("version", "v2"),
-                ("pod-template-hash", "7d4b9c8f6"),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+            identity: format!("spiffe://cluster.local/ns/{namespace}/sa/web"),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             enrolled: true,
             ready: true,
             mtls: Default::default(),
             authorization: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn workload_names_and_canonical_labels() {
+        let mut w = workload(
+            "shop",
+            "web-7d4b9c8f6-x2x9q",
+            &[
+                ("app", "web"),
+                ("version", "v2"),
+                ("pod-template-hash", "7d4b9c8f6"),
+            ],
+        );
         let peer = Peer::of(&w, true);
         assert_eq!(peer.workload, "web");
         assert_eq!((peer.app.as_str(), peer.version.as_str()), ("web", "v2"));
@@ -799,22 +807,7 @@ mod tests {
 
     #[test]
     fn controllers_name_the_workload_so_their_pods_share_series() {
-        let pod = |name: &str, labels: &[(&str, &str)]| Workload {
-            namespace: "ops".into(),
-            name: name.into(),
-            node: None,
-            ip: [100, 64, 0, 9].into(),
-            service_account: "default".into(),
-            identity: "spiffe://cluster.local/ns/ops/sa/default".into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            enrolled: true,
-            ready: true,
-            mtls: Default::default(),
-            authorization: vec![],
-        };
+        let pod = |name: &str, labels: &[(&str, &str)]| workload("ops", name, labels);
         for (name, labels, want) in [
             ("migrate-x7k2p", &[("job-name", "migrate")][..], "migrate"),
             (
