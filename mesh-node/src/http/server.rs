@@ -175,8 +175,18 @@ impl ServerMetrics {
 struct Usage {
     connections: usize,
     head_bytes: usize,
-    /// Per source: connections, head bytes, connections served before their first head.
-    sources: HashMap<IpAddr, (usize, usize, usize)>,
+    sources: HashMap<IpAddr, Source>,
+}
+
+/// What one source address uses of a server.
+#[derive(Debug, Default)]
+struct Source {
+    connections: usize,
+    head_bytes: usize,
+    /// Connections served before their first head.
+    first_heads: usize,
+    /// Woken, one at a time, when one of them got its first head or closed.
+    turns: Arc<Notify>,
 }
 
 /// The caps of one server and what is in use of them.
@@ -186,8 +196,6 @@ pub struct Gate {
     limits: Limits,
     usage: Mutex<Usage>,
     metrics: ServerMetrics,
-    /// Woken when a connection of some source got its first head (or closed before).
-    first_head_done: Notify,
 }
 
 impl Gate {
@@ -198,7 +206,6 @@ impl Gate {
             limits,
             usage: Mutex::new(Usage::default()),
             metrics,
-            first_head_done: Notify::new(),
         })
     }
 
@@ -221,7 +228,7 @@ impl Gate {
         let mut usage = self.usage();
         let refused = if usage.connections >= self.limits.connections {
             Some(Limited::Connections)
-        } else if usage.sources.get(&source).map_or(0, |s| s.0)
+        } else if usage.sources.get(&source).map_or(0, |s| s.connections)
             >= self.limits.connections_per_source
         {
             Some(Limited::ConnectionsPerSource)
@@ -234,7 +241,9 @@ impl Gate {
             return Err(reason);
         }
         usage.connections += 1;
-        usage.sources.entry(source).or_default().0 += 1;
+        let entry = usage.sources.entry(source).or_default();
+        entry.connections += 1;
+        let turns = entry.turns.clone();
         Ok(Arc::new(Conn {
             gate: self.clone(),
             source,
@@ -246,6 +255,7 @@ impl Gate {
             requests: AtomicU64::new(0),
             premature: AtomicU64::new(0),
             waiting_first: AtomicBool::new(false),
+            turns,
             closing: Mutex::new(None),
             wake: Notify::new(),
         }))
@@ -258,10 +268,12 @@ impl Gate {
         let Some(entry) = usage.sources.get_mut(&source) else {
             return false;
         };
-        if entry.1 + n > self.limits.head_bytes_per_source || total > self.limits.head_bytes {
+        if entry.head_bytes + n > self.limits.head_bytes_per_source
+            || total > self.limits.head_bytes
+        {
             return false;
         }
-        entry.1 += n;
+        entry.head_bytes += n;
         usage.head_bytes = total;
         true
     }
@@ -271,19 +283,21 @@ impl Gate {
     fn first_head_turn(&self, source: IpAddr) -> bool {
         let mut usage = self.usage();
         match usage.sources.get_mut(&source) {
-            Some(entry) if entry.2 < self.limits.first_heads_per_source => {
-                entry.2 += 1;
+            Some(entry) if entry.first_heads < self.limits.first_heads_per_source => {
+                entry.first_heads += 1;
                 true
             }
             _ => false,
         }
     }
 
+    /// Gives back a turn taken with [`Gate::first_head_turn`] and wakes the source's next
+    /// waiting connection.
     fn first_head_done(&self, source: IpAddr) {
         if let Some(entry) = self.usage().sources.get_mut(&source) {
-            entry.2 = entry.2.saturating_sub(1);
+            entry.first_heads = entry.first_heads.saturating_sub(1);
+            entry.turns.notify_one();
         }
-        self.first_head_done.notify_waiters();
     }
 
     fn release(&self, source: IpAddr, head_bytes: usize, closed: bool) {
@@ -293,10 +307,10 @@ impl Gate {
             usage.connections = usage.connections.saturating_sub(1);
         }
         if let Some(entry) = usage.sources.get_mut(&source) {
-            entry.1 = entry.1.saturating_sub(head_bytes);
+            entry.head_bytes = entry.head_bytes.saturating_sub(head_bytes);
             if closed {
-                entry.0 = entry.0.saturating_sub(1);
-                if entry.0 == 0 {
+                entry.connections = entry.connections.saturating_sub(1);
+                if entry.connections == 0 {
                     usage.sources.remove(&source);
                 }
             }
@@ -322,6 +336,8 @@ struct Conn {
     premature: AtomicU64,
     /// Holds a turn of its source to be served before its first head.
     waiting_first: AtomicBool,
+    /// Its source's turns.
+    turns: Arc<Notify>,
     /// Set when a limit ends the connection.
     closing: Mutex<Option<Limited>>,
     wake: Notify,
@@ -564,7 +580,7 @@ where
     // Its turn to be served: until then the connection holds a socket and this task only.
     let deadline = tokio::time::Instant::from_std(conn.start + HEAD_TIMEOUT);
     loop {
-        let turn = gate.first_head_done.notified();
+        let turn = conn.turns.notified();
         tokio::pin!(turn);
         turn.as_mut().enable();
         if gate.first_head_turn(source) {
@@ -698,6 +714,29 @@ mod tests {
         assert_eq!(gate.usage().head_bytes, 90, "a complete head is released");
         one.read(50).unwrap();
         assert_eq!(gate.usage().head_bytes, 90, "body bytes are not charged");
+    }
+
+    #[test]
+    fn a_source_gets_a_few_turns_before_first_heads() {
+        let gate = gate(Limits {
+            first_heads_per_source: 1,
+            ..Limits::L7
+        });
+        let a: IpAddr = [100, 65, 0, 2].into();
+        let first = gate.admit(a).unwrap();
+        let second = gate.admit(a).unwrap();
+        assert!(gate.first_head_turn(a));
+        first.waiting_first.store(true, Ordering::Release);
+        assert!(!gate.first_head_turn(a), "the source's one turn is taken");
+        let woken = second.turns.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        first.request(http::Version::HTTP_11);
+        assert!(
+            futures_util::FutureExt::now_or_never(woken).is_some(),
+            "the next connection of the source is woken"
+        );
+        assert!(gate.first_head_turn(a), "the turn is free again");
     }
 
     #[test]
