@@ -16,6 +16,7 @@ use std::{
 
 use bytes::Bytes;
 use mesh_tests::{
+    apps::{Behaviour, Server},
     cluster::{proc_status_kib, Cluster},
     fixtures::{L7, L7_GRPC, L7_HTTP},
     netns::Netns,
@@ -27,6 +28,8 @@ const PORT: u16 = 8080;
 /// The proxy's request-head deadline (`http::server::HEAD_TIMEOUT`).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 const HBONE: u16 = 15008;
+/// The `web-app` Service's TCP port (`tcp-raw`).
+const TCP_PORT: u16 = 7000;
 
 fn start(extra: &str) -> (Cluster, Vec<WebServer>) {
     let mut cluster = Cluster::new(&format!("{L7}{extra}")).unwrap();
@@ -426,29 +429,43 @@ fn http2_floods_are_cut_off_on_l7_ports_and_on_hbone() {
         "the L7 port kept serving a client that cancels every request"
     );
 
-    // Rapid reset on HBONE (after mTLS): CONNECT, cancelled at once.
-    let cpu = cpu_seconds(pid_b);
-    let target = format!("{}:{PORT}", cluster.pod("web-2").ip);
-    let (sent, peak_b) = peak_rss_during(pid_b, || {
-        let stream = tls(&rt);
-        rt.block_on(async {
-            let client = h2_client(stream).await;
-            rapid_resets(client, 5000, Duration::ZERO, || {
-                http::Request::builder()
-                    .method(http::Method::CONNECT)
-                    .uri(target.as_str())
-                    .body(())
-                    .unwrap()
+    // Rapid reset on HBONE (after mTLS): tunnels cancelled at once (h2 itself limits resets
+    // of streams not yet accepted), and tunnels cancelled 5 ms after they were opened,
+    // to the pod's HTTP port (HTTP served inside the tunnel) and to a TCP port (relayed).
+    let _echo = Server::start(&cluster.pod("web-2").netns, TCP_PORT, Behaviour::Echo).unwrap();
+    for (port, wait) in [
+        (PORT, Duration::ZERO),
+        (PORT, Duration::from_millis(5)),
+        (TCP_PORT, Duration::from_millis(5)),
+    ] {
+        let cpu = cpu_seconds(pid_b);
+        let target = format!("{}:{port}", cluster.pod("web-2").ip);
+        let (sent, peak_b) = peak_rss_during(pid_b, || {
+            let stream = tls(&rt);
+            rt.block_on(async {
+                let client = h2_client(stream).await;
+                rapid_resets(client, 1000, wait, || {
+                    http::Request::builder()
+                        .method(http::Method::CONNECT)
+                        .uri(target.as_str())
+                        .body(())
+                        .unwrap()
+                })
+                .await
             })
-            .await
-        })
-    });
-    let hbone_cpu = cpu_seconds(pid_b) - cpu;
-    println!("HBONE rapid reset: cut off after {sent} of 5000 cancelled tunnels; node-b CPU {hbone_cpu:.2} s, peak RSS {:.1} MiB", peak_b as f64 / 1024.0);
-    assert!(
-        sent < 5000,
-        "HBONE kept serving a client that cancels every tunnel"
-    );
+        });
+        let hbone_cpu = cpu_seconds(pid_b) - cpu;
+        println!(
+            "HBONE rapid reset to :{port}, cancelled after {wait:?}: cut off after {sent} of \
+             1000 tunnels; node-b CPU {hbone_cpu:.2} s, peak RSS {:.1} MiB",
+            peak_b as f64 / 1024.0
+        );
+        assert!(
+            sent < 1000,
+            "HBONE kept serving a client that cancels every tunnel (:{port}, {wait:?})"
+        );
+    }
+    println!("limits hit on node-b: {:?}", limited("node-b"));
 
     // CONTINUATION floods: a header block that never ends. On the L7 port in 16 KiB frames
     // (its largest); on HBONE, whose frames may be 1 MiB, in 1 MiB frames from four

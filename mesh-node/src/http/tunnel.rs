@@ -5,6 +5,10 @@
 use std::{
     io,
     pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     task::{ready, Context, Poll},
 };
 
@@ -25,6 +29,8 @@ pub struct Tunnel {
     eof: bool,
     /// This side ended its half (END_STREAM queued behind the data written).
     shut_down: bool,
+    /// Set when the peer resets the stream.
+    peer_reset: Option<Arc<AtomicBool>>,
 }
 
 impl Tunnel {
@@ -36,17 +42,24 @@ impl Tunnel {
             pending: Bytes::new(),
             eof: false,
             shut_down: false,
+            peer_reset: None,
         }
     }
-}
 
-fn h2_io(err: h2::Error) -> io::Error {
-    if err.is_io() {
-        return err
-            .into_io()
-            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+    /// Sets `flag` if the peer resets the stream.
+    pub fn noting_peer_reset(mut self, flag: Arc<AtomicBool>) -> Tunnel {
+        self.peer_reset = Some(flag);
+        self
     }
-    io::Error::new(io::ErrorKind::ConnectionReset, err)
+
+    fn failed(&self, err: h2::Error) -> io::Error {
+        if err.is_reset() && err.is_remote() {
+            if let Some(flag) = &self.peer_reset {
+                flag.store(true, Ordering::Release);
+            }
+        }
+        crate::proxy::h2_io(err)
+    }
 }
 
 impl AsyncRead for Tunnel {
@@ -65,7 +78,7 @@ impl AsyncRead for Tunnel {
                     let _ = this.recv.flow_control().release_capacity(data.len());
                     this.pending = data;
                 }
-                Some(Err(err)) => return Poll::Ready(Err(h2_io(err))),
+                Some(Err(err)) => return Poll::Ready(Err(this.failed(err))),
                 None => this.eof = true,
             }
         }
@@ -92,12 +105,15 @@ impl AsyncWrite for Tunnel {
                 Some(Ok(0)) => continue,
                 Some(Ok(granted)) => {
                     let n = granted.min(data.len());
-                    this.send
+                    if let Err(err) = this
+                        .send
                         .send_data(Bytes::copy_from_slice(&data[..n]), false)
-                        .map_err(h2_io)?;
+                    {
+                        return Poll::Ready(Err(this.failed(err)));
+                    }
                     return Poll::Ready(Ok(n));
                 }
-                Some(Err(err)) => return Poll::Ready(Err(h2_io(err))),
+                Some(Err(err)) => return Poll::Ready(Err(this.failed(err))),
                 None => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::BrokenPipe,

@@ -82,6 +82,14 @@ struct Cancels {
 }
 
 impl Cancels {
+    /// A tunnel accepted at `accepted` ended; `reset`: by the client's RST_STREAM. One
+    /// reset right after it opened counts as cancelled (Envoy's premature reset).
+    fn ended(&self, accepted: Instant, reset: bool) {
+        if reset && accepted.elapsed() < crate::http::server::PREMATURE {
+            self.cancelled();
+        }
+    }
+
     fn cancelled(&self) {
         let cancelled = self.cancelled.fetch_add(1, Ordering::AcqRel) + 1;
         if cancelled as u64 >= crate::http::server::MAX_PREMATURE_CANCELS
@@ -168,6 +176,7 @@ async fn outbound<'a>(
         end: TcpEnd::Client,
         tracked,
         _slot: Some(guard),
+        cancels: None,
     })
 }
 
@@ -183,6 +192,8 @@ pub(crate) struct Tunnelled<'a> {
     tracked: Tracked<'a>,
     /// The source side's stream slot on its pooled connection.
     _slot: Option<StreamGuard>,
+    /// The destination side's count of cancelled streams, and when this one was accepted.
+    cancels: Option<(Arc<Cancels>, Instant)>,
 }
 
 impl<'a> Tunnelled<'a> {
@@ -197,11 +208,15 @@ impl<'a> Tunnelled<'a> {
             end,
             tracked,
             _slot: slot,
+            cancels,
         } = self;
         async move {
             let (copied, error) = relay_h2(&mut tcp, send, recv, end, &tracked.live).await;
-            if error.is_some() {
+            if let Some(error) = &error {
                 reset(&tcp);
+                if let Some((cancels, accepted)) = cancels {
+                    cancels.ended(accepted, reset_by_peer(error));
+                }
             }
             tracked.finish(Outcome::relayed(copied, error));
             drop(slot);
@@ -661,6 +676,7 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
                     identity: identity.clone(),
                     presented: presented.clone(),
                     cancels: cancels.clone(),
+                    accepted: Instant::now(),
                 })));
             }
             Some(Err(err)) => {
@@ -675,6 +691,14 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
     if let Err(err) = std::future::poll_fn(|cx| connection.poll_closed(cx)).await {
         tracing::debug!(%peer, "HBONE connection error: {err}");
     }
+}
+
+/// Whether a relay or tunnel error is the peer's RST_STREAM.
+fn reset_by_peer(error: &std::io::Error) -> bool {
+    error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<h2::Error>())
+        .is_some_and(|e| e.is_reset() && e.is_remote())
 }
 
 /// Connects to the pod unless the client resets the stream first (then counted as
@@ -707,6 +731,8 @@ struct Stream {
     presented: Arc<str>,
     /// The connection's count of cancelled streams.
     cancels: Arc<Cancels>,
+    /// When the stream was accepted.
+    accepted: Instant,
 }
 
 /// One CONNECT stream on the destination side (its own task). The stream arrives boxed and
@@ -730,6 +756,7 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         identity,
         presented,
         cancels,
+        accepted,
     } = *stream;
     let answer = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
         let response = Response::builder()
@@ -812,7 +839,9 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
             tracked.finish(Outcome::refused("DC", "tunnel closed"));
             return None;
         };
-        let tunnel = crate::http::tunnel::Tunnel::new(send, request.into_body());
+        let peer_reset = Arc::new(AtomicBool::new(false));
+        let tunnel = crate::http::tunnel::Tunnel::new(send, request.into_body())
+            .noting_peer_reset(peer_reset.clone());
         let inbound = crate::http::inbound::Inbound {
             peer,
             identity: Some(identity),
@@ -826,6 +855,7 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
             Some(server),
         ))
         .await;
+        cancels.ended(accepted, peer_reset.load(Ordering::Acquire));
         tracked.finish(Outcome::default());
         return None;
     }
@@ -872,5 +902,6 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         end: TcpEnd::Server,
         tracked,
         _slot: None,
+        cancels: Some((cancels, accepted)),
     })
 }
