@@ -195,6 +195,14 @@ spec:
     assert_eq!(load.non_2xx, 0, "{load:?}");
     assert_eq!(load.errors, 0, "{load:?}");
     assert!(load.requests > 500, "steady load: {load:?}");
+    // Pooled connections closed after two requests each (maxRequestsPerConnection) are
+    // not mistaken for a rapid-reset flood.
+    for node in ["node-a", "node-b"] {
+        let limited = cluster
+            .metric_sum(node, "mesh_hbone_limited_total", &[])
+            .unwrap();
+        assert_eq!(limited, 0, "{node} cut off an HBONE connection");
+    }
     let blue_end = servers["web-1"].requests() + servers["web-2"].requests();
     assert_eq!(
         blue_end, blue_after_switch,

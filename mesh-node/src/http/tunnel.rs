@@ -29,8 +29,10 @@ pub struct Tunnel {
     eof: bool,
     /// This side ended its half (END_STREAM queued behind the data written).
     shut_down: bool,
-    /// Set when the peer resets the stream.
-    peer_reset: Option<Arc<AtomicBool>>,
+    /// Set when the peer resets the stream before this side wrote anything.
+    premature_reset: Option<Arc<AtomicBool>>,
+    /// This side wrote data.
+    wrote: bool,
 }
 
 impl Tunnel {
@@ -42,19 +44,22 @@ impl Tunnel {
             pending: Bytes::new(),
             eof: false,
             shut_down: false,
-            peer_reset: None,
+            premature_reset: None,
+            wrote: false,
         }
     }
 
-    /// Sets `flag` if the peer resets the stream.
-    pub fn noting_peer_reset(mut self, flag: Arc<AtomicBool>) -> Tunnel {
-        self.peer_reset = Some(flag);
+    /// Sets `flag` if the peer resets the stream before this side wrote anything (a
+    /// tunnel opened and abandoned, as in a rapid-reset flood; a pooled connection the
+    /// peer is done with has had its answers).
+    pub fn noting_premature_reset(mut self, flag: Arc<AtomicBool>) -> Tunnel {
+        self.premature_reset = Some(flag);
         self
     }
 
     fn failed(&self, err: h2::Error) -> io::Error {
-        if err.is_reset() && err.is_remote() {
-            if let Some(flag) = &self.peer_reset {
+        if err.is_reset() && err.is_remote() && !self.wrote {
+            if let Some(flag) = &self.premature_reset {
                 flag.store(true, Ordering::Release);
             }
         }
@@ -111,6 +116,7 @@ impl AsyncWrite for Tunnel {
                     {
                         return Poll::Ready(Err(this.failed(err)));
                     }
+                    this.wrote = true;
                     return Poll::Ready(Ok(n));
                 }
                 Some(Err(err)) => return Poll::Ready(Err(this.failed(err))),

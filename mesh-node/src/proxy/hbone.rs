@@ -82,8 +82,9 @@ struct Cancels {
 }
 
 impl Cancels {
-    /// A tunnel accepted at `accepted` ended; `reset`: by the client's RST_STREAM. One
-    /// reset right after it opened counts as cancelled (Envoy's premature reset).
+    /// A tunnel accepted at `accepted` ended; `reset`: by the client's RST_STREAM before
+    /// anything was sent back. One so reset right after it opened counts as cancelled
+    /// (Envoy's premature reset); a pooled tunnel the client is done with has had answers.
     fn ended(&self, accepted: Instant, reset: bool) {
         if reset && accepted.elapsed() < crate::http::server::PREMATURE {
             self.cancelled();
@@ -214,8 +215,9 @@ impl<'a> Tunnelled<'a> {
             let (copied, error) = relay_h2(&mut tcp, send, recv, end, &tracked.live).await;
             if let Some(error) = &error {
                 reset(&tcp);
+                // Reset by the client before the pod sent it anything.
                 if let Some((cancels, accepted)) = cancels {
-                    cancels.ended(accepted, reset_by_peer(error));
+                    cancels.ended(accepted, reset_by_peer(error) && copied.received == 0);
                 }
             }
             tracked.finish(Outcome::relayed(copied, error));
@@ -839,9 +841,9 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
             tracked.finish(Outcome::refused("DC", "tunnel closed"));
             return None;
         };
-        let peer_reset = Arc::new(AtomicBool::new(false));
+        let premature = Arc::new(AtomicBool::new(false));
         let tunnel = crate::http::tunnel::Tunnel::new(send, request.into_body())
-            .noting_peer_reset(peer_reset.clone());
+            .noting_premature_reset(premature.clone());
         let inbound = crate::http::inbound::Inbound {
             peer,
             identity: Some(identity),
@@ -855,7 +857,7 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
             Some(server),
         ))
         .await;
-        cancels.ended(accepted, peer_reset.load(Ordering::Acquire));
+        cancels.ended(accepted, premature.load(Ordering::Acquire));
         tracked.finish(Outcome::default());
         return None;
     }
