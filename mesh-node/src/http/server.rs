@@ -69,7 +69,7 @@ pub const MAX_LOCAL_ERROR_RESETS: usize = 100;
 /// Requests cancelled by the client within [`PREMATURE`] of their start: once a connection
 /// has this many and they are at least half of its requests, it is closed (Envoy's
 /// premature-reset rule).
-pub const MAX_PREMATURE_CANCELS: u64 = 100;
+pub const MAX_PREMATURE_CANCELS: u64 = 500;
 /// A request cancelled sooner than this after its start counts as premature.
 pub const PREMATURE: Duration = Duration::from_secs(1);
 
