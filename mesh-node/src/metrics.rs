@@ -93,7 +93,7 @@ impl ProxyMetrics {
         );
         registry.register(
             "mesh_hbone_limited",
-            "HBONE connections refused or closed by a limit (handshake slots, rapid reset)",
+            "HBONE connections closed by a limit, by reason (premature_cancels: rapid reset)",
             metrics.hbone_limited.clone(),
         );
         metrics

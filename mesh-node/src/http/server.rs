@@ -73,6 +73,28 @@ pub const MAX_PREMATURE_CANCELS: u64 = 500;
 /// A request cancelled sooner than this after its start counts as premature.
 pub const PREMATURE: Duration = Duration::from_secs(1);
 
+/// Envoy's premature-reset rule, for one connection: counts the requests (streams) it
+/// started and those the client cancelled right after they started.
+#[derive(Debug, Default)]
+pub(crate) struct Cancels {
+    started: AtomicU64,
+    cancelled: AtomicU64,
+}
+
+impl Cancels {
+    /// One more request or stream started.
+    pub(crate) fn started(&self) {
+        self.started.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One was cancelled right after it started; true once the connection has at least
+    /// [`MAX_PREMATURE_CANCELS`] such and they are at least half of what it started.
+    pub(crate) fn cancelled(&self) -> bool {
+        let cancelled = self.cancelled.fetch_add(1, Ordering::AcqRel) + 1;
+        cancelled >= MAX_PREMATURE_CANCELS && cancelled * 2 >= self.started.load(Ordering::Relaxed)
+    }
+}
+
 /// Caps of one server.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -252,8 +274,7 @@ impl Gate {
             head_bytes: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             exempt: AtomicBool::new(false),
-            requests: AtomicU64::new(0),
-            premature: AtomicU64::new(0),
+            cancels: Cancels::default(),
             waiting_first: AtomicBool::new(false),
             turns,
             closing: Mutex::new(None),
@@ -332,8 +353,7 @@ struct Conn {
     in_flight: AtomicUsize,
     /// HTTP/2 or upgraded: no head clock any more.
     exempt: AtomicBool,
-    requests: AtomicU64,
-    premature: AtomicU64,
+    cancels: Cancels,
     /// Holds a turn of its source to be served before its first head.
     waiting_first: AtomicBool,
     /// Its source's turns.
@@ -387,7 +407,7 @@ impl Conn {
             self.gate.first_head_done(self.source);
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.cancels.started();
         self.head_since.store(0, Ordering::Release);
         if version == http::Version::HTTP_2 {
             self.exempt.store(true, Ordering::Release);
@@ -401,13 +421,8 @@ impl Conn {
     /// A request ended; `premature`: cancelled by the client right after it started.
     fn request_done(&self, premature: bool) {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if premature {
-            let cancelled = self.premature.fetch_add(1, Ordering::AcqRel) + 1;
-            if cancelled >= MAX_PREMATURE_CANCELS
-                && cancelled * 2 >= self.requests.load(Ordering::Relaxed)
-            {
-                self.close(Limited::PrematureCancels);
-            }
+        if premature && self.cancels.cancelled() {
+            self.close(Limited::PrematureCancels);
         }
     }
 }

@@ -58,12 +58,13 @@ impl Tunnel {
     }
 
     fn failed(&self, err: h2::Error) -> io::Error {
-        if err.is_reset() && err.is_remote() && !self.wrote {
+        let err = crate::proxy::h2_io(err);
+        if !self.wrote && crate::proxy::reset_by_peer(&err) {
             if let Some(flag) = &self.premature_reset {
                 flag.store(true, Ordering::Release);
             }
         }
-        crate::proxy::h2_io(err)
+        err
     }
 }
 

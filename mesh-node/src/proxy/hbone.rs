@@ -76,8 +76,7 @@ const MAX_HEADER_LIST: u32 = 16 << 10;
 /// its connection closed once most of its streams end so.
 #[derive(Default)]
 struct Cancels {
-    streams: AtomicUsize,
-    cancelled: AtomicUsize,
+    count: crate::http::server::Cancels,
     flood: tokio::sync::Notify,
 }
 
@@ -92,10 +91,7 @@ impl Cancels {
     }
 
     fn cancelled(&self) {
-        let cancelled = self.cancelled.fetch_add(1, Ordering::AcqRel) + 1;
-        if cancelled as u64 >= crate::http::server::MAX_PREMATURE_CANCELS
-            && cancelled * 2 >= self.streams.load(Ordering::Acquire)
-        {
+        if self.count.cancelled() {
             self.flood.notify_one();
         }
     }
@@ -217,7 +213,10 @@ impl<'a> Tunnelled<'a> {
                 reset(&tcp);
                 // Reset by the client before the pod sent it anything.
                 if let Some((cancels, accepted)) = cancels {
-                    cancels.ended(accepted, reset_by_peer(error) && copied.received == 0);
+                    cancels.ended(
+                        accepted,
+                        super::reset_by_peer(error) && copied.received == 0,
+                    );
                 }
             }
             tracked.finish(Outcome::relayed(copied, error));
@@ -668,7 +667,7 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
         };
         match next {
             Some(Ok((request, respond))) => {
-                cancels.streams.fetch_add(1, Ordering::AcqRel);
+                cancels.count.started();
                 tokio::spawn(serve_stream(Box::new(Stream {
                     ctx: ctx.clone(),
                     request,
@@ -693,14 +692,6 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
     if let Err(err) = std::future::poll_fn(|cx| connection.poll_closed(cx)).await {
         tracing::debug!(%peer, "HBONE connection error: {err}");
     }
-}
-
-/// Whether a relay or tunnel error is the peer's RST_STREAM.
-fn reset_by_peer(error: &std::io::Error) -> bool {
-    error
-        .get_ref()
-        .and_then(|e| e.downcast_ref::<h2::Error>())
-        .is_some_and(|e| e.is_reset() && e.is_remote())
 }
 
 /// Connects to the pod unless the client resets the stream first (then counted as

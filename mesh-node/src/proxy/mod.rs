@@ -522,6 +522,14 @@ async fn h2_to_tcp<W: AsyncWrite + Unpin>(
 }
 
 /// An HTTP/2 error as an I/O error (a reset stream is a reset connection).
+/// Whether an error from an HBONE stream (as [`h2_io`] made it) is the peer's RST_STREAM.
+pub(crate) fn reset_by_peer(error: &io::Error) -> bool {
+    error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<h2::Error>())
+        .is_some_and(|e| e.is_reset() && e.is_remote())
+}
+
 pub(crate) fn h2_io(err: h2::Error) -> io::Error {
     if err.is_io() {
         return err
