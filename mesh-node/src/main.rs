@@ -399,7 +399,7 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("{err}");
         return ExitCode::from(EXIT_PREFLIGHT);
     }
-    // The bridge guard (MESH-BRIDGE) sees bridged frames only through br_netfilter.
+    // The forward guard sees bridged frames only through br_netfilter.
     let br_nf = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables");
     if br_nf.map(|v| v.trim() != "1").unwrap_or(true) {
         tracing::warn!(

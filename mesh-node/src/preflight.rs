@@ -51,10 +51,10 @@ pub fn check(bpffs: &Path) -> Result<(), PreflightError> {
             bpffs.display()
         )),
     }
-    for tool in ["ip", "iptables", "ipset"] {
+    for tool in ["ip", "iptables", "nft"] {
         if !on_path(tool) {
             missing.push(format!(
-                "`{tool}` is not on PATH (install iproute2, iptables and ipset)"
+                "`{tool}` is not on PATH (install iproute2, iptables and nftables)"
             ));
         }
     }

@@ -309,8 +309,8 @@ fn uninstall_removes_every_trace_and_pods_talk_directly() {
         let rules = node.exec("iptables", &["-w", "-t", table, "-S"]).unwrap();
         assert!(!rules.contains("MESH-"), "{table}: {rules}");
     }
-    let sets = node.exec("ipset", &["list", "-n"]).unwrap();
-    assert!(!sets.contains("mesh-enrolled"), "{sets}");
+    let tables = node.exec("nft", &["list", "tables"]).unwrap();
+    assert!(!tables.contains("mesh"), "{tables}");
 
     // Direct again: the server sees the client pod itself.
     let done = transfer(

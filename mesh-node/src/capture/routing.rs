@@ -1,29 +1,39 @@
 //! The node-side rules that complete capture:
 //! - policy routing: packets carrying `MARK_CAPTURE` are delivered locally
 //!   (`ip rule fwmark 0x200/0x200 lookup 100`, `local 0.0.0.0/0 dev lo table 100`);
-//! - `MESH-PREROUTING` (nat): captured flows skip kube-proxy's DNAT, so the proxy sees the
-//!   Service VIP itself and dials endpoints directly; `MESH-OUTPUT` (nat) does the same for
-//!   the node's own connections that `connect4` sends to the proxy (`--host-traffic`);
-//! - `MESH-GUARD` (filter INPUT): a captured SYN that no transparent proxy socket will take
-//!   (mesh-node is down) is refused with a TCP reset: the mesh fails closed, promptly.
-//! - `MESH-BRIDGE` (filter FORWARD, bridged frames via br_netfilter, as on K3s): a SYN to or
-//!   from an enrolled pod (ipset `mesh-enrolled`, kept equal to `MESH_ENROLLED`) that a bridge
-//!   is about to switch port to port is refused. Captured frames are addressed to the bridge
-//!   and never switched, so such a SYN only exists when a link lacks the capture program (a
-//!   pod created while mesh-node was down): the backstop that keeps the mesh closed then.
-//!   Flows kube-proxy DNATed are exempt: br_netfilter bridges a Service connection DNATed to a
-//!   pod on the same bridge, and that is legitimate.
-//! - `MESH-NOTRACK` (raw PREROUTING) and `MESH-NOTRACK-OUT` (raw OUTPUT): captured packets
-//!   from enrolled pods and every packet the proxy sends them (`MARK_PROXY`, on its
-//!   connections and on its listeners, whose handshake answers and accepted connections
-//!   inherit it) bypass conntrack, both directions alike. The proxy connects to pods as the
-//!   client pod, from the client's address and a port the kernel picks; tracked, such a
-//!   connection collided with one kube-proxy DNATed for the same client and port before it
-//!   was enrolled (TIME_WAIT entries live 2 minutes): conntrack rewrote the proxy's source
-//!   port or un-DNATed the pod's reply, the reply never reached the proxy, and the request
-//!   waited 5 s for the connect timeout (measured in the benchmark).
+//! - `MESH-PREROUTING` (iptables nat): captured flows skip kube-proxy's DNAT, so the proxy
+//!   sees the Service VIP itself and dials endpoints directly; `MESH-OUTPUT` (nat) does the
+//!   same for the node's own connections that `connect4` sends to the proxy
+//!   (`--host-traffic`). These stay in iptables: only a rule in the same nat chain as
+//!   kube-proxy's can keep its DNAT away (an nftables accept ends only its own chain).
+//! - the nftables table `ip mesh` (one transaction, so never half there) holds the guards
+//!   and the conntrack bypass, in base chains that run before the iptables filter table
+//!   (priority `filter - 10`), where a reject is final whatever another controller
+//!   (K3s's kube-router, which keeps its ACCEPTing jumps first in INPUT/FORWARD) inserts
+//!   later in the chain:
+//!   - `guard_input` (input): a captured SYN that no transparent proxy socket will take
+//!     (mesh-node is down) is refused with a TCP reset: the mesh fails closed, promptly,
+//!     and never reaches a socket of the node that happens to listen on that port.
+//!   - `guard_forward` (forward; bridged frames too, via br_netfilter as on K3s): a SYN to
+//!     or from an enrolled pod (set `enrolled`, kept equal to `MESH_ENROLLED`) that the node
+//!     forwards is refused. Captured flows are delivered locally, never forwarded, so such a
+//!     SYN only exists when a link lacks the capture program (a pod started without the CNI
+//!     plugin while mesh-node was down): the backstop that keeps the mesh closed then. Flows
+//!     kube-proxy DNATed are exempt: br_netfilter bridges a Service connection DNATed to a
+//!     pod on the same bridge, and that is legitimate.
+//!   - `notrack_pre` (prerouting, raw priority) and `notrack_out` (output, raw priority):
+//!     captured packets from enrolled pods and every packet the proxy sends them
+//!     (`MARK_PROXY`, on its connections and on its listeners, whose handshake answers and
+//!     accepted connections inherit it) bypass conntrack, both directions alike. The proxy
+//!     connects to pods as the client pod, from the client's address and a port the kernel
+//!     picks; tracked, such a connection collided with one kube-proxy DNATed for the same
+//!     client and port before it was enrolled (TIME_WAIT entries live 2 minutes): conntrack
+//!     rewrote the proxy's source port or un-DNATed the pod's reply, the reply never reached
+//!     the proxy, and the request waited 5 s for the connect timeout (measured in the
+//!     benchmark).
 //!
-//! Every step is idempotent, so a restart changes nothing that is already in place.
+//! Every step is idempotent, so a restart changes nothing that is already in place (the
+//! table's chains are redefined in one transaction, its set keeps its elements).
 
 use std::process::Command;
 
@@ -31,20 +41,87 @@ use mesh_common::{MARK_CAPTURE, MARK_PROXY, ROUTE_TABLE, RULE_PRIORITY};
 
 use super::CaptureError;
 
-const GUARD_CHAIN: &str = "MESH-GUARD";
 const NAT_CHAIN: &str = "MESH-PREROUTING";
 const NAT_OUTPUT_CHAIN: &str = "MESH-OUTPUT";
-const BRIDGE_CHAIN: &str = "MESH-BRIDGE";
-const NOTRACK_CHAIN: &str = "MESH-NOTRACK";
-const NOTRACK_OUT_CHAIN: &str = "MESH-NOTRACK-OUT";
-const ENROLLED_SET: &str = "mesh-enrolled";
+/// The nftables table of the guards and the conntrack bypass.
+pub const NFT_TABLE: &str = "mesh";
+/// Its set of enrolled pod addresses.
+const ENROLLED_SET: &str = "enrolled";
+/// What versions before the nftables table installed in iptables (removed at start and by
+/// uninstall): (table, builtin chain, chain).
+const LEGACY_CHAINS: [(&str, &str, &str); 4] = [
+    ("filter", "INPUT", "MESH-GUARD"),
+    ("filter", "FORWARD", "MESH-BRIDGE"),
+    ("raw", "PREROUTING", "MESH-NOTRACK"),
+    ("raw", "OUTPUT", "MESH-NOTRACK-OUT"),
+];
+const LEGACY_SETS: [&str; 2] = ["mesh-enrolled-new", "mesh-enrolled"];
 
 fn mark() -> String {
     format!("{MARK_CAPTURE:#x}/{MARK_CAPTURE:#x}")
 }
 
-/// Installs the rule, route and iptables chains (idempotent: what is already right is left
-/// alone, so a restart changes nothing).
+/// The table's chains and rules, as one `nft -f` transaction (`add` leaves the table and its
+/// set as they are; each chain is flushed and refilled).
+fn nft_ruleset() -> String {
+    let capture = format!("meta mark & {MARK_CAPTURE:#x} == {MARK_CAPTURE:#x}");
+    let proxy = format!("meta mark & {MARK_PROXY:#x} == {MARK_PROXY:#x}");
+    let syn = "tcp flags & (fin|syn|rst|ack) == syn";
+    let t = NFT_TABLE;
+    let set = ENROLLED_SET;
+    let chain = |name: &str, hook: &str, priority: &str, rules: &[String]| {
+        let mut text = format!(
+            "add chain ip {t} {name} {{ type filter hook {hook} priority {priority}; policy accept; }}
+             flush chain ip {t} {name}
+"
+        );
+        for rule in rules {
+            text.push_str(&format!("add rule ip {t} {name} {rule}
+"));
+        }
+        text
+    };
+    let mut script = format!(
+        "add table ip {t}
+add set ip {t} {set} {{ type ipv4_addr; }}
+"
+    );
+    script += &chain(
+        "guard_input",
+        "input",
+        "filter - 10",
+        &[
+            format!("{capture} {syn} socket transparent 1 accept"),
+            format!("{capture} {syn} counter reject with tcp reset"),
+        ],
+    );
+    script += &chain(
+        "guard_forward",
+        "forward",
+        "filter - 10",
+        &[
+            format!("{syn} ct status dnat accept"),
+            format!("{syn} ip daddr @{set} counter reject with tcp reset"),
+            format!("{syn} ip saddr @{set} counter reject with tcp reset"),
+        ],
+    );
+    script += &chain(
+        "notrack_pre",
+        "prerouting",
+        "raw",
+        &[format!("{capture} ip saddr @{set} notrack")],
+    );
+    script += &chain(
+        "notrack_out",
+        "output",
+        "raw",
+        &[format!("{proxy} ip daddr @{set} notrack")],
+    );
+    script
+}
+
+/// Installs the rule, route, nftables table and iptables nat chains (idempotent: what is
+/// already right is left alone, so a restart changes nothing).
 pub fn install() -> Result<(), CaptureError> {
     let pref = RULE_PRIORITY.to_string();
     let table = ROUTE_TABLE.to_string();
@@ -60,19 +137,11 @@ pub fn install() -> Result<(), CaptureError> {
     }
     local_route("replace", &table)?;
 
-    let syn = ["-p", "tcp", "--syn", "-m", "mark", "--mark", &mark];
-    let accept: Vec<&str> = syn
-        .iter()
-        .copied()
-        .chain(["-m", "socket", "--transparent", "-j", "RETURN"])
-        .collect();
-    let reject: Vec<&str> = syn
-        .iter()
-        .copied()
-        .chain(["-j", "REJECT", "--reject-with", "tcp-reset"])
-        .collect();
-    ensure_chain("filter", GUARD_CHAIN, &[&accept, &reject])?;
-    ensure_jump_first("filter", "INPUT", GUARD_CHAIN)?;
+    run_script("nft -f - (table ip mesh)", "nft", &["-f", "-"], &nft_ruleset())?;
+    // The guards are in place: what an earlier version kept in iptables can go (its set
+    // would no longer be kept up to date).
+    remove_legacy(&mut Vec::new(), &mut Vec::new());
+
     ensure_chain(
         "nat",
         NAT_CHAIN,
@@ -85,82 +154,24 @@ pub fn install() -> Result<(), CaptureError> {
         &[&["-m", "mark", "--mark", &mark, "-j", "ACCEPT"]],
     )?;
     ensure_jump_first("nat", "OUTPUT", NAT_OUTPUT_CHAIN)?;
-
-    run("ipset", &["create", ENROLLED_SET, "hash:ip", "-exist"])?;
-    let bridged = [
-        "-m",
-        "physdev",
-        "--physdev-is-bridged",
-        "-p",
-        "tcp",
-        "--syn",
-        "-m",
-        "conntrack",
-        "!",
-        "--ctstate",
-        "DNAT",
-        "-m",
-        "set",
-        "--match-set",
-        ENROLLED_SET,
-    ];
-    let refuse = ["-j", "REJECT", "--reject-with", "tcp-reset"];
-    let to_enrolled: Vec<&str> = bridged
-        .iter()
-        .copied()
-        .chain(["dst"])
-        .chain(refuse)
-        .collect();
-    let from_enrolled: Vec<&str> = bridged
-        .iter()
-        .copied()
-        .chain(["src"])
-        .chain(refuse)
-        .collect();
-    ensure_chain("filter", BRIDGE_CHAIN, &[&to_enrolled, &from_enrolled])?;
-    ensure_jump_first("filter", "FORWARD", BRIDGE_CHAIN)?;
-
-    let proxy_mark = format!("{MARK_PROXY:#x}/{MARK_PROXY:#x}");
-    let notrack = ["-j", "CT", "--notrack"];
-    let from_pods: Vec<&str> = ["-m", "mark", "--mark", &mark, "-m", "set", "--match-set"]
-        .into_iter()
-        .chain([ENROLLED_SET, "src"])
-        .chain(notrack)
-        .collect();
-    let to_pods: Vec<&str> = [
-        "-m",
-        "mark",
-        "--mark",
-        &proxy_mark,
-        "-m",
-        "set",
-        "--match-set",
-    ]
-    .into_iter()
-    .chain([ENROLLED_SET, "dst"])
-    .chain(notrack)
-    .collect();
-    ensure_chain("raw", NOTRACK_CHAIN, &[&from_pods])?;
-    ensure_jump_first("raw", "PREROUTING", NOTRACK_CHAIN)?;
-    ensure_chain("raw", NOTRACK_OUT_CHAIN, &[&to_pods])?;
-    ensure_jump_first("raw", "OUTPUT", NOTRACK_OUT_CHAIN)?;
     Ok(())
 }
 
-/// Makes the bridge guard's ipset equal `ips`, atomically (filled aside, then swapped in).
+/// Makes the guards' set of enrolled pods equal `ips`, atomically (one transaction).
 pub fn sync_enrolled_set(
     ips: &std::collections::BTreeSet<std::net::Ipv4Addr>,
 ) -> Result<(), CaptureError> {
-    let staging = format!("{ENROLLED_SET}-new");
-    let mut script = format!("create {staging} hash:ip -exist\nflush {staging}\n");
-    for ip in ips {
-        script.push_str(&format!("add {staging} {ip}\n"));
+    let t = NFT_TABLE;
+    let set = ENROLLED_SET;
+    let mut script = format!("flush set ip {t} {set}
+");
+    if !ips.is_empty() {
+        let list: Vec<String> = ips.iter().map(ToString::to_string).collect();
+        script.push_str(&format!("add element ip {t} {set} {{ {} }}
+", list.join(", ")));
     }
-    script.push_str(&format!(
-        "swap {staging} {ENROLLED_SET}\ndestroy {staging}\n"
-    ));
-    let command = format!("ipset restore (set {ENROLLED_SET}, {} entries)", ips.len());
-    run_script(&command, "ipset", &["restore"], &script)
+    let command = format!("nft -f - (set {set}, {} entries)", ips.len());
+    run_script(&command, "nft", &["-f", "-"], &script)
 }
 
 /// Drops the node's neighbour (ARP) entries for `ips`: their addresses just moved to
@@ -236,33 +247,18 @@ pub fn remove() -> Result<Vec<String>, CaptureError> {
         removed.push(format!("route local 0.0.0.0/0 dev lo table {table}"));
     }
     for (table, builtin, chain) in [
-        ("filter", "INPUT", GUARD_CHAIN),
-        ("filter", "FORWARD", BRIDGE_CHAIN),
         ("nat", "PREROUTING", NAT_CHAIN),
         ("nat", "OUTPUT", NAT_OUTPUT_CHAIN),
-        ("raw", "PREROUTING", NOTRACK_CHAIN),
-        ("raw", "OUTPUT", NOTRACK_OUT_CHAIN),
     ] {
-        if iptables(table, &["-S", chain]).is_err() {
-            continue; // not there
-        }
-        while iptables(table, &["-D", builtin, "-j", chain]).is_ok() {}
-        match iptables(table, &["-F", chain]).and_then(|_| iptables(table, &["-X", chain])) {
-            Ok(_) => removed.push(format!("iptables {table} chain {chain}")),
+        remove_chain(table, builtin, chain, &mut removed, &mut errors);
+    }
+    if output("nft", &["list", "table", "ip", NFT_TABLE]).is_ok() {
+        match run("nft", &["delete", "table", "ip", NFT_TABLE]) {
+            Ok(()) => removed.push(format!("nftables table ip {NFT_TABLE}")),
             Err(err) => errors.push(err.to_string()),
         }
     }
-    // After the chains: a set cannot be destroyed while a rule refers to it.
-    let sets = output("ipset", &["list", "-n"]).unwrap_or_default();
-    for set in [format!("{ENROLLED_SET}-new"), ENROLLED_SET.to_string()] {
-        if !sets.lines().any(|l| l.trim() == set) {
-            continue;
-        }
-        match run("ipset", &["destroy", &set]) {
-            Ok(()) => removed.push(format!("ipset {set}")),
-            Err(err) => errors.push(err.to_string()),
-        }
-    }
+    remove_legacy(&mut removed, &mut errors);
     if errors.is_empty() {
         Ok(removed)
     } else {
@@ -270,6 +266,42 @@ pub fn remove() -> Result<Vec<String>, CaptureError> {
             command: "removing the node rules".into(),
             message: errors.join("; "),
         })
+    }
+}
+
+/// Removes the jumps to `chain` from `builtin` and the chain itself, if it is there.
+fn remove_chain(
+    table: &str,
+    builtin: &str,
+    chain: &str,
+    removed: &mut Vec<String>,
+    errors: &mut Vec<String>,
+) {
+    if iptables(table, &["-S", chain]).is_err() {
+        return; // not there
+    }
+    while iptables(table, &["-D", builtin, "-j", chain]).is_ok() {}
+    match iptables(table, &["-F", chain]).and_then(|_| iptables(table, &["-X", chain])) {
+        Ok(_) => removed.push(format!("iptables {table} chain {chain}")),
+        Err(err) => errors.push(err.to_string()),
+    }
+}
+
+/// Removes the iptables guards and ipset of versions before the nftables table.
+fn remove_legacy(removed: &mut Vec<String>, errors: &mut Vec<String>) {
+    for (table, builtin, chain) in LEGACY_CHAINS {
+        remove_chain(table, builtin, chain, removed, errors);
+    }
+    // After the chains: a set cannot be destroyed while a rule refers to it. No ipset tool,
+    // no sets.
+    let sets = output("ipset", &["list", "-n"]).unwrap_or_default();
+    for set in LEGACY_SETS {
+        if sets.lines().any(|l| l.trim() == set) {
+            match run("ipset", &["destroy", set]) {
+                Ok(()) => removed.push(format!("ipset {set}")),
+                Err(err) => errors.push(err.to_string()),
+            }
+        }
     }
 }
 
