@@ -63,6 +63,8 @@ pub struct DatapathView {
     /// Links the capture program could not be attached to (retried every second): name ->
     /// error. Not ready while any remain.
     pub failed_links: std::collections::BTreeMap<String, String>,
+    /// Pod interfaces that went through the CNI gate: ifindex -> `namespace/name`.
+    pub gated: std::collections::BTreeMap<u32, String>,
     /// The last datapath update that failed and is being retried. Not ready while set.
     pub error: Option<String>,
 }

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod analyze;
 pub mod authz;
 pub mod capture;
+pub mod cni;
 pub mod config;
 pub mod http;
 pub mod identity;

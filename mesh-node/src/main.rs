@@ -17,8 +17,9 @@ use mesh_node::{
     capture::{
         self,
         host::{HostTraffic, DEFAULT_KUBELET_CGROUPS},
-        Datapath, Event, UdpToEnrolled,
+        Datapath, Event, PodRequest, UdpToEnrolled,
     },
+    cni,
     config::{self, semantics},
     identity, kube_source,
     metrics::{ConfigMetrics, KernelCollector, ProxyMetrics},
@@ -102,6 +103,17 @@ struct NodeArgs {
     /// bpffs directory for pins; a per-node subdirectory is used.
     #[arg(long, env = "MESH_BPFFS", default_value = "/sys/fs/bpf/mesh")]
     bpffs: PathBuf,
+    /// The container runtime's CNI configuration directory: mesh-node keeps
+    /// `00-mesh.conflist` there (the node's chain with the `mesh-cni` plugin appended).
+    /// K3s: /var/lib/rancher/k3s/agent/etc/cni/net.d. Without it the plugin is not
+    /// installed (the repair pass still reports pods that bypassed it).
+    #[arg(long, env = "MESH_CNI_CONF_DIR", requires = "cni_bin_dir")]
+    cni_conf_dir: Option<PathBuf>,
+    /// The runtime's CNI binary directory, where the plugin is copied. K3s: the `bin_dir` of
+    /// /var/lib/rancher/k3s/agent/etc/containerd/config.toml (/var/lib/rancher/k3s/data/cni
+    /// on current releases).
+    #[arg(long, env = "MESH_CNI_BIN_DIR", requires = "cni_conf_dir")]
+    cni_bin_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -193,6 +205,18 @@ struct RunArgs {
     /// servers; everything else is dropped).
     #[arg(long, env = "MESH_UDP_TO_ENROLLED", value_enum, default_value_t = UdpToEnrolled::Allow)]
     udp_to_enrolled: UdpToEnrolled,
+    /// The CNI plugin binary to install (with `--cni-conf-dir`); default: `mesh-cni` next
+    /// to the mesh-node binary.
+    #[arg(long, env = "MESH_CNI_PLUGIN")]
+    cni_plugin: Option<PathBuf>,
+    /// What the repair pass does about enrolled pods that never went through the CNI gate:
+    /// `report` them and their connections from before capture (log, metrics), or also
+    /// `reset` those connections.
+    #[arg(long, env = "MESH_REPAIR", value_enum, default_value_t = cni::Repair::Report)]
+    repair: cni::Repair,
+    /// How often the repair pass runs (Go duration syntax).
+    #[arg(long, env = "MESH_REPAIR_INTERVAL", default_value = "30s", value_parser = parse_lifetime)]
+    repair_interval: Duration,
     /// Log filter (tracing EnvFilter syntax); `mesh_ebpf=debug` also logs every captured SYN
     /// from the kernel programs.
     #[arg(long, env = "MESH_LOG", default_value = "info")]
@@ -211,7 +235,13 @@ fn main() -> ExitCode {
                 eprintln!("{err}");
                 return ExitCode::from(EXIT_PREFLIGHT);
             }
-            match capture::uninstall(&args.bpffs, &args.node) {
+            let uninstalled = capture::uninstall(&args.bpffs, &args.node).map(|mut removed| {
+                if let (Some(conf), Some(bin)) = (&args.cni_conf_dir, &args.cni_bin_dir) {
+                    removed.extend(cni::uninstall(conf, bin));
+                }
+                removed
+            });
+            match uninstalled {
                 Ok(removed) if removed.is_empty() => {
                     println!("nothing of node {} was installed", args.node);
                     ExitCode::SUCCESS
@@ -476,7 +506,10 @@ async fn serve(
         host_traffic: args.host_traffic,
         kubelet_cgroups: args.kubelet_cgroups.clone(),
         udp_dns_only: args.udp_to_enrolled == UdpToEnrolled::DnsOnly,
+        gate_file: Some(args.state_dir.join("cni/gated.json")),
     };
+    std::fs::create_dir_all(args.state_dir.join("cni"))
+        .with_context(|| format!("creating {}", args.state_dir.join("cni").display()))?;
     tracing::info!(
         host_traffic = ?settings.host_traffic,
         udp_to_enrolled = ?args.udp_to_enrolled,
@@ -512,6 +545,7 @@ async fn serve(
     let series_cap = telemetry::SeriesCap::register(&mut registry);
     let tcp_metrics = TcpMetrics::register(&mut registry, series_cap.clone());
     let limited = mesh_node::http::server::ServerMetrics::register(&mut registry);
+    let gate_metrics = cni::GateMetrics::register(&mut registry);
     let request_metrics = telemetry::RequestMetrics::register(&mut registry, series_cap);
     let l7 = Arc::new(mesh_node::http::L7::new(
         &mut registry,
@@ -553,6 +587,43 @@ async fn serve(
     let (events, receiver) = mpsc::channel();
     spawn_datapath_thread(datapath, receiver, admin.clone(), node_addresses.clone())?;
     spawn_link_watcher(link_events, events.clone())?;
+    // The pod-start gate: the enrolment cache first (the plugin's answer while mesh-node is
+    // away), then the socket; the plugin is installed once both are there.
+    let cache = mesh_cni::cache_path(&args.state_dir);
+    state
+        .load()
+        .enrolment
+        .store(&cache)
+        .with_context(|| format!("writing the enrolment cache {}", cache.display()))?;
+    tokio::spawn(cni::keep_cache(state.clone(), cache));
+    let gate = cni::bind(&args.state_dir).with_context(|| {
+        format!(
+            "binding the CNI gate socket {}",
+            mesh_cni::socket_path(&args.state_dir).display()
+        )
+    })?;
+    tokio::spawn(cni::serve(gate, state.clone(), events.clone(), gate_metrics.clone()));
+    if let (Some(conf_dir), Some(bin_dir)) = (&args.node.cni_conf_dir, &args.node.cni_bin_dir) {
+        let plugin = match &args.cni_plugin {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()
+                .context("locating the mesh-cni plugin next to mesh-node")?
+                .with_file_name(cni::PLUGIN),
+        };
+        tokio::spawn(cni::keep_installed(cni::Install {
+            conf_dir: conf_dir.clone(),
+            bin_dir: bin_dir.clone(),
+            plugin,
+            state_dir: args.state_dir.clone(),
+        }));
+    }
+    tokio::spawn(cni::repair(
+        admin.clone(),
+        state.clone(),
+        args.repair,
+        args.repair_interval,
+        gate_metrics,
+    ));
     match source {
         Source::File(path, version) => tokio::spawn(reload::watch(
             version,
@@ -649,6 +720,7 @@ fn spawn_datapath_thread(
             view.enrolled = datapath.enrolled().into_iter().collect();
             view.pod_interfaces = datapath.pod_interfaces();
             view.failed_links = datapath.failed_links().clone();
+            view.gated = datapath.gated();
             if let Some(generation) = generation {
                 view.generation = generation;
             }
@@ -663,6 +735,7 @@ fn spawn_datapath_thread(
             // else arrives meanwhile.
             let mut links_pending = false;
             let mut config_pending: Option<Arc<State>> = None;
+            let mut pods_pending: Vec<PodRequest> = Vec::new();
             let mut retry_at: Option<std::time::Instant> = None;
             // What changes without an event (the kubelet's cgroups) is looked at again.
             let mut refresh_at = std::time::Instant::now() + Duration::from_secs(5);
@@ -673,15 +746,21 @@ fn spawn_datapath_thread(
                 match event {
                     Ok(Event::LinksChanged) => links_pending = true,
                     Ok(Event::Config(state)) => config_pending = Some(state),
+                    Ok(Event::Pod(request)) => pods_pending.push(request),
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
-                // Coalesce bursts (a pod creation is several link events), for at most 200 ms.
+                // Coalesce bursts (a pod creation is several link events), for at most 200 ms;
+                // a pod waiting at the CNI gate is not kept waiting.
                 let deadline = std::time::Instant::now() + Duration::from_millis(200);
                 while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+                    if !pods_pending.is_empty() {
+                        break;
+                    }
                     match events.recv_timeout(left.min(Duration::from_millis(20))) {
                         Ok(Event::LinksChanged) => links_pending = true,
                         Ok(Event::Config(state)) => config_pending = Some(state),
+                        Ok(Event::Pod(request)) => pods_pending.push(request),
                         Err(_) => break,
                     }
                 }
@@ -722,6 +801,15 @@ fn spawn_datapath_thread(
                             config_pending = Some(state);
                         }
                     }
+                }
+                // After the config: a pod the new config already knows is decided on it.
+                for request in pods_pending.drain(..) {
+                    let done = match request.command {
+                        mesh_cni::Command::Add => datapath.admit(&request.pod).map(drop),
+                        mesh_cni::Command::Del => datapath.release(&request.pod),
+                        mesh_cni::Command::Check => datapath.check(&request.pod),
+                    };
+                    let _ = request.reply.send(done);
                 }
                 retry_at = (links_pending || config_pending.is_some())
                     .then(|| std::time::Instant::now() + Duration::from_secs(1));

@@ -180,6 +180,43 @@ pub struct State {
     /// namespace, then the Service's, then the root namespace's: the routing code picks.
     pub destination_rules:
         BTreeMap<String, Vec<Ref<crate::config::networking::DestinationRuleSpec>>>,
+    /// What enrols a pod that starts now (the CNI gate's decision and its on-disk cache).
+    #[serde(skip)]
+    pub enrolment: mesh_cni::Enrolment,
+}
+
+/// The enrolment rules of `resources`: every namespace's, and the pods whose own label
+/// decides (see `semantics::pod_enrolled`).
+fn enrolment(
+    resources: &Resources,
+    namespaces: &BTreeMap<&str, &crate::config::model::Namespace>,
+) -> mesh_cni::Enrolment {
+    mesh_cni::Enrolment {
+        namespaces: namespaces
+            .iter()
+            .map(|(name, ns)| {
+                (
+                    name.to_string(),
+                    semantics::namespace_enrolls(&ns.metadata.labels),
+                )
+            })
+            .collect(),
+        pods: resources
+            .pods
+            .iter()
+            .filter(|pod| {
+                pod.metadata
+                    .labels
+                    .contains_key(crate::config::model::LABEL_DATAPLANE_MODE)
+            })
+            .map(|pod| {
+                (
+                    pod.metadata.qualified(),
+                    semantics::pod_enrolled(pod, namespaces),
+                )
+            })
+            .collect(),
+    }
 }
 
 impl State {
@@ -369,6 +406,7 @@ impl State {
                 .map(|p| p.metadata.qualified())
                 .collect(),
             destination_rules: index_destination_rules(&resources.destination_rules),
+            enrolment: enrolment(resources, &namespaces),
         }
     }
 

@@ -121,6 +121,11 @@ pub struct Cluster {
     /// When set, `mesh-node run` reads the Kubernetes API through this kubeconfig
     /// (`--kube`) instead of the config file.
     pub kubeconfig: Option<PathBuf>,
+    /// When set, each node's mesh-node installs the CNI plugin into the node's CNI
+    /// directories ([`Cluster::cni_dirs`]), which [`crate::cni`] runs pods through.
+    pub cni: bool,
+    /// Pods started through CNI, by name: what the runtime keeps to tear them down.
+    pub sandboxes: BTreeMap<String, crate::cni::Sandbox>,
     /// Pods by name.
     pub pods: BTreeMap<String, Pod>,
     /// Pods created so far (names namespaces and veths, never reused).
@@ -168,6 +173,8 @@ impl Cluster {
             mesh_cgroups: BTreeMap::new(),
             run_args: Vec::new(),
             kubeconfig: None,
+            cni: false,
+            sandboxes: BTreeMap::new(),
             pods: BTreeMap::new(),
             pods_created: 0,
             nodes: Vec::new(),
@@ -287,8 +294,7 @@ impl Cluster {
     /// Creates a pod namespace on `node` with a veth into its `cni0` (the config is not
     /// changed: see [`Cluster::write_config`]).
     pub fn add_pod(&mut self, name: &str, namespace: &str, node: &str, ip: Ipv4Addr) -> Result<()> {
-        let k = self.pods_created;
-        self.pods_created += 1;
+        let k = self.next_pod_index();
         let node = self.node(node);
         if ip.octets()[..3] != node.gateway.octets()[..3] {
             bail!(
@@ -315,6 +321,12 @@ impl Cluster {
         };
         self.pods.insert(name.to_string(), pod);
         Ok(())
+    }
+
+    /// A number for the next pod's namespace (never reused within the cluster).
+    pub(crate) fn next_pod_index(&mut self) -> usize {
+        self.pods_created += 1;
+        self.pods_created - 1
     }
 
     /// Routes node i's traffic for node j's pods over VXLAN, as flannel does.
@@ -451,15 +463,29 @@ impl Cluster {
             .args(["--node", name, "--bpffs"])
             .arg(&self.bpffs);
         if args.first() == Some(&"run") {
-            // One state directory for the whole cluster: the first node to start creates
-            // the mesh CA there, the others load it (nodes start one after the other).
+            // A state directory per node (its CNI gate socket, enrolment cache), all sharing
+            // one CA directory: the first node to start creates the mesh CA there, the
+            // others load it.
+            let state = self.node_state_dir(name);
+            std::fs::create_dir_all(self.state_dir().join("ca"))?;
+            std::fs::create_dir_all(&state)?;
+            if !state.join("ca").exists() {
+                std::os::unix::fs::symlink(self.state_dir().join("ca"), state.join("ca"))?;
+            }
             match &self.kubeconfig {
                 Some(kubeconfig) => cmd.arg("--kube").arg("--kubeconfig").arg(kubeconfig),
                 None => cmd.arg("--config").arg(&self.config),
             };
-            cmd.arg("--state-dir")
-                .arg(self.dir.join("state"))
-                .args(&self.run_args);
+            cmd.arg("--state-dir").arg(&state).args(&self.run_args);
+            if self.cni {
+                let (conf, bin) = self.cni_dirs(name);
+                std::fs::create_dir_all(&conf)?;
+                std::fs::create_dir_all(&bin)?;
+                cmd.arg("--cni-conf-dir")
+                    .arg(conf)
+                    .arg("--cni-bin-dir")
+                    .arg(bin);
+            }
         }
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -671,6 +697,17 @@ impl Cluster {
         self.dir.join("state")
     }
 
+    /// Node `name`'s own state directory (`--state-dir`; its `ca` links to the shared one).
+    pub fn node_state_dir(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("state-{name}"))
+    }
+
+    /// Node `name`'s CNI configuration and binary directories.
+    pub fn cni_dirs(&self, name: &str) -> (PathBuf, PathBuf) {
+        let base = self.dir.join(format!("cni-{name}"));
+        (base.join("net.d"), base.join("bin"))
+    }
+
     /// Moves kube-proxy's jump to the top of PREROUTING on node `name`, as a kube-proxy
     /// resync could, so its DNAT runs before the mesh's bypass rule.
     pub fn kube_proxy_first(&self, name: &str) -> Result<()> {
@@ -716,6 +753,7 @@ impl Drop for Cluster {
             }
         }
         // Pods, nodes, then the fabric; the bpffs mount (pins) last.
+        self.sandboxes.clear();
         self.pods.clear();
         self.nodes.clear();
         self.fabric = None;

@@ -5,6 +5,8 @@
 //! - [`cluster`]: the topology (fabric bridge, nodes with `cni0` and a flannel-like VXLAN,
 //!   pods on veths, kube-proxy-like DNAT of Service VIPs) built from a mesh config file,
 //!   with mesh-node started per node and everything removed on drop, also on panic;
+//! - [`cni`]: pods started as a container runtime starts them: a new namespace, then the
+//!   node's CNI chain (Debian's `bridge` + `host-local`, then the mesh's plugin);
 //! - [`apps`]: echo and greeting servers, and clients that check every byte;
 //! - [`attack`]: what a hostile pod or host process does (address theft with a gratuitous
 //!   ARP, spoofed sources, raw SYNs, fragmented SYNs, IPv6 link-local, its own cgroup);
@@ -20,6 +22,7 @@
 pub mod apps;
 pub mod attack;
 pub mod cluster;
+pub mod cni;
 pub mod fixtures;
 pub mod kube_api;
 pub mod load;

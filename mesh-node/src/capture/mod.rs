@@ -46,6 +46,59 @@ pub enum Event {
     LinksChanged,
     /// A new config snapshot is in use.
     Config(std::sync::Arc<crate::state::State>),
+    /// The CNI plugin reports a pod's start, end or asks for a check (`crate::cni`).
+    Pod(PodRequest),
+}
+
+/// A pod as the CNI plugin reports it, with the enrolment mesh-node decided for it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PodStart {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Host-side interfaces of the CNI result (the pod's veth is one of them).
+    pub interfaces: Vec<String>,
+    /// The pod's IPv4 addresses.
+    pub addresses: Vec<Ipv4Addr>,
+    /// Whether the pod is enrolled.
+    pub enrolled: bool,
+}
+
+/// One CNI command for the datapath thread, answered on `reply`.
+#[derive(Debug)]
+pub struct PodRequest {
+    /// ADD, DEL or CHECK.
+    pub command: mesh_cni::Command,
+    /// The pod.
+    pub pod: PodStart,
+    /// `Ok` or why not.
+    pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// A pod interface the CNI plugin reported, as kept (and saved) by the datapath.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GatedPod {
+    /// `namespace/name`.
+    pub pod: String,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// Enrolled, as decided at its start or by the config since.
+    pub enrolled: bool,
+}
+
+/// What [`Datapath`] saves of the gated interfaces: valid for one boot only (interface
+/// indexes start again after a reboot).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct GateRecord {
+    boot_id: String,
+    pods: BTreeMap<u32, GatedPod>,
+}
+
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// The kernel object built by `cargo xtask build-ebpf`.
@@ -118,6 +171,9 @@ pub struct Settings {
     pub kubelet_cgroups: Vec<PathBuf>,
     /// UDP to enrolled pods: DNS only.
     pub udp_dns_only: bool,
+    /// Where the interfaces the CNI plugin reported are saved across restarts (in the state
+    /// directory); `None`: not saved.
+    pub gate_file: Option<PathBuf>,
 }
 
 /// The loaded programs, their links and the maps user space writes.
@@ -127,7 +183,13 @@ pub struct Datapath {
     pods: PodMaps,
     /// The node's pods as the config last gave them (address -> enrolled); `None` until the
     /// first config is applied.
+    config_pods: Option<LocalPods>,
+    /// The pods last applied to the kernel: the config's, with the gated ones over them.
     local_pods: Option<LocalPods>,
+    /// Pod interfaces the CNI plugin reported (ifindex -> pod), for their life.
+    gated: BTreeMap<u32, GatedPod>,
+    /// Where `gated` is saved.
+    gate_file: Option<PathBuf>,
     /// Pod interfaces as of the last link scan: ifindex -> (namespace id, ifindex there).
     peers: BTreeMap<u32, (i32, u32)>,
     /// What each pod interface's other end held when last read (kept when a read fails).
@@ -329,7 +391,10 @@ impl Datapath {
             ebpf,
             dir,
             pods,
+            config_pods: None,
             local_pods: None,
+            gated: load_gated(settings.gate_file.as_deref()),
+            gate_file: settings.gate_file.clone(),
             peers: BTreeMap::new(),
             seen: BTreeMap::new(),
             unbound: BTreeMap::new(),
@@ -504,6 +569,12 @@ impl Datapath {
         }
         self.peers = node.peers;
         self.host.sync_kubelet()?;
+        let before = self.gated.len();
+        self.gated.retain(|ifindex, _| self.peers.contains_key(ifindex));
+        if self.gated.len() != before {
+            self.save_gated();
+            return self.apply_pods();
+        }
         self.rebind()
     }
 
@@ -532,6 +603,20 @@ impl Datapath {
     /// kernel forgets an entry when a new, uncaptured SYN reuses its tuple). Until this is
     /// first called, what a previous run pinned stays as it is (the mesh fails closed).
     fn set_pods(&mut self, pods: &LocalPods) -> Result<(), CaptureError> {
+        self.config_pods = Some(pods.clone());
+        self.apply_pods()
+    }
+
+    /// Applies the config's pods with the gated ones over them (a pod the CNI plugin
+    /// reported is governed before the config has its address).
+    fn apply_pods(&mut self) -> Result<(), CaptureError> {
+        let Some(mut pods) = self.config_pods.clone() else {
+            return Ok(());
+        };
+        for gated in self.gated.values() {
+            pods.insert(gated.ip, gated.enrolled);
+        }
+        let pods = &pods;
         let want: BTreeSet<Ipv4Addr> = pods
             .iter()
             .filter(|(_, enrolled)| **enrolled)
@@ -580,7 +665,8 @@ impl Datapath {
             }
         }
         let held = self.pods.held();
-        let binding = pods::bind(local_pods, &claims, &held);
+        let gated: pods::Gated = self.gated.iter().map(|(i, g)| (*i, g.ip)).collect();
+        let binding = pods::bind(local_pods, &claims, &held, &gated);
         self.pods.apply(&binding)?;
         self.seen = claims;
         let moved: Vec<Ipv4Addr> = binding
@@ -624,6 +710,21 @@ impl Datapath {
         );
         let want = self.service_addresses(&vips, &node_ports);
         sync_service_map(&mut self.services, &want, maps::SERVICES, Update::AddOnly)?;
+        // A gated pod the config now knows at its address follows the config's enrolment
+        // (its labels may have changed since it started).
+        let mut changed = false;
+        for gated in self.gated.values_mut() {
+            if let Some(w) = state.workloads.get(&gated.ip) {
+                if format!("{}/{}", w.namespace, w.name) == gated.pod && w.enrolled != gated.enrolled
+                {
+                    gated.enrolled = w.enrolled;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.save_gated();
+        }
         self.set_pods(&state.local_pods())?;
         self.set_services(&vips, &node_ports)?;
         let dns = state
@@ -677,6 +778,166 @@ impl Datapath {
         }
     }
 
+    /// A pod just started (CNI ADD): attaches capture to its interface, binds its address
+    /// to it with its enrolment, and checks the kernel has all of it, so the pod's first
+    /// packet is governed. Returns the interface's index.
+    pub fn admit(&mut self, pod: &PodStart) -> Result<u32, String> {
+        let ip = *pod
+            .addresses
+            .first()
+            .ok_or("the CNI result gives the pod no IPv4 address")?;
+        self.sync_links().map_err(|err| err.to_string())?;
+        let ifindex = self.pod_link(pod, ip)?;
+        self.gated.insert(
+            ifindex,
+            GatedPod {
+                pod: format!("{}/{}", pod.namespace, pod.name),
+                ip,
+                enrolled: pod.enrolled,
+            },
+        );
+        self.save_gated();
+        self.apply_pods().map_err(|err| err.to_string())?;
+        self.governs(ifindex, ip, pod.enrolled)?;
+        tracing::info!(
+            pod = %format!("{}/{}", pod.namespace, pod.name),
+            %ip,
+            ifindex,
+            enrolled = pod.enrolled,
+            "pod start: capture in place"
+        );
+        Ok(ifindex)
+    }
+
+    /// A pod's network is being torn down (CNI DEL): its interface is forgotten.
+    pub fn release(&mut self, pod: &PodStart) -> Result<(), String> {
+        let name = format!("{}/{}", pod.namespace, pod.name);
+        let before = self.gated.len();
+        self.gated
+            .retain(|_, g| g.pod != name && !pod.addresses.contains(&g.ip));
+        if self.gated.len() != before {
+            self.save_gated();
+            self.apply_pods().map_err(|err| err.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// CNI CHECK: the pod's interface carries both capture programs (asked of the kernel,
+    /// not of what this process believes) and its address is bound to it with its
+    /// enrolment.
+    pub fn check(&mut self, pod: &PodStart) -> Result<(), String> {
+        let ip = *pod
+            .addresses
+            .first()
+            .ok_or("the CNI result gives the pod no IPv4 address")?;
+        let node = links::discover().map_err(|err| err.to_string())?;
+        let ifindex = node
+            .peers
+            .iter()
+            .filter(|(i, _)| {
+                node.capture
+                    .get(i)
+                    .is_some_and(|name| pod.interfaces.contains(name))
+            })
+            .find(|(_, (nsid, peer))| {
+                crate::sys::peer_interface(*nsid, *peer).is_ok_and(|p| p.addresses.contains(&ip))
+            })
+            .map(|(i, _)| *i)
+            .ok_or_else(|| {
+                format!(
+                    "none of the interfaces {:?} is a pod interface holding {ip}",
+                    pod.interfaces
+                )
+            })?;
+        let name = &node.capture[&ifindex];
+        for (way, attach, program) in [
+            ("ingress", aya::programs::TcAttachType::Ingress, programs::CAPTURE),
+            ("egress", aya::programs::TcAttachType::Egress, programs::EGRESS),
+        ] {
+            let (_, attached) = SchedClassifier::query_tcx(name, attach)
+                .map_err(|err| format!("cannot query the programs on {name}: {err}"))?;
+            if !attached.iter().any(|p| p.name_as_str() == Some(program)) {
+                return Err(format!(
+                    "capture is missing from interface {name} ({way}: no {program} program)"
+                ));
+            }
+        }
+        self.governs(ifindex, ip, pod.enrolled)
+    }
+
+    /// The pod interface among `pod.interfaces` whose other end holds `ip` (from the last
+    /// link scan).
+    fn pod_link(&self, pod: &PodStart, ip: Ipv4Addr) -> Result<u32, String> {
+        self.peers
+            .keys()
+            .filter(|i| {
+                self.attached
+                    .get(i)
+                    .is_some_and(|name| pod.interfaces.contains(name))
+            })
+            .find(|i| self.seen.get(i).is_some_and(|p| p.addresses.contains(&ip)))
+            .copied()
+            .ok_or_else(|| {
+                let failed: Vec<String> = pod
+                    .interfaces
+                    .iter()
+                    .filter_map(|n| self.failed.get(n).map(|e| format!("{n}: {e}")))
+                    .collect();
+                format!(
+                    "none of the interfaces {:?} is a pod interface with capture holding {ip}{}",
+                    pod.interfaces,
+                    if failed.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", failed.join("; "))
+                    }
+                )
+            })
+    }
+
+    /// Whether the kernel governs `ip` from `ifindex`: its egress program is attached, and
+    /// the pod map binds the address to it with `enrolled`.
+    fn governs(&self, ifindex: u32, ip: Ipv4Addr, enrolled: bool) -> Result<(), String> {
+        if !self.egress.contains(&ifindex) {
+            return Err(format!("capture is not attached to interface {ifindex}"));
+        }
+        match self.pods.pods().get(&ip) {
+            Some(entry) if entry.ifindex == ifindex && entry.enrolled() == enrolled => Ok(()),
+            Some(entry) => Err(format!(
+                "{ip} is bound to interface {} (enrolled: {}), not {ifindex} (enrolled: {enrolled})",
+                entry.ifindex,
+                entry.enrolled()
+            )),
+            None => Err(format!("{ip} is not in the kernel's pod map")),
+        }
+    }
+
+    /// The gated pod interfaces: ifindex -> `namespace/name`.
+    pub fn gated(&self) -> BTreeMap<u32, String> {
+        self.gated
+            .iter()
+            .map(|(i, g)| (*i, g.pod.clone()))
+            .collect()
+    }
+
+    fn save_gated(&self) {
+        let Some(path) = &self.gate_file else { return };
+        let record = GateRecord {
+            boot_id: boot_id(),
+            pods: self.gated.clone(),
+        };
+        let saved = serde_json::to_vec(&record)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                let tmp = path.with_extension("tmp");
+                fs::write(&tmp, bytes)?;
+                fs::rename(&tmp, path)
+            });
+        if let Err(err) = saved {
+            tracing::warn!(path = %path.display(), "cannot save the gated pod interfaces: {err}");
+        }
+    }
+
     /// The enrolled pods in the kernel's pod map.
     pub fn enrolled(&self) -> BTreeSet<Ipv4Addr> {
         self.pods
@@ -710,6 +971,22 @@ impl Datapath {
     /// The links carrying the capture program.
     pub fn attached_links(&self) -> &BTreeMap<u32, String> {
         &self.attached
+    }
+}
+
+/// The gated interfaces a run of this boot saved (none after a reboot).
+fn load_gated(path: Option<&Path>) -> BTreeMap<u32, GatedPod> {
+    let Some(path) = path else {
+        return BTreeMap::new();
+    };
+    match fs::read(path).map(|bytes| serde_json::from_slice::<GateRecord>(&bytes)) {
+        Ok(Ok(record)) if record.boot_id == boot_id() => record.pods,
+        Ok(Ok(_)) => BTreeMap::new(),
+        Ok(Err(err)) => {
+            tracing::warn!(path = %path.display(), "ignoring the saved gated pod interfaces: {err}");
+            BTreeMap::new()
+        }
+        Err(_) => BTreeMap::new(),
     }
 }
 

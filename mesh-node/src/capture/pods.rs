@@ -15,7 +15,8 @@
 //! none: the kernel then refuses it as a source everywhere, which fails closed (the pod is
 //! cut off, never impersonated) and is reported. Each interface's MAC is recorded once, for
 //! its life, unless another interface has it already. The CNI plugin's report of the
-//! interface at pod start is the stronger source (a later issue).
+//! interface at pod start (`crate::cni`) is the stronger source: a gated interface owns its
+//! pod's address from the pod's first packet, before the config knows the pod.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -55,9 +56,20 @@ fn address(key: u32) -> Ipv4Addr {
     Ipv4Addr::from(key.to_ne_bytes())
 }
 
-/// Decides the next binding from the config's pods, what the interfaces hold now, and what
-/// the kernel holds (see the module doc).
-pub fn bind(pods: &LocalPods, claims: &Claims, held: &Binding) -> Binding {
+/// Interfaces the CNI plugin reported at pod start (ifindex -> the pod's address): the
+/// runtime's word, stronger than what the kernel shows.
+pub type Gated = BTreeMap<u32, Ipv4Addr>;
+
+/// Decides the next binding from the config's pods, what the interfaces hold now, what the
+/// kernel holds (see the module doc) and what the CNI plugin reported: a gated interface
+/// belongs to its pod's address whatever another interface held or claims.
+pub fn bind(pods: &LocalPods, claims: &Claims, held: &Binding, gated: &Gated) -> Binding {
+    let gated: BTreeMap<u32, Ipv4Addr> = gated
+        .iter()
+        .filter(|(ifindex, _)| claims.contains_key(ifindex))
+        .map(|(ifindex, ip)| (*ifindex, *ip))
+        .collect();
+    let gated_ips: BTreeSet<Ipv4Addr> = gated.values().copied().collect();
     // Each interface's pod: the one it belonged to before, for its life; else (a new one)
     // the one pod address it holds, unless an interface that is still there has that pod.
     let taken: BTreeSet<Ipv4Addr> = held
@@ -86,13 +98,18 @@ pub fn bind(pods: &LocalPods, claims: &Claims, held: &Binding) -> Binding {
     let mut owners: BTreeMap<u32, Ipv4Addr> = BTreeMap::new();
     let mut fresh: BTreeMap<Ipv4Addr, Vec<u32>> = BTreeMap::new();
     for (&ifindex, peer) in claims {
+        if let Some(ip) = gated.get(&ifindex) {
+            owners.insert(ifindex, *ip);
+            continue;
+        }
         match held.links.get(&ifindex).filter(|l| l.ip != 0) {
-            Some(link) => {
+            Some(link) if !gated_ips.contains(&address(link.ip)) => {
                 owners.insert(ifindex, address(link.ip));
             }
+            Some(_) => {}
             None => {
                 if let [ip] = holds(peer)[..] {
-                    if !taken.contains(&ip) {
+                    if !taken.contains(&ip) && !gated_ips.contains(&ip) {
                         fresh.entry(ip).or_default().push(ifindex);
                     }
                 }
@@ -309,7 +326,7 @@ mod tests {
     fn settle(pods: &LocalPods, steps: &[Claims]) -> Binding {
         steps
             .iter()
-            .fold(Binding::default(), |held, claims| bind(pods, claims, &held))
+            .fold(Binding::default(), |held, claims| bind(pods, claims, &held, &Gated::new()))
     }
 
     #[test]
@@ -383,7 +400,7 @@ mod tests {
         assert_eq!(binding.links[&11].ip, key(&ip(4)), "11 stays .4's");
         assert!(binding.unbound[&ip(4)].contains("does not hold it"));
         // The new pod that gets .2 gets it at once.
-        let binding = bind(&pods, &claims(&[(11, &[2]), (12, &[2])]), &binding);
+        let binding = bind(&pods, &claims(&[(11, &[2]), (12, &[2])]), &binding, &Gated::new());
         assert_eq!(binding.pods[&ip(2)].ifindex, 12);
     }
 
@@ -411,7 +428,7 @@ mod tests {
             assert!(binding.links[&ifindex].enrolled());
         }
         // One lets go: the other gets it.
-        let binding = bind(&pods, &claims(&[(10, &[2]), (11, &[])]), &binding);
+        let binding = bind(&pods, &claims(&[(10, &[2]), (11, &[])]), &binding, &Gated::new());
         assert_eq!(binding.pods[&ip(2)].ifindex, 10);
     }
 
@@ -440,13 +457,35 @@ mod tests {
         // 11 sets 10's MAC on its own interface.
         let mut copied = claims(&[(10, &[2]), (11, &[4])]);
         copied.get_mut(&11).unwrap().mac = Some(mac(10));
-        let binding = bind(&pods, &copied, &first);
+        let binding = bind(&pods, &copied, &first, &Gated::new());
         assert_eq!(binding.macs[&mac(10)], 10);
         assert_eq!(binding.macs[&mac(11)], 11);
         // A new interface with a MAC another one has records none.
         let mut new = claims(&[(10, &[2]), (11, &[4]), (12, &[])]);
         new.get_mut(&12).unwrap().mac = Some(mac(10));
-        let binding = bind(&pods, &new, &binding);
+        let binding = bind(&pods, &new, &binding, &Gated::new());
         assert!(!binding.macs.values().any(|i| *i == 12));
+    }
+
+    #[test]
+    fn the_cni_plugin_s_interface_wins_over_an_earlier_claim_and_a_rival() {
+        let pods: LocalPods = [(ip(2), true)].into();
+        // Interface 10 held the address first and keeps it without the gate's word.
+        let first = bind(&pods, &claims(&[(10, &[2])]), &Binding::default(), &Gated::new());
+        assert_eq!(first.pods[&ip(2)].ifindex, 10);
+        // Interface 11 is the one the runtime gave the pod (10 is stale or an impostor).
+        let gated: Gated = [(11, ip(2))].into();
+        let binding = bind(&pods, &claims(&[(10, &[2]), (11, &[2])]), &first, &gated);
+        assert_eq!(binding.pods[&ip(2)].ifindex, 11);
+        assert_eq!(binding.links[&11].ip, key(&ip(2)));
+        assert_eq!(binding.links[&10].ip, 0, "10 no longer owns the address");
+        assert!(binding.unbound.is_empty(), "{:?}", binding.unbound);
+        // Two new interfaces with the address: without the gate neither is trusted; with
+        // it, the gated one is.
+        let rivals = claims(&[(12, &[2]), (13, &[2])]);
+        let none = bind(&pods, &rivals, &Binding::default(), &Gated::new());
+        assert_eq!(none.pods[&ip(2)].ifindex, 0);
+        let one = bind(&pods, &rivals, &Binding::default(), &[(13, ip(2))].into());
+        assert_eq!(one.pods[&ip(2)].ifindex, 13);
     }
 }

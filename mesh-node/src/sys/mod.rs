@@ -4,7 +4,10 @@
 
 mod netlink;
 
-pub use netlink::{own_cgroup_id, peer_interface, LinkEvents, PeerInterface};
+pub use netlink::{
+    destroy_tcp, established_tcp, own_cgroup_id, peer_interface, LinkEvents, PeerInterface,
+    TcpSocket,
+};
 
 use std::{
     io,
@@ -166,6 +169,55 @@ pub fn try_lock_dir(path: &Path) -> io::Result<Option<OwnedFd>> {
         };
     }
     Ok(Some(dir.into()))
+}
+
+/// Runs `work` in the network namespace at `path` (a `/proc/PID/ns/net` or a bind mount
+/// of one), on a thread of its own that ends with it: the caller's namespace is untouched.
+pub fn in_netns<T: Send + 'static>(
+    path: std::path::PathBuf,
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    std::thread::Builder::new()
+        .name("netns".into())
+        .spawn(move || {
+            let file = std::fs::File::open(&path)?;
+            // SAFETY: setns on a valid namespace fd, on this short-lived thread only.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            work()
+        })?
+        .join()
+        .map_err(|_| io::Error::other("the thread in the other network namespace panicked"))?
+}
+
+/// The network namespaces of this machine other than the caller's: one path each (a
+/// process's `/proc/PID/ns/net`, or a bind mount under `/run/netns`), told apart by inode.
+pub fn other_network_namespaces() -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = |path: &Path| std::fs::metadata(path).map(|m| m.ino()).ok();
+    let mut seen: std::collections::BTreeSet<u64> =
+        inode(Path::new("/proc/self/ns/net")).into_iter().collect();
+    let mut paths = Vec::new();
+    let procs = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .map(|e| e.path().join("ns/net"));
+    let mounts = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
+    for path in mounts.chain(procs) {
+        if let Some(ino) = inode(&path) {
+            if seen.insert(ino) {
+                paths.push(path);
+            }
+        }
+    }
+    paths
 }
 
 /// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux >= 5.14):

@@ -6,7 +6,7 @@
 use std::{
     io,
     mem::{size_of, zeroed},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
@@ -21,6 +21,10 @@ const RTM_GETLINK: u16 = 18;
 const RTM_NEWADDR: u16 = 20;
 const RTM_GETADDR: u16 = 22;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// `SOCK_DESTROY` from `<linux/sock_diag.h>` (CONFIG_INET_DIAG_DESTROY).
+const SOCK_DESTROY: u16 = 21;
+/// `TCP_ESTABLISHED` from `<net/tcp_states.h>`.
+const TCP_ESTABLISHED: u32 = 1;
 /// `IFLA_ADDRESS`, `IFLA_TARGET_NETNSID` from `<linux/if_link.h>`.
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_TARGET_NETNSID: u16 = 46;
@@ -164,6 +168,92 @@ pub fn own_cgroup_id() -> io::Result<u64> {
     found.ok_or_else(|| {
         io::Error::other("sock_diag reported no cgroup id for our socket (Linux >= 5.8 needed)")
     })
+}
+
+/// An established TCP/IPv4 socket of the calling thread's network namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSocket {
+    /// Its own address.
+    pub local: SocketAddrV4,
+    /// Its peer's.
+    pub remote: SocketAddrV4,
+    /// The cgroup (v2) id of the process that made it.
+    pub cgroup: u64,
+}
+
+/// The established TCP/IPv4 sockets of the calling thread's network namespace (sock_diag).
+pub fn established_tcp() -> io::Result<Vec<TcpSocket>> {
+    let fd = socket(NETLINK_SOCK_DIAG)?;
+    let mut request = vec![libc::AF_INET as u8, libc::IPPROTO_TCP as u8, 0, 0];
+    request.extend_from_slice(&(1u32 << TCP_ESTABLISHED).to_ne_bytes());
+    request.extend_from_slice(&[0; 48]);
+    let mut sockets = Vec::new();
+    exchange(&fd, SOCK_DIAG_BY_FAMILY, true, &request, |_, payload| {
+        // inet_diag_msg: family, state, timer, retransmits, then the socket id: source
+        // port, destination port (network order), source and destination (16 bytes each).
+        let Some(id) = payload.get(4..52) else { return };
+        let address = |at: usize, port_at: usize| {
+            SocketAddrV4::new(
+                Ipv4Addr::new(id[at], id[at + 1], id[at + 2], id[at + 3]),
+                u16::from_be_bytes([id[port_at], id[port_at + 1]]),
+            )
+        };
+        let mut cgroup = 0;
+        for (kind, value) in attributes(payload.get(72..).unwrap_or_default()) {
+            if let (INET_DIAG_CGROUP_ID, Ok(bytes)) = (kind, <[u8; 8]>::try_from(value)) {
+                cgroup = u64::from_ne_bytes(bytes);
+            }
+        }
+        sockets.push(TcpSocket {
+            local: address(4, 0),
+            remote: address(20, 2),
+            cgroup,
+        });
+    })?;
+    Ok(sockets)
+}
+
+/// Aborts the TCP/IPv4 socket `local` <-> `remote` of the calling thread's network
+/// namespace, as `ss -K` does (`SOCK_DESTROY`): its owner gets an error, its peer a reset.
+pub fn destroy_tcp(local: SocketAddrV4, remote: SocketAddrV4) -> io::Result<()> {
+    let fd = socket(NETLINK_SOCK_DIAG)?;
+    let mut request = vec![libc::AF_INET as u8, libc::IPPROTO_TCP as u8, 0, 0];
+    request.extend_from_slice(&u32::MAX.to_ne_bytes()); // any state
+    request.extend_from_slice(&local.port().to_be_bytes());
+    request.extend_from_slice(&remote.port().to_be_bytes());
+    for ip in [local.ip(), remote.ip()] {
+        request.extend_from_slice(&ip.octets());
+        request.extend_from_slice(&[0; 12]);
+    }
+    request.extend_from_slice(&0u32.to_ne_bytes()); // any interface
+    request.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+    let mut message = message(SOCK_DESTROY, false, &request);
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    message[6..8].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: the buffer is valid for its length; the kernel is the destination.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), message.as_ptr().cast(), message.len(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 1024];
+    // SAFETY: the buffer is valid for its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    for answer in messages(&buf[..n as usize]) {
+        let (kind, payload) = answer?;
+        if kind == libc::NLMSG_ERROR as u16 {
+            let errno = payload.get(..4).ok_or_else(truncated)?;
+            let errno = i32::from_ne_bytes([errno[0], errno[1], errno[2], errno[3]]);
+            return if errno == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(-errno))
+            };
+        }
+    }
+    Err(truncated())
 }
 
 fn socket(protocol: libc::c_int) -> io::Result<OwnedFd> {
