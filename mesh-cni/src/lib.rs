@@ -122,7 +122,11 @@ mod tests {
     fn a_pod_label_wins_over_its_namespace_and_unknown_namespaces_do_not_enrol() {
         let cache = Enrolment {
             namespaces: [("mesh".into(), true), ("plain".into(), false)].into(),
-            pods: [("mesh/opt-out".into(), false), ("plain/opt-in".into(), true)].into(),
+            pods: [
+                ("mesh/opt-out".into(), false),
+                ("plain/opt-in".into(), true),
+            ]
+            .into(),
         };
         assert!(cache.decide("mesh", "web"));
         assert!(!cache.decide("mesh", "opt-out"));

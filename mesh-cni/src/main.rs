@@ -66,10 +66,20 @@ fn main() -> ExitCode {
     let mut stdin = Vec::new();
     let config = std::io::stdin()
         .read_to_end(&mut stdin)
-        .map_err(|err| fail(DECODE, "cannot read the network configuration", err.to_string()))
+        .map_err(|err| {
+            fail(
+                DECODE,
+                "cannot read the network configuration",
+                err.to_string(),
+            )
+        })
         .and_then(|_| {
             serde_json::from_slice::<Value>(&stdin).map_err(|err| {
-                fail(DECODE, "the network configuration is not JSON", err.to_string())
+                fail(
+                    DECODE,
+                    "the network configuration is not JSON",
+                    err.to_string(),
+                )
             })
         });
     let version = config

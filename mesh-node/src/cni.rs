@@ -335,7 +335,6 @@ impl Install {
         config["plugins"] = serde_json::Value::Array(plugins);
         Ok((source, config))
     }
-
 }
 
 /// Removes the conflist and the plugin binary [`Install`] put in place; returns what was
@@ -398,7 +397,6 @@ pub async fn repair(
     every: Duration,
     metrics: GateMetrics,
 ) {
-    let own_cgroup = crate::sys::own_cgroup_id().unwrap_or(0);
     let mut reported: BTreeSet<Ungated> = BTreeSet::new();
     let mut reported_connections: BTreeSet<(SocketAddrV4, SocketAddrV4)> = BTreeSet::new();
     let mut tick = tokio::time::interval(every);
@@ -428,7 +426,7 @@ pub async fn repair(
         }
         let ips: BTreeMap<Ipv4Addr, String> =
             ungated.iter().map(|p| (p.ip, p.pod.clone())).collect();
-        let found = tokio::task::spawn_blocking(move || uncaptured(&ips, own_cgroup)).await;
+        let found = tokio::task::spawn_blocking(move || uncaptured(&ips)).await;
         let found = match found {
             Ok(Ok(found)) => found,
             Ok(Err(err)) => {
@@ -495,16 +493,27 @@ fn ungated_pods(
 }
 
 /// The established connections of the pods at `ips` (found in every other network
-/// namespace by their local address) that no socket of the proxy mirrors: they bypass it.
-/// The pods' namespaces are read first, the proxy's sockets after, so a connection the
-/// proxy carries is never missing from the second read.
+/// namespace by their local address, which must be an address of that namespace: a proxy
+/// elsewhere may use a pod's address for its transparent sockets) that no socket of this
+/// node's namespace mirrors. A connection the proxy carries always has its mirror here (the
+/// proxy's own end), and so has one the kubelet or another host process made directly; one
+/// the node merely forwards has none: it bypasses the mesh. The pods' namespaces are read
+/// first and this one after, so a mirror made in between is not missed.
 fn uncaptured(
     ips: &BTreeMap<Ipv4Addr, String>,
-    own_cgroup: u64,
 ) -> std::io::Result<Vec<(PathBuf, crate::sys::TcpSocket, String)>> {
     let mut candidates = Vec::new();
     for netns in crate::sys::other_network_namespaces() {
-        let Ok(sockets) = crate::sys::in_netns(netns.clone(), crate::sys::established_tcp) else {
+        let wanted: BTreeSet<Ipv4Addr> = ips.keys().copied().collect();
+        let read = crate::sys::in_netns(netns.clone(), move || {
+            let mut sockets = crate::sys::established_tcp()?;
+            sockets.retain(|s| {
+                wanted.contains(s.local.ip())
+                    && std::net::UdpSocket::bind(SocketAddrV4::new(*s.local.ip(), 0)).is_ok()
+            });
+            Ok(sockets)
+        });
+        let Ok(sockets) = read else {
             continue; // gone meanwhile
         };
         for socket in sockets {
@@ -513,14 +522,13 @@ fn uncaptured(
             }
         }
     }
-    let proxy: BTreeSet<(SocketAddrV4, SocketAddrV4)> = crate::sys::established_tcp()?
+    let here: BTreeSet<(SocketAddrV4, SocketAddrV4)> = crate::sys::established_tcp()?
         .into_iter()
-        .filter(|s| s.cgroup == own_cgroup)
         .map(|s| (s.local, s.remote))
         .collect();
     Ok(candidates
         .into_iter()
-        .filter(|(_, s, _)| !proxy.contains(&(s.remote, s.local)))
+        .filter(|(_, s, _)| !here.contains(&(s.remote, s.local)))
         .collect())
 }
 
@@ -529,11 +537,11 @@ mod tests {
     use super::*;
 
     fn install(dir: &Path) -> Install {
-        let plugin = dir.join("plugin");
-        std::fs::write(&plugin, b"binary").unwrap();
         for sub in ["net.d", "bin"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
+        let plugin = dir.join("plugin");
+        std::fs::write(&plugin, b"binary").unwrap();
         Install {
             conf_dir: dir.join("net.d"),
             bin_dir: dir.join("bin"),
@@ -552,7 +560,10 @@ mod tests {
     fn the_node_chain_gets_the_plugin_last_in_a_file_that_sorts_first() {
         let dir = scratch("chain");
         let install = install(&dir);
-        assert!(install.sync().unwrap_err().contains("no CNI network configuration"));
+        assert!(install
+            .sync()
+            .unwrap_err()
+            .contains("no CNI network configuration"));
         std::fs::write(
             dir.join("net.d/10-flannel.conflist"),
             r#"{"name":"cbr0","cniVersion":"1.0.0","plugins":[{"type":"flannel"},{"type":"portmap"}]}"#,
@@ -560,9 +571,10 @@ mod tests {
         .unwrap();
         assert_eq!(install.sync().unwrap().len(), 2, "binary and conflist");
         assert!(install.sync().unwrap().is_empty(), "nothing to do twice");
-        let ours: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("net.d").join(CONFLIST)).unwrap())
-                .unwrap();
+        let ours: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("net.d").join(CONFLIST)).unwrap(),
+        )
+        .unwrap();
         let types: Vec<&str> = ours["plugins"]
             .as_array()
             .unwrap()
@@ -572,7 +584,10 @@ mod tests {
         assert_eq!(types, ["flannel", "portmap", PLUGIN]);
         assert_eq!(ours["name"], "cbr0");
         assert_eq!(ours["plugins"][2]["stateDir"], "/var/lib/mesh");
-        assert_eq!(std::fs::read(dir.join("bin").join(PLUGIN)).unwrap(), b"binary");
+        assert_eq!(
+            std::fs::read(dir.join("bin").join(PLUGIN)).unwrap(),
+            b"binary"
+        );
 
         // Rewritten as K3s does at start: ours follows.
         std::fs::write(
@@ -597,9 +612,10 @@ mod tests {
         )
         .unwrap();
         install.sync().unwrap();
-        let ours: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("net.d").join(CONFLIST)).unwrap())
-                .unwrap();
+        let ours: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("net.d").join(CONFLIST)).unwrap(),
+        )
+        .unwrap();
         assert_eq!(ours["cniVersion"], "0.4.0");
         assert_eq!(ours["plugins"][0]["type"], "bridge");
         assert_eq!(ours["plugins"][1]["type"], PLUGIN);

@@ -602,7 +602,12 @@ async fn serve(
             mesh_cni::socket_path(&args.state_dir).display()
         )
     })?;
-    tokio::spawn(cni::serve(gate, state.clone(), events.clone(), gate_metrics.clone()));
+    tokio::spawn(cni::serve(
+        gate,
+        state.clone(),
+        events.clone(),
+        gate_metrics.clone(),
+    ));
     if let (Some(conf_dir), Some(bin_dir)) = (&args.node.cni_conf_dir, &args.node.cni_bin_dir) {
         let plugin = match &args.cni_plugin {
             Some(path) => path.clone(),

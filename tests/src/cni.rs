@@ -158,7 +158,10 @@ impl Cluster {
                 self.id
             ),
         };
-        let plugins = sandbox.conflist["plugins"].as_array().cloned().unwrap_or_default();
+        let plugins = sandbox.conflist["plugins"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let mut previous: Option<Value> = None;
         for plugin in &plugins {
             match self.run_plugin("ADD", &sandbox, plugin, previous.as_ref()) {
@@ -200,7 +203,10 @@ impl Cluster {
     /// CNI CHECK of pod `name`'s chain, with its ADD result.
     pub fn cni_check(&self, name: &str) -> Result<(), CniError> {
         let sandbox = &self.sandboxes[name];
-        let plugins = sandbox.conflist["plugins"].as_array().cloned().unwrap_or_default();
+        let plugins = sandbox.conflist["plugins"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         for plugin in &plugins {
             self.run_plugin("CHECK", sandbox, plugin, Some(&sandbox.result))?;
         }
@@ -222,7 +228,10 @@ impl Cluster {
     }
 
     fn cni_del_chain(&self, sandbox: &Sandbox, result: Option<&Value>) -> Result<(), CniError> {
-        let plugins = sandbox.conflist["plugins"].as_array().cloned().unwrap_or_default();
+        let plugins = sandbox.conflist["plugins"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let mut first_error = None;
         for plugin in plugins.iter().rev() {
             if let Err(err) = self.run_plugin("DEL", sandbox, plugin, result) {
@@ -251,7 +260,12 @@ impl Cluster {
             .into_iter()
             .map(|dir| dir.join(&kind))
             .find(|p| p.is_file())
-            .ok_or_else(|| fail(format!("failed to find plugin {kind:?} in {}", bin.display())))?;
+            .ok_or_else(|| {
+                fail(format!(
+                    "failed to find plugin {kind:?} in {}",
+                    bin.display()
+                ))
+            })?;
         let mut config = plugin.clone();
         config["cniVersion"] = sandbox.conflist["cniVersion"].clone();
         config["name"] = sandbox.conflist["name"].clone();

@@ -81,6 +81,8 @@ spec: {mtls: {mode: STRICT}}
 const GATED: Ipv4Addr = Ipv4Addr::new(100, 65, 0, 10);
 const FREE: Ipv4Addr = Ipv4Addr::new(100, 65, 0, 11);
 const OPTOUT: Ipv4Addr = Ipv4Addr::new(100, 65, 0, 12);
+/// A pod the config never lists.
+const FRESH: Ipv4Addr = Ipv4Addr::new(100, 65, 0, 13);
 const PORT: u16 = 9000;
 
 fn addr(cluster: &Cluster, pod: &str, port: u16) -> SocketAddr {
@@ -94,9 +96,7 @@ fn cni_cluster() -> Cluster {
     cluster.cni = true;
     cluster.write_node_conflist("node-a", 1450).unwrap();
     cluster.write_node_conflist("node-b", 1450).unwrap();
-    cluster
-        .write_config(&format!("{BASE}{CNI_PODS}"))
-        .unwrap();
+    cluster.write_config(&format!("{BASE}{CNI_PODS}")).unwrap();
     cluster.start_mesh_everywhere().unwrap();
     wait_until("the plugin in node-a's chain", || {
         cluster
@@ -117,7 +117,11 @@ fn assert_refused(cluster: &Cluster, pod: &str, dst: SocketAddr) {
         Some(std::io::ErrorKind::ConnectionRefused),
         "{pod} -> {dst}: {err:#}"
     );
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -128,21 +132,34 @@ fn enrolled_pods_wait_at_the_gate_while_mesh_node_is_down_and_start_captured() {
     cluster.stop_mesh("node-a").unwrap();
 
     // Enrolled: held, with a message naming mesh-node and "try again later" (11).
-    let err = cluster.cni_add("gated", "mesh", "node-a", GATED).unwrap_err();
+    let err = cluster
+        .cni_add("gated", "mesh", "node-a", GATED)
+        .unwrap_err();
     assert_eq!(err.plugin, "mesh-cni", "{err}");
     let error: serde_json::Value = serde_json::from_str(&err.stdout).unwrap();
     assert_eq!(error["code"], 11, "{error}");
     assert!(
-        error["msg"].as_str().unwrap().contains("mesh-node is not serving"),
+        error["msg"]
+            .as_str()
+            .unwrap()
+            .contains("mesh-node is not serving"),
         "{error}"
     );
-    assert!(!cluster.pods.contains_key("gated"), "the sandbox was torn down");
+    assert!(
+        !cluster.pods.contains_key("gated"),
+        "the sandbox was torn down"
+    );
     // Outside the mesh (by namespace, and by the pod's own opt-out label): they start and
     // work.
     cluster.cni_add("free", "plain", "node-a", FREE).unwrap();
     cluster.cni_add("optout", "mesh", "node-a", OPTOUT).unwrap();
     for pod in ["free", "optout"] {
-        let done = transfer(&cluster.pod(pod).netns, addr(&cluster, "plain-b", PORT), 1024).unwrap();
+        let done = transfer(
+            &cluster.pod(pod).netns,
+            addr(&cluster, "plain-b", PORT),
+            1024,
+        )
+        .unwrap();
         assert_eq!(server.peers().last(), Some(&done.local), "{pod}");
     }
 
@@ -152,7 +169,12 @@ fn enrolled_pods_wait_at_the_gate_while_mesh_node_is_down_and_start_captured() {
     cluster
         .cni_add_retrying("gated", "mesh", "node-a", GATED, Duration::from_secs(10))
         .unwrap();
-    let done = transfer(&cluster.pod("gated").netns, addr(&cluster, "plain-b", PORT), 1024).unwrap();
+    let done = transfer(
+        &cluster.pod("gated").netns,
+        addr(&cluster, "plain-b", PORT),
+        1024,
+    )
+    .unwrap();
     cluster
         .wait_connection("node-a", "gated's first connection", |c| {
             c.client == done.local && c.direction == "outbound"
@@ -161,6 +183,20 @@ fn enrolled_pods_wait_at_the_gate_while_mesh_node_is_down_and_start_captured() {
     let state = cluster.debug_state("node-a").unwrap();
     let gated = state["datapath"]["gated"].to_string();
     assert!(gated.contains("mesh/gated"), "{state:#}");
+    // A pod the config does not know yet (the API has no pod IP when the runtime sets the
+    // pod up): its namespace enrols it, and it is governed from its first packet on.
+    cluster.cni_add("fresh", "mesh", "node-a", FRESH).unwrap();
+    let done = transfer(
+        &cluster.pod("fresh").netns,
+        addr(&cluster, "plain-b", PORT),
+        1024,
+    )
+    .unwrap();
+    cluster
+        .wait_connection("node-a", "fresh's first connection", |c| {
+            c.client == done.local && c.direction == "outbound"
+        })
+        .unwrap();
 
     // CHECK: fine while capture is on the interface, a failure once it is gone.
     cluster.cni_check("gated").unwrap();
@@ -178,7 +214,10 @@ fn enrolled_pods_wait_at_the_gate_while_mesh_node_is_down_and_start_captured() {
         std::fs::remove_file(cluster.bpffs().join("node-a/links").join(pin)).unwrap();
     }
     let err = cluster.cni_check("gated").unwrap_err();
-    assert!(err.stdout.contains("capture is missing from interface"), "{err}");
+    assert!(
+        err.stdout.contains("capture is missing from interface"),
+        "{err}"
+    );
 
     // DEL: mesh-node forgets the interface; with mesh-node down DEL still succeeds.
     cluster.cni_del("gated").unwrap();
@@ -198,7 +237,10 @@ fn probe(
     pod: &str,
     dst: SocketAddr,
     stop: &Arc<AtomicBool>,
-) -> (Arc<AtomicUsize>, std::thread::JoinHandle<anyhow::Result<()>>) {
+) -> (
+    Arc<AtomicUsize>,
+    std::thread::JoinHandle<anyhow::Result<()>>,
+) {
     let connected = Arc::new(AtomicUsize::new(0));
     let (count, stop) = (connected.clone(), stop.clone());
     let handle = cluster.pod(pod).netns.spawn(move || {
@@ -216,11 +258,14 @@ fn probe(
 /// Whether an echo server at `dst` answers a byte (from the calling thread's namespace).
 fn reaches(dst: SocketAddr) -> bool {
     use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&dst, Duration::from_millis(200)) else {
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&dst, Duration::from_millis(200))
+    else {
         return false;
     };
     let mut byte = [0u8];
-    stream.set_read_timeout(Some(Duration::from_millis(500))).is_ok()
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .is_ok()
         && stream.write_all(b"x").is_ok()
         && stream.read_exact(&mut byte).is_ok()
 }
@@ -234,7 +279,11 @@ fn after_a_reboot_no_enrolled_pod_runs_uncaptured() {
     let gated_dst = SocketAddr::from((GATED, PORT));
     let server = Server::start(&cluster.pod("gated").netns, PORT, Behaviour::Echo).unwrap();
     // STRICT: the proxy takes the plaintext connection and resets it.
-    assert!(!cluster.pod("free").netns.run(move || Ok(reaches(gated_dst))).unwrap());
+    assert!(!cluster
+        .pod("free")
+        .netns
+        .run(move || Ok(reaches(gated_dst)))
+        .unwrap());
     assert!(server.peers().is_empty());
     drop(server);
     let echo = Server::start(&cluster.pod("plain-b").netns, PORT, Behaviour::Echo).unwrap();
@@ -258,7 +307,9 @@ fn after_a_reboot_no_enrolled_pod_runs_uncaptured() {
     // Pods come back before mesh-node: the plain one starts, the enrolled one is held.
     cluster.cni_add("free", "plain", "node-a", FREE).unwrap();
     let (free_prober, free_thread) = probe(&cluster, "free", gated_dst, &stop);
-    let held = cluster.cni_add("gated", "mesh", "node-a", GATED).unwrap_err();
+    let held = cluster
+        .cni_add("gated", "mesh", "node-a", GATED)
+        .unwrap_err();
     assert!(held.stdout.contains("mesh-node"), "{held}");
     std::thread::sleep(Duration::from_millis(500));
 
@@ -271,7 +322,12 @@ fn after_a_reboot_no_enrolled_pod_runs_uncaptured() {
     let mut calls = Vec::new();
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
-        let done = transfer(&cluster.pod("gated").netns, addr(&cluster, "plain-b", PORT), 512).unwrap();
+        let done = transfer(
+            &cluster.pod("gated").netns,
+            addr(&cluster, "plain-b", PORT),
+            512,
+        )
+        .unwrap();
         calls.push(done.local);
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -281,8 +337,16 @@ fn after_a_reboot_no_enrolled_pod_runs_uncaptured() {
     }
 
     // Under STRICT nothing outside the mesh ever reached the enrolled pod...
-    for (who, count) in [("plain-b", &remote), ("plain-a", &local), ("free", &free_prober)] {
-        assert_eq!(count.load(Ordering::Relaxed), 0, "{who} reached the enrolled pod");
+    for (who, count) in [
+        ("plain-b", &remote),
+        ("plain-a", &local),
+        ("free", &free_prober),
+    ] {
+        assert_eq!(
+            count.load(Ordering::Relaxed),
+            0,
+            "{who} reached the enrolled pod"
+        );
     }
     assert!(server.peers().is_empty(), "{:?}", server.peers());
     // ...and every connection it made went through the proxy.
@@ -306,23 +370,30 @@ fn the_plugin_is_back_in_the_chain_after_k3s_rewrites_its_conflist() {
     require_root!();
     let cluster = cni_cluster();
     let has = |mtu: u64| {
-        cluster.runtime_conflist("node-a").is_ok_and(|(path, chain)| {
-            let plugins = chain["plugins"].as_array().cloned().unwrap_or_default();
-            path.ends_with("00-mesh.conflist")
-                && plugins.first().is_some_and(|p| p["mtu"] == mtu)
-                && plugins.last().is_some_and(|p| p["type"] == "mesh-cni")
-        })
+        cluster
+            .runtime_conflist("node-a")
+            .is_ok_and(|(path, chain)| {
+                let plugins = chain["plugins"].as_array().cloned().unwrap_or_default();
+                path.ends_with("00-mesh.conflist")
+                    && plugins.first().is_some_and(|p| p["mtu"] == mtu)
+                    && plugins.last().is_some_and(|p| p["type"] == "mesh-cni")
+            })
     };
     assert!(has(1450));
     // K3s writes its flannel conflist anew at every start.
     cluster.write_node_conflist("node-a", 1400).unwrap();
-    let took = wait_until("the chain with the new flannel config and the plugin", || has(1400));
+    let took = wait_until(
+        "the chain with the new flannel config and the plugin",
+        || has(1400),
+    );
     assert!(took < Duration::from_secs(3), "{took:?}");
     // Even with the mesh's own file gone.
     let (conf, bin) = cluster.cni_dirs("node-a");
     std::fs::remove_file(conf.join("00-mesh.conflist")).unwrap();
     std::fs::remove_file(bin.join("mesh-cni")).unwrap();
-    wait_until("the plugin reinstalled", || has(1400) && bin.join("mesh-cni").is_file());
+    wait_until("the plugin reinstalled", || {
+        has(1400) && bin.join("mesh-cni").is_file()
+    });
 }
 
 #[test]
@@ -333,21 +404,32 @@ fn pods_that_went_around_the_gate_are_reported_and_their_uncaptured_connections_
     cluster.write_node_conflist("node-a", 1450).unwrap();
     cluster.write_node_conflist("node-b", 1450).unwrap();
     cluster.write_config(&format!("{BASE}{CNI_PODS}")).unwrap();
-    cluster.run_args = ["--repair=reset", "--repair-interval=2s"].map(String::from).to_vec();
+    cluster.run_args = ["--repair=reset", "--repair-interval=2s"]
+        .map(String::from)
+        .to_vec();
     let _server = Server::start(&cluster.pod("plain-b").netns, PORT, Behaviour::Echo).unwrap();
     // mesh-a started before the mesh (the harness made it without the plugin) and opened a
     // connection then: it bypasses the proxy for its whole life.
-    let mut before = Session::open(&cluster.pod("mesh-a").netns, addr(&cluster, "plain-b", PORT)).unwrap();
+    let mut before = Session::open(
+        &cluster.pod("mesh-a").netns,
+        addr(&cluster, "plain-b", PORT),
+    )
+    .unwrap();
     before.roundtrip().unwrap();
     cluster.start_mesh_everywhere().unwrap();
     // A pod through the gate, with a connection the proxy carries: left alone.
     cluster.cni_add("gated", "mesh", "node-a", GATED).unwrap();
-    let mut captured = Session::open(&cluster.pod("gated").netns, addr(&cluster, "plain-b", PORT)).unwrap();
+    let mut captured =
+        Session::open(&cluster.pod("gated").netns, addr(&cluster, "plain-b", PORT)).unwrap();
     captured.roundtrip().unwrap();
 
     wait_until("mesh-a reported", || {
-        cluster.metric("node-a", "mesh_cni_ungated_pods").is_ok_and(|n| n == 1)
-            && cluster.mesh_log("node-a").contains("never went through the CNI gate")
+        cluster
+            .metric("node-a", "mesh_cni_ungated_pods")
+            .is_ok_and(|n| n == 1)
+            && cluster
+                .mesh_log("node-a")
+                .contains("never went through the CNI gate")
     });
     let log = cluster.mesh_log("node-a");
     let line = log
@@ -358,17 +440,27 @@ fn pods_that_went_around_the_gate_are_reported_and_their_uncaptured_connections_
     assert!(!log.contains("pod=mesh/gated ip"), "{log}");
     // Its uncaptured connection is listed and reset (--repair=reset).
     wait_until("the uncaptured connection reset", || {
-        cluster.metric_sum("node-a", "mesh_cni_repair_resets_total", &[]).is_ok_and(|n| n >= 1)
+        cluster
+            .metric_sum("node-a", "mesh_cni_repair_resets_total", &[])
+            .is_ok_and(|n| n >= 1)
     });
     let log = cluster.mesh_log("node-a");
     assert!(
         log.contains(&before.local().to_string()),
         "the connection is named: {log}"
     );
-    assert!(before.roundtrip().is_err(), "the uncaptured connection was reset");
+    assert!(
+        before.roundtrip().is_err(),
+        "the uncaptured connection was reset"
+    );
     captured.roundtrip().unwrap();
     // New connections of mesh-a are the proxy's.
-    let done = transfer(&cluster.pod("mesh-a").netns, addr(&cluster, "plain-b", PORT), 1024).unwrap();
+    let done = transfer(
+        &cluster.pod("mesh-a").netns,
+        addr(&cluster, "plain-b", PORT),
+        1024,
+    )
+    .unwrap();
     cluster
         .wait_connection("node-a", "mesh-a after repair", |c| c.client == done.local)
         .unwrap();
@@ -395,17 +487,31 @@ status: {podIP: 100.65.0.20, conditions: [{type: Ready, status: "True"}]}
     // K3s's network-policy controller keeps its jumps first, and ACCEPTs what its policies
     // allow.
     let node = &cluster.node("node-a").netns;
-    for (chain, builtin) in [("KUBE-ROUTER-INPUT", "INPUT"), ("KUBE-ROUTER-FORWARD", "FORWARD")] {
+    for (chain, builtin) in [
+        ("KUBE-ROUTER-INPUT", "INPUT"),
+        ("KUBE-ROUTER-FORWARD", "FORWARD"),
+    ] {
         node.exec("iptables", &["-w", "-N", chain]).unwrap();
-        node.exec("iptables", &["-w", "-A", chain, "-j", "ACCEPT"]).unwrap();
-        node.exec("iptables", &["-w", "-I", builtin, "1", "-j", chain]).unwrap();
+        node.exec("iptables", &["-w", "-A", chain, "-j", "ACCEPT"])
+            .unwrap();
+        node.exec("iptables", &["-w", "-I", builtin, "1", "-j", chain])
+            .unwrap();
     }
     // A socket of the node listening on every address: a captured SYN delivered locally
     // while mesh-node is down must not reach it.
-    let node_listener = Server::start_at(node, SocketAddr::from(([0, 0, 0, 0], 7777)), Behaviour::Echo).unwrap();
+    let node_listener = Server::start_at(
+        node,
+        SocketAddr::from(([0, 0, 0, 0], 7777)),
+        Behaviour::Echo,
+    )
+    .unwrap();
     let plain_b = Server::start(&cluster.pod("plain-b").netns, 7777, Behaviour::Echo).unwrap();
     assert_refused(&cluster, "mesh-a", addr(&cluster, "plain-b", 7777));
-    assert!(node_listener.peers().is_empty(), "{:?}", node_listener.peers());
+    assert!(
+        node_listener.peers().is_empty(),
+        "{:?}",
+        node_listener.peers()
+    );
     assert!(plain_b.peers().is_empty(), "{:?}", plain_b.peers());
 
     // An enrolled pod started without the plugin while mesh-node is down: its link has no

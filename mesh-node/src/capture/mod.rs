@@ -570,7 +570,8 @@ impl Datapath {
         self.peers = node.peers;
         self.host.sync_kubelet()?;
         let before = self.gated.len();
-        self.gated.retain(|ifindex, _| self.peers.contains_key(ifindex));
+        self.gated
+            .retain(|ifindex, _| self.peers.contains_key(ifindex));
         if self.gated.len() != before {
             self.save_gated();
             return self.apply_pods();
@@ -715,7 +716,8 @@ impl Datapath {
         let mut changed = false;
         for gated in self.gated.values_mut() {
             if let Some(w) = state.workloads.get(&gated.ip) {
-                if format!("{}/{}", w.namespace, w.name) == gated.pod && w.enrolled != gated.enrolled
+                if format!("{}/{}", w.namespace, w.name) == gated.pod
+                    && w.enrolled != gated.enrolled
                 {
                     gated.enrolled = w.enrolled;
                     changed = true;
@@ -851,8 +853,16 @@ impl Datapath {
             })?;
         let name = &node.capture[&ifindex];
         for (way, attach, program) in [
-            ("ingress", aya::programs::TcAttachType::Ingress, programs::CAPTURE),
-            ("egress", aya::programs::TcAttachType::Egress, programs::EGRESS),
+            (
+                "ingress",
+                aya::programs::TcAttachType::Ingress,
+                programs::CAPTURE,
+            ),
+            (
+                "egress",
+                aya::programs::TcAttachType::Egress,
+                programs::EGRESS,
+            ),
         ] {
             let (_, attached) = SchedClassifier::query_tcx(name, attach)
                 .map_err(|err| format!("cannot query the programs on {name}: {err}"))?;

@@ -324,9 +324,9 @@ mod tests {
 
     /// Binds twice, each time from what the last one left, as the datapath does.
     fn settle(pods: &LocalPods, steps: &[Claims]) -> Binding {
-        steps
-            .iter()
-            .fold(Binding::default(), |held, claims| bind(pods, claims, &held, &Gated::new()))
+        steps.iter().fold(Binding::default(), |held, claims| {
+            bind(pods, claims, &held, &Gated::new())
+        })
     }
 
     #[test]
@@ -400,7 +400,12 @@ mod tests {
         assert_eq!(binding.links[&11].ip, key(&ip(4)), "11 stays .4's");
         assert!(binding.unbound[&ip(4)].contains("does not hold it"));
         // The new pod that gets .2 gets it at once.
-        let binding = bind(&pods, &claims(&[(11, &[2]), (12, &[2])]), &binding, &Gated::new());
+        let binding = bind(
+            &pods,
+            &claims(&[(11, &[2]), (12, &[2])]),
+            &binding,
+            &Gated::new(),
+        );
         assert_eq!(binding.pods[&ip(2)].ifindex, 12);
     }
 
@@ -428,7 +433,12 @@ mod tests {
             assert!(binding.links[&ifindex].enrolled());
         }
         // One lets go: the other gets it.
-        let binding = bind(&pods, &claims(&[(10, &[2]), (11, &[])]), &binding, &Gated::new());
+        let binding = bind(
+            &pods,
+            &claims(&[(10, &[2]), (11, &[])]),
+            &binding,
+            &Gated::new(),
+        );
         assert_eq!(binding.pods[&ip(2)].ifindex, 10);
     }
 
@@ -471,7 +481,12 @@ mod tests {
     fn the_cni_plugin_s_interface_wins_over_an_earlier_claim_and_a_rival() {
         let pods: LocalPods = [(ip(2), true)].into();
         // Interface 10 held the address first and keeps it without the gate's word.
-        let first = bind(&pods, &claims(&[(10, &[2])]), &Binding::default(), &Gated::new());
+        let first = bind(
+            &pods,
+            &claims(&[(10, &[2])]),
+            &Binding::default(),
+            &Gated::new(),
+        );
         assert_eq!(first.pods[&ip(2)].ifindex, 10);
         // Interface 11 is the one the runtime gave the pod (10 is stale or an impostor).
         let gated: Gated = [(11, ip(2))].into();

@@ -76,8 +76,10 @@ fn nft_ruleset() -> String {
 "
         );
         for rule in rules {
-            text.push_str(&format!("add rule ip {t} {name} {rule}
-"));
+            text.push_str(&format!(
+                "add rule ip {t} {name} {rule}
+"
+            ));
         }
         text
     };
@@ -137,7 +139,12 @@ pub fn install() -> Result<(), CaptureError> {
     }
     local_route("replace", &table)?;
 
-    run_script("nft -f - (table ip mesh)", "nft", &["-f", "-"], &nft_ruleset())?;
+    run_script(
+        "nft -f - (table ip mesh)",
+        "nft",
+        &["-f", "-"],
+        &nft_ruleset(),
+    )?;
     // The guards are in place: what an earlier version kept in iptables can go (its set
     // would no longer be kept up to date).
     remove_legacy(&mut Vec::new(), &mut Vec::new());
@@ -163,12 +170,17 @@ pub fn sync_enrolled_set(
 ) -> Result<(), CaptureError> {
     let t = NFT_TABLE;
     let set = ENROLLED_SET;
-    let mut script = format!("flush set ip {t} {set}
-");
+    let mut script = format!(
+        "flush set ip {t} {set}
+"
+    );
     if !ips.is_empty() {
         let list: Vec<String> = ips.iter().map(ToString::to_string).collect();
-        script.push_str(&format!("add element ip {t} {set} {{ {} }}
-", list.join(", ")));
+        script.push_str(&format!(
+            "add element ip {t} {set} {{ {} }}
+",
+            list.join(", ")
+        ));
     }
     let command = format!("nft -f - (set {set}, {} entries)", ips.len());
     run_script(&command, "nft", &["-f", "-"], &script)

@@ -203,7 +203,12 @@ pub fn other_network_namespaces() -> Vec<std::path::PathBuf> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
         .map(|e| e.path().join("ns/net"));
     let mounts = std::fs::read_dir("/run/netns")
         .into_iter()

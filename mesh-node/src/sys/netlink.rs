@@ -1,7 +1,9 @@
 //! Netlink, spoken raw: the link and address events the datapath rescans on, what a pod's
 //! end of its veth holds (its addresses and MAC, in the pod's namespace, known here only by
 //! its id), and the cgroup of mesh-node's own sockets (sock_diag). `ip` cannot ask the
-//! first two of a namespace it has no name for, nor `ss` the third as a number.
+//! first two of a namespace it has no name for, nor `ss` the third as a number. The repair
+//! pass lists established TCP sockets and aborts one (sock_diag, `SOCK_DESTROY`) in pods'
+//! namespaces, which it enters on a thread of its own.
 
 use std::{
     io,
@@ -177,8 +179,6 @@ pub struct TcpSocket {
     pub local: SocketAddrV4,
     /// Its peer's.
     pub remote: SocketAddrV4,
-    /// The cgroup (v2) id of the process that made it.
-    pub cgroup: u64,
 }
 
 /// The established TCP/IPv4 sockets of the calling thread's network namespace (sock_diag).
@@ -198,16 +198,9 @@ pub fn established_tcp() -> io::Result<Vec<TcpSocket>> {
                 u16::from_be_bytes([id[port_at], id[port_at + 1]]),
             )
         };
-        let mut cgroup = 0;
-        for (kind, value) in attributes(payload.get(72..).unwrap_or_default()) {
-            if let (INET_DIAG_CGROUP_ID, Ok(bytes)) = (kind, <[u8; 8]>::try_from(value)) {
-                cgroup = u64::from_ne_bytes(bytes);
-            }
-        }
         sockets.push(TcpSocket {
             local: address(4, 0),
             remote: address(20, 2),
-            cgroup,
         });
     })?;
     Ok(sockets)
