@@ -433,7 +433,7 @@ fn run(args: RunArgs) -> ExitCode {
     let br_nf = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables");
     if br_nf.map(|v| v.trim() != "1").unwrap_or(true) {
         tracing::warn!(
-            "br_netfilter is off (net.bridge.bridge-nf-call-iptables != 1): the bridge guard \
+            "br_netfilter is off (net.bridge.bridge-nf-call-iptables != 1): the forward guard \
              cannot refuse SYNs that bypass capture on links without the program"
         );
     }

@@ -86,7 +86,7 @@ fn stopped_mesh_fails_closed_and_a_restart_adopts_the_pinned_programs() {
     assert_eq!(c2.peers().last(), Some(&done.local));
 
     // A pod created while mesh-node is down has no capture program on its veth. Its SYN to a
-    // same-node enrolled pod would be switched at L2 around the mesh: the bridge guard refuses
+    // same-node enrolled pod would be switched at L2 around the mesh: the forward guard refuses
     // it. To pods outside the mesh it talks as usual.
     cluster
         .add_pod("late", "plain", "node-a", "100.65.0.20".parse().unwrap())

@@ -151,7 +151,9 @@ fn enrolled_pods_wait_at_the_gate_while_mesh_node_is_down_and_start_captured() {
     );
     // Outside the mesh (by namespace, and by the pod's own opt-out label): they start and
     // work.
+    let started = Instant::now();
     cluster.cni_add("free", "plain", "node-a", FREE).unwrap();
+    eprintln!("ADD with mesh-node away (the cache decides): {:?}", started.elapsed());
     cluster.cni_add("optout", "mesh", "node-a", OPTOUT).unwrap();
     for pod in ["free", "optout"] {
         let done = transfer(
@@ -185,7 +187,9 @@ fn enrolled_pods_wait_at_the_gate_while_mesh_node_is_down_and_start_captured() {
     assert!(gated.contains("mesh/gated"), "{state:#}");
     // A pod the config does not know yet (the API has no pod IP when the runtime sets the
     // pod up): its namespace enrols it, and it is governed from its first packet on.
+    let started = Instant::now();
     cluster.cni_add("fresh", "mesh", "node-a", FRESH).unwrap();
+    eprintln!("ADD through bridge, host-local and the gate: {:?}", started.elapsed());
     let done = transfer(
         &cluster.pod("fresh").netns,
         addr(&cluster, "plain-b", PORT),

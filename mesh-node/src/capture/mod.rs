@@ -218,7 +218,7 @@ pub struct Datapath {
     egress: BTreeSet<u32>,
     /// Links the program could not be attached to (retried): name -> error.
     failed: BTreeMap<String, String>,
-    /// The enrolled set the bridge guard's ipset last received, if it is known to be current.
+    /// The enrolled set the guards' nftables set last received, if it is known to be current.
     guard_set: Option<BTreeSet<Ipv4Addr>>,
     /// The same-node socket bypass, when attached.
     bypass: Option<bypass::Bypass>,
@@ -574,7 +574,7 @@ impl Datapath {
             .retain(|ifindex, _| self.peers.contains_key(ifindex));
         if self.gated.len() != before {
             self.save_gated();
-            return self.apply_pods();
+            return self.apply_pods(true);
         }
         self.rebind()
     }
@@ -605,12 +605,13 @@ impl Datapath {
     /// first called, what a previous run pinned stays as it is (the mesh fails closed).
     fn set_pods(&mut self, pods: &LocalPods) -> Result<(), CaptureError> {
         self.config_pods = Some(pods.clone());
-        self.apply_pods()
+        self.apply_pods(false)
     }
 
     /// Applies the config's pods with the gated ones over them (a pod the CNI plugin
-    /// reported is governed before the config has its address).
-    fn apply_pods(&mut self) -> Result<(), CaptureError> {
+    /// reported is governed before the config has its address). `gate_changed`: the gated
+    /// interfaces changed, so the binding is decided again even when the pods did not.
+    fn apply_pods(&mut self, gate_changed: bool) -> Result<(), CaptureError> {
         let Some(mut pods) = self.config_pods.clone() else {
             return Ok(());
         };
@@ -624,11 +625,11 @@ impl Datapath {
             .map(|(ip, _)| *ip)
             .collect();
         if self.local_pods.as_ref() == Some(pods) && self.guard_set.as_ref() == Some(&want) {
-            // Most config changes do not touch the node's pods: no map or ipset work at all.
-            return Ok(());
+            // Most config changes do not touch the node's pods: no map or set work at all.
+            return if gate_changed { self.rebind() } else { Ok(()) };
         }
         self.local_pods = Some(pods.clone());
-        // The bridge guard refuses bridged SYNs of the pods in its set, which is only right
+        // The forward guard refuses forwarded SYNs of the pods in its set, which is only right
         // while the kernel captures them: pods leave the set before they leave the map, and
         // join it after they joined the map.
         let have = self.enrolled();
@@ -799,7 +800,7 @@ impl Datapath {
             },
         );
         self.save_gated();
-        self.apply_pods().map_err(|err| err.to_string())?;
+        self.apply_pods(true).map_err(|err| err.to_string())?;
         self.governs(ifindex, ip, pod.enrolled)?;
         tracing::info!(
             pod = %format!("{}/{}", pod.namespace, pod.name),
@@ -819,7 +820,7 @@ impl Datapath {
             .retain(|_, g| g.pod != name && !pod.addresses.contains(&g.ip));
         if self.gated.len() != before {
             self.save_gated();
-            self.apply_pods().map_err(|err| err.to_string())?;
+            self.apply_pods(true).map_err(|err| err.to_string())?;
         }
         Ok(())
     }
