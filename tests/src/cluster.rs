@@ -574,6 +574,27 @@ impl Cluster {
             .http_get(mesh_common::PORT_ADMIN, path)
     }
 
+    /// Asserts that a new connection from pod `pod` to `dst` is refused (a reset), within a
+    /// second.
+    pub fn assert_refused(&self, pod: &str, dst: SocketAddr) {
+        let started = Instant::now();
+        let err =
+            crate::apps::connect_in(&self.pod(pod).netns, dst, Duration::from_secs(3)).unwrap_err();
+        let kind = err
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind);
+        assert_eq!(
+            kind,
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "{pod} -> {dst}: {err:#}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{pod} -> {dst}: refusal took {:?}",
+            started.elapsed()
+        );
+    }
+
     /// The connections node `name`'s proxy recorded.
     pub fn connections(&self, name: &str) -> Result<Vec<ProxyConnection>> {
         let (status, body) = self.admin_get(name, "/debug/connections")?;

@@ -469,9 +469,20 @@ impl Datapath {
     }
 
     /// Brings the TC attachments and the bridge-port map in line with the node's links:
-    /// attaches to new links, drops pins of links that are gone. Links that could not be
-    /// attached are remembered in [`Datapath::failed_links`]; call again to retry them.
+    /// attaches to new links, drops pins of links that are gone, then binds the pods'
+    /// addresses again. Links that could not be attached are remembered in
+    /// [`Datapath::failed_links`]; call again to retry them.
     pub fn sync_links(&mut self) -> Result<(), CaptureError> {
+        if self.scan_links()? {
+            self.apply_pods(true)
+        } else {
+            self.rebind()
+        }
+    }
+
+    /// [`Datapath::sync_links`] but the binding; true when gated interfaces went with their
+    /// links.
+    fn scan_links(&mut self) -> Result<bool, CaptureError> {
         self.node_networks = links::addresses()?;
         self.node_addresses = self.node_networks.iter().map(|(ip, _)| *ip).collect();
         if let Some((vips, node_ports)) = self.service_inputs.clone() {
@@ -572,11 +583,11 @@ impl Datapath {
         let before = self.gated.len();
         self.gated
             .retain(|ifindex, _| self.peers.contains_key(ifindex));
-        if self.gated.len() != before {
+        let gone = self.gated.len() != before;
+        if gone {
             self.save_gated();
-            return self.apply_pods(true);
         }
-        self.rebind()
+        Ok(gone)
     }
 
     /// Looks again at what changes without an event: the kubelet's cgroups (a restarted
@@ -633,13 +644,17 @@ impl Datapath {
         // while the kernel captures them: pods leave the set before they leave the map, and
         // join it after they joined the map.
         let have = self.enrolled();
-        self.guard_set = None;
+        // What the set holds, when known (not after a start, nor after a failed update).
+        let mut in_set = self.guard_set.take();
         let staying: BTreeSet<Ipv4Addr> = have.intersection(&want).copied().collect();
         if staying.len() < have.len() {
             routing::sync_enrolled_set(&staying)?;
+            in_set = Some(staying);
         }
         self.rebind()?;
-        routing::sync_enrolled_set(&want)?;
+        if in_set.as_ref() != Some(&want) {
+            routing::sync_enrolled_set(&want)?;
+        }
         self.guard_set = Some(want);
         Ok(())
     }
@@ -785,11 +800,13 @@ impl Datapath {
     /// to it with its enrolment, and checks the kernel has all of it, so the pod's first
     /// packet is governed. Returns the interface's index.
     pub fn admit(&mut self, pod: &PodStart) -> Result<u32, String> {
+        let started = std::time::Instant::now();
         let ip = *pod
             .addresses
             .first()
             .ok_or("the CNI result gives the pod no IPv4 address")?;
-        self.sync_links().map_err(|err| err.to_string())?;
+        // One binding at the end, with the new interface's owner known.
+        self.scan_links().map_err(|err| err.to_string())?;
         let ifindex = self.pod_link(pod, ip)?;
         self.gated.insert(
             ifindex,
@@ -807,6 +824,7 @@ impl Datapath {
             %ip,
             ifindex,
             enrolled = pod.enrolled,
+            took_ms = started.elapsed().as_millis() as u64,
             "pod start: capture in place"
         );
         Ok(ifindex)
@@ -876,18 +894,19 @@ impl Datapath {
         self.governs(ifindex, ip, pod.enrolled)
     }
 
-    /// The pod interface among `pod.interfaces` whose other end holds `ip` (from the last
-    /// link scan).
+    /// The pod interface among `pod.interfaces` whose other end holds `ip` now.
     fn pod_link(&self, pod: &PodStart, ip: Ipv4Addr) -> Result<u32, String> {
         self.peers
-            .keys()
-            .filter(|i| {
+            .iter()
+            .filter(|(i, _)| {
                 self.attached
                     .get(i)
                     .is_some_and(|name| pod.interfaces.contains(name))
             })
-            .find(|i| self.seen.get(i).is_some_and(|p| p.addresses.contains(&ip)))
-            .copied()
+            .find(|(_, (nsid, peer))| {
+                crate::sys::peer_interface(*nsid, *peer).is_ok_and(|p| p.addresses.contains(&ip))
+            })
+            .map(|(i, _)| *i)
             .ok_or_else(|| {
                 let failed: Vec<String> = pod
                     .interfaces
