@@ -192,10 +192,7 @@ fn enrolled_pods_wait_at_the_gate_while_mesh_node_is_down_and_start_captured() {
         started.elapsed()
     );
     let log = cluster.mesh_log("node-a");
-    let admitted = log
-        .lines()
-        .filter(|l| l.contains("capture in place"))
-        .last();
+    let admitted = log.lines().rfind(|l| l.contains("capture in place"));
     eprintln!("mesh-node's part: {admitted:?}");
     let done = transfer(
         &cluster.pod("fresh").netns,
