@@ -231,17 +231,20 @@ async fn decide(request: Request, state: &ArcSwap<State>, events: &mpsc::Sender<
     Reply { error, enrolled }
 }
 
-/// Writes the enrolment cache when the config's enrolment rules change, forever (checked
-/// every second). The first write happens before this returns its future's first poll.
-pub async fn keep_cache(state: Arc<ArcSwap<State>>, path: PathBuf) {
-    let mut written: Option<mesh_cni::Enrolment> = None;
+/// Writes the enrolment cache whenever the config's enrolment rules differ from what it
+/// holds (`written`, stored at start), checked every second, forever.
+pub async fn keep_cache(
+    state: Arc<ArcSwap<State>>,
+    path: PathBuf,
+    mut written: mesh_cni::Enrolment,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         let current = state.load();
-        if written.as_ref() != Some(&current.enrolment) {
+        if written != current.enrolment {
             match current.enrolment.store(&path) {
-                Ok(()) => written = Some(current.enrolment.clone()),
+                Ok(()) => written = current.enrolment.clone(),
                 Err(err) => {
                     tracing::warn!(path = %path.display(), "cannot write the enrolment cache: {err}")
                 }

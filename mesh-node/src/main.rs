@@ -590,12 +590,11 @@ async fn serve(
     // The pod-start gate: the enrolment cache first (the plugin's answer while mesh-node is
     // away), then the socket; the plugin is installed once both are there.
     let cache = mesh_cni::cache_path(&args.state_dir);
-    state
-        .load()
-        .enrolment
+    let enrolment = state.load().enrolment.clone();
+    enrolment
         .store(&cache)
         .with_context(|| format!("writing the enrolment cache {}", cache.display()))?;
-    tokio::spawn(cni::keep_cache(state.clone(), cache));
+    tokio::spawn(cni::keep_cache(state.clone(), cache, enrolment));
     let gate = cni::bind(&args.state_dir).with_context(|| {
         format!(
             "binding the CNI gate socket {}",

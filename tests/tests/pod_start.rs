@@ -374,7 +374,8 @@ fn after_a_reboot_no_enrolled_pod_runs_uncaptured() {
 }
 
 #[test]
-fn the_plugin_is_back_in_the_chain_after_k3s_rewrites_its_conflist() {
+fn the_plugin_is_back_in_the_chain_after_k3s_rewrites_its_conflist_and_the_cache_follows_the_config(
+) {
     require_root!();
     let cluster = cni_cluster();
     let has = |mtu: u64| {
@@ -402,6 +403,23 @@ fn the_plugin_is_back_in_the_chain_after_k3s_rewrites_its_conflist() {
     wait_until("the plugin reinstalled", || {
         has(1400) && bin.join("mesh-cni").is_file()
     });
+
+    // The enrolment cache follows the config: a namespace enrolled later holds its pods too
+    // while mesh-node is away.
+    let cache = cluster.node_state_dir("node-a").join("cni/enrolment.json");
+    let enrolled = |namespace: &str| {
+        std::fs::read(&cache)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .is_some_and(|c| c["namespaces"][namespace] == true)
+    };
+    assert!(enrolled("mesh") && !enrolled("plain"));
+    let relabelled = format!("{BASE}{CNI_PODS}").replace(
+        "metadata: {name: plain}",
+        "metadata: {name: plain, labels: {istio.io/dataplane-mode: ambient}}",
+    );
+    cluster.write_config(&relabelled).unwrap();
+    wait_until("the cache with plain enrolled", || enrolled("plain"));
 }
 
 #[test]
