@@ -65,6 +65,16 @@ pub struct PodStart {
     pub enrolled: bool,
 }
 
+impl PodStart {
+    /// The pod's (first) IPv4 address.
+    fn ip(&self) -> Result<Ipv4Addr, String> {
+        self.addresses
+            .first()
+            .copied()
+            .ok_or_else(|| "the CNI result gives the pod no IPv4 address".to_string())
+    }
+}
+
 /// One CNI command for the datapath thread, answered on `reply`.
 #[derive(Debug)]
 pub struct PodRequest {
@@ -801,10 +811,7 @@ impl Datapath {
     /// packet is governed. Returns the interface's index.
     pub fn admit(&mut self, pod: &PodStart) -> Result<u32, String> {
         let started = std::time::Instant::now();
-        let ip = *pod
-            .addresses
-            .first()
-            .ok_or("the CNI result gives the pod no IPv4 address")?;
+        let ip = pod.ip()?;
         // One binding at the end, with the new interface's owner known.
         self.scan_links().map_err(|err| err.to_string())?;
         let ifindex = self.pod_link(pod, ip)?;
@@ -847,29 +854,14 @@ impl Datapath {
     /// not of what this process believes) and its address is bound to it with its
     /// enrolment.
     pub fn check(&mut self, pod: &PodStart) -> Result<(), String> {
-        let ip = *pod
-            .addresses
-            .first()
-            .ok_or("the CNI result gives the pod no IPv4 address")?;
+        let ip = pod.ip()?;
         let node = links::discover().map_err(|err| err.to_string())?;
-        let ifindex = node
-            .peers
-            .iter()
-            .filter(|(i, _)| {
-                node.capture
-                    .get(i)
-                    .is_some_and(|name| pod.interfaces.contains(name))
-            })
-            .find(|(_, (nsid, peer))| {
-                crate::sys::peer_interface(*nsid, *peer).is_ok_and(|p| p.addresses.contains(&ip))
-            })
-            .map(|(i, _)| *i)
-            .ok_or_else(|| {
-                format!(
-                    "none of the interfaces {:?} is a pod interface holding {ip}",
-                    pod.interfaces
-                )
-            })?;
+        let ifindex = named_pod_link(&node.peers, &node.capture, pod, ip).ok_or_else(|| {
+            format!(
+                "none of the interfaces {:?} is a pod interface holding {ip}",
+                pod.interfaces
+            )
+        })?;
         let name = &node.capture[&ifindex];
         for (way, attach, program) in [
             (
@@ -896,33 +888,22 @@ impl Datapath {
 
     /// The pod interface among `pod.interfaces` whose other end holds `ip` now.
     fn pod_link(&self, pod: &PodStart, ip: Ipv4Addr) -> Result<u32, String> {
-        self.peers
-            .iter()
-            .filter(|(i, _)| {
-                self.attached
-                    .get(i)
-                    .is_some_and(|name| pod.interfaces.contains(name))
-            })
-            .find(|(_, (nsid, peer))| {
-                crate::sys::peer_interface(*nsid, *peer).is_ok_and(|p| p.addresses.contains(&ip))
-            })
-            .map(|(i, _)| *i)
-            .ok_or_else(|| {
-                let failed: Vec<String> = pod
-                    .interfaces
-                    .iter()
-                    .filter_map(|n| self.failed.get(n).map(|e| format!("{n}: {e}")))
-                    .collect();
-                format!(
-                    "none of the interfaces {:?} is a pod interface with capture holding {ip}{}",
-                    pod.interfaces,
-                    if failed.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", failed.join("; "))
-                    }
-                )
-            })
+        named_pod_link(&self.peers, &self.attached, pod, ip).ok_or_else(|| {
+            let failed: Vec<String> = pod
+                .interfaces
+                .iter()
+                .filter_map(|n| self.failed.get(n).map(|e| format!("{n}: {e}")))
+                .collect();
+            format!(
+                "none of the interfaces {:?} is a pod interface with capture holding {ip}{}",
+                pod.interfaces,
+                if failed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", failed.join("; "))
+                }
+            )
+        })
     }
 
     /// Whether the kernel governs `ip` from `ifindex`: its egress program is attached, and
@@ -1002,6 +983,23 @@ impl Datapath {
     pub fn attached_links(&self) -> &BTreeMap<u32, String> {
         &self.attached
     }
+}
+
+/// The pod interface (of `peers`, by the names in `names`) among `pod.interfaces` whose
+/// other end holds `ip` now.
+fn named_pod_link(
+    peers: &BTreeMap<u32, (i32, u32)>,
+    names: &BTreeMap<u32, String>,
+    pod: &PodStart,
+    ip: Ipv4Addr,
+) -> Option<u32> {
+    peers
+        .iter()
+        .filter(|(i, _)| names.get(i).is_some_and(|n| pod.interfaces.contains(n)))
+        .find(|(_, (nsid, peer))| {
+            crate::sys::peer_interface(*nsid, *peer).is_ok_and(|p| p.addresses.contains(&ip))
+        })
+        .map(|(i, _)| *i)
 }
 
 /// The gated interfaces a run of this boot saved (none after a reboot).
