@@ -28,7 +28,7 @@ use bytes::Bytes;
 use mesh_common::{MARK_PROXY, PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::{
-    io::{AsyncWrite, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{TcpListener, TcpSocket, TcpStream},
 };
 
@@ -391,38 +391,69 @@ pub(crate) async fn relay(
     (copied, result.err())
 }
 
-async fn pipe<W: AsyncWrite + Unpin>(
+async fn pipe(
     from: &mut tokio::net::tcp::ReadHalf<'_>,
-    to: &mut W,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
     count: &mut u64,
     counted: impl Fn(u64),
 ) -> io::Result<()> {
     loop {
-        let Some(buf) = read_when_ready(from).await? else {
+        let Some(Read { data, last }) = read_when_ready(from).await? else {
             return to.shutdown().await;
         };
-        to.write_all(&buf).await?;
-        *count += buf.len() as u64;
-        counted(buf.len() as u64);
+        if last {
+            write_last(to, &data).await?;
+        } else {
+            to.write_all(&data).await?;
+        }
+        *count += data.len() as u64;
+        counted(data.len() as u64);
+        if last {
+            return Ok(());
+        }
     }
+}
+
+/// What one read from a relay's TCP side got.
+struct Read {
+    data: bytes::BytesMut,
+    /// The peer's end of stream came with these bytes: nothing follows them.
+    last: bool,
 }
 
 /// Waits until `from` is readable, then reads what is there (`None` at end of stream). The
 /// buffer exists only while data is in hand, so an idle connection holds none (measured:
 /// 64 KiB reserved per direction while waiting dominated idle connections' memory).
-async fn read_when_ready(
-    from: &mut tokio::net::tcp::ReadHalf<'_>,
-) -> io::Result<Option<bytes::BytesMut>> {
+async fn read_when_ready(from: &mut tokio::net::tcp::ReadHalf<'_>) -> io::Result<Option<Read>> {
     loop {
-        from.as_ref().readable().await?;
-        let mut buf = bytes::BytesMut::with_capacity(COPY_BUFFER);
-        match from.as_ref().try_read_buf(&mut buf) {
+        let ready = from.as_ref().ready(tokio::io::Interest::READABLE).await?;
+        let mut data = bytes::BytesMut::with_capacity(COPY_BUFFER);
+        let room = data.capacity();
+        match from.as_ref().try_read_buf(&mut data) {
             Ok(0) => return Ok(None),
-            Ok(_) => return Ok(Some(buf)),
+            // The FIN was in before this read (the readiness saw it) and the read left
+            // room, so it drained the queue up to the FIN.
+            Ok(n) => {
+                return Ok(Some(Read {
+                    data,
+                    last: ready.is_read_closed() && n < room,
+                }))
+            }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
             Err(err) => return Err(err),
         }
     }
+}
+
+/// Writes the last bytes of a direction and its end of stream in one segment (corked, the
+/// FIN joins the queued data): the receiver gets both at once, as it would from the sender
+/// directly. Sent apart, a client that reads its answer before the FIN arrives closes
+/// first and holds the TIME_WAIT, on its own ports (measured: 7.6% of short connections
+/// through the mesh against 0.7% without it, which piles up in a burst of new connections).
+async fn write_last(to: &mut tokio::net::tcp::WriteHalf<'_>, data: &[u8]) -> io::Result<()> {
+    let _ = SockRef::from(to.as_ref()).set_tcp_cork(true);
+    to.write_all(data).await?;
+    to.shutdown().await
 }
 
 /// Which end of the connection the TCP socket of a tunnel relay is.
@@ -482,11 +513,11 @@ async fn tcp_to_h2(
     counted: &Counted<'_>,
 ) -> io::Result<()> {
     loop {
-        let Some(buf) = read_when_ready(from).await? else {
+        let Some(Read { data, last }) = read_when_ready(from).await? else {
             return to.send_data(Bytes::new(), true).map_err(h2_io);
         };
-        let n = buf.len();
-        let mut data = buf.freeze();
+        let n = data.len();
+        let mut data = data.freeze();
         while !data.is_empty() {
             to.reserve_capacity(data.len());
             let granted = std::future::poll_fn(|cx| to.poll_capacity(cx))
@@ -497,26 +528,40 @@ async fn tcp_to_h2(
                 continue;
             }
             let chunk = data.split_to(granted.min(data.len()));
-            to.send_data(chunk, false).map_err(h2_io)?;
+            // The last bytes carry END_STREAM: one frame, written out together at the other
+            // end (write_last).
+            to.send_data(chunk, last && data.is_empty())
+                .map_err(h2_io)?;
         }
         *count += n as u64;
         counted(n as u64);
+        if last {
+            return Ok(());
+        }
     }
 }
 
-async fn h2_to_tcp<W: AsyncWrite + Unpin>(
+async fn h2_to_tcp(
     from: &mut h2::RecvStream,
-    to: &mut W,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
     count: &mut u64,
     counted: &Counted<'_>,
 ) -> io::Result<()> {
     while let Some(chunk) = from.data().await {
         let chunk = chunk.map_err(h2_io)?;
-        to.write_all(&chunk).await?;
+        let last = from.is_end_stream();
+        if last {
+            write_last(to, &chunk).await?;
+        } else {
+            to.write_all(&chunk).await?;
+        }
         let n = chunk.len();
         let _ = from.flow_control().release_capacity(n);
         *count += n as u64;
         counted(n as u64);
+        if last {
+            return Ok(());
+        }
     }
     to.shutdown().await
 }
