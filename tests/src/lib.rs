@@ -29,6 +29,7 @@ pub mod load;
 pub mod netns;
 pub mod tools;
 pub mod web;
+pub mod ztunnel;
 
 /// True when running as root (the end-to-end tests need it; CI runs as root).
 pub fn is_root() -> bool {

@@ -5,9 +5,10 @@
 //! - `clippy-ebpf`: lint the eBPF crate with Debian's clippy (warnings denied).
 //! - `fmt-ebpf [--check]`: rustfmt the eBPF crate.
 //! - `demo`: build everything and run the two-node demo cluster (root).
-//! - `bench [--quick] [--only PATTERN]`: build release binaries and run the benchmark matrix (root), writing
+//! - `bench [--quick] [--only PATTERN] [--peer ztunnel=PATH]`: build release binaries and run the benchmark matrix (root), writing
 //!   JSON to target/bench/ and the table to docs/benchmarks.md; `--quick` is the short smoke
-//!   variant on the tests' (debug) build, which writes only the JSON; `--only` runs a subset (no doc).
+//!   variant on the tests' (debug) build, which writes only the JSON; `--only` runs a subset (no doc);
+//!   `--peer ztunnel=PATH` also measures Istio's ztunnel (docs/benchmarks.md) in the same run.
 
 use std::{
     path::{Path, PathBuf},
@@ -30,7 +31,7 @@ fn main() -> Result<()> {
         Some("bench") => bench(&root, &args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <build-ebpf | clippy-ebpf | fmt-ebpf [--check] | demo [CONFIG] | bench [--quick] [--only PATTERN]>"
+                "usage: cargo xtask <build-ebpf | clippy-ebpf | fmt-ebpf [--check] | demo [CONFIG] | bench [--quick] [--only PATTERN] [--peer ztunnel=PATH]>"
             );
             std::process::exit(2);
         }
@@ -157,8 +158,30 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     if !quick {
         cmd.arg("--doc").arg(root.join("docs/benchmarks.md"));
     }
-    // `--quick`, `--only PATTERN` (which writes no doc) and the rest go to mesh-bench.
-    run(cmd.args(args))
+    // `--quick`, `--only PATTERN` (which writes no doc) and the rest go to mesh-bench, which
+    // runs in the workspace root: a peer's binary given relative to here is made absolute.
+    let mut peer = false;
+    for arg in args {
+        let arg = match (peer, arg.strip_prefix("--peer=")) {
+            (true, _) => absolute_peer(arg),
+            (false, Some(value)) => format!("--peer={}", absolute_peer(value)),
+            _ => arg.clone(),
+        };
+        peer = arg == "--peer";
+        cmd.arg(arg);
+    }
+    run(&mut cmd)
+}
+
+/// `NAME=PATH` with PATH absolute (as it is from this process's directory).
+fn absolute_peer(value: &str) -> String {
+    match value.split_once('=') {
+        Some((name, path)) => match std::path::absolute(path) {
+            Ok(path) => format!("{name}={}", path.display()),
+            Err(_) => value.to_string(),
+        },
+        None => value.to_string(),
+    }
 }
 
 /// `cargo` (rustup's, from PATH; `RUSTUP_TOOLCHAIN` is kept, so `cargo +TOOLCHAIN xtask`

@@ -22,6 +22,7 @@ use mesh_tests::{
     load::mesh_load_in,
     netns::sh,
     web::WebServer,
+    ztunnel::Ztunnel,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -43,7 +44,15 @@ struct Args {
     /// `fixed`). The report is then partial and no doc is written.
     #[arg(long)]
     only: Option<String>,
+    /// Another mesh measured in the same run, as `NAME=PATH`. Only `ztunnel=PATH` (Istio's
+    /// ztunnel built from source with its `testing` feature; docs/benchmarks.md says how): it
+    /// runs in in-pod mode on both nodes and gets the L4 cells' loads.
+    #[arg(long, value_name = "NAME=PATH")]
+    peer: Vec<String>,
 }
+
+/// The mode of the peer's cells.
+const ZTUNNEL: &str = "ztunnel";
 
 /// Where each path's Service lives.
 const PATHS: [(&str, &str); 2] = [("same node", "100.66.0.40"), ("cross node", "100.66.0.41")];
@@ -96,6 +105,16 @@ fn main() -> Result<()> {
             idle_connections: 10_000,
         }
     };
+    let mut ztunnel = None;
+    for peer in &args.peer {
+        match peer.split_once('=') {
+            Some(("ztunnel", path)) if Path::new(path).is_file() => {
+                ztunnel = Some(std::fs::canonicalize(path)?)
+            }
+            Some(("ztunnel", path)) => bail!("--peer ztunnel={path}: no such file"),
+            _ => bail!("--peer {peer}: expected ztunnel=PATH (the only peer known)"),
+        }
+    }
     let started = Instant::now();
     let machine = machine()?;
     eprintln!("mesh-bench: {}", machine["cpu"]);
@@ -137,37 +156,68 @@ fn main() -> Result<()> {
             bypass.insert(node.into(), events.into());
         }
     }
+    // The peer, in a cluster of its own, with the L4 cells' loads.
+    let mut peer = Value::Null;
+    if let Some(binary) = &ztunnel {
+        let (cluster, servers) = topology()?;
+        let ztunnel = Ztunnel::start(&cluster, binary, BENCH)?;
+        std::thread::sleep(Duration::from_secs(2));
+        bench.proxies = ztunnel.pids();
+        let idle = idle_rss(&bench.proxies)?;
+        for (path, vip) in PATHS {
+            bench.cell(&cluster, path, ZTUNNEL, &format!("http://{vip}:81"))?;
+        }
+        let after = idle_rss(&bench.proxies)?;
+        let held = hold_idle(
+            &cluster,
+            &load,
+            &servers[3],
+            plan.idle_connections,
+            &bench.proxies,
+        )?;
+        peer = json!({
+            "name": "ztunnel",
+            "version": sh(&binary.to_string_lossy(), &["version"]).unwrap_or_default().trim(),
+            "tls": sh(&binary.to_string_lossy(), &["version"])
+                .unwrap_or_default()
+                .split("CryptoProvider:\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or("unknown"),
+            "idle_kib": idle,
+            "after_loads_kib": after,
+            "idle_connections": held,
+        });
+    }
     let (mut cluster, servers) = topology()?;
     cluster.start_mesh_everywhere()?;
     // Idle: started, configured, nothing proxied yet.
     std::thread::sleep(Duration::from_secs(2));
     bench.proxies = vec![cluster.mesh_pid("node-a")?, cluster.mesh_pid("node-b")?];
-    // RSS, and its parts: private memory (anonymous) and mapped files (the binary and its libraries).
-    let mut idle = serde_json::Map::new();
-    for (node, pid) in ["node-a", "node-b"].into_iter().zip(&bench.proxies) {
-        let mut parts = serde_json::Map::new();
-        for key in ["VmRSS", "RssAnon", "RssFile"] {
-            parts.insert(
-                key.into(),
-                proc_status_kib(*pid, &format!("{key}:"))?.into(),
-            );
-        }
-        idle.insert(node.into(), parts.into());
-    }
+    let idle = idle_rss(&bench.proxies)?;
     for (path, vip) in PATHS {
         bench.cell(&cluster, path, "L4", &format!("http://{vip}:81"))?;
         bench.cell(&cluster, path, "L7", &format!("http://{vip}:80"))?;
     }
+    let after_loads = idle_rss(&bench.proxies)?;
+    let held = hold_idle(
+        &cluster,
+        &load,
+        &servers[3],
+        plan.idle_connections,
+        &bench.proxies,
+    )?;
     let runs = bench.runs;
-    let held = hold_idle(&cluster, &load, &servers[3], plan.idle_connections)?;
     drop(servers);
     let report = json!({
         "machine": machine,
         "quick": args.quick,
         "seconds": started.elapsed().as_secs_f64(),
         "idle_kib": idle,
+        "after_loads_kib": after_loads,
         "idle_connections": held,
         "bypass": bypass,
+        "peer": peer,
         "runs": runs,
     });
     std::fs::create_dir_all(&args.out)?;
@@ -223,10 +273,10 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    /// The five loads of one cell.
+    /// The loads of one cell.
     fn cell(&mut self, cluster: &Cluster, path: &str, mode: &str, base: &str) -> Result<()> {
         let p = self.plan;
-        let loads: [(&str, String, Vec<String>); 5] = [
+        let loads: [(&str, String, Vec<String>); 6] = [
             (
                 "fixed",
                 format!("{base}/echo"),
@@ -260,6 +310,13 @@ impl Bench<'_> {
                 format!("{base}/echo"),
                 args(&["--mode=connect", "--connections=16"], p.connect_s),
             ),
+            (
+                // The same again right away: between the same pods, while the first burst's
+                // connections are still in TIME_WAIT somewhere on the path.
+                "connect2",
+                format!("{base}/echo"),
+                args(&["--mode=connect", "--connections=16"], p.connect_s),
+            ),
         ];
         for (load, url, extra) in loads {
             let name = format!("{}/{mode}/{load}", path.split(' ').next().unwrap_or(path));
@@ -274,7 +331,14 @@ impl Bench<'_> {
                 Ok(run) => run,
                 Err(err) => {
                     for node in ["node-a", "node-b"] {
-                        let log = cluster.mesh_log(node);
+                        let log = if mode == ZTUNNEL {
+                            std::fs::read_to_string(
+                                cluster.dir().join(format!("ztunnel-{node}.log")),
+                            )
+                            .unwrap_or_default()
+                        } else {
+                            cluster.mesh_log(node)
+                        };
                         let tail: Vec<&str> = log.lines().rev().take(30).collect();
                         eprintln!("--- {node}'s mesh-node log, last lines:");
                         for line in tail.iter().rev() {
@@ -361,14 +425,35 @@ fn args(extra: &[&str], seconds: u64) -> Vec<String> {
         .collect()
 }
 
+/// RSS of each proxy (node-a's, node-b's), and its parts: private memory (anonymous) and
+/// mapped files (the binary and its libraries).
+fn idle_rss(proxies: &[u32]) -> Result<Value> {
+    let mut idle = serde_json::Map::new();
+    for (node, pid) in ["node-a", "node-b"].into_iter().zip(proxies) {
+        let mut parts = serde_json::Map::new();
+        for key in ["VmRSS", "RssAnon", "RssFile"] {
+            parts.insert(
+                key.into(),
+                proc_status_kib(*pid, &format!("{key}:"))?.into(),
+            );
+        }
+        idle.insert(node.into(), parts.into());
+    }
+    Ok(idle.into())
+}
+
 /// Holds `count` idle connections from the client to the cross-node server's TCP port
-/// through the mesh (HBONE), and reports what the two proxies hold per connection.
-fn hold_idle(cluster: &Cluster, load: &Path, server: &WebServer, count: usize) -> Result<Value> {
+/// through the proxies (HBONE), and reports what the two proxies hold per connection.
+fn hold_idle(
+    cluster: &Cluster,
+    load: &Path,
+    server: &WebServer,
+    count: usize,
+    proxies: &[u32],
+) -> Result<Value> {
     let open_before = server.seen.open.load(std::sync::atomic::Ordering::Acquire);
-    let before = [
-        cluster.mesh_rss_kib("node-a")?,
-        cluster.mesh_rss_kib("node-b")?,
-    ];
+    let rss = |i: usize| proc_status_kib(proxies[i], "VmRSS:");
+    let before = [rss(0)?, rss(1)?];
     let client = cluster.pod("client").netns.name();
     let mut child = std::process::Command::new("ip")
         .args(["netns", "exec", client])
@@ -405,10 +490,7 @@ fn hold_idle(cluster: &Cluster, load: &Path, server: &WebServer, count: usize) -
             std::thread::sleep(Duration::from_millis(100));
         }
         std::thread::sleep(Duration::from_secs(1));
-        let after = [
-            cluster.mesh_rss_kib("node-a")?,
-            cluster.mesh_rss_kib("node-b")?,
-        ];
+        let after = [rss(0)?, rss(1)?];
         let per = |i: usize| (after[i].saturating_sub(before[i])) as f64 * 1024.0 / count as f64;
         Ok(json!({
             "count": held["held"],
@@ -472,18 +554,19 @@ fn table(report: &Value) -> String {
         },
     );
     out.push_str(
-        "| path | mode | latency p50 / p90 / p99 / p99.9 µs at 1,000 req/s | added p50 / p99 µs | 1 KiB ping-pong p50 / p99 µs (added) | max req/s (64 conns) | bulk Gbit/s (1 conn) | new conns/s | proxy CPU s per 1,000 req | proxy peak RSS MiB |\n",
+        "| path | mode | latency p50 / p90 / p99 / p99.9 µs at 1,000 req/s | added p50 / p99 µs | 1 KiB ping-pong p50 / p99 µs (added) | max req/s (64 conns) | bulk Gbit/s (1 conn) | new conns/s, first / second burst | proxy CPU s per 1,000 req | proxy peak RSS MiB |\n",
     );
     out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for (path, _) in PATHS {
         let base = |load: &str| find(path, "baseline", load);
-        for mode in ["baseline", "L4", "L4 bypass", "L7", "L7 bypass"] {
-            let (Some(fixed), Some(pingpong), Some(max), Some(bulk), Some(connect)) = (
+        for mode in ["baseline", ZTUNNEL, "L4", "L4 bypass", "L7", "L7 bypass"] {
+            let (Some(fixed), Some(pingpong), Some(max), Some(bulk), Some(connect), Some(connect2)) = (
                 find(path, mode, "fixed"),
                 find(path, mode, "pingpong"),
                 find(path, mode, "max"),
                 find(path, mode, "bulk"),
                 find(path, mode, "connect"),
+                find(path, mode, "connect2"),
             ) else {
                 continue;
             };
@@ -511,6 +594,7 @@ fn table(report: &Value) -> String {
             let max_rate = max["result"]["rate"].as_f64().unwrap_or(0.0);
             let gbit = bulk["result"]["per_second"].as_f64().unwrap_or(0.0) * 8.0 / 1e9;
             let conns = connect["result"]["per_second"].as_f64().unwrap_or(0.0);
+            let conns2 = connect2["result"]["per_second"].as_f64().unwrap_or(0.0);
             let requests = fixed["result"]["requests"].as_f64().unwrap_or(0.0).max(1.0);
             let (cpu, rss) = if mode == "baseline" {
                 ("-".to_string(), "-".to_string())
@@ -531,7 +615,7 @@ fn table(report: &Value) -> String {
                 )
             };
             out.push_str(&format!(
-                "| {path} | {mode} | {:.0} / {:.0} / {:.0} / {:.0} | {added} | {pingpong} | {:.0}{} | {:.2}{} | {:.0}{} | {cpu} | {rss} |\n",
+                "| {path} | {mode} | {:.0} / {:.0} / {:.0} / {:.0} | {added} | {pingpong} | {:.0}{} | {:.2}{} | {:.0}{} / {:.0}{} | {cpu} | {rss} |\n",
                 lat(fixed, 0),
                 lat(fixed, 1),
                 lat(fixed, 2),
@@ -542,9 +626,12 @@ fn table(report: &Value) -> String {
                 ratio(gbit, base("bulk").and_then(|b| b["result"]["per_second"].as_f64().map(|v| v * 8.0 / 1e9))),
                 conns,
                 ratio(conns, base("connect").and_then(|b| b["result"]["per_second"].as_f64())),
+                conns2,
+                ratio(conns2, base("connect2").and_then(|b| b["result"]["per_second"].as_f64())),
             ));
         }
     }
+    out.push_str(&versus(report, &runs));
     let bypass = &report["bypass"];
     out.push_str(&format!(
         "\nSame-node socket bypass (on in the \"bypass\" rows, which ran in a cluster of their own; off, the default, in the others): {} messages moved socket to socket on node-a, {} on node-b; senders left on TCP (no peer socket): {} / {}.\n",
@@ -575,6 +662,139 @@ fn table(report: &Value) -> String {
         held["rss_kib_after"]["node-b"].as_f64().unwrap_or(0.0) / 1024.0,
         held["bytes_per_connection"]["node-b"].as_f64().unwrap_or(0.0),
     ));
+    out
+}
+
+/// The mesh's L4 cells against the peer's, from the same run: each figure of both and the
+/// ratio mesh / peer (below 1 is better for times, CPU and memory, above 1 for rates).
+fn versus(report: &Value, runs: &[&Value]) -> String {
+    let peer = &report["peer"];
+    let Some(name) = peer["name"].as_str() else {
+        return String::new();
+    };
+    let result = |path: &str, mode: &str, load: &str, key: &str, i: Option<usize>| {
+        let run = runs
+            .iter()
+            .find(|r| r["path"] == path && r["mode"] == mode && r["load"] == load)?;
+        let value = &run["result"][key];
+        match i {
+            Some(i) => value[i].as_f64(),
+            None => value.as_f64(),
+        }
+    };
+    let cpu = |path: &str, mode: &str, load: &str| {
+        runs.iter()
+            .find(|r| r["path"] == path && r["mode"] == mode && r["load"] == load)
+            .and_then(|r| r["proxy_cpu_s"].as_f64())
+    };
+    let mut out = format!(
+        "\nThis mesh (L4 rows) against {name} (TLS provider {}), same run, same loads; ratio = mesh / {name}:\n\n| path | measure | {name} | this mesh | ratio |\n|---|---|---|---|---|\n",
+        peer["tls"].as_str().unwrap_or("unknown")
+    );
+    type Measure<'a> = (&'a str, Box<dyn Fn(&str, &str) -> Option<f64> + 'a>, usize);
+    let measures: Vec<Measure> = vec![
+        (
+            "p50 at 1,000 req/s, µs",
+            Box::new(|p, m| result(p, m, "fixed", "latency_us", Some(0))),
+            0,
+        ),
+        (
+            "p99 at 1,000 req/s, µs",
+            Box::new(|p, m| result(p, m, "fixed", "latency_us", Some(2))),
+            0,
+        ),
+        (
+            "1 KiB ping-pong p50, µs",
+            Box::new(|p, m| result(p, m, "pingpong", "latency_us", Some(0))),
+            0,
+        ),
+        (
+            "1 KiB ping-pong p99, µs",
+            Box::new(|p, m| result(p, m, "pingpong", "latency_us", Some(2))),
+            0,
+        ),
+        (
+            "max req/s (64 conns)",
+            Box::new(|p, m| result(p, m, "max", "rate", None)),
+            0,
+        ),
+        (
+            "bulk Gbit/s (1 conn)",
+            Box::new(|p, m| Some(result(p, m, "bulk", "per_second", None)? * 8.0 / 1e9)),
+            2,
+        ),
+        (
+            "new conns/s, first burst",
+            Box::new(|p, m| result(p, m, "connect", "per_second", None)),
+            0,
+        ),
+        (
+            "new conns/s, second burst",
+            Box::new(|p, m| result(p, m, "connect2", "per_second", None)),
+            0,
+        ),
+        (
+            "proxy CPU s per 1,000 req at 1,000 req/s",
+            Box::new(|p, m| {
+                Some(
+                    cpu(p, m, "fixed")? * 1000.0
+                        / result(p, m, "fixed", "requests", None)?.max(1.0),
+                )
+            }),
+            3,
+        ),
+        (
+            "proxy CPU s per GiB bulk",
+            Box::new(|p, m| {
+                Some(
+                    cpu(p, m, "bulk")?
+                        / (result(p, m, "bulk", "count", None)? / 1073741824.0).max(1e-9),
+                )
+            }),
+            2,
+        ),
+    ];
+    for (path, _) in PATHS {
+        for (label, measure, decimals) in &measures {
+            let (Some(peer), Some(mesh)) = (measure(path, name), measure(path, "L4")) else {
+                continue;
+            };
+            let ratio = if peer > 0.0 {
+                format!("{:.2}x", mesh / peer)
+            } else {
+                "-".into()
+            };
+            out.push_str(&format!(
+                "| {path} | {label} | {peer:.decimals$} | {mesh:.decimals$} | {ratio} |\n"
+            ));
+        }
+    }
+    let mib = |v: &Value| v.as_f64().unwrap_or(0.0) / 1024.0;
+    for node in ["node-a", "node-b"] {
+        for (label, key) in [
+            ("idle RSS, MiB", "idle_kib"),
+            ("RSS after the loads, MiB", "after_loads_kib"),
+        ] {
+            let (p, m) = (
+                mib(&peer[key][node]["VmRSS"]),
+                mib(&report[key][node]["VmRSS"]),
+            );
+            out.push_str(&format!(
+                "| {node} | {label} | {p:.1} | {m:.1} | {:.2}x |\n",
+                if p > 0.0 { m / p } else { 0.0 }
+            ));
+        }
+        let per = |r: &Value| {
+            r["idle_connections"]["bytes_per_connection"][node]
+                .as_f64()
+                .unwrap_or(0.0)
+        };
+        let (p, m) = (per(peer), per(report));
+        out.push_str(&format!(
+            "| {node} | bytes per idle connection | {p:.0} | {m:.0} | {:.2}x |\n",
+            if p > 0.0 { m / p } else { 0.0 }
+        ));
+    }
     out
 }
 
