@@ -14,7 +14,9 @@
 //!   dropped connections) for the kube source;
 //! - [`load`]: a fixed-rate HTTP load generator without coordinated omission (`mesh-load`);
 //! - [`tools`]: tcpdump, openssl s_client and Prometheus, run inside the test's namespaces;
-//! - [`web`]: an HTTP/h2c/gRPC server for pods whose answers name the pod, curl and wrk.
+//! - [`web`]: an HTTP/h2c/gRPC server for pods whose answers name the pod, curl and wrk;
+//! - [`ztunnel`]: Istio's ztunnel as the benchmark's peer, in in-pod mode (a ZDS server per
+//!   node, istio-cni's in-pod rules, a local config made from the cluster's YAML).
 //!
 //! Addresses: underlay 100.64.0.0/24, pod CIDR of node i 100.65.i.0/24, Service VIPs in
 //! 100.66.0.0/16; nothing routes out of the machine.
