@@ -195,11 +195,14 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     bench.proxies = vec![cluster.mesh_pid("node-a")?, cluster.mesh_pid("node-b")?];
     let idle = idle_rss(&bench.proxies)?;
+    // The L4 cells first: the RSS after them compares with the peer's after the same loads.
     for (path, vip) in PATHS {
         bench.cell(&cluster, path, "L4", &format!("http://{vip}:81"))?;
-        bench.cell(&cluster, path, "L7", &format!("http://{vip}:80"))?;
     }
     let after_loads = idle_rss(&bench.proxies)?;
+    for (path, vip) in PATHS {
+        bench.cell(&cluster, path, "L7", &format!("http://{vip}:80"))?;
+    }
     let held = hold_idle(
         &cluster,
         &load,
@@ -773,7 +776,7 @@ fn versus(report: &Value, runs: &[&Value]) -> String {
     for node in ["node-a", "node-b"] {
         for (label, key) in [
             ("idle RSS, MiB", "idle_kib"),
-            ("RSS after the loads, MiB", "after_loads_kib"),
+            ("RSS after the L4 loads, MiB", "after_loads_kib"),
         ] {
             let (p, m) = (
                 mib(&peer[key][node]["VmRSS"]),
