@@ -4,7 +4,7 @@
 //! immutable snapshot built from them), [`capture`] (eBPF programs, links, pins, routing
 //! rules), [`proxy`] (transparent listeners and L4 forwarding), [`http`] (L7 routing and
 //! policy), [`metrics`], [`admin`],
-//! [`reload`] (config file watching), [`preflight`] (privilege and kernel checks) and [`sys`]
+//! [`reload`] (config file watching), [`response_flag`] (how a connection or request ended), [`preflight`] (privilege and kernel checks) and [`sys`]
 //! (the only module allowed to use `unsafe`).
 #![deny(unsafe_code)]
 
@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod preflight;
 pub mod proxy;
 pub mod reload;
+pub mod response_flag;
 pub mod state;
 pub mod sys;
 pub mod telemetry;

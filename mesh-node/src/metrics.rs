@@ -2,6 +2,7 @@
 //! decision counters (read from the per-CPU map at scrape time). Istio's standard
 //! `istio_*` metrics come with workload identity (later issues).
 
+use crate::response_flag::ResponseFlag;
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::{
@@ -128,8 +129,8 @@ impl ProxyMetrics {
     }
 
     /// A connection finished with `flag` (empty when fine).
-    pub fn closed(&self, direction: Direction, flag: &'static str) {
-        let response_flags = if flag.is_empty() { "-" } else { flag };
+    pub fn closed(&self, direction: Direction, flag: ResponseFlag) {
+        let response_flags = flag.code();
         self.closed
             .get_or_create(&ClosedLabels {
                 direction: direction.as_str(),

@@ -7,6 +7,7 @@
 //! client (the response direction) and `istio_tcp_received_bytes` bytes received from it, as
 //! Istio defines them.
 
+use crate::response_flag::ResponseFlag;
 use std::io::Write;
 
 use prometheus_client::{
@@ -207,9 +208,9 @@ impl Report {
         protocol: &'static str,
         response_code: u16,
         grpc_status: Option<&str>,
-        response_flags: &'static str,
+        response_flags: ResponseFlag,
     ) -> RequestLabels {
-        let tcp = self.labels(response_flags);
+        let tcp = self.labels(response_flags.code());
         RequestLabels {
             tcp: TcpLabels {
                 request_protocol: protocol,
@@ -426,7 +427,7 @@ impl TcpMetrics {
             sent: Vec::new(),
         };
         for report in &live.reports {
-            let labels = report.labels("-");
+            let labels = report.labels(ResponseFlag::None.code());
             let series = |name, family: &Family<TcpLabels, Counter>| {
                 self.cap
                     .series(name, family, &labels, || labels.overflow(), Counter::clone)
@@ -474,9 +475,9 @@ impl Live {
     }
 
     /// The connection ended with `flag` (empty when fine).
-    pub fn close(self, flag: &'static str) {
+    pub fn close(self, flag: ResponseFlag) {
         let Some(metrics) = &self.metrics else { return };
-        let flags = if flag.is_empty() { "-" } else { flag };
+        let flags = flag.code();
         for report in &self.reports {
             let labels = report.labels(flags);
             let closed = &metrics.closed;
@@ -551,7 +552,7 @@ pub struct RequestOutcome<'a> {
     /// `grpc-status` of a gRPC response.
     pub grpc_status: Option<&'a str>,
     /// Istio response flags, `-` when none.
-    pub flags: &'static str,
+    pub flags: ResponseFlag,
     /// Time from the request to the end of the response.
     pub duration: std::time::Duration,
     /// Request body bytes.
@@ -597,7 +598,7 @@ impl RequestMetrics {
                 outcome.protocol,
                 outcome.code,
                 outcome.grpc_status,
-                outcome.flags,
+                outcome.flags.code(),
             );
             let overflow = || labels.overflow();
             let cap = &self.cap;
@@ -715,7 +716,7 @@ pub fn flush_access_log() {
 /// One JSON line per finished connection on standard output (logs go to standard error), so
 /// a log collector can take them apart.
 pub fn access_log(record: &ConnectionRecord) {
-    access_log_line(record, record.flag == "DENY");
+    access_log_line(record, record.flag == ResponseFlag::Denied);
 }
 
 /// Writes any serializable record as one access-log line; `denied`: the record of a denial.

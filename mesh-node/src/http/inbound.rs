@@ -5,6 +5,7 @@
 //! `reporter="destination"`, and passed to the pod over one connection per client
 //! connection, in the protocol the request came in.
 
+use crate::response_flag::ResponseFlag;
 use std::{
     net::{Ipv4Addr, SocketAddr},
     sync::{atomic::AtomicU64, Arc},
@@ -121,7 +122,7 @@ async fn handle(
         authority: authority.clone(),
         version: version_name(req.version()),
         protocol: protocol_of(req.headers()),
-        response_flags: "-",
+        response_flags: ResponseFlag::None,
         client: conn.peer.to_string(),
         source_workload: source.map(qualified),
         source_principal: identity.map(str::to_string),
@@ -131,7 +132,7 @@ async fn handle(
     };
     let request_bytes = Arc::new(AtomicU64::new(0));
     let Some(destination) = destination else {
-        log.response_flags = "NR";
+        log.response_flags = ResponseFlag::NoRoute;
         let finish = Finish::new(
             ctx.l7.metrics.clone(),
             Vec::new(),
@@ -195,7 +196,7 @@ async fn handle(
     let sender = match sender(upstream, peer_ip, conn.target, h2, upgrade).await {
         Ok(sender) => sender,
         Err(err) => {
-            log.response_flags = "UF";
+            log.response_flags = ResponseFlag::UpstreamConnectFailure;
             log.error = Some(err.clone());
             let response = local_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -230,7 +231,7 @@ async fn handle(
             Observed::wrap(Response::from_parts(parts, super::boxed(body)), finish(log))
         }
         Err(err) => {
-            log.response_flags = "UC";
+            log.response_flags = ResponseFlag::UpstreamTermination;
             log.error = Some(err.to_string());
             let response = local_response(
                 StatusCode::SERVICE_UNAVAILABLE,

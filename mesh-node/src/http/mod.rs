@@ -19,6 +19,7 @@ pub mod server;
 pub mod tunnel;
 pub mod upstream;
 
+use crate::response_flag::ResponseFlag;
 use std::{
     pin::Pin,
     sync::Arc,
@@ -329,7 +330,7 @@ pub struct RequestLog {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_status: Option<String>,
     /// Istio response flags.
-    pub response_flags: &'static str,
+    pub response_flags: ResponseFlag,
     /// Detail on a failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -442,8 +443,8 @@ impl Finish {
 
     fn done(mut self, response_bytes: u64, grpc_status: Option<String>, complete: bool) {
         let log = &mut self.log;
-        if !complete && log.response_flags == "-" {
-            log.response_flags = "DC";
+        if !complete && log.response_flags == ResponseFlag::None {
+            log.response_flags = ResponseFlag::DownstreamTermination;
         }
         log.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         log.response_bytes = response_bytes;
@@ -484,7 +485,7 @@ impl Observed {
     /// Wraps a response: its headers may already carry `grpc-status` (trailers-only).
     pub fn wrap(response: Response<RespBody>, mut finish: Finish) -> Response<RespBody> {
         let (mut parts, inner) = response.into_parts();
-        if finish.log.response_flags == "DC" {
+        if finish.log.response_flags == ResponseFlag::DownstreamTermination {
             parts.extensions.insert(server::ClientGone);
         }
         finish.log.response_code = parts.status.as_u16();

@@ -5,6 +5,7 @@
 //! `reporter="source"` (and `reporter="destination"` when the endpoint is an enrolled pod of
 //! this node, whose AuthorizationPolicy is then applied here).
 
+use crate::response_flag::ResponseFlag;
 use std::{
     collections::HashSet,
     net::{SocketAddr, SocketAddrV4},
@@ -83,8 +84,8 @@ pub async fn serve(
     let served = server::serve(&ctx.l7.outbound, peer.ip(), client, handle).await;
     tracked.finish(match served {
         Served::Done(Ok(())) => Outcome::default(),
-        Served::Done(Err(err)) => Outcome::refused("DC", err.to_string()),
-        Served::Limited(reason) => Outcome::refused("DPE", reason.to_string()),
+        Served::Done(Err(err)) => Outcome::refused(ResponseFlag::DownstreamTermination, err.to_string()),
+        Served::Limited(reason) => Outcome::refused(ResponseFlag::DownstreamProtocolError, reason.to_string()),
     });
 }
 
@@ -125,10 +126,10 @@ impl Call<'_> {
     fn answer(
         mut self,
         response: Response<RespBody>,
-        flag: &'static str,
+        flag: ResponseFlag,
         error: Option<String>,
     ) -> Response<RespBody> {
-        if !flag.is_empty() {
+        if flag.is_set() {
             self.log.response_flags = flag;
         }
         self.log.error = error;
@@ -177,7 +178,7 @@ async fn handle(
             authority: authority.clone(),
             version: version_name(parts.version),
             protocol: protocol_of(&parts.headers),
-            response_flags: "-",
+            response_flags: ResponseFlag::None,
             client: conn.peer.to_string(),
             source_workload: source.map(crate::proxy::forward::qualified),
             source_principal: source.filter(|s| s.enrolled).map(|s| s.identity.clone()),
@@ -195,7 +196,7 @@ async fn handle(
         let response = local_response(StatusCode::SERVICE_UNAVAILABLE, "no such service");
         return call.answer(
             response,
-            "NR",
+            ResponseFlag::NoRoute,
             Some(format!("{} is no Service port now", conn.vip)),
         );
     };
@@ -205,7 +206,7 @@ async fn handle(
         Ok(plan) => plan,
         Err(()) => {
             let response = local_response(StatusCode::NOT_FOUND, "");
-            return call.answer(response, "NR", Some("no route matched".into()));
+            return call.answer(response, ResponseFlag::NoRoute, Some("no route matched".into()));
         }
     };
     call.log.route = plan.route_name.clone();
@@ -235,13 +236,13 @@ async fn handle(
                     // The route timeout starts after the injected delay, as Envoy's router
                     // runs after its fault filter.
                     routed_at = Instant::now();
-                    call.log.response_flags = "DI";
+                    call.log.response_flags = ResponseFlag::DelayInjected;
                 }
             }
             if let Some(abort) = &fault.abort {
                 if hit(abort.percentage.as_ref().map(|p| p.0)) {
                     let response = abort_response(abort, &parts);
-                    return call.answer(response, "FI", Some("fault injected".into()));
+                    return call.answer(response, ResponseFlag::FaultInjected, Some("fault injected".into()));
                 }
             }
         }
@@ -253,7 +254,7 @@ async fn handle(
         let response = local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         return call.answer(
             response,
-            "NC",
+            ResponseFlag::NoCluster,
             Some(format!("{} has no such port", plan.host)),
         );
     };
@@ -269,7 +270,7 @@ async fn handle(
     let (cluster, view) = cluster_view(ctx, &state, key, target, source);
     if let Some(error) = &view.error {
         let response = local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-        return call.answer(response, "NC", Some(error.clone()));
+        return call.answer(response, ResponseFlag::NoCluster, Some(error.clone()));
     }
     // A small body is read (with a deadline) before the request takes a slot of the
     // destination: a client that declares a length and sends nothing holds no slot.
@@ -279,7 +280,7 @@ async fn handle(
             let response = local_response(StatusCode::BAD_REQUEST, "");
             return call.answer(
                 response,
-                "DC",
+                ResponseFlag::DownstreamTermination,
                 Some(format!("reading the request body: {err}")),
             );
         }
@@ -287,7 +288,7 @@ async fn handle(
             let response = local_response(StatusCode::REQUEST_TIMEOUT, "request timeout");
             return call.answer(
                 response,
-                "DPE",
+                ResponseFlag::DownstreamProtocolError,
                 Some(format!(
                     "the request body did not arrive within {}s",
                     BODY_TIMEOUT.as_secs()
@@ -301,7 +302,7 @@ async fn handle(
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream connect error or disconnect/reset before headers. reset reason: overflow",
         );
-        return call.answer(response, "UO", Some("http2MaxRequests reached".into()));
+        return call.answer(response, ResponseFlag::UpstreamOverflow, Some("http2MaxRequests reached".into()));
     }
     call.slot = Some(Slot {
         cluster: cluster.clone(),
@@ -371,7 +372,7 @@ async fn handle(
     let hash = hash_key(&view.policy.balancer, &parts, conn.peer);
     let mut tried = HashSet::new();
     let mut body = Some(body);
-    let mut last: Option<(Response<RespBody>, &'static str, Option<String>)> = None;
+    let mut last: Option<(Response<RespBody>, ResponseFlag, Option<String>)> = None;
     let mut attempts = 0u32;
     let mut retrying = None::<RetryGuard>;
     let result = loop {
@@ -396,7 +397,7 @@ async fn handle(
         let Some(endpoint) = cluster.pick(&view, &tried, hash, None) else {
             break (
                 local_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
-                "UH",
+                ResponseFlag::NoHealthyUpstream,
                 Some(format!("{} has no ready endpoint", plan.host)),
             );
         };
@@ -467,7 +468,7 @@ async fn handle(
                 if retry.on.status(status, grpc) && can_retry && !overall_expired {
                     drop(active);
                     let (parts, _) = response.into_parts();
-                    last = Some((Response::from_parts(parts, full(Bytes::new())), "URX", None));
+                    last = Some((Response::from_parts(parts, full(Bytes::new())), ResponseFlag::RetryLimitExceeded, None));
                     continue;
                 }
                 if let Some(slot) = &mut call.slot {
@@ -487,7 +488,7 @@ async fn handle(
                 strip_hop_by_hop(&mut parts.headers, false);
                 break (
                     Response::from_parts(parts, super::boxed(incoming)),
-                    if retried_out { "URX" } else { "" },
+                    if retried_out { ResponseFlag::RetryLimitExceeded } else { ResponseFlag::None },
                     None,
                 );
             }
@@ -495,10 +496,10 @@ async fn handle(
             Err(failure) => {
                 drop(active);
                 if let Failure::Connect(f) = &failure {
-                    if f.flag == "UO" {
-                        break (local_response(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow"), "UO", Some(f.error.clone()));
+                    if f.flag == ResponseFlag::UpstreamOverflow {
+                        break (local_response(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow"), ResponseFlag::UpstreamOverflow, Some(f.error.clone()));
                     }
-                    if f.flag == "DENY" {
+                    if f.flag == ResponseFlag::Denied {
                         // The destination's policy refused the tunnel: not the endpoint's
                         // fault, and not worth a retry.
                         let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
@@ -509,19 +510,19 @@ async fn handle(
                 let (status, flag, error, retriable) = match failure {
                     Failure::Timeout => (
                         StatusCode::GATEWAY_TIMEOUT,
-                        "UT",
+                        ResponseFlag::UpstreamTimeout,
                         "upstream request timeout".to_string(),
                         retry.on.timeout(),
                     ),
                     Failure::Connect(f) => (
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "UF",
+                        ResponseFlag::UpstreamConnectFailure,
                         f.error,
                         retry.on.connect(),
                     ),
                     Failure::Reset(err, refused) => (
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "UC",
+                        ResponseFlag::UpstreamTermination,
                         err,
                         retry.on.reset(refused),
                     ),
@@ -534,7 +535,7 @@ async fn handle(
                 if retriable && can_retry && !overall_expired {
                     last = Some((
                         response,
-                        if flag == "UT" { "UT" } else { "URX" },
+                        if flag == ResponseFlag::UpstreamTimeout { ResponseFlag::UpstreamTimeout } else { ResponseFlag::RetryLimitExceeded },
                         Some(error),
                     ));
                     continue;
@@ -542,12 +543,12 @@ async fn handle(
                 if overall_expired {
                     break (
                         local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
-                        "UT",
+                        ResponseFlag::UpstreamTimeout,
                         Some("route timeout".into()),
                     );
                 }
                 let flag = if attempts > 1 && retriable {
-                    "URX"
+                    ResponseFlag::RetryLimitExceeded
                 } else {
                     flag
                 };
@@ -662,7 +663,7 @@ pub(crate) fn tcp_route<'s>(
     let matched = route::tcp_route(&vs.0.spec, service.vip.port(), source)?;
     let Some(destination) = route::pick_tcp(matched) else {
         return Some(Err(Outcome::refused(
-            "NR",
+            ResponseFlag::NoRoute,
             "tcp route without destinations",
         )));
     };
@@ -670,7 +671,7 @@ pub(crate) fn tcp_route<'s>(
     let port = destination.destination.port.map(|p| p as u16);
     let Some(target) = destination_service(state, &host, port, service, service.vip.port()) else {
         return Some(Err(Outcome::refused(
-            "NC",
+            ResponseFlag::NoCluster,
             format!("{host} has no such port"),
         )));
     };
@@ -678,12 +679,12 @@ pub(crate) fn tcp_route<'s>(
     let key = cluster_key(state, client_ns, source, &host, subset, target);
     let (cluster, view) = cluster_view(ctx, state, key, target, source);
     if let Some(error) = &view.error {
-        return Some(Err(Outcome::refused("NC", error.clone())));
+        return Some(Err(Outcome::refused(ResponseFlag::NoCluster, error.clone())));
     }
     let hash = hash_key_l4(&view.policy.balancer, source);
     Some(match cluster.pick(&view, &HashSet::new(), hash, None) {
         Some(endpoint) => Ok((target, endpoint)),
-        None => Err(Outcome::refused("UH", "no healthy upstream")),
+        None => Err(Outcome::refused(ResponseFlag::NoHealthyUpstream, "no healthy upstream")),
     })
 }
 
@@ -856,7 +857,7 @@ async fn replayable(body: Incoming, parts: &Parts) -> Result<ReqBody, hyper::Err
 
 enum Answer {
     Upstream(Response<Incoming>),
-    Local(Response<RespBody>, &'static str, Option<String>),
+    Local(Response<RespBody>, ResponseFlag, Option<String>),
 }
 
 enum Failure {
@@ -888,7 +889,7 @@ async fn send(
             let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
             return Ok(Answer::Local(
                 response,
-                "-",
+                ResponseFlag::None,
                 Some("plaintext refused: PeerAuthentication STRICT".into()),
             ));
         }
@@ -912,7 +913,7 @@ async fn send(
                 decision.reason,
                 decision.policy.as_deref().unwrap_or("-")
             );
-            return Ok(Answer::Local(response, "-", Some(why)));
+            return Ok(Answer::Local(response, ResponseFlag::None, Some(why)));
         }
         super::inbound::set_client_cert(request.headers_mut(), &d.identity, identity);
     }

@@ -7,6 +7,7 @@
 //! `maxConnections` (then waiting, up to `http1MaxPendingRequests`, else overflow),
 //! `maxRequestsPerConnection` and `idleTimeout`.
 
+use crate::response_flag::ResponseFlag;
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{atomic::Ordering, Arc},
@@ -181,7 +182,7 @@ impl Lease {
 /// Why no connection could be had.
 pub struct ConnectFailure {
     /// `UO` (limits), `UF` (connect failure), `DENY` (the destination refused the tunnel).
-    pub flag: &'static str,
+    pub flag: ResponseFlag,
     /// Detail.
     pub error: String,
 }
@@ -301,7 +302,7 @@ pub async fn lease(
             if cluster.pending.fetch_add(1, Ordering::AcqRel) >= policy.max_pending {
                 cluster.pending.fetch_sub(1, Ordering::AcqRel);
                 return Err(ConnectFailure {
-                    flag: "UO",
+                    flag: ResponseFlag::UpstreamOverflow,
                     error: format!(
                         "{} connections open and {} requests pending: overflow",
                         policy.max_connections, policy.max_pending
@@ -312,7 +313,7 @@ pub async fn lease(
         }
         if Instant::now() >= deadline {
             return Err(ConnectFailure {
-                flag: "UO",
+                flag: ResponseFlag::UpstreamOverflow,
                 error: "no connection freed up within the connect timeout".into(),
             });
         }
@@ -329,7 +330,7 @@ async fn connect(
     counted: Counted,
     timeout: Duration,
 ) -> Result<Sender, ConnectFailure> {
-    let uf = |error: String| ConnectFailure { flag: "UF", error };
+    let uf = |error: String| ConnectFailure { flag: ResponseFlag::UpstreamConnectFailure, error };
     let source = target.source.map_or(Ipv4Addr::UNSPECIFIED, |s| s.ip);
     if target.hbone(ctx) {
         let (Some(s), Some(d)) = (target.source, target.destination) else {
@@ -353,7 +354,7 @@ async fn connect(
     let endpoint = SocketAddr::V4(target.endpoint);
     let source = ctx
         .upstream_source(source, endpoint)
-        .map_err(|error| ConnectFailure { flag: "NR", error })?;
+        .map_err(|error| ConnectFailure { flag: ResponseFlag::NoRoute, error })?;
     let connected =
         tokio::time::timeout(timeout, crate::proxy::connect_from(source, endpoint)).await;
     let stream = match connected {

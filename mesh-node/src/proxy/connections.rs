@@ -2,6 +2,7 @@
 //! ones, served at `/debug/connections`. This is what shows (not assumes) that a flow went
 //! through the node proxy, with its original destination.
 
+use crate::response_flag::ResponseFlag;
 use std::{
     collections::{BTreeMap, VecDeque},
     net::SocketAddr,
@@ -64,10 +65,8 @@ pub struct ConnectionRecord {
     pub bytes_sent: u64,
     /// Bytes from the upstream to the client.
     pub bytes_received: u64,
-    /// Istio-style response flag: empty when fine, `UF` (upstream connect failure), `UH` (no
-    /// healthy upstream), `NR` (no route), `DC` (connection broken mid-stream), `DENY`
-    /// (refused by PeerAuthentication or AuthorizationPolicy, as ztunnel reports it).
-    pub flag: &'static str,
+    /// How it ended: `-` when fine, else Istio's code (`UF`, `UH`, `NR`, `DC`, `DENY`, ...).
+    pub flag: ResponseFlag,
     /// Error detail, if any.
     pub error: Option<String>,
 }
@@ -158,7 +157,7 @@ mod tests {
             closed_ms: None,
             bytes_sent: 0,
             bytes_received: 0,
-            flag: "",
+            flag: ResponseFlag::None,
             error: None,
         }
     }

@@ -10,6 +10,7 @@
 //! destination port refuses it before a byte reaches the pod; otherwise
 //! AuthorizationPolicy decides.
 
+use crate::response_flag::ResponseFlag;
 use std::{
     net::{SocketAddr, SocketAddrV4},
     sync::Arc,
@@ -310,7 +311,7 @@ async fn inbound<'a>(
             // deliver it to a pod with no policy applied. Refuse.
             reset(&client);
             let error = format!("{original_dst} is no pod and no Service of this node");
-            Tracked::open(ctx, Direction::Inbound, rec).finish(Outcome::refused("NR", error));
+            Tracked::open(ctx, Direction::Inbound, rec).finish(Outcome::refused(ResponseFlag::NoRoute, error));
             return None;
         }
         // A flow captured for a pod that has since left the mesh: deliver it as the kernel
@@ -393,7 +394,7 @@ async fn plain_elsewhere(
         Err(err) => {
             reset(&client);
             tracked.finish(Outcome::refused(
-                "UF",
+                ResponseFlag::UpstreamConnectFailure,
                 format!("connect to {upstream}: {err}"),
             ));
             return None;
@@ -431,7 +432,7 @@ pub(crate) async fn serve_http(
         Err(err) => {
             reset(&client);
             let error = format!("connect to {}: {err}", inbound.target);
-            tracked.finish(Outcome::refused("UF", error));
+            tracked.finish(Outcome::refused(ResponseFlag::UpstreamConnectFailure, error));
             return;
         }
     };
@@ -473,14 +474,14 @@ fn resolve_upstream<'s>(
             rec.service = Some(target.qualified_name());
             match target.pick() {
                 Some(endpoint) => Ok((Some(target), SocketAddr::V4(endpoint))),
-                None => Err(Outcome::refused("UH", "no ready endpoint")),
+                None => Err(Outcome::refused(ResponseFlag::NoHealthyUpstream, "no ready endpoint")),
             }
         }
         Resolution::UnknownServicePort { service } => {
             let port = original_dst.port();
             let error = format!("port {port} is not a port of Service {service}");
             rec.service = Some(service);
-            Err(Outcome::refused("NR", error))
+            Err(Outcome::refused(ResponseFlag::NoRoute, error))
         }
     }
 }
@@ -542,7 +543,7 @@ fn deny(
         .to_string();
     let mut tracked = Tracked::open(ctx, direction, rec);
     tracked.live = ctx.tcp.open(reports);
-    tracked.finish(Outcome::refused("DENY", reason));
+    tracked.finish(Outcome::refused(ResponseFlag::Denied, reason));
 }
 
 /// Connects to `upstream` as the client, for a plain TCP relay.
@@ -562,7 +563,7 @@ async fn plain(
         Ok(source) => source,
         Err(error) => {
             reset(&client);
-            tracked.finish(Outcome::refused("NR", error));
+            tracked.finish(Outcome::refused(ResponseFlag::NoRoute, error));
             return None;
         }
     };
@@ -571,7 +572,7 @@ async fn plain(
         Err(err) => {
             reset(&client);
             tracked.finish(Outcome::refused(
-                "UF",
+                ResponseFlag::UpstreamConnectFailure,
                 format!("connect to {upstream}: {err}"),
             ));
             return None;

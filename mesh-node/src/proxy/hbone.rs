@@ -14,6 +14,7 @@
 //! identity from its certificate, applies AuthorizationPolicy per stream and connects to the
 //! pod from the client's address.
 
+use crate::response_flag::ResponseFlag;
 use std::{
     collections::HashMap,
     net::{SocketAddr, SocketAddrV4},
@@ -99,14 +100,14 @@ impl Cancels {
 
 /// Why a tunnel could not be opened.
 pub(crate) struct Failure {
-    pub flag: &'static str,
+    pub flag: ResponseFlag,
     pub error: String,
 }
 
 impl Failure {
     fn uf(error: impl Into<String>) -> Failure {
         Failure {
-            flag: "UF",
+            flag: ResponseFlag::UpstreamConnectFailure,
             error: error.into(),
         }
     }
@@ -138,14 +139,14 @@ async fn outbound<'a>(
     tracked.live = ctx.tcp.open(vec![report]);
     let SocketAddr::V4(target) = upstream else {
         reset(&client);
-        tracked.finish(Outcome::refused("UF", "HBONE needs an IPv4 destination"));
+        tracked.finish(Outcome::refused(ResponseFlag::UpstreamConnectFailure, "HBONE needs an IPv4 destination"));
         return None;
     };
     let cert = match ctx.certs.for_workload(source) {
         Ok(cert) => cert,
         Err(err) => {
             reset(&client);
-            tracked.finish(Outcome::refused("UF", err.to_string()));
+            tracked.finish(Outcome::refused(ResponseFlag::UpstreamConnectFailure, err.to_string()));
             return None;
         }
     };
@@ -414,7 +415,7 @@ impl Pool {
             return match response.status() {
                 StatusCode::OK => Ok((send, response.into_body(), guard)),
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Failure {
-                    flag: "DENY",
+                    flag: ResponseFlag::Denied,
                     error: format!("{target}: refused by the destination's policy"),
                 }),
                 status => Err(Failure::uf(format!(
@@ -790,7 +791,7 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
     let Some(destination) = destination else {
         answer(&mut respond, StatusCode::BAD_REQUEST);
         Tracked::open(ctx, Direction::Hbone, rec).finish(Outcome::refused(
-            "NR",
+            ResponseFlag::NoRoute,
             format!("CONNECT {target} on a tunnel to {local}: not the workload of this connection"),
         ));
         return None;
@@ -816,20 +817,20 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         let server = match connect_unless_cancelled(&mut respond, &cancels, source_ip, target).await
         {
             None => {
-                tracked.finish(Outcome::refused("DC", "stream reset by the client"));
+                tracked.finish(Outcome::refused(ResponseFlag::DownstreamTermination, "stream reset by the client"));
                 return None;
             }
             Some(Ok(server)) => server,
             Some(Err(err)) => {
                 answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
                 let error = format!("connect to {target}: {err}");
-                tracked.finish(Outcome::refused("UF", error));
+                tracked.finish(Outcome::refused(ResponseFlag::UpstreamConnectFailure, error));
                 return None;
             }
         };
         let Ok(send) = respond.send_response(Response::new(()), false) else {
             cancels.cancelled();
-            tracked.finish(Outcome::refused("DC", "tunnel closed"));
+            tracked.finish(Outcome::refused(ResponseFlag::DownstreamTermination, "tunnel closed"));
             return None;
         };
         let premature = Arc::new(AtomicBool::new(false));
@@ -861,19 +862,19 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
     if !allowed {
         // ztunnel answers a policy denial with 401.
         answer(&mut respond, StatusCode::UNAUTHORIZED);
-        tracked.finish(Outcome::refused("DENY", reason));
+        tracked.finish(Outcome::refused(ResponseFlag::Denied, reason));
         return None;
     }
     let server = match connect_unless_cancelled(&mut respond, &cancels, source_ip, target).await {
         None => {
-            tracked.finish(Outcome::refused("DC", "stream reset by the client"));
+            tracked.finish(Outcome::refused(ResponseFlag::DownstreamTermination, "stream reset by the client"));
             return None;
         }
         Some(Ok(server)) => server,
         Some(Err(err)) => {
             answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             tracked.finish(Outcome::refused(
-                "UF",
+                ResponseFlag::UpstreamConnectFailure,
                 format!("connect to {target}: {err}"),
             ));
             return None;
@@ -884,7 +885,7 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         Err(err) => {
             reset(&server);
             cancels.cancelled();
-            tracked.finish(Outcome::refused("DC", format!("tunnel closed: {err}")));
+            tracked.finish(Outcome::refused(ResponseFlag::DownstreamTermination, format!("tunnel closed: {err}")));
             return None;
         }
     };

@@ -16,6 +16,7 @@ pub mod connections;
 pub mod forward;
 pub mod hbone;
 
+use crate::response_flag::ResponseFlag;
 use std::{
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -164,8 +165,8 @@ pub async fn serve(listener: std::net::TcpListener, direction: Direction, ctx: A
 /// How a connection ended.
 #[derive(Debug, Default)]
 pub(crate) struct Outcome {
-    /// Istio-style response flag, empty when fine.
-    pub flag: &'static str,
+    /// How it ended ([`ResponseFlag::None`] when fine).
+    pub flag: ResponseFlag,
     /// Detail for the record and the access log.
     pub error: Option<String>,
     /// Client to server bytes.
@@ -178,7 +179,7 @@ impl Outcome {
     /// A relayed connection: what it carried, and the error that broke it (flag `DC`).
     pub fn relayed(copied: Copied, error: Option<io::Error>) -> Outcome {
         Outcome {
-            flag: if error.is_some() { "DC" } else { "" },
+            flag: if error.is_some() { ResponseFlag::DownstreamTermination } else { ResponseFlag::None },
             error: error.map(|e| e.to_string()),
             sent: copied.sent,
             received: copied.received,
@@ -186,7 +187,7 @@ impl Outcome {
     }
 
     /// A connection refused before any byte was relayed.
-    pub fn refused(flag: &'static str, error: impl Into<String>) -> Outcome {
+    pub fn refused(flag: ResponseFlag, error: impl Into<String>) -> Outcome {
         Outcome {
             flag,
             error: Some(error.into()),
@@ -232,7 +233,7 @@ impl<'a> Tracked<'a> {
         ctx.metrics.closed(direction, outcome.flag);
         ctx.metrics.bytes(direction, outcome.sent, outcome.received);
         live.close(outcome.flag);
-        if outcome.flag == "DENY" {
+        if outcome.flag == ResponseFlag::Denied {
             tracing::debug!(id, "denied: {}", outcome.error.as_deref().unwrap_or(""));
         }
         let closed = ctx.connections.close(id, |record| {
@@ -251,7 +252,7 @@ impl Drop for Tracked<'_> {
     fn drop(&mut self) {
         if !self.finished {
             self.end(Outcome::refused(
-                "DC",
+                ResponseFlag::DownstreamTermination,
                 "the connection's task ended abnormally",
             ));
         }
@@ -282,7 +283,7 @@ pub(crate) fn record(
         closed_ms: None,
         bytes_sent: 0,
         bytes_received: 0,
-        flag: "",
+        flag: ResponseFlag::None,
         error: None,
     }
 }

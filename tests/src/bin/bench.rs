@@ -175,11 +175,12 @@ fn main() -> Result<()> {
             plan.idle_connections,
             &bench.proxies,
         )?;
+        let version = sh(&binary.to_string_lossy(), &["version"]).unwrap_or_default();
         peer = json!({
             "name": "ztunnel",
-            "version": sh(&binary.to_string_lossy(), &["version"]).unwrap_or_default().trim(),
-            "tls": sh(&binary.to_string_lossy(), &["version"])
-                .unwrap_or_default()
+            "version": version.trim(),
+            // The TLS provider the build uses (`CryptoProvider:"tls-ring"` in its version).
+            "tls": version
                 .split("CryptoProvider:\"")
                 .nth(1)
                 .and_then(|rest| rest.split('"').next())
