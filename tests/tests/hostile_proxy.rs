@@ -474,6 +474,12 @@ fn http2_floods_are_cut_off_on_l7_ports_and_on_hbone() {
         let _guard = rt.enter();
         connect(api, L7_GRPC.parse().unwrap())
     };
+    // What the proxy took in, not what the client's kernel queued: with its send buffer
+    // autotuned (up to 4 MiB) a slow (debug) proxy let 1.3 MB pile up before its GOAWAY
+    // arrived in about one run of five (before and after the relay change of the churn fix).
+    socket2::SockRef::from(&l7_stream)
+        .set_send_buffer_size(64 << 10)
+        .unwrap();
     let cut = rt.block_on(continuation_flood(l7_stream, 16 << 10, 32 << 20));
     println!("L7 CONTINUATION flood: cut off after {cut:?} bytes");
     assert!(cut.is_some_and(|n| n < 1 << 20), "L7 port: {cut:?}");
