@@ -598,7 +598,7 @@ impl RequestMetrics {
                 outcome.protocol,
                 outcome.code,
                 outcome.grpc_status,
-                outcome.flags.code(),
+                outcome.flags,
             );
             let overflow = || labels.overflow();
             let cap = &self.cap;

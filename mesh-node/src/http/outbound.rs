@@ -84,8 +84,12 @@ pub async fn serve(
     let served = server::serve(&ctx.l7.outbound, peer.ip(), client, handle).await;
     tracked.finish(match served {
         Served::Done(Ok(())) => Outcome::default(),
-        Served::Done(Err(err)) => Outcome::refused(ResponseFlag::DownstreamTermination, err.to_string()),
-        Served::Limited(reason) => Outcome::refused(ResponseFlag::DownstreamProtocolError, reason.to_string()),
+        Served::Done(Err(err)) => {
+            Outcome::refused(ResponseFlag::DownstreamTermination, err.to_string())
+        }
+        Served::Limited(reason) => {
+            Outcome::refused(ResponseFlag::DownstreamProtocolError, reason.to_string())
+        }
     });
 }
 
@@ -206,7 +210,11 @@ async fn handle(
         Ok(plan) => plan,
         Err(()) => {
             let response = local_response(StatusCode::NOT_FOUND, "");
-            return call.answer(response, ResponseFlag::NoRoute, Some("no route matched".into()));
+            return call.answer(
+                response,
+                ResponseFlag::NoRoute,
+                Some("no route matched".into()),
+            );
         }
     };
     call.log.route = plan.route_name.clone();
@@ -217,7 +225,7 @@ async fn handle(
     if let Some(route) = plan.route {
         if let Some(redirect) = &route.redirect {
             let response = redirect_response(redirect, &parts, &authority, conn.vip.port());
-            return call.answer(response, "", None);
+            return call.answer(response, ResponseFlag::None, None);
         }
         if let Some(direct) = &route.direct_response {
             let status = StatusCode::from_u16(direct.status as u16).unwrap_or(StatusCode::OK);
@@ -227,7 +235,7 @@ async fn handle(
                 response.headers_mut(),
                 route.headers.as_ref().and_then(|h| h.response.as_ref()),
             );
-            return call.answer(response, "", None);
+            return call.answer(response, ResponseFlag::None, None);
         }
         if let Some(fault) = &route.fault {
             if let Some(delay) = &fault.delay {
@@ -242,7 +250,11 @@ async fn handle(
             if let Some(abort) = &fault.abort {
                 if hit(abort.percentage.as_ref().map(|p| p.0)) {
                     let response = abort_response(abort, &parts);
-                    return call.answer(response, ResponseFlag::FaultInjected, Some("fault injected".into()));
+                    return call.answer(
+                        response,
+                        ResponseFlag::FaultInjected,
+                        Some("fault injected".into()),
+                    );
                 }
             }
         }
@@ -302,7 +314,11 @@ async fn handle(
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream connect error or disconnect/reset before headers. reset reason: overflow",
         );
-        return call.answer(response, ResponseFlag::UpstreamOverflow, Some("http2MaxRequests reached".into()));
+        return call.answer(
+            response,
+            ResponseFlag::UpstreamOverflow,
+            Some("http2MaxRequests reached".into()),
+        );
     }
     call.slot = Some(Slot {
         cluster: cluster.clone(),
@@ -432,7 +448,7 @@ async fn handle(
         let Some(request) = upstream_request(&parts, this_body, hop_h2, &authority) else {
             break (
                 local_response(StatusCode::BAD_REQUEST, "invalid request target"),
-                "",
+                ResponseFlag::None,
                 Some(format!("cannot forward {} to {authority}", parts.uri)),
             );
         };
@@ -468,7 +484,11 @@ async fn handle(
                 if retry.on.status(status, grpc) && can_retry && !overall_expired {
                     drop(active);
                     let (parts, _) = response.into_parts();
-                    last = Some((Response::from_parts(parts, full(Bytes::new())), ResponseFlag::RetryLimitExceeded, None));
+                    last = Some((
+                        Response::from_parts(parts, full(Bytes::new())),
+                        ResponseFlag::RetryLimitExceeded,
+                        None,
+                    ));
                     continue;
                 }
                 if let Some(slot) = &mut call.slot {
@@ -482,13 +502,21 @@ async fn handle(
                         let server_upgrade = hyper::upgrade::on(&mut response);
                         super::splice_upgrade(client_upgrade, server_upgrade);
                         let (parts, _) = response.into_parts();
-                        break (Response::from_parts(parts, full(Bytes::new())), "", None);
+                        break (
+                            Response::from_parts(parts, full(Bytes::new())),
+                            ResponseFlag::None,
+                            None,
+                        );
                     }
                 }
                 strip_hop_by_hop(&mut parts.headers, false);
                 break (
                     Response::from_parts(parts, super::boxed(incoming)),
-                    if retried_out { ResponseFlag::RetryLimitExceeded } else { ResponseFlag::None },
+                    if retried_out {
+                        ResponseFlag::RetryLimitExceeded
+                    } else {
+                        ResponseFlag::None
+                    },
                     None,
                 );
             }
@@ -503,7 +531,7 @@ async fn handle(
                         // The destination's policy refused the tunnel: not the endpoint's
                         // fault, and not worth a retry.
                         let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
-                        break (response, "", Some(f.error.clone()));
+                        break (response, ResponseFlag::None, Some(f.error.clone()));
                     }
                 }
                 cluster.outcome(&view, endpoint, 0);
@@ -535,7 +563,11 @@ async fn handle(
                 if retriable && can_retry && !overall_expired {
                     last = Some((
                         response,
-                        if flag == ResponseFlag::UpstreamTimeout { ResponseFlag::UpstreamTimeout } else { ResponseFlag::RetryLimitExceeded },
+                        if flag == ResponseFlag::UpstreamTimeout {
+                            ResponseFlag::UpstreamTimeout
+                        } else {
+                            ResponseFlag::RetryLimitExceeded
+                        },
                         Some(error),
                     ));
                     continue;
@@ -679,12 +711,18 @@ pub(crate) fn tcp_route<'s>(
     let key = cluster_key(state, client_ns, source, &host, subset, target);
     let (cluster, view) = cluster_view(ctx, state, key, target, source);
     if let Some(error) = &view.error {
-        return Some(Err(Outcome::refused(ResponseFlag::NoCluster, error.clone())));
+        return Some(Err(Outcome::refused(
+            ResponseFlag::NoCluster,
+            error.clone(),
+        )));
     }
     let hash = hash_key_l4(&view.policy.balancer, source);
     Some(match cluster.pick(&view, &HashSet::new(), hash, None) {
         Some(endpoint) => Ok((target, endpoint)),
-        None => Err(Outcome::refused(ResponseFlag::NoHealthyUpstream, "no healthy upstream")),
+        None => Err(Outcome::refused(
+            ResponseFlag::NoHealthyUpstream,
+            "no healthy upstream",
+        )),
     })
 }
 

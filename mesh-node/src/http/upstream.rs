@@ -330,7 +330,10 @@ async fn connect(
     counted: Counted,
     timeout: Duration,
 ) -> Result<Sender, ConnectFailure> {
-    let uf = |error: String| ConnectFailure { flag: ResponseFlag::UpstreamConnectFailure, error };
+    let uf = |error: String| ConnectFailure {
+        flag: ResponseFlag::UpstreamConnectFailure,
+        error,
+    };
     let source = target.source.map_or(Ipv4Addr::UNSPECIFIED, |s| s.ip);
     if target.hbone(ctx) {
         let (Some(s), Some(d)) = (target.source, target.destination) else {
@@ -354,7 +357,10 @@ async fn connect(
     let endpoint = SocketAddr::V4(target.endpoint);
     let source = ctx
         .upstream_source(source, endpoint)
-        .map_err(|error| ConnectFailure { flag: ResponseFlag::NoRoute, error })?;
+        .map_err(|error| ConnectFailure {
+            flag: ResponseFlag::NoRoute,
+            error,
+        })?;
     let connected =
         tokio::time::timeout(timeout, crate::proxy::connect_from(source, endpoint)).await;
     let stream = match connected {

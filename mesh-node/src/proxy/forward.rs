@@ -311,7 +311,8 @@ async fn inbound<'a>(
             // deliver it to a pod with no policy applied. Refuse.
             reset(&client);
             let error = format!("{original_dst} is no pod and no Service of this node");
-            Tracked::open(ctx, Direction::Inbound, rec).finish(Outcome::refused(ResponseFlag::NoRoute, error));
+            Tracked::open(ctx, Direction::Inbound, rec)
+                .finish(Outcome::refused(ResponseFlag::NoRoute, error));
             return None;
         }
         // A flow captured for a pod that has since left the mesh: deliver it as the kernel
@@ -432,7 +433,10 @@ pub(crate) async fn serve_http(
         Err(err) => {
             reset(&client);
             let error = format!("connect to {}: {err}", inbound.target);
-            tracked.finish(Outcome::refused(ResponseFlag::UpstreamConnectFailure, error));
+            tracked.finish(Outcome::refused(
+                ResponseFlag::UpstreamConnectFailure,
+                error,
+            ));
             return;
         }
     };
@@ -474,7 +478,10 @@ fn resolve_upstream<'s>(
             rec.service = Some(target.qualified_name());
             match target.pick() {
                 Some(endpoint) => Ok((Some(target), SocketAddr::V4(endpoint))),
-                None => Err(Outcome::refused(ResponseFlag::NoHealthyUpstream, "no ready endpoint")),
+                None => Err(Outcome::refused(
+                    ResponseFlag::NoHealthyUpstream,
+                    "no ready endpoint",
+                )),
             }
         }
         Resolution::UnknownServicePort { service } => {

@@ -139,14 +139,20 @@ async fn outbound<'a>(
     tracked.live = ctx.tcp.open(vec![report]);
     let SocketAddr::V4(target) = upstream else {
         reset(&client);
-        tracked.finish(Outcome::refused(ResponseFlag::UpstreamConnectFailure, "HBONE needs an IPv4 destination"));
+        tracked.finish(Outcome::refused(
+            ResponseFlag::UpstreamConnectFailure,
+            "HBONE needs an IPv4 destination",
+        ));
         return None;
     };
     let cert = match ctx.certs.for_workload(source) {
         Ok(cert) => cert,
         Err(err) => {
             reset(&client);
-            tracked.finish(Outcome::refused(ResponseFlag::UpstreamConnectFailure, err.to_string()));
+            tracked.finish(Outcome::refused(
+                ResponseFlag::UpstreamConnectFailure,
+                err.to_string(),
+            ));
             return None;
         }
     };
@@ -817,20 +823,29 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         let server = match connect_unless_cancelled(&mut respond, &cancels, source_ip, target).await
         {
             None => {
-                tracked.finish(Outcome::refused(ResponseFlag::DownstreamTermination, "stream reset by the client"));
+                tracked.finish(Outcome::refused(
+                    ResponseFlag::DownstreamTermination,
+                    "stream reset by the client",
+                ));
                 return None;
             }
             Some(Ok(server)) => server,
             Some(Err(err)) => {
                 answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
                 let error = format!("connect to {target}: {err}");
-                tracked.finish(Outcome::refused(ResponseFlag::UpstreamConnectFailure, error));
+                tracked.finish(Outcome::refused(
+                    ResponseFlag::UpstreamConnectFailure,
+                    error,
+                ));
                 return None;
             }
         };
         let Ok(send) = respond.send_response(Response::new(()), false) else {
             cancels.cancelled();
-            tracked.finish(Outcome::refused(ResponseFlag::DownstreamTermination, "tunnel closed"));
+            tracked.finish(Outcome::refused(
+                ResponseFlag::DownstreamTermination,
+                "tunnel closed",
+            ));
             return None;
         };
         let premature = Arc::new(AtomicBool::new(false));
@@ -867,7 +882,10 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
     }
     let server = match connect_unless_cancelled(&mut respond, &cancels, source_ip, target).await {
         None => {
-            tracked.finish(Outcome::refused(ResponseFlag::DownstreamTermination, "stream reset by the client"));
+            tracked.finish(Outcome::refused(
+                ResponseFlag::DownstreamTermination,
+                "stream reset by the client",
+            ));
             return None;
         }
         Some(Ok(server)) => server,
@@ -885,7 +903,10 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         Err(err) => {
             reset(&server);
             cancels.cancelled();
-            tracked.finish(Outcome::refused(ResponseFlag::DownstreamTermination, format!("tunnel closed: {err}")));
+            tracked.finish(Outcome::refused(
+                ResponseFlag::DownstreamTermination,
+                format!("tunnel closed: {err}"),
+            ));
             return None;
         }
     };

@@ -179,7 +179,11 @@ impl Outcome {
     /// A relayed connection: what it carried, and the error that broke it (flag `DC`).
     pub fn relayed(copied: Copied, error: Option<io::Error>) -> Outcome {
         Outcome {
-            flag: if error.is_some() { ResponseFlag::DownstreamTermination } else { ResponseFlag::None },
+            flag: if error.is_some() {
+                ResponseFlag::DownstreamTermination
+            } else {
+                ResponseFlag::None
+            },
             error: error.map(|e| e.to_string()),
             sent: copied.sent,
             received: copied.received,
