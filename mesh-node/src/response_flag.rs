@@ -94,6 +94,15 @@ impl serde::Serialize for ResponseFlag {
     }
 }
 
+/// Serializes [`ResponseFlag::None`] as an empty string (`/debug/connections`), any other
+/// flag as its code.
+pub fn empty_when_none<S: serde::Serializer>(
+    flag: &ResponseFlag,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(if flag.is_set() { flag.code() } else { "" })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

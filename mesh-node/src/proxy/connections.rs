@@ -65,7 +65,9 @@ pub struct ConnectionRecord {
     pub bytes_sent: u64,
     /// Bytes from the upstream to the client.
     pub bytes_received: u64,
-    /// How it ended: `-` when fine, else Istio's code (`UF`, `UH`, `NR`, `DC`, `DENY`, ...).
+    /// How it ended: empty when fine (this view's spelling since its start; metrics and
+    /// logs say `-`), else Istio's code (`UF`, `UH`, `NR`, `DC`, `DENY`, ...).
+    #[serde(serialize_with = "crate::response_flag::empty_when_none")]
     pub flag: ResponseFlag,
     /// Error detail, if any.
     pub error: Option<String>,

@@ -204,7 +204,7 @@ fn main() -> Result<()> {
                 c.service
                     .as_ref()
                     .map_or(String::new(), |s| format!("  service {s}")),
-                if c.flag == "-" {
+                if c.flag.is_empty() {
                     String::new()
                 } else {
                     format!("  flag {}", c.flag)
