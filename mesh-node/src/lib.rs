@@ -10,14 +10,15 @@
 
 pub mod admin;
 pub mod analyze;
-pub mod authz;
 pub mod capture;
 pub mod cni;
 pub mod config;
+pub mod gate;
 pub mod http;
 pub mod identity;
 pub mod kube_source;
 pub mod metrics;
+pub mod plan;
 pub mod preflight;
 pub mod proxy;
 pub mod reload;
@@ -25,3 +26,4 @@ pub mod response_flag;
 pub mod state;
 pub mod sys;
 pub mod telemetry;
+pub mod transport;

@@ -29,6 +29,7 @@ use mesh_node::{
     state::State,
     sys,
     telemetry::{self, TcpMetrics},
+    transport,
 };
 use prometheus_client::registry::Registry;
 
@@ -525,9 +526,10 @@ async fn serve(
             .context("opening the flow map for the proxy")?,
     );
 
-    let outbound = proxy::bind_listener(PORT_OUTBOUND).context("binding the outbound listener")?;
-    let inbound = proxy::bind_listener(PORT_INBOUND).context("binding the inbound listener")?;
-    let hbone = proxy::bind_listener(PORT_HBONE).context("binding the HBONE listener")?;
+    let outbound =
+        transport::bind_listener(PORT_OUTBOUND).context("binding the outbound listener")?;
+    let inbound = transport::bind_listener(PORT_INBOUND).context("binding the inbound listener")?;
+    let hbone = transport::bind_listener(PORT_HBONE).context("binding the HBONE listener")?;
     datapath.register_listener(Listener::Outbound, &outbound)?;
     datapath.register_listener(Listener::Inbound, &inbound)?;
     datapath.register_listener(Listener::Hbone, &hbone)?;

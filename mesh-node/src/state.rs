@@ -974,7 +974,7 @@ spec: {host: web.mesh}
         );
         let a = &state.workloads[&"100.65.0.2".parse().unwrap()];
         assert_eq!(a.identity, "spiffe://cluster.local/ns/mesh/sa/default");
-        assert_eq!(a.mtls.mode, "STRICT");
+        assert_eq!(a.mtls.mode, crate::config::security::MtlsMode::Strict);
         let names: Vec<String> = a
             .authorization
             .iter()
@@ -982,7 +982,11 @@ spec: {host: web.mesh}
             .collect();
         assert_eq!(names, ["mesh/web-only", "istio-system/everyone"]);
         let d = &state.workloads[&"100.65.0.4".parse().unwrap()];
-        assert_eq!(d.mtls.mode, "PERMISSIVE", "namespace plain has no policy");
+        assert_eq!(
+            d.mtls.mode,
+            crate::config::security::MtlsMode::Permissive,
+            "namespace plain has no policy"
+        );
         assert_eq!(d.authorization.len(), 1, "only the mesh-wide policy");
         let host = "web.mesh.svc.cluster.local";
         // Both spellings of the host index the one VirtualService; the gateway-only one is out.

@@ -189,9 +189,9 @@ impl Mesh {
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EffectiveMtls {
     /// Mode for ports without a port-level setting (never UNSET: PERMISSIVE by default).
-    pub mode: &'static str,
-    /// Port-level modes.
-    pub ports: BTreeMap<u16, &'static str>,
+    pub mode: MtlsMode,
+    /// Port-level modes (never UNSET: an UNSET port takes `mode`).
+    pub ports: BTreeMap<u16, MtlsMode>,
     /// The policies that decided it, mesh-wide first (`namespace/name`).
     pub policies: Vec<String>,
     /// The policy that set `mode` (none when nothing set it: the PERMISSIVE default).
@@ -204,7 +204,7 @@ pub struct EffectiveMtls {
 
 impl EffectiveMtls {
     /// The mode for workload port `port`: its port-level mode, else the workload's.
-    pub fn mode_for(&self, port: u16) -> &'static str {
+    pub fn mode_for(&self, port: u16) -> MtlsMode {
         self.ports.get(&port).copied().unwrap_or(self.mode)
     }
 
@@ -264,7 +264,7 @@ pub fn effective_mtls(
             }
         }
     }
-    out.mode = mode.as_str();
+    out.mode = mode;
     if let Some(policy) = workload {
         for (port, port_mode) in &policy.spec.port_level_mtls {
             let resolved = if *port_mode == MtlsMode::Unset {
@@ -273,7 +273,7 @@ pub fn effective_mtls(
                 out.ports_from.insert(*port, policy.metadata.qualified());
                 *port_mode
             };
-            out.ports.insert(*port, resolved.as_str());
+            out.ports.insert(*port, resolved);
         }
     }
     out
@@ -426,7 +426,7 @@ spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]
             &labels("web"),
         );
         // Namespace UNSET inherits the mesh's STRICT; the root-namespace selector is ignored.
-        assert_eq!(web.mode, "STRICT");
+        assert_eq!(web.mode, MtlsMode::Strict);
         assert_eq!(web.policies, ["istio-system/mesh", "shop/ns"]);
         assert_eq!(
             web.policy_for(80),
@@ -439,10 +439,11 @@ spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]
             "shop",
             &labels("legacy"),
         );
-        assert_eq!(legacy.mode, "PERMISSIVE");
-        assert_eq!(legacy.ports[&9000], "STRICT");
+        assert_eq!(legacy.mode, MtlsMode::Permissive);
+        assert_eq!(legacy.ports[&9000], MtlsMode::Strict);
         assert_eq!(
-            legacy.ports[&9001], "PERMISSIVE",
+            legacy.ports[&9001],
+            MtlsMode::Permissive,
             "UNSET port inherits the workload mode"
         );
         assert_eq!(legacy.policy_for(9000), Some("shop/legacy"));
@@ -458,11 +459,11 @@ spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]
             "lab",
             &labels("x"),
         );
-        assert_eq!(lab.mode, "PERMISSIVE");
+        assert_eq!(lab.mode, MtlsMode::Permissive);
         assert_eq!(lab.policies, ["istio-system/mesh", "lab/z-older"]);
         assert_eq!(
             effective_mtls(&Mesh::default(), &[], "x", &Labels::new()).mode,
-            "PERMISSIVE"
+            MtlsMode::Permissive
         );
     }
 

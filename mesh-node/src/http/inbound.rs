@@ -30,14 +30,11 @@ use super::{
     version_name, Counting, Finish, Observed, RequestLog, RespBody,
 };
 use crate::{
-    authz::HttpAttrs,
-    proxy::ProxyContext,
-    proxy::{
-        connect_from,
-        connections::now_ms,
-        forward::{authorize_request, ip_of, qualified},
-    },
+    gate::{self, Authorized, HttpAttrs},
+    plan::ipv4,
+    proxy::{connections::now_ms, forward::qualified, ProxyContext},
     telemetry::{Peer, Report},
+    transport,
 };
 
 /// Deadline for the HTTP handshake with the pod (the TCP connect has its own).
@@ -99,14 +96,14 @@ async fn handle(
     let started = Instant::now();
     super::normalize_uri(req.uri_mut());
     let state = ctx.state.load_full();
-    let peer_ip = ip_of(conn.peer).unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let peer_ip = ipv4(conn.peer).unwrap_or(Ipv4Addr::UNSPECIFIED);
     let identity = conn.identity.as_deref();
     // The client pod, when its address and identity agree.
     let source = state
         .workloads
         .get(&peer_ip)
         .filter(|s| identity.is_none_or(|id| s.identity == id));
-    let destination = ip_of(conn.target)
+    let destination = ipv4(conn.target)
         .and_then(|ip| state.workloads.get(&ip))
         .filter(|d| d.enrolled && state.is_local(d));
     let authority = super::authority_of(req.uri(), req.headers()).to_string();
@@ -157,19 +154,20 @@ async fn handle(
         mtls: conn.mtls,
     }
     .service(service);
-    let decision = authorize_request(
+    let admitted = gate::request(
         destination,
-        identity,
-        conn.peer,
+        gate::Client {
+            addr: conn.peer,
+            identity,
+        },
         conn.target,
-        Some(HttpAttrs {
+        HttpAttrs {
             method: req.method().as_str(),
             path: req.uri().path(),
             host: &authority,
             headers: req.headers(),
-        }),
+        },
     );
-    log.authorization = decision.policy.clone();
     let finish = |log: RequestLog| {
         Finish::new(
             ctx.l7.metrics.clone(),
@@ -179,11 +177,18 @@ async fn handle(
             request_bytes.clone(),
         )
     };
-    if !decision.allowed {
-        log.error = Some(decision.reason.to_string());
-        let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
-        return Observed::wrap(response, finish(log));
-    }
+    let admitted = match admitted {
+        Ok(admitted) => {
+            log.authorization = admitted.decision().and_then(|d| d.policy.clone());
+            admitted
+        }
+        Err(decision) => {
+            log.authorization = decision.policy;
+            log.error = Some(decision.reason.to_string());
+            let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
+            return Observed::wrap(response, finish(log));
+        }
+    };
 
     let upgrade = super::is_upgrade(req.headers()) && req.version() != http::Version::HTTP_2;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -193,7 +198,7 @@ async fn handle(
     let h2 = !upgrade
         && req.version() == http::Version::HTTP_2
         && matches!(conn.target, SocketAddr::V4(t) if state.h2_endpoints.contains(&t));
-    let sender = match sender(upstream, peer_ip, conn.target, h2, upgrade).await {
+    let sender = match sender(upstream, peer_ip, &admitted, h2, upgrade).await {
         Ok(sender) => sender,
         Err(err) => {
             log.response_flags = ResponseFlag::UpstreamConnectFailure;
@@ -260,14 +265,16 @@ pub(crate) fn set_client_cert(
 
 const XFCC: &str = "x-forwarded-client-cert";
 
-/// The connection to the pod for a request of this protocol; an upgrade gets its own.
+/// The connection to the pod for a request of this protocol (the gate let it go `to` the
+/// pod); an upgrade gets its own.
 async fn sender(
     upstream: &Mutex<Upstream>,
     source: Ipv4Addr,
-    target: SocketAddr,
+    to: &Authorized,
     h2: bool,
     upgrade: bool,
 ) -> Result<Sender, String> {
+    let target = to.target();
     let mut up = upstream.lock().await;
     let slot_open = |s: &Option<Sender>| s.as_ref().is_some_and(|s| !s.closed());
     if !upgrade {
@@ -278,7 +285,7 @@ async fn sender(
     }
     let stream = match up.fresh.take() {
         Some(stream) => stream,
-        None => connect_from(source, target)
+        None => transport::connect(source, to)
             .await
             .map_err(|e| format!("connect to {target}: {e}"))?,
     };

@@ -19,6 +19,8 @@ pub mod server;
 pub mod tunnel;
 pub mod upstream;
 
+pub use outbound::Routes;
+
 use crate::response_flag::ResponseFlag;
 use std::{
     pin::Pin,

@@ -33,14 +33,15 @@ use super::{
     RespBody, Slot,
 };
 use crate::{
-    authz::HttpAttrs,
     config::{
         networking::{HttpRetry, HttpRoute, HttpRouteDestination},
         semantics::Protocol,
     },
+    gate::{self, HttpAttrs},
+    plan::ipv4,
+    plan::{Refusal, TcpRoutes},
     proxy::{
         connections::{now_ms, ConnectionRecord},
-        forward::{authorize_request, ip_of},
         Direction, Outcome, ProxyContext, Tracked,
     },
     state::{ServiceTarget, State, Workload},
@@ -72,7 +73,7 @@ pub async fn serve(
     rec.path = "http_routed";
     let tracked = Tracked::open(&ctx, Direction::Outbound, rec);
     let _ = client.set_nodelay(true);
-    crate::proxy::keepalive(&client);
+    crate::transport::keepalive(&client);
     let conn = Arc::new(ClientConn { peer, vip });
     let handle = {
         let ctx = ctx.clone();
@@ -161,7 +162,7 @@ async fn handle(
 ) -> Response<RespBody> {
     let started = Instant::now();
     let state = ctx.state.load_full();
-    let source = ip_of(conn.peer).and_then(|ip| state.workloads.get(&ip));
+    let source = ipv4(conn.peer).and_then(|ip| state.workloads.get(&ip));
     super::normalize_uri(req.uri_mut());
     let upgrade = super::is_upgrade(req.headers()) && req.version() != http::Version::HTTP_2;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -682,19 +683,33 @@ fn cluster_view(
     (cluster, view)
 }
 
+/// The VirtualService `tcp` routes, for the plan of an outbound connection.
+pub struct Routes<'c>(pub &'c ProxyContext);
+
+impl<'s> TcpRoutes<'s> for Routes<'_> {
+    fn route(
+        &self,
+        state: &'s State,
+        source: Option<&'s Workload>,
+        service: &'s ServiceTarget,
+    ) -> Option<Result<(&'s ServiceTarget, SocketAddrV4), Refusal>> {
+        tcp_route(self.0, state, source, service)
+    }
+}
+
 /// A TCP connection to a Service port with a VirtualService `tcp` route: the weighted
 /// destination's endpoint under its DestinationRule. `None` when no tcp route applies.
-pub(crate) fn tcp_route<'s>(
+fn tcp_route<'s>(
     ctx: &ProxyContext,
     state: &'s State,
     source: Option<&Workload>,
     service: &'s ServiceTarget,
-) -> Option<Result<(&'s ServiceTarget, SocketAddrV4), Outcome>> {
+) -> Option<Result<(&'s ServiceTarget, SocketAddrV4), Refusal>> {
     let client_ns = source.map_or("default", |s| s.namespace.as_str());
     let vs = route::virtual_service(state, &service.host, client_ns)?;
     let matched = route::tcp_route(&vs.0.spec, service.vip.port(), source)?;
     let Some(destination) = route::pick_tcp(matched) else {
-        return Some(Err(Outcome::refused(
+        return Some(Err(Refusal::new(
             ResponseFlag::NoRoute,
             "tcp route without destinations",
         )));
@@ -702,7 +717,7 @@ pub(crate) fn tcp_route<'s>(
     let host = crate::config::semantics::fqdn(&destination.destination.host, vs.0.namespace());
     let port = destination.destination.port.map(|p| p as u16);
     let Some(target) = destination_service(state, &host, port, service, service.vip.port()) else {
-        return Some(Err(Outcome::refused(
+        return Some(Err(Refusal::new(
             ResponseFlag::NoCluster,
             format!("{host} has no such port"),
         )));
@@ -711,15 +726,12 @@ pub(crate) fn tcp_route<'s>(
     let key = cluster_key(state, client_ns, source, &host, subset, target);
     let (cluster, view) = cluster_view(ctx, state, key, target, source);
     if let Some(error) = &view.error {
-        return Some(Err(Outcome::refused(
-            ResponseFlag::NoCluster,
-            error.clone(),
-        )));
+        return Some(Err(Refusal::new(ResponseFlag::NoCluster, error.clone())));
     }
     let hash = hash_key_l4(&view.policy.balancer, source);
     Some(match cluster.pick(&view, &HashSet::new(), hash, None) {
         Some(endpoint) => Ok((target, endpoint)),
-        None => Err(Outcome::refused(
+        None => Err(Refusal::new(
             ResponseFlag::NoHealthyUpstream,
             "no healthy upstream",
         )),
@@ -921,44 +933,53 @@ async fn send(
     h2: bool,
     peer: SocketAddr,
 ) -> Result<Answer, Failure> {
-    if let Some(d) = destination.filter(|d| d.enrolled && state.is_local(d)) {
-        let identity = source.filter(|s| s.enrolled).map(|s| s.identity.as_str());
-        if identity.is_none() && d.mtls.mode_for(endpoint.port()) == "STRICT" {
-            let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
-            return Ok(Answer::Local(
-                response,
-                ResponseFlag::None,
-                Some("plaintext refused: PeerAuthentication STRICT".into()),
-            ));
-        }
-        let host = super::authority_of(request.uri(), request.headers());
-        let decision = authorize_request(
-            d,
-            identity,
-            peer,
-            SocketAddr::V4(endpoint),
-            Some(HttpAttrs {
-                method: request.method().as_str(),
-                path: request.uri().path(),
-                host,
-                headers: request.headers(),
-            }),
-        );
-        if !decision.allowed {
-            let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
-            let why = format!(
-                "{} ({})",
-                decision.reason,
-                decision.policy.as_deref().unwrap_or("-")
+    let to = match destination.filter(|d| d.enrolled && state.is_local(d)) {
+        Some(d) => {
+            // A pod of this node: its policy is decided here, as its inbound side would.
+            let identity = source.filter(|s| s.enrolled).map(|s| s.identity.as_str());
+            let host = super::authority_of(request.uri(), request.headers());
+            let admitted = gate::request(
+                d,
+                gate::Client {
+                    addr: peer,
+                    identity,
+                },
+                SocketAddr::V4(endpoint),
+                HttpAttrs {
+                    method: request.method().as_str(),
+                    path: request.uri().path(),
+                    host,
+                    headers: request.headers(),
+                },
             );
-            return Ok(Answer::Local(response, ResponseFlag::None, Some(why)));
+            match admitted {
+                Ok(admitted) => {
+                    super::inbound::set_client_cert(request.headers_mut(), &d.identity, identity);
+                    admitted
+                }
+                Err(decision) => {
+                    let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
+                    let why = format!(
+                        "{} ({})",
+                        decision.reason,
+                        decision.policy.as_deref().unwrap_or("-")
+                    );
+                    return Ok(Answer::Local(response, ResponseFlag::None, Some(why)));
+                }
+            }
         }
-        super::inbound::set_client_cert(request.headers_mut(), &d.identity, identity);
-    }
+        None => gate::elsewhere(state, SocketAddr::V4(endpoint)).map_err(|error| {
+            Failure::Connect(upstream::ConnectFailure {
+                flag: ResponseFlag::NoRoute,
+                error,
+            })
+        })?,
+    };
     let target = Target {
         source,
         destination,
-        endpoint,
+        to: &to,
+        hbone: via_hbone(state, source, destination),
         h2,
     };
     let lease = upstream::lease(ctx, cluster, view, endpoint_state, &target)
@@ -1402,7 +1423,7 @@ fn hash_key(balancer: &cluster::Balancer, parts: &Parts, peer: SocketAddr) -> Op
         cluster::HashOn::Cookie(cookie) => {
             cookie_value(parts, &cookie.name).map(|v| cluster::hash_key(v.as_bytes()))
         }
-        cluster::HashOn::SourceIp => ip_of(peer).map(cluster::hash_ip),
+        cluster::HashOn::SourceIp => ipv4(peer).map(cluster::hash_ip),
         cluster::HashOn::Query(name) => parts.uri.query().and_then(|q| {
             q.split('&').find_map(|pair| {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));

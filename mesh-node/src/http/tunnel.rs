@@ -58,8 +58,8 @@ impl Tunnel {
     }
 
     fn failed(&self, err: h2::Error) -> io::Error {
-        let err = crate::proxy::h2_io(err);
-        if !self.wrote && crate::proxy::reset_by_peer(&err) {
+        let err = crate::transport::h2_io(err);
+        if !self.wrote && crate::transport::reset_by_peer(&err) {
             if let Some(flag) = &self.premature_reset {
                 flag.store(true, Ordering::Release);
             }

@@ -9,7 +9,7 @@
 
 use crate::response_flag::ResponseFlag;
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::Ipv4Addr,
     sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
@@ -24,7 +24,7 @@ use super::{
     tunnel::Tunnel,
     BoxError,
 };
-use crate::{proxy::ProxyContext, state::Workload};
+use crate::{gate::Authorized, proxy::ProxyContext, state::Workload, transport};
 
 /// Request bodies sent upstream.
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -212,20 +212,17 @@ pub struct Target<'a> {
     pub source: Option<&'a Workload>,
     /// The endpoint's pod, if known.
     pub destination: Option<&'a Workload>,
-    /// `podIP:port`.
-    pub endpoint: SocketAddrV4,
+    /// `podIP:port`, as the policy gate let the request go there.
+    pub to: &'a Authorized,
+    /// Through an HBONE tunnel (an enrolled pod of another node, from an enrolled pod).
+    pub hbone: bool,
     /// Speak HTTP/2.
     pub h2: bool,
 }
 
 impl Target<'_> {
-    /// Whether the connection goes through an HBONE tunnel.
-    pub fn hbone(&self, ctx: &ProxyContext) -> bool {
-        super::outbound::via_hbone(&ctx.state.load(), self.source, self.destination)
-    }
-
-    fn owner(&self, ctx: &ProxyContext) -> Owner {
-        let hbone = self.hbone(ctx);
+    fn owner(&self) -> Owner {
+        let hbone = self.hbone;
         Owner {
             source: self.source.map_or(Ipv4Addr::UNSPECIFIED, |s| s.ip),
             source_identity: self
@@ -252,7 +249,7 @@ pub async fn lease(
     target: &Target<'_>,
 ) -> Result<Lease, ConnectFailure> {
     let policy = &view.policy;
-    let owner = target.owner(ctx);
+    let owner = target.owner();
     let mut waiting: Option<Waiting<'_>> = None;
     let deadline = Instant::now() + policy.connect_timeout;
     loop {
@@ -335,18 +332,18 @@ async fn connect(
         error,
     };
     let source = target.source.map_or(Ipv4Addr::UNSPECIFIED, |s| s.ip);
-    if target.hbone(ctx) {
+    let endpoint = target.to.target();
+    if target.hbone {
         let (Some(s), Some(d)) = (target.source, target.destination) else {
             return Err(uf("no workload for the tunnel".into()));
         };
         let cert = ctx.certs.for_workload(s).map_err(|e| uf(e.to_string()))?;
         let opened = tokio::time::timeout(
             timeout,
-            ctx.pool
-                .stream(ctx, s.ip, &cert, &d.identity, target.endpoint),
+            ctx.pool.stream(ctx, s.ip, &cert, &d.identity, target.to),
         )
         .await
-        .map_err(|_| uf(format!("tunnel to {}: timed out", target.endpoint)))?;
+        .map_err(|_| uf(format!("tunnel to {endpoint}: timed out")))?;
         let (send, recv, guard) = opened.map_err(|f| ConnectFailure {
             flag: f.flag,
             error: f.error,
@@ -354,19 +351,23 @@ async fn connect(
         let io = TokioIo::new(Tunnel::new(send, recv));
         return handshake(io, target.h2, (counted, guard)).await.map_err(uf);
     }
-    let endpoint = SocketAddr::V4(target.endpoint);
-    let source = ctx
-        .upstream_source(source, endpoint)
-        .map_err(|error| ConnectFailure {
-            flag: ResponseFlag::NoRoute,
-            error,
+    let from_node =
+        crate::plan::node_source(&ctx.node_addresses.load(), endpoint).map_err(|refusal| {
+            ConnectFailure {
+                flag: refusal.flag,
+                error: refusal.reason,
+            }
         })?;
-    let connected =
-        tokio::time::timeout(timeout, crate::proxy::connect_from(source, endpoint)).await;
+    let source = if from_node {
+        Ipv4Addr::UNSPECIFIED
+    } else {
+        source
+    };
+    let connected = tokio::time::timeout(timeout, transport::connect(source, target.to)).await;
     let stream = match connected {
         Ok(Ok(stream)) => stream,
-        Ok(Err(err)) => return Err(uf(format!("connect to {}: {err}", target.endpoint))),
-        Err(_) => return Err(uf(format!("connect to {}: timed out", target.endpoint))),
+        Ok(Err(err)) => return Err(uf(format!("connect to {endpoint}: {err}"))),
+        Err(_) => return Err(uf(format!("connect to {endpoint}: timed out"))),
     };
     handshake(TokioIo::new(stream), target.h2, counted)
         .await

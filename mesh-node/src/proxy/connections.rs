@@ -56,7 +56,7 @@ pub struct ConnectionRecord {
     pub security: &'static str,
     /// The authorization decision (for connections to a workload of this node).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub authorization: Option<crate::authz::Decision>,
+    pub authorization: Option<crate::gate::Decision>,
     /// Milliseconds since the Unix epoch.
     pub opened_ms: u64,
     /// Milliseconds since the Unix epoch; `None` while open.

@@ -32,15 +32,14 @@ use mesh_common::PORT_HBONE;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use super::{
-    connect_from,
-    forward::{authorize, ip_of, qualified},
-    record, relay_h2, reset, Direction, Outcome, ProxyContext, TcpEnd, Tracked,
-};
+use super::{forward::qualified, record, Direction, Outcome, ProxyContext, Tracked};
 use crate::{
+    gate::{Authorized, Served},
     identity::{tls, Certificates, WorkloadCert},
+    plan::{self, ipv4, Plan},
     state::{ServiceTarget, Workload},
     telemetry::{Peer, Report},
+    transport::{self, relay_h2, reset, TcpEnd},
 };
 
 /// HTTP/2 flow-control windows: large enough that one stream fills a fast link (the
@@ -122,7 +121,7 @@ async fn outbound<'a>(
     source: &Workload,
     destination: &Workload,
     service: Option<&ServiceTarget>,
-    upstream: SocketAddr,
+    to: Authorized,
 ) -> Option<Tunnelled<'a>> {
     rec.path = "hbone";
     rec.security = "mutual_tls";
@@ -137,14 +136,6 @@ async fn outbound<'a>(
     .service(service);
     let mut tracked = Tracked::open(ctx, Direction::Outbound, rec);
     tracked.live = ctx.tcp.open(vec![report]);
-    let SocketAddr::V4(target) = upstream else {
-        reset(&client);
-        tracked.finish(Outcome::refused(
-            ResponseFlag::UpstreamConnectFailure,
-            "HBONE needs an IPv4 destination",
-        ));
-        return None;
-    };
     let cert = match ctx.certs.for_workload(source) {
         Ok(cert) => cert,
         Err(err) => {
@@ -160,7 +151,7 @@ async fn outbound<'a>(
     // and the task of every connection would otherwise be sized by it for its whole life.
     let tunnel = Box::pin(
         ctx.pool
-            .stream(ctx, source.ip, &cert, &destination.identity, target),
+            .stream(ctx, source.ip, &cert, &destination.identity, &to),
     )
     .await;
     let (send, recv, guard) = match tunnel {
@@ -172,7 +163,7 @@ async fn outbound<'a>(
         }
     };
     let _ = client.set_nodelay(true);
-    super::keepalive(&client);
+    transport::keepalive(&client);
     Some(Tunnelled {
         tcp: client,
         send,
@@ -222,7 +213,7 @@ impl<'a> Tunnelled<'a> {
                 if let Some((cancels, accepted)) = cancels {
                     cancels.ended(
                         accepted,
-                        super::reset_by_peer(error) && copied.received == 0,
+                        transport::reset_by_peer(error) && copied.received == 0,
                     );
                 }
             }
@@ -242,17 +233,9 @@ pub(crate) fn outbound_way<'a>(
     source: &'a Workload,
     destination: &'a Workload,
     service: Option<&'a ServiceTarget>,
-    upstream: SocketAddr,
+    to: Authorized,
 ) -> impl std::future::Future<Output = ()> + Send + 'a {
-    let open = Box::pin(outbound(
-        ctx,
-        client,
-        rec,
-        source,
-        destination,
-        service,
-        upstream,
-    ));
+    let open = Box::pin(outbound(ctx, client, rec, source, destination, service, to));
     async move {
         OptionFuture::from(open.await.map(Tunnelled::relay)).await;
     }
@@ -349,16 +332,22 @@ impl Pool {
         out
     }
 
-    /// Opens a tunnel to `target` from workload `source` (holding `cert`) to a workload that
-    /// must prove `identity`.
+    /// Opens a tunnel to `to` (a pod of another node, which its node decides) from workload
+    /// `source` (holding `cert`) to a workload that must prove `identity`.
     pub(crate) async fn stream(
         &self,
         ctx: &ProxyContext,
         source: std::net::Ipv4Addr,
         cert: &WorkloadCert,
         identity: &str,
-        target: SocketAddrV4,
+        to: &Authorized,
     ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, StreamGuard), Failure> {
+        let (SocketAddr::V4(target), Some(tunnel)) = (to.target(), to.tunnel()) else {
+            return Err(Failure::uf(format!(
+                "HBONE to {}: an IPv4 pod of another node only",
+                to.target()
+            )));
+        };
         let key = Key {
             source,
             source_identity: cert.identity.clone(),
@@ -370,7 +359,7 @@ impl Pool {
         for attempt in 0..2 {
             let conn = match self.checkout(&key, cert.generation) {
                 Some(conn) => conn,
-                None => self.checkout_or_connect(ctx, &key, cert).await?,
+                None => self.checkout_or_connect(ctx, &key, cert, &tunnel).await?,
             };
             let guard = StreamGuard(conn.clone());
             let ready = tokio::time::timeout(STREAM_TIMEOUT, conn.sender.clone().ready()).await;
@@ -454,6 +443,7 @@ impl Pool {
         ctx: &ProxyContext,
         key: &Key,
         cert: &WorkloadCert,
+        tunnel: &Authorized,
     ) -> Result<Arc<Pooled>, Failure> {
         let lock = self
             .connecting
@@ -466,7 +456,7 @@ impl Pool {
             let _held = lock.lock().await;
             match self.checkout(key, cert.generation) {
                 Some(conn) => Ok(conn),
-                None => self.connect(ctx, key, cert).await,
+                None => self.connect(ctx, key, cert, tunnel).await,
             }
         };
         // Forget the lock when nobody else waits on it.
@@ -482,8 +472,9 @@ impl Pool {
         ctx: &ProxyContext,
         key: &Key,
         cert: &WorkloadCert,
+        tunnel: &Authorized,
     ) -> Result<Arc<Pooled>, Failure> {
-        let tcp = connect_from(key.source, SocketAddr::V4(key.destination))
+        let tcp = transport::connect(key.source, tunnel)
             .await
             .map_err(|e| Failure::uf(format!("connect to {}: {e}", key.destination)))?;
         let config = tls::client_config(
@@ -587,7 +578,7 @@ async fn watch_liveness(
 pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
     let Ok(local) = tcp.local_addr() else { return };
     let state = ctx.state.load_full();
-    let destination = ip_of(local)
+    let destination = ipv4(local)
         .and_then(|ip| state.workloads.get(&ip))
         .filter(|w| w.enrolled && state.is_local(w));
     let Some(destination) = destination else {
@@ -604,7 +595,7 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
         }
     };
     let _ = tcp.set_nodelay(true);
-    super::keepalive(&tcp);
+    transport::keepalive(&tcp);
     let handshake = async {
         let _turn = HANDSHAKES.acquire().await;
         tokio_rustls::TlsAcceptor::from(cert.server.clone())
@@ -707,10 +698,10 @@ async fn connect_unless_cancelled(
     respond: &mut h2::server::SendResponse<Bytes>,
     cancels: &Cancels,
     source: std::net::Ipv4Addr,
-    target: SocketAddr,
+    to: &Authorized,
 ) -> Option<std::io::Result<TcpStream>> {
     tokio::select! {
-        connected = connect_from(source, target) => Some(connected),
+        connected = transport::connect(source, to) => Some(connected),
         _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
             cancels.cancelled();
             None
@@ -786,60 +777,75 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
     rec.security = "mutual_tls";
     rec.upstream = Some(target);
     rec.source_identity = Some(identity.to_string());
-    let source = ip_of(peer).and_then(|ip| state.workloads.get(&ip));
-    rec.source_workload = source.map(qualified);
-    // The tunnel must lead to the workload whose certificate this connection presented:
-    // the address the connection was made to, still held by a pod of that identity.
-    let destination = ip_of(target)
-        .filter(|ip| Some(*ip) == ip_of(local))
+    rec.source_workload = ipv4(peer)
         .and_then(|ip| state.workloads.get(&ip))
-        .filter(|w| w.enrolled && w.identity == *presented);
-    let Some(destination) = destination else {
-        answer(&mut respond, StatusCode::BAD_REQUEST);
-        Tracked::open(ctx, Direction::Hbone, rec).finish(Outcome::refused(
-            ResponseFlag::NoRoute,
-            format!("CONNECT {target} on a tunnel to {local}: not the workload of this connection"),
-        ));
-        return None;
-    };
+        .map(qualified);
+    let (source, destination, served, admitted) =
+        match plan::tunnel(&state, peer, local, target, &identity, &presented) {
+            Plan::Local {
+                source,
+                destination,
+                served,
+                admitted,
+                ..
+            } => (source, destination, served, admitted),
+            Plan::Refuse { refusal, .. } => {
+                answer(&mut respond, StatusCode::BAD_REQUEST);
+                Tracked::open(ctx, Direction::Hbone, rec)
+                    .finish(Outcome::refused(refusal.flag, refusal.reason));
+                return None;
+            }
+            other => unreachable!("a tunnel plan is Local or Refuse: {other:?}"),
+        };
     rec.destination_workload = Some(qualified(destination));
     rec.destination_identity = Some(destination.identity.clone());
     let report = Report {
         reporter: "destination",
-        source: source
-            .filter(|s| s.identity.as_str() == &*identity)
-            .map_or_else(|| Peer::identity(&identity), |s| Peer::of(s, true)),
+        source: source.map_or_else(|| Peer::identity(&identity), |s| Peer::of(s, true)),
         destination: Peer::of(destination, true),
         service: None,
         mtls: true,
     }
     // The client's Service is not in the tunnel: name the one the pod port serves.
     .service(state.service_of_endpoint(target));
-    let source_ip = ip_of(peer).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
-    if super::forward::http_port(ctx, target) {
+    let source_ip = ipv4(peer).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    let admitted = match admitted {
+        Ok(admitted) => admitted,
+        Err(decision) => {
+            let reason = decision.reason;
+            rec.authorization = Some(decision);
+            let mut tracked = Tracked::open(ctx, Direction::Hbone, rec);
+            tracked.live = ctx.tcp.open(vec![report]);
+            // ztunnel answers a policy denial with 401.
+            answer(&mut respond, StatusCode::UNAUTHORIZED);
+            tracked.finish(Outcome::refused(ResponseFlag::Denied, reason));
+            return None;
+        }
+    };
+    if served == Served::PerRequest {
         // HTTP inside the tunnel: authorized and reported per request.
         rec.path = "hbone_http";
         let tracked = Tracked::open(ctx, Direction::Hbone, rec);
-        let server = match connect_unless_cancelled(&mut respond, &cancels, source_ip, target).await
-        {
-            None => {
-                tracked.finish(Outcome::refused(
-                    ResponseFlag::DownstreamTermination,
-                    "stream reset by the client",
-                ));
-                return None;
-            }
-            Some(Ok(server)) => server,
-            Some(Err(err)) => {
-                answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-                let error = format!("connect to {target}: {err}");
-                tracked.finish(Outcome::refused(
-                    ResponseFlag::UpstreamConnectFailure,
-                    error,
-                ));
-                return None;
-            }
-        };
+        let server =
+            match connect_unless_cancelled(&mut respond, &cancels, source_ip, &admitted).await {
+                None => {
+                    tracked.finish(Outcome::refused(
+                        ResponseFlag::DownstreamTermination,
+                        "stream reset by the client",
+                    ));
+                    return None;
+                }
+                Some(Ok(server)) => server,
+                Some(Err(err)) => {
+                    answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                    let error = format!("connect to {target}: {err}");
+                    tracked.finish(Outcome::refused(
+                        ResponseFlag::UpstreamConnectFailure,
+                        error,
+                    ));
+                    return None;
+                }
+            };
         let Ok(send) = respond.send_response(Response::new(()), false) else {
             cancels.cancelled();
             tracked.finish(Outcome::refused(
@@ -868,19 +874,11 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         tracked.finish(Outcome::default());
         return None;
     }
-    let decision = authorize(destination, Some(&identity), peer, target);
-    let allowed = decision.allowed;
-    let reason = decision.reason;
-    rec.authorization = Some(decision);
+    rec.authorization = admitted.decision().cloned();
     let mut tracked = Tracked::open(ctx, Direction::Hbone, rec);
     tracked.live = ctx.tcp.open(vec![report]);
-    if !allowed {
-        // ztunnel answers a policy denial with 401.
-        answer(&mut respond, StatusCode::UNAUTHORIZED);
-        tracked.finish(Outcome::refused(ResponseFlag::Denied, reason));
-        return None;
-    }
-    let server = match connect_unless_cancelled(&mut respond, &cancels, source_ip, target).await {
+    let server = match connect_unless_cancelled(&mut respond, &cancels, source_ip, &admitted).await
+    {
         None => {
             tracked.finish(Outcome::refused(
                 ResponseFlag::DownstreamTermination,
