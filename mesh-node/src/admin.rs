@@ -23,8 +23,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::{
+    connections::Connections,
     http::server::{self, Gate, Served},
-    proxy::connections::Connections,
     state::State,
 };
 

@@ -13,6 +13,8 @@ pub mod analyze;
 pub mod capture;
 pub mod cni;
 pub mod config;
+pub mod connections;
+pub mod context;
 pub mod gate;
 pub mod http;
 pub mod identity;

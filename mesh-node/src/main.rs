@@ -21,11 +21,11 @@ use mesh_node::{
     },
     cni,
     config::{self, semantics},
+    connections::{Connections, Direction},
+    http::ProxyContext,
     identity, kube_source,
     metrics::{ConfigMetrics, KernelCollector, ProxyMetrics},
-    preflight, proxy,
-    proxy::{connections::Connections, Direction, ProxyContext},
-    reload,
+    preflight, proxy, reload,
     state::State,
     sys,
     telemetry::{self, TcpMetrics},
@@ -650,7 +650,7 @@ async fn serve(
         )),
     };
 
-    let pool = proxy::hbone::Pool::default();
+    let pool = transport::Pool::default();
     pool.spawn_reaper(certs.clone());
     tokio::spawn(keep_certificates(certs.clone(), state.clone()));
     l7.clusters.spawn_reaper(state.clone());

@@ -75,6 +75,13 @@ pub struct Workload {
     pub authorization: Vec<Ref<crate::config::security::AuthorizationPolicySpec>>,
 }
 
+impl Workload {
+    /// `namespace/name`.
+    pub fn qualified(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 /// One port of a Service with a VIP, and the endpoints it balances over.
 #[derive(Debug, Serialize)]
 pub struct ServiceTarget {

@@ -21,7 +21,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    proxy::connections::ConnectionRecord,
+    connections::ConnectionRecord,
     state::{ServiceTarget, Workload},
 };
 

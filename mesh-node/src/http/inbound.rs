@@ -22,6 +22,7 @@ use tokio::{
     sync::Mutex,
 };
 
+use super::ProxyContext;
 use super::{
     full, local_response, protocol_of,
     server::{self, Served},
@@ -30,9 +31,10 @@ use super::{
     version_name, Counting, Finish, Observed, RequestLog, RespBody,
 };
 use crate::{
+    connections::now_ms,
     gate::{self, Authorized, HttpAttrs},
     plan::ipv4,
-    proxy::{connections::now_ms, forward::qualified, ProxyContext},
+    state::Workload,
     telemetry::{Peer, Report},
     transport,
 };
@@ -121,7 +123,7 @@ async fn handle(
         protocol: protocol_of(req.headers()),
         response_flags: ResponseFlag::None,
         client: conn.peer.to_string(),
-        source_workload: source.map(qualified),
+        source_workload: source.map(Workload::qualified),
         source_principal: identity.map(str::to_string),
         upstream: Some(conn.target.to_string()),
         attempts: 1,

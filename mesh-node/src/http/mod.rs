@@ -16,10 +16,13 @@ pub mod inbound;
 pub mod outbound;
 pub mod route;
 pub mod server;
-pub mod tunnel;
 pub mod upstream;
 
 pub use outbound::Routes;
+
+/// The data plane's context with its L7 part: what every connection handler of the proxy
+/// and of L7 gets.
+pub type ProxyContext = crate::context::Context<L7>;
 
 use crate::response_flag::ResponseFlag;
 use std::{

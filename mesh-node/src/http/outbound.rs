@@ -22,6 +22,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
+use super::ProxyContext;
 use super::{
     apply_header_ops,
     cluster::{self, ClusterKey, View},
@@ -37,13 +38,11 @@ use crate::{
         networking::{HttpRetry, HttpRoute, HttpRouteDestination},
         semantics::Protocol,
     },
+    connections::{now_ms, ConnectionRecord, Direction},
+    context::{Outcome, Tracked},
     gate::{self, HttpAttrs},
     plan::ipv4,
     plan::{Refusal, TcpRoutes},
-    proxy::{
-        connections::{now_ms, ConnectionRecord},
-        Direction, Outcome, ProxyContext, Tracked,
-    },
     state::{ServiceTarget, State, Workload},
     telemetry::{Peer, Report},
 };
@@ -185,7 +184,7 @@ async fn handle(
             protocol: protocol_of(&parts.headers),
             response_flags: ResponseFlag::None,
             client: conn.peer.to_string(),
-            source_workload: source.map(crate::proxy::forward::qualified),
+            source_workload: source.map(Workload::qualified),
             source_principal: source.filter(|s| s.enrolled).map(|s| s.identity.clone()),
             ..RequestLog::default()
         },

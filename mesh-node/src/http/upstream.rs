@@ -19,12 +19,12 @@ use http_body_util::combinators::BoxBody;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use super::ProxyContext;
 use super::{
     cluster::{Cluster, EndpointState, View},
-    tunnel::Tunnel,
     BoxError,
 };
-use crate::{gate::Authorized, proxy::ProxyContext, state::Workload, transport};
+use crate::{gate::Authorized, state::Workload, transport};
 
 /// Request bodies sent upstream.
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -340,7 +340,8 @@ async fn connect(
         let cert = ctx.certs.for_workload(s).map_err(|e| uf(e.to_string()))?;
         let opened = tokio::time::timeout(
             timeout,
-            ctx.pool.stream(ctx, s.ip, &cert, &d.identity, target.to),
+            ctx.pool
+                .stream(ctx.peers(), s.ip, &cert, &d.identity, target.to),
         )
         .await
         .map_err(|_| uf(format!("tunnel to {endpoint}: timed out")))?;
@@ -348,7 +349,7 @@ async fn connect(
             flag: f.flag,
             error: f.error,
         })?;
-        let io = TokioIo::new(Tunnel::new(send, recv));
+        let io = TokioIo::new(transport::tunnel::Tunnel::new(send, recv));
         return handshake(io, target.h2, (counted, guard)).await.map_err(uf);
     }
     let from_node =

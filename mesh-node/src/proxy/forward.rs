@@ -18,9 +18,11 @@ use std::{
 use futures_util::future::OptionFuture;
 use tokio::net::TcpStream;
 
-use super::{connections::ConnectionRecord, record, Direction, Outcome, ProxyContext, Tracked};
 use crate::{
+    connections::{ConnectionRecord, Direction},
+    context::{record, Outcome, Tracked},
     gate::{Authorized, Decision, Served},
+    http::ProxyContext,
     plan::{self, Facts, From, Plan},
     response_flag::ResponseFlag,
     state::{ServiceTarget, State, Workload},
@@ -105,7 +107,7 @@ async fn open<'a>(
 ) -> Option<Relayed<'a>> {
     let mut rec = record(direction, facts.client, facts.original_dst);
     let client_pod = plan::ipv4(facts.client).and_then(|ip| state.workloads.get(&ip));
-    rec.source_workload = client_pod.map(qualified);
+    rec.source_workload = client_pod.map(Workload::qualified);
     if direction == Direction::Outbound {
         rec.source_identity = client_pod
             .filter(|s| s.enrolled)
@@ -141,7 +143,7 @@ async fn open<'a>(
         } => {
             rec.service = service.map(ServiceTarget::qualified_name);
             rec.upstream = Some(to.target());
-            rec.destination_workload = Some(qualified(destination));
+            rec.destination_workload = Some(destination.qualified());
             Box::pin(super::hbone::outbound_way(
                 ctx,
                 client,
@@ -163,7 +165,7 @@ async fn open<'a>(
         } => {
             rec.service = service.map(ServiceTarget::qualified_name);
             rec.upstream = Some(to.target());
-            rec.destination_workload = destination.map(qualified);
+            rec.destination_workload = destination.map(Workload::qualified);
             let reports = match direction {
                 Direction::Outbound => vec![Report {
                     reporter: "source",
@@ -188,7 +190,7 @@ async fn open<'a>(
         } => {
             rec.service = service.map(ServiceTarget::qualified_name);
             rec.upstream = Some(upstream);
-            rec.destination_workload = Some(qualified(destination));
+            rec.destination_workload = Some(destination.qualified());
             rec.destination_identity = Some(destination.identity.clone());
             // Without a known enrolled source (the kernel's map and this snapshot disagree
             // for a moment, e.g. right after the pod left the mesh) the client has no
@@ -342,9 +344,4 @@ async fn plain<'a>(
             None
         }
     }
-}
-
-/// `namespace/name` of a pod.
-pub(crate) fn qualified(w: &Workload) -> String {
-    format!("{}/{}", w.namespace, w.name)
 }

@@ -1,8 +1,14 @@
 //! The transport layer, under both L4 (`proxy`) and L7 (`http`): listeners, connections made
-//! from a client's address, and the byte relays (TCP to TCP, TCP to an HTTP/2 stream). It
-//! imports neither `proxy` nor `http`. Every connection it makes carries `MARK_PROXY`, so no
+//! from a client's address, the byte relays (TCP to TCP, TCP to an HTTP/2 stream), the HBONE
+//! client pool ([`pool`]) and an HBONE stream as a socket ([`tunnel`]). It imports neither
+//! `proxy` nor `http`. Every connection it makes carries `MARK_PROXY`, so no
 //! capture rule takes it again, and goes only where the policy gate let it
 //! ([`crate::gate::Authorized`]).
+
+pub mod pool;
+pub mod tunnel;
+
+pub use pool::Pool;
 
 use std::{
     io,

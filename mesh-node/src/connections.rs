@@ -15,6 +15,28 @@ use std::{
 
 use serde::Serialize;
 
+/// Which listener accepted the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From a local enrolled pod (`:15001`).
+    Outbound,
+    /// Plaintext to a local enrolled pod (`:15006`).
+    Inbound,
+    /// HBONE to a local enrolled pod (`:15008`).
+    Hbone,
+}
+
+impl Direction {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+            Direction::Hbone => "hbone",
+        }
+    }
+}
+
 /// Closed connections kept for inspection.
 const KEEP_CLOSED: usize = 4096;
 

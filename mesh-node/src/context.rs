@@ -1,0 +1,187 @@
+//! What the connection handlers of L4 (`proxy`) and L7 (`http`) share, below both: the
+//! context ([`Context`]) and one connection's bookkeeping ([`Tracked`]: its record, metrics and
+//! access-log line).
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+};
+
+use arc_swap::ArcSwap;
+
+use crate::{
+    connections::{now_ms, ConnectionRecord, Connections, Direction},
+    identity::Certificates,
+    metrics::ProxyMetrics,
+    response_flag::ResponseFlag,
+    state::State,
+    telemetry::{self, Live, TcpMetrics},
+    transport::{Copied, Pool},
+};
+
+/// What every connection handler shares; `L` is the L7 part (`http::L7`), which this layer
+/// does not know.
+pub struct Context<L> {
+    /// The current config snapshot.
+    pub state: Arc<ArcSwap<State>>,
+    /// The connection record.
+    pub connections: Arc<Connections>,
+    /// Node-level proxy metrics.
+    pub metrics: ProxyMetrics,
+    /// Istio's TCP metrics.
+    pub tcp: TcpMetrics,
+    /// This node's workload certificates.
+    pub certs: Arc<Certificates>,
+    /// Outbound HBONE connections.
+    pub pool: Pool,
+    /// The node's own IPv4 addresses (NodePorts are resolved at them), kept by the datapath.
+    pub node_addresses: Arc<ArcSwap<std::collections::BTreeSet<Ipv4Addr>>>,
+    /// Registers reply directions the capture program must steer back to the proxy.
+    pub replies: Arc<crate::capture::ReplySteering>,
+    /// L7 routing state and request metrics.
+    pub l7: Arc<L>,
+}
+
+impl<L> Context<L> {
+    /// What the HBONE pool needs of the node.
+    pub fn peers(&self) -> crate::transport::pool::Peers<'_> {
+        crate::transport::pool::Peers {
+            certs: &self.certs,
+            metrics: &self.metrics,
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    /// How it ended ([`ResponseFlag::None`] when fine).
+    pub flag: ResponseFlag,
+    /// Detail for the record and the access log.
+    pub error: Option<String>,
+    /// Client to server bytes.
+    pub sent: u64,
+    /// Server to client bytes.
+    pub received: u64,
+}
+
+impl Outcome {
+    /// A relayed connection: what it carried, and the error that broke it (flag `DC`).
+    pub fn relayed(copied: Copied, error: Option<io::Error>) -> Outcome {
+        Outcome {
+            flag: if error.is_some() {
+                ResponseFlag::DownstreamTermination
+            } else {
+                ResponseFlag::None
+            },
+            error: error.map(|e| e.to_string()),
+            sent: copied.sent,
+            received: copied.received,
+        }
+    }
+
+    /// A connection refused before any byte was relayed.
+    pub fn refused(flag: ResponseFlag, error: impl Into<String>) -> Outcome {
+        Outcome {
+            flag,
+            error: Some(error.into()),
+            ..Outcome::default()
+        }
+    }
+}
+
+/// One connection's bookkeeping: the record, the metrics and the access-log line. Dropped
+/// without [`Tracked::finish`] (a panicking task), it records the connection as broken.
+pub(crate) struct Tracked<'a> {
+    connections: &'a Connections,
+    metrics: &'a ProxyMetrics,
+    direction: Direction,
+    id: u64,
+    /// Istio metrics of the connection (empty until the reports are known).
+    pub live: Live,
+    finished: bool,
+}
+
+impl<'a> Tracked<'a> {
+    /// Records a new connection.
+    pub fn open<L>(ctx: &'a Context<L>, direction: Direction, record: ConnectionRecord) -> Self {
+        ctx.metrics.opened(direction);
+        let id = ctx.connections.open(record);
+        Tracked {
+            connections: &ctx.connections,
+            metrics: &ctx.metrics,
+            direction,
+            id,
+            live: Live::none(),
+            finished: false,
+        }
+    }
+
+    /// Records the end of the connection and writes its access-log line.
+    pub fn finish(mut self, outcome: Outcome) {
+        self.end(outcome);
+    }
+
+    fn end(&mut self, outcome: Outcome) {
+        self.finished = true;
+        let (direction, id) = (self.direction, self.id);
+        let live = std::mem::replace(&mut self.live, Live::none());
+        self.metrics.closed(direction, outcome.flag);
+        self.metrics
+            .bytes(direction, outcome.sent, outcome.received);
+        live.close(outcome.flag);
+        if outcome.flag == ResponseFlag::Denied {
+            tracing::debug!(id, "denied: {}", outcome.error.as_deref().unwrap_or(""));
+        }
+        let closed = self.connections.close(id, |record| {
+            record.bytes_sent = outcome.sent;
+            record.bytes_received = outcome.received;
+            record.flag = outcome.flag;
+            record.error = outcome.error;
+        });
+        if let Some(record) = closed {
+            telemetry::access_log(&record);
+        }
+    }
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.end(Outcome::refused(
+                ResponseFlag::DownstreamTermination,
+                "the connection's task ended abnormally",
+            ));
+        }
+    }
+}
+
+/// A record with what is known when a connection is accepted.
+pub(crate) fn record(
+    direction: Direction,
+    client: SocketAddr,
+    original_dst: SocketAddr,
+) -> ConnectionRecord {
+    ConnectionRecord {
+        id: 0,
+        direction: direction.as_str(),
+        client,
+        source_workload: None,
+        source_identity: None,
+        original_dst,
+        service: None,
+        upstream: None,
+        destination_workload: None,
+        destination_identity: None,
+        path: "plaintext",
+        security: "none",
+        authorization: None,
+        opened_ms: now_ms(),
+        closed_ms: None,
+        bytes_sent: 0,
+        bytes_received: 0,
+        flag: ResponseFlag::None,
+        error: None,
+    }
+}
