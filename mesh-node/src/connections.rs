@@ -15,6 +15,8 @@ use std::{
 
 use serde::Serialize;
 
+use crate::config::semantics::Identity;
+
 /// Which listener accepted the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -55,7 +57,7 @@ pub struct ConnectionRecord {
     pub source_workload: Option<String>,
     /// The client's SPIFFE ID, when it is authenticated (mTLS, or an enrolled pod of this node).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub source_identity: Option<String>,
+    pub source_identity: Option<Identity>,
     /// The destination the client asked for (a Service VIP or a pod).
     pub original_dst: SocketAddr,
     /// The Service (`namespace/name`) when the original destination was its VIP.
@@ -67,7 +69,7 @@ pub struct ConnectionRecord {
     pub destination_workload: Option<String>,
     /// The destination's SPIFFE ID (verified by mTLS on the HBONE path).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub destination_identity: Option<String>,
+    pub destination_identity: Option<Identity>,
     /// How the bytes travel to the destination: `hbone` (mTLS tunnel to its node),
     /// `same_node` (this proxy delivers; identity known in-process), `plaintext`; with
     /// `_http` when the destination side parses HTTP (authorization per request), and

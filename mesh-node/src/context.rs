@@ -81,6 +81,11 @@ impl Outcome {
         }
     }
 
+    /// A connection that could not reach its destination.
+    pub fn failed(error: &crate::transport::Error) -> Outcome {
+        Outcome::refused(error.flag(), error.to_string())
+    }
+
     /// A connection refused before any byte was relayed.
     pub fn refused(flag: ResponseFlag, error: impl Into<String>) -> Outcome {
         Outcome {

@@ -62,7 +62,7 @@ pub struct Workload {
     /// Service account.
     pub service_account: String,
     /// SPIFFE identity (`spiffe://cluster.local/ns/<ns>/sa/<sa>`).
-    pub identity: String,
+    pub identity: crate::config::semantics::Identity,
     /// Labels (policy and subset selectors match them).
     pub labels: Labels,
     /// In the mesh.
@@ -458,7 +458,7 @@ impl State {
     /// SPIFFE IDs of the enrolled pods on this node: the certificates it holds.
     pub fn local_identities(&self) -> BTreeSet<String> {
         self.local_enrolled_workloads()
-            .map(|w| w.identity.clone())
+            .map(|w| w.identity.to_string())
             .collect()
     }
 

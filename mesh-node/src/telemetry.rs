@@ -92,7 +92,7 @@ impl Peer {
             version: label(&["version", "app.kubernetes.io/version"])
                 .unwrap_or_else(|| UNKNOWN.into()),
             principal: if authenticated {
-                workload.identity.clone()
+                workload.identity.to_string()
             } else {
                 UNKNOWN.into()
             },
@@ -763,7 +763,10 @@ mod tests {
             node: None,
             ip: [100, 64, 0, 9].into(),
             service_account: "web".into(),
-            identity: format!("spiffe://cluster.local/ns/{namespace}/sa/web"),
+            identity: crate::config::semantics::Identity::parse(&format!(
+                "spiffe://cluster.local/ns/{namespace}/sa/web"
+            ))
+            .unwrap(),
             labels: labels
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -180,8 +180,74 @@ pub fn service_account(pod: &Pod) -> &str {
 
 impl Mesh {
     /// The SPIFFE identity of service account `sa` in `namespace`.
-    pub fn spiffe_id(&self, namespace: &str, sa: &str) -> String {
-        format!("spiffe://{}/ns/{namespace}/sa/{sa}", self.trust_domain)
+    pub fn spiffe_id(&self, namespace: &str, sa: &str) -> Identity {
+        Identity(format!("spiffe://{}/ns/{namespace}/sa/{sa}", self.trust_domain).into())
+    }
+}
+
+/// A workload's SPIFFE ID (`spiffe://<trust domain>/ns/<namespace>/sa/<service account>`):
+/// made from the config ([`Mesh::spiffe_id`]) or read from a verified certificate
+/// ([`Identity::parse`]). Cheap to clone (shared).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Identity(std::sync::Arc<str>);
+
+impl Identity {
+    /// A SPIFFE ID as a certificate states it: `spiffe://` and a trust domain, then a path.
+    pub fn parse(text: &str) -> Result<Identity, String> {
+        match text
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.split_once('/'))
+        {
+            Some((domain, path)) if !domain.is_empty() && !path.is_empty() => {
+                Ok(Identity(text.into()))
+            }
+            _ => Err(format!(
+                "{text:?} is not a SPIFFE ID (spiffe://<trust domain>/<path>)"
+            )),
+        }
+    }
+
+    /// The ID as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Identity {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Identity {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for Identity {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Identity {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl serde::Serialize for Identity {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
     }
 }
 
@@ -304,6 +370,23 @@ pub fn authorization_applies(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identities_are_spiffe_ids() {
+        let id = Mesh::default().spiffe_id("shop", "web");
+        assert_eq!(id, "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(Identity::parse(id.as_str()), Ok(id.clone()));
+        for bad in [
+            "",
+            "spiffe://",
+            "spiffe://td",
+            "spiffe:///ns/a",
+            "https://td/ns/a",
+        ] {
+            assert!(Identity::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(serde_json::to_string(&id).unwrap(), format!("\"{id}\""));
+    }
     use crate::config::parse_str;
 
     #[test]

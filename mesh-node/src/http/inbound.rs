@@ -47,7 +47,7 @@ pub struct Inbound {
     /// The client's address.
     pub peer: SocketAddr,
     /// Its SPIFFE ID, when authenticated.
-    pub identity: Option<Arc<str>>,
+    pub identity: Option<crate::config::semantics::Identity>,
     /// `podIP:port`.
     pub target: SocketAddr,
     /// Whether the client came through mTLS (or is an enrolled pod of this node).
@@ -289,7 +289,7 @@ async fn sender(
         Some(stream) => stream,
         None => transport::connect(source, to)
             .await
-            .map_err(|e| format!("connect to {target}: {e}"))?,
+            .map_err(|e| e.to_string())?,
     };
     let sender = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(TokioIo::new(stream), h2, ()))
         .await

@@ -185,7 +185,9 @@ async fn handle(
             response_flags: ResponseFlag::None,
             client: conn.peer.to_string(),
             source_workload: source.map(Workload::qualified),
-            source_principal: source.filter(|s| s.enrolled).map(|s| s.identity.clone()),
+            source_principal: source
+                .filter(|s| s.enrolled)
+                .map(|s| s.identity.to_string()),
             ..RequestLog::default()
         },
         request_bytes: Arc::new(AtomicU64::new(0)),

@@ -82,8 +82,8 @@ impl Sender {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
     source: Ipv4Addr,
-    source_identity: Option<String>,
-    destination_identity: Option<String>,
+    source_identity: Option<crate::config::semantics::Identity>,
+    destination_identity: Option<crate::config::semantics::Identity>,
     hbone: bool,
 }
 
@@ -185,6 +185,15 @@ pub struct ConnectFailure {
     pub flag: ResponseFlag,
     /// Detail.
     pub error: String,
+}
+
+impl From<transport::Error> for ConnectFailure {
+    fn from(error: transport::Error) -> Self {
+        ConnectFailure {
+            flag: error.flag(),
+            error: error.to_string(),
+        }
+    }
 }
 
 /// Decrements the cluster's connection count when a connection ends.
@@ -345,10 +354,7 @@ async fn connect(
         )
         .await
         .map_err(|_| uf(format!("tunnel to {endpoint}: timed out")))?;
-        let (send, recv, guard) = opened.map_err(|f| ConnectFailure {
-            flag: f.flag,
-            error: f.error,
-        })?;
+        let (send, recv, guard) = opened?;
         let io = TokioIo::new(transport::tunnel::Tunnel::new(send, recv));
         return handshake(io, target.h2, (counted, guard)).await.map_err(uf);
     }
@@ -367,8 +373,11 @@ async fn connect(
     let connected = tokio::time::timeout(timeout, transport::connect(source, target.to)).await;
     let stream = match connected {
         Ok(Ok(stream)) => stream,
-        Ok(Err(err)) => return Err(uf(format!("connect to {endpoint}: {err}"))),
-        Err(_) => return Err(uf(format!("connect to {endpoint}: timed out"))),
+        Ok(Err(err)) => return Err(err.into()),
+        Err(_) => {
+            let timed_out = std::io::Error::from(std::io::ErrorKind::TimedOut);
+            return Err(transport::Error::connect(endpoint, timed_out).into());
+        }
     };
     handshake(TokioIo::new(stream), target.h2, counted)
         .await

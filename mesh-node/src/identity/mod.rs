@@ -415,13 +415,13 @@ impl Certificates {
                 node: workload.node.clone(),
             });
         }
-        if let Some(cert) = self.lock().get(&workload.identity) {
+        if let Some(cert) = self.lock().get(workload.identity.as_str()) {
             return Ok(cert.clone());
         }
         let cert = self.issue(&workload.identity, "new")?;
         Ok(self
             .lock()
-            .entry(workload.identity.clone())
+            .entry(workload.identity.to_string())
             .or_insert(cert)
             .clone())
     }
@@ -624,7 +624,10 @@ mod tests {
             node: Some("n2".into()),
             ip: [100, 64, 1, 2].into(),
             service_account: "web".into(),
-            identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+            identity: crate::config::semantics::Identity::parse(
+                "spiffe://cluster.local/ns/shop/sa/web",
+            )
+            .unwrap(),
             labels: Default::default(),
             enrolled: true,
             ready: true,
@@ -638,7 +641,7 @@ mod tests {
         w.node = Some("n1".into());
         let first = store.for_workload(&w).unwrap();
         assert_eq!(store.for_workload(&w).unwrap().generation, first.generation);
-        let wanted = BTreeSet::from([w.identity.clone()]);
+        let wanted = BTreeSet::from([w.identity.to_string()]);
         assert_eq!(store.sync(&wanted), 0, "not due yet");
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(store.sync(&wanted), 1, "renewed after half the lifetime");

@@ -224,7 +224,6 @@ async fn open<'a>(
                 }
                 .service(service.or_else(|| state.service_of_endpoint(upstream)))],
             };
-            let identity = source.map(|s| s.identity.as_str());
             let admitted = match admitted {
                 Ok(admitted) => admitted,
                 Err(decision) => {
@@ -236,7 +235,7 @@ async fn open<'a>(
                 Served::PerRequest => {
                     let inbound = crate::http::inbound::Inbound {
                         peer: facts.client,
-                        identity: identity.map(Into::into),
+                        identity: source.map(|s| s.identity.clone()),
                         target: upstream,
                         mtls,
                     };
@@ -274,11 +273,7 @@ pub(crate) async fn serve_http(
         Ok(pod) => pod,
         Err(err) => {
             reset(&client);
-            let error = format!("connect to {}: {err}", inbound.target);
-            tracked.finish(Outcome::refused(
-                ResponseFlag::UpstreamConnectFailure,
-                error,
-            ));
+            tracked.finish(Outcome::failed(&err));
             return;
         }
     };
@@ -337,10 +332,7 @@ async fn plain<'a>(
         }),
         Err(err) => {
             reset(&client);
-            tracked.finish(Outcome::refused(
-                ResponseFlag::UpstreamConnectFailure,
-                format!("connect to {}: {err}", to.target()),
-            ));
+            tracked.finish(Outcome::failed(&err));
             None
         }
     }

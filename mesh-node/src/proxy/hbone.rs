@@ -30,6 +30,7 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
 use crate::{
+    config::semantics::Identity,
     connections::{ConnectionRecord, Direction},
     context::{record, Outcome, Tracked},
     gate::{Authorized, Served},
@@ -128,7 +129,7 @@ async fn outbound<'a>(
         Ok(tunnel) => tunnel,
         Err(failure) => {
             reset(&client);
-            tracked.finish(Outcome::refused(failure.flag, failure.error));
+            tracked.finish(Outcome::failed(&failure));
             return None;
         }
     };
@@ -253,16 +254,19 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
         }
     };
     ctx.metrics.hbone_opened("server");
-    let presented: Arc<str> = cert.identity.as_str().into();
-    let identity: Arc<str> = match tls
+    let presented = destination.identity.clone();
+    let identity = match tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|certs| certs.first())
         .map(tls::spiffe_id)
     {
-        Some(Ok(id)) => id.into(),
-        _ => return, // the verifier already required one
+        Some(Ok(id)) => match Identity::parse(&id) {
+            Ok(id) => id,
+            Err(_) => return, // the verifier already required one
+        },
+        _ => return,
     };
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -336,7 +340,7 @@ async fn connect_unless_cancelled(
     cancels: &Cancels,
     source: std::net::Ipv4Addr,
     to: &Authorized,
-) -> Option<std::io::Result<TcpStream>> {
+) -> Option<Result<TcpStream, transport::Error>> {
     tokio::select! {
         connected = transport::connect(source, to) => Some(connected),
         _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
@@ -355,8 +359,8 @@ struct Stream {
     peer: SocketAddr,
     local: SocketAddr,
     /// The client's SPIFFE ID, and the one this connection presented.
-    identity: Arc<str>,
-    presented: Arc<str>,
+    identity: Identity,
+    presented: Identity,
     /// The connection's count of cancelled streams.
     cancels: Arc<Cancels>,
     /// When the stream was accepted.
@@ -413,7 +417,7 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
     rec.path = "hbone";
     rec.security = "mutual_tls";
     rec.upstream = Some(target);
-    rec.source_identity = Some(identity.to_string());
+    rec.source_identity = Some(identity.clone());
     rec.source_workload = ipv4(peer)
         .and_then(|ip| state.workloads.get(&ip))
         .map(Workload::qualified);
@@ -475,11 +479,7 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
                 Some(Ok(server)) => server,
                 Some(Err(err)) => {
                     answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-                    let error = format!("connect to {target}: {err}");
-                    tracked.finish(Outcome::refused(
-                        ResponseFlag::UpstreamConnectFailure,
-                        error,
-                    ));
+                    tracked.finish(Outcome::failed(&err));
                     return None;
                 }
             };
@@ -526,10 +526,7 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         Some(Ok(server)) => server,
         Some(Err(err)) => {
             answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            tracked.finish(Outcome::refused(
-                ResponseFlag::UpstreamConnectFailure,
-                format!("connect to {target}: {err}"),
-            ));
+            tracked.finish(Outcome::failed(&err));
             return None;
         }
     };

@@ -5,14 +5,16 @@
 //! capture rule takes it again, and goes only where the policy gate let it
 //! ([`crate::gate::Authorized`]).
 
+pub mod error;
 pub mod pool;
 pub mod tunnel;
 
+pub use error::Error;
 pub use pool::Pool;
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
     time::Duration,
 };
@@ -50,8 +52,14 @@ pub fn bind_listener(port: u16) -> io::Result<std::net::TcpListener> {
 /// Connects where the gate let it (`to`) from `source` (the client pod's address, so the
 /// server sees the real client; unspecified for the node's own), with the proxy's socket
 /// mark. The port is chosen at connect time (`IP_BIND_ADDRESS_NO_PORT`), per destination.
-pub(crate) async fn connect(source: Ipv4Addr, to: &Authorized) -> io::Result<TcpStream> {
+pub(crate) async fn connect(source: Ipv4Addr, to: &Authorized) -> Result<TcpStream, Error> {
     let upstream = to.target();
+    connect_io(source, upstream)
+        .await
+        .map_err(|e| Error::connect(upstream, e))
+}
+
+async fn connect_io(source: Ipv4Addr, upstream: SocketAddr) -> io::Result<TcpStream> {
     let socket = match upstream {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -79,10 +87,21 @@ pub(crate) async fn connect_steered(
     source: Ipv4Addr,
     to: &Authorized,
     replies: &Arc<crate::capture::ReplySteering>,
-) -> io::Result<TcpStream> {
+) -> Result<TcpStream, Error> {
     let SocketAddr::V4(upstream) = to.target() else {
-        return Err(io::Error::other("steered connections are IPv4 only"));
+        let error = io::Error::other("steered connections are IPv4 only");
+        return Err(Error::connect(to.target(), error));
     };
+    connect_steered_io(source, upstream, replies)
+        .await
+        .map_err(|e| Error::connect(upstream.into(), e))
+}
+
+async fn connect_steered_io(
+    source: Ipv4Addr,
+    upstream: SocketAddrV4,
+    replies: &crate::capture::ReplySteering,
+) -> io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     let sock = SockRef::from(&socket);
     sock.set_mark(MARK_PROXY)?;

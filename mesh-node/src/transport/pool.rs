@@ -25,8 +25,9 @@ use crate::{
     gate::Authorized,
     identity::{tls, Certificates, WorkloadCert},
     metrics::ProxyMetrics,
-    response_flag::ResponseFlag,
 };
+
+use super::Error;
 
 /// What the pool needs of the node: its certificates (the roots a peer must chain to) and
 /// the handshake metrics.
@@ -60,21 +61,6 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the pool drops idle, broken and superseded connections.
 const REAP_EVERY: Duration = Duration::from_secs(1);
-
-/// Why a tunnel could not be opened.
-pub struct Failure {
-    pub flag: ResponseFlag,
-    pub error: String,
-}
-
-impl Failure {
-    pub(crate) fn uf(error: impl Into<String>) -> Failure {
-        Failure {
-            flag: ResponseFlag::UpstreamConnectFailure,
-            error: error.into(),
-        }
-    }
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct Key {
@@ -176,12 +162,11 @@ impl Pool {
         cert: &WorkloadCert,
         identity: &str,
         to: &Authorized,
-    ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, StreamGuard), Failure> {
+    ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, StreamGuard), Error> {
         let (SocketAddr::V4(target), Some(tunnel)) = (to.target(), to.tunnel()) else {
-            return Err(Failure::uf(format!(
-                "HBONE to {}: an IPv4 pod of another node only",
-                to.target()
-            )));
+            return Err(Error::NotTunnelled {
+                target: to.target(),
+            });
         };
         let key = Key {
             source,
@@ -209,10 +194,10 @@ impl Pool {
                         Ok(Err(err)) => err.to_string(),
                         _ => "no stream slot within the deadline".to_string(),
                     };
-                    return Err(Failure::uf(format!(
-                        "HBONE connection to {}: {why}",
-                        key.destination
-                    )));
+                    return Err(Error::Stream {
+                        target,
+                        detail: format!("HBONE connection to {}: {why}", key.destination),
+                    });
                 }
             };
             let request = Request::builder()
@@ -220,7 +205,10 @@ impl Pool {
                 .uri(target.to_string())
                 .version(http::Version::HTTP_2)
                 .body(())
-                .map_err(|e| Failure::uf(e.to_string()))?;
+                .map_err(|e| Error::Stream {
+                    target,
+                    detail: e.to_string(),
+                })?;
             let (response, send) = match sender.send_request(request, false) {
                 Ok(sent) => sent,
                 Err(err) => {
@@ -228,35 +216,45 @@ impl Pool {
                     if attempt == 0 {
                         continue;
                     }
-                    return Err(Failure::uf(format!("HBONE stream to {target}: {err}")));
+                    return Err(Error::Stream {
+                        target,
+                        detail: err.to_string(),
+                    });
                 }
             };
             let response = match tokio::time::timeout(STREAM_TIMEOUT, response).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(err)) => {
-                    return Err(Failure::uf(format!("HBONE stream to {target}: {err}")))
+                    return Err(Error::Stream {
+                        target,
+                        detail: err.to_string(),
+                    })
                 }
                 Err(_) => {
                     // The peer does not answer: take the connection out of service.
                     conn.closed.store(true, Ordering::Release);
-                    return Err(Failure::uf(format!("HBONE stream to {target}: no answer")));
+                    return Err(Error::Stream {
+                        target,
+                        detail: format!(
+                            "no answer within {STREAM_TIMEOUT:?}: is the destination node's \
+                             proxy overloaded or stuck?"
+                        ),
+                    });
                 }
             };
             return match response.status() {
                 StatusCode::OK => Ok((send, response.into_body(), guard)),
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Failure {
-                    flag: ResponseFlag::Denied,
-                    error: format!("{target}: refused by the destination's policy"),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Error::Denied { target }),
+                status => Err(Error::Stream {
+                    target,
+                    detail: format!("the destination proxy answered {status}"),
                 }),
-                status => Err(Failure::uf(format!(
-                    "{target}: the destination proxy answered {status}"
-                ))),
             };
         }
-        Err(Failure::uf(format!(
-            "HBONE connection to {} failed",
-            key.destination
-        )))
+        Err(Error::Stream {
+            target,
+            detail: format!("HBONE connection to {} failed", key.destination),
+        })
     }
 
     /// A pooled connection with room for one more stream, made with the current certificate;
@@ -279,7 +277,7 @@ impl Pool {
         key: &Key,
         cert: &WorkloadCert,
         tunnel: &Authorized,
-    ) -> Result<Arc<Pooled>, Failure> {
+    ) -> Result<Arc<Pooled>, Error> {
         let lock = self
             .connecting
             .lock()
@@ -308,10 +306,10 @@ impl Pool {
         key: &Key,
         cert: &WorkloadCert,
         tunnel: &Authorized,
-    ) -> Result<Arc<Pooled>, Failure> {
+    ) -> Result<Arc<Pooled>, Error> {
         let tcp = super::connect(key.source, tunnel)
             .await
-            .map_err(|e| Failure::uf(format!("connect to {}: {e}", key.destination)))?;
+            .map_err(|e| Error::hbone_connect(key.destination, e))?;
         let config = tls::client_config(
             cert.certified.clone(),
             peers.certs.root().clone(),
@@ -325,17 +323,18 @@ impl Pool {
                 let reason = tls::failure_reason(&err);
                 peers.metrics.handshake_failed("client", reason);
                 tracing::warn!(destination = %key.destination, identity = %key.identity, reason, "HBONE handshake failed: {err}");
-                return Err(Failure::uf(format!(
-                    "TLS handshake with {}: {err}",
-                    key.destination
-                )));
+                return Err(Error::handshake(
+                    key.destination,
+                    &key.identity,
+                    reason,
+                    &err,
+                ));
             }
             Err(_) => {
                 peers.metrics.handshake_failed("client", "timeout");
-                return Err(Failure::uf(format!(
-                    "TLS handshake with {}: timed out",
-                    key.destination
-                )));
+                return Err(Error::HandshakeTimeout {
+                    addr: key.destination,
+                });
             }
         };
         let (sender, mut connection) = h2::client::Builder::new()
@@ -345,7 +344,10 @@ impl Pool {
             .max_frame_size(MAX_FRAME)
             .handshake::<_, Bytes>(tls)
             .await
-            .map_err(|e| Failure::uf(format!("HTTP/2 with {}: {e}", key.destination)))?;
+            .map_err(|e| Error::Handshake {
+                addr: key.destination,
+                detail: format!("HTTP/2: {e}"),
+            })?;
         peers.metrics.hbone_opened("client");
         let closed = Arc::new(AtomicBool::new(false));
         let done = closed.clone();
