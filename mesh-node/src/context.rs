@@ -37,8 +37,8 @@ pub struct Context<L> {
     pub pool: Pool,
     /// The node's own IPv4 addresses (NodePorts are resolved at them), kept by the datapath.
     pub node_addresses: Arc<ArcSwap<std::collections::BTreeSet<Ipv4Addr>>>,
-    /// Registers reply directions the capture program must steer back to the proxy.
-    pub replies: Arc<crate::capture::ReplySteering>,
+    /// The kernel-facing sockets ([`crate::transport::Kernel`] on a node).
+    pub sockets: Arc<dyn crate::transport::Sockets>,
     /// L7 routing state and request metrics.
     pub l7: Arc<L>,
 }
@@ -49,6 +49,7 @@ impl<L> Context<L> {
         crate::transport::pool::Peers {
             certs: &self.certs,
             metrics: &self.metrics,
+            sockets: &*self.sockets,
         }
     }
 }

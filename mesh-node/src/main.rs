@@ -651,7 +651,7 @@ async fn serve(
     };
 
     let pool = transport::Pool::default();
-    pool.spawn_reaper(certs.clone());
+    pool.spawn_reaper(certs.clone(), transport::pool::IDLE_TIMEOUT);
     tokio::spawn(keep_certificates(certs.clone(), state.clone()));
     l7.clusters.spawn_reaper(state.clone());
     let ctx = Arc::new(ProxyContext {
@@ -663,7 +663,7 @@ async fn serve(
         certs,
         pool,
         node_addresses,
-        replies,
+        sockets: Arc::new(transport::Kernel { replies }),
     });
     tokio::spawn(proxy::serve(outbound, Direction::Outbound, ctx.clone()));
     tokio::spawn(proxy::serve(inbound, Direction::Inbound, ctx.clone()));

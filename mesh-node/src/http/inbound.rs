@@ -200,7 +200,7 @@ async fn handle(
     let h2 = !upgrade
         && req.version() == http::Version::HTTP_2
         && matches!(conn.target, SocketAddr::V4(t) if state.h2_endpoints.contains(&t));
-    let sender = match sender(upstream, peer_ip, &admitted, h2, upgrade).await {
+    let sender = match sender(&*ctx.sockets, upstream, peer_ip, &admitted, h2, upgrade).await {
         Ok(sender) => sender,
         Err(err) => {
             log.response_flags = ResponseFlag::UpstreamConnectFailure;
@@ -270,6 +270,7 @@ const XFCC: &str = "x-forwarded-client-cert";
 /// The connection to the pod for a request of this protocol (the gate let it go `to` the
 /// pod); an upgrade gets its own.
 async fn sender(
+    sockets: &dyn transport::Sockets,
     upstream: &Mutex<Upstream>,
     source: Ipv4Addr,
     to: &Authorized,
@@ -287,7 +288,7 @@ async fn sender(
     }
     let stream = match up.fresh.take() {
         Some(stream) => stream,
-        None => transport::connect(source, to)
+        None => transport::connect(sockets, source, to)
             .await
             .map_err(|e| e.to_string())?,
     };

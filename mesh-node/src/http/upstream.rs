@@ -370,7 +370,11 @@ async fn connect(
     } else {
         source
     };
-    let connected = tokio::time::timeout(timeout, transport::connect(source, target.to)).await;
+    let connected = tokio::time::timeout(
+        timeout,
+        transport::connect(&*ctx.sockets, source, target.to),
+    )
+    .await;
     let stream = match connected {
         Ok(Ok(stream)) => stream,
         Ok(Err(err)) => return Err(err.into()),

@@ -152,32 +152,57 @@ impl Ca {
         };
         let (cert_pem, cert_path) = read(CA_CERT_FILE)?;
         let (key_pem, key_path) = read(CA_KEY_FILE)?;
-        let bad = |path: &PathBuf, reason: String| IdentityError::BadCa {
-            path: path.clone(),
+        Ca::parse(cert_pem, &cert_path, &key_pem, &key_path)
+    }
+
+    /// A new root held only in memory (tests, in-process proxies): its certificate and key
+    /// (PEM), for [`Ca::from_pem`].
+    pub fn generate_pem() -> Result<(String, String), IdentityError> {
+        generate_root().map_err(|reason| IdentityError::BadCa {
+            path: PathBuf::from("(memory)"),
+            reason,
+        })
+    }
+
+    /// A CA from its certificate and key (PEM) in memory.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, IdentityError> {
+        let memory = Path::new("(memory)");
+        Ca::parse(cert_pem.to_string(), memory, key_pem, memory)
+    }
+
+    /// A CA from its certificate and key (PEM); the paths name them in errors.
+    fn parse(
+        cert_pem: String,
+        cert_path: &Path,
+        key_pem: &str,
+        key_path: &Path,
+    ) -> Result<Ca, IdentityError> {
+        let bad = |path: &Path, reason: String| IdentityError::BadCa {
+            path: path.to_path_buf(),
             reason,
         };
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| bad(&key_path, format!("not a PEM private key: {e}")))?;
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| bad(key_path, format!("not a PEM private key: {e}")))?;
         let root = rustls::pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
-            .map_err(|e| bad(&cert_path, format!("not a PEM certificate: {e}")))?;
+            .map_err(|e| bad(cert_path, format!("not a PEM certificate: {e}")))?;
         let root: CertificateDer<'static> = root;
         let (_, parsed) = x509_parser::parse_x509_certificate(&root)
-            .map_err(|e| bad(&cert_path, format!("not an X.509 certificate: {e}")))?;
+            .map_err(|e| bad(cert_path, format!("not an X.509 certificate: {e}")))?;
         if !parsed.is_ca() {
             return Err(bad(
-                &cert_path,
+                cert_path,
                 "not a CA certificate (basicConstraints CA:FALSE)".into(),
             ));
         }
         if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
         {
             return Err(bad(
-                &key_path,
+                key_path,
                 format!("the key does not belong to {}", cert_path.display()),
             ));
         }
         let issuer = Issuer::from_ca_cert_der(&root, key)
-            .map_err(|e| bad(&cert_path, format!("cannot sign with it: {e}")))?;
+            .map_err(|e| bad(cert_path, format!("cannot sign with it: {e}")))?;
         Ok(Ca {
             issuer,
             root_pem: cert_pem,

@@ -26,7 +26,6 @@ use crate::{
     plan::{self, Facts, From, Plan},
     response_flag::ResponseFlag,
     state::{ServiceTarget, State, Workload},
-    sys,
     telemetry::{Peer, Report},
     transport::{self, reset},
 };
@@ -38,14 +37,12 @@ pub async fn handle(
     client: TcpStream,
     peer: SocketAddr,
 ) {
-    let Ok(local) = client.local_addr() else {
+    let Ok(original_dst) = ctx.sockets.original_dst(&client) else {
         return;
     };
-    // Without NAT on the node, conntrack's original destination equals the local address;
-    // after a kube-proxy DNAT it is the Service VIP the client dialled.
     let facts = Facts {
         client: peer,
-        original_dst: sys::original_dst(&client).unwrap_or(local),
+        original_dst,
     };
     let state = ctx.state.load_full();
     let node = ctx.node_addresses.load();
@@ -269,7 +266,7 @@ pub(crate) async fn serve_http(
 ) {
     let tracked = Tracked::open(ctx, direction, rec);
     let source = plan::ipv4(inbound.peer).unwrap_or(Ipv4Addr::UNSPECIFIED);
-    let pod = match transport::connect(source, &admitted).await {
+    let pod = match transport::connect(&*ctx.sockets, source, &admitted).await {
         Ok(pod) => pod,
         Err(err) => {
             reset(&client);
@@ -320,9 +317,9 @@ async fn plain<'a>(
     let mut tracked = Tracked::open(ctx, direction, rec);
     tracked.live = ctx.tcp.open(reports);
     let server = match from {
-        From::Client(source) => transport::connect(source, &to).await,
-        From::Node => transport::connect(Ipv4Addr::UNSPECIFIED, &to).await,
-        From::Steered(source) => transport::connect_steered(source, &to, &ctx.replies).await,
+        From::Client(source) => transport::connect(&*ctx.sockets, source, &to).await,
+        From::Node => transport::connect(&*ctx.sockets, Ipv4Addr::UNSPECIFIED, &to).await,
+        From::Steered(source) => transport::connect_steered(&*ctx.sockets, source, &to).await,
     };
     match server {
         Ok(server) => Some(Relayed {

@@ -338,11 +338,12 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
 async fn connect_unless_cancelled(
     respond: &mut h2::server::SendResponse<Bytes>,
     cancels: &Cancels,
+    sockets: &dyn transport::Sockets,
     source: std::net::Ipv4Addr,
     to: &Authorized,
 ) -> Option<Result<TcpStream, transport::Error>> {
     tokio::select! {
-        connected = transport::connect(source, to) => Some(connected),
+        connected = transport::connect(sockets, source, to) => Some(connected),
         _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
             cancels.cancelled();
             None
@@ -467,22 +468,29 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         // HTTP inside the tunnel: authorized and reported per request.
         rec.path = "hbone_http";
         let tracked = Tracked::open(ctx, Direction::Hbone, rec);
-        let server =
-            match connect_unless_cancelled(&mut respond, &cancels, source_ip, &admitted).await {
-                None => {
-                    tracked.finish(Outcome::refused(
-                        ResponseFlag::DownstreamTermination,
-                        "stream reset by the client",
-                    ));
-                    return None;
-                }
-                Some(Ok(server)) => server,
-                Some(Err(err)) => {
-                    answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-                    tracked.finish(Outcome::failed(&err));
-                    return None;
-                }
-            };
+        let server = match connect_unless_cancelled(
+            &mut respond,
+            &cancels,
+            &*ctx.sockets,
+            source_ip,
+            &admitted,
+        )
+        .await
+        {
+            None => {
+                tracked.finish(Outcome::refused(
+                    ResponseFlag::DownstreamTermination,
+                    "stream reset by the client",
+                ));
+                return None;
+            }
+            Some(Ok(server)) => server,
+            Some(Err(err)) => {
+                answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                tracked.finish(Outcome::failed(&err));
+                return None;
+            }
+        };
         let Ok(send) = respond.send_response(Response::new(()), false) else {
             cancels.cancelled();
             tracked.finish(Outcome::refused(
@@ -514,22 +522,24 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
     rec.authorization = admitted.decision().cloned();
     let mut tracked = Tracked::open(ctx, Direction::Hbone, rec);
     tracked.live = ctx.tcp.open(vec![report]);
-    let server = match connect_unless_cancelled(&mut respond, &cancels, source_ip, &admitted).await
-    {
-        None => {
-            tracked.finish(Outcome::refused(
-                ResponseFlag::DownstreamTermination,
-                "stream reset by the client",
-            ));
-            return None;
-        }
-        Some(Ok(server)) => server,
-        Some(Err(err)) => {
-            answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            tracked.finish(Outcome::failed(&err));
-            return None;
-        }
-    };
+    let server =
+        match connect_unless_cancelled(&mut respond, &cancels, &*ctx.sockets, source_ip, &admitted)
+            .await
+        {
+            None => {
+                tracked.finish(Outcome::refused(
+                    ResponseFlag::DownstreamTermination,
+                    "stream reset by the client",
+                ));
+                return None;
+            }
+            Some(Ok(server)) => server,
+            Some(Err(err)) => {
+                answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                tracked.finish(Outcome::failed(&err));
+                return None;
+            }
+        };
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
         Err(err) => {

@@ -49,77 +49,159 @@ pub fn bind_listener(port: u16) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Connects where the gate let it (`to`) from `source` (the client pod's address, so the
-/// server sees the real client; unspecified for the node's own), with the proxy's socket
-/// mark. The port is chosen at connect time (`IP_BIND_ADDRESS_NO_PORT`), per destination.
-pub(crate) async fn connect(source: Ipv4Addr, to: &Authorized) -> Result<TcpStream, Error> {
-    let upstream = to.target();
-    connect_io(source, upstream)
-        .await
-        .map_err(|e| Error::connect(upstream, e))
+/// The kernel-facing parts of the data path, behind one seam: making a connection from a
+/// client's address, learning where a captured connection was going, steering the replies of
+/// a connection made as a pod outside the mesh. [`Kernel`] is the node proxy's; an in-process
+/// proxy (tests, as a normal user) uses [`Loopback`].
+pub trait Sockets: Send + Sync + 'static {
+    /// A socket ready to connect to `upstream` from `source` (unspecified: the node's own
+    /// address).
+    fn dial(&self, source: Ipv4Addr, upstream: SocketAddr) -> io::Result<TcpSocket>;
+
+    /// A socket bound to `source` (a local pod outside the mesh) to connect to `upstream`,
+    /// whose replies would otherwise go straight to the pod: they are steered back to the
+    /// proxy before the SYN leaves.
+    fn dial_steered(&self, source: Ipv4Addr, upstream: SocketAddrV4) -> io::Result<TcpSocket>;
+
+    /// Where a captured connection was going.
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr>;
 }
 
-async fn connect_io(source: Ipv4Addr, upstream: SocketAddr) -> io::Result<TcpStream> {
-    let socket = match upstream {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    let sock = SockRef::from(&socket);
-    sock.set_mark(MARK_PROXY)?;
-    if upstream.is_ipv4() && !source.is_unspecified() {
-        sock.set_ip_transparent_v4(true)?;
-        sys::set_bind_address_no_port(&socket)?;
-        socket.bind(SocketAddr::from((source, 0)))?;
+/// The node proxy's sockets: transparent (`IP_TRANSPARENT`) connections from the client's
+/// address carrying `MARK_PROXY`, the original destination from `getsockname()` (after the
+/// kernel's `sk_lookup`) or conntrack (after a kube-proxy DNAT), replies steered by the
+/// capture program's flow map.
+pub struct Kernel {
+    /// The capture program's reply steering.
+    pub replies: Arc<crate::capture::ReplySteering>,
+}
+
+impl Sockets for Kernel {
+    fn dial(&self, source: Ipv4Addr, upstream: SocketAddr) -> io::Result<TcpSocket> {
+        let socket = match upstream {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        let sock = SockRef::from(&socket);
+        sock.set_mark(MARK_PROXY)?;
+        if upstream.is_ipv4() && !source.is_unspecified() {
+            sock.set_ip_transparent_v4(true)?;
+            // The port is chosen at connect time, per destination.
+            sys::set_bind_address_no_port(&socket)?;
+            socket.bind(SocketAddr::from((source, 0)))?;
+        }
+        Ok(socket)
     }
-    socket.set_nodelay(true)?;
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(upstream)).await {
-        Ok(result) => result?,
-        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")),
-    };
-    keepalive(&stream);
-    Ok(stream)
+
+    fn dial_steered(&self, source: Ipv4Addr, upstream: SocketAddrV4) -> io::Result<TcpSocket> {
+        let socket = TcpSocket::new_v4()?;
+        let sock = SockRef::from(&socket);
+        sock.set_mark(MARK_PROXY)?;
+        sock.set_ip_transparent_v4(true)?;
+        // The port is taken now: the reply direction must be known before the SYN leaves.
+        socket.bind(SocketAddr::from((source, 0)))?;
+        let SocketAddr::V4(local) = socket.local_addr()? else {
+            return Err(io::Error::other(
+                "bound an IPv4 socket to a non-IPv4 address",
+            ));
+        };
+        self.replies
+            .add(upstream, local)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(socket)
+    }
+
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        // Without NAT on the node, conntrack's original destination equals the local address;
+        // after a kube-proxy DNAT it is the Service VIP the client dialled.
+        sys::original_dst(stream).map_or_else(|| stream.local_addr(), Ok)
+    }
+}
+
+/// Sockets of an in-process proxy on loopback, with no privilege: pods are `127.x.y.z`
+/// addresses (all local), a connection from a pod binds its address, and the original
+/// destination of an accepted connection is what the test registered for its client
+/// ([`Loopback::capture`]), else the listener's address.
+#[derive(Default)]
+pub struct Loopback {
+    captured: std::sync::Mutex<std::collections::HashMap<SocketAddr, SocketAddr>>,
+}
+
+impl Loopback {
+    /// The next connection from `client` was going to `original_dst`.
+    pub fn capture(&self, client: SocketAddr, original_dst: SocketAddr) {
+        self.captured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client, original_dst);
+    }
+}
+
+impl Sockets for Loopback {
+    fn dial(&self, source: Ipv4Addr, upstream: SocketAddr) -> io::Result<TcpSocket> {
+        let socket = match upstream {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        if upstream.is_ipv4() && !source.is_unspecified() {
+            socket.bind(SocketAddr::from((source, 0)))?;
+        }
+        Ok(socket)
+    }
+
+    fn dial_steered(&self, source: Ipv4Addr, upstream: SocketAddrV4) -> io::Result<TcpSocket> {
+        self.dial(source, upstream.into())
+    }
+
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        let captured = self
+            .captured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&stream.peer_addr()?);
+        captured.map_or_else(|| stream.local_addr(), Ok)
+    }
+}
+
+/// Connects where the gate let it (`to`) from `source` (the client pod's address, so the
+/// server sees the real client; unspecified for the node's own).
+pub(crate) async fn connect(
+    sockets: &dyn Sockets,
+    source: Ipv4Addr,
+    to: &Authorized,
+) -> Result<TcpStream, Error> {
+    let upstream = to.target();
+    let socket = sockets
+        .dial(source, upstream)
+        .map_err(|e| Error::connect(upstream, e))?;
+    finish_connect(socket, upstream).await
 }
 
 /// Connects where the gate let it (`to`) as `source`, a local pod outside the mesh, whose
-/// replies would otherwise go straight to it: the port is taken at bind time and the reply
-/// direction is registered with the capture program before the SYN leaves.
+/// replies are steered back to the proxy ([`Sockets::dial_steered`]).
 pub(crate) async fn connect_steered(
+    sockets: &dyn Sockets,
     source: Ipv4Addr,
     to: &Authorized,
-    replies: &Arc<crate::capture::ReplySteering>,
 ) -> Result<TcpStream, Error> {
     let SocketAddr::V4(upstream) = to.target() else {
         let error = io::Error::other("steered connections are IPv4 only");
         return Err(Error::connect(to.target(), error));
     };
-    connect_steered_io(source, upstream, replies)
-        .await
-        .map_err(|e| Error::connect(upstream.into(), e))
+    let socket = sockets
+        .dial_steered(source, upstream)
+        .map_err(|e| Error::connect(upstream.into(), e))?;
+    finish_connect(socket, upstream.into()).await
 }
 
-async fn connect_steered_io(
-    source: Ipv4Addr,
-    upstream: SocketAddrV4,
-    replies: &crate::capture::ReplySteering,
-) -> io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    let sock = SockRef::from(&socket);
-    sock.set_mark(MARK_PROXY)?;
-    sock.set_ip_transparent_v4(true)?;
-    socket.bind(SocketAddr::from((source, 0)))?;
-    let SocketAddr::V4(local) = socket.local_addr()? else {
-        return Err(io::Error::other(
-            "bound an IPv4 socket to a non-IPv4 address",
-        ));
-    };
-    replies
-        .add(upstream, local)
-        .map_err(|e| io::Error::other(e.to_string()))?;
-    socket.set_nodelay(true)?;
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(upstream.into())).await
-    {
-        Ok(result) => result?,
-        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")),
+async fn finish_connect(socket: TcpSocket, upstream: SocketAddr) -> Result<TcpStream, Error> {
+    let _ = socket.set_nodelay(true);
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(upstream)).await {
+        Ok(result) => result.map_err(|e| Error::connect(upstream, e))?,
+        Err(_) => {
+            let timed_out = io::Error::from(io::ErrorKind::TimedOut);
+            return Err(Error::connect(upstream, timed_out));
+        }
     };
     keepalive(&stream);
     Ok(stream)

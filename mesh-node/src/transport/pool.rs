@@ -37,6 +37,8 @@ pub struct Peers<'a> {
     pub certs: &'a Certificates,
     /// Where handshakes are counted.
     pub metrics: &'a ProxyMetrics,
+    /// How connections are made.
+    pub sockets: &'a dyn super::Sockets,
 }
 
 /// HTTP/2 flow-control windows: large enough that one stream fills a fast link (the
@@ -54,8 +56,8 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// plus room. A peer that stalls beyond it gets the connection marked broken and the client
 /// reset.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
-/// A pooled connection without streams for this long is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A pooled connection without streams for this long is closed (by default).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a pooled connection's peer is pinged, and how long it has to answer.
 const PING_EVERY: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
@@ -107,9 +109,9 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Drops broken, idle and superseded connections every second (dropping the pool's
-    /// handle closes a connection once its last stream ends).
-    pub fn spawn_reaper(&self, certs: Arc<Certificates>) {
+    /// Drops broken, superseded and (after `idle`) unused connections every second
+    /// (dropping the pool's handle closes a connection once its last stream ends).
+    pub fn spawn_reaper(&self, certs: Arc<Certificates>, idle: Duration) {
         let conns = self.conns.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(REAP_EVERY);
@@ -122,7 +124,7 @@ impl Pool {
                     list.retain(|c| {
                         let since = *c.idle_since.lock().unwrap_or_else(|e| e.into_inner());
                         let idle = c.active.load(Ordering::Acquire) == 0
-                            && now.duration_since(since) >= IDLE_TIMEOUT;
+                            && now.duration_since(since) >= idle;
                         let superseded = current != Some(c.generation);
                         !c.closed.load(Ordering::Acquire) && !idle && !superseded
                     });
@@ -307,7 +309,7 @@ impl Pool {
         cert: &WorkloadCert,
         tunnel: &Authorized,
     ) -> Result<Arc<Pooled>, Error> {
-        let tcp = super::connect(key.source, tunnel)
+        let tcp = super::connect(peers.sockets, key.source, tunnel)
             .await
             .map_err(|e| Error::hbone_connect(key.destination, e))?;
         let config = tls::client_config(
