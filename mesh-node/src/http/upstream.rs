@@ -7,7 +7,6 @@
 //! `maxConnections` (then waiting, up to `http1MaxPendingRequests`, else overflow),
 //! `maxRequestsPerConnection` and `idleTimeout`.
 
-use crate::response_flag::ResponseFlag;
 use std::{
     net::Ipv4Addr,
     sync::{atomic::Ordering, Arc},
@@ -179,23 +178,6 @@ impl Lease {
     }
 }
 
-/// Why no connection could be had.
-pub struct ConnectFailure {
-    /// `UO` (limits), `UF` (connect failure), `DENY` (the destination refused the tunnel).
-    pub flag: ResponseFlag,
-    /// Detail.
-    pub error: String,
-}
-
-impl From<transport::Error> for ConnectFailure {
-    fn from(error: transport::Error) -> Self {
-        ConnectFailure {
-            flag: error.flag(),
-            error: error.to_string(),
-        }
-    }
-}
-
 /// Decrements the cluster's connection count when a connection ends.
 struct Counted(Arc<Cluster>);
 
@@ -256,7 +238,7 @@ pub async fn lease(
     view: &View,
     endpoint: &EndpointState,
     target: &Target<'_>,
-) -> Result<Lease, ConnectFailure> {
+) -> Result<Lease, transport::Error> {
     let policy = &view.policy;
     let owner = target.owner();
     let mut waiting: Option<Waiting<'_>> = None;
@@ -307,10 +289,9 @@ pub async fn lease(
         if waiting.is_none() {
             if cluster.pending.fetch_add(1, Ordering::AcqRel) >= policy.max_pending {
                 cluster.pending.fetch_sub(1, Ordering::AcqRel);
-                return Err(ConnectFailure {
-                    flag: ResponseFlag::UpstreamOverflow,
-                    error: format!(
-                        "{} connections open and {} requests pending: overflow",
+                return Err(transport::Error::Overflow {
+                    detail: format!(
+                        "{} connections open and {} requests pending",
                         policy.max_connections, policy.max_pending
                     ),
                 });
@@ -318,9 +299,8 @@ pub async fn lease(
             waiting = Some(Waiting(cluster));
         }
         if Instant::now() >= deadline {
-            return Err(ConnectFailure {
-                flag: ResponseFlag::UpstreamOverflow,
-                error: "no connection freed up within the connect timeout".into(),
+            return Err(transport::Error::Overflow {
+                detail: "no connection freed up within the connect timeout".into(),
             });
         }
         // A connection returns to the pool idle without a signal (its response body was
@@ -335,34 +315,41 @@ async fn connect(
     target: &Target<'_>,
     counted: Counted,
     timeout: Duration,
-) -> Result<Sender, ConnectFailure> {
-    let uf = |error: String| ConnectFailure {
-        flag: ResponseFlag::UpstreamConnectFailure,
-        error,
-    };
+) -> Result<Sender, transport::Error> {
     let source = target.source.map_or(Ipv4Addr::UNSPECIFIED, |s| s.ip);
     let endpoint = target.to.target();
+    let http = |detail| transport::Error::Http {
+        target: endpoint,
+        detail,
+    };
     if target.hbone {
         let (Some(s), Some(d)) = (target.source, target.destination) else {
-            return Err(uf("no workload for the tunnel".into()));
+            return Err(transport::Error::NotTunnelled { target: endpoint });
         };
-        let cert = ctx.certs.for_workload(s).map_err(|e| uf(e.to_string()))?;
+        let cert = ctx
+            .certs
+            .for_workload(s)
+            .map_err(|e| transport::Error::NoCertificate {
+                identity: s.identity.to_string(),
+                detail: e.to_string(),
+            })?;
         let opened = tokio::time::timeout(
             timeout,
             ctx.pool
                 .stream(ctx.peers(), s.ip, &cert, &d.identity, target.to),
         )
         .await
-        .map_err(|_| uf(format!("tunnel to {endpoint}: timed out")))?;
+        .map_err(|_| http(format!("HBONE tunnel not open within {timeout:?}")))?;
         let (send, recv, guard) = opened?;
         let io = TokioIo::new(transport::tunnel::Tunnel::new(send, recv));
-        return handshake(io, target.h2, (counted, guard)).await.map_err(uf);
+        return handshake(io, target.h2, (counted, guard))
+            .await
+            .map_err(http);
     }
     let from_node =
         crate::plan::node_source(&ctx.node_addresses.load(), endpoint).map_err(|refusal| {
-            ConnectFailure {
-                flag: refusal.flag,
-                error: refusal.reason,
+            transport::Error::NoRoute {
+                reason: refusal.reason,
             }
         })?;
     let source = if from_node {
@@ -377,15 +364,15 @@ async fn connect(
     .await;
     let stream = match connected {
         Ok(Ok(stream)) => stream,
-        Ok(Err(err)) => return Err(err.into()),
+        Ok(Err(err)) => return Err(err),
         Err(_) => {
             let timed_out = std::io::Error::from(std::io::ErrorKind::TimedOut);
-            return Err(transport::Error::connect(endpoint, timed_out).into());
+            return Err(transport::Error::connect(endpoint, timed_out));
         }
     };
     handshake(TokioIo::new(stream), target.h2, counted)
         .await
-        .map_err(uf)
+        .map_err(http)
 }
 
 /// HTTP handshake over `io`; the connection task owns `hold` until the connection ends.

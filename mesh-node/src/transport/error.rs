@@ -127,6 +127,26 @@ pub enum Error {
         /// Where the connection was meant to go.
         target: SocketAddr,
     },
+    /// The destination's connection limits are reached (DestinationRule `connectionPool`).
+    #[error("{detail}: overflow (DestinationRule connectionPool limits)")]
+    Overflow {
+        /// Which limit.
+        detail: String,
+    },
+    /// Nowhere this node may connect to.
+    #[error("{reason}")]
+    NoRoute {
+        /// Why.
+        reason: String,
+    },
+    /// The HTTP handshake with an endpoint failed.
+    #[error("HTTP handshake with {target}: {detail}")]
+    Http {
+        /// The endpoint.
+        target: SocketAddr,
+        /// What failed.
+        detail: String,
+    },
     /// No certificate for the workload.
     #[error("no certificate for {identity}: {detail}")]
     NoCertificate {
@@ -183,6 +203,8 @@ impl Error {
     pub fn flag(&self) -> ResponseFlag {
         match self {
             Error::Denied { .. } => ResponseFlag::Denied,
+            Error::Overflow { .. } => ResponseFlag::UpstreamOverflow,
+            Error::NoRoute { .. } => ResponseFlag::NoRoute,
             _ => ResponseFlag::UpstreamConnectFailure,
         }
     }
