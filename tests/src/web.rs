@@ -61,9 +61,15 @@ impl WebServer {
     /// Serves on `0.0.0.0:port` inside `ns`, as `name`.
     pub fn start(ns: &Netns, port: u16, name: &str) -> Result<WebServer> {
         let listener = ns.run(move || {
-            let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
-            l.set_nonblocking(true)?;
-            Ok(l)
+            // An accept queue as deep as the proxy's (std's 128 overflows when a proxy opens
+            // thousands of connections at once: the overflowing ones look connected to the
+            // proxy yet never reach the server).
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+            socket.listen(4096)?;
+            socket.set_nonblocking(true)?;
+            Ok(std::net::TcpListener::from(socket))
         })?;
         let mode = Arc::new(Mutex::new(Mode::default()));
         let seen = Arc::new(Seen::default());

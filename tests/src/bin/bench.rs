@@ -210,7 +210,13 @@ fn main() -> Result<()> {
         &servers[3],
         plan.idle_connections,
         &bench.proxies,
-    )?;
+    );
+    // The proxies' logs are kept, the more so when a step failed.
+    std::fs::create_dir_all(&args.out)?;
+    for node in ["node-a", "node-b"] {
+        std::fs::write(args.out.join(format!("{node}.log")), cluster.mesh_log(node))?;
+    }
+    let held = held?;
     let runs = bench.runs;
     drop(servers);
     let report = json!({
@@ -224,10 +230,6 @@ fn main() -> Result<()> {
         "peer": peer,
         "runs": runs,
     });
-    std::fs::create_dir_all(&args.out)?;
-    for node in ["node-a", "node-b"] {
-        std::fs::write(args.out.join(format!("{node}.log")), cluster.mesh_log(node))?;
-    }
     drop(cluster);
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -479,7 +481,8 @@ fn hold_idle(
         let held: Value = serde_json::from_str(line.trim())
             .with_context(|| format!("mesh-load --mode=hold printed {line:?}"))?;
         // Every connection reached the server through both proxies.
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let opened = Instant::now();
+        let deadline = opened + Duration::from_secs(120);
         while server.seen.open.load(std::sync::atomic::Ordering::Acquire) < open_before + count {
             if Instant::now() > deadline {
                 bail!(
@@ -493,6 +496,10 @@ fn hold_idle(
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        eprintln!(
+            "mesh-bench: {count} held connections reached the server in {:.1} s",
+            opened.elapsed().as_secs_f64()
+        );
         std::thread::sleep(Duration::from_secs(1));
         let after = [rss(0)?, rss(1)?];
         let per = |i: usize| (after[i].saturating_sub(before[i])) as f64 * 1024.0 / count as f64;
