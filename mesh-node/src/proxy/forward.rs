@@ -11,11 +11,12 @@
 //! AuthorizationPolicy decides.
 
 use std::{
+    future::Future,
     net::{Ipv4Addr, SocketAddr},
+    pin::Pin,
     sync::Arc,
 };
 
-use futures_util::future::OptionFuture;
 use tokio::net::TcpStream;
 
 use crate::{
@@ -50,18 +51,22 @@ pub async fn handle(
         Direction::Outbound => plan::outbound(&state, &node, facts, &crate::http::Routes(&ctx)),
         _ => plan::inbound(&state, &node, facts),
     };
-    // Boxed: each way's future is large, and would size every connection's task.
-    let opened = Box::pin(open(&ctx, &state, direction, client, facts, plan)).await;
+    // Boxed and gone once open: the opening's future is sized by its largest way.
+    let lives = Box::pin(open(&ctx, &state, direction, client, facts, plan)).await;
     // A long-lived connection does not keep the config it started under alive.
+    drop(node);
     drop(state);
-    // The opening is over and its futures gone: a relayed connection's task holds only its
-    // sockets, its record and the relay (boxed, as HBONE tunnels relay in their own way).
-    OptionFuture::from(opened.map(|relayed| Box::pin(relayed.relay()))).await;
+    if let Some(lives) = lives {
+        lives.await;
+    }
 }
 
+/// What lives as long as an opened connection (its relay, HBONE tunnel or HTTP server),
+/// run once the plan, the snapshot it was made from and the futures that opened the
+/// connection are gone: an idle connection holds only this.
+type Lives<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
 /// A plain TCP connection once both ends are connected: what lives as long as it does.
-/// Opening it (resolution, policy, reports, the connect) runs in futures that are gone by
-/// the time it relays, so an idle connection holds only this and the relay.
 struct Relayed<'a> {
     tracked: Tracked<'a>,
     client: TcpStream,
@@ -93,7 +98,7 @@ impl<'a> Relayed<'a> {
     }
 }
 
-/// Does what the plan says, up to the relay.
+/// Does what the plan says, up to what then lives as long as the connection.
 async fn open<'a>(
     ctx: &'a Arc<ProxyContext>,
     state: &State,
@@ -101,7 +106,7 @@ async fn open<'a>(
     client: TcpStream,
     facts: Facts,
     plan: Plan<'_>,
-) -> Option<Relayed<'a>> {
+) -> Option<Lives<'a>> {
     let mut rec = record(direction, facts.client, facts.original_dst);
     let client_pod = plan::ipv4(facts.client).and_then(|ip| state.workloads.get(&ip));
     rec.source_workload = client_pod.map(Workload::qualified);
@@ -113,17 +118,13 @@ async fn open<'a>(
     match plan {
         Plan::Http { service } => {
             rec.service = Some(service.qualified_name());
-            // Boxed, as every L7 server: its future is large, and sizing this one (and so
-            // every L4 connection's task) by it cost idle connections kilobytes each.
-            Box::pin(crate::http::outbound::serve(
+            Some(Box::pin(crate::http::outbound::serve(
                 ctx.clone(),
                 client,
                 facts.client,
                 service.vip,
                 rec,
-            ))
-            .await;
-            None
+            )))
         }
         Plan::Refuse { service, refusal } => {
             rec.service = service;
@@ -141,17 +142,9 @@ async fn open<'a>(
             rec.service = service.map(ServiceTarget::qualified_name);
             rec.upstream = Some(to.target());
             rec.destination_workload = Some(destination.qualified());
-            Box::pin(super::hbone::outbound_way(
-                ctx,
-                client,
-                rec,
-                source,
-                destination,
-                service,
-                to,
-            ))
-            .await;
-            None
+            super::hbone::outbound(ctx, client, rec, source, destination, service, to)
+                .await
+                .map(|tunnelled| Box::pin(tunnelled.relay()) as Lives)
         }
         Plan::Plain {
             source,
@@ -240,8 +233,9 @@ async fn open<'a>(
                         Direction::Outbound => "same_node_http",
                         _ => "plaintext_http",
                     };
-                    serve_http(ctx, direction, client, rec, inbound, admitted).await;
-                    None
+                    Some(Box::pin(serve_http(
+                        ctx, direction, client, rec, inbound, admitted,
+                    )))
                 }
                 Served::Connection => {
                     rec.authorization = admitted.decision().cloned();
@@ -256,7 +250,7 @@ async fn open<'a>(
 
 /// Serves HTTP from a client to a local pod's HTTP port: connects to the pod first (a client
 /// of an unreachable pod gets a reset, as at L4), then authorizes and relays each request.
-pub(crate) async fn serve_http(
+async fn serve_http(
     ctx: &Arc<ProxyContext>,
     direction: Direction,
     client: TcpStream,
@@ -313,7 +307,7 @@ async fn plain<'a>(
     to: Authorized,
     rec: ConnectionRecord,
     reports: Vec<Report>,
-) -> Option<Relayed<'a>> {
+) -> Option<Lives<'a>> {
     let mut tracked = Tracked::open(ctx, direction, rec);
     tracked.live = ctx.tcp.open(reports);
     let server = match from {
@@ -322,11 +316,14 @@ async fn plain<'a>(
         From::Steered(source) => transport::connect_steered(&*ctx.sockets, source, &to).await,
     };
     match server {
-        Ok(server) => Some(Relayed {
-            tracked,
-            client,
-            server,
-        }),
+        Ok(server) => Some(Box::pin(
+            Relayed {
+                tracked,
+                client,
+                server,
+            }
+            .relay(),
+        )),
         Err(err) => {
             reset(&client);
             tracked.finish(Outcome::failed(&err));

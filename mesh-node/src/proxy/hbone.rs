@@ -82,9 +82,10 @@ impl Cancels {
     }
 }
 
-/// Opens the HBONE tunnel of one connection from a local enrolled pod ([`outbound_way`]
-/// relays it). A connection that cannot be tunnelled is reset and recorded here.
-async fn outbound<'a>(
+/// Opens the HBONE tunnel of one connection from a local enrolled pod (the caller relays
+/// it, [`Tunnelled::relay`]). A connection that cannot be tunnelled is reset and recorded
+/// here.
+pub(crate) async fn outbound<'a>(
     ctx: &'a ProxyContext,
     client: TcpStream,
     mut rec: ConnectionRecord,
@@ -118,7 +119,7 @@ async fn outbound<'a>(
         }
     };
     // Boxed: opening a new tunnel connection (TLS and HTTP/2 handshakes) is a large future,
-    // and the task of every connection would otherwise be sized by it for its whole life.
+    // which would otherwise size the opening of every connection, whichever way it goes.
     let tunnel =
         Box::pin(
             ctx.pool
@@ -191,24 +192,6 @@ impl<'a> Tunnelled<'a> {
             tracked.finish(Outcome::relayed(copied, error));
             drop(slot);
         }
-    }
-}
-
-/// The source side of HBONE for one connection: opens the tunnel in a boxed future, freed
-/// once it is open, then relays; the future returned holds only the relay while the
-/// connection lives (an idle tunnel's way: 1.9 KB before).
-pub(crate) fn outbound_way<'a>(
-    ctx: &'a ProxyContext,
-    client: TcpStream,
-    rec: ConnectionRecord,
-    source: &'a Workload,
-    destination: &'a Workload,
-    service: Option<&'a ServiceTarget>,
-    to: Authorized,
-) -> impl std::future::Future<Output = ()> + Send + 'a {
-    let open = Box::pin(outbound(ctx, client, rec, source, destination, service, to));
-    async move {
-        OptionFuture::from(open.await.map(Tunnelled::relay)).await;
     }
 }
 
