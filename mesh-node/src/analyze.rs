@@ -44,6 +44,9 @@ pub enum Code {
     NetworkPolicyBlocksHbone,
     /// An enrolled pod runs as the namespace's `default` service account.
     NoServiceAccount,
+    /// AuthorizationPolicy matches paths under path settings that let variants of a path
+    /// (`//admin`, `/admin%2Fx`, `/admin;x=1`) past it.
+    PathRulesBypassable,
 }
 
 impl Code {
@@ -61,6 +64,7 @@ impl Code {
             Code::L7OnOpaquePort => "MESH0004",
             Code::NetworkPolicyBlocksHbone => "MESH0005",
             Code::NoServiceAccount => "MESH0006",
+            Code::PathRulesBypassable => "MESH0007",
         }
     }
 
@@ -78,6 +82,7 @@ impl Code {
             Code::L7OnOpaquePort => "L7ConfigOnOpaquePort",
             Code::NetworkPolicyBlocksHbone => "NetworkPolicyBlocksHbone",
             Code::NoServiceAccount => "DefaultServiceAccount",
+            Code::PathRulesBypassable => "PathRulesBypassable",
         }
     }
 
@@ -93,7 +98,8 @@ impl Code {
             | Code::UnknownDestinationRuleHost
             | Code::RootNamespaceSelectorIgnored
             | Code::L7OnOpaquePort
-            | Code::NoServiceAccount => Severity::Warning,
+            | Code::NoServiceAccount
+            | Code::PathRulesBypassable => Severity::Warning,
         }
     }
 }
@@ -536,6 +542,27 @@ impl<'a> Analyzer<'a> {
                     );
                 }
             }
+            if let Some(passing) = self.path_variants_passing() {
+                let rule = ap.spec.rules.iter().position(|rule| {
+                    rule.to
+                        .iter()
+                        .any(|o| !o.paths.is_empty() || !o.not_paths.is_empty())
+                });
+                if let Some(i) = rule {
+                    self.report(
+                        Code::PathRulesBypassable,
+                        "AuthorizationPolicy",
+                        meta,
+                        &format!("spec.rules[{i}].to"),
+                        format!(
+                            "paths are matched under path normalization {} with ambiguous paths {}: {passing} reach the workload unmatched, and many servers read them as the path the rule names",
+                            self.mesh.paths.normalization,
+                            if self.mesh.paths.reject_ambiguous { "refused" } else { "allowed" },
+                        ),
+                        "run with --path-normalization DECODE_AND_MERGE_SLASHES --reject-ambiguous-paths true (the defaults), or match paths with ALLOW rules only",
+                    );
+                }
+            }
             if !ap.spec.uses_l7() || !ap.spec.target_refs.is_empty() {
                 continue;
             }
@@ -599,6 +626,25 @@ impl<'a> Analyzer<'a> {
                 );
             }
         }
+    }
+
+    /// Which variants of a path the mesh's path settings let through unrefused and
+    /// unnormalized (so a DENY on the path never sees them), if any.
+    fn path_variants_passing(&self) -> Option<String> {
+        use crate::config::paths::{ambiguity, normalize};
+        let settings = self.mesh.paths;
+        let passing: Vec<&str> = ["//admin", "/admin%2Fx", "/admin%5Cx", "/admin;x=1"]
+            .into_iter()
+            .filter(|variant| {
+                let Ok(path) = normalize(variant, settings.normalization) else {
+                    return false;
+                };
+                let refused = settings.reject_ambiguous && ambiguity(&path).is_some();
+                let matched = path == "/admin" || path.starts_with("/admin/");
+                !(refused || matched)
+            })
+            .collect();
+        (!passing.is_empty()).then(|| format!("paths such as {}", passing.join(", ")))
     }
 
     /// NetworkPolicies add up: a pod selected by any policy of a direction is isolated there,
@@ -909,6 +955,47 @@ spec:
             codes(&format!("{BASE}{extra}")),
             ["MESH0004 AuthorizationPolicy default/on-raw"]
         );
+    }
+
+    #[test]
+    fn path_rules_are_flagged_under_settings_that_let_variants_through() {
+        use crate::config::paths::{Normalization, PathSettings};
+        let policy = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin", "/admin/*"]}}]}]
+"#;
+        let resources = parse_str("a.yaml", &format!("{BASE}{policy}")).unwrap();
+        let flagged = |normalization, reject_ambiguous| {
+            let mesh = Mesh {
+                paths: PathSettings {
+                    normalization,
+                    reject_ambiguous,
+                },
+                ..Mesh::default()
+            };
+            analyze(&resources, &mesh)
+                .into_iter()
+                .find(|f| f.code == Code::PathRulesBypassable)
+                .map(|f| f.message)
+        };
+        // The defaults, and any mode that refuses what it does not normalize: nothing passes.
+        assert_eq!(flagged(Normalization::DecodeAndMergeSlashes, true), None);
+        assert_eq!(flagged(Normalization::Base, true), None);
+        // Istio's default: every variant passes.
+        let istio = flagged(Normalization::Base, false).expect("flagged under BASE");
+        assert!(
+            istio.contains("//admin, /admin%2Fx, /admin%5Cx, /admin;x=1"),
+            "{istio}"
+        );
+        // The strictest mode still lets `;` parameters through unless they are refused.
+        let strict = flagged(Normalization::DecodeAndMergeSlashes, false).unwrap();
+        assert!(strict.contains("such as /admin;x=1 reach"), "{strict}");
     }
 
     #[test]

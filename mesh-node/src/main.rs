@@ -126,6 +126,20 @@ struct MeshArgs {
     /// SPIFFE trust domain of workload identities (spiffe://<trust-domain>/ns/<ns>/sa/<sa>).
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = semantics::CLUSTER_DOMAIN)]
     trust_domain: String,
+    /// How request paths are normalized before routing, AuthorizationPolicy and the backend
+    /// (Istio's MeshConfig `pathNormalization`): NONE, BASE (Istio's default),
+    /// MERGE_SLASHES or DECODE_AND_MERGE_SLASHES (docs/traffic.md).
+    #[arg(
+        long,
+        env = "MESH_PATH_NORMALIZATION",
+        default_value = "DECODE_AND_MERGE_SLASHES"
+    )]
+    path_normalization: config::paths::Normalization,
+    /// Answer 400 to a request whose path is still ambiguous after normalization (an encoded
+    /// slash or backslash, `;` path parameters, ...) on a port where an AuthorizationPolicy
+    /// matches paths (docs/traffic.md).
+    #[arg(long, env = "MESH_REJECT_AMBIGUOUS_PATHS", default_value_t = true, action = clap::ArgAction::Set)]
+    reject_ambiguous_paths: bool,
 }
 
 impl MeshArgs {
@@ -133,6 +147,10 @@ impl MeshArgs {
         semantics::Mesh {
             root_namespace: self.root_namespace.clone(),
             trust_domain: self.trust_domain.clone(),
+            paths: config::paths::PathSettings {
+                normalization: self.path_normalization,
+                reject_ambiguous: self.reject_ambiguous_paths,
+            },
         }
     }
 }

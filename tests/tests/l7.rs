@@ -515,6 +515,96 @@ fn l7_authorization_policy_as_istio_documents_it() {
     );
 }
 
+/// `GET path` from pod `client` to `target`, the request line sent byte for byte (no client
+/// library normalizes it); the answer's status.
+fn raw_get(cluster: &Cluster, client: &str, target: &str, path: &str) -> u16 {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {target}\r\nconnection: close\r\n\r\n");
+    let target = target.to_string();
+    let answer = cluster
+        .pod(client)
+        .netns
+        .run(move || {
+            let mut stream = std::net::TcpStream::connect(&target)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(request.as_bytes())?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            Ok(answer)
+        })
+        .unwrap();
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("{path}: no HTTP answer: {answer:?}"))
+}
+
+/// A DENY on `/admin` and `/admin/*`, and the paths many servers read as `/admin` or below
+/// it: under the defaults (DECODE_AND_MERGE_SLASHES, ambiguous paths refused where policy
+/// matches paths) each is denied (403) or refused (400) and never reaches the backend; under
+/// Istio's default (BASE, nothing refused) every one of them gets through, which is what the
+/// code did before the modes existed.
+#[test]
+fn path_variants_cannot_get_past_a_deny_on_admin() {
+    require_root!();
+    let deny = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: default}
+spec:
+  selector: {matchLabels: {app: web-app}}
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin", "/admin/*"]}}]}]
+"#;
+    let variants = [
+        ("//admin", 403),
+        ("/admin%2Fx", 403),
+        ("/%2Fadmin", 403),
+        ("/admin%5Cx", 403),
+        ("/admin;jsessionid=1", 400),
+    ];
+    let istio = [
+        "--path-normalization",
+        "BASE",
+        "--reject-ambiguous-paths",
+        "false",
+    ];
+    for run_args in [&[][..], &istio[..]] {
+        let mut cluster = Cluster::new(&format!("{L7}{deny}")).unwrap();
+        cluster.run_args = run_args.iter().map(|a| a.to_string()).collect();
+        cluster.start_mesh_everywhere().unwrap();
+        let servers: Vec<WebServer> = ["web-1", "web-2", "web-3"]
+            .into_iter()
+            .map(|name| WebServer::start(&cluster.pod(name).netns, PORT, name).unwrap())
+            .collect();
+        // web-1 on the client's node, web-3 across nodes (HBONE), and the Service VIP.
+        for target in ["100.65.0.5:8080", "100.65.1.3:8080", L7_HTTP] {
+            assert_eq!(raw_get(&cluster, "api", target, "/public"), 200, "{target}");
+            assert_eq!(raw_get(&cluster, "api", target, "/admin"), 403, "{target}");
+            for (path, refused) in variants {
+                let want = if run_args.is_empty() { refused } else { 200 };
+                assert_eq!(
+                    raw_get(&cluster, "api", target, path),
+                    want,
+                    "{path} to {target} with {run_args:?}"
+                );
+            }
+        }
+        let seen: Vec<String> = servers
+            .iter()
+            .flat_map(|s| s.seen.log.lock().unwrap().clone())
+            .map(|(path, _)| path)
+            .collect();
+        let admin = seen.iter().filter(|p| p.contains("admin")).count();
+        if run_args.is_empty() {
+            assert_eq!(admin, 0, "no variant reached a backend: {seen:?}");
+        } else {
+            assert_eq!(admin, 3 * variants.len(), "{seen:?}");
+        }
+    }
+}
+
 #[test]
 fn h2c_grpc_and_upgrades_are_routed_by_the_same_rules() {
     require_root!();

@@ -12,6 +12,7 @@ pub mod load;
 pub mod model;
 pub mod netpol;
 pub mod networking;
+pub mod paths;
 pub mod schema;
 pub mod security;
 pub mod semantics;

@@ -16,13 +16,16 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Mesh-wide settings that Istio keeps in its MeshConfig: the root namespace (whose
-/// selector-less policies apply mesh-wide) and the SPIFFE trust domain of identities.
+/// selector-less policies apply mesh-wide), the SPIFFE trust domain of identities and how
+/// request paths are normalized.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Mesh {
     /// Root namespace (`istio-system` by default).
     pub root_namespace: String,
     /// Trust domain (`cluster.local` by default).
     pub trust_domain: String,
+    /// Path normalization, and the refusal of ambiguous paths where policy matches paths.
+    pub paths: super::paths::PathSettings,
 }
 
 impl Default for Mesh {
@@ -30,6 +33,7 @@ impl Default for Mesh {
         Mesh {
             root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
             trust_domain: CLUSTER_DOMAIN.to_string(),
+            paths: super::paths::PathSettings::default(),
         }
     }
 }

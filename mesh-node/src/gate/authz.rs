@@ -140,6 +140,17 @@ pub fn authorize(policies: &[Ref<AuthorizationPolicySpec>], conn: &Connection<'_
     }
 }
 
+/// Whether a rule of the policies matches request paths (`paths` or `notPaths`) on `port`.
+pub fn matches_paths(policies: &[Ref<AuthorizationPolicySpec>], port: u16) -> bool {
+    policies.iter().any(|p| {
+        p.0.spec.rules.iter().flat_map(|r| &r.to).any(|o| {
+            (!o.paths.is_empty() || !o.not_paths.is_empty())
+                && (o.ports.is_empty() || o.ports.contains(&port))
+                && !o.not_ports.contains(&port)
+        })
+    })
+}
+
 /// Whether any rule of the policy matches at L4.
 fn policy_matches(spec: &AuthorizationPolicySpec, conn: &Connection<'_>) -> bool {
     spec.rules.iter().any(|rule| {

@@ -25,7 +25,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 pub use authz::{Decision, HttpAttrs};
 
 use crate::{
-    config::security::MtlsMode,
+    config::{
+        paths::{self, PathSettings},
+        security::MtlsMode,
+    },
     state::{State, Workload},
 };
 
@@ -129,6 +132,33 @@ pub fn request(
 ) -> Result<Authorized, Decision> {
     peer_authentication(destination, client, target)?;
     authorize(destination, client, target, Some(request))
+}
+
+/// The path of a request to `target`, a port of `destination`: where an AuthorizationPolicy
+/// matches paths on that port, a path that servers could read as another one (an encoded
+/// slash, `;` parameters, ...: `config::paths::ambiguity`) is refused unless the mesh
+/// allows ambiguous paths. `Err` says why (answered 400).
+pub fn path(
+    destination: &Workload,
+    target: SocketAddr,
+    path: &str,
+    settings: PathSettings,
+) -> Result<(), String> {
+    if !settings.reject_ambiguous
+        || !authz::matches_paths(&destination.authorization, target.port())
+    {
+        return Ok(());
+    }
+    match paths::ambiguity(path) {
+        None => Ok(()),
+        Some(what) => Err(format!(
+            "ambiguous path refused: it carries {what}, and an AuthorizationPolicy of {}/{} \
+             matches paths on port {}",
+            destination.namespace,
+            destination.name,
+            target.port()
+        )),
+    }
 }
 
 /// A destination that is no enrolled pod of this node, where this node's policy does not

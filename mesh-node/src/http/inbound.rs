@@ -96,8 +96,8 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Response<RespBody> {
     let started = Instant::now();
-    super::normalize_uri(req.uri_mut());
     let state = ctx.state.load_full();
+    let malformed = super::normalize_uri(req.uri_mut(), state.mesh.paths.normalization).err();
     let peer_ip = ipv4(conn.peer).unwrap_or(Ipv4Addr::UNSPECIFIED);
     let identity = conn.identity.as_deref();
     // The client pod, when its address and identity agree.
@@ -156,6 +156,30 @@ async fn handle(
         mtls: conn.mtls,
     }
     .service(service);
+    let finish = |log: RequestLog| {
+        Finish::new(
+            ctx.l7.metrics.clone(),
+            vec![report.clone()],
+            log,
+            started,
+            request_bytes.clone(),
+        )
+    };
+    // A path no mode serves, or one servers could read as another where policy matches
+    // paths: 400 before the policy decides on it.
+    let refused = match malformed {
+        Some(malformed) => Err(malformed.to_string()),
+        None => gate::path(destination, conn.target, req.uri().path(), state.mesh.paths),
+    };
+    if let Err(reason) = refused {
+        log.response_flags = ResponseFlag::DownstreamProtocolError;
+        log.error = Some(reason);
+        let response = local_response(
+            StatusCode::BAD_REQUEST,
+            "bad request: ambiguous or malformed path",
+        );
+        return Observed::wrap(response, finish(log));
+    }
     let admitted = gate::request(
         destination,
         gate::Client {
@@ -170,15 +194,6 @@ async fn handle(
             headers: req.headers(),
         },
     );
-    let finish = |log: RequestLog| {
-        Finish::new(
-            ctx.l7.metrics.clone(),
-            vec![report.clone()],
-            log,
-            started,
-            request_bytes.clone(),
-        )
-    };
     let admitted = match admitted {
         Ok(admitted) => {
             log.authorization = admitted.decision().and_then(|d| d.policy.clone());

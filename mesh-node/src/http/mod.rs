@@ -39,7 +39,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use serde::Serialize;
 
 use crate::{
-    config::networking::HeaderOperations,
+    config::{networking::HeaderOperations, paths},
     telemetry::{Report, RequestMetrics, RequestOutcome},
 };
 
@@ -172,77 +172,27 @@ pub fn apply_header_ops(headers: &mut HeaderMap, ops: Option<&HeaderOperations>)
     }
 }
 
-/// Normalizes a request path as Istio's default (`BASE`, RFC 3986) does before routing and
-/// authorization, and forwards it so normalized: percent-encoded unreserved characters are
-/// decoded and `.` / `..` segments removed. The query string is kept as it is.
-pub fn normalize_uri(uri: &mut http::Uri) {
+/// Normalizes the request's path under `mode` (`config::paths`) before routing and policy,
+/// and forwards it so normalized; the query string is kept as it is. `Err` is a path that
+/// no mode serves (`%00`, a malformed escape): the caller answers 400.
+pub fn normalize_uri(
+    uri: &mut http::Uri,
+    mode: paths::Normalization,
+) -> Result<(), paths::Malformed> {
     let Some(pq) = uri.path_and_query() else {
-        return;
+        return Ok(());
     };
-    let path = pq.path();
-    let normalized = normalize_path(path);
-    if normalized == path {
-        return;
-    }
+    let normalized = match paths::normalize(pq.path(), mode)? {
+        std::borrow::Cow::Borrowed(_) => return Ok(()),
+        std::borrow::Cow::Owned(normalized) => normalized,
+    };
     let query = pq.query().map(|q| format!("?{q}")).unwrap_or_default();
     let mut parts = std::mem::take(uri).into_parts();
     parts.path_and_query = format!("{normalized}{query}").parse().ok();
     if let Ok(rebuilt) = http::Uri::from_parts(parts) {
         *uri = rebuilt;
     }
-}
-
-/// RFC 3986 section 6.2.2: decode unreserved characters, remove dot segments.
-pub fn normalize_path(path: &str) -> String {
-    let bytes = path.as_bytes();
-    let mut decoded = String::with_capacity(path.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-            if let Ok(b) = u8::from_str_radix(hex, 16) {
-                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-                    decoded.push(b as char);
-                    i += 3;
-                    continue;
-                }
-                // Other escapes stay, with upper-case hex digits.
-                decoded.push('%');
-                decoded.push_str(&hex.to_ascii_uppercase());
-                i += 3;
-                continue;
-            }
-        }
-        decoded.push(bytes[i] as char);
-        i += 1;
-    }
-    let mut out: Vec<&str> = Vec::new();
-    let segments: Vec<&str> = decoded.split('/').collect();
-    let last = segments.len().saturating_sub(1);
-    for (n, segment) in segments.iter().enumerate() {
-        match *segment {
-            "." => {
-                if n == last {
-                    out.push("");
-                }
-            }
-            ".." => {
-                if out.len() > 1 {
-                    out.pop();
-                }
-                if n == last {
-                    out.push("");
-                }
-            }
-            s => out.push(s),
-        }
-    }
-    let joined = out.join("/");
-    if joined.starts_with('/') {
-        joined
-    } else {
-        format!("/{joined}")
-    }
+    Ok(())
 }
 
 /// The request to send to the next hop: origin form with `Host` for HTTP/1.1; for HTTP/2 the
@@ -643,24 +593,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths_are_normalized_as_rfc_3986_says() {
-        for (raw, want) in [
-            ("/a/b", "/a/b"),
-            ("/public/../admin", "/admin"),
-            ("/a/./b/.", "/a/b/"),
-            ("/../../x", "/x"),
-            ("/%61dmin", "/admin"),
-            ("/a%2fb", "/a%2Fb"),
-            ("/a/b/..", "/a/"),
-            ("/%2e%2e/admin", "/admin"),
-            ("/", "/"),
-            ("/%", "/%"),
-        ] {
-            assert_eq!(normalize_path(raw), want, "{raw}");
-        }
-        let mut uri: http::Uri = "/x/../api/v1?q=/../a".parse().unwrap();
-        normalize_uri(&mut uri);
+    fn uris_are_normalized_but_not_their_query() {
+        let mut uri: http::Uri = "/x/../api//v1?q=/../a".parse().unwrap();
+        normalize_uri(&mut uri, paths::Normalization::DecodeAndMergeSlashes).unwrap();
         assert_eq!(uri, "/api/v1?q=/../a");
+        let mut uri: http::Uri = "/a%00".parse().unwrap();
+        assert!(normalize_uri(&mut uri, paths::Normalization::None).is_err());
     }
 
     #[test]

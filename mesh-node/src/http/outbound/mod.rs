@@ -142,7 +142,7 @@ async fn handle(
     let started = Instant::now();
     let state = ctx.state.load_full();
     let source = ipv4(conn.peer).and_then(|ip| state.workloads.get(&ip));
-    super::normalize_uri(req.uri_mut());
+    let malformed = super::normalize_uri(req.uri_mut(), state.mesh.paths.normalization).err();
     let upgrade = super::is_upgrade(req.headers()) && req.version() != http::Version::HTTP_2;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -177,6 +177,14 @@ async fn handle(
         destination: None,
         slot: None,
     };
+    if let Some(malformed) = malformed {
+        let response = local_response(StatusCode::BAD_REQUEST, "malformed path");
+        return call.answer(
+            response,
+            ResponseFlag::DownstreamProtocolError,
+            Some(malformed.to_string()),
+        );
+    }
     let Some(service) = state.services.get(&conn.vip) else {
         // The Service went away while the connection was open.
         let response = local_response(StatusCode::SERVICE_UNAVAILABLE, "no such service");
