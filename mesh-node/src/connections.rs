@@ -97,6 +97,33 @@ pub struct ConnectionRecord {
     pub error: Option<String>,
 }
 
+impl ConnectionRecord {
+    /// A record with what is known when a connection is accepted.
+    pub fn new(direction: Direction, client: SocketAddr, original_dst: SocketAddr) -> Self {
+        ConnectionRecord {
+            id: 0,
+            direction: direction.as_str(),
+            client,
+            source_workload: None,
+            source_identity: None,
+            original_dst,
+            service: None,
+            upstream: None,
+            destination_workload: None,
+            destination_identity: None,
+            path: "plaintext",
+            security: "none",
+            authorization: None,
+            opened_ms: now_ms(),
+            closed_ms: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            flag: ResponseFlag::None,
+            error: None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     open: BTreeMap<u64, ConnectionRecord>,
@@ -166,25 +193,12 @@ mod tests {
 
     fn record() -> ConnectionRecord {
         ConnectionRecord {
-            id: 0,
-            direction: "outbound",
-            client: "100.65.0.2:40000".parse().unwrap(),
-            source_workload: None,
-            source_identity: None,
-            original_dst: "100.66.0.10:80".parse().unwrap(),
             service: Some("demo/web".into()),
-            upstream: None,
-            destination_workload: None,
-            destination_identity: None,
-            path: "plaintext",
-            security: "none",
-            authorization: None,
-            opened_ms: now_ms(),
-            closed_ms: None,
-            bytes_sent: 0,
-            bytes_received: 0,
-            flag: ResponseFlag::None,
-            error: None,
+            ..ConnectionRecord::new(
+                Direction::Outbound,
+                "100.65.0.2:40000".parse().unwrap(),
+                "100.66.0.10:80".parse().unwrap(),
+            )
         }
     }
 

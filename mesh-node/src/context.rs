@@ -2,16 +2,12 @@
 //! context ([`Context`]) and one connection's bookkeeping ([`Tracked`]: its record, metrics and
 //! access-log line).
 
-use std::{
-    io,
-    net::{Ipv4Addr, SocketAddr},
-    sync::Arc,
-};
+use std::{io, net::Ipv4Addr, sync::Arc};
 
 use arc_swap::ArcSwap;
 
 use crate::{
-    connections::{now_ms, ConnectionRecord, Connections, Direction},
+    connections::{ConnectionRecord, Connections, Direction},
     identity::Certificates,
     metrics::ProxyMetrics,
     response_flag::ResponseFlag,
@@ -160,34 +156,5 @@ impl Drop for Tracked<'_> {
                 "the connection's task ended abnormally",
             ));
         }
-    }
-}
-
-/// A record with what is known when a connection is accepted.
-pub(crate) fn record(
-    direction: Direction,
-    client: SocketAddr,
-    original_dst: SocketAddr,
-) -> ConnectionRecord {
-    ConnectionRecord {
-        id: 0,
-        direction: direction.as_str(),
-        client,
-        source_workload: None,
-        source_identity: None,
-        original_dst,
-        service: None,
-        upstream: None,
-        destination_workload: None,
-        destination_identity: None,
-        path: "plaintext",
-        security: "none",
-        authorization: None,
-        opened_ms: now_ms(),
-        closed_ms: None,
-        bytes_sent: 0,
-        bytes_received: 0,
-        flag: ResponseFlag::None,
-        error: None,
     }
 }

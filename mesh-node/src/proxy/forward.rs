@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 
 use crate::{
     connections::{ConnectionRecord, Direction},
-    context::{record, Outcome, Tracked},
+    context::{Outcome, Tracked},
     gate::{Authorized, Decision, Served},
     http::ProxyContext,
     plan::{self, Facts, From, Plan},
@@ -107,7 +107,7 @@ async fn open<'a>(
     facts: Facts,
     plan: Plan<'_>,
 ) -> Option<Lives<'a>> {
-    let mut rec = record(direction, facts.client, facts.original_dst);
+    let mut rec = ConnectionRecord::new(direction, facts.client, facts.original_dst);
     let client_pod = plan::ipv4(facts.client).and_then(|ip| state.workloads.get(&ip));
     rec.source_workload = client_pod.map(Workload::qualified);
     if direction == Direction::Outbound {

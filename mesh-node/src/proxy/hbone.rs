@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use crate::{
     config::semantics::Identity,
     connections::{ConnectionRecord, Direction},
-    context::{record, Outcome, Tracked},
+    context::{Outcome, Tracked},
     gate::{Authorized, Served},
     http::ProxyContext,
     identity::tls,
@@ -397,7 +397,7 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         return None;
     };
     let state = ctx.state.load_full();
-    let mut rec = record(Direction::Hbone, peer, target);
+    let mut rec = ConnectionRecord::new(Direction::Hbone, peer, target);
     rec.path = "hbone";
     rec.security = "mutual_tls";
     rec.upstream = Some(target);
