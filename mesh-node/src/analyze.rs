@@ -639,7 +639,8 @@ impl<'a> Analyzer<'a> {
                 let Ok(path) = normalize(variant, settings.normalization) else {
                     return false;
                 };
-                let refused = settings.reject_ambiguous && ambiguity(&path).is_some();
+                let refused =
+                    settings.reject_ambiguous && ambiguity(&path, settings.normalization).is_some();
                 let matched = path == "/admin" || path.starts_with("/admin/");
                 !(refused || matched)
             })

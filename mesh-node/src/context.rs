@@ -35,6 +35,8 @@ pub struct Context<L> {
     pub node_addresses: Arc<ArcSwap<std::collections::BTreeSet<Ipv4Addr>>>,
     /// The kernel-facing sockets ([`crate::transport::Kernel`] on a node).
     pub sockets: Arc<dyn crate::transport::Sockets>,
+    /// The open connections decided as a whole, re-decided when the policy changes.
+    pub revocations: Arc<crate::gate::Revocations>,
     /// L7 routing state and request metrics.
     pub l7: Arc<L>,
 }
@@ -73,6 +75,16 @@ impl Outcome {
                 ResponseFlag::None
             },
             error: error.map(|e| e.to_string()),
+            sent: copied.sent,
+            received: copied.received,
+        }
+    }
+
+    /// A relayed connection that a config change revoked.
+    pub fn revoked(copied: Copied, revoked: &crate::gate::Revoked) -> Outcome {
+        Outcome {
+            flag: ResponseFlag::Denied,
+            error: Some(revoked.to_string()),
             sent: copied.sent,
             received: copied.received,
         }
@@ -118,6 +130,18 @@ impl<'a> Tracked<'a> {
             live: Live::none(),
             finished: false,
         }
+    }
+
+    /// Records a new connection with its Istio metrics.
+    pub fn reported<L>(
+        ctx: &'a Context<L>,
+        direction: Direction,
+        record: ConnectionRecord,
+        reports: Vec<telemetry::Report>,
+    ) -> Self {
+        let mut tracked = Tracked::open(ctx, direction, record);
+        tracked.live = ctx.tcp.open(reports);
+        tracked
     }
 
     /// Records the end of the connection and writes its access-log line.

@@ -19,11 +19,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{mpsc, Arc, Mutex},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
-use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use kube::{
     api::{Api, ApiResource, DynamicObject, GroupVersionKind},
@@ -32,9 +31,8 @@ use kube::{
 };
 
 use crate::{
-    capture::Event,
     config::{self, semantics::Mesh, Resources},
-    metrics::ConfigMetrics,
+    reload::Publisher,
     state::State,
 };
 
@@ -335,18 +333,11 @@ fn log_new(diagnostics: &[config::Diagnostic], seen: &mut BTreeSet<String>) -> u
 
 /// After the initial sync: every change becomes the next snapshot generation (changes are
 /// gathered for a moment first), sent to the datapath like a file reload.
-pub async fn reconcile(
-    store: Arc<Store>,
-    node: String,
-    mesh: Mesh,
-    state: Arc<ArcSwap<State>>,
-    metrics: ConfigMetrics,
-    changed: mpsc::Sender<Event>,
-) {
+pub async fn reconcile(store: Arc<Store>, node: String, mesh: Mesh, publisher: Publisher) {
     loop {
         store.changed.notified().await;
         tokio::time::sleep(SETTLE).await;
-        let generation = state.load().generation + 1;
+        let generation = publisher.state.load().generation + 1;
         // Decoding the whole cluster and building the snapshot is CPU work: off the proxy's
         // worker threads.
         let (store2, node2, mesh2) = (store.clone(), node.clone(), mesh.clone());
@@ -364,14 +355,10 @@ pub async fn reconcile(
             continue;
         };
         if new_errors > 0 {
-            metrics.rejected.inc_by(new_errors as u64);
+            publisher.metrics.rejected.inc_by(new_errors as u64);
         }
-        let next = Arc::new(next);
-        crate::reload::warn_about(&next, Some(&state.load()));
-        state.store(next.clone());
-        metrics.generation.set(generation as i64);
         tracing::debug!(generation, "kube: config applied");
-        if changed.send(Event::Config(next)).is_err() {
+        if !publisher.publish(Arc::new(next)) {
             return;
         }
     }

@@ -585,6 +585,10 @@ async fn serve(
     KernelCollector::register(&mut registry, counters);
 
     let state = Arc::new(ArcSwap::from_pointee(state));
+    let revocations = Arc::new(mesh_node::gate::Revocations::new(
+        state.load_full(),
+        &mut registry,
+    ));
     let connections = Arc::new(Connections::default());
     let admin = Arc::new(Admin {
         ready: false.into(),
@@ -648,23 +652,25 @@ async fn serve(
         args.repair_interval,
         gate_metrics,
     ));
+    let publisher = reload::Publisher {
+        state: state.clone(),
+        metrics: config_metrics,
+        revocations: revocations.clone(),
+        datapath: events,
+    };
     match source {
         Source::File(path, version) => tokio::spawn(reload::watch(
             version,
             path,
             node,
             args.mesh.mesh(),
-            state.clone(),
-            config_metrics,
-            events,
+            publisher,
         )),
         Source::Kube(store) => tokio::spawn(kube_source::reconcile(
             store,
             node,
             args.mesh.mesh(),
-            state.clone(),
-            config_metrics,
-            events,
+            publisher,
         )),
     };
 
@@ -682,6 +688,7 @@ async fn serve(
         pool,
         node_addresses,
         sockets: Arc::new(transport::Kernel { replies }),
+        revocations,
     });
     tokio::spawn(proxy::serve(outbound, Direction::Outbound, ctx.clone()));
     tokio::spawn(proxy::serve(inbound, Direction::Inbound, ctx.clone()));

@@ -9,7 +9,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use crate::{capture::Event, config, metrics::ConfigMetrics, state::State};
+use crate::{capture::Event, config, gate::Revocations, metrics::ConfigMetrics, state::State};
 
 /// How often the file's metadata is checked.
 const POLL: Duration = Duration::from_millis(250);
@@ -55,17 +55,39 @@ pub fn warn_about(state: &State, previous: Option<&State>) {
     }
 }
 
-/// Polls `path` forever, starting from version `seen` (the one the current `state` was built
-/// from); each valid change becomes the next generation of `state` and is sent to `changed`
-/// (the datapath updates its maps from it).
+/// Where each config generation after the first goes, from either source.
+pub struct Publisher {
+    /// The snapshot the proxy serves from.
+    pub state: Arc<ArcSwap<State>>,
+    /// The generation and rejection metrics.
+    pub metrics: ConfigMetrics,
+    /// The open connections the new policy may revoke.
+    pub revocations: Arc<Revocations>,
+    /// The datapath thread, which updates the kernel's maps.
+    pub datapath: mpsc::Sender<Event>,
+}
+
+impl Publisher {
+    /// Serves `next` from now on: warns about what it does unexpectedly, stores it, counts it,
+    /// closes the open connections its policy refuses, and sends it to the datapath (`false`
+    /// once the datapath is gone).
+    pub fn publish(&self, next: Arc<State>) -> bool {
+        warn_about(&next, Some(&self.state.load()));
+        self.state.store(next.clone());
+        self.metrics.generation.set(next.generation as i64);
+        self.revocations.sweep(&next);
+        self.datapath.send(Event::Config(next)).is_ok()
+    }
+}
+
+/// Polls `path` forever, starting from version `seen` (the one the current snapshot was built
+/// from); each valid change becomes the next generation.
 pub async fn watch(
     mut seen: Option<Version>,
     path: PathBuf,
     node: String,
     mesh: crate::config::semantics::Mesh,
-    state: Arc<ArcSwap<State>>,
-    metrics: ConfigMetrics,
-    changed: mpsc::Sender<Event>,
+    publisher: Publisher,
 ) {
     loop {
         tokio::time::sleep(POLL).await;
@@ -79,21 +101,18 @@ pub async fn watch(
                 for warning in &resources.warnings {
                     tracing::warn!("{warning}");
                 }
-                let generation = state.load().generation + 1;
+                let generation = publisher.state.load().generation + 1;
                 let next = Arc::new(State::build(&resources, &node, &mesh, generation));
-                warn_about(&next, Some(&state.load()));
-                state.store(next.clone());
-                metrics.generation.set(generation as i64);
                 tracing::info!(generation, file = %path.display(), "config reloaded");
-                if changed.send(Event::Config(next)).is_err() {
+                if !publisher.publish(next) {
                     return;
                 }
             }
             Err(err) => {
-                metrics.rejected.inc();
+                publisher.metrics.rejected.inc();
                 tracing::error!(
                     "config update rejected, generation {} keeps serving:\n{}",
-                    state.load().generation,
+                    publisher.state.load().generation,
                     err.render()
                 );
             }

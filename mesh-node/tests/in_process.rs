@@ -22,10 +22,12 @@ use mesh_node::{
     config::{parse_str, semantics::Mesh},
     connections::{ConnectionRecord, Connections, Direction},
     context::Context,
+    gate::Revocations,
     http::{server::ServerMetrics, ProxyContext, L7},
     identity::{Ca, CertMetrics, Certificates},
-    metrics::ProxyMetrics,
+    metrics::{ConfigMetrics, ProxyMetrics},
     proxy,
+    reload::Publisher,
     state::State,
     telemetry::{RequestMetrics, SeriesCap, TcpMetrics},
     transport::{Loopback, Pool},
@@ -140,8 +142,10 @@ impl Setup<'_> {
         pool.spawn_reaper(certs.clone(), self.idle);
         let sockets = Arc::new(Loopback::default());
         let local: Vec<Ipv4Addr> = state.local_enrolled().into_iter().collect();
+        let state = Arc::new(state);
+        let revocations = Arc::new(Revocations::new(state.clone(), &mut registry));
         let ctx = Arc::new(Context {
-            state: Arc::new(ArcSwap::from_pointee(state)),
+            state: Arc::new(ArcSwap::new(state)),
             connections: Arc::new(Connections::default()),
             metrics: ProxyMetrics::register(&mut registry),
             tcp: TcpMetrics::register(&mut registry, cap),
@@ -150,6 +154,7 @@ impl Setup<'_> {
             node_addresses: Arc::new(ArcSwap::from_pointee(BTreeSet::new())),
             sockets: sockets.clone(),
             l7: Arc::new(L7::new(&mut registry, requests, &limited)),
+            revocations,
         });
         // The outbound listener anywhere on loopback; the HBONE listener at each local pod's
         // address (on a node, sk_lookup hands `podIP:15008` to one listener).
@@ -522,4 +527,49 @@ async fn an_idle_pooled_connection_is_closed() {
         a.ctx.pool.snapshot().is_empty()
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_closes_the_tunnels_it_now_refuses() {
+    let net = 19;
+    let (a, b) = nodes(net, "server", DAY, MINUTE).await;
+    echo((pod(net, 2), 7000).into()).await;
+    let mut stream = connect(&a, pod(net, 1), (pod(net, 2), 7000).into()).await;
+    assert!(greeting(&mut stream).await.is_some(), "admitted at first");
+
+    // Node b publishes a generation whose policy no longer admits port 7000.
+    let config = cluster(net, "server").replace(r#"["7000", "8080"]"#, r#"["8080"]"#);
+    let next = State::build(
+        &parse_str("cluster.yaml", &config).expect("valid config"),
+        "node-b",
+        &Mesh::default(),
+        2,
+    );
+    let (datapath, _events) = std::sync::mpsc::channel();
+    let publisher = Publisher {
+        state: b.ctx.state.clone(),
+        metrics: ConfigMetrics::default(),
+        revocations: b.ctx.revocations.clone(),
+        datapath,
+    };
+    let published = Instant::now();
+    assert!(publisher.publish(Arc::new(next)));
+
+    // The client's connection is reset within a second, on both nodes' records.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Err(_)) | Ok(Ok(_))),
+        "the connection is still open 1 s after the policy refused it"
+    );
+    assert!(published.elapsed() < Duration::from_secs(1));
+    let revoked = record(&b, "the revoked tunnel", |r| r.direction == "hbone").await;
+    assert_eq!(revoked.flag.code(), "DENY");
+    let error = revoked.error.unwrap_or_default();
+    assert!(
+        error.contains("revoked") && error.contains("shop/client-only"),
+        "{error}"
+    );
+    let source = record(&a, "the source side", |r| r.path == "hbone").await;
+    assert!(source.flag.is_set(), "{:?}", source.error);
 }

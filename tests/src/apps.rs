@@ -255,6 +255,21 @@ impl Session {
         self.stream.local_addr().expect("connected socket")
     }
 
+    /// Whether the connection has ended (closed or reset by the other side), without
+    /// waiting: a live, quiet connection is not ended.
+    pub fn ended(&self) -> bool {
+        if self.stream.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        let ended = match self.stream.peek(&mut byte) {
+            Ok(n) => n == 0,
+            Err(err) => err.kind() != std::io::ErrorKind::WouldBlock,
+        };
+        let _ = self.stream.set_nonblocking(false);
+        ended
+    }
+
     /// Sends a message and checks the echo.
     pub fn roundtrip(&mut self) -> Result<()> {
         self.round += 1;

@@ -1,7 +1,8 @@
 //! The destination side's policy gate: the one module that decides whether a client may reach
 //! a port of an enrolled pod of this node. PeerAuthentication (STRICT refuses a client without
 //! a mesh identity), AuthorizationPolicy ([`authz`], per connection or per HTTP request) and
-//! the AUDIT record are decided here and nowhere else.
+//! the AUDIT record are decided here and nowhere else. A connection decided as a whole is
+//! decided again when the policy changes, and closed if now refused ([`revoke`]).
 //!
 //! The proxy connects to a destination only with an [`Authorized`] in hand
 //! (`transport::connect`), and only this module makes one: [`connection`] and [`request`] for
@@ -19,10 +20,12 @@
 //! ```
 
 pub mod authz;
+pub mod revoke;
 
 use std::net::{Ipv4Addr, SocketAddr};
 
 pub use authz::{Decision, HttpAttrs};
+pub use revoke::{Asked, Registration, Revocations, Revoked};
 
 use crate::{
     config::{
@@ -149,7 +152,7 @@ pub fn path(
     {
         return Ok(());
     }
-    match paths::ambiguity(path) {
+    match paths::ambiguity(path, settings.normalization) {
         None => Ok(()),
         Some(what) => Err(format!(
             "ambiguous path refused: it carries {what}, and an AuthorizationPolicy of {}/{} \

@@ -187,11 +187,15 @@ pub fn normalize_uri(
         std::borrow::Cow::Owned(normalized) => normalized,
     };
     let query = pq.query().map(|q| format!("?{q}")).unwrap_or_default();
-    let mut parts = std::mem::take(uri).into_parts();
-    parts.path_and_query = format!("{normalized}{query}").parse().ok();
-    if let Ok(rebuilt) = http::Uri::from_parts(parts) {
-        *uri = rebuilt;
-    }
+    let mut parts = uri.clone().into_parts();
+    // A normalized path holds only characters a URI allows; were it ever refused, the
+    // request is refused rather than sent on with another path.
+    parts.path_and_query = Some(
+        format!("{normalized}{query}")
+            .parse()
+            .map_err(|_| paths::Malformed::Escape)?,
+    );
+    *uri = http::Uri::from_parts(parts).map_err(|_| paths::Malformed::Escape)?;
     Ok(())
 }
 

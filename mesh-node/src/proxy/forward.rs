@@ -22,7 +22,10 @@ use tokio::net::TcpStream;
 use crate::{
     connections::{ConnectionRecord, Direction},
     context::{Outcome, Tracked},
-    gate::{Authorized, Decision, Served},
+    gate::{
+        revoke::{until_revoked, Asked, Registration},
+        Authorized, Decision, Served,
+    },
     http::ProxyContext,
     plan::{self, Facts, From, Plan},
     response_flag::ResponseFlag,
@@ -45,6 +48,9 @@ pub async fn handle(
         client: peer,
         original_dst,
     };
+    // Before the snapshot the decision is made on is loaded: a config change published
+    // from now on reaches this connection (`gate::revoke`).
+    let registration = ctx.revocations.register();
     let state = ctx.state.load_full();
     let node = ctx.node_addresses.load();
     let plan = match direction {
@@ -52,7 +58,16 @@ pub async fn handle(
         _ => plan::inbound(&state, &node, facts),
     };
     // Boxed and gone once open: the opening's future is sized by its largest way.
-    let lives = Box::pin(open(&ctx, &state, direction, client, facts, plan)).await;
+    let lives = Box::pin(open(
+        &ctx,
+        &state,
+        direction,
+        client,
+        facts,
+        plan,
+        registration,
+    ))
+    .await;
     // A long-lived connection does not keep the config it started under alive.
     drop(node);
     drop(state);
@@ -71,6 +86,8 @@ struct Relayed<'a> {
     tracked: Tracked<'a>,
     client: TcpStream,
     server: TcpStream,
+    /// Where the gate decided the connection: closed when a config change refuses it.
+    registration: Option<Registration<'a>>,
 }
 
 impl<'a> Relayed<'a> {
@@ -82,18 +99,26 @@ impl<'a> Relayed<'a> {
             tracked,
             mut client,
             mut server,
+            registration,
         } = self;
         async move {
             let _ = client.set_nodelay(true);
             transport::keepalive(&client);
-            let (copied, error) = transport::relay(&mut client, &mut server, &tracked.live).await;
+            let revoked = until_revoked(registration.as_ref());
+            let (copied, error) =
+                transport::relay(&mut client, &mut server, &tracked.live, revoked).await;
             if error.is_some() {
-                // One side broke (for example reset): reset the other too, so it does not
-                // take a truncated stream for a complete one.
+                // One side broke (for example reset), or the policy no longer lets the
+                // connection through: reset both, so neither takes a truncated stream for a
+                // complete one.
                 reset(&client);
                 reset(&server);
             }
-            tracked.finish(Outcome::relayed(copied, error));
+            let outcome = match registration.as_ref().and_then(Registration::revocation) {
+                Some(revoked) => Outcome::revoked(copied, revoked),
+                None => Outcome::relayed(copied, error),
+            };
+            tracked.finish(outcome);
         }
     }
 }
@@ -106,6 +131,7 @@ async fn open<'a>(
     client: TcpStream,
     facts: Facts,
     plan: Plan<'_>,
+    registration: Registration<'a>,
 ) -> Option<Lives<'a>> {
     let mut rec = ConnectionRecord::new(direction, facts.client, facts.original_dst);
     let client_pod = plan::ipv4(facts.client).and_then(|ip| state.workloads.get(&ip));
@@ -168,7 +194,8 @@ async fn open<'a>(
                 // Inbound to an endpoint elsewhere: its node reports.
                 _ => Vec::new(),
             };
-            plain(ctx, direction, client, from, to, rec, reports).await
+            let tracked = Tracked::reported(ctx, direction, rec, reports);
+            plain(ctx, client, from, to, tracked, None).await
         }
         Plan::Local {
             source,
@@ -238,10 +265,22 @@ async fn open<'a>(
                     )))
                 }
                 Served::Connection => {
+                    let asked = Asked {
+                        destination: destination.ip,
+                        client: facts.client,
+                        identity: source.map(|s| s.identity.clone()),
+                        target: upstream,
+                        direction: direction.as_str(),
+                    };
+                    if let Err(decision) = registration.commit(asked, state) {
+                        deny(ctx, direction, &client, rec, decision, reports);
+                        return None;
+                    }
                     rec.authorization = admitted.decision().cloned();
                     let from =
                         From::Client(plan::ipv4(facts.client).unwrap_or(Ipv4Addr::UNSPECIFIED));
-                    plain(ctx, direction, client, from, admitted, rec, reports).await
+                    let tracked = Tracked::reported(ctx, direction, rec, reports);
+                    plain(ctx, client, from, admitted, tracked, Some(registration)).await
                 }
             }
         }
@@ -292,24 +331,20 @@ fn deny(
     reset(client);
     let reason = decision.reason.to_string();
     rec.authorization = Some(decision);
-    let mut tracked = Tracked::open(ctx, direction, rec);
-    tracked.live = ctx.tcp.open(reports);
+    let tracked = Tracked::reported(ctx, direction, rec, reports);
     tracked.finish(Outcome::refused(ResponseFlag::Denied, reason));
 }
 
 /// Connects to where the gate let the connection go (`to`), from `from`, for a plain TCP
-/// relay.
+/// relay; `registration` where this node's gate decided it.
 async fn plain<'a>(
     ctx: &'a ProxyContext,
-    direction: Direction,
     client: TcpStream,
     from: From,
     to: Authorized,
-    rec: ConnectionRecord,
-    reports: Vec<Report>,
+    tracked: Tracked<'a>,
+    registration: Option<Registration<'a>>,
 ) -> Option<Lives<'a>> {
-    let mut tracked = Tracked::open(ctx, direction, rec);
-    tracked.live = ctx.tcp.open(reports);
     let server = match from {
         From::Client(source) => transport::connect(&*ctx.sockets, source, &to).await,
         From::Node => transport::connect(&*ctx.sockets, Ipv4Addr::UNSPECIFIED, &to).await,
@@ -321,6 +356,7 @@ async fn plain<'a>(
                 tracked,
                 client,
                 server,
+                registration,
             }
             .relay(),
         )),

@@ -33,7 +33,10 @@ use crate::{
     config::semantics::Identity,
     connections::{ConnectionRecord, Direction},
     context::{Outcome, Tracked},
-    gate::{Authorized, Served},
+    gate::{
+        revoke::{until_revoked, Asked, Registration},
+        Authorized, Served,
+    },
     http::ProxyContext,
     identity::tls,
     plan::{self, ipv4, Plan},
@@ -105,8 +108,7 @@ pub(crate) async fn outbound<'a>(
         mtls: true,
     }
     .service(service);
-    let mut tracked = Tracked::open(ctx, Direction::Outbound, rec);
-    tracked.live = ctx.tcp.open(vec![report]);
+    let tracked = Tracked::reported(ctx, Direction::Outbound, rec, vec![report]);
     let cert = match ctx.certs.for_workload(source) {
         Ok(cert) => cert,
         Err(err) => {
@@ -144,6 +146,7 @@ pub(crate) async fn outbound<'a>(
         tracked,
         _slot: Some(guard),
         cancels: None,
+        registration: None,
     })
 }
 
@@ -161,6 +164,8 @@ pub(crate) struct Tunnelled<'a> {
     _slot: Option<StreamGuard>,
     /// The destination side's count of cancelled streams, and when this one was accepted.
     cancels: Option<(Arc<Cancels>, Instant)>,
+    /// The destination side's place in the gate's revocations.
+    registration: Option<Registration<'a>>,
 }
 
 impl<'a> Tunnelled<'a> {
@@ -176,9 +181,11 @@ impl<'a> Tunnelled<'a> {
             tracked,
             _slot: slot,
             cancels,
+            registration,
         } = self;
         async move {
-            let (copied, error) = relay_h2(&mut tcp, send, recv, end, &tracked.live).await;
+            let revoked = until_revoked(registration.as_ref());
+            let (copied, error) = relay_h2(&mut tcp, send, recv, end, &tracked.live, revoked).await;
             if let Some(error) = &error {
                 reset(&tcp);
                 // Reset by the client before the pod sent it anything.
@@ -189,7 +196,11 @@ impl<'a> Tunnelled<'a> {
                     );
                 }
             }
-            tracked.finish(Outcome::relayed(copied, error));
+            let outcome = match registration.as_ref().and_then(Registration::revocation) {
+                Some(revoked) => Outcome::revoked(copied, revoked),
+                None => Outcome::relayed(copied, error),
+            };
+            tracked.finish(outcome);
             drop(slot);
         }
     }
@@ -396,6 +407,8 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         answer(&mut respond, StatusCode::BAD_REQUEST);
         return None;
     };
+    // Before the snapshot the decision is made on is loaded (`gate::revoke`).
+    let registration = ctx.revocations.register();
     let state = ctx.state.load_full();
     let mut rec = ConnectionRecord::new(Direction::Hbone, peer, target);
     rec.path = "hbone";
@@ -434,13 +447,25 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
     // The client's Service is not in the tunnel: name the one the pod port serves.
     .service(state.service_of_endpoint(target));
     let source_ip = ipv4(peer).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    let admitted = admitted.and_then(|admitted| {
+        if served == Served::Connection {
+            let asked = Asked {
+                destination: destination.ip,
+                client: peer,
+                identity: Some(identity.clone()),
+                target,
+                direction: Direction::Hbone.as_str(),
+            };
+            registration.commit(asked, &state)?;
+        }
+        Ok(admitted)
+    });
     let admitted = match admitted {
         Ok(admitted) => admitted,
         Err(decision) => {
             let reason = decision.reason;
             rec.authorization = Some(decision);
-            let mut tracked = Tracked::open(ctx, Direction::Hbone, rec);
-            tracked.live = ctx.tcp.open(vec![report]);
+            let tracked = Tracked::reported(ctx, Direction::Hbone, rec, vec![report]);
             // ztunnel answers a policy denial with 401.
             answer(&mut respond, StatusCode::UNAUTHORIZED);
             tracked.finish(Outcome::refused(ResponseFlag::Denied, reason));
@@ -503,8 +528,7 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         return None;
     }
     rec.authorization = admitted.decision().cloned();
-    let mut tracked = Tracked::open(ctx, Direction::Hbone, rec);
-    tracked.live = ctx.tcp.open(vec![report]);
+    let tracked = Tracked::reported(ctx, Direction::Hbone, rec, vec![report]);
     let server =
         match connect_unless_cancelled(&mut respond, &cancels, &*ctx.sockets, source_ip, &admitted)
             .await
@@ -543,5 +567,6 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
         tracked,
         _slot: None,
         cancels: Some((cancels, accepted)),
+        registration: Some(registration),
     })
 }

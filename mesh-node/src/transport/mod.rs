@@ -13,6 +13,7 @@ pub use error::Error;
 pub use pool::Pool;
 
 use std::{
+    future::Future,
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
@@ -233,26 +234,31 @@ pub(crate) struct Copied {
 
 /// Copies both ways between two TCP connections until both directions end. An end of
 /// stream is passed on as a half-close, so either side may keep sending after the other
-/// finished. Stops at the first error; the byte counts are kept either way.
+/// finished. Stops at the first error, or when `stop` resolves (an error then); the byte
+/// counts are kept either way.
 pub(crate) async fn relay(
     client: &mut TcpStream,
     server: &mut TcpStream,
     live: &Live,
+    stop: impl Future<Output = ()>,
 ) -> (Copied, Option<io::Error>) {
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
     let mut copied = Copied::default();
-    let result = tokio::try_join!(
-        pipe(&mut client_read, &mut server_write, &mut copied.sent, |n| {
-            live.client_bytes(n)
-        }),
-        pipe(
-            &mut server_read,
-            &mut client_write,
-            &mut copied.received,
-            |n| live.server_bytes(n)
-        ),
-    );
+    let both = async {
+        tokio::try_join!(
+            pipe(&mut client_read, &mut server_write, &mut copied.sent, |n| {
+                live.client_bytes(n)
+            }),
+            pipe(
+                &mut server_read,
+                &mut client_write,
+                &mut copied.received,
+                |n| live.server_bytes(n)
+            ),
+        )
+    };
+    let result = unless_stopped(both, stop).await;
     (copied, result.err())
 }
 
@@ -331,13 +337,15 @@ pub(crate) enum TcpEnd {
 }
 
 /// Copies both ways between a TCP connection and an HTTP/2 stream (an HBONE tunnel), with
-/// HTTP/2 flow control as back pressure. End of stream maps to a half-close both ways.
+/// HTTP/2 flow control as back pressure. End of stream maps to a half-close both ways. Stops
+/// at the first error or when `stop` resolves, and then resets the stream.
 pub(crate) async fn relay_h2(
     tcp: &mut TcpStream,
     mut send: h2::SendStream<Bytes>,
     mut recv: h2::RecvStream,
     end: TcpEnd,
     live: &Live,
+    stop: impl Future<Output = ()>,
 ) -> (Copied, Option<io::Error>) {
     let (mut tcp_read, mut tcp_write) = tcp.split();
     let mut from_tcp = 0u64;
@@ -346,15 +354,12 @@ pub(crate) async fn relay_h2(
         TcpEnd::Client => (&|n| live.client_bytes(n), &|n| live.server_bytes(n)),
         TcpEnd::Server => (&|n| live.server_bytes(n), &|n| live.client_bytes(n)),
     };
-    let upload = async {
-        let result = tcp_to_h2(&mut tcp_read, &mut send, &mut from_tcp, count_tcp).await;
-        if result.is_err() {
-            send.send_reset(h2::Reason::CANCEL);
-        }
-        result
-    };
+    let upload = tcp_to_h2(&mut tcp_read, &mut send, &mut from_tcp, count_tcp);
     let download = h2_to_tcp(&mut recv, &mut tcp_write, &mut from_h2, count_h2);
-    let result = tokio::try_join!(upload, download);
+    let result = unless_stopped(async { tokio::try_join!(upload, download) }, stop).await;
+    if result.is_err() {
+        send.send_reset(h2::Reason::CANCEL);
+    }
     let copied = match end {
         TcpEnd::Client => Copied {
             sent: from_tcp,
@@ -366,6 +371,20 @@ pub(crate) async fn relay_h2(
         },
     };
     (copied, result.err())
+}
+
+/// A relay's result, or an error once `stop` resolves first.
+async fn unless_stopped<T>(
+    relay: impl Future<Output = io::Result<T>>,
+    stop: impl Future<Output = ()>,
+) -> io::Result<T> {
+    tokio::select! {
+        result = relay => result,
+        () = stop => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "relay stopped: the connection was revoked",
+        )),
+    }
 }
 
 /// Called with each relayed chunk's size.
