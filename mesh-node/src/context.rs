@@ -66,25 +66,25 @@ pub(crate) struct Outcome {
 }
 
 impl Outcome {
-    /// A relayed connection: what it carried, and the error that broke it (flag `DC`).
-    pub fn relayed(copied: Copied, error: Option<io::Error>) -> Outcome {
+    /// A relayed connection: what it carried, and the error that broke it (flag `DC`), or
+    /// the revocation that stopped it (flag `DENY`: the relay stops with an error once its
+    /// `registration` is revoked).
+    pub fn relayed(
+        copied: Copied,
+        error: Option<io::Error>,
+        registration: Option<&crate::gate::Registration<'_>>,
+    ) -> Outcome {
+        let revoked = registration
+            .filter(|_| error.is_some())
+            .and_then(|r| r.revocation());
+        let (flag, error) = match (revoked, error) {
+            (Some(revoked), _) => (ResponseFlag::Denied, Some(revoked.to_string())),
+            (None, Some(error)) => (ResponseFlag::DownstreamTermination, Some(error.to_string())),
+            (None, None) => (ResponseFlag::None, None),
+        };
         Outcome {
-            flag: if error.is_some() {
-                ResponseFlag::DownstreamTermination
-            } else {
-                ResponseFlag::None
-            },
-            error: error.map(|e| e.to_string()),
-            sent: copied.sent,
-            received: copied.received,
-        }
-    }
-
-    /// A relayed connection that a config change revoked.
-    pub fn revoked(copied: Copied, revoked: &crate::gate::Revoked) -> Outcome {
-        Outcome {
-            flag: ResponseFlag::Denied,
-            error: Some(revoked.to_string()),
+            flag,
+            error,
             sent: copied.sent,
             received: copied.received,
         }

@@ -114,11 +114,7 @@ impl<'a> Relayed<'a> {
                 reset(&client);
                 reset(&server);
             }
-            let outcome = match registration.as_ref().and_then(Registration::revocation) {
-                Some(revoked) => Outcome::revoked(copied, revoked),
-                None => Outcome::relayed(copied, error),
-            };
-            tracked.finish(outcome);
+            tracked.finish(Outcome::relayed(copied, error, registration.as_ref()));
         }
     }
 }

@@ -196,11 +196,7 @@ impl<'a> Tunnelled<'a> {
                     );
                 }
             }
-            let outcome = match registration.as_ref().and_then(Registration::revocation) {
-                Some(revoked) => Outcome::revoked(copied, revoked),
-                None => Outcome::relayed(copied, error),
-            };
-            tracked.finish(outcome);
+            tracked.finish(Outcome::relayed(copied, error, registration.as_ref()));
             drop(slot);
         }
     }
@@ -474,6 +470,7 @@ async fn open_stream(ctx: &Arc<ProxyContext>, stream: Box<Stream>) -> Option<Tun
     };
     if served == Served::PerRequest {
         // HTTP inside the tunnel: authorized and reported per request.
+        drop(registration);
         rec.path = "hbone_http";
         let tracked = Tracked::open(ctx, Direction::Hbone, rec);
         let server = match connect_unless_cancelled(
