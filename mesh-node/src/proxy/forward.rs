@@ -104,9 +104,13 @@ impl<'a> Relayed<'a> {
         async move {
             let _ = client.set_nodelay(true);
             transport::keepalive(&client);
-            let revoked = until_revoked(registration.as_ref());
-            let (copied, error) =
-                transport::relay(&mut client, &mut server, &tracked.live, revoked).await;
+            let (copied, error) = transport::relay(
+                &mut client,
+                &mut server,
+                &tracked.live,
+                until_revoked(registration.as_ref()),
+            )
+            .await;
             if error.is_some() {
                 // One side broke (for example reset), or the policy no longer lets the
                 // connection through: reset both, so neither takes a truncated stream for a

@@ -184,8 +184,15 @@ impl<'a> Tunnelled<'a> {
             registration,
         } = self;
         async move {
-            let revoked = until_revoked(registration.as_ref());
-            let (copied, error) = relay_h2(&mut tcp, send, recv, end, &tracked.live, revoked).await;
+            let (copied, error) = relay_h2(
+                &mut tcp,
+                send,
+                recv,
+                end,
+                &tracked.live,
+                until_revoked(registration.as_ref()),
+            )
+            .await;
             if let Some(error) = &error {
                 reset(&tcp);
                 // Reset by the client before the pod sent it anything.

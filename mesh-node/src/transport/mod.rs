@@ -245,20 +245,24 @@ pub(crate) async fn relay(
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
     let mut copied = Copied::default();
-    let both = async {
-        tokio::try_join!(
-            pipe(&mut client_read, &mut server_write, &mut copied.sent, |n| {
-                live.client_bytes(n)
-            }),
-            pipe(
-                &mut server_read,
-                &mut client_write,
-                &mut copied.received,
-                |n| live.server_bytes(n)
-            ),
-        )
+    // The copies are made inside `select!`: made before it and moved in, a future would be
+    // held twice in this one (an idle connection's memory is mostly its relay's future).
+    let result = tokio::select! {
+        result = async {
+            tokio::try_join!(
+                pipe(&mut client_read, &mut server_write, &mut copied.sent, |n| {
+                    live.client_bytes(n)
+                }),
+                pipe(
+                    &mut server_read,
+                    &mut client_write,
+                    &mut copied.received,
+                    |n| live.server_bytes(n)
+                ),
+            )
+        } => result.map(drop),
+        () = stop => Err(stopped()),
     };
-    let result = unless_stopped(both, stop).await;
     (copied, result.err())
 }
 
@@ -354,9 +358,16 @@ pub(crate) async fn relay_h2(
         TcpEnd::Client => (&|n| live.client_bytes(n), &|n| live.server_bytes(n)),
         TcpEnd::Server => (&|n| live.server_bytes(n), &|n| live.client_bytes(n)),
     };
-    let upload = tcp_to_h2(&mut tcp_read, &mut send, &mut from_tcp, count_tcp);
-    let download = h2_to_tcp(&mut recv, &mut tcp_write, &mut from_h2, count_h2);
-    let result = unless_stopped(async { tokio::try_join!(upload, download) }, stop).await;
+    // Made inside `select!`, as in `relay`.
+    let result = tokio::select! {
+        result = async {
+            tokio::try_join!(
+                tcp_to_h2(&mut tcp_read, &mut send, &mut from_tcp, count_tcp),
+                h2_to_tcp(&mut recv, &mut tcp_write, &mut from_h2, count_h2),
+            )
+        } => result.map(drop),
+        () = stop => Err(stopped()),
+    };
     if result.is_err() {
         send.send_reset(h2::Reason::CANCEL);
     }
@@ -373,18 +384,12 @@ pub(crate) async fn relay_h2(
     (copied, result.err())
 }
 
-/// A relay's result, or an error once `stop` resolves first.
-async fn unless_stopped<T>(
-    relay: impl Future<Output = io::Result<T>>,
-    stop: impl Future<Output = ()>,
-) -> io::Result<T> {
-    tokio::select! {
-        result = relay => result,
-        () = stop => Err(io::Error::new(
-            io::ErrorKind::ConnectionAborted,
-            "relay stopped: the connection was revoked",
-        )),
-    }
+/// The error of a relay that its `stop` ended.
+fn stopped() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "relay stopped: the connection was revoked",
+    )
 }
 
 /// Called with each relayed chunk's size.
