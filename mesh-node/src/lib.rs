@@ -1,18 +1,28 @@
 //! mesh-node: the per-node proxy of the mesh and the manager of its kernel programs.
 //!
-//! Modules by domain: [`config`] (the typed resources and their loader), [`state`] (the
-//! immutable snapshot built from them), [`capture`] (eBPF programs, links, pins, routing
-//! rules), [`proxy`] (transparent listeners and L4 forwarding), [`http`] (L7 routing and
-//! policy), [`metrics`], [`admin`],
-//! [`reload`] (config file watching), [`response_flag`] (how a connection or request ended), [`preflight`] (privilege and kernel checks) and [`sys`]
-//! (the only module allowed to use `unsafe`).
+//! The configuration model is the `mesh-config` crate, re-exported here as [`config`] (and
+//! its cross-resource checks as [`analyze`]). Modules by domain:
+//!
+//! - config to snapshot: [`state`] (the immutable snapshot built from the resources),
+//!   [`reload`] (the file source and the publisher of every later generation),
+//!   [`kube_source`] (the Kubernetes source);
+//! - kernel: [`capture`] (eBPF programs, links, pins, routing rules), [`cni`] (the pod-start
+//!   gate's side here), [`sys`] (the only module allowed to use `unsafe`), [`preflight`]
+//!   (privilege and kernel checks);
+//! - data plane: [`plan`] (what to do with a connection), [`gate`] (the one place policy is
+//!   decided, and revoked), [`proxy`] (listeners, L4 and HBONE), [`http`] (L7),
+//!   [`transport`] (sockets, relays, the HBONE pool), [`context`] and [`connections`] (what
+//!   handlers share and the connection table), [`identity`] (CA and workload certificates);
+//! - observing: [`telemetry`] (Istio metrics, access log), [`metrics`] (node-level),
+//!   [`response_flag`] (how a connection or request ended), [`admin`] (health, metrics,
+//!   debug endpoints).
 #![deny(unsafe_code)]
 
 pub mod admin;
-pub mod analyze;
+pub use mesh_config as config;
+pub use mesh_config::analyze;
 pub mod capture;
 pub mod cni;
-pub mod config;
 pub mod connections;
 pub mod context;
 pub mod gate;

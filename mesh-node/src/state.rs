@@ -16,10 +16,8 @@ use std::{
 use serde::{Serialize, Serializer};
 
 use crate::config::{
-    model::{
-        AuthorizationPolicy, DestinationRule, Labels, Resource, Service, VirtualService,
-        LABEL_SERVICE_NAME,
-    },
+    kinds::{AuthorizationPolicy, DestinationRule, VirtualService},
+    model::{Labels, Resource, Service, LABEL_SERVICE_NAME},
     semantics::{self, EffectiveMtls, Mesh, Protocol},
     Resources,
 };

@@ -4,7 +4,7 @@
 use serde_yaml_ng::Value;
 
 use super::decode::{string_enum, Cx, Decode};
-use super::model::Labels;
+use super::values::Labels;
 use super::values::{Cidr, IntOrString, LabelSelector};
 
 string_enum! {

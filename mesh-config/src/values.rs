@@ -9,7 +9,9 @@ use std::{
 use serde_yaml_ng::Value;
 
 use super::decode::{describe, string_enum, Cx, Decode};
-use super::model::Labels;
+
+/// Kubernetes labels (and any string map: annotations, selectors).
+pub type Labels = std::collections::BTreeMap<String, String>;
 
 /// A duration as Istio's CRDs accept it: Go's syntax, a sequence of decimal numbers each with
 /// a unit (`ns`, `us`, `µs`, `ms`, `s`, `m`, `h`), e.g. `2s`, `1.5s`, `300ms`, `1h30m`.
@@ -622,7 +624,7 @@ mod tests {
     use super::*;
 
     fn decode<T: Decode>(yaml: &str) -> Result<T, String> {
-        match crate::config::decode::decode_yaml::<T>(yaml) {
+        match crate::decode::decode_yaml::<T>(yaml) {
             (Some(v), errors) if errors.is_empty() => Ok(v),
             (_, errors) => Err(errors.join("; ")),
         }

@@ -556,7 +556,7 @@ impl Decode for Condition {
 mod tests {
     use super::*;
 
-    use crate::config::decode::decode_yaml as decode;
+    use crate::decode::decode_yaml as decode;
 
     #[test]
     fn the_issue_example_policy_is_valid_and_l4() {

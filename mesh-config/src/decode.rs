@@ -9,11 +9,47 @@
 //! for the kinds the mesh models completely (the Istio kinds and NetworkPolicy) an unknown
 //! field is a warning, because the mesh ignores it while `kubectl apply` would refuse it.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{collections::BTreeMap, fmt, fmt::Write as _};
 
 use serde_yaml_ng::{Mapping, Value};
 
-use super::load::Severity;
+/// How bad a [`Diagnostic`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// The file cannot be used.
+    Error,
+    /// The file is used; something in it is ignored or suspicious.
+    Warning,
+}
+
+/// One problem found in a file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// Error or warning.
+    pub severity: Severity,
+    /// The file, as given on the command line.
+    pub file: String,
+    /// The document: its 1-based position in the file, plus `.items[i]` inside a `List`.
+    pub document: String,
+    /// The field path inside the document (`spec.ports[0].port`), empty for the whole document.
+    pub field: String,
+    /// What is wrong, including the resource it concerns when known.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let level = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(
+            f,
+            "{}:{}:{}: {level}: {}",
+            self.file, self.document, self.field, self.message
+        )
+    }
+}
 
 /// One segment of a field path.
 #[derive(Clone, Debug)]
@@ -433,12 +469,12 @@ macro_rules! string_enum {
             }
         }
 
-        impl $crate::config::decode::Decode for $name {
+        impl $crate::decode::Decode for $name {
             fn decode(
                 value: &serde_yaml_ng::Value,
-                cx: &mut $crate::config::decode::Cx,
+                cx: &mut $crate::decode::Cx,
             ) -> Option<Self> {
-                let text = <String as $crate::config::decode::Decode>::decode(value, cx)?;
+                let text = <String as $crate::decode::Decode>::decode(value, cx)?;
                 match text.as_str() {
                     $($text => Some(Self::$variant),)+
                     other => {

@@ -6,10 +6,7 @@
 //! Field names follow the Kubernetes API (camelCase in YAML). A resource without
 //! `metadata.namespace` belongs to `default`, as `kubectl apply` does.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::net::{IpAddr, Ipv4Addr};
 
 use serde_yaml_ng::Value;
 
@@ -17,7 +14,7 @@ use super::decode::{Cx, Decode};
 pub use super::values::IntOrString;
 
 /// Labels and selectors.
-pub type Labels = BTreeMap<String, String>;
+pub use super::values::Labels;
 
 /// `metadata` of every resource.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -97,17 +94,6 @@ impl<S: Decode + Default> Decode for Resource<S> {
         })
     }
 }
-
-/// `networking.istio.io` VirtualService.
-pub type VirtualService = Resource<super::networking::VirtualServiceSpec>;
-/// `networking.istio.io` DestinationRule.
-pub type DestinationRule = Resource<super::networking::DestinationRuleSpec>;
-/// `security.istio.io` PeerAuthentication.
-pub type PeerAuthentication = Resource<super::security::PeerAuthenticationSpec>;
-/// `security.istio.io` AuthorizationPolicy.
-pub type AuthorizationPolicy = Resource<super::security::AuthorizationPolicySpec>;
-/// `networking.k8s.io/v1` NetworkPolicy.
-pub type NetworkPolicy = Resource<super::netpol::NetworkPolicySpec>;
 
 /// `v1/Namespace`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -3,7 +3,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
     net::Ipv4Addr,
     path::Path,
 };
@@ -11,49 +10,11 @@ use std::{
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use super::decode::{Cx, Decode};
-use super::model::{
-    AuthorizationPolicy, DestinationRule, EndpointSlice, Namespace, NetworkPolicy, ObjectMeta,
-    PeerAuthentication, Pod, Service, VirtualService,
+use super::decode::{Cx, Decode, Diagnostic, Severity};
+use super::kinds::{
+    AuthorizationPolicy, DestinationRule, NetworkPolicy, PeerAuthentication, VirtualService,
 };
-
-/// How bad a [`Diagnostic`] is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Severity {
-    /// The file cannot be used.
-    Error,
-    /// The file is used; something in it is ignored or suspicious.
-    Warning,
-}
-
-/// One problem found in a file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Diagnostic {
-    /// Error or warning.
-    pub severity: Severity,
-    /// The file, as given on the command line.
-    pub file: String,
-    /// The document: its 1-based position in the file, plus `.items[i]` inside a `List`.
-    pub document: String,
-    /// The field path inside the document (`spec.ports[0].port`), empty for the whole document.
-    pub field: String,
-    /// What is wrong, including the resource it concerns when known.
-    pub message: String,
-}
-
-impl fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let level = match self.severity {
-            Severity::Error => "error",
-            Severity::Warning => "warning",
-        };
-        write!(
-            f,
-            "{}:{}:{}: {level}: {}",
-            self.file, self.document, self.field, self.message
-        )
-    }
-}
+use super::model::{EndpointSlice, Namespace, ObjectMeta, Pod, Service};
 
 /// A file that has errors: every diagnostic found (errors and warnings).
 #[derive(Debug, thiserror::Error)]

@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use super::kinds::{AuthorizationPolicy, PeerAuthentication};
 use super::model::{
-    AuthorizationPolicy, IntOrString, Labels, Namespace, PeerAuthentication, Pod, Service,
-    ServicePort, LABEL_DATAPLANE_MODE, LABEL_INJECTION,
+    IntOrString, Labels, Namespace, Pod, Service, ServicePort, LABEL_DATAPLANE_MODE,
+    LABEL_INJECTION,
 };
 use super::security::MtlsMode;
 use super::values::labels_match;
@@ -391,7 +392,7 @@ mod tests {
         }
         assert_eq!(serde_json::to_string(&id).unwrap(), format!("\"{id}\""));
     }
-    use crate::config::parse_str;
+    use crate::parse_str;
 
     #[test]
     fn hosts_resolve_as_kubernetes_dns_does() {

@@ -10,9 +10,11 @@ use std::{
 
 use mesh_common::PORT_HBONE;
 
-use crate::config::{
-    load::{Resources, Severity},
-    model::{Labels, ObjectMeta, Pod, VirtualService},
+use crate::{
+    decode::Severity,
+    kinds::VirtualService,
+    load::Resources,
+    model::{Labels, ObjectMeta, Pod},
     netpol::{NetworkPolicySpec, PolicyType},
     networking::Destination,
     semantics::{self, Mesh},
@@ -189,7 +191,7 @@ struct Analyzer<'a> {
     r: &'a Resources,
     mesh: &'a Mesh,
     findings: Vec<Finding>,
-    namespaces: BTreeMap<&'a str, &'a crate::config::model::Namespace>,
+    namespaces: BTreeMap<&'a str, &'a crate::model::Namespace>,
 }
 
 impl<'a> Analyzer<'a> {
@@ -227,7 +229,7 @@ impl<'a> Analyzer<'a> {
     }
 
     /// The Service whose FQDN is `host`.
-    fn service(&self, host: &str) -> Option<&'a crate::config::model::Service> {
+    fn service(&self, host: &str) -> Option<&'a crate::model::Service> {
         self.r
             .services
             .iter()
@@ -373,7 +375,7 @@ impl<'a> Analyzer<'a> {
     }
 
     /// HTTP routes on a host whose Service ports are all undeclared or TCP stay L4.
-    fn l7_routes(&mut self, vs: &'a crate::config::model::VirtualService) {
+    fn l7_routes(&mut self, vs: &'a VirtualService) {
         if vs.spec.http.is_empty() || !vs.spec.applies_to_mesh() {
             return;
         }
@@ -631,7 +633,7 @@ impl<'a> Analyzer<'a> {
     /// Which variants of a path the mesh's path settings let through unrefused and
     /// unnormalized (so a DENY on the path never sees them), if any.
     fn path_variants_passing(&self) -> Option<String> {
-        use crate::config::paths::{ambiguity, normalize};
+        use crate::paths::{ambiguity, normalize};
         let settings = self.mesh.paths;
         let passing: Vec<&str> = ["//admin", "/admin%2Fx", "/admin%5Cx", "/admin;x=1"]
             .into_iter()
@@ -788,10 +790,7 @@ type Weighted<'a> = (&'a Destination, Option<i32>);
 fn rules(
     spec: &NetworkPolicySpec,
     direction: PolicyType,
-) -> Vec<(
-    &[crate::config::netpol::Peer],
-    &[crate::config::netpol::NetworkPolicyPort],
-)> {
+) -> Vec<(&[crate::netpol::Peer], &[crate::netpol::NetworkPolicyPort])> {
     match direction {
         PolicyType::Ingress => spec
             .ingress
@@ -830,7 +829,7 @@ fn visible_together(a: &VirtualService, b: &VirtualService) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_str;
+    use crate::parse_str;
 
     fn codes(yaml: &str) -> Vec<String> {
         let resources = parse_str("a.yaml", yaml).unwrap();
@@ -960,7 +959,7 @@ spec:
 
     #[test]
     fn path_rules_are_flagged_under_settings_that_let_variants_through() {
-        use crate::config::paths::{Normalization, PathSettings};
+        use crate::paths::{Normalization, PathSettings};
         let policy = r#"
 ---
 apiVersion: security.istio.io/v1

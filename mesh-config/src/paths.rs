@@ -373,7 +373,7 @@ mod tests {
 
     proptest! {
         // CI runs the default 256 cases per test; `PROPTEST_CASES=1000000 cargo test -p
-        // mesh-node --release config::paths` runs a million (docs/traffic.md).
+        // mesh-config --release paths::` runs a million (docs/traffic.md).
         #[test]
         fn normalization_never_panics_and_is_idempotent(path in paths()) {
             for mode in [Raw, Base, MergeSlashes, Strict] {
