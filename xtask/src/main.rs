@@ -50,7 +50,13 @@ fn ebpf_object(root: &Path) -> PathBuf {
     root.join("mesh-ebpf/target/bpfel-unknown-none/release/mesh-ebpf")
 }
 
+/// Says what the next long step does, so nobody watches a silent build.
+fn step(what: &str) {
+    eprintln!("\n== xtask: {what}");
+}
+
 fn build_ebpf(root: &Path) -> Result<()> {
+    step("building the eBPF programs (mesh-ebpf, release; the first build takes a few minutes)");
     ebpf_cargo(root, &["build", "--release", "--locked"])?;
     let object = ebpf_object(root);
     if !object.exists() {
@@ -123,19 +129,13 @@ fn fmt_ebpf(root: &Path, check: bool) -> Result<()> {
 
 fn demo(root: &Path, args: &[String]) -> Result<()> {
     build_ebpf(root)?;
-    run(workspace_cargo(root).args([
-        "build",
-        "--quiet",
-        "-p",
-        "mesh-node",
-        "-p",
-        "mesh-tests",
-        "--bins",
-    ]))?;
+    step("building mesh-node and the demo (the first build takes several minutes)");
+    run(workspace_cargo(root).args(["build", "-p", "mesh-node", "-p", "mesh-tests", "--bins"]))?;
     let config = args
         .first()
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("examples/demo.yaml"));
+    step(&format!("running the demo with {}", config.display()));
     run(Command::new(root.join("target/debug/mesh-demo")).arg(config))
 }
 
@@ -150,6 +150,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         ("release", vec!["build", "--release"])
     };
     build.extend(["--workspace", "--bins", "--locked"]);
+    step(&format!("building the workspace's binaries ({profile})"));
     run(workspace_cargo(root).args(&build))?;
     let mut cmd = Command::new(root.join("target").join(profile).join("mesh-bench"));
     cmd.current_dir(root)
