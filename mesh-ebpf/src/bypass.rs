@@ -107,7 +107,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     // proxy then moves bytes between two bypassed sockets at memory speed. A redirected
     // message is queued at the receiver without TCP's window, so a pod's bytes must never
     // be moved into a proxy socket that feeds a slower path (HBONE to another node): that
-    // queue would grow without bound (measured: the cross-node bulk download was reset).
+    // queue would grow without bound, until the connection is reset.
     let class = if netns == node_netns {
         // The proxy's socket: accepted from a local pod for a local pod or a Service
         // address served by local pods only (local = the original destination), or its own

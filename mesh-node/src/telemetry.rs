@@ -630,8 +630,8 @@ impl RequestMetrics {
 /// counted rather than stalling the proxy on a slow standard output.
 const ACCESS_LOG_BACKLOG: usize = 4 << 20;
 /// How often the writer takes the waiting lines. Lines are batched rather than handed over
-/// one by one: waking a thread per request cost more CPU than the request itself (measured,
-/// docs/benchmarks.md).
+/// one by one: waking a thread per request would cost more CPU than the request itself
+/// (docs/benchmarks.md).
 const ACCESS_LOG_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 struct AccessLog {

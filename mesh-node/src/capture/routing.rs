@@ -29,8 +29,7 @@
 //!     picks; tracked, such a connection collided with one kube-proxy DNATed for the same
 //!     client and port before it was enrolled (TIME_WAIT entries live 2 minutes): conntrack
 //!     rewrote the proxy's source port or un-DNATed the pod's reply, the reply never reached
-//!     the proxy, and the request waited 5 s for the connect timeout (measured in the
-//!     benchmark).
+//!     the proxy, and the request waited for the connect timeout.
 //!
 //! Every step is idempotent, so a restart changes nothing that is already in place (the
 //! table's chains are redefined in one transaction, its set keeps its elements).

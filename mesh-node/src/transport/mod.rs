@@ -297,8 +297,8 @@ struct Read {
 }
 
 /// Waits until `from` is readable, then reads what is there (`None` at end of stream). The
-/// buffer exists only while data is in hand, so an idle connection holds none (measured:
-/// 64 KiB reserved per direction while waiting dominated idle connections' memory).
+/// buffer exists only while data is in hand, so an idle connection holds none (a buffer
+/// reserved per direction while waiting would be most of an idle connection's memory).
 async fn read_when_ready(from: &mut tokio::net::tcp::ReadHalf<'_>) -> io::Result<Option<Read>> {
     loop {
         let ready = from.as_ref().ready(tokio::io::Interest::READABLE).await?;
@@ -323,8 +323,8 @@ async fn read_when_ready(from: &mut tokio::net::tcp::ReadHalf<'_>) -> io::Result
 /// Writes the last bytes of a direction and its end of stream in one segment (corked, the
 /// FIN joins the queued data): the receiver gets both at once, as it would from the sender
 /// directly. Sent apart, a client that reads its answer before the FIN arrives closes
-/// first and holds the TIME_WAIT, on its own ports (measured: 7.6% of short connections
-/// through the mesh against 0.7% without it, which piles up in a burst of new connections).
+/// first and holds the TIME_WAIT, on its own ports, which piles up in a burst of new
+/// connections (docs/benchmarks.md, churn).
 async fn write_last(to: &mut tokio::net::tcp::WriteHalf<'_>, data: &[u8]) -> io::Result<()> {
     let _ = SockRef::from(to.as_ref()).set_tcp_cork(true);
     to.write_all(data).await?;
