@@ -473,7 +473,6 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let state = State::build(&resources, &args.node.node, &args.mesh.mesh(), 1);
-    reload::warn_about(&state, None);
     let served = runtime.block_on(serve(args, state, ca, source));
     // Connections still finishing log their last lines; then the buffer is written out.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -581,14 +580,17 @@ async fn serve(
         identity::CertMetrics::register(&mut registry),
     ));
     certs.sync(&state.local_identities());
-    config_metrics.generation.set(state.generation as i64);
     KernelCollector::register(&mut registry, counters);
 
-    let state = Arc::new(ArcSwap::from_pointee(state));
-    let revocations = Arc::new(mesh_node::gate::Revocations::new(
-        state.load_full(),
+    let (events, receiver) = mpsc::channel();
+    let datapath_events = events.clone();
+    let publisher = reload::Publisher::first(
+        state,
+        config_metrics,
         &mut registry,
-    ));
+        Box::new(move |state| datapath_events.send(Event::Config(state)).is_ok()),
+    );
+    let (state, revocations) = (publisher.state.clone(), publisher.revocations.clone());
     let connections = Arc::new(Connections::default());
     let admin = Arc::new(Admin {
         ready: false.into(),
@@ -608,7 +610,6 @@ async fn serve(
         .await
         .with_context(|| format!("binding the admin endpoint {}", args.admin_addr))?;
 
-    let (events, receiver) = mpsc::channel();
     spawn_datapath_thread(datapath, receiver, admin.clone(), node_addresses.clone())?;
     spawn_link_watcher(link_events, events.clone())?;
     // The pod-start gate: the enrolment cache first (the plugin's answer while mesh-node is
@@ -652,12 +653,6 @@ async fn serve(
         args.repair_interval,
         gate_metrics,
     ));
-    let publisher = reload::Publisher {
-        state: state.clone(),
-        metrics: config_metrics,
-        revocations: revocations.clone(),
-        datapath: events,
-    };
     match source {
         Source::File(path, version) => tokio::spawn(reload::watch(
             version,

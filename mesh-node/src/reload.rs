@@ -3,13 +3,13 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{mpsc, Arc},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use arc_swap::ArcSwap;
 
-use crate::{capture::Event, config, gate::Revocations, metrics::ConfigMetrics, state::State};
+use crate::{config, gate::Revocations, metrics::ConfigMetrics, state::State};
 
 /// How often the file's metadata is checked.
 const POLL: Duration = Duration::from_millis(250);
@@ -55,7 +55,8 @@ pub fn warn_about(state: &State, previous: Option<&State>) {
     }
 }
 
-/// Where each config generation after the first goes, from either source.
+/// Where every config generation goes, from either source: the first (`Publisher::first`)
+/// and each later one (`Publisher::publish`).
 pub struct Publisher {
     /// The snapshot the proxy serves from.
     pub state: Arc<ArcSwap<State>>,
@@ -63,11 +64,31 @@ pub struct Publisher {
     pub metrics: ConfigMetrics,
     /// The open connections the new policy may revoke.
     pub revocations: Arc<Revocations>,
-    /// The datapath thread, which updates the kernel's maps.
-    pub datapath: mpsc::Sender<Event>,
+    /// Hands the generation to the datapath, which updates the kernel's maps; `false` once
+    /// the datapath is gone.
+    pub datapath: Box<dyn Fn(Arc<State>) -> bool + Send + Sync>,
 }
 
 impl Publisher {
+    /// Starts from the first generation, which the datapath was installed with: warns about
+    /// it, counts it, stores it and starts the revocations' registry from it.
+    pub fn first(
+        first: State,
+        metrics: ConfigMetrics,
+        registry: &mut prometheus_client::registry::Registry,
+        datapath: Box<dyn Fn(Arc<State>) -> bool + Send + Sync>,
+    ) -> Publisher {
+        warn_about(&first, None);
+        metrics.generation.set(first.generation as i64);
+        let first = Arc::new(first);
+        Publisher {
+            revocations: Arc::new(Revocations::new(first.clone(), registry)),
+            state: Arc::new(ArcSwap::new(first)),
+            metrics,
+            datapath,
+        }
+    }
+
     /// Serves `next` from now on: warns about what it does unexpectedly, stores it, counts it,
     /// closes the open connections its policy refuses, and sends it to the datapath (`false`
     /// once the datapath is gone).
@@ -76,7 +97,7 @@ impl Publisher {
         self.state.store(next.clone());
         self.metrics.generation.set(next.generation as i64);
         self.revocations.sweep(&next);
-        self.datapath.send(Event::Config(next)).is_ok()
+        (self.datapath)(next)
     }
 }
 
