@@ -375,6 +375,20 @@ spec:
         }
     }
 
+    /// A connection registered and decided on `decided`, to `destination`'s port 8080.
+    fn committed<'r>(
+        revocations: &'r Revocations,
+        destination: [u8; 4],
+        identity: Option<&str>,
+        decided: &State,
+    ) -> Registration<'r> {
+        let registration = revocations.register();
+        registration
+            .commit(asked(destination, identity), decided)
+            .expect("admitted");
+        registration
+    }
+
     fn is_revoked(registration: &Registration<'_>) -> Option<Revoked> {
         registration.revocation().cloned()
     }
@@ -385,18 +399,9 @@ spec:
     fn a_change_that_refuses_closes_only_what_it_refuses() {
         let first = state("", 1);
         let revocations = Revocations::new(first.clone(), &mut Registry::default());
-        let to_web = revocations.register();
-        to_web
-            .commit(asked([100, 64, 0, 2], Some(SA)), &first)
-            .unwrap();
-        let plaintext_to_web = revocations.register();
-        plaintext_to_web
-            .commit(asked([100, 64, 0, 2], None), &first)
-            .unwrap();
-        let to_db = revocations.register();
-        to_db
-            .commit(asked([100, 64, 0, 3], Some(SA)), &first)
-            .unwrap();
+        let to_web = committed(&revocations, [100, 64, 0, 2], Some(SA), &first);
+        let plaintext_to_web = committed(&revocations, [100, 64, 0, 2], None, &first);
+        let to_db = committed(&revocations, [100, 64, 0, 3], Some(SA), &first);
 
         // STRICT on web: only the plaintext connection to web goes.
         revocations.sweep(&state(STRICT_WEB, 2));
@@ -434,10 +439,7 @@ spec:
     fn a_registration_leaves_when_its_connection_ends() {
         let first = state("", 1);
         let revocations = Revocations::new(first.clone(), &mut Registry::default());
-        let registration = revocations.register();
-        registration
-            .commit(asked([100, 64, 0, 2], Some(SA)), &first)
-            .unwrap();
+        let registration = committed(&revocations, [100, 64, 0, 2], Some(SA), &first);
         assert_eq!(revocations.lock().entries.len(), 1);
         drop(registration);
         assert!(revocations.lock().entries.is_empty());
@@ -447,10 +449,7 @@ spec:
     async fn the_relay_wakes_when_revoked() {
         let first = state("", 1);
         let revocations = Revocations::new(first.clone(), &mut Registry::default());
-        let registration = revocations.register();
-        registration
-            .commit(asked([100, 64, 0, 2], Some(SA)), &first)
-            .unwrap();
+        let registration = committed(&revocations, [100, 64, 0, 2], Some(SA), &first);
         let waiting = registration.revoked();
         revocations.sweep(&state(DENY_WEB, 2));
         tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
