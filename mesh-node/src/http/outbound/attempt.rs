@@ -83,7 +83,21 @@ pub(super) async fn send(
 ) -> Result<Answer, Failure> {
     let to = match destination.filter(|d| d.enrolled && state.is_local(d)) {
         Some(d) => {
-            // A pod of this node: its policy is decided here, as its inbound side would.
+            // A pod of this node: its policy is decided here, as its inbound side would,
+            // the refusal of ambiguous paths included.
+            let target = SocketAddr::V4(endpoint);
+            let path = request.uri().path();
+            if let Err(reason) = gate::path(d, target, path, state.mesh.paths) {
+                let response = local_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad request: ambiguous or malformed path",
+                );
+                return Ok(Answer::Local(
+                    response,
+                    ResponseFlag::DownstreamProtocolError,
+                    Some(reason),
+                ));
+            }
             let identity = source.filter(|s| s.enrolled).map(|s| s.identity.as_str());
             let host = crate::http::authority_of(request.uri(), request.headers());
             let admitted = gate::request(
@@ -92,7 +106,7 @@ pub(super) async fn send(
                     addr: peer,
                     identity,
                 },
-                SocketAddr::V4(endpoint),
+                target,
                 HttpAttrs {
                     method: request.method().as_str(),
                     path: request.uri().path(),
