@@ -550,13 +550,8 @@ async fn serve(
     datapath.register_listener(Listener::Outbound, &outbound)?;
     datapath.register_listener(Listener::Inbound, &inbound)?;
     datapath.register_listener(Listener::Hbone, &hbone)?;
-    datapath.apply_config(&state)?;
     let node_addresses = Arc::new(ArcSwap::from_pointee(datapath.node_addresses().clone()));
-    tracing::info!(
-        enrolled = state.local_enrolled().len(),
-        links = datapath.attached_links().len(),
-        "capture installed"
-    );
+    tracing::info!(links = datapath.attached_links().len(), "capture installed");
 
     let mut registry = Registry::default();
     let proxy_metrics = ProxyMetrics::register(&mut registry);
@@ -610,7 +605,13 @@ async fn serve(
         .await
         .with_context(|| format!("binding the admin endpoint {}", args.admin_addr))?;
 
-    spawn_datapath_thread(datapath, receiver, admin.clone(), node_addresses.clone())?;
+    // The first generation goes to the kernel through the datapath thread like every other
+    // (the publisher sent it); nothing is served before it is there.
+    let first = spawn_datapath_thread(datapath, receiver, admin.clone(), node_addresses.clone())?;
+    first
+        .await
+        .context("the datapath thread ended")?
+        .map_err(|err| anyhow::anyhow!("applying config generation 1 to the kernel: {err}"))?;
     spawn_link_watcher(link_events, events.clone())?;
     // The pod-start gate: the enrolment cache first (the plugin's answer while mesh-node is
     // away), then the socket; the plugin is installed once both are there.
@@ -725,14 +726,16 @@ async fn wait_for_shutdown() -> anyhow::Result<()> {
 }
 
 /// The datapath has one owner: this thread applies link changes and config snapshots to the
-/// kernel (attachments, maps) in order, off the async workers.
+/// kernel (attachments, maps) in order, off the async workers, the first snapshot included
+/// (`reload::Publisher::first` sends it before this starts); the answer resolves once that
+/// one was applied, or failed.
 fn spawn_datapath_thread(
     mut datapath: Datapath,
     events: mpsc::Receiver<Event>,
     admin: Arc<Admin>,
     node_addresses: Arc<ArcSwap<std::collections::BTreeSet<std::net::Ipv4Addr>>>,
-) -> anyhow::Result<()> {
-    let initial = admin.state.load().generation;
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<Result<(), String>>> {
+    let (first_done, first_applied) = tokio::sync::oneshot::channel();
     let publish = move |datapath: &Datapath, generation: Option<u64>, error: Option<String>| {
         if **node_addresses.load() != *datapath.node_addresses() {
             node_addresses.store(Arc::new(datapath.node_addresses().clone()));
@@ -753,7 +756,7 @@ fn spawn_datapath_thread(
             view.error = error;
         }
     };
-    publish(&datapath, Some(initial), None);
+    publish(&datapath, None, None);
     std::thread::Builder::new()
         .name("datapath".into())
         .spawn(move || {
@@ -761,6 +764,8 @@ fn spawn_datapath_thread(
             // else arrives meanwhile.
             let mut links_pending = false;
             let mut config_pending: Option<Arc<State>> = None;
+            // Answered once the first generation (the first event) was applied or failed.
+            let mut first_done = Some(first_done);
             let mut pods_pending: Vec<PodRequest> = Vec::new();
             let mut retry_at: Option<std::time::Instant> = None;
             // What changes without an event (the kubelet's cgroups) is looked at again.
@@ -777,10 +782,11 @@ fn spawn_datapath_thread(
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
                 // Coalesce bursts (a pod creation is several link events), for at most 200 ms;
-                // a pod waiting at the CNI gate is not kept waiting.
+                // a pod waiting at the CNI gate, or the start waiting for the first
+                // generation, is not kept waiting.
                 let deadline = std::time::Instant::now() + Duration::from_millis(200);
                 while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-                    if !pods_pending.is_empty() {
+                    if !pods_pending.is_empty() || first_done.is_some() {
                         break;
                     }
                     match events.recv_timeout(left.min(Duration::from_millis(20))) {
@@ -812,7 +818,8 @@ fn spawn_datapath_thread(
                 }
                 let mut applied = None;
                 if let Some(state) = config_pending.take() {
-                    match datapath.apply_config(&state) {
+                    let result = datapath.apply_config(&state);
+                    match &result {
                         Ok(()) => {
                             tracing::info!(
                                 generation = state.generation,
@@ -826,6 +833,9 @@ fn spawn_datapath_thread(
                             error = Some(format!("config generation {}: {err}", state.generation));
                             config_pending = Some(state);
                         }
+                    }
+                    if let Some(done) = first_done.take() {
+                        let _ = done.send(result.map_err(|err| err.to_string()));
                     }
                 }
                 // After the config: a pod the new config already knows is decided on it.
@@ -842,7 +852,7 @@ fn spawn_datapath_thread(
                 publish(&datapath, applied, error);
             }
         })?;
-    Ok(())
+    Ok(first_applied)
 }
 
 fn spawn_link_watcher(socket: sys::LinkEvents, events: mpsc::Sender<Event>) -> anyhow::Result<()> {

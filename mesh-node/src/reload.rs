@@ -70,8 +70,9 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Starts from the first generation, which the datapath was installed with: warns about
-    /// it, counts it, stores it and starts the revocations' registry from it.
+    /// Starts from the first generation: warns about it, counts it, stores it, starts the
+    /// revocations' registry from it and hands it to the datapath (which applies it before
+    /// anything is served).
     pub fn first(
         first: State,
         metrics: ConfigMetrics,
@@ -81,12 +82,14 @@ impl Publisher {
         warn_about(&first, None);
         metrics.generation.set(first.generation as i64);
         let first = Arc::new(first);
-        Publisher {
+        let publisher = Publisher {
             revocations: Arc::new(Revocations::new(first.clone(), registry)),
-            state: Arc::new(ArcSwap::new(first)),
+            state: Arc::new(ArcSwap::new(first.clone())),
             metrics,
             datapath,
-        }
+        };
+        (publisher.datapath)(first);
+        publisher
     }
 
     /// Serves `next` from now on: warns about what it does unexpectedly, stores it, counts it,
