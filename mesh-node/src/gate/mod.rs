@@ -137,11 +137,34 @@ pub fn request(
     authorize(destination, client, target, Some(request))
 }
 
+/// Why an HTTP request is refused ([`http_request`]).
+#[derive(Debug)]
+pub enum Refused {
+    /// A path servers could read as another one where policy matches paths: 400, with why.
+    Path(String),
+    /// The policy's decision: 403.
+    Policy(Decision),
+}
+
+/// One HTTP request, as both places that decide a local pod's requests (its own inbound side,
+/// and a client's proxy balancing a Service to it) must: the path ([`path`]), then the
+/// policy ([`request`]).
+pub fn http_request(
+    destination: &Workload,
+    client: Client<'_>,
+    target: SocketAddr,
+    attrs: HttpAttrs<'_>,
+    paths: PathSettings,
+) -> Result<Authorized, Refused> {
+    path(destination, target, attrs.path, paths).map_err(Refused::Path)?;
+    request(destination, client, target, attrs).map_err(Refused::Policy)
+}
+
 /// The path of a request to `target`, a port of `destination`: where an AuthorizationPolicy
 /// matches paths on that port, a path that servers could read as another one (an encoded
 /// slash, `;` parameters, ...: `config::paths::ambiguity`) is refused unless the mesh
 /// allows ambiguous paths. `Err` says why (answered 400).
-pub fn path(
+fn path(
     destination: &Workload,
     target: SocketAddr,
     path: &str,

@@ -167,39 +167,35 @@ async fn handle(
     };
     // A path no mode serves, or one servers could read as another where policy matches
     // paths: 400 before the policy decides on it.
-    let refused = match malformed {
-        Some(malformed) => Err(malformed.to_string()),
-        None => gate::path(destination, conn.target, req.uri().path(), state.mesh.paths),
+    let admitted = match malformed {
+        Some(malformed) => Err(gate::Refused::Path(malformed.to_string())),
+        None => gate::http_request(
+            destination,
+            gate::Client {
+                addr: conn.peer,
+                identity,
+            },
+            conn.target,
+            HttpAttrs {
+                method: req.method().as_str(),
+                path: req.uri().path(),
+                host: &authority,
+                headers: req.headers(),
+            },
+            state.mesh.paths,
+        ),
     };
-    if let Err(reason) = refused {
-        log.response_flags = ResponseFlag::DownstreamProtocolError;
-        log.error = Some(reason);
-        let response = local_response(
-            StatusCode::BAD_REQUEST,
-            "bad request: ambiguous or malformed path",
-        );
-        return Observed::wrap(response, finish(log));
-    }
-    let admitted = gate::request(
-        destination,
-        gate::Client {
-            addr: conn.peer,
-            identity,
-        },
-        conn.target,
-        HttpAttrs {
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            host: &authority,
-            headers: req.headers(),
-        },
-    );
     let admitted = match admitted {
         Ok(admitted) => {
             log.authorization = admitted.decision().and_then(|d| d.policy.clone());
             admitted
         }
-        Err(decision) => {
+        Err(gate::Refused::Path(reason)) => {
+            log.response_flags = ResponseFlag::DownstreamProtocolError;
+            log.error = Some(reason);
+            return Observed::wrap(super::bad_path(), finish(log));
+        }
+        Err(gate::Refused::Policy(decision)) => {
             log.authorization = decision.policy;
             log.error = Some(decision.reason.to_string());
             let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");

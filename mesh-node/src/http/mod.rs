@@ -172,6 +172,14 @@ pub fn apply_header_ops(headers: &mut HeaderMap, ops: Option<&HeaderOperations>)
     }
 }
 
+/// The answer to a path the gate refuses (`gate::Refused::Path`) or no mode serves.
+pub(crate) fn bad_path() -> Response<RespBody> {
+    local_response(
+        StatusCode::BAD_REQUEST,
+        "bad request: ambiguous or malformed path",
+    )
+}
+
 /// Normalizes the request's path under `mode` (`config::paths`) before routing and policy,
 /// and forwards it so normalized; the query string is kept as it is. `Err` is a path that
 /// no mode serves (`%00`, a malformed escape): the caller answers 400.

@@ -83,36 +83,23 @@ pub(super) async fn send(
 ) -> Result<Answer, Failure> {
     let to = match destination.filter(|d| d.enrolled && state.is_local(d)) {
         Some(d) => {
-            // A pod of this node: its policy is decided here, as its inbound side would,
-            // the refusal of ambiguous paths included.
-            let target = SocketAddr::V4(endpoint);
-            let path = request.uri().path();
-            if let Err(reason) = gate::path(d, target, path, state.mesh.paths) {
-                let response = local_response(
-                    StatusCode::BAD_REQUEST,
-                    "bad request: ambiguous or malformed path",
-                );
-                return Ok(Answer::Local(
-                    response,
-                    ResponseFlag::DownstreamProtocolError,
-                    Some(reason),
-                ));
-            }
+            // A pod of this node: its requests are decided here, as its inbound side would.
             let identity = source.filter(|s| s.enrolled).map(|s| s.identity.as_str());
             let host = crate::http::authority_of(request.uri(), request.headers());
-            let admitted = gate::request(
+            let admitted = gate::http_request(
                 d,
                 gate::Client {
                     addr: peer,
                     identity,
                 },
-                target,
+                SocketAddr::V4(endpoint),
                 HttpAttrs {
                     method: request.method().as_str(),
                     path: request.uri().path(),
                     host,
                     headers: request.headers(),
                 },
+                state.mesh.paths,
             );
             match admitted {
                 Ok(admitted) => {
@@ -123,7 +110,14 @@ pub(super) async fn send(
                     );
                     admitted
                 }
-                Err(decision) => {
+                Err(gate::Refused::Path(reason)) => {
+                    return Ok(Answer::Local(
+                        crate::http::bad_path(),
+                        ResponseFlag::DownstreamProtocolError,
+                        Some(reason),
+                    ));
+                }
+                Err(gate::Refused::Policy(decision)) => {
                     let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
                     let why = format!(
                         "{} ({})",
