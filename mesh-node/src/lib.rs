@@ -15,14 +15,20 @@
 //!   handlers share and the connection table), [`identity`] (CA and workload certificates);
 //! - observing: [`telemetry`] (Istio metrics, access log), [`metrics`] (node-level),
 //!   [`response_flag`] (how a connection or request ended), [`admin`] (health, metrics,
-//!   debug endpoints).
+//!   debug endpoints);
+//! - the program: [`cli`] (the command line and its checks) builds [`settings`] (what `run`
+//!   was asked to do), [`app`] wires the node proxy from it, [`commands`] are the other
+//!   subcommands.
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod app;
 pub use mesh_config as config;
 pub use mesh_config::analyze;
 pub mod capture;
+pub mod cli;
 pub mod cni;
+pub mod commands;
 pub mod connections;
 pub mod context;
 pub mod gate;
@@ -35,6 +41,7 @@ pub mod preflight;
 pub mod proxy;
 pub mod reload;
 pub mod response_flag;
+pub mod settings;
 pub mod state;
 pub mod sys;
 pub mod telemetry;

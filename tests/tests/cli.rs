@@ -129,3 +129,64 @@ fn run_without_privileges_exits_77_naming_what_is_missing() {
         );
     }
 }
+
+#[test]
+fn run_with_invalid_flags_exits_64_naming_each_before_starting() {
+    let file = write(
+        "flags.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+    );
+    let out = run_command(&file)
+        .args(["--trust-domain", "Example.org", "--cert-lifetime", "1s"])
+        .args(["--admin-addr", "127.0.0.1:15008", "--log", "mesh=loud"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for problem in [
+        "mesh-node run: --trust-domain: \"Example.org\" has 'E'",
+        "mesh-node run: --cert-lifetime: 1s is too short: at least 2s",
+        "mesh-node run: --admin-addr: port 15008 is the HBONE listener's",
+        "mesh-node run: --log: invalid filter \"mesh=loud\"",
+    ] {
+        assert!(stderr.contains(problem), "{problem:?} not in:\n{stderr}");
+    }
+    // Nothing started: not even the log.
+    assert!(!stderr.contains("starting"), "{stderr}");
+
+    // A malformed value is a usage error too (clap's own message).
+    let out = run_command(&file)
+        .args(["--repair-interval", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--repair-interval"));
+}
+
+#[test]
+fn run_logs_its_settings_on_one_line_at_start() {
+    let file = write(
+        "settings.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+    );
+    // Preflight stops it (no bpffs), after the settings were logged.
+    let out = run_command(&file)
+        .args(["--trust-domain", "example.org", "--log", "info"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("starting"))
+        .unwrap_or_else(|| panic!("no start line in:\n{stderr}"));
+    for field in [
+        "node=n1 ",
+        "bpffs=/nonexistent/bpffs ",
+        &format!("config={} ", file.display()),
+        "trust_domain=example.org ",
+        "cert_lifetime=86400s ",
+        "log=info",
+    ] {
+        assert!(line.contains(field), "{field:?} not in {line}");
+    }
+}

@@ -1,0 +1,355 @@
+//! `mesh-node run`: the wiring of the node proxy. [`run`] reads the first config, checks
+//! privileges and loads the CA; `serve` installs the datapath, binds the listeners, starts
+//! the publisher, the CNI gate, the config source and the proxies, and waits for a signal.
+//! [`datapath`] holds the threads that own the kernel side.
+
+mod datapath;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{atomic::Ordering, mpsc, Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use mesh_common::{Listener, PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND};
+use prometheus_client::registry::Registry;
+
+use crate::{
+    admin::{self, Admin, DatapathView},
+    capture::{self, Datapath, Event, UdpToEnrolled},
+    cni, config,
+    connections::{Connections, Direction},
+    http::{self, ProxyContext},
+    identity, kube_source,
+    metrics::{ConfigMetrics, KernelCollector, ProxyMetrics},
+    preflight, proxy, reload,
+    settings::{self, Settings, EXIT_CONFIG, EXIT_PREFLIGHT},
+    state::State,
+    sys,
+    telemetry::{self, TcpMetrics},
+    transport,
+};
+use datapath::{spawn_datapath_thread, spawn_kernel_log, spawn_link_watcher};
+
+/// Logs to standard error with `filter` (already checked; `info` if it were not).
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Creates the pin root inside an existing bpffs (e.g. /sys/fs/bpf/mesh); preflight then
+/// reports clearly if it is not on one.
+pub fn prepare_bpffs(bpffs: &Path) {
+    if !bpffs.exists() {
+        let _ = std::fs::create_dir_all(bpffs);
+    }
+}
+
+/// Where the resources come from, once first read.
+enum Source {
+    /// A file, re-read when it changes (its version when first read).
+    File(PathBuf, Option<reload::Version>),
+    /// The Kubernetes API server.
+    Kube(Arc<kube_source::Store>),
+}
+
+/// `mesh-node run`: reads the first config and the CA, checks privileges, then serves until
+/// SIGTERM or SIGINT.
+pub fn run(settings: Settings) -> ExitCode {
+    // Before any other thread: what start-up memory may be released later (sys).
+    sys::note_startup_mappings();
+    init_logging(&settings.log);
+    tracing::info!(%settings, "starting");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("mesh-worker")
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (source, resources) = match &settings.source {
+        settings::Source::File(path) => {
+            let version = reload::version(path);
+            match config::load_file(path) {
+                Ok(resources) => (Source::File(path.clone(), version), resources),
+                Err(err) => {
+                    eprintln!("{}", err.render());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+        settings::Source::Kube { kubeconfig } => {
+            match runtime.block_on(kube_source::start(kubeconfig.as_deref())) {
+                Ok((store, resources)) => (Source::Kube(store), resources),
+                Err(err) => {
+                    eprintln!("kube: {err:#}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+    };
+    for warning in &resources.warnings {
+        tracing::warn!("{warning}");
+    }
+    prepare_bpffs(&settings.node.bpffs);
+    if let Err(err) = preflight::check(&settings.node.bpffs) {
+        eprintln!("{err}");
+        return ExitCode::from(EXIT_PREFLIGHT);
+    }
+    // The forward guard sees bridged frames only through br_netfilter.
+    let br_nf = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables");
+    if br_nf.map(|v| v.trim() != "1").unwrap_or(true) {
+        tracing::warn!(
+            "br_netfilter is off (net.bridge.bridge-nf-call-iptables != 1): the forward guard \
+             cannot refuse SYNs that bypass capture on links without the program"
+        );
+    }
+    match sys::raise_nofile_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit raised"),
+        Err(err) => tracing::warn!("cannot raise the open-file limit: {err}"),
+    }
+    enable_time_wait_reuse();
+    let ca = match &settings.ca_dir {
+        Some(dir) => identity::Ca::load(dir),
+        None => identity::Ca::load_or_create(&settings.state_dir.join("ca")),
+    };
+    let ca = match ca {
+        Ok(ca) => ca,
+        Err(err) => {
+            eprintln!("mesh CA: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let state = State::build(&resources, &settings.node.name, &settings.mesh, 1);
+    let served = runtime.block_on(serve(settings, state, ca, source));
+    // Connections still finishing log their last lines; then the buffer is written out.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    telemetry::flush_access_log();
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("mesh-node: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Connection churn leaves the proxy's outgoing sockets in TIME_WAIT; reusing them for new
+/// outgoing connections (safe with TCP timestamps) keeps ports from running out. The sysctl
+/// is per network namespace: mesh-node owns it in the node's.
+fn enable_time_wait_reuse() {
+    const PATH: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+    match std::fs::read_to_string(PATH) {
+        Ok(value) if value.trim() == "1" => {}
+        Ok(_) => match std::fs::write(PATH, "1") {
+            Ok(()) => tracing::info!("enabled net.ipv4.tcp_tw_reuse"),
+            Err(err) => tracing::warn!("cannot enable net.ipv4.tcp_tw_reuse: {err}"),
+        },
+        Err(err) => tracing::warn!("cannot read net.ipv4.tcp_tw_reuse: {err}"),
+    }
+}
+
+async fn serve(
+    settings: Settings,
+    state: State,
+    ca: identity::Ca,
+    source: Source,
+) -> anyhow::Result<()> {
+    let node = settings.node.name.clone();
+    let log_captures = tracing::enabled!(target: "mesh_ebpf", tracing::Level::DEBUG);
+    // Subscribe to link events before the first scan, so no link appears unseen.
+    let link_events = sys::LinkEvents::open().context("opening the netlink link-event socket")?;
+    let capture = capture::Settings {
+        log_captures,
+        bypass: settings.socket_bypass,
+        host_traffic: settings.host_traffic,
+        kubelet_cgroups: settings.kubelet_cgroups.clone(),
+        udp_dns_only: settings.udp_to_enrolled == UdpToEnrolled::DnsOnly,
+        gate_file: Some(settings.state_dir.join("cni/gated.json")),
+    };
+    std::fs::create_dir_all(settings.state_dir.join("cni"))
+        .with_context(|| format!("creating {}", settings.state_dir.join("cni").display()))?;
+    let (mut datapath, counters) = Datapath::install(&settings.node.bpffs, &node, &capture)
+        .context("installing the capture datapath")?;
+    if log_captures {
+        spawn_kernel_log(&mut datapath);
+    }
+    let replies = Arc::new(
+        capture::ReplySteering::open(&settings.node.bpffs, &node)
+            .context("opening the flow map for the proxy")?,
+    );
+
+    let outbound =
+        transport::bind_listener(PORT_OUTBOUND).context("binding the outbound listener")?;
+    let inbound = transport::bind_listener(PORT_INBOUND).context("binding the inbound listener")?;
+    let hbone = transport::bind_listener(PORT_HBONE).context("binding the HBONE listener")?;
+    datapath.register_listener(Listener::Outbound, &outbound)?;
+    datapath.register_listener(Listener::Inbound, &inbound)?;
+    datapath.register_listener(Listener::Hbone, &hbone)?;
+    let node_addresses = Arc::new(ArcSwap::from_pointee(datapath.node_addresses().clone()));
+    tracing::info!(links = datapath.attached_links().len(), "capture installed");
+
+    let mut registry = Registry::default();
+    let proxy_metrics = ProxyMetrics::register(&mut registry);
+    let config_metrics = ConfigMetrics::register(&mut registry);
+    let series_cap = telemetry::SeriesCap::register(&mut registry);
+    let tcp_metrics = TcpMetrics::register(&mut registry, series_cap.clone());
+    let limited = http::server::ServerMetrics::register(&mut registry);
+    let gate_metrics = cni::GateMetrics::register(&mut registry);
+    let request_metrics = telemetry::RequestMetrics::register(&mut registry, series_cap);
+    let l7 = Arc::new(http::L7::new(&mut registry, request_metrics, &limited));
+    telemetry::start_access_log(&mut registry).context("starting the access-log writer")?;
+    let certs = Arc::new(identity::Certificates::new(
+        ca,
+        &node,
+        &settings.mesh.trust_domain,
+        settings.cert_lifetime,
+        identity::CertMetrics::register(&mut registry),
+    ));
+    certs.sync(&state.local_identities());
+    KernelCollector::register(&mut registry, counters);
+
+    let (events, receiver) = mpsc::channel();
+    let datapath_events = events.clone();
+    let publisher = reload::Publisher::first(
+        state,
+        config_metrics,
+        &mut registry,
+        Box::new(move |state| datapath_events.send(Event::Config(state)).is_ok()),
+    );
+    let (state, revocations) = (publisher.state.clone(), publisher.revocations.clone());
+    let connections = Arc::new(Connections::default());
+    let admin = Arc::new(Admin {
+        ready: false.into(),
+        registry,
+        connections: connections.clone(),
+        state: state.clone(),
+        datapath: Mutex::new(DatapathView::default()),
+        clusters: l7.clusters.clone(),
+        gate: http::server::Gate::new("admin", http::server::Limits::ADMIN, limited),
+        debug_address: settings.debug_address,
+    });
+    let admin_listener = admin::bind(settings.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin endpoint {}", settings.admin_addr))?;
+
+    // The first generation goes to the kernel through the datapath thread like every other
+    // (the publisher sent it); nothing is served before it is there.
+    let first = spawn_datapath_thread(datapath, receiver, admin.clone(), node_addresses.clone())?;
+    first
+        .await
+        .context("the datapath thread ended")?
+        .map_err(|err| anyhow::anyhow!("applying config generation 1 to the kernel: {err}"))?;
+    spawn_link_watcher(link_events, events.clone())?;
+    // The pod-start gate: the enrolment cache first (the plugin's answer while mesh-node is
+    // away), then the socket; the plugin is installed once both are there.
+    let cache = mesh_cni::cache_path(&settings.state_dir);
+    let enrolment = state.load().enrolment.clone();
+    enrolment
+        .store(&cache)
+        .with_context(|| format!("writing the enrolment cache {}", cache.display()))?;
+    tokio::spawn(cni::keep_cache(state.clone(), cache, enrolment));
+    let gate = cni::bind(&settings.state_dir).with_context(|| {
+        format!(
+            "binding the CNI gate socket {}",
+            mesh_cni::socket_path(&settings.state_dir).display()
+        )
+    })?;
+    tokio::spawn(cni::serve(
+        gate,
+        state.clone(),
+        events.clone(),
+        gate_metrics.clone(),
+    ));
+    if let Some(install) = settings.cni.clone() {
+        tokio::spawn(cni::keep_installed(install));
+    }
+    tokio::spawn(cni::repair(
+        admin.clone(),
+        state.clone(),
+        settings.repair,
+        settings.repair_interval,
+        gate_metrics,
+    ));
+    match source {
+        Source::File(path, version) => tokio::spawn(reload::watch(
+            version,
+            path,
+            node,
+            settings.mesh.clone(),
+            publisher,
+        )),
+        Source::Kube(store) => tokio::spawn(kube_source::reconcile(
+            store,
+            node,
+            settings.mesh.clone(),
+            publisher,
+        )),
+    };
+
+    let pool = transport::Pool::default();
+    pool.spawn_reaper(certs.clone(), transport::pool::IDLE_TIMEOUT);
+    tokio::spawn(keep_certificates(certs.clone(), state.clone()));
+    l7.clusters.spawn_reaper(state.clone());
+    let ctx = Arc::new(ProxyContext {
+        l7,
+        state,
+        connections,
+        metrics: proxy_metrics,
+        tcp: tcp_metrics,
+        certs,
+        pool,
+        node_addresses,
+        sockets: Arc::new(transport::Kernel { replies }),
+        revocations,
+    });
+    tokio::spawn(proxy::serve(outbound, Direction::Outbound, ctx.clone()));
+    tokio::spawn(proxy::serve(inbound, Direction::Inbound, ctx.clone()));
+    tokio::spawn(proxy::serve(hbone, Direction::Hbone, ctx));
+    tokio::spawn(admin::serve(admin_listener, admin.clone()));
+    admin.ready.store(true, Ordering::Release);
+    match sys::release_startup_memory() {
+        Ok(bytes) => tracing::info!(file_pages_unmapped_kib = bytes / 1024, "ready"),
+        Err(err) => tracing::info!("ready (start-up memory not released: {err})"),
+    }
+
+    wait_for_shutdown().await?;
+    tracing::info!(
+        "stopping; the capture programs stay attached, so enrolled pods' new connections are \
+         refused until mesh-node starts again (run `mesh-node uninstall` to remove them)"
+    );
+    Ok(())
+}
+
+/// Every second: certificates for exactly the identities of this node's enrolled pods,
+/// renewed at half their lifetime.
+async fn keep_certificates(certs: Arc<identity::Certificates>, state: Arc<ArcSwap<State>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        certs.sync(&state.load().local_identities());
+    }
+}
+
+async fn wait_for_shutdown() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! The subcommands besides `run` (which is [`crate::app`]): each takes checked arguments
+//! and returns the process's exit status.
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use crate::{
+    app::{init_logging, prepare_bpffs},
+    capture, cni,
+    config::{self, semantics::Mesh},
+    identity, preflight,
+    settings::{Node, EXIT_PREFLIGHT},
+};
+
+/// `validate`: each file on its own; errors and warnings as `file:document:field: message`.
+pub fn validate(files: &[PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for file in files {
+        match config::load_file(file) {
+            Ok(resources) => {
+                for warning in &resources.warnings {
+                    println!("{warning}");
+                }
+            }
+            Err(err) => {
+                failed = true;
+                println!("{}", err.render());
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// `analyze`: the files as one set, then the cross-resource checks.
+pub fn analyze(files: &[PathBuf], mesh: &Mesh) -> ExitCode {
+    let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let resources = match config::load_files(&paths) {
+        Ok(resources) => resources,
+        Err(errors) => {
+            for err in errors {
+                println!("{}", err.render());
+            }
+            eprintln!("analysis needs files without errors; fix the errors above first");
+            return ExitCode::FAILURE;
+        }
+    };
+    for warning in &resources.warnings {
+        println!("{warning}");
+    }
+    let findings = crate::analyze::analyze(&resources, mesh);
+    for finding in &findings {
+        println!("{finding}");
+    }
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity() == config::Severity::Error)
+        .count();
+    if findings.is_empty() && resources.warnings.is_empty() {
+        eprintln!("no problems found");
+    } else {
+        eprintln!(
+            "{errors} error(s), {} warning(s)",
+            findings.len() - errors + resources.warnings.len()
+        );
+    }
+    if errors > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// `uninstall`: every program attachment, pin, rule and route of the node, and the CNI
+/// plugin when its directories are given.
+pub fn uninstall(node: &Node) -> ExitCode {
+    init_logging("info");
+    prepare_bpffs(&node.bpffs);
+    if let Err(err) = preflight::check(&node.bpffs) {
+        eprintln!("{err}");
+        return ExitCode::from(EXIT_PREFLIGHT);
+    }
+    let uninstalled = capture::uninstall(&node.bpffs, &node.name).map(|mut removed| {
+        if let Some((conf, bin)) = &node.cni_dirs {
+            removed.extend(cni::uninstall(conf, bin));
+        }
+        removed
+    });
+    match uninstalled {
+        Ok(removed) if removed.is_empty() => {
+            println!("nothing of node {} was installed", node.name);
+            ExitCode::SUCCESS
+        }
+        Ok(removed) => {
+            for item in removed {
+                println!("removed {item}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("uninstall failed: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `crds`: printed as one multi-document YAML, or one file each in `out`.
+pub fn crds(out: Option<&Path>) -> ExitCode {
+    let crds = config::schema::crds();
+    let Some(dir) = out else {
+        let all: Vec<String> = crds.into_iter().map(|(_, yaml)| yaml).collect();
+        print!("{}", all.join("---\n"));
+        return ExitCode::SUCCESS;
+    };
+    for (name, yaml) in crds {
+        if let Err(err) = std::fs::write(dir.join(&name), yaml) {
+            eprintln!("mesh-node crds: {}: {err}", dir.join(&name).display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `ca init`: a new root CA as a Secret manifest.
+pub fn ca_init(name: &str, namespace: &str) -> ExitCode {
+    match identity::ca_secret_manifest(name, namespace) {
+        Ok(manifest) => {
+            print!("{manifest}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("mesh-node ca init: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
