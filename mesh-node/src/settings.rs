@@ -214,11 +214,8 @@ mod tests {
         assert!(dns_name_problem("Node", 63, false)
             .unwrap()
             .contains("lowercase"));
-        assert!(dns_name_problem("a/b", 253, true)
-            .unwrap()
-            .contains("'/'"));
+        assert!(dns_name_problem("a/b", 253, true).unwrap().contains("'/'"));
         assert!(dns_name_problem("a.b", 63, false).unwrap().contains("'.'"));
-        assert!(dns_name_problem("../b", 253, true).is_some());
         assert!(dns_name_problem("../b", 253, true).is_some());
         assert!(dns_name_problem("-a", 63, false).is_some());
         assert!(dns_name_problem("a..b", 253, true).is_some());
