@@ -84,7 +84,7 @@ fn may_connect(ctx: &TcContext) -> bool {
     }
     // SAFETY: as in `try_egress`.
     let mark = unsafe { (*ctx.skb.skb).mark };
-    let proxy = mark & MARK_PROXY != 0 && cgroup == settings::proxy_cgroup();
+    let proxy = mark & MARK_PROXY != 0 && settings::is_proxy_cgroup(cgroup);
     proxy || settings::host_traffic_allowed() || kubelet_socket(ctx)
 }
 

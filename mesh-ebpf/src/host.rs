@@ -65,7 +65,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(PROCEED);
     }
     // SAFETY: a helper without arguments.
-    if unsafe { bpf_get_current_cgroup_id() } == settings::proxy_cgroup() {
+    if settings::is_proxy_cgroup(unsafe { bpf_get_current_cgroup_id() }) {
         return Ok(PROCEED);
     }
     // SAFETY: a connect hook always has the socket.

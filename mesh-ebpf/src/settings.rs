@@ -16,6 +16,11 @@ static NODE_NETNS_COOKIE: u64 = 0;
 #[no_mangle]
 static PROXY_CGROUP: u64 = 0;
 
+/// The cgroup id of a draining predecessor's sockets during a handover (0: none): they are
+/// the proxy's too until it exits (cgroup ids are never reused).
+#[no_mangle]
+static PREDECESSOR_CGROUP: u64 = 0;
+
 /// `--host-traffic`: a `mesh_common::host_policy` value.
 #[no_mangle]
 static HOST_POLICY: u8 = host_policy::KUBELET_ONLY;
@@ -38,11 +43,17 @@ pub fn node_netns_cookie() -> u64 {
     unsafe { core::ptr::read_volatile(&NODE_NETNS_COOKIE) }
 }
 
-/// The cgroup id of mesh-node's sockets.
+/// Whether `cgroup` is mesh-node's (the active one's or a draining predecessor's).
 #[inline(always)]
-pub fn proxy_cgroup() -> u64 {
+pub fn is_proxy_cgroup(cgroup: u64) -> bool {
     // SAFETY: as above.
-    unsafe { core::ptr::read_volatile(&PROXY_CGROUP) }
+    let (proxy, predecessor) = unsafe {
+        (
+            core::ptr::read_volatile(&PROXY_CGROUP),
+            core::ptr::read_volatile(&PREDECESSOR_CGROUP),
+        )
+    };
+    cgroup == proxy || (predecessor != 0 && cgroup == predecessor)
 }
 
 /// Whether every connection from the node may reach enrolled pods directly.

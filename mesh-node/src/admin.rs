@@ -46,6 +46,8 @@ pub struct Admin {
     pub gate: Arc<Gate>,
     /// A non-loopback address that also serves `/debug/*` (`--debug-address`).
     pub debug_address: Option<IpAddr>,
+    /// Set once a successor took over (then not ready, and the successor serves the port).
+    pub drain: crate::drain::Drain,
 }
 
 /// The kernel side as last applied, for `/debug/state`.
@@ -69,10 +71,24 @@ pub struct DatapathView {
     pub error: Option<String>,
 }
 
-/// Serves the admin endpoint on `listener` forever.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+/// Serves the admin endpoint on `listener` until draining starts (the listener is shared
+/// with the successor, which serves it from then on).
+pub async fn serve(listener: std::net::TcpListener, admin: Arc<Admin>) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!("cannot use the admin listener: {err}");
+            return;
+        }
+    };
+    let draining = admin.drain.started();
+    tokio::pin!(draining);
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut draining => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -86,12 +102,14 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
             let debug = stream.local_addr().is_ok_and(|local| {
                 local.ip().is_loopback() || Some(local.ip()) == admin.debug_address
             });
-            let gate = admin.gate.clone();
+            let (gate, drain) = (admin.gate.clone(), admin.drain.clone());
             let handle = move |req: Request<Incoming>| {
                 let response = route(&admin, &req, debug);
                 async move { response }
             };
-            if let Served::Limited(reason) = server::serve(&gate, peer.ip(), stream, handle).await {
+            if let Served::Limited(reason) =
+                server::serve(&gate, &drain, peer.ip(), stream, handle).await
+            {
                 tracing::debug!(%peer, "admin connection closed: {reason}");
             }
         });
@@ -99,8 +117,10 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
 }
 
 /// Binds the admin address.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 fn route(admin: &Admin, req: &Request<Incoming>, debug: bool) -> Response<Full<Bytes>> {
@@ -135,6 +155,11 @@ fn route(admin: &Admin, req: &Request<Incoming>, debug: bool) -> Response<Full<B
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("capture missing on {failed} link(s): see /debug/state\n"),
+                )
+            } else if admin.drain.is_draining() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "draining: a successor took over\n".into(),
                 )
             } else if admin.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n".into())

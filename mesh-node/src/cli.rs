@@ -212,6 +212,11 @@ pub struct RunArgs {
     /// How often the repair pass runs (Go duration syntax; at least 1s).
     #[arg(long, env = "MESH_REPAIR_INTERVAL", default_value = "30s", value_parser = go_duration)]
     repair_interval: Duration,
+    /// After a successor took the node over (a second `mesh-node run`: an upgrade), how long
+    /// this process keeps relaying its open connections before it resets what is left and
+    /// exits (Go duration syntax). HTTP clients are moved over at their next request.
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "1h", value_parser = go_duration)]
+    drain_timeout: Duration,
     /// Log filter (tracing EnvFilter syntax); `mesh_ebpf=debug` also logs every captured SYN
     /// from the kernel programs.
     #[arg(long, env = "MESH_LOG", default_value = "info")]
@@ -418,6 +423,7 @@ impl RunArgs {
             cni,
             repair: self.repair,
             repair_interval: self.repair_interval,
+            drain_timeout: self.drain_timeout,
             log: self.log,
         })
     }

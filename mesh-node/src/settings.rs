@@ -48,6 +48,8 @@ pub struct Settings {
     pub repair: cni::Repair,
     /// How often the repair pass runs.
     pub repair_interval: Duration,
+    /// How long this process, once a successor took over, keeps relaying what is open.
+    pub drain_timeout: Duration,
     /// The log filter (tracing `EnvFilter` syntax, already checked).
     pub log: String,
 }
@@ -101,7 +103,7 @@ impl fmt::Display for Settings {
             " root_namespace={} trust_domain={} path_normalization={} \
              reject_ambiguous_paths={} state_dir={} ca={} cert_lifetime={} admin_addr={} \
              debug_address={} socket_bypass={} host_traffic={} kubelet_cgroups={} \
-             udp_to_enrolled={} cni={} repair={} repair_interval={} log={}",
+             udp_to_enrolled={} cni={} repair={} repair_interval={} drain_timeout={} log={}",
             self.mesh.root_namespace,
             self.mesh.trust_domain,
             self.mesh.paths.normalization,
@@ -130,6 +132,7 @@ impl fmt::Display for Settings {
             )),
             value_name(self.repair),
             duration(self.repair_interval),
+            duration(self.drain_timeout),
             self.log,
         )
     }

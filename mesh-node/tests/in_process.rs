@@ -155,6 +155,7 @@ impl Setup<'_> {
             sockets: sockets.clone(),
             l7: Arc::new(L7::new(&mut registry, requests, &limited)),
             revocations,
+            drain: Default::default(),
         });
         // The outbound listener anywhere on loopback; the HBONE listener at each local pod's
         // address (on a node, sk_lookup hands `podIP:15008` to one listener).

@@ -494,6 +494,38 @@ impl Cluster {
         Ok(cmd.spawn()?)
     }
 
+    /// Upgrades node `name`'s mesh-node as an operator would: a second `mesh-node run` for
+    /// the node takes it over; returns once the predecessor has handed over (its log says
+    /// the successor serves), with the predecessor's process (draining; the successor is
+    /// the node's mesh-node from now on). Fails if the successor exits first.
+    pub fn upgrade_mesh(&mut self, name: &str) -> Result<Child> {
+        const SERVES: &str = "the successor serves: draining";
+        let before = self.mesh_log(name).matches(SERVES).count();
+        let mut successor = self.spawn_mesh(name, &["run"])?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.mesh_log(name).matches(SERVES).count() == before {
+            if let Some(status) = successor.try_wait()? {
+                bail!(
+                    "the successor on {name} exited with {status}:\n{}",
+                    self.mesh_log(name)
+                );
+            }
+            if Instant::now() > deadline {
+                terminate(&mut successor);
+                bail!(
+                    "no handover on {name} within 20 s:\n{}",
+                    self.mesh_log(name)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let predecessor = self
+            .mesh
+            .insert(name.to_string(), successor)
+            .ok_or_else(|| anyhow!("mesh-node was not running on {name}"))?;
+        Ok(predecessor)
+    }
+
     /// Starts mesh-node on every node.
     pub fn start_mesh_everywhere(&mut self) -> Result<()> {
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();

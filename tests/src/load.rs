@@ -83,12 +83,19 @@ pub fn run(plan: &Plan) -> Result<Report> {
         let (histogram, totals) = (histogram.clone(), totals.clone());
         let (authority, path, plan) = (authority.clone(), path.clone(), plan.clone());
         let connection = async move {
-            let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
-            stream.set_nodelay(true)?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
-                    .await?;
-            tokio::spawn(conn);
+            // A keep-alive connection, and a new one whenever the server answered
+            // `connection: close` (as a proxy that hands over to its successor does).
+            let open = || async {
+                let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+                stream.set_nodelay(true)?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+                        .await?;
+                tokio::spawn(conn);
+                Ok::<_, anyhow::Error>(sender)
+            };
+            let mut sender = open().await?;
+            let mut reopen = false;
             let body = Bytes::from(vec![b'x'; plan.body]);
             let step = interval * plan.connections.max(1) as u32;
             // Connection c owns the schedule's slots c, c+n, c+2n, ...
@@ -107,18 +114,26 @@ pub fn run(plan: &Plan) -> Result<Report> {
                     request = request.header(k, v);
                 }
                 let request = request.body(Full::new(body.clone()))?;
+                if std::mem::take(&mut reopen) {
+                    sender = open().await?;
+                }
                 let answered = async {
                     sender.ready().await?;
                     let response = sender.send_request(request).await?;
                     let status = response.status();
+                    let close = response
+                        .headers()
+                        .get(http::header::CONNECTION)
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
                     response.into_body().collect().await?;
-                    Ok::<_, hyper::Error>(status)
+                    Ok::<_, hyper::Error>((status, close))
                 };
                 let outcome = tokio::time::timeout(Duration::from_secs(10), answered).await;
                 let latency = intended.elapsed();
                 let mut t = totals.lock().unwrap();
                 match outcome {
-                    Ok(Ok(status)) => {
+                    Ok(Ok((status, close))) => {
+                        reopen = close;
                         t.requests += 1;
                         if !status.is_success() {
                             t.non_2xx += 1;

@@ -55,21 +55,19 @@ pub(super) fn spawn_datapath_thread(
         .spawn(move || {
             // Work that failed (a link sync, a config apply) is retried every second, whatever
             // else arrives meanwhile.
-            let mut links_pending = false;
-            let mut config_pending: Option<Arc<State>> = None;
+            let mut pending = Pending::default();
             // Answered once the first generation (the first event) was applied or failed.
             let mut first_done = Some(first_done);
-            let mut pods_pending: Vec<PodRequest> = Vec::new();
             let mut retry_at: Option<Instant> = None;
             // What changes without an event (the kubelet's cgroups) is looked at again.
             let mut refresh_at = Instant::now() + Duration::from_secs(5);
             loop {
                 let wake = retry_at.map_or(refresh_at, |at| at.min(refresh_at));
                 let event = events.recv_timeout(wake.saturating_duration_since(Instant::now()));
+                let mut pause = None;
                 match event {
-                    Ok(Event::LinksChanged) => links_pending = true,
-                    Ok(Event::Config(state)) => config_pending = Some(state),
-                    Ok(Event::Pod(request)) => pods_pending.push(request),
+                    Ok(Event::Pause(ack)) => pause = Some(ack),
+                    Ok(event) => pending.add(event),
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
@@ -78,18 +76,17 @@ pub(super) fn spawn_datapath_thread(
                 // generation, is not kept waiting.
                 let deadline = Instant::now() + Duration::from_millis(200);
                 while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                    if !pods_pending.is_empty() || first_done.is_some() {
+                    if !pending.pods.is_empty() || first_done.is_some() || pause.is_some() {
                         break;
                     }
                     match events.recv_timeout(left.min(Duration::from_millis(20))) {
-                        Ok(Event::LinksChanged) => links_pending = true,
-                        Ok(Event::Config(state)) => config_pending = Some(state),
-                        Ok(Event::Pod(request)) => pods_pending.push(request),
+                        Ok(Event::Pause(ack)) => pause = Some(ack),
+                        Ok(event) => pending.add(event),
                         Err(_) => break,
                     }
                 }
                 if retry_at.is_some_and(|at| Instant::now() >= at) {
-                    links_pending |= !datapath.failed_links().is_empty();
+                    pending.links |= !datapath.failed_links().is_empty();
                 }
                 let mut error = None;
                 if Instant::now() >= refresh_at {
@@ -99,9 +96,9 @@ pub(super) fn spawn_datapath_thread(
                         error = Some(format!("refresh: {err}"));
                     }
                 }
-                if links_pending {
+                if pending.links {
                     match datapath.sync_links() {
-                        Ok(()) => links_pending = !datapath.failed_links().is_empty(),
+                        Ok(()) => pending.links = !datapath.failed_links().is_empty(),
                         Err(err) => {
                             tracing::error!("link sync failed (will retry): {err}");
                             error = Some(format!("link sync: {err}"));
@@ -109,7 +106,7 @@ pub(super) fn spawn_datapath_thread(
                     }
                 }
                 let mut applied = None;
-                if let Some(state) = config_pending.take() {
+                if let Some(state) = pending.config.take() {
                     let result = datapath.apply_config(&state);
                     match &result {
                         Ok(()) => {
@@ -123,7 +120,7 @@ pub(super) fn spawn_datapath_thread(
                         Err(err) => {
                             tracing::error!("updating enrolled pods failed (will retry): {err}");
                             error = Some(format!("config generation {}: {err}", state.generation));
-                            config_pending = Some(state);
+                            pending.config = Some(state);
                         }
                     }
                     if let Some(done) = first_done.take() {
@@ -131,7 +128,7 @@ pub(super) fn spawn_datapath_thread(
                     }
                 }
                 // After the config: a pod the new config already knows is decided on it.
-                for request in pods_pending.drain(..) {
+                for request in pending.pods.drain(..) {
                     let done = match request.command {
                         mesh_cni::Command::Add => datapath.admit(&request.pod).map(drop),
                         mesh_cni::Command::Del => datapath.release(&request.pod),
@@ -139,12 +136,64 @@ pub(super) fn spawn_datapath_thread(
                     };
                     let _ = request.reply.send(done);
                 }
-                retry_at = (links_pending || config_pending.is_some())
+                retry_at = (pending.links || pending.config.is_some())
                     .then(|| Instant::now() + Duration::from_secs(1));
                 publish(&datapath, applied, error);
+                if let Some(ack) = pause {
+                    // Nothing is written from here until the successor serves or fails.
+                    let _ = ack.send(());
+                    tracing::info!("datapath paused: a successor is taking over");
+                    loop {
+                        match events.recv() {
+                            Ok(Event::Resume) => {
+                                tracing::info!("datapath resumed: the successor failed");
+                                pending.links = true;
+                                retry_at = Some(Instant::now());
+                                break;
+                            }
+                            Ok(Event::HandedOver) | Err(_) => {
+                                drop(datapath);
+                                handed_over(&events);
+                                return;
+                            }
+                            Ok(event) => pending.add(event),
+                        }
+                    }
+                }
             }
         })?;
     Ok(first_applied)
+}
+
+/// What the datapath thread has yet to apply.
+#[derive(Default)]
+struct Pending {
+    links: bool,
+    config: Option<Arc<State>>,
+    pods: Vec<PodRequest>,
+}
+
+impl Pending {
+    fn add(&mut self, event: Event) {
+        match event {
+            Event::LinksChanged => self.links = true,
+            Event::Config(state) => self.config = Some(state),
+            Event::Pod(request) => self.pods.push(request),
+            Event::Pause(_) | Event::Resume | Event::HandedOver => {}
+        }
+    }
+}
+
+/// After the handover: the kernel is the successor's; pods asking here (through a gate
+/// socket the successor has replaced) are told to ask again, the rest is let go.
+fn handed_over(events: &mpsc::Receiver<Event>) {
+    for event in events {
+        if let Event::Pod(request) = event {
+            let _ = request.reply.send(Err(
+                "this mesh-node handed the node over to its successor: ask again".into(),
+            ));
+        }
+    }
 }
 
 pub(super) fn spawn_link_watcher(

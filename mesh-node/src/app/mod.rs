@@ -32,6 +32,7 @@ use crate::{
     telemetry::{self, TcpMetrics},
     transport,
 };
+use crate::{drain::Drain, handover};
 use datapath::{spawn_datapath_thread, spawn_kernel_log, spawn_link_watcher};
 
 /// Logs to standard error with `filter` (already checked; `info` if it were not).
@@ -171,35 +172,8 @@ async fn serve(
     let log_captures = tracing::enabled!(target: "mesh_ebpf", tracing::Level::DEBUG);
     // Subscribe to link events before the first scan, so no link appears unseen.
     let link_events = sys::LinkEvents::open().context("opening the netlink link-event socket")?;
-    let capture = capture::Settings {
-        log_captures,
-        bypass: settings.socket_bypass,
-        host_traffic: settings.host_traffic,
-        kubelet_cgroups: settings.kubelet_cgroups.clone(),
-        udp_dns_only: settings.udp_to_enrolled == UdpToEnrolled::DnsOnly,
-        gate_file: Some(settings.state_dir.join("cni/gated.json")),
-    };
     std::fs::create_dir_all(settings.state_dir.join("cni"))
         .with_context(|| format!("creating {}", settings.state_dir.join("cni").display()))?;
-    let (mut datapath, counters) = Datapath::install(&settings.node.bpffs, &node, &capture)
-        .context("installing the capture datapath")?;
-    if log_captures {
-        spawn_kernel_log(&mut datapath);
-    }
-    let replies = Arc::new(
-        capture::ReplySteering::open(&settings.node.bpffs, &node)
-            .context("opening the flow map for the proxy")?,
-    );
-
-    let outbound =
-        transport::bind_listener(PORT_OUTBOUND).context("binding the outbound listener")?;
-    let inbound = transport::bind_listener(PORT_INBOUND).context("binding the inbound listener")?;
-    let hbone = transport::bind_listener(PORT_HBONE).context("binding the HBONE listener")?;
-    datapath.register_listener(Listener::Outbound, &outbound)?;
-    datapath.register_listener(Listener::Inbound, &inbound)?;
-    datapath.register_listener(Listener::Hbone, &hbone)?;
-    let node_addresses = Arc::new(ArcSwap::from_pointee(datapath.node_addresses().clone()));
-    tracing::info!(links = datapath.attached_links().len(), "capture installed");
 
     let mut registry = Registry::default();
     let proxy_metrics = ProxyMetrics::register(&mut registry);
@@ -209,8 +183,11 @@ async fn serve(
     let limited = http::server::ServerMetrics::register(&mut registry);
     let gate_metrics = cni::GateMetrics::register(&mut registry);
     let request_metrics = telemetry::RequestMetrics::register(&mut registry, series_cap);
+    let upgrade_metrics = UpgradeMetrics::register(&mut registry);
     let l7 = Arc::new(http::L7::new(&mut registry, request_metrics, &limited));
     telemetry::start_access_log(&mut registry).context("starting the access-log writer")?;
+    // Certificates for every local identity before the node is taken (from a predecessor,
+    // which keeps serving meanwhile).
     let certs = Arc::new(identity::Certificates::new(
         ca,
         &node,
@@ -219,6 +196,53 @@ async fn serve(
         identity::CertMetrics::register(&mut registry),
     ));
     certs.sync(&state.local_identities());
+
+    let start = handover::take_node(
+        &settings.state_dir,
+        || capture::try_lock_node(&settings.node.bpffs, &node),
+        TAKEOVER_PATIENCE,
+    )
+    .await
+    .context("taking the node")?;
+    let (lock, listeners, inherited) = match start {
+        handover::Start::Fresh(lock) => (lock, bind_listeners(&settings)?, None),
+        handover::Start::Successor(inherited) => {
+            tracing::info!(
+                pid = inherited.pid,
+                "taking the node over from its mesh-node"
+            );
+            let lock = inherited.lock.try_clone()?;
+            let listeners = inherited.listeners.try_clone()?;
+            (lock, listeners, Some(inherited))
+        }
+    };
+    let offer = handover::Offer {
+        lock: lock.try_clone()?,
+        listeners: listeners.try_clone()?,
+    };
+    let capture = capture::Settings {
+        log_captures,
+        bypass: settings.socket_bypass,
+        host_traffic: settings.host_traffic,
+        kubelet_cgroups: settings.kubelet_cgroups.clone(),
+        udp_dns_only: settings.udp_to_enrolled == UdpToEnrolled::DnsOnly,
+        gate_file: Some(settings.state_dir.join("cni/gated.json")),
+        predecessor_cgroup: inherited.as_ref().map_or(0, |i| i.cgroup),
+    };
+    let (mut datapath, counters) = Datapath::install(&settings.node.bpffs, &node, &capture, lock)
+        .context("installing the capture datapath")?;
+    if log_captures {
+        spawn_kernel_log(&mut datapath);
+    }
+    let replies = Arc::new(
+        capture::ReplySteering::open(&settings.node.bpffs, &node)
+            .context("opening the flow map for the proxy")?,
+    );
+    datapath.register_listener(Listener::Outbound, &listeners.outbound)?;
+    datapath.register_listener(Listener::Inbound, &listeners.inbound)?;
+    datapath.register_listener(Listener::Hbone, &listeners.hbone)?;
+    let node_addresses = Arc::new(ArcSwap::from_pointee(datapath.node_addresses().clone()));
+    tracing::info!(links = datapath.attached_links().len(), "capture installed");
     KernelCollector::register(&mut registry, counters);
 
     let (events, receiver) = mpsc::channel();
@@ -231,6 +255,7 @@ async fn serve(
     );
     let (state, revocations) = (publisher.state.clone(), publisher.revocations.clone());
     let connections = Arc::new(Connections::default());
+    let drain = Drain::default();
     let admin = Arc::new(Admin {
         ready: false.into(),
         registry,
@@ -240,10 +265,8 @@ async fn serve(
         clusters: l7.clusters.clone(),
         gate: http::server::Gate::new("admin", http::server::Limits::ADMIN, limited),
         debug_address: settings.debug_address,
+        drain: drain.clone(),
     });
-    let admin_listener = admin::bind(settings.admin_addr)
-        .await
-        .with_context(|| format!("binding the admin endpoint {}", settings.admin_addr))?;
 
     // The first generation goes to the kernel through the datapath thread like every other
     // (the publisher sent it); nothing is served before it is there.
@@ -253,6 +276,9 @@ async fn serve(
         .context("the datapath thread ended")?
         .map_err(|err| anyhow::anyhow!("applying config generation 1 to the kernel: {err}"))?;
     spawn_link_watcher(link_events, events.clone())?;
+    // What only the active process does (it writes files and kernel state), stopped when a
+    // successor takes over.
+    let mut writers = Vec::new();
     // The pod-start gate: the enrolment cache first (the plugin's answer while mesh-node is
     // away), then the socket; the plugin is installed once both are there.
     let cache = mesh_cni::cache_path(&settings.state_dir);
@@ -260,29 +286,35 @@ async fn serve(
     enrolment
         .store(&cache)
         .with_context(|| format!("writing the enrolment cache {}", cache.display()))?;
-    tokio::spawn(cni::keep_cache(state.clone(), cache, enrolment));
+    writers.push(tokio::spawn(cni::keep_cache(
+        state.clone(),
+        cache,
+        enrolment,
+    )));
     let gate = cni::bind(&settings.state_dir).with_context(|| {
         format!(
             "binding the CNI gate socket {}",
             mesh_cni::socket_path(&settings.state_dir).display()
         )
     })?;
-    tokio::spawn(cni::serve(
+    writers.push(tokio::spawn(cni::serve(
         gate,
         state.clone(),
         events.clone(),
         gate_metrics.clone(),
-    ));
+    )));
     if let Some(install) = settings.cni.clone() {
-        tokio::spawn(cni::keep_installed(install));
+        writers.push(tokio::spawn(cni::keep_installed(install)));
     }
-    tokio::spawn(cni::repair(
+    writers.push(tokio::spawn(cni::repair(
         admin.clone(),
         state.clone(),
         settings.repair,
         settings.repair_interval,
         gate_metrics,
-    ));
+    )));
+    // The config keeps being followed while draining: a policy change still revokes the
+    // connections this process relays.
     match source {
         Source::File(path, version) => tokio::spawn(reload::watch(
             version,
@@ -314,23 +346,164 @@ async fn serve(
         node_addresses,
         sockets: Arc::new(transport::Kernel { replies }),
         revocations,
+        drain: drain.clone(),
     });
+    let handover::Listeners {
+        outbound,
+        inbound,
+        hbone,
+        admin: admin_listener,
+    } = listeners;
     tokio::spawn(proxy::serve(outbound, Direction::Outbound, ctx.clone()));
     tokio::spawn(proxy::serve(inbound, Direction::Inbound, ctx.clone()));
     tokio::spawn(proxy::serve(hbone, Direction::Hbone, ctx));
     tokio::spawn(admin::serve(admin_listener, admin.clone()));
     admin.ready.store(true, Ordering::Release);
+    // The predecessor, if any, stops accepting once told; until it exits no successor of
+    // this process is let in.
+    let predecessor = Arc::new(Mutex::new(None::<u32>));
+    if let Some(inherited) = inherited {
+        *predecessor.lock().unwrap_or_else(|e| e.into_inner()) = Some(inherited.pid);
+        let closed = upgrade_metrics.predecessor_closed.clone();
+        let gone = predecessor.clone();
+        inherited
+            .serving(
+                move |n| {
+                    closed.inc_by(n);
+                },
+                move || *gone.lock().unwrap_or_else(|e| e.into_inner()) = None,
+            )
+            .await;
+    }
+    let control = handover::Control::bind(&settings.state_dir).with_context(|| {
+        format!(
+            "binding the handover socket {}",
+            handover::socket_path(&settings.state_dir).display()
+        )
+    })?;
     match sys::release_startup_memory() {
         Ok(bytes) => tracing::info!(file_pages_unmapped_kib = bytes / 1024, "ready"),
         Err(err) => tracing::info!("ready (start-up memory not released: {err})"),
     }
 
-    wait_for_shutdown().await?;
-    tracing::info!(
-        "stopping; the capture programs stay attached, so enrolled pods' new connections are \
-         refused until mesh-node starts again (run `mesh-node uninstall` to remove them)"
-    );
+    let writer = DatapathWriter(Mutex::new(events));
+    let busy = || {
+        predecessor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|pid| format!("its predecessor (pid {pid}) is still draining"))
+    };
+    let taken = tokio::select! {
+        taken = control.serve(&offer, &writer, busy) => taken,
+        signal = wait_for_shutdown() => {
+            signal?;
+            tracing::info!(
+                "stopping; the capture programs stay attached, so enrolled pods' new \
+                 connections are refused until mesh-node starts again (run `mesh-node \
+                 uninstall` to remove them)"
+            );
+            return Ok(());
+        }
+    };
+    drop((offer, control));
+    for task in writers {
+        task.abort();
+    }
+    drain.start();
+    let closed = drain_until_done(&drain, settings.drain_timeout).await;
+    taken.drained(closed).await;
     Ok(())
+}
+
+/// How long a successor waits for a running mesh-node to let it take over (one that is
+/// starting, or still waiting for its own predecessor to exit).
+const TAKEOVER_PATIENCE: Duration = Duration::from_secs(3600);
+
+/// Binds the proxy's listeners and the admin endpoint (a fresh start).
+fn bind_listeners(settings: &Settings) -> anyhow::Result<handover::Listeners> {
+    Ok(handover::Listeners {
+        outbound: transport::bind_listener(PORT_OUTBOUND)
+            .context("binding the outbound listener")?,
+        inbound: transport::bind_listener(PORT_INBOUND).context("binding the inbound listener")?,
+        hbone: transport::bind_listener(PORT_HBONE).context("binding the HBONE listener")?,
+        admin: admin::bind(settings.admin_addr)
+            .with_context(|| format!("binding the admin endpoint {}", settings.admin_addr))?,
+    })
+}
+
+/// Drains until the last accepted connection ends or `timeout` passes (then the relays
+/// still open are reset); SIGINT ends it at once. Returns the connections the timeout closed.
+async fn drain_until_done(drain: &Drain, timeout: Duration) -> u64 {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).ok();
+    let interrupted = async {
+        match int.as_mut() {
+            Some(int) => drop(int.recv().await),
+            None => std::future::pending().await,
+        }
+    };
+    tracing::info!(
+        open = drain.live(),
+        timeout = ?timeout,
+        "draining: open connections go on until they end or the drain timeout"
+    );
+    tokio::select! {
+        () = drain.idle() => {
+            tracing::info!("drained: the last connection ended");
+            return 0;
+        }
+        () = tokio::time::sleep(timeout) => {}
+        () = interrupted => tracing::info!("SIGINT while draining"),
+    }
+    let open = drain.live() as u64;
+    tracing::warn!(open, "drain timeout: closing the connections still open");
+    drain.expire();
+    // The relays reset both ends and write their records.
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain.idle()).await;
+    open
+}
+
+/// The datapath thread, as the handover sees it.
+struct DatapathWriter(Mutex<mpsc::Sender<Event>>);
+
+impl DatapathWriter {
+    fn send(&self, event: Event) {
+        let _ = self.0.lock().unwrap_or_else(|e| e.into_inner()).send(event);
+    }
+}
+
+impl handover::Writer for DatapathWriter {
+    fn pause(&self) -> tokio::sync::oneshot::Receiver<()> {
+        let (paused, answer) = tokio::sync::oneshot::channel();
+        self.send(Event::Pause(paused));
+        answer
+    }
+
+    fn resume(&self) {
+        self.send(Event::Resume);
+    }
+
+    fn hand_over(&self) {
+        self.send(Event::HandedOver);
+    }
+}
+
+/// What the upgrades of this node leave behind.
+struct UpgradeMetrics {
+    predecessor_closed: prometheus_client::metrics::counter::Counter,
+}
+
+impl UpgradeMetrics {
+    fn register(registry: &mut Registry) -> UpgradeMetrics {
+        let predecessor_closed = prometheus_client::metrics::counter::Counter::default();
+        registry.register(
+            "mesh_proxy_predecessor_drain_closed",
+            "Connections a predecessor closed at its drain timeout after this process took \
+             the node over (reported by the predecessor as it exits)",
+            predecessor_closed.clone(),
+        );
+        UpgradeMetrics { predecessor_closed }
+    }
 }
 
 /// Every second: certificates for exactly the identities of this node's enrolled pods,

@@ -15,7 +15,7 @@ pub mod routing;
 mod tc;
 
 pub use handles::{KernelCounters, ReplySteering};
-use pins::{lock, replace_pin};
+use pins::replace_pin;
 pub use pins::{pin_dir, uninstall};
 use tc::{Attach, Tc};
 
@@ -48,6 +48,13 @@ pub enum Event {
     Config(std::sync::Arc<crate::state::State>),
     /// The CNI plugin reports a pod's start, end or asks for a check (`crate::cni`).
     Pod(PodRequest),
+    /// A successor is taking over the node: write nothing more to the kernel until
+    /// `Resume` (it failed) or `HandedOver`; answered once nothing is being written.
+    Pause(tokio::sync::oneshot::Sender<()>),
+    /// The successor failed before serving: this process stays the node's writer.
+    Resume,
+    /// The successor serves: the kernel state is its own from now on.
+    HandedOver,
 }
 
 /// A pod as the CNI plugin reports it, with the enrolment mesh-node decided for it.
@@ -184,6 +191,16 @@ pub struct Settings {
     /// Where the interfaces the CNI plugin reported are saved across restarts (in the state
     /// directory); `None`: not saved.
     pub gate_file: Option<PathBuf>,
+    /// The cgroup of a draining predecessor's sockets (0: none), which stay the proxy's.
+    pub predecessor_cgroup: u64,
+}
+
+/// The node's lock (an exclusive `flock` on its pin directory, created if missing):
+/// `Ok(None)` while another mesh-node holds it.
+pub fn try_lock_node(bpffs: &Path, node: &str) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+    let dir = pin_dir(bpffs, node);
+    fs::create_dir_all(dir.join("links"))?;
+    crate::sys::try_lock_dir(&dir)
 }
 
 /// The loaded programs, their links and the maps user space writes.
@@ -282,14 +299,9 @@ impl Datapath {
         bpffs: &Path,
         node: &str,
         settings: &Settings,
+        lock: std::os::fd::OwnedFd,
     ) -> Result<(Datapath, KernelCounters), CaptureError> {
         let dir = pin_dir(bpffs, node);
-        let links_dir = dir.join("links");
-        fs::create_dir_all(&links_dir).map_err(|err| CaptureError::Pin {
-            path: links_dir.clone(),
-            message: err.to_string(),
-        })?;
-        let lock = lock(&dir)?;
         let earlier_enrolled = pins::prepare(&dir)?;
         // `connect4` and the bypass act on this namespace's sockets only (cgroup programs see
         // every namespace's).
@@ -319,6 +331,7 @@ impl Datapath {
             }
         };
         let log_captures = u8::from(settings.log_captures);
+        let predecessor_cgroup = settings.predecessor_cgroup;
         let host_policy = settings.host_traffic.policy();
         let udp_dns_only = u8::from(settings.udp_dns_only);
         let mut loader = EbpfLoader::new();
@@ -327,6 +340,7 @@ impl Datapath {
             .override_global("LOG_CAPTURES", &log_captures, true)
             .override_global("NODE_NETNS_COOKIE", &cookie, true)
             .override_global("PROXY_CGROUP", &proxy_cgroup, true)
+            .override_global("PREDECESSOR_CGROUP", &predecessor_cgroup, true)
             .override_global("HOST_POLICY", &host_policy, true)
             .override_global("UDP_DNS_ONLY", &udp_dns_only, true);
         if !settings.bypass {

@@ -75,12 +75,12 @@ where
         h1: None,
         h2: None,
     }));
-    let gate = ctx.l7.inbound.clone();
+    let (gate, drain) = (ctx.l7.inbound.clone(), ctx.drain.clone());
     let handle = move |req| {
         let (ctx, conn, upstream) = (ctx.clone(), conn.clone(), upstream.clone());
         async move { handle(&ctx, &conn, &upstream, req).await }
     };
-    match server::serve(&gate, source, io, handle).await {
+    match server::serve(&gate, &drain, source, io, handle).await {
         Served::Limited(reason) => {
             tracing::debug!(%source, "inbound HTTP connection closed: {reason}")
         }

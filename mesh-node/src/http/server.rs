@@ -35,7 +35,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -50,6 +50,7 @@ use tokio::{
 };
 
 use super::BoxError;
+use crate::drain::Drain;
 
 /// Time a client has to send a complete request head: from the connection's start for the
 /// first, from its first byte for a later one.
@@ -274,6 +275,7 @@ impl Gate {
             head_bytes: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             exempt: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
             cancels: Cancels::default(),
             waiting_first: AtomicBool::new(false),
             turns,
@@ -353,6 +355,8 @@ struct Conn {
     in_flight: AtomicUsize,
     /// HTTP/2 or upgraded: no head clock any more.
     exempt: AtomicBool,
+    /// A request came over HTTP/2: draining sends GOAWAY.
+    h2: AtomicBool,
     cancels: Cancels,
     /// Holds a turn of its source to be served before its first head.
     waiting_first: AtomicBool,
@@ -411,6 +415,9 @@ impl Conn {
         self.head_since.store(0, Ordering::Release);
         if version == http::Version::HTTP_2 {
             self.exempt.store(true, Ordering::Release);
+            if !self.h2.swap(true, Ordering::AcqRel) {
+                self.wake.notify_one();
+            }
         }
         let charged = self.head_bytes.swap(0, Ordering::AcqRel);
         if charged > 0 {
@@ -579,8 +586,17 @@ pub enum Served {
 }
 
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `io` from `source` under `gate`'s limits,
-/// with upgrades; each request goes to `handle`.
-pub async fn serve<I, F, Fut, B>(gate: &Arc<Gate>, source: IpAddr, io: I, handle: F) -> Served
+/// with upgrades; each request goes to `handle`. Once `drain` starts, an HTTP/1.1 connection
+/// is closed after its next response (`connection: close`; an idle one stays open, since
+/// closing it would race with the client's next request) and an HTTP/2 one gets the graceful
+/// two-step GOAWAY.
+pub async fn serve<I, F, Fut, B>(
+    gate: &Arc<Gate>,
+    drain: &Drain,
+    source: IpAddr,
+    io: I,
+    handle: F,
+) -> Served
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -609,8 +625,10 @@ where
     }
     let service = {
         let conn = conn.clone();
+        let drain = drain.clone();
         service_fn(move |req: Request<Incoming>| {
-            conn.request(req.version());
+            let version = req.version();
+            conn.request(version);
             let mut in_flight = InFlight {
                 conn: conn.clone(),
                 started: Instant::now(),
@@ -618,8 +636,14 @@ where
                 client_gone: false,
             };
             let response = handle(req);
+            let drain = drain.clone();
             async move {
-                let response = response.await;
+                let mut response = response.await;
+                if drain.is_draining() && version < http::Version::HTTP_2 {
+                    response
+                        .headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 in_flight.client_gone = response.extensions().get::<ClientGone>().is_some();
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                     in_flight.conn.exempt.store(true, Ordering::Release);
@@ -649,9 +673,16 @@ where
     });
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
+    let draining = drain.started();
+    tokio::pin!(draining);
+    let (mut drained, mut goaway) = (false, false);
     loop {
         if let Some(reason) = conn.closing() {
             return Served::Limited(reason);
+        }
+        if drained && !goaway && conn.h2.load(Ordering::Acquire) {
+            connection.as_mut().graceful_shutdown();
+            goaway = true;
         }
         let since = conn.head_since.load(Ordering::Acquire);
         let deadline = (since != 0 && !conn.exempt.load(Ordering::Acquire))
@@ -670,6 +701,7 @@ where
                 };
             }
             () = conn.wake.notified() => {}
+            () = &mut draining, if !drained => drained = true,
             () = timer => {
                 if conn.head_since.load(Ordering::Acquire) == since
                     && !conn.exempt.load(Ordering::Acquire)

@@ -23,7 +23,7 @@ use crate::{
     connections::{ConnectionRecord, Direction},
     context::{Outcome, Tracked},
     gate::{
-        revoke::{until_revoked, Asked, Registration},
+        revoke::{Asked, Registration},
         Authorized, Decision, Served,
     },
     http::ProxyContext,
@@ -108,7 +108,7 @@ impl<'a> Relayed<'a> {
                 &mut client,
                 &mut server,
                 &tracked.live,
-                until_revoked(registration.as_ref()),
+                tracked.until_stopped(registration.as_ref()),
             )
             .await;
             if error.is_some() {
@@ -118,7 +118,8 @@ impl<'a> Relayed<'a> {
                 reset(&client);
                 reset(&server);
             }
-            tracked.finish(Outcome::relayed(copied, error, registration.as_ref()));
+            let outcome = tracked.relayed(copied, error, registration.as_ref());
+            tracked.finish(outcome);
         }
     }
 }

@@ -34,7 +34,7 @@ use crate::{
     connections::{ConnectionRecord, Direction},
     context::{Outcome, Tracked},
     gate::{
-        revoke::{until_revoked, Asked, Registration},
+        revoke::{Asked, Registration},
         Authorized, Served,
     },
     http::ProxyContext,
@@ -190,7 +190,7 @@ impl<'a> Tunnelled<'a> {
                 recv,
                 end,
                 &tracked.live,
-                until_revoked(registration.as_ref()),
+                tracked.until_stopped(registration.as_ref()),
             )
             .await;
             if let Some(error) = &error {
@@ -203,7 +203,8 @@ impl<'a> Tunnelled<'a> {
                     );
                 }
             }
-            tracked.finish(Outcome::relayed(copied, error, registration.as_ref()));
+            let outcome = tracked.relayed(copied, error, registration.as_ref());
+            tracked.finish(outcome);
             drop(slot);
         }
     }
@@ -286,9 +287,20 @@ pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: Sock
         }
     };
     let cancels = Arc::new(Cancels::default());
+    let draining = ctx.drain.started();
+    tokio::pin!(draining);
+    let mut drained = false;
     loop {
         let next = tokio::select! {
             next = connection.accept() => next,
+            // A successor took over: GOAWAY (the graceful two-step kind), so the peer's pool
+            // opens its next streams on a new connection, which the successor accepts; the
+            // open streams go on.
+            () = &mut draining, if !drained => {
+                drained = true;
+                connection.graceful_shutdown();
+                continue;
+            }
             () = cancels.flood.notified() => {
                 ctx.metrics.hbone_limited("premature_cancels");
                 tracing::warn!(%peer, "HBONE client cancels most streams it opens (rapid reset): connection closed");

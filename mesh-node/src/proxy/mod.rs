@@ -23,7 +23,8 @@ use tokio::net::TcpListener;
 
 use crate::{connections::Direction, http::ProxyContext};
 
-/// Accepts connections forever, one task each.
+/// Accepts connections, one task each, until draining starts (a successor shares the
+/// listener and accepts from then on); each connection is counted while it lives.
 pub async fn serve(listener: std::net::TcpListener, direction: Direction, ctx: Arc<ProxyContext>) {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
@@ -32,13 +33,26 @@ pub async fn serve(listener: std::net::TcpListener, direction: Direction, ctx: A
             return;
         }
     };
+    let draining = ctx.drain.started();
+    tokio::pin!(draining);
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut draining => return,
+        };
+        match accepted {
             Ok((client, peer)) => {
+                let live = ctx.drain.track();
                 let ctx = ctx.clone();
                 match direction {
-                    Direction::Hbone => tokio::spawn(hbone::serve_connection(ctx, client, peer)),
-                    _ => tokio::spawn(forward::handle(ctx, direction, client, peer)),
+                    Direction::Hbone => tokio::spawn(async move {
+                        hbone::serve_connection(ctx, client, peer).await;
+                        drop(live);
+                    }),
+                    _ => tokio::spawn(async move {
+                        forward::handle(ctx, direction, client, peer).await;
+                        drop(live);
+                    }),
                 };
             }
             Err(err) => {

@@ -61,6 +61,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a pooled connection's peer is pinged, and how long it has to answer.
 const PING_EVERY: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Tries of one tunnel: a dead or closing pooled connection, then a new one that turned out
+/// to be closing too, then one more.
+const ATTEMPTS: usize = 3;
 /// How often the pool drops idle, broken and superseded connections.
 const REAP_EVERY: Duration = Duration::from_secs(1);
 
@@ -176,9 +179,11 @@ impl Pool {
             identity: identity.to_string(),
             destination: SocketAddrV4::new(*target.ip(), PORT_HBONE),
         };
-        // A pooled connection can turn out to be dead (the peer went away): then try once
-        // more on a new one.
-        for attempt in 0..2 {
+        // A pooled connection can turn out to be dead (the peer went away) or closing (its
+        // proxy hands over to a successor: GOAWAY, REFUSED_STREAM): then try again on a new
+        // one.
+        for attempt in 0..ATTEMPTS {
+            let retry = attempt + 1 < ATTEMPTS;
             let conn = match self.checkout(&key, cert.generation) {
                 Some(conn) => conn,
                 None => self.checkout_or_connect(peers, &key, cert, &tunnel).await?,
@@ -189,7 +194,7 @@ impl Pool {
                 Ok(Ok(sender)) => sender,
                 failed => {
                     conn.closed.store(true, Ordering::Release);
-                    if attempt == 0 {
+                    if retry {
                         continue;
                     }
                     let why = match failed {
@@ -215,7 +220,7 @@ impl Pool {
                 Ok(sent) => sent,
                 Err(err) => {
                     conn.closed.store(true, Ordering::Release);
-                    if attempt == 0 {
+                    if retry {
                         continue;
                     }
                     return Err(Error::Stream {
@@ -226,6 +231,11 @@ impl Pool {
             };
             let response = match tokio::time::timeout(STREAM_TIMEOUT, response).await {
                 Ok(Ok(response)) => response,
+                // Not answered: nothing went through this stream yet, so a new one is as good.
+                Ok(Err(err)) if retry && never_served(&err) => {
+                    conn.closed.store(true, Ordering::Release);
+                    continue;
+                }
                 Ok(Err(err)) => {
                     return Err(Error::Stream {
                         target,
@@ -384,6 +394,12 @@ impl Pool {
             .push(conn.clone());
         Ok(conn)
     }
+}
+
+/// A stream the peer refused before serving it: REFUSED_STREAM, or cut off by the peer's
+/// GOAWAY (its id above the last one the peer serves).
+fn never_served(err: &h2::Error) -> bool {
+    err.reason() == Some(h2::Reason::REFUSED_STREAM) || (err.is_go_away() && err.is_remote())
 }
 
 /// Pings a pooled connection's peer every `PING_EVERY`; a peer that does not answer within

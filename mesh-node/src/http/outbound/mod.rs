@@ -75,7 +75,7 @@ pub async fn serve(
             async move { handle(&ctx, &conn, req).await }
         }
     };
-    let served = server::serve(&ctx.l7.outbound, peer.ip(), client, handle).await;
+    let served = server::serve(&ctx.l7.outbound, &ctx.drain, peer.ip(), client, handle).await;
     tracked.finish(match served {
         Served::Done(Ok(())) => Outcome::default(),
         Served::Done(Err(err)) => {

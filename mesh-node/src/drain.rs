@@ -1,0 +1,158 @@
+//! Draining: once a successor has taken over the node ([`crate::handover`]), this process
+//! accepts nothing new and finishes what it serves. Every server of the proxy watches one
+//! [`Drain`]: HTTP/1.1 answers the next request on each connection with `connection: close`,
+//! HTTP/2 (L7 clients and HBONE peers) gets the graceful two-step GOAWAY, L4 and HBONE streams
+//! relay until they end. Each accepted connection is counted while it lives, so the process
+//! knows when its last one has ended.
+
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
+};
+
+use tokio::sync::{watch, Notify};
+
+/// The drain signal and the count of live accepted connections, shared by every server.
+#[derive(Clone)]
+pub struct Drain(Arc<Inner>);
+
+/// Where the process is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    /// Active: accepting and serving.
+    Serving,
+    /// A successor took over: serving what is open, nothing new.
+    Draining,
+    /// The drain timeout passed: what is still open is closed (reset) now.
+    Expired,
+}
+
+struct Inner {
+    phase: watch::Sender<Phase>,
+    live: AtomicUsize,
+    ended: Notify,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain(Arc::new(Inner {
+            phase: watch::Sender::new(Phase::Serving),
+            live: AtomicUsize::new(0),
+            ended: Notify::new(),
+        }))
+    }
+}
+
+impl Drain {
+    /// From now on every server drains.
+    pub fn start(&self) {
+        self.0.phase.send_if_modified(|phase| {
+            let was = *phase;
+            *phase = was.max(Phase::Draining);
+            was < Phase::Draining
+        });
+    }
+
+    /// The drain timeout passed: every relay still open stops (and resets both ends).
+    pub fn expire(&self) {
+        self.0.phase.send_replace(Phase::Expired);
+    }
+
+    /// Whether draining has started.
+    pub fn is_draining(&self) -> bool {
+        *self.0.phase.borrow() >= Phase::Draining
+    }
+
+    /// Whether the drain timeout passed.
+    pub fn is_expired(&self) -> bool {
+        *self.0.phase.borrow() == Phase::Expired
+    }
+
+    /// Resolves once draining has started (at once if it has).
+    pub async fn started(&self) {
+        self.reached(Phase::Draining).await
+    }
+
+    /// Resolves once the drain timeout passed.
+    pub async fn expired(&self) {
+        self.reached(Phase::Expired).await
+    }
+
+    async fn reached(&self, phase: Phase) {
+        let mut receiver = self.0.phase.subscribe();
+        let _ = receiver.wait_for(|now| *now >= phase).await;
+    }
+
+    /// Counts an accepted connection until the returned guard is dropped.
+    pub fn track(&self) -> Live {
+        self.0.live.fetch_add(1, Ordering::AcqRel);
+        Live(self.0.clone())
+    }
+
+    /// Accepted connections still open.
+    pub fn live(&self) -> usize {
+        self.0.live.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no accepted connection is open.
+    pub async fn idle(&self) {
+        loop {
+            let ended = self.0.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.live() == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+/// One live accepted connection (see [`Drain::track`]).
+pub struct Live(Arc<Inner>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.ended.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn idle_waits_for_the_last_connection() {
+        let drain = Drain::default();
+        let (a, b) = (drain.track(), drain.track());
+        assert_eq!(drain.live(), 2);
+        let waiter = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.idle().await }
+        });
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(b);
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!drain.is_draining());
+        drain.start();
+        drain.started().await;
+        assert!(drain.is_draining() && !drain.is_expired());
+        let expired = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.expired().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!expired.is_finished());
+        drain.expire();
+        expired.await.unwrap();
+        drain.start();
+        assert!(drain.is_expired());
+    }
+}

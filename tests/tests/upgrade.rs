@@ -1,0 +1,371 @@
+//! Upgrades of the node proxy: a second `mesh-node run` takes the node over from the running
+//! one (the same listening sockets, passed over the handover socket); the predecessor drains.
+//! Under load nothing fails: HTTP keep-alive clients move over at their next request, new
+//! connections are accepted throughout, long-lived connections keep relaying through the
+//! predecessor until they end.
+
+use std::{
+    net::SocketAddr,
+    process::Child,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use mesh_tests::{
+    apps::{Behaviour, Server, Session},
+    cluster::Cluster,
+    fixtures::{TWO_NODES, WEB_PORT},
+    load::mesh_load_in,
+    require_root,
+    web::WebServer,
+};
+
+/// The web pods (a2 on node-a, b1 on node-b) also serve HTTP on this port, behind an HTTP
+/// Service: requests through its VIP go through L7 routing, to either node.
+const HTTP_PORT: u16 = 8081;
+const HTTP_VIP: &str = "100.66.0.11:80";
+const HTTP_SERVICE: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-http, namespace: mesh}
+spec:
+  clusterIP: 100.66.0.11
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8081}]
+"#;
+
+fn addr(cluster: &Cluster, pod: &str, port: u16) -> SocketAddr {
+    SocketAddr::from((cluster.pod(pod).ip, port))
+}
+
+/// A draining predecessor, killed if the test ends before it exits.
+struct Draining(Child);
+
+impl Draining {
+    fn terminate(&self) {
+        // SAFETY: kill on the PID of a child we started and have not reaped.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+    }
+
+    /// Waits up to `within` for it to exit; its status.
+    fn exited(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Draining {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// A thread's result with its error as text.
+fn join(thread: JoinHandle<anyhow::Result<u64>>) -> JoinHandle<Result<u64, String>> {
+    std::thread::spawn(move || match thread.join() {
+        Ok(result) => result.map_err(|e| format!("{e:#}")),
+        Err(_) => Err("panicked".into()),
+    })
+}
+
+/// One short connection (from the calling thread's namespace): 64 bytes echoed back exactly.
+fn echo_once(dst: SocketAddr) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let sent = [b'u'; 64];
+    stream.write_all(&sent)?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut back = Vec::new();
+    stream.read_to_end(&mut back)?;
+    anyhow::ensure!(
+        back == sent,
+        "{} bytes came back, not the 64 sent",
+        back.len()
+    );
+    Ok(())
+}
+
+/// `count` GET requests to `authority`, one every `every`, on one HTTP/2 (prior knowledge)
+/// connection, as a real client does it: a request the server never served (GOAWAY,
+/// REFUSED_STREAM) goes again on a new connection; so does every request after a GOAWAY.
+/// Every answer must be 200. Returns the requests answered; fails unless the connection
+/// changed when `must_move` (the client's proxy drained: its GOAWAY moved it to the successor).
+async fn h2_requests(
+    authority: &str,
+    count: u64,
+    every: Duration,
+    must_move: bool,
+) -> anyhow::Result<u64> {
+    use http_body_util::{BodyExt, Empty};
+    let connect = || async {
+        let stream = tokio::net::TcpStream::connect(authority).await?;
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await?;
+        tokio::spawn(conn);
+        anyhow::Ok(sender)
+    };
+    let never_served = |err: &hyper::Error| {
+        let mut source = std::error::Error::source(err);
+        while let Some(err) = source {
+            if let Some(h2) = err.downcast_ref::<h2::Error>() {
+                return h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            source = err.source();
+        }
+        false
+    };
+    let (mut sender, mut connections) = (connect().await?, 1u64);
+    for i in 0..count {
+        let mut retried = false;
+        loop {
+            if sender.is_closed() || sender.ready().await.is_err() {
+                sender = connect().await?;
+                connections += 1;
+            }
+            let request = http::Request::get(format!("http://{authority}/"))
+                .body(Empty::<bytes::Bytes>::new())?;
+            match sender.send_request(request).await {
+                Ok(response) => {
+                    let status = response.status();
+                    response.into_body().collect().await?;
+                    anyhow::ensure!(status == 200, "request {i}: {status}");
+                    break;
+                }
+                Err(err) if !retried && never_served(&err) => {
+                    retried = true;
+                    sender = connect().await?;
+                    connections += 1;
+                }
+                Err(err) => anyhow::bail!("request {i} on connection {connections}: {err:#}"),
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+    anyhow::ensure!(
+        connections > 1 || !must_move,
+        "the HTTP/2 connection never moved"
+    );
+    Ok(count)
+}
+
+/// Traffic that runs while a node is upgraded; each part counts what failed.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    threads: Vec<(&'static str, JoinHandle<Result<u64, String>>)>,
+}
+
+impl Traffic {
+    /// Starts, for `seconds`: fixed-rate HTTP through the VIP from a1 (both nodes' pods
+    /// answer), HTTP/2 requests on one connection, a new TCP connection every 5 ms from a1
+    /// to a2 (same node) and to b1 (other node), and round trips every 20 ms on `sessions`.
+    fn start(
+        cluster: &Cluster,
+        sessions: Vec<(&'static str, Session)>,
+        seconds: u64,
+        upgraded: &str,
+    ) -> Traffic {
+        // a1's own proxy serves its HTTP/2 connection.
+        let must_move = upgraded == "node-a";
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let ns = cluster.pod("a1").netns.name().to_string();
+        threads.push((
+            "http/1.1 load",
+            std::thread::spawn(move || -> Result<u64, String> {
+                let report = mesh_load_in(
+                    &ns,
+                    &[
+                        &format!("http://{HTTP_VIP}/"),
+                        "--rate",
+                        "600",
+                        "--connections",
+                        "6",
+                        "--seconds",
+                        &seconds.to_string(),
+                        "--body",
+                        "0",
+                    ],
+                )
+                .map_err(|e| e.to_string())?;
+                let requests = report["requests"].as_u64().unwrap_or(0);
+                let failed = report["errors"].as_u64().unwrap_or(1)
+                    + report["non_2xx"].as_u64().unwrap_or(1);
+                if failed > 0 || requests < 500 * seconds {
+                    return Err(format!("{report}"));
+                }
+                Ok(requests)
+            }),
+        ));
+        threads.push((
+            "http/2 requests",
+            join(cluster.pod("a1").netns.spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(h2_requests(
+                        HTTP_VIP,
+                        20 * seconds,
+                        Duration::from_millis(50),
+                        must_move,
+                    ))
+            })),
+        ));
+        for (name, to) in [
+            ("new connections a1 -> a2", "a2"),
+            ("new connections a1 -> b1", "b1"),
+        ] {
+            let dst = addr(cluster, to, WEB_PORT);
+            let stop = stop.clone();
+            threads.push((
+                name,
+                join(cluster.pod("a1").netns.spawn(move || {
+                    let mut done = 0u64;
+                    let mut next = Instant::now();
+                    while !stop.load(Ordering::Acquire) {
+                        echo_once(dst).with_context(|| format!("after {done}"))?;
+                        done += 1;
+                        next += Duration::from_millis(5);
+                        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                    }
+                    Ok(done)
+                })),
+            ));
+        }
+        for (name, mut session) in sessions {
+            let stop = stop.clone();
+            threads.push((
+                name,
+                std::thread::spawn(move || {
+                    let mut done = 0;
+                    while !stop.load(Ordering::Acquire) {
+                        session
+                            .roundtrip()
+                            .map_err(|e| format!("after {done} rounds: {e:#}"))?;
+                        done += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    // Still byte-exact after the upgrade; then closed by the client.
+                    session
+                        .roundtrip()
+                        .map_err(|e| format!("last round: {e:#}"))?;
+                    Ok(done)
+                }),
+            ));
+        }
+        Traffic { stop, threads }
+    }
+
+    /// Stops the open-ended parts, waits for all, and panics with every failure.
+    fn finish(self) {
+        self.stop.store(true, Ordering::Release);
+        let mut failures = Vec::new();
+        for (name, thread) in self.threads {
+            match thread.join() {
+                Ok(Ok(count)) => eprintln!("{name}: {count} without a failure"),
+                Ok(Err(err)) => failures.push(format!("{name}: {err}")),
+                Err(_) => failures.push(format!("{name}: panicked")),
+            }
+        }
+        assert!(failures.is_empty(), "{failures:#?}");
+    }
+}
+
+#[test]
+fn an_upgrade_under_load_fails_nothing_and_open_connections_go_on() {
+    require_root!();
+    let mut cluster = Cluster::new(&format!("{TWO_NODES}{HTTP_SERVICE}")).unwrap();
+    cluster.start_mesh_everywhere().unwrap();
+    let _echo = [
+        Server::start(&cluster.pod("a2").netns, WEB_PORT, Behaviour::Echo).unwrap(),
+        Server::start(&cluster.pod("b1").netns, WEB_PORT, Behaviour::Echo).unwrap(),
+    ];
+    let _web = [
+        WebServer::start(&cluster.pod("a2").netns, HTTP_PORT, "a2").unwrap(),
+        WebServer::start(&cluster.pod("b1").netns, HTTP_PORT, "b1").unwrap(),
+    ];
+
+    for node in ["node-a", "node-b"] {
+        let session = |from: &str, to: &str| {
+            Session::open(&cluster.pod(from).netns, addr(&cluster, to, WEB_PORT)).unwrap()
+        };
+        // Long-lived: same node, across nodes (HBONE), from outside the mesh to the mesh.
+        let sessions = vec![
+            ("session a1 -> a2 (same node)", session("a1", "a2")),
+            ("session a1 -> b1 (HBONE)", session("a1", "b1")),
+            ("session c1 -> a2 (plain, same node)", session("c1", "a2")),
+            ("session c2 -> a2 (plain, other node)", session("c2", "a2")),
+        ];
+        let traffic = Traffic::start(&cluster, sessions, 6, node);
+        std::thread::sleep(Duration::from_secs(2));
+        let started = Instant::now();
+        let mut predecessor = Draining(cluster.upgrade_mesh(node).unwrap());
+        eprintln!("{node}: taken over in {:?}", started.elapsed());
+        // As Kubernetes does once the successor is ready: the predecessor keeps draining.
+        predecessor.terminate();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            predecessor.exited(Duration::ZERO).is_none(),
+            "the predecessor exited with connections still open"
+        );
+
+        // A connection opened after the takeover is the successor's (recorded on the node
+        // of its destination).
+        let to = if node == "node-a" { "a2" } else { "b1" };
+        let mut late =
+            Session::open(&cluster.pod("a1").netns, addr(&cluster, to, WEB_PORT)).unwrap();
+        late.roundtrip().unwrap();
+        // Open, so the record is there however many connections the load closes meanwhile;
+        // on node-b, the stream's record names the client's pooled HBONE connection.
+        let recorded = cluster.connections(node).unwrap();
+        assert!(
+            recorded.iter().any(|c| c.closed_ms.is_none()
+                && c.original_dst == addr(&cluster, to, WEB_PORT)
+                && (c.client == late.local() || c.direction == "hbone")),
+            "the successor on {node} has no record of {}: {recorded:#?}",
+            late.local()
+        );
+        drop(late);
+        // HTTP keep-alive clients moved over at their next request: the successor serves
+        // requests while the load runs (the client's side on node-a, the pods' on node-b).
+        let requests = || {
+            cluster
+                .metric_sum(node, "istio_requests_total", &[])
+                .unwrap()
+        };
+        let before = requests();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            requests() > before + 100,
+            "the successor on {node} serves no HTTP requests: the clients stayed with the \
+             predecessor"
+        );
+
+        traffic.finish();
+        // The sessions closed: the predecessor's last connections ended.
+        let status = predecessor
+            .exited(Duration::from_secs(10))
+            .expect("the predecessor did not exit after its last connection ended");
+        assert!(status.success(), "{status}");
+        let log = cluster.mesh_log(node);
+        assert!(log.contains("drained: the last connection ended"), "{log}");
+    }
+}
