@@ -116,6 +116,9 @@ pub struct Cluster {
     /// Each node's mesh-node runs in a cgroup of its own, as in its DaemonSet's container:
     /// the kernel programs tell the proxy's sockets apart by it.
     mesh_cgroups: BTreeMap<String, crate::attack::Cgroup>,
+    /// The cgroups of upgraded mesh-nodes (a successor gets a cgroup of its own, as the
+    /// surge pod of a DaemonSet rollout does), removed with the cluster.
+    retired_cgroups: Vec<crate::attack::Cgroup>,
     /// Extra arguments for `mesh-node run` (e.g. `--cert-lifetime 20s`).
     pub run_args: Vec<String>,
     /// When set, `mesh-node run` reads the Kubernetes API through this kubeconfig
@@ -171,6 +174,7 @@ impl Cluster {
             bpffs,
             mesh: BTreeMap::new(),
             mesh_cgroups: BTreeMap::new(),
+            retired_cgroups: Vec::new(),
             run_args: Vec::new(),
             kubeconfig: None,
             cni: false,
@@ -501,6 +505,12 @@ impl Cluster {
     pub fn upgrade_mesh(&mut self, name: &str) -> Result<Child> {
         const SERVES: &str = "the successor serves: draining";
         let before = self.mesh_log(name).matches(SERVES).count();
+        // The successor in a cgroup of its own, as a DaemonSet's surge pod.
+        let generation = self.retired_cgroups.len() + 1;
+        let cgroup = crate::attack::Cgroup::create(&format!("{}-{name}-{generation}", self.id))?;
+        if let Some(old) = self.mesh_cgroups.insert(name.to_string(), cgroup) {
+            self.retired_cgroups.push(old);
+        }
         let mut successor = self.spawn_mesh(name, &["run"])?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.mesh_log(name).matches(SERVES).count() == before {
@@ -796,6 +806,7 @@ impl Drop for Cluster {
             }
         }
         self.mesh_cgroups.clear();
+        self.retired_cgroups.clear();
         if panicking {
             for node in &self.nodes {
                 eprintln!(
