@@ -44,6 +44,13 @@ fn addr(cluster: &Cluster, pod: &str, port: u16) -> SocketAddr {
     SocketAddr::from((cluster.pod(pod).ip, port))
 }
 
+/// An echo session from pod `from` to pod `to`, one round trip done.
+fn session(cluster: &Cluster, from: &str, to: &str) -> Session {
+    let mut session = Session::open(&cluster.pod(from).netns, addr(cluster, to, WEB_PORT)).unwrap();
+    session.roundtrip().unwrap();
+    session
+}
+
 /// A draining predecessor, killed if the test ends before it exits.
 struct Draining(Child);
 
@@ -88,11 +95,14 @@ fn echo_once(dst: SocketAddr) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let local = stream.local_addr()?;
     let sent = [b'u'; 64];
     stream.write_all(&sent)?;
     stream.shutdown(std::net::Shutdown::Write)?;
     let mut back = Vec::new();
-    stream.read_to_end(&mut back)?;
+    stream
+        .read_to_end(&mut back)
+        .with_context(|| format!("{local} -> {dst}"))?;
     anyhow::ensure!(
         back == sent,
         "{} bytes came back, not the 64 sent",
@@ -103,7 +113,8 @@ fn echo_once(dst: SocketAddr) -> anyhow::Result<()> {
 
 /// `count` GET requests to `authority`, one every `every`, on one HTTP/2 (prior knowledge)
 /// connection, as a real client does it: a request the server never served (GOAWAY,
-/// REFUSED_STREAM) goes again on a new connection; so does every request after a GOAWAY.
+/// REFUSED_STREAM, or never sent because the connection was closing) goes again on a new
+/// connection; so does every request after a GOAWAY.
 /// Every answer must be 200. Returns the requests answered; fails unless the connection
 /// changed when `must_move` (the client's proxy drained: its GOAWAY moved it to the successor).
 async fn h2_requests(
@@ -124,6 +135,10 @@ async fn h2_requests(
         anyhow::Ok(sender)
     };
     let never_served = |err: &hyper::Error| {
+        // Canceled: never sent (the connection was closing).
+        if err.is_canceled() {
+            return true;
+        }
         let mut source = std::error::Error::source(err);
         while let Some(err) = source {
             if let Some(h2) = err.downcast_ref::<h2::Error>() {
@@ -274,8 +289,9 @@ impl Traffic {
         Traffic { stop, threads }
     }
 
-    /// Stops the open-ended parts, waits for all, and panics with every failure.
-    fn finish(self) {
+    /// Stops the open-ended parts, waits for all, and panics with every failure (and the
+    /// kernel's drop counters of both nodes).
+    fn finish(self, cluster: &Cluster) {
         self.stop.store(true, Ordering::Release);
         let mut failures = Vec::new();
         for (name, thread) in self.threads {
@@ -283,6 +299,17 @@ impl Traffic {
                 Ok(Ok(count)) => eprintln!("{name}: {count} without a failure"),
                 Ok(Err(err)) => failures.push(format!("{name}: {err}")),
                 Err(_) => failures.push(format!("{name}: panicked")),
+            }
+        }
+        if !failures.is_empty() {
+            for node in ["node-a", "node-b"] {
+                let (_, metrics) = cluster.admin_get(node, "/metrics").unwrap_or_default();
+                for line in metrics
+                    .lines()
+                    .filter(|l| l.starts_with("mesh_kernel_packets"))
+                {
+                    eprintln!("{node}: {line}");
+                }
             }
         }
         assert!(failures.is_empty(), "{failures:#?}");
@@ -304,15 +331,21 @@ fn an_upgrade_under_load_fails_nothing_and_open_connections_go_on() {
     ];
 
     for node in ["node-a", "node-b"] {
-        let session = |from: &str, to: &str| {
-            Session::open(&cluster.pod(from).netns, addr(&cluster, to, WEB_PORT)).unwrap()
-        };
         // Long-lived: same node, across nodes (HBONE), from outside the mesh to the mesh.
         let sessions = vec![
-            ("session a1 -> a2 (same node)", session("a1", "a2")),
-            ("session a1 -> b1 (HBONE)", session("a1", "b1")),
-            ("session c1 -> a2 (plain, same node)", session("c1", "a2")),
-            ("session c2 -> a2 (plain, other node)", session("c2", "a2")),
+            (
+                "session a1 -> a2 (same node)",
+                session(&cluster, "a1", "a2"),
+            ),
+            ("session a1 -> b1 (HBONE)", session(&cluster, "a1", "b1")),
+            (
+                "session c1 -> a2 (plain, same node)",
+                session(&cluster, "c1", "a2"),
+            ),
+            (
+                "session c2 -> a2 (plain, other node)",
+                session(&cluster, "c2", "a2"),
+            ),
         ];
         let traffic = Traffic::start(&cluster, sessions, 6, node);
         std::thread::sleep(Duration::from_secs(2));
@@ -359,7 +392,7 @@ fn an_upgrade_under_load_fails_nothing_and_open_connections_go_on() {
              predecessor"
         );
 
-        traffic.finish();
+        traffic.finish(&cluster);
         // The sessions closed: the predecessor's last connections ended.
         let status = predecessor
             .exited(Duration::from_secs(10))
@@ -368,4 +401,131 @@ fn an_upgrade_under_load_fails_nothing_and_open_connections_go_on() {
         let log = cluster.mesh_log(node);
         assert!(log.contains("drained: the last connection ended"), "{log}");
     }
+}
+
+#[test]
+fn past_the_drain_timeout_the_predecessor_closes_what_is_left_and_the_successor_counts_it() {
+    require_root!();
+    let mut cluster = Cluster::new(TWO_NODES).unwrap();
+    cluster.run_args = vec!["--drain-timeout".into(), "2s".into()];
+    cluster.start_mesh_everywhere().unwrap();
+    let _echo = [
+        Server::start(&cluster.pod("a2").netns, WEB_PORT, Behaviour::Echo).unwrap(),
+        Server::start(&cluster.pod("b1").netns, WEB_PORT, Behaviour::Echo).unwrap(),
+    ];
+    let mut hbone =
+        Session::open(&cluster.pod("a1").netns, addr(&cluster, "b1", WEB_PORT)).unwrap();
+    hbone.roundtrip().unwrap();
+    let mut predecessor = Draining(cluster.upgrade_mesh("node-a").unwrap());
+    let taken = Instant::now();
+    hbone.roundtrip().unwrap();
+    let status = predecessor
+        .exited(Duration::from_secs(10))
+        .expect("the predecessor outlived its drain timeout");
+    assert!(status.success(), "{status}");
+    assert!(
+        taken.elapsed() >= Duration::from_secs(2),
+        "exited before the drain timeout: {:?}",
+        taken.elapsed()
+    );
+    // Reset, not closed as if it had ended: the client cannot take it for complete.
+    assert!(hbone.ended() && hbone.roundtrip().is_err());
+    let log = cluster.mesh_log("node-a");
+    assert!(
+        log.contains("drain timeout: closing the connections still open"),
+        "{log}"
+    );
+    assert!(
+        log.contains(
+            "closed at the drain timeout (--drain-timeout): a successor took over the node"
+        ),
+        "no access-log record of the closed connection: {log}"
+    );
+    // The successor counts what its predecessor had to close.
+    let closed = || {
+        cluster
+            .metric_sum("node-a", "mesh_proxy_predecessor_drain_closed_total", &[])
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while closed() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        closed() >= 1,
+        "the successor did not count the closed connection"
+    );
+    // New connections go on.
+    let mut again =
+        Session::open(&cluster.pod("a1").netns, addr(&cluster, "b1", WEB_PORT)).unwrap();
+    again.roundtrip().unwrap();
+}
+
+#[test]
+fn a_predecessor_killed_mid_drain_ends_only_its_own_connections() {
+    require_root!();
+    let mut cluster = Cluster::new(TWO_NODES).unwrap();
+    cluster.start_mesh_everywhere().unwrap();
+    let _echo = [
+        Server::start(&cluster.pod("a2").netns, WEB_PORT, Behaviour::Echo).unwrap(),
+        Server::start(&cluster.pod("b1").netns, WEB_PORT, Behaviour::Echo).unwrap(),
+    ];
+    let before = [
+        session(&cluster, "a1", "a2"),
+        session(&cluster, "a1", "b1"),
+        session(&cluster, "c1", "a2"),
+    ];
+    let mut predecessor = Draining(cluster.upgrade_mesh("node-a").unwrap());
+    let mut after = [
+        session(&cluster, "a1", "a2"),
+        session(&cluster, "a1", "b1"),
+        session(&cluster, "c1", "a2"),
+    ];
+
+    // New connections, every 5 ms, through the kill.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = {
+        let (dst, stop) = (addr(&cluster, "a2", WEB_PORT), stop.clone());
+        join(cluster.pod("a1").netns.spawn(move || {
+            let mut done = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                echo_once(dst).with_context(|| format!("after {done}"))?;
+                done += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(done)
+        }))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    predecessor.0.kill().unwrap();
+    predecessor.0.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Release);
+    let done = stream.join().unwrap().unwrap();
+    assert!(done > 20, "{done} connections");
+
+    // Its own connections ended; the successor's go on.
+    for (i, s) in before.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !s.ended() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(s.ended(), "the predecessor's connection {i} is still open");
+    }
+    for s in &mut after {
+        s.roundtrip().unwrap();
+    }
+    let log = cluster.mesh_log("node-a");
+    assert!(log.contains("the predecessor has exited"), "{log}");
+
+    // A crash of the only mesh-node: its replacement serves again (fail closed meanwhile).
+    let crashed = Instant::now();
+    cluster.kill_mesh("node-a").unwrap();
+    cluster.start_mesh("node-a").unwrap();
+    let mut back = session(&cluster, "a1", "a2");
+    back.roundtrip().unwrap();
+    eprintln!(
+        "crash recovery (SIGKILL to a new mesh-node serving): {:?}",
+        crashed.elapsed()
+    );
 }

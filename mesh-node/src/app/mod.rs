@@ -209,6 +209,8 @@ async fn serve(
         handover::Start::Successor(inherited) => {
             tracing::info!(
                 pid = inherited.pid,
+                cgroup = inherited.cgroup,
+                own_cgroup = sys::own_cgroup_id().unwrap_or(0),
                 "taking the node over from its mesh-node"
             );
             let lock = inherited.lock.try_clone()?;
