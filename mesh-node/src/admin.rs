@@ -116,6 +116,46 @@ pub async fn serve(listener: std::net::TcpListener, admin: Arc<Admin>) {
     }
 }
 
+/// Serves the health and metrics endpoints of this process on a unix socket of its own
+/// (`--probe-socket`, in the pod's own filesystem) for exec probes: while a successor and its
+/// draining predecessor share the node's network (and the admin port), each still answers
+/// for itself here, the predecessor as not ready. Never drains.
+pub async fn serve_probes(listener: tokio::net::UnixListener, admin: Arc<Admin>) {
+    let own = crate::drain::Drain::default();
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                tracing::warn!("probe socket accept failed: {err}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (admin, own) = (admin.clone(), own.clone());
+        tokio::spawn(async move {
+            let gate = admin.gate.clone();
+            let handle = move |req: Request<Incoming>| {
+                let response = route(&admin, &req, false);
+                async move { response }
+            };
+            let local = IpAddr::from([127, 0, 0, 1]);
+            if let Served::Limited(reason) = server::serve(&gate, &own, local, stream, handle).await
+            {
+                tracing::debug!("probe connection closed: {reason}");
+            }
+        });
+    }
+}
+
+/// Binds the probe socket (replacing a stale one), mode 0600.
+pub fn bind_probes(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
 /// Binds the admin address.
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let listener = std::net::TcpListener::bind(addr)?;

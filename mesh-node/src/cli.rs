@@ -58,6 +58,17 @@ pub enum Command {
     /// The mesh CA for a cluster.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Ask this pod's `mesh-node run` whether it is ready or alive, over its probe socket
+    /// (`--probe-socket`): for exec probes, which answer for this pod's process even while a
+    /// successor and its predecessor share the node's network. Exit 0 when it is.
+    Probe {
+        /// What to ask.
+        #[arg(value_enum)]
+        check: ProbeCheck,
+        /// The probe socket of the `run` to ask.
+        #[arg(long, env = "MESH_PROBE_SOCKET")]
+        socket: PathBuf,
+    },
     /// Print the CustomResourceDefinitions of the four Istio kinds the mesh reads (generated
     /// from its typed model), or write one file per CRD into a directory.
     Crds {
@@ -65,6 +76,25 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+/// `mesh-node probe ...`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ProbeCheck {
+    /// `/healthz/ready`: serving (not starting, not draining after a takeover).
+    Ready,
+    /// `/healthz/live`: the process answers.
+    Live,
+}
+
+impl ProbeCheck {
+    /// The admin path it asks.
+    pub fn path(self) -> &'static str {
+        match self {
+            ProbeCheck::Ready => "/healthz/ready",
+            ProbeCheck::Live => "/healthz/live",
+        }
+    }
 }
 
 /// `mesh-node ca ...`.
@@ -168,6 +198,11 @@ pub struct RunArgs {
     /// Admin endpoint (health, metrics, debug).
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], PORT_ADMIN)))]
     admin_addr: SocketAddr,
+    /// A unix socket of this process's own (in the pod's filesystem) where the health and
+    /// metrics endpoints answer too, for `mesh-node probe` (exec probes): during an upgrade
+    /// the admin port is the successor's, this socket stays each process's.
+    #[arg(long, env = "MESH_PROBE_SOCKET")]
+    probe_socket: Option<PathBuf>,
     /// A node address, besides loopback, on which the admin endpoint also serves `/debug/*`
     /// (which reveals every workload, identity, policy and connection of the mesh). Off by
     /// default: `/debug/*` answers only on loopback.
@@ -326,6 +361,9 @@ impl RunArgs {
         self.node.check(&mut problems);
         self.mesh.check(&mut problems);
         problems.check("state-dir", absolute_problem(&self.state_dir));
+        if let Some(socket) = &self.probe_socket {
+            problems.check("probe-socket", absolute_problem(socket));
+        }
         problems.check(
             "cert-lifetime",
             at_least(self.cert_lifetime, MIN_CERT_LIFETIME),
@@ -415,6 +453,7 @@ impl RunArgs {
             ca_dir: self.ca_dir,
             cert_lifetime: self.cert_lifetime,
             admin_addr: self.admin_addr,
+            probe_socket: self.probe_socket,
             debug_address: self.debug_address,
             socket_bypass: self.socket_bypass,
             host_traffic: self.host_traffic,

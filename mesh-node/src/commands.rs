@@ -139,3 +139,34 @@ pub fn ca_init(name: &str, namespace: &str) -> ExitCode {
         }
     }
 }
+
+/// `probe ready|live`: asks this pod's mesh-node over its probe socket (an exec probe);
+/// exit 0 when it answers 200, 1 otherwise (with the answer or the error).
+pub fn probe(path: &str, socket: &Path) -> ExitCode {
+    use std::io::{Read, Write};
+    let asked = (|| {
+        let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        stream.set_write_timeout(Some(std::time::Duration::from_secs(5)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nhost: probe\r\n\r\n")?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        std::io::Result::Ok(answer)
+    })();
+    let answer = match asked {
+        Ok(answer) => answer,
+        Err(err) => {
+            eprintln!("mesh-node probe: {}: {err}", socket.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let status = answer.split_whitespace().nth(1).unwrap_or("");
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    print!("{body}");
+    if status == "200" {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("mesh-node probe: {path} answered {status}");
+        ExitCode::FAILURE
+    }
+}

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         Command::Uninstall(node) => node
             .node()
             .map_or_else(invalid("uninstall"), |node| commands::uninstall(&node)),
+        Command::Probe { check, socket } => commands::probe(check.path(), &socket),
         Command::Crds { out } => commands::crds(out.as_deref()),
         Command::Ca(CaCommand::Init { name, namespace }) => commands::ca_init(&name, &namespace),
     }

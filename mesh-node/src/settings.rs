@@ -32,6 +32,8 @@ pub struct Settings {
     pub cert_lifetime: Duration,
     /// The admin endpoint.
     pub admin_addr: SocketAddr,
+    /// This process's own socket for exec probes.
+    pub probe_socket: Option<PathBuf>,
     /// A node address, besides loopback, where `/debug/*` answers.
     pub debug_address: Option<IpAddr>,
     /// The experimental same-node socket bypass.
@@ -102,7 +104,7 @@ impl fmt::Display for Settings {
             f,
             " root_namespace={} trust_domain={} path_normalization={} \
              reject_ambiguous_paths={} state_dir={} ca={} cert_lifetime={} admin_addr={} \
-             debug_address={} socket_bypass={} host_traffic={} kubelet_cgroups={} \
+             probe_socket={} debug_address={} socket_bypass={} host_traffic={} kubelet_cgroups={} \
              udp_to_enrolled={} cni={} repair={} repair_interval={} drain_timeout={} log={}",
             self.mesh.root_namespace,
             self.mesh.trust_domain,
@@ -114,6 +116,7 @@ impl fmt::Display for Settings {
                 .map_or_else(|| path(&self.state_dir.join("ca")), path),
             duration(self.cert_lifetime),
             self.admin_addr,
+            self.probe_socket.as_ref().map_or("off".into(), path),
             self.debug_address
                 .map_or("loopback-only".into(), |a| a.to_string()),
             self.socket_bypass,

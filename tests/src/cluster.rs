@@ -503,6 +503,11 @@ impl Cluster {
     /// the successor serves), with the predecessor's process (draining; the successor is
     /// the node's mesh-node from now on). Fails if the successor exits first.
     pub fn upgrade_mesh(&mut self, name: &str) -> Result<Child> {
+        self.upgrade_mesh_with(name, &[])
+    }
+
+    /// [`Cluster::upgrade_mesh`] with extra `run` arguments for the successor.
+    pub fn upgrade_mesh_with(&mut self, name: &str, extra: &[&str]) -> Result<Child> {
         const SERVES: &str = "the successor serves: draining";
         let before = self.mesh_log(name).matches(SERVES).count();
         // The successor in a cgroup of its own, as a DaemonSet's surge pod.
@@ -511,7 +516,8 @@ impl Cluster {
         if let Some(old) = self.mesh_cgroups.insert(name.to_string(), cgroup) {
             self.retired_cgroups.push(old);
         }
-        let mut successor = self.spawn_mesh(name, &["run"])?;
+        let args: Vec<&str> = ["run"].iter().chain(extra).copied().collect();
+        let mut successor = self.spawn_mesh(name, &args)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.mesh_log(name).matches(SERVES).count() == before {
             if let Some(status) = successor.try_wait()? {

@@ -529,3 +529,45 @@ fn a_predecessor_killed_mid_drain_ends_only_its_own_connections() {
         crashed.elapsed()
     );
 }
+
+#[test]
+fn exec_probes_answer_for_each_process_while_two_share_the_node() {
+    require_root!();
+    let mut cluster = Cluster::new(TWO_NODES).unwrap();
+    let socket = |n: usize| cluster.dir().join(format!("probe-{n}.sock"));
+    let (first, second) = (socket(0), socket(1));
+    cluster.run_args = vec!["--probe-socket".into(), first.display().to_string()];
+    cluster.start_mesh("node-a").unwrap();
+    // The successor gets a socket of its own (each pod's emptyDir on a node).
+    cluster.run_args.clear();
+    let probe = |check: &str, socket: &std::path::Path| {
+        std::process::Command::new(mesh_tests::cluster::mesh_node_bin().unwrap())
+            .args(["probe", check, "--socket"])
+            .arg(socket)
+            .output()
+            .unwrap()
+    };
+    assert!(probe("ready", &first).status.success());
+    let _echo = Server::start(&cluster.pod("a2").netns, WEB_PORT, Behaviour::Echo).unwrap();
+    // An open connection keeps the predecessor draining.
+    let mut held = session(&cluster, "a1", "a2");
+    let mut predecessor = Draining(
+        cluster
+            .upgrade_mesh_with("node-a", &["--probe-socket", &second.display().to_string()])
+            .unwrap(),
+    );
+    let draining = probe("ready", &first);
+    assert_eq!(draining.status.code(), Some(1), "{draining:?}");
+    assert!(String::from_utf8_lossy(&draining.stdout).contains("draining"));
+    assert!(probe("live", &first).status.success());
+    assert!(probe("ready", &second).status.success());
+    assert!(probe("live", &second).status.success());
+    // The admin port is the successor's.
+    let (status, _) = cluster.admin_get("node-a", "/healthz/ready").unwrap();
+    assert_eq!(status, 200);
+    held.roundtrip().unwrap();
+    drop(held);
+    assert!(predecessor.exited(Duration::from_secs(10)).is_some());
+    assert!(!probe("live", &first).status.success());
+    assert!(probe("ready", &second).status.success());
+}

@@ -270,6 +270,12 @@ async fn serve(
         drain: drain.clone(),
     });
 
+    if let Some(path) = &settings.probe_socket {
+        let probes = admin::bind_probes(path)
+            .with_context(|| format!("binding the probe socket {}", path.display()))?;
+        tokio::spawn(admin::serve_probes(probes, admin.clone()));
+    }
+
     // The first generation goes to the kernel through the datapath thread like every other
     // (the publisher sent it); nothing is served before it is there.
     let first = spawn_datapath_thread(datapath, receiver, admin.clone(), node_addresses.clone())?;
