@@ -101,6 +101,16 @@ impl Outcome {
         }
     }
 
+    /// A plain relay handed to the successor of an upgrade (which records the rest).
+    pub fn handed_over(copied: Copied) -> Outcome {
+        Outcome {
+            flag: ResponseFlag::None,
+            error: Some("handed over to the successor (upgrade): its record has the rest".into()),
+            sent: copied.sent,
+            received: copied.received,
+        }
+    }
+
     /// A connection that could not reach its destination.
     pub fn failed(error: &crate::transport::Error) -> Outcome {
         Outcome::refused(error.flag(), error.to_string())

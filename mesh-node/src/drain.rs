@@ -7,10 +7,26 @@
 
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
-    Arc,
+    Arc, OnceLock,
 };
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::{connections::Direction, transport::Half};
+
+/// A plain relay (no TLS state: same-node, or plaintext to or from outside the mesh) paused
+/// between two steps and handed to the successor: both sockets, where each direction stands.
+#[derive(Debug)]
+pub struct Handoff {
+    /// The listener that accepted it (`outbound` or `inbound`).
+    pub direction: Direction,
+    /// The accepted client connection.
+    pub client: std::net::TcpStream,
+    /// The proxy's connection to the upstream.
+    pub server: std::net::TcpStream,
+    /// Client to server, server to client.
+    pub halves: [Half; 2],
+}
 
 /// The drain signal and the count of live accepted connections, shared by every server.
 #[derive(Clone)]
@@ -29,6 +45,8 @@ enum Phase {
 
 struct Inner {
     phase: watch::Sender<Phase>,
+    /// Where plain relays go once draining (the successor), if anywhere.
+    handoff: OnceLock<mpsc::UnboundedSender<Handoff>>,
     live: AtomicUsize,
     ended: Notify,
 }
@@ -37,6 +55,7 @@ impl Default for Drain {
     fn default() -> Self {
         Drain(Arc::new(Inner {
             phase: watch::Sender::new(Phase::Serving),
+            handoff: OnceLock::new(),
             live: AtomicUsize::new(0),
             ended: Notify::new(),
         }))
@@ -51,6 +70,28 @@ impl Drain {
             *phase = was.max(Phase::Draining);
             was < Phase::Draining
         });
+    }
+
+    /// Starts draining, handing plain relays to `handoff` (the successor takes them).
+    pub fn start_handing_off(&self, handoff: mpsc::UnboundedSender<Handoff>) {
+        let _ = self.0.handoff.set(handoff);
+        self.start();
+    }
+
+    /// Resolves once plain relays are to be handed over; never when nothing takes them.
+    pub async fn handing_off(&self) {
+        self.started().await;
+        if self.0.handoff.get().is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Hands a paused relay over; gives it back when nothing takes it.
+    pub fn hand_off(&self, relay: Handoff) -> Result<(), Box<Handoff>> {
+        match self.0.handoff.get() {
+            Some(handoff) => handoff.send(relay).map_err(|err| Box::new(err.0)),
+            None => Err(Box::new(relay)),
+        }
     }
 
     /// The drain timeout passed: every relay still open stops (and resets both ends).

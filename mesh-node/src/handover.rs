@@ -25,7 +25,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use crate::sys;
+use crate::{connections::Direction, drain::Handoff, sys, transport::Half};
 
 /// The control socket's file name in the state directory.
 pub const SOCKET: &str = "handover.sock";
@@ -56,6 +56,20 @@ enum Message {
     Serving,
     /// Predecessor, as it exits: connections it closed at the drain timeout.
     Drained { closed: u64 },
+    /// Predecessor: a plain relay, paused; descriptors: the client's connection, the
+    /// upstream one. The pending bytes of each direction follow the line.
+    Relay {
+        direction: String,
+        halves: [HalfHead; 2],
+    },
+}
+
+/// One direction of a handed-over relay (its pending bytes follow the message).
+#[derive(Debug, Serialize, Deserialize)]
+struct HalfHead {
+    pending: usize,
+    eof: bool,
+    shut: bool,
 }
 
 /// The node's listening sockets, shared by the active and the draining process.
@@ -214,10 +228,12 @@ async fn ask(path: &Path) -> Result<Inherited, Error> {
 
 impl Inherited {
     /// Tells the predecessor this process serves (it then stops accepting and drains), and
-    /// follows it until it exits: `drained` gets the connections it closed at its drain
-    /// timeout, `gone` is called when it has exited (or crashed).
+    /// follows it until it exits: `adopt` takes each plain relay it hands over, `drained`
+    /// gets the connections it closed at its drain timeout, `gone` is called when it has
+    /// exited (or crashed).
     pub async fn serving(
         mut self,
+        adopt: impl Fn(Handoff) + Send + 'static,
         drained: impl FnOnce(u64) + Send + 'static,
         gone: impl FnOnce() + Send + 'static,
     ) {
@@ -235,6 +251,15 @@ impl Inherited {
                     Ok(Some(Message::Drained { closed })) => {
                         if let Some(drained) = drained.take() {
                             drained(closed);
+                        }
+                    }
+                    Ok(Some(Message::Relay { direction, halves })) => {
+                        match self.channel.relay(&direction, halves).await {
+                            Ok(relay) => adopt(relay),
+                            Err(err) => {
+                                tracing::warn!(pid, "a handed-over relay is lost: {err}");
+                                break;
+                            }
                         }
                     }
                     Ok(Some(other)) => {
@@ -270,6 +295,39 @@ pub struct TakenOver {
 }
 
 impl TakenOver {
+    /// Hands a paused plain relay to the successor (this process's descriptors of its
+    /// sockets are closed after, without a shutdown: the sockets stay open in the successor).
+    pub async fn hand_off(&mut self, relay: Handoff) -> Result<(), Error> {
+        let Handoff {
+            direction,
+            client,
+            server,
+            halves,
+        } = relay;
+        let message = Message::Relay {
+            direction: direction.as_str().into(),
+            halves: halves.each_ref().map(|half| HalfHead {
+                pending: half.pending.len(),
+                eof: half.eof,
+                shut: half.shut,
+            }),
+        };
+        let tail: Vec<u8> = halves
+            .iter()
+            .flat_map(|h| h.pending.iter().copied())
+            .collect();
+        let sent = self
+            .channel
+            .send_with(&message, &[client.as_fd(), server.as_fd()], &tail)
+            .await;
+        if sent.is_err() {
+            // Not handed over: ended, and reset so neither end takes it for complete.
+            crate::transport::reset(&client);
+            crate::transport::reset(&server);
+        }
+        sent
+    }
+
     /// Tells the successor how many connections the drain timeout closed.
     pub async fn drained(self, closed: u64) {
         let _ = self.channel.send(&Message::Drained { closed }, &[]).await;
@@ -413,8 +471,19 @@ impl Channel {
     }
 
     async fn send(&self, message: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), Error> {
+        self.send_with(message, fds, &[]).await
+    }
+
+    /// `message`, then `tail` (raw bytes the receiver knows the length of from the message).
+    async fn send_with(
+        &self,
+        message: &Message,
+        fds: &[BorrowedFd<'_>],
+        tail: &[u8],
+    ) -> Result<(), Error> {
         let mut line = serde_json::to_vec(message).map_err(io::Error::other)?;
         line.push(b'\n');
+        line.extend_from_slice(tail);
         let mut sent = 0;
         while sent < line.len() {
             // The descriptors ride with the first byte.
@@ -429,6 +498,64 @@ impl Channel {
         Ok(())
     }
 
+    /// The rest of a `Relay` message: its two descriptors and pending bytes.
+    async fn relay(&mut self, direction: &str, halves: [HalfHead; 2]) -> Result<Handoff, Error> {
+        let direction = match direction {
+            "outbound" => Direction::Outbound,
+            "inbound" => Direction::Inbound,
+            other => return Err(Error::Protocol(format!("a relay from listener {other:?}"))),
+        };
+        if self.fds.len() < 2 {
+            return Err(Error::Protocol(
+                "a relay without its two descriptors".into(),
+            ));
+        }
+        let mut fds = self.fds.drain(..2);
+        let (client, server) = (fds.next(), fds.next());
+        drop(fds);
+        let (Some(client), Some(server)) = (client, server) else {
+            return Err(Error::Protocol(
+                "a relay without its two descriptors".into(),
+            ));
+        };
+        let mut out: [Half; 2] = Default::default();
+        for (head, half) in halves.iter().zip(out.iter_mut()) {
+            half.pending = bytes::BytesMut::from(&self.bytes(head.pending).await?[..]);
+            half.eof = head.eof;
+            half.shut = head.shut;
+        }
+        Ok(Handoff {
+            direction,
+            client: client.into(),
+            server: server.into(),
+            halves: out,
+        })
+    }
+
+    /// The next `n` raw bytes.
+    async fn bytes(&mut self, n: usize) -> Result<Vec<u8>, Error> {
+        while self.buf.len() < n {
+            if !self.fill().await? {
+                return Err(Error::Protocol("the stream ended inside a message".into()));
+            }
+        }
+        Ok(self.buf.drain(..n).collect())
+    }
+
+    /// Reads more into the buffer; `false` at the end of the stream.
+    async fn fill(&mut self) -> Result<bool, Error> {
+        let mut chunk = [0u8; 4096];
+        let (read, fds) = self
+            .stream
+            .async_io(Interest::READABLE, || {
+                sys::recv_with_fds(&self.stream, &mut chunk)
+            })
+            .await?;
+        self.fds.extend(fds);
+        self.buf.extend_from_slice(&chunk[..read]);
+        Ok(read > 0)
+    }
+
     /// The next message; `None` once the other side hung up.
     async fn recv(&mut self) -> Result<Option<Message>, Error> {
         loop {
@@ -438,21 +565,12 @@ impl Channel {
                     .map(Some)
                     .map_err(|err| Error::Protocol(format!("bad message: {err}")));
             }
-            if self.buf.len() > 64 << 10 {
+            if self.buf.len() > 1 << 20 {
                 return Err(Error::Protocol("message too long".into()));
             }
-            let mut chunk = [0u8; 4096];
-            let (read, fds) = self
-                .stream
-                .async_io(Interest::READABLE, || {
-                    sys::recv_with_fds(&self.stream, &mut chunk)
-                })
-                .await?;
-            self.fds.extend(fds);
-            if read == 0 {
+            if !self.fill().await? {
                 return Ok(None);
             }
-            self.buf.extend_from_slice(&chunk[..read]);
         }
     }
 }
@@ -543,6 +661,7 @@ mod tests {
             let (closed, reported) = tokio::sync::mpsc::unbounded_channel();
             inherited
                 .serving(
+                    |_| {},
                     move |n| {
                         let _ = closed.send(n);
                     },

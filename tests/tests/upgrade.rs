@@ -404,7 +404,7 @@ fn an_upgrade_under_load_fails_nothing_and_open_connections_go_on() {
 }
 
 #[test]
-fn past_the_drain_timeout_the_predecessor_closes_what_is_left_and_the_successor_counts_it() {
+fn plain_relays_move_to_the_successor_and_what_cannot_move_closes_at_the_drain_timeout() {
     require_root!();
     let mut cluster = Cluster::new(TWO_NODES).unwrap();
     cluster.run_args = vec!["--drain-timeout".into(), "2s".into()];
@@ -412,10 +412,47 @@ fn past_the_drain_timeout_the_predecessor_closes_what_is_left_and_the_successor_
     let _echo = [
         Server::start(&cluster.pod("a2").netns, WEB_PORT, Behaviour::Echo).unwrap(),
         Server::start(&cluster.pod("b1").netns, WEB_PORT, Behaviour::Echo).unwrap(),
+        Server::start(&cluster.pod("c3").netns, 9000, Behaviour::Echo).unwrap(),
     ];
-    let mut hbone =
-        Session::open(&cluster.pod("a1").netns, addr(&cluster, "b1", WEB_PORT)).unwrap();
-    hbone.roundtrip().unwrap();
+    let mut hbone = session(&cluster, "a1", "b1");
+    // Relays without TLS state: enrolled to enrolled on this node, plaintext in from outside
+    // the mesh (this node and the other), enrolled out to a pod outside the mesh.
+    let plain_sessions = vec![
+        ("a1 -> a2 (same node)", session(&cluster, "a1", "a2")),
+        ("c1 -> a2 (plain in)", session(&cluster, "c1", "a2")),
+        (
+            "c2 -> a2 (plain in, other node)",
+            session(&cluster, "c2", "a2"),
+        ),
+        (
+            "a1 -> c3 (plain out)",
+            Session::open(&cluster.pod("a1").netns, addr(&cluster, "c3", 9000)).unwrap(),
+        ),
+    ];
+    let clients: Vec<(&str, std::net::SocketAddr)> = plain_sessions
+        .iter()
+        .map(|(n, s)| (*n, s.local()))
+        .collect();
+    // Round trips every 10 ms through the handover, each checked byte for byte.
+    let stop = Arc::new(AtomicBool::new(false));
+    let loops: Vec<_> = plain_sessions
+        .into_iter()
+        .map(|(name, mut session)| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut rounds = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    session
+                        .roundtrip()
+                        .map_err(|e| format!("{name}: after {rounds} rounds: {e:#}"))?;
+                    rounds += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok::<_, String>((name, session, rounds))
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
     let mut predecessor = Draining(cluster.upgrade_mesh("node-a").unwrap());
     let taken = Instant::now();
     hbone.roundtrip().unwrap();
@@ -428,9 +465,36 @@ fn past_the_drain_timeout_the_predecessor_closes_what_is_left_and_the_successor_
         "exited before the drain timeout: {:?}",
         taken.elapsed()
     );
-    // Reset, not closed as if it had ended: the client cannot take it for complete.
-    assert!(hbone.ended() && hbone.roundtrip().is_err());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Release);
+    let mut plain = Vec::new();
+    for thread in loops {
+        let (name, session, rounds) = thread.join().unwrap().unwrap();
+        eprintln!("{name}: {rounds} round trips through the handover");
+        plain.push((name, session));
+    }
+    // The plain ones outlived the predecessor, with the successor relaying them.
+    let recorded = cluster.connections("node-a").unwrap();
+    for ((name, session), (_, client)) in plain.iter_mut().zip(&clients) {
+        session
+            .roundtrip()
+            .unwrap_or_else(|e| panic!("{name} after the drain: {e:#}"));
+        assert!(
+            recorded
+                .iter()
+                .any(|c| c.client == *client && c.closed_ms.is_none()),
+            "the successor has no open record of {name} ({client})"
+        );
+    }
     let log = cluster.mesh_log("node-a");
+    assert!(
+        log.contains("handed over to the successor (upgrade)"),
+        "no access-log record of a handed-over relay: {log}"
+    );
+    // The HBONE one cannot move (its TLS and HTTP/2 state are the predecessor's): reset at
+    // the drain timeout, not closed as if it had ended, so the client cannot take it for
+    // complete.
+    assert!(hbone.ended() && hbone.roundtrip().is_err());
     assert!(
         log.contains("drain timeout: closing the connections still open"),
         "{log}"
@@ -441,7 +505,7 @@ fn past_the_drain_timeout_the_predecessor_closes_what_is_left_and_the_successor_
         ),
         "no access-log record of the closed connection: {log}"
     );
-    // The successor counts what its predecessor had to close.
+    // The successor counts what its predecessor had to close: that one only.
     let closed = || {
         cluster
             .metric_sum("node-a", "mesh_proxy_predecessor_drain_closed_total", &[])
@@ -451,14 +515,13 @@ fn past_the_drain_timeout_the_predecessor_closes_what_is_left_and_the_successor_
     while closed() == 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(
-        closed() >= 1,
-        "the successor did not count the closed connection"
+    assert_eq!(
+        closed(),
+        1,
+        "the successor's count of what its predecessor closed"
     );
     // New connections go on.
-    let mut again =
-        Session::open(&cluster.pod("a1").netns, addr(&cluster, "b1", WEB_PORT)).unwrap();
-    again.roundtrip().unwrap();
+    session(&cluster, "a1", "b1").roundtrip().unwrap();
 }
 
 #[test]

@@ -364,7 +364,7 @@ async fn serve(
     } = listeners;
     tokio::spawn(proxy::serve(outbound, Direction::Outbound, ctx.clone()));
     tokio::spawn(proxy::serve(inbound, Direction::Inbound, ctx.clone()));
-    tokio::spawn(proxy::serve(hbone, Direction::Hbone, ctx));
+    tokio::spawn(proxy::serve(hbone, Direction::Hbone, ctx.clone()));
     tokio::spawn(admin::serve(admin_listener, admin.clone()));
     admin.ready.store(true, Ordering::Release);
     // The predecessor, if any, stops accepting once told; until it exits no successor of
@@ -374,8 +374,17 @@ async fn serve(
         *predecessor.lock().unwrap_or_else(|e| e.into_inner()) = Some(inherited.pid);
         let closed = upgrade_metrics.predecessor_closed.clone();
         let gone = predecessor.clone();
+        let adopting = ctx.clone();
         inherited
             .serving(
+                move |relay| {
+                    let ctx = adopting.clone();
+                    let live = ctx.drain.track();
+                    tokio::spawn(async move {
+                        proxy::forward::adopt(ctx, relay).await;
+                        drop(live);
+                    });
+                },
                 move |n| {
                     closed.inc_by(n);
                 },
@@ -417,8 +426,28 @@ async fn serve(
     for task in writers {
         task.abort();
     }
-    drain.start();
-    let closed = drain_until_done(&drain, settings.drain_timeout).await;
+    // Plain relays (no TLS state) go to the successor with their sockets; the rest drain
+    // here. With the socket bypass, whose maps are this process's, nothing is handed over.
+    let (handoffs, mut handed) = tokio::sync::mpsc::unbounded_channel();
+    if settings.socket_bypass {
+        drain.start();
+    } else {
+        drain.start_handing_off(handoffs);
+    }
+    let mut taken = taken;
+    let drained = drain_until_done(&drain, settings.drain_timeout);
+    tokio::pin!(drained);
+    let mut moved = 0u64;
+    let closed = loop {
+        tokio::select! {
+            closed = &mut drained => break closed,
+            Some(relay) = handed.recv() => match taken.hand_off(relay).await {
+                Ok(()) => moved += 1,
+                Err(err) => tracing::warn!("a relay could not be handed over: {err}"),
+            },
+        }
+    };
+    tracing::info!(handed_over = moved, closed, "drain over");
     taken.drained(closed).await;
     Ok(())
 }

@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use crate::{
     connections::{ConnectionRecord, Direction},
     context::{Outcome, Tracked},
+    drain::Handoff,
     gate::{
         revoke::{Asked, Registration},
         Authorized, Decision, Served,
@@ -48,6 +49,81 @@ pub async fn handle(
         client: peer,
         original_dst,
     };
+    decide_and_do(ctx, direction, client, facts, None).await
+}
+
+/// Takes over a plain relay a predecessor handed over during an upgrade (`crate::drain`):
+/// decided again, on this process's config, as a connection from its client straight to the
+/// upstream it is connected to (its Service, if it went through one, is not known any more);
+/// relayed on from where each direction stood if the gate still lets it through as a plain
+/// relay, else both ends are reset and the record says why.
+pub async fn adopt(ctx: Arc<ProxyContext>, handoff: Handoff) {
+    let Handoff {
+        direction,
+        client,
+        server,
+        halves,
+    } = handoff;
+    let facts = match (client.peer_addr(), server.peer_addr()) {
+        (Ok(client), Ok(original_dst)) => Facts {
+            client,
+            original_dst,
+        },
+        _ => {
+            // One end is gone already.
+            reset(&client);
+            reset(&server);
+            return;
+        }
+    };
+    let (client, server) = match (TcpStream::from_std(client), TcpStream::from_std(server)) {
+        (Ok(client), Ok(server)) => (client, server),
+        (client, server) => {
+            tracing::warn!("a handed-over connection cannot be taken over");
+            for stream in [client.ok(), server.ok()].into_iter().flatten() {
+                reset(&stream);
+            }
+            return;
+        }
+    };
+    let adopted = Adopted {
+        server: Some(server),
+        halves,
+    };
+    decide_and_do(ctx, direction, client, facts, Some(adopted)).await
+}
+
+/// A connection on its way to what its plan says: accepted by a listener, or taken over
+/// from a predecessor (`adopted`).
+struct Conn {
+    direction: Direction,
+    client: TcpStream,
+    facts: Facts,
+    adopted: Option<Adopted>,
+}
+
+/// A relay taken over from a predecessor: its upstream connection and where each direction
+/// stands. The upstream is reset if the connection does not go on.
+struct Adopted {
+    server: Option<TcpStream>,
+    halves: [transport::Half; 2],
+}
+
+impl Drop for Adopted {
+    fn drop(&mut self) {
+        if let Some(server) = &self.server {
+            reset(server);
+        }
+    }
+}
+
+async fn decide_and_do(
+    ctx: Arc<ProxyContext>,
+    direction: Direction,
+    client: TcpStream,
+    facts: Facts,
+    adopted: Option<Adopted>,
+) {
     // Before the snapshot the decision is made on is loaded: a config change published
     // from now on reaches this connection (`gate::revoke`).
     let registration = ctx.revocations.register();
@@ -58,16 +134,13 @@ pub async fn handle(
         _ => plan::inbound(&state, &node, facts),
     };
     // Boxed and gone once open: the opening's future is sized by its largest way.
-    let lives = Box::pin(open(
-        &ctx,
-        &state,
+    let conn = Conn {
         direction,
         client,
         facts,
-        plan,
-        registration,
-    ))
-    .await;
+        adopted,
+    };
+    let lives = Box::pin(open(&ctx, &state, conn, plan, registration)).await;
     // A long-lived connection does not keep the config it started under alive.
     drop(node);
     drop(state);
@@ -88,6 +161,10 @@ struct Relayed<'a> {
     server: TcpStream,
     /// Where the gate decided the connection: closed when a config change refuses it.
     registration: Option<Registration<'a>>,
+    /// Where each direction stands (a new connection: nothing pending).
+    halves: [transport::Half; 2],
+    drain: &'a crate::drain::Drain,
+    direction: Direction,
 }
 
 impl<'a> Relayed<'a> {
@@ -100,17 +177,51 @@ impl<'a> Relayed<'a> {
             mut client,
             mut server,
             registration,
+            halves,
+            drain,
+            direction,
         } = self;
         async move {
             let _ = client.set_nodelay(true);
             transport::keepalive(&client);
-            let (copied, error) = transport::relay(
+            let (copied, ended) = transport::relay(
                 &mut client,
                 &mut server,
                 &tracked.live,
                 tracked.until_stopped(registration.as_ref()),
+                drain.handing_off(),
+                halves,
             )
             .await;
+            let error = match ended {
+                transport::Ended::Done(error) => error,
+                transport::Ended::Paused(halves) => {
+                    // Upgrading: the successor relays it on from here.
+                    let handed = match (client.into_std(), server.into_std()) {
+                        (Ok(client), Ok(server)) => drain
+                            .hand_off(Handoff {
+                                direction,
+                                client,
+                                server,
+                                halves,
+                            })
+                            .map_err(|relay| {
+                                reset(&relay.client);
+                                reset(&relay.server);
+                            }),
+                        _ => Err(()),
+                    };
+                    let outcome = match handed {
+                        Ok(()) => Outcome::handed_over(copied),
+                        Err(()) => Outcome::refused(
+                            ResponseFlag::DownstreamTermination,
+                            "could not be handed to the successor",
+                        ),
+                    };
+                    tracked.finish(outcome);
+                    return;
+                }
+            };
             if error.is_some() {
                 // One side broke (for example reset), or the policy no longer lets the
                 // connection through: reset both, so neither takes a truncated stream for a
@@ -128,13 +239,38 @@ impl<'a> Relayed<'a> {
 async fn open<'a>(
     ctx: &'a Arc<ProxyContext>,
     state: &State,
-    direction: Direction,
-    client: TcpStream,
-    facts: Facts,
+    conn: Conn,
     plan: Plan<'_>,
     registration: Registration<'a>,
 ) -> Option<Lives<'a>> {
+    let Conn {
+        direction,
+        client,
+        facts,
+        adopted,
+    } = conn;
     let mut rec = ConnectionRecord::new(direction, facts.client, facts.original_dst);
+    if adopted.is_some() {
+        let plain = matches!(
+            plan,
+            Plan::Plain { .. }
+                | Plan::Local {
+                    served: Served::Connection,
+                    ..
+                }
+        );
+        if !plain {
+            // Under this config it would not be a plain relay (an HTTP port now, a tunnel,
+            // refused): it cannot go on as one.
+            reset(&client);
+            Tracked::open(ctx, direction, rec).finish(Outcome::refused(
+                ResponseFlag::DownstreamTermination,
+                "handed over by the predecessor, but no longer a plain relay under this \
+                 process's config",
+            ));
+            return None;
+        }
+    }
     let client_pod = plan::ipv4(facts.client).and_then(|ip| state.workloads.get(&ip));
     rec.source_workload = client_pod.map(Workload::qualified);
     if direction == Direction::Outbound {
@@ -196,7 +332,13 @@ async fn open<'a>(
                 _ => Vec::new(),
             };
             let tracked = Tracked::reported(ctx, direction, rec, reports);
-            plain(ctx, client, from, to, tracked, None).await
+            let conn = Conn {
+                direction,
+                client,
+                facts,
+                adopted,
+            };
+            plain(ctx, conn, from, to, tracked, None).await
         }
         Plan::Local {
             source,
@@ -281,7 +423,13 @@ async fn open<'a>(
                     let from =
                         From::Client(plan::ipv4(facts.client).unwrap_or(Ipv4Addr::UNSPECIFIED));
                     let tracked = Tracked::reported(ctx, direction, rec, reports);
-                    plain(ctx, client, from, admitted, tracked, Some(registration)).await
+                    let conn = Conn {
+                        direction,
+                        client,
+                        facts,
+                        adopted,
+                    };
+                    plain(ctx, conn, from, admitted, tracked, Some(registration)).await
                 }
             }
         }
@@ -340,16 +488,33 @@ fn deny(
 /// relay; `registration` where this node's gate decided it.
 async fn plain<'a>(
     ctx: &'a ProxyContext,
-    client: TcpStream,
+    conn: Conn,
     from: From,
     to: Authorized,
     tracked: Tracked<'a>,
     registration: Option<Registration<'a>>,
 ) -> Option<Lives<'a>> {
-    let server = match from {
-        From::Client(source) => transport::connect(&*ctx.sockets, source, &to).await,
-        From::Node => transport::connect(&*ctx.sockets, Ipv4Addr::UNSPECIFIED, &to).await,
-        From::Steered(source) => transport::connect_steered(&*ctx.sockets, source, &to).await,
+    let Conn {
+        direction,
+        client,
+        adopted,
+        ..
+    } = conn;
+    let (server, halves) = match adopted {
+        Some(mut adopted) => (
+            Ok(adopted.server.take()?),
+            std::mem::take(&mut adopted.halves),
+        ),
+        None => (
+            match from {
+                From::Client(source) => transport::connect(&*ctx.sockets, source, &to).await,
+                From::Node => transport::connect(&*ctx.sockets, Ipv4Addr::UNSPECIFIED, &to).await,
+                From::Steered(source) => {
+                    transport::connect_steered(&*ctx.sockets, source, &to).await
+                }
+            },
+            Default::default(),
+        ),
     };
     match server {
         Ok(server) => Some(Box::pin(
@@ -358,6 +523,9 @@ async fn plain<'a>(
                 client,
                 server,
                 registration,
+                halves,
+                drain: &ctx.drain,
+                direction,
             }
             .relay(),
         )),

@@ -219,7 +219,7 @@ pub(crate) fn keepalive(stream: &TcpStream) {
 }
 
 /// Makes the peer see a reset rather than a clean close when the stream is dropped.
-pub(crate) fn reset(stream: &TcpStream) {
+pub(crate) fn reset(stream: &impl std::os::fd::AsFd) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
@@ -232,59 +232,112 @@ pub(crate) struct Copied {
     pub received: u64,
 }
 
-/// Copies both ways between two TCP connections until both directions end. An end of
-/// stream is passed on as a half-close, so either side may keep sending after the other
-/// finished. Stops at the first error, or when `stop` resolves (an error then); the byte
-/// counts are kept either way.
+/// One direction of a plain relay, as it stands between two steps: bytes read and not yet
+/// written, whether the reading side has ended, whether that end was passed on. Kept outside
+/// the copying future, so a relay paused at any await point leaves it exact (the successor
+/// of an upgrade goes on from it: [`crate::drain`]).
+#[derive(Debug, Default)]
+pub struct Half {
+    /// Read, not yet written.
+    pub pending: bytes::BytesMut,
+    /// The reading side's end of stream has been read.
+    pub eof: bool,
+    /// ... and passed on (the writing side is shut down).
+    pub shut: bool,
+}
+
+/// How a plain relay ended.
+pub(crate) enum Ended {
+    /// Both directions finished, or one failed or `stop` resolved (the error).
+    Done(Option<io::Error>),
+    /// `pause` resolved: where each direction stands (client to server, server to client).
+    Paused([Half; 2]),
+}
+
+/// Copies both ways between two TCP connections until both directions end, starting from
+/// `halves` (client to server, server to client; [`Half::default`] for a new connection). An
+/// end of stream is passed on as a half-close, so either side may keep sending after the
+/// other finished. Stops at the first error, or when `stop` resolves (an error then); when
+/// `pause` resolves, stops between steps and returns where it stands. The byte counts are
+/// kept either way.
 pub(crate) async fn relay(
     client: &mut TcpStream,
     server: &mut TcpStream,
     live: &Live,
     stop: impl Future<Output = ()>,
-) -> (Copied, Option<io::Error>) {
+    pause: impl Future<Output = ()>,
+    halves: [Half; 2],
+) -> (Copied, Ended) {
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
     let mut copied = Copied::default();
+    let [mut up, mut down] = halves;
     // The copies are made inside `select!`: made before it and moved in, a future would be
     // held twice in this one (an idle connection's memory is mostly its relay's future).
-    let result = tokio::select! {
+    let ended = tokio::select! {
         result = async {
             tokio::try_join!(
-                pipe(&mut client_read, &mut server_write, &mut copied.sent, |n| {
+                pipe(&mut client_read, &mut server_write, &mut up, &mut copied.sent, |n| {
                     live.client_bytes(n)
                 }),
                 pipe(
                     &mut server_read,
                     &mut client_write,
+                    &mut down,
                     &mut copied.received,
                     |n| live.server_bytes(n)
                 ),
             )
-        } => result.map(drop),
-        () = stop => Err(stopped()),
+        } => Ended::Done(result.err()),
+        () = stop => Ended::Done(Some(stopped())),
+        () = pause => Ended::Paused([std::mem::take(&mut up), std::mem::take(&mut down)]),
     };
-    (copied, result.err())
+    (copied, ended)
 }
 
+/// Moves one direction on from where `half` stands: writes what is pending, passes the end
+/// of stream on, reads the next bytes. Every await is cancel-safe (a write either happened
+/// and is accounted for, or did not), so `half` is exact whenever this is dropped.
 async fn pipe(
     from: &mut tokio::net::tcp::ReadHalf<'_>,
     to: &mut tokio::net::tcp::WriteHalf<'_>,
+    half: &mut Half,
     count: &mut u64,
     counted: impl Fn(u64),
 ) -> io::Result<()> {
     loop {
-        let Some(Read { data, last }) = read_when_ready(from).await? else {
-            return to.shutdown().await;
-        };
-        if last {
-            write_last(to, &data).await?;
-        } else {
-            to.write_all(&data).await?;
+        if !half.pending.is_empty() && half.eof {
+            // The last bytes and the end of stream in one segment (corked, the FIN joins the
+            // queued data): the receiver gets both at once, as it would from the sender
+            // directly. Sent apart, a client that reads its answer before the FIN arrives
+            // closes first and holds the TIME_WAIT, on its own ports, which piles up in a
+            // burst of new connections (docs/benchmarks.md, churn).
+            let _ = SockRef::from(to.as_ref()).set_tcp_cork(true);
         }
-        *count += data.len() as u64;
-        counted(data.len() as u64);
-        if last {
+        while !half.pending.is_empty() {
+            let n = to.write(&half.pending).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            bytes::Buf::advance(&mut half.pending, n);
+            *count += n as u64;
+            counted(n as u64);
+        }
+        // The buffer exists only while data is in hand (an idle connection holds none).
+        half.pending = bytes::BytesMut::new();
+        if half.eof {
+            if !half.shut {
+                to.shutdown().await?;
+                half.shut = true;
+            }
             return Ok(());
+        }
+        match read_when_ready(from).await? {
+            None => half.eof = true,
+            Some(Read { data, last }) => {
+                half.pending = data;
+                half.eof = last;
+            }
         }
     }
 }
@@ -320,11 +373,8 @@ async fn read_when_ready(from: &mut tokio::net::tcp::ReadHalf<'_>) -> io::Result
     }
 }
 
-/// Writes the last bytes of a direction and its end of stream in one segment (corked, the
-/// FIN joins the queued data): the receiver gets both at once, as it would from the sender
-/// directly. Sent apart, a client that reads its answer before the FIN arrives closes
-/// first and holds the TIME_WAIT, on its own ports, which piles up in a burst of new
-/// connections (docs/benchmarks.md, churn).
+/// Writes the last bytes of a direction and its end of stream in one segment (corked, as in
+/// [`pipe`]).
 async fn write_last(to: &mut tokio::net::tcp::WriteHalf<'_>, data: &[u8]) -> io::Result<()> {
     let _ = SockRef::from(to.as_ref()).set_tcp_cork(true);
     to.write_all(data).await?;
@@ -471,4 +521,90 @@ pub(crate) fn h2_io(err: h2::Error) -> io::Error {
             .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
     }
     io::Error::new(io::ErrorKind::ConnectionReset, err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A connected pair on loopback: (the relay's end, the application's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (relay, _) = listener.accept().await.unwrap();
+        (relay, app)
+    }
+
+    /// A relay paused while bytes flow, then resumed from where it stood (as a successor
+    /// does), delivers every byte once, in order, and passes the half-close on.
+    #[tokio::test]
+    async fn a_paused_relay_resumes_with_nothing_lost_or_repeated() {
+        let (mut client, mut client_app) = pair().await;
+        let (mut server, mut server_app) = pair().await;
+        const TOTAL: usize = 4 << 20;
+        let data: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
+        let sender = tokio::spawn({
+            let data = data.clone();
+            async move {
+                client_app.write_all(&data).await.unwrap();
+                client_app.shutdown().await.unwrap();
+                client_app
+            }
+        });
+        // The server side reads slowly at first, so bytes back up in the relay.
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = vec![0u8; 8192];
+            loop {
+                let n = server_app.read(&mut chunk).await.unwrap();
+                if n == 0 {
+                    return got;
+                }
+                got.extend_from_slice(&chunk[..n]);
+                if got.len() < TOTAL / 2 {
+                    tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+                }
+            }
+        });
+        let live = Live::none();
+        let mut halves: [Half; 2] = Default::default();
+        let mut pauses = 0;
+        loop {
+            let (_, ended) = relay(
+                &mut client,
+                &mut server,
+                &live,
+                std::future::pending(),
+                tokio::time::sleep(std::time::Duration::from_millis(3)),
+                halves,
+            )
+            .await;
+            match ended {
+                Ended::Paused(stood) => {
+                    pauses += 1;
+                    halves = stood;
+                }
+                Ended::Done(error) => {
+                    assert!(error.is_none(), "{error:?}");
+                    break;
+                }
+            }
+            // The server side answers nothing; end it once the client's side is done, so
+            // the relay can finish both ways.
+            if halves[0].shut && !halves[1].eof {
+                break;
+            }
+        }
+        assert!(
+            pauses > 2,
+            "the relay finished before it was paused ({pauses})"
+        );
+        let got = reader.await.unwrap();
+        assert_eq!(got.len(), TOTAL);
+        assert!(got == data, "bytes were lost, repeated or reordered");
+        drop(sender.await.unwrap());
+    }
 }
