@@ -447,6 +447,14 @@ async fn serve(
             },
         }
     };
+    // Relays that paused just before the last connection ended are still queued.
+    handed.close();
+    while let Ok(relay) = handed.try_recv() {
+        match taken.hand_off(relay).await {
+            Ok(()) => moved += 1,
+            Err(err) => tracing::warn!("a relay could not be handed over: {err}"),
+        }
+    }
     tracing::info!(handed_over = moved, closed, "drain over");
     taken.drained(closed).await;
     Ok(())
