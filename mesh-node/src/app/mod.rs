@@ -426,38 +426,46 @@ async fn serve(
     for task in writers {
         task.abort();
     }
-    // Plain relays (no TLS state) go to the successor with their sockets; the rest drain
-    // here. With the socket bypass, whose maps are this process's, nothing is handed over.
+    // With the socket bypass, whose maps are this process's, nothing is handed over.
+    drain_after(taken, &drain, !settings.socket_bypass, settings.drain_timeout).await;
+    Ok(())
+}
+
+/// After the takeover: hands the plain relays (no TLS state) to the successor with their
+/// sockets when `hand_off`, drains the rest until the last connection ends or `timeout`, and
+/// tells the successor what had to be closed.
+async fn drain_after(
+    mut taken: handover::TakenOver,
+    drain: &Drain,
+    hand_off: bool,
+    timeout: Duration,
+) {
     let (handoffs, mut handed) = tokio::sync::mpsc::unbounded_channel();
-    if settings.socket_bypass {
-        drain.start();
-    } else {
+    if hand_off {
         drain.start_handing_off(handoffs);
+    } else {
+        drain.start();
     }
-    let mut taken = taken;
-    let drained = drain_until_done(&drain, settings.drain_timeout);
-    tokio::pin!(drained);
     let mut moved = 0u64;
+    let mut count = |handed: Result<(), handover::Error>| match handed {
+        Ok(()) => moved += 1,
+        Err(err) => tracing::warn!("a relay could not be handed over: {err}"),
+    };
+    let drained = drain_until_done(drain, timeout);
+    tokio::pin!(drained);
     let closed = loop {
         tokio::select! {
             closed = &mut drained => break closed,
-            Some(relay) = handed.recv() => match taken.hand_off(relay).await {
-                Ok(()) => moved += 1,
-                Err(err) => tracing::warn!("a relay could not be handed over: {err}"),
-            },
+            Some(relay) = handed.recv() => count(taken.hand_off(relay).await),
         }
     };
     // Relays that paused just before the last connection ended are still queued.
     handed.close();
     while let Ok(relay) = handed.try_recv() {
-        match taken.hand_off(relay).await {
-            Ok(()) => moved += 1,
-            Err(err) => tracing::warn!("a relay could not be handed over: {err}"),
-        }
+        count(taken.hand_off(relay).await);
     }
     tracing::info!(handed_over = moved, closed, "drain over");
     taken.drained(closed).await;
-    Ok(())
 }
 
 /// How long a successor waits for a running mesh-node to let it take over (one that is
