@@ -427,7 +427,13 @@ async fn serve(
         task.abort();
     }
     // With the socket bypass, whose maps are this process's, nothing is handed over.
-    drain_after(taken, &drain, !settings.socket_bypass, settings.drain_timeout).await;
+    drain_after(
+        taken,
+        &drain,
+        !settings.socket_bypass,
+        settings.drain_timeout,
+    )
+    .await;
     Ok(())
 }
 
