@@ -20,6 +20,10 @@ use crate::{connections::Direction, transport::Half};
 pub struct Handoff {
     /// The listener that accepted it (`outbound` or `inbound`).
     pub direction: Direction,
+    /// The client's address (a socket whose peer has closed may not tell it any more).
+    pub peer: std::net::SocketAddr,
+    /// Where the proxy connected.
+    pub upstream: std::net::SocketAddr,
     /// The accepted client connection.
     pub client: std::net::TcpStream,
     /// The proxy's connection to the upstream.

@@ -60,6 +60,8 @@ enum Message {
     /// upstream one. The pending bytes of each direction follow the line.
     Relay {
         direction: String,
+        peer: std::net::SocketAddr,
+        upstream: std::net::SocketAddr,
         halves: [HalfHead; 2],
     },
 }
@@ -253,8 +255,17 @@ impl Inherited {
                             drained(closed);
                         }
                     }
-                    Ok(Some(Message::Relay { direction, halves })) => {
-                        match self.channel.relay(&direction, halves).await {
+                    Ok(Some(Message::Relay {
+                        direction,
+                        peer,
+                        upstream,
+                        halves,
+                    })) => {
+                        match self
+                            .channel
+                            .relay(&direction, (peer, upstream), halves)
+                            .await
+                        {
                             Ok(relay) => adopt(relay),
                             Err(err) => {
                                 tracing::warn!(pid, "a handed-over relay is lost: {err}");
@@ -300,12 +311,16 @@ impl TakenOver {
     pub async fn hand_off(&mut self, relay: Handoff) -> Result<(), Error> {
         let Handoff {
             direction,
+            peer,
+            upstream,
             client,
             server,
             halves,
         } = relay;
         let message = Message::Relay {
             direction: direction.as_str().into(),
+            peer,
+            upstream,
             halves: halves.each_ref().map(|half| HalfHead {
                 pending: half.pending.len(),
                 eof: half.eof,
@@ -499,7 +514,12 @@ impl Channel {
     }
 
     /// The rest of a `Relay` message: its two descriptors and pending bytes.
-    async fn relay(&mut self, direction: &str, halves: [HalfHead; 2]) -> Result<Handoff, Error> {
+    async fn relay(
+        &mut self,
+        direction: &str,
+        (peer, upstream): (std::net::SocketAddr, std::net::SocketAddr),
+        halves: [HalfHead; 2],
+    ) -> Result<Handoff, Error> {
         let direction = match direction {
             "outbound" => Direction::Outbound,
             "inbound" => Direction::Inbound,
@@ -526,6 +546,8 @@ impl Channel {
         }
         Ok(Handoff {
             direction,
+            peer,
+            upstream,
             client: client.into(),
             server: server.into(),
             halves: out,

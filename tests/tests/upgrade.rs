@@ -533,11 +533,9 @@ fn a_predecessor_killed_mid_drain_ends_only_its_own_connections() {
         Server::start(&cluster.pod("a2").netns, WEB_PORT, Behaviour::Echo).unwrap(),
         Server::start(&cluster.pod("b1").netns, WEB_PORT, Behaviour::Echo).unwrap(),
     ];
-    let before = [
-        session(&cluster, "a1", "a2"),
-        session(&cluster, "a1", "b1"),
-        session(&cluster, "c1", "a2"),
-    ];
+    // What stays with the predecessor (HBONE: its TLS state) and what moves (plain relays).
+    let hbone = session(&cluster, "a1", "b1");
+    let mut moved = [session(&cluster, "a1", "a2"), session(&cluster, "c1", "a2")];
     let mut predecessor = Draining(cluster.upgrade_mesh("node-a").unwrap());
     let mut after = [
         session(&cluster, "a1", "a2"),
@@ -567,15 +565,16 @@ fn a_predecessor_killed_mid_drain_ends_only_its_own_connections() {
     let done = stream.join().unwrap().unwrap();
     assert!(done > 20, "{done} connections");
 
-    // Its own connections ended; the successor's go on.
-    for (i, s) in before.iter().enumerate() {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !s.ended() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(s.ended(), "the predecessor's connection {i} is still open");
+    // Its own connection ended; the successor's, and those it took over, go on.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !hbone.ended() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
-    for s in &mut after {
+    assert!(
+        hbone.ended(),
+        "the predecessor's HBONE connection is still open"
+    );
+    for s in after.iter_mut().chain(&mut moved) {
         s.roundtrip().unwrap();
     }
     let log = cluster.mesh_log("node-a");
@@ -599,6 +598,7 @@ fn exec_probes_answer_for_each_process_while_two_share_the_node() {
     let mut cluster = Cluster::new(TWO_NODES).unwrap();
     let socket = |n: usize| cluster.dir().join(format!("probe-{n}.sock"));
     let (first, second) = (socket(0), socket(1));
+    cluster.start_mesh("node-b").unwrap();
     cluster.run_args = vec!["--probe-socket".into(), first.display().to_string()];
     cluster.start_mesh("node-a").unwrap();
     // The successor gets a socket of its own (each pod's emptyDir on a node).
@@ -611,9 +611,9 @@ fn exec_probes_answer_for_each_process_while_two_share_the_node() {
             .unwrap()
     };
     assert!(probe("ready", &first).status.success());
-    let _echo = Server::start(&cluster.pod("a2").netns, WEB_PORT, Behaviour::Echo).unwrap();
-    // An open connection keeps the predecessor draining.
-    let mut held = session(&cluster, "a1", "a2");
+    let _echo = Server::start(&cluster.pod("b1").netns, WEB_PORT, Behaviour::Echo).unwrap();
+    // An open HBONE connection keeps the predecessor draining.
+    let mut held = session(&cluster, "a1", "b1");
     let mut predecessor = Draining(
         cluster
             .upgrade_mesh_with("node-a", &["--probe-socket", &second.display().to_string()])

@@ -60,21 +60,15 @@ pub async fn handle(
 pub async fn adopt(ctx: Arc<ProxyContext>, handoff: Handoff) {
     let Handoff {
         direction,
+        peer,
+        upstream,
         client,
         server,
         halves,
     } = handoff;
-    let facts = match (client.peer_addr(), server.peer_addr()) {
-        (Ok(client), Ok(original_dst)) => Facts {
-            client,
-            original_dst,
-        },
-        _ => {
-            // One end is gone already.
-            reset(&client);
-            reset(&server);
-            return;
-        }
+    let facts = Facts {
+        client: peer,
+        original_dst: upstream,
     };
     let (client, server) = match (TcpStream::from_std(client), TcpStream::from_std(server)) {
         (Ok(client), Ok(server)) => (client, server),
@@ -165,6 +159,8 @@ struct Relayed<'a> {
     halves: [transport::Half; 2],
     drain: &'a crate::drain::Drain,
     direction: Direction,
+    /// The client's address and the upstream's, for a handover.
+    addresses: (SocketAddr, SocketAddr),
 }
 
 impl<'a> Relayed<'a> {
@@ -180,6 +176,7 @@ impl<'a> Relayed<'a> {
             halves,
             drain,
             direction,
+            addresses: (peer, upstream),
         } = self;
         async move {
             let _ = client.set_nodelay(true);
@@ -201,6 +198,8 @@ impl<'a> Relayed<'a> {
                         (Ok(client), Ok(server)) => drain
                             .hand_off(Handoff {
                                 direction,
+                                peer,
+                                upstream,
                                 client,
                                 server,
                                 halves,
@@ -497,9 +496,10 @@ async fn plain<'a>(
     let Conn {
         direction,
         client,
+        facts,
         adopted,
-        ..
     } = conn;
+    let addresses = (facts.client, to.target());
     let (server, halves) = match adopted {
         Some(mut adopted) => (
             Ok(adopted.server.take()?),
@@ -526,6 +526,7 @@ async fn plain<'a>(
                 halves,
                 drain: &ctx.drain,
                 direction,
+                addresses,
             }
             .relay(),
         )),
