@@ -6,11 +6,11 @@
 //! knows when its last one has ended.
 
 use std::sync::{
-    atomic::{AtomicUsize, Ordering},
+    atomic::{AtomicU8, AtomicUsize, Ordering},
     Arc, OnceLock,
 };
 
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, Notify};
 
 use crate::{connections::Direction, transport::Half};
 
@@ -36,19 +36,21 @@ pub struct Handoff {
 #[derive(Clone)]
 pub struct Drain(Arc<Inner>);
 
-/// Where the process is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Phase {
+/// Where the process is in its life (an `AtomicU8`: every open connection waits on it, so
+/// the wait is kept to a `Notify`'s).
+mod phase {
     /// Active: accepting and serving.
-    Serving,
+    pub const SERVING: u8 = 0;
     /// A successor took over: serving what is open, nothing new.
-    Draining,
+    pub const DRAINING: u8 = 1;
     /// The drain timeout passed: what is still open is closed (reset) now.
-    Expired,
+    pub const EXPIRED: u8 = 2;
 }
 
 struct Inner {
-    phase: watch::Sender<Phase>,
+    phase: AtomicU8,
+    /// Wakes whoever waits for the next phase.
+    moved: Notify,
     /// Where plain relays go once draining (the successor), if anywhere.
     handoff: OnceLock<mpsc::UnboundedSender<Handoff>>,
     live: AtomicUsize,
@@ -58,7 +60,8 @@ struct Inner {
 impl Default for Drain {
     fn default() -> Self {
         Drain(Arc::new(Inner {
-            phase: watch::Sender::new(Phase::Serving),
+            phase: AtomicU8::new(phase::SERVING),
+            moved: Notify::new(),
             handoff: OnceLock::new(),
             live: AtomicUsize::new(0),
             ended: Notify::new(),
@@ -69,11 +72,13 @@ impl Default for Drain {
 impl Drain {
     /// From now on every server drains.
     pub fn start(&self) {
-        self.0.phase.send_if_modified(|phase| {
-            let was = *phase;
-            *phase = was.max(Phase::Draining);
-            was < Phase::Draining
-        });
+        self.reach(phase::DRAINING);
+    }
+
+    fn reach(&self, phase: u8) {
+        if self.0.phase.fetch_max(phase, Ordering::AcqRel) < phase {
+            self.0.moved.notify_waiters();
+        }
     }
 
     /// Starts draining, handing plain relays to `handoff` (the successor takes them).
@@ -100,32 +105,39 @@ impl Drain {
 
     /// The drain timeout passed: every relay still open stops (and resets both ends).
     pub fn expire(&self) {
-        self.0.phase.send_replace(Phase::Expired);
+        self.reach(phase::EXPIRED);
     }
 
     /// Whether draining has started.
     pub fn is_draining(&self) -> bool {
-        *self.0.phase.borrow() >= Phase::Draining
+        self.0.phase.load(Ordering::Acquire) >= phase::DRAINING
     }
 
     /// Whether the drain timeout passed.
     pub fn is_expired(&self) -> bool {
-        *self.0.phase.borrow() == Phase::Expired
+        self.0.phase.load(Ordering::Acquire) == phase::EXPIRED
     }
 
     /// Resolves once draining has started (at once if it has).
     pub async fn started(&self) {
-        self.reached(Phase::Draining).await
+        self.reached(phase::DRAINING).await
     }
 
     /// Resolves once the drain timeout passed.
     pub async fn expired(&self) {
-        self.reached(Phase::Expired).await
+        self.reached(phase::EXPIRED).await
     }
 
-    async fn reached(&self, phase: Phase) {
-        let mut receiver = self.0.phase.subscribe();
-        let _ = receiver.wait_for(|now| *now >= phase).await;
+    async fn reached(&self, phase: u8) {
+        loop {
+            let moved = self.0.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            if self.0.phase.load(Ordering::Acquire) >= phase {
+                return;
+            }
+            moved.await;
+        }
     }
 
     /// Counts an accepted connection until the returned guard is dropped.

@@ -380,10 +380,7 @@ async fn serve(
                 move |relay| {
                     let ctx = adopting.clone();
                     let live = ctx.drain.track();
-                    tokio::spawn(async move {
-                        proxy::forward::adopt(ctx, relay).await;
-                        drop(live);
-                    });
+                    tokio::spawn(proxy::forward::adopt(ctx, relay, live));
                 },
                 move |n| {
                     closed.inc_by(n);

@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use crate::{
     connections::{ConnectionRecord, Direction},
     context::{Outcome, Tracked},
-    drain::Handoff,
+    drain::{Handoff, Live},
     gate::{
         revoke::{Asked, Registration},
         Authorized, Decision, Served,
@@ -35,21 +35,25 @@ use crate::{
     transport::{self, reset},
 };
 
-/// Handles one accepted connection.
-pub async fn handle(
+/// Handles one accepted connection (`live` counts it while it lives). A plain function
+/// returning the task's future: an `async fn` here would hold its arguments next to the
+/// future it awaits, for as long as the connection lives.
+pub fn handle(
     ctx: Arc<ProxyContext>,
     direction: Direction,
     client: TcpStream,
     peer: SocketAddr,
-) {
-    let Ok(original_dst) = ctx.sockets.original_dst(&client) else {
-        return;
-    };
-    let facts = Facts {
-        client: peer,
-        original_dst,
-    };
-    decide_and_do(ctx, direction, client, facts, None).await
+    live: Live,
+) -> impl Future<Output = ()> + Send {
+    let facts = ctx
+        .sockets
+        .original_dst(&client)
+        .ok()
+        .map(|original_dst| Facts {
+            client: peer,
+            original_dst,
+        });
+    decide_and_do(ctx, direction, client, facts, None, live)
 }
 
 /// Takes over a plain relay a predecessor handed over during an upgrade (`crate::drain`):
@@ -57,7 +61,7 @@ pub async fn handle(
 /// upstream it is connected to (its Service, if it went through one, is not known any more);
 /// relayed on from where each direction stood if the gate still lets it through as a plain
 /// relay, else both ends are reset and the record says why.
-pub async fn adopt(ctx: Arc<ProxyContext>, handoff: Handoff) {
+pub async fn adopt(ctx: Arc<ProxyContext>, handoff: Handoff, live: Live) {
     let Handoff {
         direction,
         peer,
@@ -84,7 +88,7 @@ pub async fn adopt(ctx: Arc<ProxyContext>, handoff: Handoff) {
         server: Some(server),
         halves,
     };
-    decide_and_do(ctx, direction, client, facts, Some(adopted)).await
+    decide_and_do(ctx, direction, client, Some(facts), Some(adopted), live).await
 }
 
 /// A connection on its way to what its plan says: accepted by a listener, or taken over
@@ -115,9 +119,13 @@ async fn decide_and_do(
     ctx: Arc<ProxyContext>,
     direction: Direction,
     client: TcpStream,
-    facts: Facts,
+    facts: Option<Facts>,
     adopted: Option<Adopted>,
+    _live: Live,
 ) {
+    let Some(facts) = facts else {
+        return;
+    };
     // Before the snapshot the decision is made on is loaded: a config change published
     // from now on reaches this connection (`gate::revoke`).
     let registration = ctx.revocations.register();

@@ -211,7 +211,12 @@ impl<'a> Tunnelled<'a> {
 }
 
 /// The destination side: one accepted connection to `podIP:15008`.
-pub async fn serve_connection(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
+pub async fn serve_connection(
+    ctx: Arc<ProxyContext>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    _live: crate::drain::Live,
+) {
     let Ok(local) = tcp.local_addr() else { return };
     let state = ctx.state.load_full();
     let destination = ipv4(local)

@@ -42,17 +42,15 @@ pub async fn serve(listener: std::net::TcpListener, direction: Direction, ctx: A
         };
         match accepted {
             Ok((client, peer)) => {
+                // Held by the connection's task (passed in, not wrapped: a wrapping future
+                // would hold the task's arguments twice).
                 let live = ctx.drain.track();
                 let ctx = ctx.clone();
                 match direction {
-                    Direction::Hbone => tokio::spawn(async move {
-                        hbone::serve_connection(ctx, client, peer).await;
-                        drop(live);
-                    }),
-                    _ => tokio::spawn(async move {
-                        forward::handle(ctx, direction, client, peer).await;
-                        drop(live);
-                    }),
+                    Direction::Hbone => {
+                        tokio::spawn(hbone::serve_connection(ctx, client, peer, live))
+                    }
+                    _ => tokio::spawn(forward::handle(ctx, direction, client, peer, live)),
                 };
             }
             Err(err) => {
