@@ -88,7 +88,7 @@ pub async fn adopt(ctx: Arc<ProxyContext>, handoff: Handoff, live: Live) {
         server: Some(server),
         halves,
     };
-    decide_and_do(ctx, direction, client, Some(facts), Some(adopted), live).await
+    decide_and_do(ctx, direction, client, Some(facts), Some(Box::new(adopted)), live).await
 }
 
 /// A connection on its way to what its plan says: accepted by a listener, or taken over
@@ -97,7 +97,7 @@ struct Conn {
     direction: Direction,
     client: TcpStream,
     facts: Facts,
-    adopted: Option<Adopted>,
+    adopted: Option<Box<Adopted>>,
 }
 
 /// A relay taken over from a predecessor: its upstream connection and where each direction
@@ -120,7 +120,7 @@ async fn decide_and_do(
     direction: Direction,
     client: TcpStream,
     facts: Option<Facts>,
-    adopted: Option<Adopted>,
+    adopted: Option<Box<Adopted>>,
     _live: Live,
 ) {
     let Some(facts) = facts else {
