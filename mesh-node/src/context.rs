@@ -75,21 +75,17 @@ impl Outcome {
         copied: Copied,
         error: Option<io::Error>,
         registration: Option<&crate::gate::Registration<'_>>,
-        drained: bool,
     ) -> Outcome {
         let revoked = registration
             .filter(|_| error.is_some())
             .and_then(|r| r.revocation());
         let (flag, error) = match (revoked, error) {
-            (Some(revoked), _) => (ResponseFlag::Denied, Some(revoked.to_string())),
-            (None, Some(_)) if drained => (
+            // The drain timeout after a takeover, not the policy.
+            (Some(revoked), _) if revoked.drained => (
                 ResponseFlag::DownstreamTermination,
-                Some(
-                    "closed at the drain timeout (--drain-timeout): a successor took over the \
-                     node"
-                        .to_string(),
-                ),
+                Some(revoked.to_string()),
             ),
+            (Some(revoked), _) => (ResponseFlag::Denied, Some(revoked.to_string())),
             (None, Some(error)) => (ResponseFlag::DownstreamTermination, Some(error.to_string())),
             (None, None) => (ResponseFlag::None, None),
         };
@@ -136,7 +132,6 @@ pub(crate) struct Tracked<'a> {
     /// Istio metrics of the connection (empty until the reports are known).
     pub live: Live,
     finished: bool,
-    drain: &'a crate::drain::Drain,
 }
 
 impl<'a> Tracked<'a> {
@@ -151,27 +146,7 @@ impl<'a> Tracked<'a> {
             id,
             live: Live::none(),
             finished: false,
-            drain: &ctx.drain,
         }
-    }
-
-    /// Resolves when the connection's relay must stop: a config change revoked it, or this
-    /// process drained past its drain timeout.
-    pub async fn until_stopped(&self, registration: Option<&crate::gate::Registration<'_>>) {
-        tokio::select! {
-            () = crate::gate::revoke::until_revoked(registration) => {}
-            () = self.drain.expired() => {}
-        }
-    }
-
-    /// A relayed connection's outcome (see [`Outcome::relayed`]).
-    pub fn relayed(
-        &self,
-        copied: Copied,
-        error: Option<io::Error>,
-        registration: Option<&crate::gate::Registration<'_>>,
-    ) -> Outcome {
-        Outcome::relayed(copied, error, registration, self.drain.is_expired())
     }
 
     /// Records a new connection with its Istio metrics.

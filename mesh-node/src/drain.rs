@@ -43,8 +43,6 @@ mod phase {
     pub const SERVING: u8 = 0;
     /// A successor took over: serving what is open, nothing new.
     pub const DRAINING: u8 = 1;
-    /// The drain timeout passed: what is still open is closed (reset) now.
-    pub const EXPIRED: u8 = 2;
 }
 
 struct Inner {
@@ -103,29 +101,14 @@ impl Drain {
         }
     }
 
-    /// The drain timeout passed: every relay still open stops (and resets both ends).
-    pub fn expire(&self) {
-        self.reach(phase::EXPIRED);
-    }
-
     /// Whether draining has started.
     pub fn is_draining(&self) -> bool {
         self.0.phase.load(Ordering::Acquire) >= phase::DRAINING
     }
 
-    /// Whether the drain timeout passed.
-    pub fn is_expired(&self) -> bool {
-        self.0.phase.load(Ordering::Acquire) == phase::EXPIRED
-    }
-
     /// Resolves once draining has started (at once if it has).
     pub async fn started(&self) {
         self.reached(phase::DRAINING).await
-    }
-
-    /// Resolves once the drain timeout passed.
-    pub async fn expired(&self) {
-        self.reached(phase::EXPIRED).await
     }
 
     async fn reached(&self, phase: u8) {
@@ -200,16 +183,6 @@ mod tests {
         assert!(!drain.is_draining());
         drain.start();
         drain.started().await;
-        assert!(drain.is_draining() && !drain.is_expired());
-        let expired = tokio::spawn({
-            let drain = drain.clone();
-            async move { drain.expired().await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!expired.is_finished());
-        drain.expire();
-        expired.await.unwrap();
-        drain.start();
-        assert!(drain.is_expired());
+        assert!(drain.is_draining());
     }
 }

@@ -427,6 +427,7 @@ async fn serve(
     drain_after(
         taken,
         &drain,
+        &ctx.revocations,
         !settings.socket_bypass,
         settings.drain_timeout,
     )
@@ -440,6 +441,7 @@ async fn serve(
 async fn drain_after(
     mut taken: handover::TakenOver,
     drain: &Drain,
+    revocations: &crate::gate::Revocations,
     hand_off: bool,
     timeout: Duration,
 ) {
@@ -454,7 +456,7 @@ async fn drain_after(
         Ok(()) => moved += 1,
         Err(err) => tracing::warn!("a relay could not be handed over: {err}"),
     };
-    let drained = drain_until_done(drain, timeout);
+    let drained = drain_until_done(drain, revocations, timeout);
     tokio::pin!(drained);
     let closed = loop {
         tokio::select! {
@@ -488,8 +490,13 @@ fn bind_listeners(settings: &Settings) -> anyhow::Result<handover::Listeners> {
 }
 
 /// Drains until the last accepted connection ends or `timeout` passes (then the relays
-/// still open are reset); SIGINT ends it at once. Returns the connections the timeout closed.
-async fn drain_until_done(drain: &Drain, timeout: Duration) -> u64 {
+/// still open are stopped through the revocation registry, which every relay watches, and
+/// reset); SIGINT ends it at once. Returns the connections the timeout closed.
+async fn drain_until_done(
+    drain: &Drain,
+    revocations: &crate::gate::Revocations,
+    timeout: Duration,
+) -> u64 {
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt()).ok();
     let interrupted = async {
@@ -511,12 +518,15 @@ async fn drain_until_done(drain: &Drain, timeout: Duration) -> u64 {
         () = tokio::time::sleep(timeout) => {}
         () = interrupted => tracing::info!("SIGINT while draining"),
     }
-    let open = drain.live() as u64;
-    tracing::warn!(open, "drain timeout: closing the connections still open");
-    drain.expire();
+    tracing::warn!(
+        open = drain.live(),
+        "drain timeout: closing the connections still open"
+    );
+    let closed = revocations
+        .close_all("closed at the drain timeout (--drain-timeout): a successor took over the node");
     // The relays reset both ends and write their records.
     let _ = tokio::time::timeout(Duration::from_secs(2), drain.idle()).await;
-    open
+    closed as u64
 }
 
 /// The datapath thread, as the handover sees it.

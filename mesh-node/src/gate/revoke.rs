@@ -70,10 +70,16 @@ pub struct Revoked {
     pub policy: String,
     /// The decision's reason.
     pub reason: &'static str,
+    /// Not the policy: the process drained past its drain timeout after a successor took
+    /// the node over ([`Revocations::close_all`]).
+    pub drained: bool,
 }
 
 impl std::fmt::Display for Revoked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.drained {
+            return f.write_str(self.reason);
+        }
         write!(
             f,
             "revoked by a config change ({}): {}",
@@ -190,6 +196,25 @@ impl Revocations {
         }
     }
 
+    /// Stops every registered connection, decided here or not (the drain timeout after a
+    /// takeover): their relays end and reset both sides. Returns how many.
+    pub fn close_all(&self, reason: &'static str) -> usize {
+        let inner = self.lock();
+        let mut closed = 0;
+        for entry in inner.entries.values() {
+            let drained = Revoked {
+                policy: "-".into(),
+                reason,
+                drained: true,
+            };
+            if entry.revoked.set(drained).is_ok() {
+                entry.wake.notify_one();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     fn revoke(&self, entry: &Entry, asked: &Asked, decision: Decision, state: &State) {
         let destination = state.workloads.get(&asked.destination);
         let policy = deciding_policy(&decision, destination);
@@ -213,6 +238,7 @@ impl Revocations {
         let revoked = Revoked {
             policy,
             reason: decision.reason,
+            drained: false,
         };
         if entry.revoked.set(revoked).is_ok() {
             // A permit is kept if the relay is not waiting yet.

@@ -24,7 +24,7 @@ use crate::{
     context::{Outcome, Tracked},
     drain::{Handoff, Live},
     gate::{
-        revoke::{Asked, Registration},
+        revoke::{until_revoked, Asked, Registration},
         Authorized, Decision, Served,
     },
     http::ProxyContext,
@@ -88,7 +88,15 @@ pub async fn adopt(ctx: Arc<ProxyContext>, handoff: Handoff, live: Live) {
         server: Some(server),
         halves,
     };
-    decide_and_do(ctx, direction, client, Some(facts), Some(Box::new(adopted)), live).await
+    decide_and_do(
+        ctx,
+        direction,
+        client,
+        Some(facts),
+        Some(Box::new(adopted)),
+        live,
+    )
+    .await
 }
 
 /// A connection on its way to what its plan says: accepted by a listener, or taken over
@@ -193,7 +201,7 @@ impl<'a> Relayed<'a> {
                 &mut client,
                 &mut server,
                 &tracked.live,
-                tracked.until_stopped(registration.as_ref()),
+                until_revoked(registration.as_ref()),
                 drain.handing_off(),
                 halves,
             )
@@ -236,7 +244,7 @@ impl<'a> Relayed<'a> {
                 reset(&client);
                 reset(&server);
             }
-            let outcome = tracked.relayed(copied, error, registration.as_ref());
+            let outcome = Outcome::relayed(copied, error, registration.as_ref());
             tracked.finish(outcome);
         }
     }
@@ -312,9 +320,17 @@ async fn open<'a>(
             rec.service = service.map(ServiceTarget::qualified_name);
             rec.upstream = Some(to.target());
             rec.destination_workload = Some(destination.qualified());
-            super::hbone::outbound(ctx, client, rec, source, destination, service, to)
-                .await
-                .map(|tunnelled| Box::pin(tunnelled.relay()) as Lives)
+            super::hbone::outbound(
+                ctx,
+                client,
+                rec,
+                (source, destination),
+                service,
+                to,
+                registration,
+            )
+            .await
+            .map(|tunnelled| Box::pin(tunnelled.relay()) as Lives)
         }
         Plan::Plain {
             source,
@@ -345,7 +361,8 @@ async fn open<'a>(
                 facts,
                 adopted,
             };
-            plain(ctx, conn, from, to, tracked, None).await
+            // Not decided here; registered so the drain timeout can stop it.
+            plain(ctx, conn, from, to, tracked, Some(registration)).await
         }
         Plan::Local {
             source,

@@ -34,7 +34,7 @@ use crate::{
     connections::{ConnectionRecord, Direction},
     context::{Outcome, Tracked},
     gate::{
-        revoke::{Asked, Registration},
+        revoke::{until_revoked, Asked, Registration},
         Authorized, Served,
     },
     http::ProxyContext,
@@ -92,10 +92,10 @@ pub(crate) async fn outbound<'a>(
     ctx: &'a ProxyContext,
     client: TcpStream,
     mut rec: ConnectionRecord,
-    source: &Workload,
-    destination: &Workload,
+    (source, destination): (&Workload, &Workload),
     service: Option<&ServiceTarget>,
     to: Authorized,
+    registration: Registration<'a>,
 ) -> Option<Tunnelled<'a>> {
     rec.path = "hbone";
     rec.security = "mutual_tls";
@@ -146,7 +146,9 @@ pub(crate) async fn outbound<'a>(
         tracked,
         _slot: Some(guard),
         cancels: None,
-        registration: None,
+        // Not decided here (the destination's node decides); registered all the same, so
+        // the drain timeout after a takeover stops it (`Revocations::close_all`).
+        registration: Some(registration),
     })
 }
 
@@ -190,7 +192,7 @@ impl<'a> Tunnelled<'a> {
                 recv,
                 end,
                 &tracked.live,
-                tracked.until_stopped(registration.as_ref()),
+                until_revoked(registration.as_ref()),
             )
             .await;
             if let Some(error) = &error {
@@ -203,7 +205,7 @@ impl<'a> Tunnelled<'a> {
                     );
                 }
             }
-            let outcome = tracked.relayed(copied, error, registration.as_ref());
+            let outcome = Outcome::relayed(copied, error, registration.as_ref());
             tracked.finish(outcome);
             drop(slot);
         }
