@@ -100,16 +100,95 @@ impl ProbeCheck {
 /// `mesh-node ca ...`.
 #[derive(Subcommand)]
 pub enum CaCommand {
-    /// Generate a new root CA and print it as a Secret manifest for the DaemonSet to mount
-    /// (`kubectl apply -f`); the key is in the output only.
-    Init {
-        /// Secret name.
-        #[arg(long, default_value = "mesh-ca")]
-        name: String,
-        /// Namespace of the mesh (deploy/ uses mesh-system).
-        #[arg(long, default_value = "mesh-system")]
-        namespace: String,
-    },
+    /// Generate a new CA: a root, or with `--intermediate` a root and an intermediate that
+    /// signs. Prints the signer's Secret (Istio's cacerts layout) and the nodes' trust-bundle
+    /// ConfigMap (`kubectl apply -f`), or with `--out` writes the files into a directory.
+    Init(CaInitArgs),
+    /// Run the signer: the only process holding the CA key. It signs node proxies' CSRs for
+    /// the identities of pods scheduled on the caller's node (docs/security.md).
+    Serve(Box<CaServeArgs>),
+}
+
+/// `mesh-node ca init`'s flags.
+#[derive(Args)]
+pub struct CaInitArgs {
+    /// Secret name.
+    #[arg(long, default_value = "mesh-ca")]
+    pub name: String,
+    /// Namespace of the mesh (deploy/ uses mesh-system).
+    #[arg(long, default_value = "mesh-system")]
+    pub namespace: String,
+    /// Sign with an intermediate under a new root (the root's key is not in the signer's
+    /// files; keep it with `--root-key-out` to make the next intermediate).
+    #[arg(long)]
+    pub intermediate: bool,
+    /// Write ca-cert.pem, ca-key.pem, cert-chain.pem and root-cert.pem here (0700, keys 0600)
+    /// instead of printing manifests.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write the trust bundle (the root, PEM) to this file.
+    #[arg(long)]
+    pub bundle: Option<PathBuf>,
+    /// With `--intermediate`: write the root's key to this file (0600).
+    #[arg(long, requires = "intermediate")]
+    pub root_key_out: Option<PathBuf>,
+}
+
+/// `mesh-node ca serve`'s flags.
+#[derive(Args)]
+pub struct CaServeArgs {
+    /// The CA: Istio's cacerts (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem) or
+    /// cert-manager's (tls.crt, tls.key, ca.crt), a mounted Secret.
+    #[arg(long, env = "MESH_CA_DIR", default_value = "/etc/mesh/ca")]
+    pub ca_dir: PathBuf,
+    /// The TLS address node proxies ask.
+    #[arg(long, env = "MESH_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+    /// Plain HTTP: /metrics and /healthz/ready.
+    #[arg(long, env = "MESH_CA_ADMIN_ADDR", default_value = "0.0.0.0:15014")]
+    pub admin_addr: SocketAddr,
+    /// File mode: the pods come from this file (re-read when it changes).
+    #[arg(
+        long,
+        env = "MESH_CONFIG",
+        required_unless_present = "kube",
+        conflicts_with = "kube"
+    )]
+    pub config: Option<PathBuf>,
+    /// Watch the pods in the Kubernetes API and authenticate node proxies by TokenReview.
+    #[arg(long, env = "MESH_KUBE")]
+    pub kube: bool,
+    /// Kubeconfig to use with `--kube` outside a cluster.
+    #[arg(long, requires = "kube")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Authenticate nodes by static tokens instead of TokenReview (file mode; required
+    /// without `--kube`): one `<node> <token>` per line, tokens of at least 16 characters.
+    #[arg(long, env = "MESH_CA_NODE_TOKENS", required_unless_present = "kube")]
+    pub node_tokens: Option<PathBuf>,
+    /// The audience node proxies' tokens must be bound to.
+    #[arg(long, env = "MESH_CA_AUDIENCE", default_value = "mesh-ca")]
+    pub audience: String,
+    /// The service accounts node proxies run as, `namespace/name` (repeat or comma-separate;
+    /// Istio's CA_TRUSTED_NODE_ACCOUNTS).
+    #[arg(
+        long = "node-account",
+        env = "MESH_CA_NODE_ACCOUNTS",
+        value_delimiter = ',',
+        default_value = "mesh-system/mesh-node"
+    )]
+    pub node_accounts: Vec<String>,
+    /// SPIFFE trust domain; identities outside it are refused.
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = semantics::CLUSTER_DOMAIN)]
+    pub trust_domain: String,
+    /// The signer's own SPIFFE ID (default spiffe://<trust-domain>/ns/mesh-system/sa/mesh-ca).
+    #[arg(long, env = "MESH_CA_IDENTITY")]
+    pub identity: Option<String>,
+    /// The longest workload certificate lifetime signed (Go duration syntax).
+    #[arg(long, env = "MESH_CA_MAX_CERT_LIFETIME", default_value = "24h", value_parser = go_duration)]
+    pub max_cert_lifetime: Duration,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    pub log: String,
 }
 
 /// The node a command acts on (`run`, `uninstall`).
@@ -167,16 +246,39 @@ pub struct RunArgs {
     node: NodeArgs,
     #[command(flatten)]
     mesh: MeshArgs,
-    /// Local mode: the mesh CA (ca-cert.pem, ca-key.pem) is kept in this directory,
-    /// generated on first start.
+    /// The CNI gate's socket, the enrolment cache and the handover socket live here.
     #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/lib/mesh")]
     state_dir: PathBuf,
-    /// Cluster mode: read the CA from this directory (a mounted Secret with ca-cert.pem and
-    /// ca-key.pem) instead of the state directory; never generates one.
-    #[arg(long, env = "MESH_CA_DIR")]
-    ca_dir: Option<PathBuf>,
-    /// Lifetime of workload certificates (Go duration syntax: 24h, 90m, 20s; at least 2s);
-    /// each is renewed at half its lifetime.
+    /// The signer (`mesh-node ca serve`) workload certificates are asked from, `host:port`.
+    #[arg(
+        long,
+        env = "MESH_CA_ADDRESS",
+        default_value = "mesh-ca.mesh-system.svc:15012"
+    )]
+    ca_address: String,
+    /// The signer's SPIFFE ID, which its certificate must carry (default:
+    /// spiffe://<trust-domain>/ns/mesh-system/sa/mesh-ca).
+    #[arg(long, env = "MESH_CA_IDENTITY")]
+    ca_identity: Option<String>,
+    /// The token this node proves itself to the signer with, re-read on every request: in a
+    /// cluster the projected ServiceAccount token (audience mesh-ca), in file mode the node's
+    /// line of the signer's `--node-tokens`.
+    #[arg(
+        long,
+        env = "MESH_CA_TOKEN_FILE",
+        default_value = "/var/run/secrets/mesh-ca/token"
+    )]
+    ca_token_file: PathBuf,
+    /// The trust bundle: the roots (PEM) peers' and the signer's certificates must chain to;
+    /// re-read when it changes (a mounted ConfigMap).
+    #[arg(
+        long,
+        env = "MESH_TRUST_BUNDLE",
+        default_value = "/var/run/mesh/trust/roots.pem"
+    )]
+    trust_bundle: PathBuf,
+    /// Lifetime of workload certificates asked for (Go duration syntax: 24h, 90m, 20s; at
+    /// least 2s; the signer may cap it); each is renewed at half its lifetime.
     #[arg(long, env = "MESH_CERT_LIFETIME", default_value = "24h", value_parser = go_duration)]
     cert_lifetime: Duration,
     /// Multi-document YAML of Kubernetes-shaped resources; re-read when it changes.
@@ -439,6 +541,28 @@ impl RunArgs {
                 None
             }
         };
+        let ca_identity = self.ca_identity.clone().unwrap_or_else(|| {
+            format!(
+                "spiffe://{}/ns/mesh-system/sa/mesh-ca",
+                self.mesh.trust_domain
+            )
+        });
+        problems.check(
+            "ca-identity",
+            (!ca_identity.starts_with("spiffe://"))
+                .then(|| format!("{ca_identity} is not a SPIFFE ID (spiffe://...)")),
+        );
+        problems.check(
+            "ca-address",
+            match self.ca_address.rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) =>
+                {
+                    None
+                }
+                _ => Some(format!("{} is not host:port", self.ca_address)),
+            },
+        );
         let source = match self.config {
             Some(file) => Source::File(file),
             None => Source::Kube {
@@ -450,7 +574,12 @@ impl RunArgs {
             mesh: self.mesh.into_mesh(),
             source,
             state_dir: self.state_dir,
-            ca_dir: self.ca_dir,
+            signer: crate::settings::SignerSettings {
+                identity: ca_identity,
+                address: self.ca_address,
+                token_file: self.ca_token_file,
+                trust_bundle: self.trust_bundle,
+            },
             cert_lifetime: self.cert_lifetime,
             admin_addr: self.admin_addr,
             probe_socket: self.probe_socket,
@@ -489,7 +618,8 @@ mod tests {
             "config=/etc/mesh.yaml ",
             "trust_domain=cluster.local ",
             "path_normalization=DECODE_AND_MERGE_SLASHES ",
-            "ca=/var/lib/mesh/ca ",
+            "ca_address=mesh-ca.mesh-system.svc:15012 ",
+            "ca_identity=spiffe://cluster.local/ns/mesh-system/sa/mesh-ca ",
             "cert_lifetime=86400s ",
             "admin_addr=0.0.0.0:15020 ",
             "debug_address=loopback-only ",

@@ -8,10 +8,12 @@ use std::{
 
 use crate::{
     app::{init_logging, prepare_bpffs},
-    capture, cni,
+    capture,
+    cli::{CaInitArgs, CaServeArgs},
+    cni,
     config::{self, semantics::Mesh},
     identity, preflight,
-    settings::{Node, EXIT_PREFLIGHT},
+    settings::{Node, EXIT_CONFIG, EXIT_PREFLIGHT},
 };
 
 /// `validate`: each file on its own; errors and warnings as `file:document:field: message`.
@@ -127,14 +129,114 @@ pub fn crds(out: Option<&Path>) -> ExitCode {
 }
 
 /// `ca init`: a new root CA as a Secret manifest.
-pub fn ca_init(name: &str, namespace: &str) -> ExitCode {
-    match identity::ca_secret_manifest(name, namespace) {
-        Ok(manifest) => {
-            print!("{manifest}");
-            ExitCode::SUCCESS
+pub fn ca_init(args: &CaInitArgs) -> ExitCode {
+    let fail = |err: &dyn std::fmt::Display| {
+        eprintln!("mesh-node ca init: {err}");
+        ExitCode::FAILURE
+    };
+    let material = match identity::ca::Material::generate(args.intermediate) {
+        Ok(material) => material,
+        Err(err) => return fail(&err),
+    };
+    let written = (|| -> Result<(), identity::IdentityError> {
+        if let Some(dir) = &args.out {
+            material.write(dir)?;
         }
+        if let (Some(path), Some(key)) = (&args.root_key_out, &material.root_key) {
+            identity::ca::write_private(path, key.as_bytes()).map_err(|source| {
+                identity::IdentityError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        }
+        if let Some(path) = &args.bundle {
+            std::fs::write(path, &material.bundle).map_err(|source| {
+                identity::IdentityError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    })();
+    if let Err(err) = written {
+        return fail(&err);
+    }
+    if args.out.is_none() {
+        print!(
+            "{}",
+            identity::ca::manifests(&material, &args.name, &args.namespace)
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// `ca serve`: the signer, until SIGTERM.
+pub fn ca_serve(args: CaServeArgs) -> ExitCode {
+    use identity::signer;
+    init_logging(&args.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("mesh-node ca init: {err}");
+            eprintln!("cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ca = match identity::Ca::load(&args.ca_dir) {
+        Ok(ca) => ca,
+        Err(err) => {
+            eprintln!("mesh-node ca serve: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("spiffe://{}/ns/mesh-system/sa/mesh-ca", args.trust_domain));
+    let served = runtime.block_on(async move {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let client = match &args.kubeconfig {
+            _ if !args.kube => None,
+            kubeconfig => Some(crate::kube_source::client(kubeconfig.as_deref()).await?),
+        };
+        let pods = match (&client, &args.config) {
+            (Some(client), _) => signer::Pods::watch(client.clone()).await?,
+            (None, Some(config)) => signer::file_pods(config.clone())?,
+            (None, None) => anyhow::bail!("--config or --kube"),
+        };
+        let auth = match (&args.node_tokens, client) {
+            (Some(path), _) => signer::Auth::tokens_file(path)?,
+            (None, Some(client)) => signer::Auth::Review {
+                client,
+                audience: args.audience.clone(),
+                node_accounts: args.node_accounts.iter().cloned().collect(),
+            },
+            (None, None) => anyhow::bail!("--node-tokens or --kube"),
+        };
+        let signer = signer::Signer {
+            ca,
+            trust_domain: args.trust_domain.clone(),
+            max_lifetime: args.max_cert_lifetime,
+            auth,
+            pods,
+            metrics: signer::SignerMetrics::register(&mut registry),
+        };
+        let settings = signer::ServeSettings {
+            listen: args.listen,
+            admin: args.admin_addr,
+            identity,
+        };
+        signer::serve(signer, settings, registry).await
+    });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("mesh-node ca serve: {err:#}");
             ExitCode::FAILURE
         }
     }

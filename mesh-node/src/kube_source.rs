@@ -277,6 +277,17 @@ pub fn spawn_watchers(client: Client, store: Arc<Store>) {
 pub async fn start(
     kubeconfig: Option<&std::path::Path>,
 ) -> anyhow::Result<(Arc<Store>, Resources)> {
+    let client = client(kubeconfig).await?;
+    let store = Arc::new(Store::default());
+    spawn_watchers(client, store.clone());
+    let resources = initial_sync(&store).await;
+    tracing::info!(objects = store.len(), "kube: initial sync done");
+    Ok((store, resources))
+}
+
+/// A client of the API server: with `kubeconfig`, or in-cluster credentials, else
+/// `$KUBECONFIG`, else ~/.kube/config.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
     use anyhow::Context;
     let config = match kubeconfig {
         Some(path) => {
@@ -286,13 +297,8 @@ pub async fn start(
         }
         None => kube::Config::infer().await?,
     };
-    tracing::info!(api = %config.cluster_url, "kube: watching the API server");
-    let client = Client::try_from(config)?;
-    let store = Arc::new(Store::default());
-    spawn_watchers(client, store.clone());
-    let resources = initial_sync(&store).await;
-    tracing::info!(objects = store.len(), "kube: initial sync done");
-    Ok((store, resources))
+    tracing::info!(api = %config.cluster_url, "kube: using the API server");
+    Ok(Client::try_from(config)?)
 }
 
 /// Waits until every kind is listed, then returns the first resources.

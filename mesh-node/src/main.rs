@@ -42,7 +42,8 @@ fn main() -> ExitCode {
             .map_or_else(invalid("uninstall"), |node| commands::uninstall(&node)),
         Command::Probe { check, socket } => commands::probe(check.path(), &socket),
         Command::Crds { out } => commands::crds(out.as_deref()),
-        Command::Ca(CaCommand::Init { name, namespace }) => commands::ca_init(&name, &namespace),
+        Command::Ca(CaCommand::Init(args)) => commands::ca_init(&args),
+        Command::Ca(CaCommand::Serve(args)) => commands::ca_serve(*args),
     }
 }
 

@@ -24,10 +24,10 @@ pub struct Settings {
     pub mesh: Mesh,
     /// Where the resources come from.
     pub source: Source,
-    /// The CNI gate's socket and enrolment cache; local mode: the CA.
+    /// The CNI gate's socket, enrolment cache and handover socket.
     pub state_dir: PathBuf,
-    /// Cluster mode: the mounted CA Secret (never generated).
-    pub ca_dir: Option<PathBuf>,
+    /// Where workload certificates come from and which roots are trusted.
+    pub signer: SignerSettings,
     /// Lifetime of workload certificates.
     pub cert_lifetime: Duration,
     /// The admin endpoint.
@@ -54,6 +54,19 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// The log filter (tracing `EnvFilter` syntax, already checked).
     pub log: String,
+}
+
+/// The signer a node asks for certificates, and the trust bundle.
+#[derive(Clone, Debug)]
+pub struct SignerSettings {
+    /// `host:port` of `mesh-node ca serve`.
+    pub address: String,
+    /// The signer's SPIFFE ID (its certificate must carry it).
+    pub identity: String,
+    /// The bearer token the node proves itself with (re-read on every request).
+    pub token_file: PathBuf,
+    /// The roots (PEM), re-read when the file changes.
+    pub trust_bundle: PathBuf,
 }
 
 /// A node: its name and where its kernel state is pinned (`run` and `uninstall`).
@@ -103,7 +116,8 @@ impl fmt::Display for Settings {
         write!(
             f,
             " root_namespace={} trust_domain={} path_normalization={} \
-             reject_ambiguous_paths={} state_dir={} ca={} cert_lifetime={} admin_addr={} \
+             reject_ambiguous_paths={} state_dir={} ca_address={} ca_identity={} \
+             ca_token_file={} trust_bundle={} cert_lifetime={} admin_addr={} \
              probe_socket={} debug_address={} socket_bypass={} host_traffic={} kubelet_cgroups={} \
              udp_to_enrolled={} cni={} repair={} repair_interval={} drain_timeout={} log={}",
             self.mesh.root_namespace,
@@ -111,9 +125,10 @@ impl fmt::Display for Settings {
             self.mesh.paths.normalization,
             self.mesh.paths.reject_ambiguous,
             path(&self.state_dir),
-            self.ca_dir
-                .as_ref()
-                .map_or_else(|| path(&self.state_dir.join("ca")), path),
+            self.signer.address,
+            self.signer.identity,
+            path(&self.signer.token_file),
+            path(&self.signer.trust_bundle),
             duration(self.cert_lifetime),
             self.admin_addr,
             self.probe_socket.as_ref().map_or("off".into(), path),

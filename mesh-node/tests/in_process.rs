@@ -24,7 +24,10 @@ use mesh_node::{
     context::Context,
     gate::Revocations,
     http::{server::ServerMetrics, ProxyContext, L7},
-    identity::{Ca, CertMetrics, Certificates},
+    identity::{
+        ca::{generate_root, Pem},
+        signer, Ca, CertMetrics, Certificates,
+    },
     metrics::{ConfigMetrics, ProxyMetrics},
     proxy,
     reload::Publisher,
@@ -106,6 +109,8 @@ struct Node {
     sockets: Arc<Loopback>,
     /// The outbound listener (`:15001` on a node).
     outbound: SocketAddr,
+    /// The node's signer (each node has its own, signing for the pods of its own view).
+    _signer: signer::Local,
 }
 
 struct Setup<'a> {
@@ -113,31 +118,34 @@ struct Setup<'a> {
     node: &'a str,
     config: String,
     /// CA certificate and key (PEM).
-    ca: &'a (String, String),
+    ca: &'a Pem,
     lifetime: Duration,
     idle: Duration,
 }
 
 impl Setup<'_> {
     async fn start(self) -> Node {
-        let state = State::build(
-            &parse_str("cluster.yaml", &self.config).expect("valid config"),
-            self.node,
-            &Mesh::default(),
-            1,
-        );
+        let resources = parse_str("cluster.yaml", &self.config).expect("valid config");
+        let signer = signer::Local::start(
+            Ca::from_pem(&self.ca.cert, &self.ca.key).expect("CA"),
+            signer::Pods::from_resources(&resources),
+            &[self.node],
+        )
+        .await
+        .expect("signer");
+        let state = State::build(&resources, self.node, &Mesh::default(), 1);
         let mut registry = Registry::default();
         let cap = SeriesCap::register(&mut registry);
         let limited = ServerMetrics::register(&mut registry);
         let requests = RequestMetrics::register(&mut registry, cap.clone());
         let certs = Arc::new(Certificates::new(
-            Ca::from_pem(&self.ca.0, &self.ca.1).expect("CA"),
+            signer.client(self.node),
             self.node,
             "cluster.local",
             self.lifetime,
             CertMetrics::register(&mut registry),
         ));
-        certs.sync(&state.local_identities());
+        certs.sync(&state.local_identities()).await;
         let pool = Pool::default();
         pool.spawn_reaper(certs.clone(), self.idle);
         let sockets = Arc::new(Loopback::default());
@@ -170,6 +178,7 @@ impl Setup<'_> {
             ctx,
             sockets,
             outbound: outbound_addr,
+            _signer: signer,
         }
     }
 }
@@ -182,7 +191,7 @@ fn listen(addr: SocketAddr) -> std::net::TcpListener {
 
 /// Nodes a and b of test `net`, sharing one CA; b runs its pod as `server_sa`.
 async fn nodes(net: u8, server_sa: &str, lifetime: Duration, idle: Duration) -> (Node, Node) {
-    let ca = Ca::generate_pem().expect("CA");
+    let ca = generate_root().expect("CA");
     let setup = |node| Setup {
         net,
         node,
@@ -328,7 +337,7 @@ async fn the_destination_gate_refuses_a_port_its_policy_does_not_admit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_proving_another_identity_is_refused_with_a_hint() {
     let net = 13;
-    let ca = Ca::generate_pem().expect("CA");
+    let ca = generate_root().expect("CA");
     let setup = |node, server_sa| Setup {
         net,
         node,
@@ -355,7 +364,7 @@ async fn a_peer_proving_another_identity_is_refused_with_a_hint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_of_another_ca_is_refused_with_a_hint() {
     let net = 14;
-    let (ours, theirs) = (Ca::generate_pem().unwrap(), Ca::generate_pem().unwrap());
+    let (ours, theirs) = (generate_root().unwrap(), generate_root().unwrap());
     let setup = |node, ca| Setup {
         net,
         node,
@@ -495,7 +504,11 @@ async fn after_a_certificate_renewal_new_tunnels_take_a_new_connection() {
     assert_eq!(first.len(), 1);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let state = a.ctx.state.load();
-    assert_eq!(a.ctx.certs.sync(&state.local_identities()), 1, "renewed");
+    assert_eq!(
+        a.ctx.certs.sync(&state.local_identities()).await,
+        1,
+        "renewed"
+    );
     let mut new = connect(&a, pod(net, 1), (pod(net, 2), 7000).into()).await;
     assert!(greeting(&mut new).await.is_some());
     let generations = |pooled: &[(String, String, String, usize, u64)]| -> BTreeSet<u64> {

@@ -122,19 +122,19 @@ pub fn run(settings: Settings) -> ExitCode {
         Err(err) => tracing::warn!("cannot raise the open-file limit: {err}"),
     }
     enable_time_wait_reuse();
-    let ca = match &settings.ca_dir {
-        Some(dir) => identity::Ca::load(dir),
-        None => identity::Ca::load_or_create(&settings.state_dir.join("ca")),
-    };
-    let ca = match ca {
-        Ok(ca) => ca,
+    let mut registry = Registry::default();
+    let bundle = match identity::bundle::BundleFile::open(
+        &settings.signer.trust_bundle,
+        identity::bundle::BundleMetric::register(&mut registry),
+    ) {
+        Ok(bundle) => bundle,
         Err(err) => {
-            eprintln!("mesh CA: {err}");
+            eprintln!("trust bundle: {err}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     let state = State::build(&resources, &settings.node.name, &settings.mesh, 1);
-    let served = runtime.block_on(serve(settings, state, ca, source));
+    let served = runtime.block_on(serve(settings, state, bundle, registry, source));
     // Connections still finishing log their last lines; then the buffer is written out.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     telemetry::flush_access_log();
@@ -165,7 +165,8 @@ fn enable_time_wait_reuse() {
 async fn serve(
     settings: Settings,
     state: State,
-    ca: identity::Ca,
+    bundle: identity::bundle::BundleFile,
+    mut registry: Registry,
     source: Source,
 ) -> anyhow::Result<()> {
     let node = settings.node.name.clone();
@@ -175,7 +176,6 @@ async fn serve(
     std::fs::create_dir_all(settings.state_dir.join("cni"))
         .with_context(|| format!("creating {}", settings.state_dir.join("cni").display()))?;
 
-    let mut registry = Registry::default();
     let proxy_metrics = ProxyMetrics::register(&mut registry);
     let config_metrics = ConfigMetrics::register(&mut registry);
     let series_cap = telemetry::SeriesCap::register(&mut registry);
@@ -188,14 +188,30 @@ async fn serve(
     telemetry::start_access_log(&mut registry).context("starting the access-log writer")?;
     // Certificates for every local identity before the node is taken (from a predecessor,
     // which keeps serving meanwhile).
+    let signer = identity::client::SignerClient {
+        address: settings.signer.address.clone(),
+        identity: settings.signer.identity.clone(),
+        token_file: settings.signer.token_file.clone(),
+        bundle: bundle.shared(),
+    };
     let certs = Arc::new(identity::Certificates::new(
-        ca,
+        signer,
         &node,
         &settings.mesh.trust_domain,
         settings.cert_lifetime,
         identity::CertMetrics::register(&mut registry),
     ));
-    certs.sync(&state.local_identities());
+    let wanted = state.local_identities();
+    let obtained = certs.sync(&wanted).await;
+    if obtained < wanted.len() {
+        tracing::warn!(
+            obtained,
+            wanted = wanted.len(),
+            signer = settings.signer.address,
+            "starting without a certificate for every local identity: retrying in the \
+             background (connections needing the missing ones fail until then)"
+        );
+    }
 
     let start = handover::take_node(
         &settings.state_dir,
@@ -341,7 +357,7 @@ async fn serve(
 
     let pool = transport::Pool::default();
     pool.spawn_reaper(certs.clone(), transport::pool::IDLE_TIMEOUT);
-    tokio::spawn(keep_certificates(certs.clone(), state.clone()));
+    tokio::spawn(keep_certificates(certs.clone(), state.clone(), bundle));
     l7.clusters.spawn_reaper(state.clone());
     let ctx = Arc::new(ProxyContext {
         l7,
@@ -572,17 +588,24 @@ impl UpgradeMetrics {
     }
 }
 
-/// Every second: certificates for exactly the identities of this node's enrolled pods,
-/// renewed at half their lifetime.
-async fn keep_certificates(certs: Arc<identity::Certificates>, state: Arc<ArcSwap<State>>) {
+/// Every second: the trust bundle re-read if it changed, and certificates for exactly the
+/// identities of this node's enrolled pods, renewed at half their lifetime.
+async fn keep_certificates(
+    certs: Arc<identity::Certificates>,
+    state: Arc<ArcSwap<State>>,
+    mut bundle: identity::bundle::BundleFile,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        certs.sync(&state.load().local_identities());
+        bundle.refresh();
+        let wanted = state.load().local_identities();
+        certs.sync(&wanted).await;
     }
 }
 
-async fn wait_for_shutdown() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT.
+pub(crate) async fn wait_for_shutdown() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -326,13 +326,14 @@ async fn connect(
         let (Some(s), Some(d)) = (target.source, target.destination) else {
             return Err(transport::Error::NotTunnelled { target: endpoint });
         };
-        let cert = ctx
-            .certs
-            .for_workload(s)
-            .map_err(|e| transport::Error::NoCertificate {
-                identity: s.identity.to_string(),
-                detail: e.to_string(),
-            })?;
+        let cert =
+            ctx.certs
+                .for_workload(s)
+                .await
+                .map_err(|e| transport::Error::NoCertificate {
+                    identity: s.identity.to_string(),
+                    detail: e.to_string(),
+                })?;
         let opened = tokio::time::timeout(
             timeout,
             ctx.pool

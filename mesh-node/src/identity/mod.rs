@@ -1,20 +1,24 @@
-//! Workload identity: the mesh's certificate authority and the node's workload certificates.
+//! Workload identity: the node's workload certificates, obtained from the signer.
 //!
-//! The CA signs short-lived leaf certificates whose only name is the workload's SPIFFE ID
-//! (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`, a URI SAN). A node proxy holds certificates
-//! only for the service accounts of the enrolled pods on its own node ([`Certificates::for_workload`]
-//! refuses others), renews each at half its lifetime and drops those no local pod needs any
-//! more. Leaf keys never leave memory; the CA key lives in the state directory (mode 0600)
-//! in local mode, or in the mounted Secret in cluster mode.
+//! Certificates are short-lived leaves whose only name is the workload's SPIFFE ID
+//! (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`, a URI SAN). A node proxy holds no CA key: it
+//! asks the signer (`mesh-node ca serve`, [`signer`]) for each certificate with a CSR over a
+//! key it made ([`client`]), and the signer signs only identities of pods scheduled on the
+//! caller's node. The node holds certificates only for the service accounts of the enrolled
+//! pods on its own node ([`Certificates::for_workload`] refuses others), renews each at half
+//! its lifetime (retrying with backoff while the signer is away), never presents an expired
+//! one, and drops those no local pod needs any more. Leaf keys never leave memory. Peers are
+//! verified against the trust bundle ([`bundle`]), which may hold several roots.
 
+pub mod bundle;
+pub mod ca;
+pub mod client;
+pub mod signer;
 pub mod tls;
 
 use std::{
     collections::{BTreeSet, HashMap},
-    fs,
-    io::Write,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -27,33 +31,29 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
-};
 use rustls::{
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+    pki_types::{CertificateDer, PrivateKeyDer},
     server::ServerConfig,
     sign::CertifiedKey,
 };
 
-use crate::state::Workload;
+pub use ca::Ca;
 
-/// File names of the CA in a state directory or a mounted Secret (Istio's `cacerts` names).
-pub const CA_CERT_FILE: &str = "ca-cert.pem";
-/// The CA's private key.
-pub const CA_KEY_FILE: &str = "ca-key.pem";
+use crate::state::Workload;
+use bundle::SharedBundle;
+use client::{SignError, SignerClient};
+
 /// Default lifetime of workload certificates.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-/// Leaf certificates are valid from this long before issue, for clocks slightly behind.
-const BACKDATE: Duration = Duration::from_secs(60);
-/// Lifetime of a CA generated in local mode.
-const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// The first retry after a failed renewal; doubled each time.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between retries.
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What can go wrong with identity.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    /// A CA file could not be read or written.
+    /// A CA or bundle file could not be read or written.
     #[error("{path}: {source}")]
     Io {
         /// The file.
@@ -61,7 +61,7 @@ pub enum IdentityError {
         /// Why.
         source: std::io::Error,
     },
-    /// A CA file is not a usable certificate or key.
+    /// A CA or bundle file is not a usable certificate or key.
     #[error("{path}: {reason}")]
     BadCa {
         /// The file.
@@ -77,6 +77,24 @@ pub enum IdentityError {
         /// Why.
         reason: String,
     },
+    /// The signer did not give a certificate.
+    #[error("no certificate for {identity}: {source}")]
+    Signer {
+        /// The SPIFFE ID.
+        identity: String,
+        /// Why.
+        source: Arc<SignError>,
+    },
+    /// The certificate held expired and could not be renewed: it is not presented.
+    #[error("the certificate of {identity} expired {ago:?} ago and the signer has not renewed it: refused ({source})")]
+    Expired {
+        /// The SPIFFE ID.
+        identity: String,
+        /// Since when.
+        ago: Duration,
+        /// Why the renewal failed.
+        source: Arc<SignError>,
+    },
     /// A certificate was asked for a workload this node does not host.
     #[error("workload {workload} runs on node {node:?}, not on this node: no certificate issued")]
     NotLocal {
@@ -87,252 +105,38 @@ pub enum IdentityError {
     },
 }
 
-/// The certificate authority: the root every proxy trusts, and (on nodes) its signing key.
-pub struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    root: CertificateDer<'static>,
-    root_pem: String,
-}
-
-impl std::fmt::Debug for Ca {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Ca")
-    }
-}
-
-impl Ca {
-    /// Local mode: loads the CA from `dir`, generating and saving one on first start (the key
-    /// with mode 0600, the directory 0700).
-    pub fn load_or_create(dir: &Path) -> Result<Ca, IdentityError> {
-        let cert_path = dir.join(CA_CERT_FILE);
-        let key_path = dir.join(CA_KEY_FILE);
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| IdentityError::Io { path, source }
-        };
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        // Several processes may share the directory (nodes of one test cluster): the first
-        // creates the CA under the lock, the others wait and load it.
-        let lock_path = dir.join(".lock");
-        let lock = fs::File::create(&lock_path).map_err(io(&lock_path))?;
-        lock.lock().map_err(io(&lock_path))?;
-        match (cert_path.exists(), key_path.exists()) {
-            (true, true) => return Ca::load(dir),
-            (false, false) => {}
-            // Only a crash while creating the CA (under this lock) leaves half of it; no
-            // certificate was ever issued from it: start over.
-            _ => tracing::warn!(
-                dir = %dir.display(),
-                "incomplete CA (a crash while creating it?): generating a new one"
-            ),
-        }
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
-        let (cert_pem, key_pem) = generate_root().map_err(|reason| IdentityError::BadCa {
-            path: cert_path.clone(),
-            reason,
-        })?;
-        // The key first, created private and renamed into place, so a crash leaves no half
-        // CA and the key is never readable by others.
-        write_private(&key_path, key_pem.as_bytes()).map_err(io(&key_path))?;
-        write_private(&cert_path, cert_pem.as_bytes()).map_err(io(&cert_path))?;
-        fs::set_permissions(&cert_path, fs::Permissions::from_mode(0o644))
-            .map_err(io(&cert_path))?;
-        tracing::info!(dir = %dir.display(), "generated a new mesh CA");
-        Ca::load(dir)
-    }
-
-    /// Cluster mode (and every start after the first in local mode): reads `ca-cert.pem`
-    /// and `ca-key.pem` from `dir` (a mounted Secret); never writes.
-    pub fn load(dir: &Path) -> Result<Ca, IdentityError> {
-        let read = |name: &str| {
-            let path = dir.join(name);
-            fs::read_to_string(&path)
-                .map(|text| (text, path.clone()))
-                .map_err(|source| IdentityError::Io { path, source })
-        };
-        let (cert_pem, cert_path) = read(CA_CERT_FILE)?;
-        let (key_pem, key_path) = read(CA_KEY_FILE)?;
-        Ca::parse(cert_pem, &cert_path, &key_pem, &key_path)
-    }
-
-    /// A new root held only in memory (tests, in-process proxies): its certificate and key
-    /// (PEM), for [`Ca::from_pem`].
-    pub fn generate_pem() -> Result<(String, String), IdentityError> {
-        generate_root().map_err(|reason| IdentityError::BadCa {
-            path: PathBuf::from("(memory)"),
-            reason,
-        })
-    }
-
-    /// A CA from its certificate and key (PEM) in memory.
-    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, IdentityError> {
-        let memory = Path::new("(memory)");
-        Ca::parse(cert_pem.to_string(), memory, key_pem, memory)
-    }
-
-    /// A CA from its certificate and key (PEM); the paths name them in errors.
-    fn parse(
-        cert_pem: String,
-        cert_path: &Path,
-        key_pem: &str,
-        key_path: &Path,
-    ) -> Result<Ca, IdentityError> {
-        let bad = |path: &Path, reason: String| IdentityError::BadCa {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let key = KeyPair::from_pem(key_pem)
-            .map_err(|e| bad(key_path, format!("not a PEM private key: {e}")))?;
-        let root = rustls::pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
-            .map_err(|e| bad(cert_path, format!("not a PEM certificate: {e}")))?;
-        let root: CertificateDer<'static> = root;
-        let (_, parsed) = x509_parser::parse_x509_certificate(&root)
-            .map_err(|e| bad(cert_path, format!("not an X.509 certificate: {e}")))?;
-        if !parsed.is_ca() {
-            return Err(bad(
-                cert_path,
-                "not a CA certificate (basicConstraints CA:FALSE)".into(),
-            ));
-        }
-        if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
-        {
-            return Err(bad(
-                key_path,
-                format!("the key does not belong to {}", cert_path.display()),
-            ));
-        }
-        let issuer = Issuer::from_ca_cert_der(&root, key)
-            .map_err(|e| bad(cert_path, format!("cannot sign with it: {e}")))?;
-        Ok(Ca {
-            issuer,
-            root_pem: cert_pem,
-            root,
-        })
-    }
-
-    /// The root certificate (DER).
-    pub fn root(&self) -> &CertificateDer<'static> {
-        &self.root
-    }
-
-    /// The root certificate (PEM), for tools that verify the mesh's certificates.
-    pub fn root_pem(&self) -> &str {
-        &self.root_pem
-    }
-
-    /// Signs a new leaf for `identity`, valid for `lifetime` from now.
-    pub fn issue(&self, identity: &str, lifetime: Duration) -> Result<Leaf, IdentityError> {
-        let fail = |reason: String| IdentityError::Issue {
-            identity: identity.to_string(),
-            reason,
-        };
-        let key =
-            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(
-            identity.try_into().map_err(|e| fail(format!("{e}")))?,
-        )];
-        let now = SystemTime::now();
-        params.not_before = (now - BACKDATE).into();
-        params.not_after = (now + lifetime).into();
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|e| fail(e.to_string()))?;
-        Ok(Leaf {
-            cert: cert.der().clone(),
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-            expires: now + lifetime,
-        })
-    }
-}
-
-/// A freshly signed leaf certificate and its key.
+/// A new key and its certificate chain (the leaf first).
 pub struct Leaf {
-    /// The certificate (DER).
-    pub cert: CertificateDer<'static>,
+    /// The leaf, then the intermediates (DER).
+    pub chain: Vec<CertificateDer<'static>>,
     /// Its private key (PKCS#8).
     pub key: PrivateKeyDer<'static>,
-    /// Its `notAfter`.
+    /// The leaf's `notAfter`.
     pub expires: SystemTime,
-}
-
-/// A new root CA for the cluster as a Kubernetes Secret manifest (`ca-cert.pem`,
-/// `ca-key.pem`, Istio's cacerts names) in `namespace`, for `mesh-node run --ca-dir` to
-/// mount. The key exists only in the manifest printed.
-pub fn ca_secret_manifest(name: &str, namespace: &str) -> Result<String, String> {
-    use base64::Engine;
-    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-    let (cert, key) = generate_root()?;
-    Ok(format!(
-        "# The mesh root CA: keep this file secret, apply it once (kubectl apply -f), then delete it.\n\
-         apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels: {{app.kubernetes.io/part-of: mesh}}\n\
-         type: Opaque\ndata:\n  ca-cert.pem: {}\n  ca-key.pem: {}\n",
-        b64(cert.as_bytes()),
-        b64(key.as_bytes())
-    ))
-}
-
-fn generate_root() -> Result<(String, String), String> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
-    let mut params = CertificateParams::default();
-    let mut name = DistinguishedName::new();
-    name.push(DnType::OrganizationName, "mesh");
-    name.push(DnType::CommonName, "mesh root CA");
-    params.distinguished_name = name;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let now = SystemTime::now();
-    params.not_before = (now - BACKDATE).into();
-    params.not_after = (now + CA_LIFETIME).into();
-    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-    Ok((cert.pem(), key.serialize_pem()))
-}
-
-/// Writes `bytes` to `path` through a private temporary file renamed into place.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)
 }
 
 /// A workload certificate in use, with the TLS server config that presents it.
 pub struct WorkloadCert {
     /// The SPIFFE ID it certifies.
     pub identity: String,
-    /// Increases with every certificate the node issues: pooled connections remember the one
+    /// Increases with every certificate the node obtains: pooled connections remember the one
     /// they were made with, and take no new streams once it has been replaced.
     pub generation: u64,
-    /// Certificate and signing key, for rustls.
+    /// Certificate chain and signing key, for rustls.
     pub certified: Arc<CertifiedKey>,
     /// Accepts HBONE connections to this workload: presents the certificate, requires a
     /// client certificate with a SPIFFE ID of the trust domain, TLS 1.3 only.
     pub server: Arc<ServerConfig>,
     /// `notAfter`.
     pub expires: SystemTime,
-    /// When it is renewed (half its lifetime).
+    /// When it is renewed (half its remaining lifetime when obtained).
     renew_at: Instant,
+}
+
+impl WorkloadCert {
+    fn expired(&self, now: SystemTime) -> Option<Duration> {
+        now.duration_since(self.expires).ok()
+    }
 }
 
 impl std::fmt::Debug for WorkloadCert {
@@ -356,16 +160,19 @@ pub struct CertMetrics {
     issued: Family<IssuedLabels, Counter>,
     held: Gauge,
     failures: Counter,
+    overdue: Gauge,
+    expiry: Gauge,
 }
 
 impl CertMetrics {
-    /// Registers `mesh_certificates_issued_total`, `mesh_certificates` and
-    /// `mesh_certificate_issue_failures_total`.
+    /// Registers `mesh_certificates_issued_total`, `mesh_certificates`,
+    /// `mesh_certificate_issue_failures_total`, `mesh_certificates_overdue` and
+    /// `mesh_certificate_expiry_seconds`.
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = CertMetrics::default();
         registry.register(
             "mesh_certificates_issued",
-            "Workload certificates issued by this node, by reason (new, rotation)",
+            "Workload certificates obtained from the signer, by reason (new, rotation)",
             metrics.issued.clone(),
         );
         registry.register(
@@ -375,20 +182,41 @@ impl CertMetrics {
         );
         registry.register(
             "mesh_certificate_issue_failures",
-            "Workload certificates that could not be issued",
+            "Requests for a workload certificate that failed (signer unreachable or refusing)",
             metrics.failures.clone(),
+        );
+        registry.register(
+            "mesh_certificates_overdue",
+            "Certificates held past their renewal time (half their lifetime): the signer has \
+             not renewed them",
+            metrics.overdue.clone(),
+        );
+        registry.register(
+            "mesh_certificate_expiry_seconds",
+            "Seconds until the soonest held certificate expires (negative: expired, refused)",
+            metrics.expiry.clone(),
         );
         metrics
     }
 }
 
+/// When an identity may be asked for again after a failure.
+struct Retry {
+    at: Instant,
+    delay: Duration,
+    error: Arc<SignError>,
+}
+
 /// The node's workload certificates, by SPIFFE ID.
 pub struct Certificates {
-    ca: Ca,
+    signer: SignerClient,
     node: String,
     trust_domain: String,
     lifetime: Duration,
     certs: Mutex<HashMap<String, Arc<WorkloadCert>>>,
+    retries: Mutex<HashMap<String, Retry>>,
+    /// One request to the signer at a time.
+    asking: tokio::sync::Mutex<()>,
     generation: AtomicU64,
     metrics: CertMetrics,
 }
@@ -402,28 +230,31 @@ impl std::fmt::Debug for Certificates {
 }
 
 impl Certificates {
-    /// A store for the workloads of `node`, signing with `ca`.
+    /// A store for the workloads of `node`, asking `signer`; certificates of `lifetime` (the
+    /// signer may cap it).
     pub fn new(
-        ca: Ca,
+        signer: SignerClient,
         node: &str,
         trust_domain: &str,
         lifetime: Duration,
         metrics: CertMetrics,
     ) -> Certificates {
         Certificates {
-            ca,
+            signer,
             node: node.to_string(),
             trust_domain: trust_domain.to_string(),
             lifetime,
             certs: Mutex::default(),
+            retries: Mutex::default(),
+            asking: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
             metrics,
         }
     }
 
-    /// The root every proxy trusts.
-    pub fn root(&self) -> &CertificateDer<'static> {
-        self.ca.root()
+    /// The trust bundle in force.
+    pub fn bundle(&self) -> &SharedBundle {
+        &self.signer.bundle
     }
 
     /// The trust domain of the identities this node accepts.
@@ -431,37 +262,80 @@ impl Certificates {
         &self.trust_domain
     }
 
-    /// The current certificate of a workload of this node, issued now if it has none; an
-    /// error for a workload of another node.
-    pub fn for_workload(&self, workload: &Workload) -> Result<Arc<WorkloadCert>, IdentityError> {
+    /// The current certificate of a workload of this node, obtained now if it has none (or
+    /// only an expired one); an error for a workload of another node, and while the signer
+    /// cannot give one.
+    pub async fn for_workload(
+        &self,
+        workload: &Workload,
+    ) -> Result<Arc<WorkloadCert>, IdentityError> {
         if workload.node.as_deref() != Some(self.node.as_str()) {
             return Err(IdentityError::NotLocal {
                 workload: format!("{}/{}", workload.namespace, workload.name),
                 node: workload.node.clone(),
             });
         }
-        if let Some(cert) = self.lock().get(workload.identity.as_str()) {
-            return Ok(cert.clone());
+        let identity = workload.identity.as_str();
+        if let Some(cert) = self.usable(identity) {
+            return Ok(cert);
         }
-        let cert = self.issue(&workload.identity, "new")?;
-        Ok(self
+        let _asking = self.asking.lock().await;
+        // Another connection may have obtained it meanwhile.
+        if let Some(cert) = self.usable(identity) {
+            return Ok(cert);
+        }
+        let held = self.lock().get(identity).map(|c| c.generation);
+        // While the signer is being retried, fail at once with its last error.
+        let waiting = self
+            .retries
             .lock()
-            .entry(workload.identity.to_string())
-            .or_insert(cert)
-            .clone())
+            .unwrap_or_else(|e| e.into_inner())
+            .get(identity)
+            .filter(|r| r.at > Instant::now())
+            .map(|r| r.error.clone());
+        let result = match waiting {
+            Some(error) => Err(error),
+            None => self.obtain(identity, held).await,
+        };
+        match result {
+            Ok(cert) => Ok(cert),
+            Err(source) => Err(match self.lock().get(identity) {
+                Some(cert) => IdentityError::Expired {
+                    identity: identity.to_string(),
+                    ago: cert.expired(SystemTime::now()).unwrap_or_default(),
+                    source,
+                },
+                None => IdentityError::Signer {
+                    identity: identity.to_string(),
+                    source,
+                },
+            }),
+        }
+    }
+
+    /// The certificate held for `identity` unless it expired.
+    fn usable(&self, identity: &str) -> Option<Arc<WorkloadCert>> {
+        self.lock()
+            .get(identity)
+            .filter(|c| c.expired(SystemTime::now()).is_none())
+            .cloned()
     }
 
     /// Keeps certificates for exactly `wanted` (the identities of this node's enrolled pods):
-    /// issues missing ones, renews those past half their lifetime, drops the rest. Returns
-    /// how many were issued. Called on every config change and every second.
-    pub fn sync(&self, wanted: &BTreeSet<String>) -> usize {
+    /// asks for missing ones, renews those past half their lifetime, drops the rest; after a
+    /// failure an identity is asked for again with exponential backoff. Returns how many were
+    /// obtained. Called on every config change and every second.
+    pub async fn sync(&self, wanted: &BTreeSet<String>) -> usize {
         let now = Instant::now();
         // Due: (identity, the generation being replaced, if any).
         let due: Vec<(String, Option<u64>)> = {
             let mut certs = self.lock();
             certs.retain(|identity, _| wanted.contains(identity));
+            let mut retries = self.retries.lock().unwrap_or_else(|e| e.into_inner());
+            retries.retain(|identity, _| wanted.contains(identity));
             wanted
                 .iter()
+                .filter(|identity| retries.get(*identity).is_none_or(|r| r.at <= now))
                 .filter_map(|identity| match certs.get(identity) {
                     None => Some((identity.clone(), None)),
                     Some(cert) if cert.renew_at <= now => {
@@ -471,35 +345,135 @@ impl Certificates {
                 })
                 .collect()
         };
-        let mut issued = 0;
-        for (identity, replacing) in due {
-            let reason = if replacing.is_some() {
-                "rotation"
-            } else {
-                "new"
-            };
-            match self.issue(&identity, reason) {
-                Ok(cert) => {
-                    // Signed without the lock: install only if nobody (a connection that
-                    // needed the certificate at once) installed one meanwhile.
-                    let mut certs = self.lock();
-                    if certs.get(&identity).map(|c| c.generation) == replacing {
-                        if replacing.is_some() {
-                            tracing::info!(
-                                identity,
-                                generation = cert.generation,
-                                "certificate rotated"
-                            );
-                        }
-                        certs.insert(identity, cert);
-                        issued += 1;
-                    }
+        let mut obtained = 0;
+        if !due.is_empty() {
+            let _asking = self.asking.lock().await;
+            for (identity, replacing) in due {
+                // A connection that needed the certificate at once may have obtained it.
+                if self.lock().get(&identity).map(|c| c.generation) != replacing {
+                    continue;
                 }
-                Err(err) => tracing::error!("{err} (the current certificate stays in use)"),
+                if self.obtain(&identity, replacing).await.is_ok() {
+                    obtained += 1;
+                }
             }
         }
-        self.metrics.held.set(self.lock().len() as i64);
-        issued
+        self.report();
+        obtained
+    }
+
+    /// Asks the signer for `identity` and installs the answer; on failure, schedules the next
+    /// attempt and warns (the certificate held, if any, stays in use until it expires).
+    async fn obtain(
+        &self,
+        identity: &str,
+        replacing: Option<u64>,
+    ) -> Result<Arc<WorkloadCert>, Arc<SignError>> {
+        let result = self.signer.sign(identity, self.lifetime).await;
+        let leaf = match result {
+            Ok(leaf) => leaf,
+            Err(err) => {
+                self.metrics.failures.inc();
+                let err = Arc::new(err);
+                let mut retries = self.retries.lock().unwrap_or_else(|e| e.into_inner());
+                let delay = retries
+                    .get(identity)
+                    .map_or(RETRY_FIRST, |r| (r.delay * 2).min(RETRY_MAX));
+                retries.insert(
+                    identity.to_string(),
+                    Retry {
+                        at: Instant::now() + delay,
+                        delay,
+                        error: err.clone(),
+                    },
+                );
+                drop(retries);
+                match self.lock().get(identity).map(|c| c.expires) {
+                    Some(expires) => match expires.duration_since(SystemTime::now()) {
+                        Ok(left) => {
+                            tracing::warn!(identity, retry_in = ?delay, expires_in = ?left, "certificate renewal failed, the current certificate stays in use: {err}")
+                        }
+                        Err(_) => {
+                            tracing::error!(identity, retry_in = ?delay, "certificate expired and not renewed: connections needing it are refused: {err}")
+                        }
+                    },
+                    None => tracing::error!(identity, retry_in = ?delay, "no certificate: {err}"),
+                }
+                return Err(err);
+            }
+        };
+        self.retries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(identity);
+        let certified = tls::certified_key(leaf.chain, leaf.key).map_err(|detail| {
+            self.metrics.failures.inc();
+            Arc::new(SignError::Unusable {
+                address: self.signer.address.clone(),
+                detail,
+            })
+        })?;
+        let server = tls::server_config(
+            certified.clone(),
+            self.signer.bundle.clone(),
+            &self.trust_domain,
+        );
+        let left = leaf
+            .expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let reason = if replacing.is_some() {
+            "rotation"
+        } else {
+            "new"
+        };
+        self.metrics
+            .issued
+            .get_or_create(&IssuedLabels { reason })
+            .inc();
+        let cert = Arc::new(WorkloadCert {
+            identity: identity.to_string(),
+            generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
+            certified,
+            server,
+            expires: leaf.expires,
+            renew_at: Instant::now() + left / 2,
+        });
+        if replacing.is_some() {
+            tracing::info!(
+                identity,
+                generation = cert.generation,
+                "certificate rotated"
+            );
+        }
+        self.lock().insert(identity.to_string(), cert.clone());
+        Ok(cert)
+    }
+
+    /// Sets the gauges: certificates held, overdue, seconds to the soonest expiry.
+    fn report(&self) {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let certs = self.lock();
+        self.metrics.held.set(certs.len() as i64);
+        self.metrics
+            .overdue
+            .set(certs.values().filter(|c| c.renew_at <= now).count() as i64);
+        let soonest = certs.values().map(|c| c.expires).min();
+        self.metrics.expiry.set(
+            soonest.map_or(0, |expires| match expires.duration_since(wall) {
+                Ok(left) => left.as_secs() as i64,
+                Err(past) => -(past.duration().as_secs() as i64),
+            }),
+        );
+    }
+
+    /// The last failure to obtain `identity`, if it is being retried.
+    pub fn last_failure(&self, identity: &str) -> Option<String> {
+        self.retries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(identity)
+            .map(|r| r.error.to_string())
     }
 
     /// The generation of the certificate held for `identity`, if any.
@@ -518,36 +492,6 @@ impl Certificates {
         held
     }
 
-    fn issue(
-        &self,
-        identity: &str,
-        reason: &'static str,
-    ) -> Result<Arc<WorkloadCert>, IdentityError> {
-        let leaf = self.ca.issue(identity, self.lifetime).inspect_err(|_| {
-            self.metrics.failures.inc();
-        })?;
-        let certified = tls::certified_key(leaf.cert, leaf.key).map_err(|reason| {
-            self.metrics.failures.inc();
-            IdentityError::Issue {
-                identity: identity.to_string(),
-                reason,
-            }
-        })?;
-        let server = tls::server_config(certified.clone(), self.root().clone(), &self.trust_domain);
-        self.metrics
-            .issued
-            .get_or_create(&IssuedLabels { reason })
-            .inc();
-        Ok(Arc::new(WorkloadCert {
-            identity: identity.to_string(),
-            generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
-            certified,
-            server,
-            expires: leaf.expires,
-            renew_at: Instant::now() + self.lifetime / 2,
-        }))
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<WorkloadCert>>> {
         self.certs.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -557,96 +501,11 @@ impl Certificates {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ca_init_prints_a_secret_that_loads_as_the_ca() {
-        use base64::Engine;
-        let manifest = ca_secret_manifest("mesh-ca", "mesh-system").unwrap();
-        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&manifest).unwrap();
-        assert_eq!(doc["kind"].as_str(), Some("Secret"));
-        let dir = std::env::temp_dir().join(format!("mesh-ca-init-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        for file in ["ca-cert.pem", "ca-key.pem"] {
-            let text = doc["data"][file].as_str().unwrap();
-            let pem = base64::engine::general_purpose::STANDARD
-                .decode(text)
-                .unwrap();
-            std::fs::write(dir.join(file), pem).unwrap();
-        }
-        let loaded = Ca::load(&dir);
-        let _ = std::fs::remove_dir_all(&dir);
-        loaded.unwrap();
-    }
-
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("mesh-ca-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        dir
-    }
-
-    #[test]
-    fn local_ca_is_created_once_with_a_private_key_and_reused() {
-        let dir = temp_dir("create");
-        let first = Ca::load_or_create(&dir).unwrap();
-        let mode = fs::metadata(dir.join(CA_KEY_FILE))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let again = Ca::load_or_create(&dir).unwrap();
-        assert_eq!(first.root(), again.root(), "the root survives a restart");
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_broken_or_mismatched_ca_is_a_clear_error() {
-        let dir = temp_dir("broken");
-        Ca::load_or_create(&dir).unwrap();
-        let other = temp_dir("other");
-        Ca::load_or_create(&other).unwrap();
-        fs::copy(other.join(CA_KEY_FILE), dir.join(CA_KEY_FILE)).unwrap();
-        let err = Ca::load(&dir).unwrap_err().to_string();
-        assert!(err.contains("does not belong to"), "{err}");
-        fs::write(dir.join(CA_CERT_FILE), "junk").unwrap();
-        let err = Ca::load(&dir).unwrap_err().to_string();
-        assert!(
-            err.contains("ca-cert.pem") && err.contains("not a PEM certificate"),
-            "{err}"
-        );
-        let missing = Ca::load(&temp_dir("missing")).unwrap_err().to_string();
-        assert!(missing.contains("ca-cert.pem"), "{missing}");
-        fs::remove_dir_all(&dir).unwrap();
-        fs::remove_dir_all(&other).unwrap();
-    }
-
-    #[test]
-    fn leaves_carry_only_the_spiffe_id_and_the_lifetime() {
-        let dir = temp_dir("leaf");
-        let ca = Ca::load_or_create(&dir).unwrap();
-        let id = "spiffe://cluster.local/ns/shop/sa/web";
-        let leaf = ca.issue(id, Duration::from_secs(20)).unwrap();
-        assert_eq!(tls::spiffe_id(&leaf.cert).unwrap(), id);
-        let (_, cert) = x509_parser::parse_x509_certificate(&leaf.cert).unwrap();
-        let validity = cert.validity();
-        let span = validity.not_after.timestamp() - validity.not_before.timestamp();
-        assert_eq!(span, 20 + BACKDATE.as_secs() as i64);
-        assert!(!cert.is_ca());
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn only_local_workloads_get_certificates_and_they_rotate_at_half_life() {
-        let dir = temp_dir("store");
-        let store = Certificates::new(
-            Ca::load_or_create(&dir).unwrap(),
-            "n1",
-            "cluster.local",
-            Duration::from_millis(400),
-            CertMetrics::default(),
-        );
-        let mut w = Workload {
+    fn workload(node: &str) -> Workload {
+        Workload {
             namespace: "shop".into(),
             name: "web-1".into(),
-            node: Some("n2".into()),
+            node: Some(node.into()),
             ip: [100, 64, 1, 2].into(),
             service_account: "web".into(),
             identity: crate::config::semantics::Identity::parse(
@@ -658,24 +517,69 @@ mod tests {
             ready: true,
             mtls: Default::default(),
             authorization: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn only_local_workloads_get_certificates_and_they_rotate_at_half_life() {
+        let dir = std::env::temp_dir().join(format!("mesh-certs-{}", std::process::id()));
+        ca::Material::generate(true).unwrap().write(&dir).unwrap();
+        let pod = signer::PodInfo {
+            namespace: "shop".into(),
+            name: "web-1".into(),
+            uid: None,
+            node: Some("n1".into()),
+            service_account: "web".into(),
         };
+        let signer = signer::Local::start(Ca::load(&dir).unwrap(), vec![pod], &["n1"])
+            .await
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let store = Certificates::new(
+            signer.client("n1"),
+            "n1",
+            "cluster.local",
+            Duration::from_secs(2),
+            CertMetrics::default(),
+        );
+        let mut w = workload("n2");
         assert!(matches!(
-            store.for_workload(&w),
+            store.for_workload(&w).await,
             Err(IdentityError::NotLocal { .. })
         ));
         w.node = Some("n1".into());
-        let first = store.for_workload(&w).unwrap();
-        assert_eq!(store.for_workload(&w).unwrap().generation, first.generation);
+        let first = store.for_workload(&w).await.unwrap();
+        assert_eq!(first.certified.cert.len(), 2, "leaf and intermediate");
+        assert_eq!(
+            store.for_workload(&w).await.unwrap().generation,
+            first.generation
+        );
         let wanted = BTreeSet::from([w.identity.to_string()]);
-        assert_eq!(store.sync(&wanted), 0, "not due yet");
-        std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(store.sync(&wanted), 1, "renewed after half the lifetime");
-        assert!(store.for_workload(&w).unwrap().generation > first.generation);
-        store.sync(&BTreeSet::new());
+        assert_eq!(store.sync(&wanted).await, 0, "not due yet");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            store.sync(&wanted).await,
+            1,
+            "renewed after half the lifetime"
+        );
+        let renewed = store.for_workload(&w).await.unwrap();
+        assert!(renewed.generation > first.generation);
+        // The signer gone: the certificate held serves until it expires, then is refused.
+        signer.stop();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(store.sync(&wanted).await, 0);
+        assert!(store.last_failure(w.identity.as_str()).is_some());
+        assert_eq!(
+            store.for_workload(&w).await.unwrap().generation,
+            renewed.generation
+        );
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let err = store.for_workload(&w).await.unwrap_err();
+        assert!(matches!(err, IdentityError::Expired { .. }), "{err}");
+        store.sync(&BTreeSet::new()).await;
         assert!(
             store.held().is_empty(),
             "dropped when no local pod needs it"
         );
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

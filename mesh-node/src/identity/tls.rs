@@ -12,10 +12,15 @@ use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider},
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
-    server::danger::{ClientCertVerified, ClientCertVerifier},
+    server::{
+        danger::{ClientCertVerified, ClientCertVerifier},
+        ResolvesServerCert,
+    },
     sign::{CertifiedKey, SingleCertAndKey},
     ClientConfig, DigitallySignedStruct, DistinguishedName, Error, ServerConfig, SignatureScheme,
 };
+
+use super::bundle::SharedBundle;
 
 /// ALPN protocol of HBONE (HTTP/2).
 const ALPN_H2: &[u8] = b"h2";
@@ -28,26 +33,26 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
-/// Pairs a certificate with its key for rustls.
+/// Pairs a certificate chain (the leaf first) with its key for rustls.
 pub fn certified_key(
-    cert: CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<CertifiedKey>, String> {
     let signer = provider()
         .key_provider
         .load_private_key(key)
         .map_err(|e| e.to_string())?;
-    Ok(Arc::new(CertifiedKey::new(vec![cert], signer)))
+    Ok(Arc::new(CertifiedKey::new(chain, signer)))
 }
 
 /// The server side of HBONE for one workload certificate.
 pub fn server_config(
     cert: Arc<CertifiedKey>,
-    root: CertificateDer<'static>,
+    bundle: SharedBundle,
     trust_domain: &str,
 ) -> Arc<ServerConfig> {
     let verifier = Arc::new(SpiffeVerifier {
-        root,
+        bundle,
         want: Want::TrustDomain(format!("spiffe://{trust_domain}/")),
     });
     let mut config = ServerConfig::builder_with_provider(provider())
@@ -65,11 +70,11 @@ pub fn server_config(
 /// `expected`.
 pub fn client_config(
     cert: Arc<CertifiedKey>,
-    root: CertificateDer<'static>,
+    bundle: SharedBundle,
     expected: &str,
 ) -> Arc<ClientConfig> {
     let verifier = Arc::new(SpiffeVerifier {
-        root,
+        bundle,
         want: Want::Exactly(expected.to_string()),
     });
     let mut config = ClientConfig::builder_with_provider(provider())
@@ -81,6 +86,52 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
     Arc::new(config)
+}
+
+/// The signer's side of the certificate service: presents the signer's certificate (from
+/// `resolver`), asks no client certificate (callers authenticate with a token), HTTP/1.1.
+pub fn signer_server_config(resolver: Arc<dyn ResolvesServerCert>) -> Arc<ServerConfig> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// A node's side of the certificate service: accepts only a signer whose SPIFFE ID is
+/// `expected`, chained to the bundle; presents no certificate.
+pub fn signer_client_config(bundle: SharedBundle, expected: &str) -> Arc<ClientConfig> {
+    let verifier = Arc::new(SpiffeVerifier {
+        bundle,
+        want: Want::Exactly(expected.to_string()),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// Checks a chain (the leaf first) against the bundle for a TLS client and server, and that
+/// its SPIFFE ID is `expected`: a node checks what the signer returned before using it.
+pub fn verify_chain(
+    chain: &[CertificateDer<'static>],
+    bundle: &SharedBundle,
+    expected: &str,
+) -> Result<(), Error> {
+    let verifier = SpiffeVerifier {
+        bundle: bundle.clone(),
+        want: Want::Exactly(expected.to_string()),
+    };
+    let (leaf, intermediates) = chain.split_first().ok_or(Error::NoCertificatesPresented)?;
+    let now = UnixTime::now();
+    verifier.verify(leaf, intermediates, now, webpki::KeyUsage::server_auth())?;
+    verifier.verify(leaf, intermediates, now, webpki::KeyUsage::client_auth())
 }
 
 /// The SPIFFE ID (URI SAN starting with `spiffe://`) of a certificate; an error unless there
@@ -117,10 +168,10 @@ enum Want {
     TrustDomain(String),
 }
 
-/// Verifies the chain to the mesh root, then the SPIFFE ID.
+/// Verifies the chain to a root of the bundle in force, then the SPIFFE ID.
 #[derive(Debug)]
 struct SpiffeVerifier {
-    root: CertificateDer<'static>,
+    bundle: SharedBundle,
     want: Want,
 }
 
@@ -132,13 +183,12 @@ impl SpiffeVerifier {
         now: UnixTime,
         usage: webpki::KeyUsage,
     ) -> Result<(), Error> {
-        let anchor = webpki::anchor_from_trusted_cert(&self.root)
-            .map_err(|e| Error::General(format!("mesh root: {e}")))?;
+        let bundle = self.bundle.load();
         let cert = webpki::EndEntityCert::try_from(end_entity)
             .map_err(|e| Error::InvalidCertificate(webpki_error(e)))?;
         cert.verify_for_usage(
             provider().signature_verification_algorithms.all,
-            &[anchor],
+            bundle.anchors(),
             intermediates,
             now,
             usage,
@@ -337,29 +387,40 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::identity::Ca;
+    use crate::identity::{bundle::TrustBundle, Ca};
 
-    fn ca(name: &str) -> (Ca, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("mesh-tls-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        (Ca::load_or_create(&dir).unwrap(), dir)
+    /// A CA (a root, or a root and an intermediate) and a bundle of its root.
+    fn ca(intermediate: bool) -> (Ca, SharedBundle) {
+        let dir = std::env::temp_dir().join(format!(
+            "mesh-tls-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        crate::identity::ca::Material::generate(intermediate)
+            .unwrap()
+            .write(&dir)
+            .unwrap();
+        let ca = Ca::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let bundle = TrustBundle::new(ca.roots().to_vec(), std::path::Path::new("test")).unwrap();
+        (ca, Arc::new(arc_swap::ArcSwap::from_pointee(bundle)))
     }
 
-    fn key(ca: &Ca, id: &str, lifetime: Duration) -> Arc<CertifiedKey> {
-        let leaf = ca.issue(id, lifetime).unwrap();
-        certified_key(leaf.cert, leaf.key).unwrap()
+    fn key(ca: &(Ca, SharedBundle), id: &str, lifetime: Duration) -> Arc<CertifiedKey> {
+        let leaf = ca.0.issue(id, lifetime).unwrap();
+        certified_key(leaf.chain, leaf.key).unwrap()
     }
 
     /// Runs one in-memory handshake; the client expects `expected`.
     fn handshake(
         server_key: Arc<CertifiedKey>,
-        server_root: &Ca,
+        server_root: &(Ca, SharedBundle),
         client_key: Arc<CertifiedKey>,
-        client_root: &Ca,
+        client_root: &(Ca, SharedBundle),
         expected: &str,
     ) -> Result<String, Error> {
-        let server_config = server_config(server_key, server_root.root().clone(), "cluster.local");
-        let client_config = client_config(client_key, client_root.root().clone(), expected);
+        let server_config = server_config(server_key, server_root.1.clone(), "cluster.local");
+        let client_config = client_config(client_key, client_root.1.clone(), expected);
         let mut client = rustls::ClientConnection::new(
             client_config,
             ServerName::IpAddress(std::net::Ipv4Addr::new(100, 64, 0, 1).into()),
@@ -403,7 +464,7 @@ mod tests {
 
     #[test]
     fn mutual_spiffe_authentication() {
-        let (mesh, dir) = ca("mutual");
+        let mesh = ca(false);
         let hour = Duration::from_secs(3600);
         // Positive control: the right identities on both sides.
         let peer = handshake(
@@ -429,7 +490,7 @@ mod tests {
             "{err}"
         );
         // A client certificate from another CA: the server refuses.
-        let (other, other_dir) = ca("other");
+        let other = ca(false);
         let err = handshake(
             key(&mesh, WEB, hour),
             &mesh,
@@ -464,16 +525,14 @@ mod tests {
                 .contains("is not spiffe://cluster.local/..."),
             "{err}"
         );
-        std::fs::remove_dir_all(dir).unwrap();
-        std::fs::remove_dir_all(other_dir).unwrap();
     }
 
     /// The reasons the metrics count, from real handshake failures as tokio-rustls reports
     /// them (an I/O error wrapping the rustls error).
     #[test]
     fn handshake_failures_are_classified() {
-        let (mesh, dir) = ca("reasons");
-        let (other, other_dir) = ca("reasons-other");
+        let mesh = ca(false);
+        let other = ca(false);
         let hour = Duration::from_secs(3600);
         let reason =
             |err: Error| failure_reason(&std::io::Error::new(std::io::ErrorKind::InvalidData, err));
@@ -499,13 +558,11 @@ mod tests {
         );
         assert_eq!(reason(Error::NoCertificatesPresented), "no_certificate");
         assert_eq!(failure_reason(&std::io::Error::other("reset")), "io");
-        std::fs::remove_dir_all(dir).unwrap();
-        std::fs::remove_dir_all(other_dir).unwrap();
     }
 
     #[test]
     fn an_expired_certificate_is_refused() {
-        let (mesh, dir) = ca("expired");
+        let mesh = ca(false);
         // Valid from one minute ago (backdated) until one second from now.
         let short = key(&mesh, API, Duration::from_secs(1));
         std::thread::sleep(Duration::from_millis(2100));
@@ -524,6 +581,47 @@ mod tests {
             ),
             "{err}"
         );
-        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A chain through an intermediate verifies against a bundle of the root alone; a root
+    /// added to the bundle is trusted by the next handshake, a root removed is not.
+    #[test]
+    fn intermediates_and_bundle_changes() {
+        let hour = Duration::from_secs(3600);
+        let mesh = ca(true);
+        let peer = handshake(
+            key(&mesh, WEB, hour),
+            &mesh,
+            key(&mesh, API, hour),
+            &mesh,
+            WEB,
+        );
+        assert_eq!(peer.unwrap(), API);
+        let next = ca(true);
+        let err = handshake(
+            key(&next, WEB, hour),
+            &mesh,
+            key(&mesh, API, hour),
+            &mesh,
+            WEB,
+        )
+        .unwrap_err();
+        assert!(untrusted(&err), "{err}");
+        let both: Vec<_> = [mesh.0.roots(), next.0.roots()].concat();
+        mesh.1.store(Arc::new(
+            TrustBundle::new(both, std::path::Path::new("t")).unwrap(),
+        ));
+        let peer = handshake(
+            key(&next, WEB, hour),
+            &mesh,
+            key(&mesh, API, hour),
+            &mesh,
+            WEB,
+        );
+        assert_eq!(peer.unwrap(), API, "a root added is trusted at once");
+        let leaf = mesh.0.issue(WEB, hour).unwrap();
+        verify_chain(&leaf.chain, &mesh.1, WEB).unwrap();
+        assert!(verify_chain(&leaf.chain, &mesh.1, API).is_err());
+        assert!(verify_chain(&leaf.chain, &next.1, WEB).is_err());
     }
 }

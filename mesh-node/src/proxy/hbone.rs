@@ -109,7 +109,7 @@ pub(crate) async fn outbound<'a>(
     }
     .service(service);
     let tracked = Tracked::reported(ctx, Direction::Outbound, rec, vec![report]);
-    let cert = match ctx.certs.for_workload(source) {
+    let cert = match ctx.certs.for_workload(source).await {
         Ok(cert) => cert,
         Err(err) => {
             reset(&client);
@@ -229,7 +229,7 @@ pub async fn serve_connection(
         reset(&tcp);
         return;
     };
-    let cert = match ctx.certs.for_workload(destination) {
+    let cert = match ctx.certs.for_workload(destination).await {
         Ok(cert) => cert,
         Err(err) => {
             tracing::error!("HBONE to {local}: {err}");

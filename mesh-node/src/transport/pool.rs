@@ -324,7 +324,7 @@ impl Pool {
             .map_err(|e| Error::hbone_connect(key.destination, e))?;
         let config = tls::client_config(
             cert.certified.clone(),
-            peers.certs.root().clone(),
+            peers.certs.bundle().clone(),
             &key.identity,
         );
         let name = ServerName::IpAddress((*key.destination.ip()).into());
