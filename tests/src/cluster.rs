@@ -121,6 +121,12 @@ pub struct Cluster {
     retired_cgroups: Vec<crate::attack::Cgroup>,
     /// Extra arguments for `mesh-node run` (e.g. `--cert-lifetime 20s`).
     pub run_args: Vec<String>,
+    /// The signer, started with the first mesh-node ([`Cluster::signer`]).
+    signer: Option<crate::signer::Signer>,
+    /// Whether the signer's first CA signs with an intermediate (the default) or the root.
+    pub ca_intermediate: bool,
+    /// Extra arguments for the signer's `ca serve`, set before it starts.
+    pub signer_args: Vec<String>,
     /// When set, `mesh-node run` reads the Kubernetes API through this kubeconfig
     /// (`--kube`) instead of the config file.
     pub kubeconfig: Option<PathBuf>,
@@ -176,6 +182,9 @@ impl Cluster {
             mesh_cgroups: BTreeMap::new(),
             retired_cgroups: Vec::new(),
             run_args: Vec::new(),
+            signer: None,
+            ca_intermediate: true,
+            signer_args: Vec::new(),
             kubeconfig: None,
             cni: false,
             sandboxes: BTreeMap::new(),
@@ -467,15 +476,20 @@ impl Cluster {
             .args(["--node", name, "--bpffs"])
             .arg(&self.bpffs);
         if args.first() == Some(&"run") {
-            // A state directory per node (its CNI gate socket, enrolment cache), all sharing
-            // one CA directory: the first node to start creates the mesh CA there, the
-            // others load it.
+            // A state directory per node (its CNI gate socket, enrolment cache), its token
+            // for the signer and its own copy of the trust bundle.
             let state = self.node_state_dir(name);
-            std::fs::create_dir_all(self.state_dir().join("ca"))?;
             std::fs::create_dir_all(&state)?;
-            if !state.join("ca").exists() {
-                std::os::unix::fs::symlink(self.state_dir().join("ca"), state.join("ca"))?;
+            let signer = self.signer()?;
+            let address = signer.address.to_string();
+            let first_bundle = signer.bundle_path("ca-1");
+            if !state.join("trust-bundle.pem").exists() {
+                std::fs::copy(first_bundle, state.join("trust-bundle.pem"))?;
             }
+            cmd.args(["--ca-address", &address, "--ca-token-file"])
+                .arg(state.join("ca-token"))
+                .arg("--trust-bundle")
+                .arg(state.join("trust-bundle.pem"));
             match &self.kubeconfig {
                 Some(kubeconfig) => cmd.arg("--kube").arg("--kubeconfig").arg(kubeconfig),
                 None => cmd.arg("--config").arg(&self.config),
@@ -756,17 +770,91 @@ impl Cluster {
         Ok(sum)
     }
 
+    /// The signer, started now if it is not yet: in the first node's namespaces, with a CA
+    /// of its own ([`crate::signer`]), a token per node, pods from the config file (or the
+    /// API with `signer_args` `--kube`).
+    pub fn signer(&mut self) -> Result<&mut crate::signer::Signer> {
+        if self.signer.is_none() {
+            let first = &self.nodes[0];
+            let listen = SocketAddr::from((first.underlay, crate::signer::PORT));
+            let mut signer = crate::signer::Signer::create(
+                &self.dir,
+                &first.netns,
+                listen,
+                self.ca_intermediate,
+            )?;
+            signer.args = self.signer_args.clone();
+            // The signer signs in the nodes' trust domain.
+            if let Some(at) = self.run_args.iter().position(|a| a == "--trust-domain") {
+                signer
+                    .args
+                    .extend(self.run_args[at..=at + 1].iter().cloned());
+            }
+            // A token per node (file mode), unless the test gave the node one (a token the
+            // fake API server issued, for a signer that reviews tokens).
+            let mut tokens = String::new();
+            for node in &self.nodes {
+                let file = self.node_state_dir(&node.name).join("ca-token");
+                if !file.exists() {
+                    std::fs::create_dir_all(self.node_state_dir(&node.name))?;
+                    std::fs::write(&file, format!("{:032x}", random_u128()))?;
+                }
+                let token = std::fs::read_to_string(&file)?;
+                tokens.push_str(&format!("{} {}\n", node.name, token.trim()));
+            }
+            std::fs::write(self.dir.join("node-tokens"), tokens)?;
+            self.signer = Some(signer);
+        }
+        self.start_signer()?;
+        self.signer.as_mut().ok_or_else(|| anyhow!("no signer"))
+    }
+
+    /// Starts the signer again after [`Cluster::stop_signer`] (with the CA it was switched
+    /// to, if it was).
+    pub fn start_signer(&self) -> Result<()> {
+        let signer = self.signer_ref()?;
+        signer.start(&self.config, &self.dir.join("node-tokens"))
+    }
+
+    /// Stops the signer (nodes keep their certificates; renewals fail until it is back).
+    pub fn stop_signer(&self) {
+        if let Some(signer) = self.signer.as_ref() {
+            signer.stop();
+        }
+    }
+
+    /// The CA the signer signs with (as an attacker holding it would use it).
+    pub fn ca(&self) -> Result<mesh_node::identity::Ca> {
+        let signer = self.signer_ref()?;
+        signer.ca(&signer.current())
+    }
+
+    /// The signer, once started.
+    pub fn signer_ref(&self) -> Result<&crate::signer::Signer> {
+        self.signer
+            .as_ref()
+            .ok_or_else(|| anyhow!("the signer has not started (no mesh-node yet)"))
+    }
+
+    /// The value of one series of the signer's metrics (`name{labels}` as exposed).
+    pub fn signer_metric(&self, series: &str) -> Result<u64> {
+        let (_, body) = self.nodes[0]
+            .netns
+            .http_get(crate::signer::ADMIN_PORT, "/metrics")?;
+        let needle = format!("{series} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| anyhow!("no {series} in the signer's metrics"))
+    }
+
     /// The directory where the cluster keeps its files (config, logs, state).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// The state directory the nodes share (the mesh CA is under `ca/`).
-    pub fn state_dir(&self) -> PathBuf {
-        self.dir.join("state")
-    }
-
-    /// Node `name`'s own state directory (`--state-dir`; its `ca` links to the shared one).
+    /// Node `name`'s own state directory (`--state-dir`, with its signer token `ca-token`
+    /// and trust bundle `trust-bundle.pem`).
     pub fn node_state_dir(&self, name: &str) -> PathBuf {
         self.dir.join(format!("state-{name}"))
     }
@@ -811,6 +899,11 @@ impl Drop for Cluster {
                 terminate(&mut child);
             }
         }
+        if let Some(signer) = self.signer.take() {
+            if panicking {
+                eprintln!("---- signer log ----\n{}", signer.log());
+            }
+        }
         self.mesh_cgroups.clear();
         self.retired_cgroups.clear();
         if panicking {
@@ -831,6 +924,13 @@ impl Drop for Cluster {
         let _ = std::fs::remove_dir(&self.bpffs);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+fn random_u128() -> u128 {
+    let mut bytes = [0u8; 16];
+    let mut urandom = std::fs::File::open("/dev/urandom").expect("/dev/urandom");
+    std::io::Read::read_exact(&mut urandom, &mut bytes).expect("/dev/urandom");
+    u128::from_le_bytes(bytes)
 }
 
 fn terminate(child: &mut Child) {

@@ -5,6 +5,13 @@
 //! BOOKMARK events every second when asked, `410 Gone` (an ERROR event with an `Expired`
 //! Status) for a resourceVersion older than the last compaction, and connections the test
 //! can drop. One store, served on any number of listeners (one per node namespace).
+//!
+//! It also issues ServiceAccount tokens as the API server's TokenRequest does (JWTs signed
+//! with ES256 by a key of its own, with `aud`, `exp`, and the `kubernetes.io` claims naming
+//! the service account and the bound pod) and reviews them for real at
+//! `POST /apis/authentication.k8s.io/v1/tokenreviews`: the signature, the expiry, the
+//! audiences asked for, and that the bound pod still exists with the token's UID (so a token
+//! stops validating when its pod is deleted).
 
 use std::{
     collections::BTreeMap,
@@ -104,9 +111,16 @@ struct Inner {
     paused: bool,
 }
 
+/// The key tokens are signed with.
+struct TokenKey(ring::signature::EcdsaKeyPair);
+
+/// The issuer of the tokens.
+const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
 /// The fake API server's store and listeners; stopped on drop.
 pub struct FakeApi {
     inner: Arc<Mutex<Inner>>,
+    key: Arc<TokenKey>,
     changed: Arc<tokio::sync::Notify>,
     listeners: Vec<(
         tokio::sync::oneshot::Sender<()>,
@@ -130,7 +144,47 @@ impl FakeApi {
             })),
             changed: Arc::new(tokio::sync::Notify::new()),
             listeners: Vec::new(),
+            key: Arc::new(TokenKey::generate()),
         }
+    }
+
+    /// A token for service account `namespace/account`, bound to pod `pod` of that namespace
+    /// (by the UID the store holds now) when given, for `audiences`, expiring `lifetime_s`
+    /// seconds from now (negative: already expired).
+    pub fn token(
+        &self,
+        namespace: &str,
+        account: &str,
+        pod: Option<&str>,
+        audiences: &[&str],
+        lifetime_s: i64,
+    ) -> Result<String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs() as i64;
+        let mut k8s = json!({"namespace": namespace,
+            "serviceaccount": {"name": account, "uid": format!("uid-sa-{namespace}-{account}")}});
+        if let Some(pod) = pod {
+            let uid = self
+                .get("Pod", namespace, pod)
+                .and_then(|p| p["metadata"]["uid"].as_str().map(String::from))
+                .ok_or_else(|| anyhow!("no pod {namespace}/{pod} to bind a token to"))?;
+            k8s["pod"] = json!({"name": pod, "uid": uid});
+        }
+        let claims = json!({"aud": audiences, "exp": now + lifetime_s, "iat": now, "nbf": now,
+            "iss": ISSUER, "sub": format!("system:serviceaccount:{namespace}:{account}"),
+            "kubernetes.io": k8s});
+        Ok(self.key.sign(&claims))
+    }
+
+    /// One object of the store.
+    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let (path, _, _) = collection(kind)?;
+        let inner = self.inner.lock().unwrap();
+        inner
+            .objects
+            .get(&(path, namespace.to_string(), name.to_string()))
+            .cloned()
     }
 
     /// Serves on `127.0.0.1:port` inside `ns`; returns the URL as seen from there.
@@ -155,7 +209,7 @@ impl FakeApi {
 
     fn serve(&mut self, listener: std::net::TcpListener) -> Result<()> {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (inner, changed) = (self.inner.clone(), self.changed.clone());
+        let (inner, changed, key) = (self.inner.clone(), self.changed.clone(), self.key.clone());
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -169,11 +223,16 @@ impl FakeApi {
                         _ = &mut stopped => return,
                         accepted = listener.accept() => {
                             let Ok((stream, _)) = accepted else { continue };
-                            let (inner, changed) = (inner.clone(), changed.clone());
+                            let (inner, changed, key) = (inner.clone(), changed.clone(), key.clone());
                             tokio::spawn(async move {
-                                let service = service_fn(move |req| {
-                                    let (inner, changed) = (inner.clone(), changed.clone());
-                                    async move { Ok::<_, Infallible>(handle(req, &inner, &changed)) }
+                                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                                    let (inner, changed, key) = (inner.clone(), changed.clone(), key.clone());
+                                    async move {
+                                        if req.method() == hyper::Method::POST && req.uri().path() == TOKEN_REVIEWS {
+                                            return Ok::<_, Infallible>(review(req, &inner, &key).await);
+                                        }
+                                        Ok::<_, Infallible>(handle(req, &inner, &changed))
+                                    }
                                 });
                                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                                     .serve_connection(TokioIo::new(stream), service)
@@ -476,6 +535,156 @@ fn handle(
         }
     });
     stream_reply(receiver)
+}
+
+/// Where TokenReviews are created.
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+impl TokenKey {
+    fn generate() -> TokenKey {
+        use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .expect("P-256 key");
+        TokenKey(
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+                .expect("P-256 key"),
+        )
+    }
+
+    /// A JWT (ES256) of `claims`.
+    fn sign(&self, claims: &Value) -> String {
+        let head = b64url(
+            json!({"alg": "ES256", "kid": "fake", "typ": "JWT"})
+                .to_string()
+                .as_bytes(),
+        );
+        let body = b64url(claims.to_string().as_bytes());
+        let input = format!("{head}.{body}");
+        let signature = self
+            .0
+            .sign(&ring::rand::SystemRandom::new(), input.as_bytes())
+            .expect("signing");
+        format!("{input}.{}", b64url(signature.as_ref()))
+    }
+
+    /// The claims of `token` if its signature is this key's.
+    fn verify(&self, token: &str) -> Result<Value, String> {
+        use base64::Engine;
+        use ring::signature::KeyPair;
+        let parts: Vec<&str> = token.split('.').collect();
+        let [head, body, signature] = parts[..] else {
+            return Err("not a JWT".into());
+        };
+        let decode = |part: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part)
+                .map_err(|e| format!("bad base64: {e}"))
+        };
+        let public = ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_FIXED,
+            self.0.public_key().as_ref(),
+        );
+        public
+            .verify(format!("{head}.{body}").as_bytes(), &decode(signature)?)
+            .map_err(|_| "invalid signature".to_string())?;
+        serde_json::from_slice(&decode(body)?).map_err(|e| format!("bad claims: {e}"))
+    }
+}
+
+/// `POST tokenreviews`: reviews the token as the API server does.
+async fn review(
+    req: Request<hyper::body::Incoming>,
+    inner: &Arc<Mutex<Inner>>,
+    key: &TokenKey,
+) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let Ok(body) = req.into_body().collect().await else {
+        return reply(400, status(400, "BadRequest", "unreadable body"));
+    };
+    let Ok(review) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+        return reply(400, status(400, "BadRequest", "not JSON"));
+    };
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_else(|| vec![ISSUER.to_string()]);
+    let decided = (|| -> Result<Value, String> {
+        let claims = key.verify(token)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs() as i64;
+        if claims["exp"].as_i64().unwrap_or(0) <= now {
+            return Err("token has expired".into());
+        }
+        let audiences: Vec<String> = claims["aud"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let both: Vec<&String> = audiences.iter().filter(|a| wanted.contains(a)).collect();
+        if both.is_empty() {
+            return Err(format!(
+                "token audiences {audiences:?} is invalid for the target audiences {wanted:?}"
+            ));
+        }
+        let k8s = &claims["kubernetes.io"];
+        let namespace = k8s["namespace"].as_str().unwrap_or_default();
+        let mut extra = json!({});
+        if let Some(pod) = k8s.get("pod") {
+            let (name, uid) = (
+                pod["name"].as_str().unwrap_or_default(),
+                pod["uid"].as_str().unwrap_or_default(),
+            );
+            let state = inner.lock().unwrap();
+            let held = state
+                .objects
+                .get(&(
+                    "/api/v1/pods".to_string(),
+                    namespace.to_string(),
+                    name.to_string(),
+                ))
+                .and_then(|p| p["metadata"]["uid"].as_str().map(String::from));
+            if held.as_deref() != Some(uid) {
+                return Err(format!(
+                    "pod \"{name}\" not found or its UID is not {uid}: the token is no longer valid"
+                ));
+            }
+            extra = json!({"authentication.kubernetes.io/pod-name": [name],
+                           "authentication.kubernetes.io/pod-uid": [uid]});
+        }
+        Ok(json!({"authenticated": true, "audiences": both,
+            "user": {"username": claims["sub"], "uid": k8s["serviceaccount"]["uid"],
+                     "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{namespace}"), "system:authenticated"],
+                     "extra": extra}}))
+    })();
+    inner
+        .lock()
+        .unwrap()
+        .requests
+        .entry(("review", TOKEN_REVIEWS.to_string()))
+        .and_modify(|n| *n += 1)
+        .or_insert(1);
+    let status = decided.unwrap_or_else(|error| json!({"authenticated": false, "error": error}));
+    reply(
+        201,
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+               "metadata": {}, "spec": review["spec"], "status": status}),
+    )
 }
 
 fn stream_reply(receiver: tokio::sync::mpsc::Receiver<Bytes>) -> Response<Body> {

@@ -12,6 +12,8 @@
 //!   ARP, spoofed sources, raw SYNs, fragmented SYNs, IPv6 link-local, its own cgroup);
 //! - [`kube_api`]: a fake Kubernetes API server (list/watch wire protocol, bookmarks, 410 Gone,
 //!   dropped connections) for the kube source;
+//! - [`signer`]: the cluster's signer (`mesh-node ca serve`) in a mount namespace of its own,
+//!   where the CA key lives on a tmpfs nothing else sees; memory and file scans for a key;
 //! - [`load`]: a fixed-rate HTTP load generator without coordinated omission (`mesh-load`);
 //! - [`tools`]: tcpdump, openssl s_client and Prometheus, run inside the test's namespaces;
 //! - [`web`]: an HTTP/h2c/gRPC server for pods whose answers name the pod, curl and wrk;
@@ -29,6 +31,7 @@ pub mod fixtures;
 pub mod kube_api;
 pub mod load;
 pub mod netns;
+pub mod signer;
 pub mod tools;
 pub mod web;
 pub mod ztunnel;

@@ -114,16 +114,28 @@ pub struct TlsProbe {
     pub output: String,
 }
 
-/// Runs `openssl s_client` in `ns` against `addr` with the given client certificate and
-/// key (DER files) and CA file (PEM), plus `extra` arguments (e.g. `-tls1_2`).
+/// Runs `openssl s_client` in `ns` against `addr` with the given client certificate chain
+/// (PEM: the leaf, then any intermediates) and key (PEM) and CA file (PEM), plus `extra`
+/// arguments (e.g. `-tls1_2`).
 pub fn s_client(
     ns: &Netns,
     addr: SocketAddr,
-    cert_der: &Path,
-    key_der: &Path,
+    cert_pem: &Path,
+    key_pem: &Path,
     ca_pem: &Path,
     extra: &[&str],
 ) -> Result<TlsProbe> {
+    // openssl takes the leaf and the intermediates from separate files.
+    let text = std::fs::read_to_string(cert_pem)?;
+    const END: &str = "-----END CERTIFICATE-----\n";
+    let (leaf, chain) = text
+        .split_once(END)
+        .map(|(leaf, rest)| (format!("{leaf}{END}"), rest.to_string()))
+        .ok_or_else(|| anyhow::anyhow!("{}: no certificate", cert_pem.display()))?;
+    let leaf_file = cert_pem.with_extension("leaf.pem");
+    std::fs::write(&leaf_file, leaf)?;
+    let chain_file = cert_pem.with_extension("chain.pem");
+    std::fs::write(&chain_file, &chain)?;
     let mut cmd = Command::new("timeout");
     cmd.args([
         "10",
@@ -136,15 +148,18 @@ pub fn s_client(
     ])
     .arg("-connect")
     .arg(addr.to_string())
-    .args(["-certform", "DER", "-keyform", "DER", "-cert"])
-    .arg(cert_der)
+    .arg("-cert")
+    .arg(&leaf_file)
     .arg("-key")
-    .arg(key_der)
+    .arg(key_pem)
     .arg("-CAfile")
     .arg(ca_pem)
     .args(["-verify_return_error", "-showcerts", "-alpn", "h2"])
     .args(extra)
     .stdin(Stdio::null());
+    if !chain.trim().is_empty() {
+        cmd.arg("-cert_chain").arg(&chain_file);
+    }
     let out = cmd.output().context("running openssl s_client")?;
     let output = format!(
         "{}{}",

@@ -298,11 +298,14 @@ async fn rapid_resets(
 /// A mesh client certificate for `identity`, and the TLS connector that presents it to
 /// a server of `server` identity.
 fn mesh_connector(cluster: &Cluster, identity: &str, server: &str) -> tokio_rustls::TlsConnector {
-    use mesh_node::identity::{tls, Ca};
-    let ca = Ca::load_or_create(&cluster.state_dir().join("ca")).unwrap();
+    use mesh_node::identity::{bundle, tls};
+    let ca = cluster.ca().unwrap();
     let leaf = ca.issue(identity, Duration::from_secs(3600)).unwrap();
-    let key = tls::certified_key(leaf.cert, leaf.key).unwrap();
-    tokio_rustls::TlsConnector::from(tls::client_config(key, ca.root().clone(), server))
+    let key = tls::certified_key(leaf.chain, leaf.key).unwrap();
+    let bundle = bundle::TrustBundle::new(ca.roots().to_vec(), std::path::Path::new("mesh"))
+        .unwrap()
+        .shared();
+    tokio_rustls::TlsConnector::from(tls::client_config(key, bundle, server))
 }
 
 /// An HTTP/2 frame.

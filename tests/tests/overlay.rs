@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_node::identity::Ca;
+use mesh_node::identity::{ca, Ca};
 use mesh_tests::{
     apps::{echo_text, transfer, Behaviour, Server, Session},
     cluster::Cluster,
@@ -43,24 +43,21 @@ fn wait_generation(cluster: &Cluster, generation: u64) {
     cluster.wait_generation(generation);
 }
 
-/// A client certificate for `identity` from the CA in `ca_dir`, as DER files for openssl.
-fn client_cert(
-    cluster: &Cluster,
-    ca_dir: &std::path::Path,
-    identity: &str,
-    name: &str,
-) -> (PathBuf, PathBuf) {
-    let ca = Ca::load_or_create(ca_dir).unwrap();
+/// A client certificate chain for `identity` from `ca` (as an attacker holding the CA, or a
+/// foreign one, would make it), as PEM files for openssl.
+fn client_cert(cluster: &Cluster, ca: &Ca, identity: &str, name: &str) -> (PathBuf, PathBuf) {
     let leaf = ca.issue(identity, Duration::from_secs(3600)).unwrap();
-    let cert = cluster.dir().join(format!("{name}.crt.der"));
-    let key = cluster.dir().join(format!("{name}.key.der"));
-    std::fs::write(&cert, &leaf.cert).unwrap();
-    std::fs::write(&key, leaf.key.secret_der()).unwrap();
+    let cert = cluster.dir().join(format!("{name}.crt.pem"));
+    let key = cluster.dir().join(format!("{name}.key.pem"));
+    let chain: String = leaf.chain.iter().map(|c| ca::to_pem(c)).collect();
+    std::fs::write(&cert, chain).unwrap();
+    std::fs::write(&key, ca::pem("PRIVATE KEY", leaf.key.secret_der())).unwrap();
     (cert, key)
 }
 
+/// The trust bundle the nodes read (the mesh root).
 fn mesh_ca_pem(cluster: &Cluster) -> PathBuf {
-    cluster.state_dir().join("ca").join("ca-cert.pem")
+    cluster.node_state_dir("node-a").join("trust-bundle.pem")
 }
 
 #[test]
@@ -344,7 +341,7 @@ fn certificates_rotate_under_live_connections() {
     cluster.start_mesh_everywhere().unwrap();
     let _web = Server::start(&cluster.pod("web-b").netns, WEB_PORT, Behaviour::Echo).unwrap();
     let probe = "spiffe://cluster.local/ns/plain/sa/probe";
-    let (cert, key) = client_cert(&cluster, &cluster.state_dir().join("ca"), probe, "probe");
+    let (cert, key) = client_cert(&cluster, &cluster.ca().unwrap(), probe, "probe");
     let ca = mesh_ca_pem(&cluster);
     let hbone = addr(&cluster, "web-b", HBONE);
     let prober = &cluster.pod("plain-b").netns;
@@ -420,9 +417,10 @@ fn the_hbone_listener_refuses_foreign_certificates_and_old_tls() {
     let mut cluster = Cluster::new(OVERLAY).unwrap();
     cluster.start_mesh_everywhere().unwrap();
     let identity = "spiffe://cluster.local/ns/plain/sa/probe";
-    let (cert, key) = client_cert(&cluster, &cluster.state_dir().join("ca"), identity, "ours");
-    let foreign_dir = cluster.dir().join("foreign-ca");
-    let (bad_cert, bad_key) = client_cert(&cluster, &foreign_dir, identity, "foreign");
+    let (cert, key) = client_cert(&cluster, &cluster.ca().unwrap(), identity, "ours");
+    let foreign = ca::generate_root().unwrap();
+    let foreign = Ca::from_pem(&foreign.cert, &foreign.key).unwrap();
+    let (bad_cert, bad_key) = client_cert(&cluster, &foreign, identity, "foreign");
     let ca = mesh_ca_pem(&cluster);
     let hbone = addr(&cluster, "web-b", HBONE);
     let prober = &cluster.pod("plain-b").netns;

@@ -72,7 +72,24 @@ fn main() -> Result<()> {
         );
     }
     cluster.start_mesh_everywhere()?;
-    println!("   mesh-node running on {}", nodes.join(", "));
+    let signer = cluster.signer_ref()?;
+    println!(
+        "   signer (mesh-node ca serve) on {} with the only copy of the CA key, in a mount \
+         namespace of its own",
+        signer.address
+    );
+    println!(
+        "   mesh-node running on {}, each holding certificates for its own pods only: {}",
+        nodes.join(", "),
+        nodes
+            .iter()
+            .map(|n| format!(
+                "{n} {}",
+                cluster.metric(n, "mesh_certificates").unwrap_or(0)
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 
     let http = |addr: SocketAddr| {
         state
