@@ -52,9 +52,15 @@ metadata: {name: mesh-node-b, namespace: mesh-system}
 spec: {nodeName: node-b, serviceAccountName: mesh-node, hostNetwork: true}
 "#;
 
-/// Asks the signer for `identity` from node `node`'s namespace with `token`, trusting that
-/// node's bundle: what a node proxy (or an attacker on that node holding the token) can get.
-fn sign_as(cluster: &Cluster, node: &str, token: &str, identity: &str) -> Result<Leaf, SignError> {
+/// A signer client of node `node` with `token`, trusting that node's bundle, run in the
+/// node's namespace: what a node proxy (or an attacker on that node holding the token) has.
+struct NodeClient<'a> {
+    cluster: &'a Cluster,
+    node: &'a str,
+    client: SignerClient,
+}
+
+fn signer_client<'a>(cluster: &'a Cluster, node: &'a str, token: &str) -> NodeClient<'a> {
     let file = cluster
         .dir()
         .join(format!("token-{}", token_file_name(token)));
@@ -68,17 +74,39 @@ fn sign_as(cluster: &Cluster, node: &str, token: &str, identity: &str) -> Result
         token_file: file,
         bundle,
     };
+    NodeClient {
+        cluster,
+        node,
+        client,
+    }
+}
+
+impl NodeClient<'_> {
+    /// Runs `call` on the client in the node's namespace.
+    fn run<T, F>(self, call: impl FnOnce(SignerClient) -> F + Send + 'static) -> T
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T>,
+    {
+        let client = self.client;
+        self.cluster
+            .node(self.node)
+            .netns
+            .run(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                Ok(runtime.block_on(call(client)))
+            })
+            .unwrap()
+    }
+}
+
+/// Asks the signer for `identity` from node `node`'s namespace with `token`.
+fn sign_as(cluster: &Cluster, node: &str, token: &str, identity: &str) -> Result<Leaf, SignError> {
     let identity = identity.to_string();
-    cluster
-        .node(node)
-        .netns
-        .run(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            Ok(runtime.block_on(client.sign(&identity, Duration::from_secs(600))))
-        })
-        .unwrap()
+    signer_client(cluster, node, token)
+        .run(move |client| async move { client.sign(&identity, Duration::from_secs(600)).await })
 }
 
 fn token_file_name(token: &str) -> String {
@@ -171,6 +199,43 @@ fn the_signer_signs_only_for_pods_of_the_callers_node_in_file_mode() {
     assert_eq!(
         refused(sign_as(&cluster, "node-a", "0123456789abcdef0123", CLIENT)),
         "invalid_token"
+    );
+    // A CSR asking for CA:TRUE, more names, key usages of a CA and ten years: the signer uses
+    // its public key and nothing else.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut greedy = rcgen::CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
+    greedy.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://cluster.local/ns/kube-system/sa/admin"
+            .try_into()
+            .unwrap(),
+    ));
+    greedy.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    greedy.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let csr = greedy.serialize_request(&key).unwrap().pem().unwrap();
+    let ten_years = Duration::from_secs(10 * 365 * 24 * 3600);
+    let chain = signer_client(&cluster, "node-a", &token_a)
+        .run(move |client| async move { client.sign_csr(CLIENT, &csr, ten_years).await })
+        .unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    assert!(!leaf.is_ca());
+    assert_eq!(
+        leaf.subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .len(),
+        1,
+        "only the SPIFFE ID"
+    );
+    let usage = leaf.key_usage().unwrap().unwrap().value;
+    assert!(!usage.key_cert_sign() && usage.digital_signature());
+    let validity = leaf.validity();
+    let days = (validity.not_after.timestamp() - validity.not_before.timestamp()) / 86400;
+    assert!(days <= 1, "{days} days");
+    assert_eq!(
+        leaf.public_key().raw,
+        rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
     );
     // node-b's own token gets it.
     let token_b =

@@ -126,13 +126,37 @@ impl SignerClient {
     }
 
     async fn request(&self, identity: &str, lifetime: Duration) -> Result<Leaf, SignError> {
-        let token = std::fs::read_to_string(&self.token_file)
-            .map_err(|e| self.unreachable(format!("token {}: {e}", self.token_file.display())))?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| self.unusable(e))?;
         let csr = csr(identity, &key).map_err(|e| self.unusable(e))?;
+        let chain = self.sign_csr(identity, &csr, lifetime).await?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&chain[0]).map_err(|e| self.unusable(e))?;
+        if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        {
+            return Err(self.unusable("the certificate is not for the key sent"));
+        }
+        let expires = std::time::UNIX_EPOCH
+            + Duration::from_secs(parsed.validity().not_after.timestamp().max(0) as u64);
+        Ok(Leaf {
+            chain,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            expires,
+        })
+    }
+
+    /// Sends `csr` (PEM) for `identity`; returns the chain (the leaf first) once it verifies
+    /// against the trust bundle in force for that identity.
+    pub async fn sign_csr(
+        &self,
+        identity: &str,
+        csr: &str,
+        lifetime: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, SignError> {
+        let token = std::fs::read_to_string(&self.token_file)
+            .map_err(|e| self.unreachable(format!("token {}: {e}", self.token_file.display())))?;
         let body = serde_json::to_vec(&SignRequest {
             identity: identity.to_string(),
-            csr,
+            csr: csr.to_string(),
             lifetime_seconds: lifetime.as_secs(),
         })
         .map_err(|e| self.unusable(e))?;
@@ -158,12 +182,8 @@ impl SignerClient {
                     .map_err(|e| self.unusable(e))?,
             );
         }
-        let leaf = chain.first().ok_or_else(|| self.unusable("empty chain"))?;
-        let (_, parsed) =
-            x509_parser::parse_x509_certificate(leaf).map_err(|e| self.unusable(e))?;
-        if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
-        {
-            return Err(self.unusable("the certificate is not for the key sent"));
+        if chain.is_empty() {
+            return Err(self.unusable("empty chain"));
         }
         tls::verify_chain(&chain, &self.bundle, identity).map_err(|e| {
             self.unusable(format!(
@@ -171,13 +191,7 @@ impl SignerClient {
                 self.bundle.load().fingerprint()
             ))
         })?;
-        let expires = std::time::UNIX_EPOCH
-            + Duration::from_secs(parsed.validity().not_after.timestamp().max(0) as u64);
-        Ok(Leaf {
-            chain,
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-            expires,
-        })
+        Ok(chain)
     }
 
     async fn post(&self, token: &str, body: Vec<u8>) -> Result<(u16, Bytes), SignError> {

@@ -280,11 +280,12 @@ impl Signer {
             Auth::Tokens(tokens) => {
                 // Every known token is compared in full, so the time taken says nothing about
                 // which prefix matched.
-                let node = tokens
-                    .iter()
-                    .filter(|(known, _)| constant_time_eq(known.as_bytes(), token.as_bytes()))
-                    .map(|(_, node)| node.clone())
-                    .next_back();
+                let mut node = None;
+                for (known, owner) in tokens {
+                    if constant_time_eq(known.as_bytes(), token.as_bytes()) {
+                        node = Some(owner.clone());
+                    }
+                }
                 node.map(|node| Caller {
                     who: format!("node token of {node}"),
                     node,
