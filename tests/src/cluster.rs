@@ -933,18 +933,9 @@ fn random_u128() -> u128 {
     u128::from_le_bytes(bytes)
 }
 
-fn terminate(child: &mut Child) {
-    // SAFETY: kill on the PID of a child we started and have not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+/// SIGTERM to a child we started; waits up to 5 s (then kills it).
+pub(crate) fn terminate(child: &mut Child) {
+    crate::tools::stop(child, libc::SIGTERM);
 }
 
 fn flannel_mac(index: u8) -> String {

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use mesh_node::identity::Ca;
 
-use crate::netns::Netns;
+use crate::{cluster::terminate, netns::Netns};
 
 /// The signer's TLS port.
 pub const PORT: u16 = 15012;
@@ -230,20 +230,6 @@ impl Drop for Signer {
 
 fn path(p: &Path) -> &str {
     p.to_str().unwrap_or_default()
-}
-
-fn terminate(child: &mut Child) {
-    // SAFETY: kill on the PID of a child we started and have not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// Every readable mapping of process `pid` and its state directory `dir`, searched for each

@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::netns::{sh, Netns};
 
 /// Sends `signal` to a child we started, then waits up to 5 s for it (killing it after).
-fn stop(child: &mut Child, signal: i32) {
+pub(crate) fn stop(child: &mut Child, signal: i32) {
     // SAFETY: kill on the PID of a child this process started and has not reaped.
     unsafe { libc::kill(child.id() as i32, signal) };
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -201,8 +201,12 @@ async fn serve(
         settings.cert_lifetime,
         identity::CertMetrics::register(&mut registry),
     ));
+    // Bounded: a signer that does not answer must not keep the node unserved (what is
+    // missing is retried in the background).
     let wanted = state.local_identities();
-    let obtained = certs.sync(&wanted).await;
+    let obtained = tokio::time::timeout(FIRST_CERTIFICATES, certs.sync(&wanted))
+        .await
+        .unwrap_or(0);
     if obtained < wanted.len() {
         tracing::warn!(
             obtained,
@@ -587,6 +591,9 @@ impl UpgradeMetrics {
         UpgradeMetrics { predecessor_closed }
     }
 }
+
+/// How long start-up waits for the first certificates from the signer.
+const FIRST_CERTIFICATES: Duration = Duration::from_secs(10);
 
 /// Every second: the trust bundle re-read if it changed, and certificates for exactly the
 /// identities of this node's enrolled pods, renewed at half their lifetime.
