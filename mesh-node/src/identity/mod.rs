@@ -279,6 +279,14 @@ impl Certificates {
         if let Some(cert) = self.usable(identity) {
             return Ok(cert);
         }
+        // Boxed: asking the signer is a large future, which would otherwise size every
+        // connection's task.
+        Box::pin(self.obtain_now(identity)).await
+    }
+
+    /// [`Certificates::for_workload`] without a usable certificate: asks the signer now,
+    /// unless it is being retried.
+    async fn obtain_now(&self, identity: &str) -> Result<Arc<WorkloadCert>, IdentityError> {
         let _asking = self.asking.lock().await;
         // Another connection may have obtained it meanwhile.
         if let Some(cert) = self.usable(identity) {
