@@ -48,6 +48,8 @@ pub struct Admin {
     pub debug_address: Option<IpAddr>,
     /// Set once a successor took over (then not ready, and the successor serves the port).
     pub drain: crate::drain::Drain,
+    /// The workload certificates held.
+    pub certs: Arc<crate::identity::Certificates>,
 }
 
 /// The kernel side as last applied, for `/debug/state`.
@@ -240,6 +242,7 @@ fn route(admin: &Admin, req: &Request<Incoming>, debug: bool) -> Response<Full<B
                 "network_policies": state.network_policies,
                 "datapath": datapath,
                 "clusters": admin.clusters.snapshot(),
+                "certificates": admin.certs.held(),
             }))
         }
         _ => text(

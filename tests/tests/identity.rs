@@ -582,8 +582,8 @@ fn a_root_rotates_under_load_without_a_failed_connection() {
 fn a_stopped_signer_costs_nothing_until_certificates_expire_and_expired_ones_are_refused() {
     require_root!();
     let mut cluster = Cluster::new(TWO_NODES).unwrap();
-    // Renewal every 4 s, expiry after 8 s.
-    cluster.run_args = vec!["--cert-lifetime".into(), "8s".into()];
+    // Renewal every 6 s, expiry after 12 s.
+    cluster.run_args = vec!["--cert-lifetime".into(), "12s".into()];
     cluster.start_mesh_everywhere().unwrap();
     let _b1 = Server::start(&cluster.pod("b1").netns, WEB_PORT, Behaviour::Echo).unwrap();
     let echo = |c: &Cluster| echo_text(&c.pod("a1").netns, addr(c, "b1"), "hi\n");
@@ -596,12 +596,13 @@ fn a_stopped_signer_costs_nothing_until_certificates_expire_and_expired_ones_are
         )
         .unwrap()
     };
-    // Stopped for longer than a renewal interval, shorter than a lifetime: every new
-    // connection (new TLS handshakes included) works on the certificates held, and the
-    // overdue gauge says renewals are failing.
+    // Stopped right after start (every certificate has nearly its whole lifetime left) for
+    // longer than a renewal interval, shorter than a lifetime: every new connection (new TLS
+    // handshakes included) works on the certificates held, and the overdue gauge says
+    // renewals are failing.
     cluster.stop_signer();
     let stopped = Instant::now();
-    while stopped.elapsed() < Duration::from_millis(5500) {
+    while stopped.elapsed() < Duration::from_millis(7500) {
         assert_eq!(
             echo(&cluster).unwrap(),
             "hi\n",
@@ -638,12 +639,25 @@ fn a_stopped_signer_costs_nothing_until_certificates_expire_and_expired_ones_are
     assert_eq!(echo(&cluster).unwrap(), "hi\n");
     // Stopped past expiry: node-a refuses to present an expired certificate, and says why.
     cluster.stop_signer();
-    wait_until("a certificate expired", || {
-        cluster.admin_get("node-a", "/metrics").is_ok_and(|(_, m)| {
+    // Until a1's certificate expired (live in /debug/state) and the gauge says so (updated
+    // every second).
+    let expired = |c: &Cluster| {
+        let held = c.debug_state("node-a").is_ok_and(|s| {
+            s["certificates"].as_array().is_some_and(|held| {
+                held.iter()
+                    .any(|h| h["identity"] == CLIENT && h["expired"] == true)
+            })
+        });
+        held && c.admin_get("node-a", "/metrics").is_ok_and(|(_, m)| {
             m.lines()
                 .any(|l| l.starts_with("mesh_certificate_expiry_seconds -"))
         })
-    });
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !expired(&cluster) {
+        assert!(Instant::now() < deadline, "a1's certificate did not expire");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         echo(&cluster).is_err(),
         "a connection went through on an expired certificate"

@@ -288,6 +288,7 @@ async fn serve(
         gate: http::server::Gate::new("admin", http::server::Limits::ADMIN, limited),
         debug_address: settings.debug_address,
         drain: drain.clone(),
+        certs: certs.clone(),
     });
 
     if let Some(path) = &settings.probe_socket {

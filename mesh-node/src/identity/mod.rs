@@ -200,6 +200,21 @@ impl CertMetrics {
     }
 }
 
+/// One certificate held, as `/debug/state` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Held {
+    /// The SPIFFE ID.
+    pub identity: String,
+    /// Its generation on this node.
+    pub generation: u64,
+    /// `notAfter`, seconds since the Unix epoch.
+    pub expires_unix: u64,
+    /// Whether it expired (it is then not presented).
+    pub expired: bool,
+    /// The last failure to renew it, while retried.
+    pub renewal_failure: Option<String>,
+}
+
 /// When an identity may be asked for again after a failure.
 struct Retry {
     at: Instant,
@@ -489,14 +504,27 @@ impl Certificates {
         self.lock().get(identity).map(|c| c.generation)
     }
 
-    /// The identities and generations held, for `/debug/state`.
-    pub fn held(&self) -> Vec<(String, u64, SystemTime)> {
-        let mut held: Vec<_> = self
+    /// The certificates held, for `/debug/state`.
+    pub fn held(&self) -> Vec<Held> {
+        let now = SystemTime::now();
+        let mut held: Vec<Held> = self
             .lock()
             .values()
-            .map(|c| (c.identity.clone(), c.generation, c.expires))
+            .map(|c| Held {
+                identity: c.identity.clone(),
+                generation: c.generation,
+                expires_unix: c
+                    .expires
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                expired: c.expired(now).is_some(),
+                renewal_failure: None,
+            })
             .collect();
-        held.sort();
+        for held in &mut held {
+            held.renewal_failure = self.last_failure(&held.identity);
+        }
+        held.sort_by(|a, b| a.identity.cmp(&b.identity));
         held
     }
 
