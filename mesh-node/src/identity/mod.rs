@@ -575,7 +575,7 @@ mod tests {
             signer.client("n1"),
             "n1",
             "cluster.local",
-            Duration::from_secs(2),
+            Duration::from_secs(6),
             CertMetrics::default(),
         );
         let mut w = workload("n2");
@@ -592,7 +592,7 @@ mod tests {
         );
         let wanted = BTreeSet::from([w.identity.to_string()]);
         assert_eq!(store.sync(&wanted).await, 0, "not due yet");
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        tokio::time::sleep(Duration::from_millis(3100)).await;
         assert_eq!(
             store.sync(&wanted).await,
             1,
@@ -602,14 +602,17 @@ mod tests {
         assert!(renewed.generation > first.generation);
         // The signer gone: the certificate held serves until it expires, then is refused.
         signer.stop();
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        tokio::time::sleep(Duration::from_millis(3100)).await;
         assert_eq!(store.sync(&wanted).await, 0);
         assert!(store.last_failure(w.identity.as_str()).is_some());
         assert_eq!(
             store.for_workload(&w).await.unwrap().generation,
             renewed.generation
         );
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // notAfter has whole seconds: the certificate expires within its lifetime from now.
+        while renewed.expires > SystemTime::now() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let err = store.for_workload(&w).await.unwrap_err();
         assert!(matches!(err, IdentityError::Expired { .. }), "{err}");
         store.sync(&BTreeSet::new()).await;
