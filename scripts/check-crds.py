@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Validates every example resource of the four Istio kinds against the CRDs in deploy/crds
+"""Validates every example resource of the Istio kinds the mesh reads against the CRDs in deploy/crds
 (generated from the typed model), as an API server with strict field validation would:
 unknown fields are errors, types and enums must match, the apiVersion must be served. Also
 checks that a misspelt field and a wrong type are refused, so the check is known to work."""

@@ -49,6 +49,10 @@ pub enum Code {
     /// AuthorizationPolicy matches paths under path settings that let variants of a path
     /// (`//admin`, `/admin%2Fx`, `/admin;x=1`) past it.
     PathRulesBypassable,
+    /// Two Telemetry resources with selectors select one workload (Istio IST0159).
+    ConflictingTelemetrySelectors,
+    /// Two Telemetry resources without a selector in one namespace (Istio IST0160).
+    MultipleTelemetriesWithoutSelector,
 }
 
 impl Code {
@@ -67,6 +71,8 @@ impl Code {
             Code::NetworkPolicyBlocksHbone => "MESH0005",
             Code::NoServiceAccount => "MESH0006",
             Code::PathRulesBypassable => "MESH0007",
+            Code::ConflictingTelemetrySelectors => "IST0159",
+            Code::MultipleTelemetriesWithoutSelector => "IST0160",
         }
     }
 
@@ -85,6 +91,10 @@ impl Code {
             Code::NetworkPolicyBlocksHbone => "NetworkPolicyBlocksHbone",
             Code::NoServiceAccount => "DefaultServiceAccount",
             Code::PathRulesBypassable => "PathRulesBypassable",
+            Code::ConflictingTelemetrySelectors => "ConflictingTelemetryWorkloadSelectors",
+            Code::MultipleTelemetriesWithoutSelector => {
+                "MultipleTelemetriesWithoutWorkloadSelectors"
+            }
         }
     }
 
@@ -101,7 +111,9 @@ impl Code {
             | Code::RootNamespaceSelectorIgnored
             | Code::L7OnOpaquePort
             | Code::NoServiceAccount
-            | Code::PathRulesBypassable => Severity::Warning,
+            | Code::PathRulesBypassable
+            | Code::ConflictingTelemetrySelectors
+            | Code::MultipleTelemetriesWithoutSelector => Severity::Warning,
         }
     }
 }
@@ -168,6 +180,7 @@ pub fn analyze(resources: &Resources, mesh: &Mesh) -> Vec<Finding> {
     a.authorization_policies();
     a.network_policies();
     a.service_accounts();
+    a.telemetries();
     let mut findings = a.findings;
     findings.sort_by(|x, y| {
         natural(&x.location)
@@ -517,6 +530,86 @@ impl<'a> Analyzer<'a> {
                     "portLevelMtls needs a workload selector; Istio refuses it on a mesh- or namespace-wide policy".into(),
                     "add a selector for the workloads whose ports it concerns",
                 );
+            }
+        }
+    }
+
+    /// Telemetry: selectors that match nothing, and resources that compete for one level
+    /// (the oldest applies, as `telemetry::tracing_for` resolves it).
+    fn telemetries(&mut self) {
+        let mut by_age: Vec<&crate::kinds::Telemetry> = self.r.telemetries.iter().collect();
+        by_age.sort_by(|a, b| {
+            (
+                &a.metadata.creation_timestamp,
+                a.namespace(),
+                &a.metadata.name,
+            )
+                .cmp(&(
+                    &b.metadata.creation_timestamp,
+                    b.namespace(),
+                    &b.metadata.name,
+                ))
+        });
+        for (i, t) in by_age.iter().enumerate() {
+            let (ns, meta) = (t.namespace(), &t.metadata);
+            let older = &by_age[..i];
+            match t.spec.selector.as_ref().filter(|_| t.spec.has_selector()) {
+                None => {
+                    if let Some(first) = older
+                        .iter()
+                        .find(|o| o.namespace() == ns && !o.spec.has_selector())
+                    {
+                        self.report(
+                            Code::MultipleTelemetriesWithoutSelector,
+                            "Telemetry",
+                            meta,
+                            "spec",
+                            format!(
+                                "namespace {ns} has another Telemetry without a selector, {}, which applies instead (the oldest wins)",
+                                first.metadata.name
+                            ),
+                            "merge them into one resource",
+                        );
+                    }
+                }
+                Some(selector) => {
+                    let selected: Vec<&Pod> = self
+                        .live_pods()
+                        .filter(|p| {
+                            p.metadata.namespace() == ns && selector.matches(&p.metadata.labels)
+                        })
+                        .collect();
+                    if selected.is_empty() {
+                        self.report(
+                            Code::NoMatchingWorkloads,
+                            "Telemetry",
+                            meta,
+                            "spec.selector",
+                            format!("the selector matches no workload in namespace {ns}"),
+                            "correct the selector's labels or its namespace",
+                        );
+                    }
+                    let rival = older.iter().find(|o| {
+                        o.namespace() == ns
+                            && o.spec.has_selector()
+                            && o.spec.selector.as_ref().is_some_and(|s| {
+                                selected.iter().any(|p| s.matches(&p.metadata.labels))
+                            })
+                    });
+                    if let Some(rival) = rival {
+                        self.report(
+                            Code::ConflictingTelemetrySelectors,
+                            "Telemetry",
+                            meta,
+                            "spec.selector",
+                            format!(
+                                "it selects workloads that Telemetry {} also selects; that one applies to them (the oldest wins)",
+                                rival.metadata.name
+                            ),
+                            "select each workload with one Telemetry",
+                        );
+                    }
+                }
             }
         }
     }
@@ -1049,5 +1142,50 @@ spec:
         // One VirtualService naming its host twice does not conflict with itself.
         let twice = format!("{BASE}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web}}\nspec: {{hosts: [web, web.default.svc.cluster.local], http: [{{route: [{{destination: {{host: web}}}}]}}]}}\n");
         assert_eq!(codes(&twice), Vec::<String>::new());
+    }
+
+    #[test]
+    fn telemetries_that_select_nothing_or_compete_are_flagged() {
+        let found = codes(&format!(
+            "{BASE}---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: a, creationTimestamp: \"2024-01-01T00:00:00Z\"}}
+spec: {{tracing: [{{randomSamplingPercentage: 10}}]}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: b, creationTimestamp: \"2024-02-01T00:00:00Z\"}}
+spec: {{}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: web, creationTimestamp: \"2024-01-01T00:00:00Z\"}}
+spec: {{selector: {{matchLabels: {{app: web}}}}}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: web-too, creationTimestamp: \"2024-03-01T00:00:00Z\"}}
+spec: {{selector: {{matchLabels: {{app: web}}}}}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: ghost}}
+spec: {{selector: {{matchLabels: {{app: ghost}}}}}}
+"
+        ));
+        for wanted in [
+            "IST0160 Telemetry default/b",
+            "IST0159 Telemetry default/web-too",
+            "IST0127 Telemetry default/ghost",
+        ] {
+            assert!(
+                found.iter().any(|f| f == wanted),
+                "{wanted} not in {found:?}"
+            );
+        }
+        assert!(!found
+            .iter()
+            .any(|f| f.ends_with("default/a") || f.ends_with("default/web")));
     }
 }

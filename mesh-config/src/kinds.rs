@@ -16,5 +16,7 @@ pub type DestinationRule = Resource<crate::networking::DestinationRuleSpec>;
 pub type PeerAuthentication = Resource<crate::security::PeerAuthenticationSpec>;
 /// `security.istio.io` AuthorizationPolicy.
 pub type AuthorizationPolicy = Resource<crate::security::AuthorizationPolicySpec>;
+/// `telemetry.istio.io` Telemetry.
+pub type Telemetry = Resource<crate::telemetry::TelemetrySpec>;
 /// `networking.k8s.io/v1` NetworkPolicy.
 pub type NetworkPolicy = Resource<crate::netpol::NetworkPolicySpec>;

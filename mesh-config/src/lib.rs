@@ -4,7 +4,8 @@
 //! Istio's rules for them, the cross-resource checks of `mesh-node analyze`, and the CRD
 //! schemas of the Istio kinds.
 //!
-//! [`model`] holds the Kubernetes kinds, [`networking`] and [`security`] the Istio kinds,
+//! [`model`] holds the Kubernetes kinds, [`networking`], [`security`] and [`telemetry`] the
+//! Istio kinds,
 //! [`netpol`] NetworkPolicy, [`kinds`] the resource types of those, [`values`] the shared
 //! value types (labels, durations, string matches, selectors). [`decode`] turns parsed YAML
 //! into them while collecting every problem ([`Diagnostic`]), and [`load`] parses a file into
@@ -24,6 +25,7 @@ pub mod paths;
 pub mod schema;
 pub mod security;
 pub mod semantics;
+pub mod telemetry;
 pub mod values;
 
 pub use decode::{Diagnostic, Severity};

@@ -12,7 +12,8 @@ use serde_yaml_ng::Value;
 
 use super::decode::{Cx, Decode, Diagnostic, Severity};
 use super::kinds::{
-    AuthorizationPolicy, DestinationRule, NetworkPolicy, PeerAuthentication, VirtualService,
+    AuthorizationPolicy, DestinationRule, NetworkPolicy, PeerAuthentication, Telemetry,
+    VirtualService,
 };
 use super::model::{EndpointSlice, Namespace, ObjectMeta, Pod, Service};
 
@@ -71,6 +72,8 @@ pub struct Resources {
     pub peer_authentications: Vec<PeerAuthentication>,
     /// AuthorizationPolicies.
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// Telemetries.
+    pub telemetries: Vec<Telemetry>,
     /// Where each resource came from, by `Kind namespace/name`.
     pub origins: BTreeMap<String, Origin>,
     /// Warnings found while loading (the resources are usable).
@@ -115,6 +118,7 @@ impl Resources {
         self.peer_authentications.extend(other.peer_authentications);
         self.authorization_policies
             .extend(other.authorization_policies);
+        self.telemetries.extend(other.telemetries);
         self.origins.extend(other.origins);
         self.warnings.extend(other.warnings);
         Ok(())
@@ -156,6 +160,7 @@ const KINDS: &[(&str, &[&str], &str)] = &[
         &["v1beta1", "v1"],
         "AuthorizationPolicy",
     ),
+    ("telemetry.istio.io", &["v1alpha1", "v1"], "Telemetry"),
 ];
 
 /// The other kinds of the groups the mesh reads: ignored with a warning. Any other kind in
@@ -175,6 +180,7 @@ const OTHER_KINDS: &[(&str, &[&str])] = &[
         ],
     ),
     ("security.istio.io", &["RequestAuthentication"]),
+    ("telemetry.istio.io", &[]),
     (
         "networking.k8s.io",
         &["Ingress", "IngressClass", "IPAddress", "ServiceCIDR"],
@@ -408,6 +414,7 @@ impl Loader<'_> {
             "AuthorizationPolicy" => {
                 self.add(p, k, v, |r| &mut r.authorization_policies, Self::accept)
             }
+            "Telemetry" => self.add(p, k, v, |r| &mut r.telemetries, Self::accept),
             other => unreachable!("kind {other} is in KINDS but not handled"),
         }
     }
@@ -782,6 +789,7 @@ metadata: {name: d}
                 "AuthorizationPolicy",
                 "spec: {}\n",
             ),
+            ("telemetry.istio.io/v1", "Telemetry", "spec: {}\n"),
         ];
         for (api, kind, rest) in docs {
             for (namespace, want) in [("", "default"), ("namespace: shop, ", "shop")] {
@@ -800,6 +808,7 @@ metadata: {name: d}
                     .chain(r.destination_rules.iter().map(|p| p.namespace()))
                     .chain(r.peer_authentications.iter().map(|p| p.namespace()))
                     .chain(r.authorization_policies.iter().map(|p| p.namespace()))
+                    .chain(r.telemetries.iter().map(|p| p.namespace()))
                     .collect();
                 assert_eq!(got, [want], "{kind} with {namespace:?}");
             }

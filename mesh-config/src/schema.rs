@@ -1,4 +1,4 @@
-//! CustomResourceDefinitions of the four Istio kinds, generated from the typed model with
+//! CustomResourceDefinitions of the Istio kinds the mesh reads, generated from the typed model with
 //! schemars (`mesh-node crds`; committed in deploy/crds/ for clusters without Istio's CRDs).
 //! The model's types derive `JsonSchema`; where the model stores a field in a parsed form
 //! (a port selector as its number, `match` as `matches`, ports as numbers), `with` types and
@@ -104,6 +104,40 @@ pub(crate) struct ProxyProtocol {
 #[allow(dead_code)]
 pub(crate) struct MutualTls {
     mode: Option<MtlsMode>,
+}
+
+/// `{mode: CLIENT}` (Telemetry's `tracing[].match`).
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+pub(crate) struct TracingSelector {
+    mode: Option<super::telemetry::TracingMode>,
+}
+
+/// `{name: otel}` (Telemetry's `tracing[].providers[]`).
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+pub(crate) struct ProviderRef {
+    name: String,
+}
+
+impl JsonSchema for super::telemetry::CustomTag {
+    fn schema_name() -> Cow<'static, str> {
+        "CustomTag".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        let named = json!({"type": "object", "properties": {
+            "name": {"type": "string"}, "defaultValue": {"type": "string"}}});
+        json_schema!({
+            "type": "object",
+            "description": "Exactly one of literal, header, environment.",
+            "properties": {
+                "literal": {"type": "object", "properties": {"value": {"type": "string"}}},
+                "header": named.clone(),
+                "environment": named
+            },
+            "maxProperties": 1
+        })
+    }
 }
 
 /// `{name: ext-authz}`.
@@ -316,11 +350,12 @@ fn short_name(kind: &str) -> &'static str {
         "VirtualService" => "vs",
         "DestinationRule" => "dr",
         "PeerAuthentication" => "pa",
+        "Telemetry" => "telemetry",
         _ => "ap",
     }
 }
 
-/// The four CRDs, by file name (`<plural>.<group>.yaml`), as YAML.
+/// The CRDs of the Istio kinds the mesh reads, by file name (`<plural>.<group>.yaml`), as YAML.
 pub fn crds() -> Vec<(String, String)> {
     let networking = ["v1", "v1beta1", "v1alpha3"];
     let security = ["v1", "v1beta1"];
@@ -352,6 +387,13 @@ pub fn crds() -> Vec<(String, String)> {
             "authorizationpolicies",
             &security,
             spec_schema::<AuthorizationPolicySpec>(),
+        ),
+        crd(
+            "telemetry.istio.io",
+            "Telemetry",
+            "telemetries",
+            &["v1", "v1alpha1"],
+            spec_schema::<super::telemetry::TelemetrySpec>(),
         ),
     ];
     list.into_iter()
@@ -434,7 +476,18 @@ mod tests {
             rule["to"]["items"]["properties"]["operation"]["properties"]["ports"]["items"]["type"],
             "string"
         );
-        assert_eq!(crds().len(), 4);
+        let telemetry = spec_schema::<super::super::telemetry::TelemetrySpec>();
+        assert_structural("telemetry", &telemetry);
+        let tracing = &telemetry["properties"]["tracing"]["items"]["properties"];
+        assert_eq!(tracing["match"]["properties"]["mode"]["enum"][1], "CLIENT");
+        assert_eq!(
+            tracing["providers"]["items"]["properties"]["name"]["type"],
+            "string"
+        );
+        assert_eq!(tracing["randomSamplingPercentage"]["type"], "number");
+        let tag = &tracing["customTags"]["additionalProperties"]["properties"];
+        assert!(tag["header"]["properties"].get("defaultValue").is_some());
+        assert_eq!(crds().len(), 5);
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub enum Command {
         #[arg(long, env = "MESH_PROBE_SOCKET")]
         socket: PathBuf,
     },
-    /// Print the CustomResourceDefinitions of the four Istio kinds the mesh reads (generated
+    /// Print the CustomResourceDefinitions of the Istio kinds the mesh reads (generated
     /// from its typed model), or write one file per CRD into a directory.
     Crds {
         /// Write `<plural>.<group>.yaml` files here instead of printing.

@@ -37,7 +37,7 @@ use crate::{
 };
 
 /// The kinds watched: `(group, version, kind, plural)`.
-pub const KINDS: [(&str, &str, &str, &str); 9] = [
+pub const KINDS: [(&str, &str, &str, &str); 10] = [
     ("", "v1", "Namespace", "namespaces"),
     ("", "v1", "Pod", "pods"),
     ("", "v1", "Service", "services"),
@@ -72,6 +72,7 @@ pub const KINDS: [(&str, &str, &str, &str); 9] = [
         "AuthorizationPolicy",
         "authorizationpolicies",
     ),
+    ("telemetry.istio.io", "v1", "Telemetry", "telemetries"),
 ];
 
 /// Changes are gathered this long before a snapshot is built.

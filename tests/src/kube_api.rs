@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 use crate::netns::Netns;
 
 /// `(kind, group, version, plural, namespaced)` of the kinds served.
-const KINDS: [(&str, &str, &str, &str, bool); 9] = [
+const KINDS: [(&str, &str, &str, &str, bool); 10] = [
     ("Namespace", "", "v1", "namespaces", false),
     ("Pod", "", "v1", "pods", true),
     ("Service", "", "v1", "services", true),
@@ -78,6 +78,7 @@ const KINDS: [(&str, &str, &str, &str, bool); 9] = [
         "authorizationpolicies",
         true,
     ),
+    ("Telemetry", "telemetry.istio.io", "v1", "telemetries", true),
 ];
 
 fn collection(kind: &str) -> Option<(String, String, bool)> {

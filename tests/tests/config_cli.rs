@@ -180,6 +180,24 @@ fn analyze_reports_each_problem_of_the_crafted_file() {
             "warning IST0174",
             "DestinationRule default/typo",
         ),
+        (
+            "14",
+            "spec",
+            "warning IST0160",
+            "Telemetry default/tracing-too",
+        ),
+        (
+            "16",
+            "spec.selector",
+            "warning IST0159",
+            "Telemetry default/web-v1",
+        ),
+        (
+            "17",
+            "spec.selector",
+            "warning IST0127",
+            "Telemetry default/ghost",
+        ),
     ];
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), want.len(), "{out}");
@@ -192,7 +210,7 @@ fn analyze_reports_each_problem_of_the_crafted_file() {
         assert!(line.contains(&format!("[{resource}]")), "{line}");
         assert!(line.contains("; fix: "), "every finding has a hint: {line}");
     }
-    assert!(err.contains("8 error(s), 7 warning(s)"), "{err}");
+    assert!(err.contains("8 error(s), 10 warning(s)"), "{err}");
 }
 
 #[test]

@@ -24,7 +24,7 @@ fn snapshot(state: &State) -> Value {
 #[test]
 fn file_and_kube_sources_build_identical_snapshots() {
     let mut yaml = String::new();
-    for file in ["cluster", "traffic", "security"] {
+    for file in ["cluster", "traffic", "security", "telemetry"] {
         let path = format!(
             "{}/../examples/istio/{file}.yaml",
             env!("CARGO_MANIFEST_DIR")
@@ -63,8 +63,14 @@ fn file_and_kube_sources_build_identical_snapshots() {
         assert_eq!(a, b, "snapshots differ for node {node}");
     }
     assert!(!a_few(&from_kube), "the examples have every kind");
+    let sorted = |r: &config::Resources| {
+        let mut t = r.telemetries.clone();
+        t.sort_by_key(|t| t.metadata.qualified());
+        t
+    };
+    assert_eq!(sorted(&from_kube), sorted(&from_file));
     assert!(store.len() >= 20, "{} objects", store.len());
-    assert!(api.requests("list") >= 9, "every kind listed");
+    assert!(api.requests("list") >= 10, "every kind listed");
 }
 
 /// False when every kind has at least one resource.
@@ -79,6 +85,7 @@ fn a_few(r: &config::Resources) -> bool {
         r.destination_rules.len(),
         r.peer_authentications.len(),
         r.authorization_policies.len(),
+        r.telemetries.len(),
     ]
     .contains(&0)
 }
