@@ -12,8 +12,10 @@
 //! - data plane: [`plan`] (what to do with a connection), [`gate`] (the one place policy is
 //!   decided, and revoked), [`proxy`] (listeners, L4 and HBONE), [`http`] (L7),
 //!   [`transport`] (sockets, relays, the HBONE pool), [`context`] and [`connections`] (what
-//!   handlers share and the connection table), [`identity`] (CA and workload certificates);
-//! - observing: [`telemetry`] (Istio metrics, access log), [`metrics`] (node-level),
+//!   handlers share and the connection table), [`identity`] (workload certificates from the
+//!   signer, the trust bundle, the signer itself);
+//! - observing: [`telemetry`] (Istio metrics, access log), [`trace`] (trace context and span
+//!   export, in progress), [`metrics`] (node-level),
 //!   [`response_flag`] (how a connection or request ended), [`admin`] (health, metrics,
 //!   debug endpoints);
 //! - the program: [`cli`] (the command line and its checks) builds [`settings`] (what `run`
@@ -47,4 +49,5 @@ pub mod settings;
 pub mod state;
 pub mod sys;
 pub mod telemetry;
+pub mod trace;
 pub mod transport;

@@ -1,0 +1,452 @@
+//! Span export over OTLP (HTTP/protobuf to `<collector>/v1/traces`), off the request path:
+//! a request hands its finished span to a bounded queue and never waits; a task batches the
+//! queue (up to [`BATCH`] spans, or what came within [`LINGER`]) into one
+//! `ExportTraceServiceRequest` (the official OpenTelemetry protobuf types) per collector.
+//! A full queue, or a collector that is down, slow or refusing, costs spans, never requests:
+//! each lost span is counted in `mesh_trace_spans_dropped_total{reason}`.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::ExportTraceServiceRequest,
+    common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue},
+    resource::v1::Resource,
+    trace::v1::{
+        span::SpanKind, status::StatusCode, ResourceSpans, ScopeSpans, Span as Proto, Status,
+    },
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use prost::Message as _;
+use tokio::sync::mpsc;
+
+use super::context::SpanContext;
+
+/// Spans waiting for export, at most (beyond: dropped and counted).
+pub const QUEUE: usize = 8192;
+/// Spans per export request, at most.
+pub const BATCH: usize = 512;
+/// How long the first span of a batch waits for company.
+pub const LINGER: Duration = Duration::from_millis(500);
+/// How long one export request may take.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A span attribute's value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    /// A string.
+    Str(String),
+    /// An integer.
+    Int(i64),
+}
+
+/// Which side of a request a span records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The source side (the proxy as the client).
+    Client,
+    /// The destination side (the proxy as the server).
+    Server,
+}
+
+/// A finished span.
+#[derive(Clone, Debug)]
+pub struct Span {
+    /// Its place in the trace.
+    pub context: SpanContext,
+    /// Its name (Istio's: `<host>:<port>/*`).
+    pub name: String,
+    /// Client or server.
+    pub kind: Kind,
+    /// When the request started.
+    pub start: SystemTime,
+    /// When its response ended.
+    pub end: SystemTime,
+    /// Attributes, Istio's names.
+    pub attributes: Vec<(&'static str, Value)>,
+    /// Custom tags of the Telemetry in force.
+    pub tags: Vec<(String, String)>,
+    /// The request failed (a 5xx, or no response).
+    pub error: bool,
+    /// The `service.name` of its resource (the workload's canonical service).
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    /// `queue_full`, `export_failed`.
+    reason: &'static str,
+}
+
+/// Export metrics.
+#[derive(Clone, Default)]
+pub struct ExportMetrics {
+    exported: Counter,
+    dropped: Family<DropLabels, Counter>,
+}
+
+impl ExportMetrics {
+    /// Registers `mesh_trace_spans_exported_total` and `mesh_trace_spans_dropped_total`.
+    pub fn register(registry: &mut Registry) -> ExportMetrics {
+        let metrics = ExportMetrics::default();
+        registry.register(
+            "mesh_trace_spans_exported",
+            "Spans a collector accepted",
+            metrics.exported.clone(),
+        );
+        registry.register(
+            "mesh_trace_spans_dropped",
+            "Spans lost, by reason (queue_full: the collector cannot keep up; export_failed: \
+             the collector refused, failed or did not answer in time)",
+            metrics.dropped.clone(),
+        );
+        metrics
+    }
+
+    fn drop(&self, reason: &'static str, spans: usize) {
+        self.dropped
+            .get_or_create(&DropLabels { reason })
+            .inc_by(spans as u64);
+    }
+}
+
+/// The queue to one collector.
+#[derive(Clone)]
+pub struct Exporter {
+    queue: mpsc::Sender<Span>,
+    metrics: ExportMetrics,
+}
+
+impl Exporter {
+    /// Starts exporting to `endpoint` (`http://host:port/v1/traces`).
+    pub fn start(endpoint: http::Uri, metrics: ExportMetrics) -> Exporter {
+        let (queue, spans) = mpsc::channel(QUEUE);
+        tokio::spawn(export(endpoint, spans, metrics.clone()));
+        Exporter { queue, metrics }
+    }
+
+    /// Hands `span` to the exporter; never waits (a full queue drops it, counted).
+    pub fn send(&self, span: Span) {
+        if self.queue.try_send(span).is_err() {
+            self.metrics.drop("queue_full", 1);
+        }
+    }
+}
+
+async fn export(endpoint: http::Uri, mut spans: mpsc::Receiver<Span>, metrics: ExportMetrics) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while let Some(first) = spans.recv().await {
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(deadline, spans.recv()).await {
+                Ok(Some(span)) => batch.push(span),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let count = batch.len();
+        let body = encode(std::mem::take(&mut batch)).encode_to_vec();
+        match tokio::time::timeout(TIMEOUT, post(&endpoint, body)).await {
+            Ok(Ok(())) => {
+                metrics.exported.inc_by(count as u64);
+            }
+            Ok(Err(err)) => {
+                metrics.drop("export_failed", count);
+                tracing::debug!(%endpoint, count, "span export failed: {err}");
+            }
+            Err(_) => {
+                metrics.drop("export_failed", count);
+                tracing::debug!(%endpoint, count, "span export timed out");
+            }
+        }
+    }
+}
+
+async fn post(endpoint: &http::Uri, body: Vec<u8>) -> Result<(), String> {
+    let authority = endpoint
+        .authority()
+        .ok_or_else(|| format!("{endpoint} has no host"))?
+        .clone();
+    let port = authority.port_u16().unwrap_or(80);
+    let tcp = tokio::net::TcpStream::connect((authority.host(), port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = http::Request::post(endpoint.path())
+        .header(http::header::HOST, authority.as_str())
+        .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("the collector answered {}", response.status()))
+    }
+}
+
+fn nanos(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn key_value(key: &str, value: any_value::Value) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue { value: Some(value) }),
+    }
+}
+
+/// The OTLP request for `spans`: one resource per service, one scope (the mesh).
+pub fn encode(spans: Vec<Span>) -> ExportTraceServiceRequest {
+    let mut by_service: BTreeMap<String, Vec<Proto>> = BTreeMap::new();
+    for span in spans {
+        let context = &span.context;
+        let mut attributes: Vec<KeyValue> = span
+            .attributes
+            .iter()
+            .map(|(k, v)| {
+                key_value(
+                    k,
+                    match v {
+                        Value::Str(s) => any_value::Value::StringValue(s.clone()),
+                        Value::Int(i) => any_value::Value::IntValue(*i),
+                    },
+                )
+            })
+            .collect();
+        attributes.extend(
+            span.tags
+                .iter()
+                .map(|(k, v)| key_value(k, any_value::Value::StringValue(v.clone()))),
+        );
+        let proto = Proto {
+            trace_id: context.trace_id.to_vec(),
+            span_id: context.span_id.to_vec(),
+            parent_span_id: context.parent.map(|p| p.to_vec()).unwrap_or_default(),
+            trace_state: context
+                .tracestate
+                .as_ref()
+                .and_then(|s| s.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            name: span.name.clone(),
+            kind: match span.kind {
+                Kind::Client => SpanKind::Client,
+                Kind::Server => SpanKind::Server,
+            } as i32,
+            start_time_unix_nano: nanos(span.start),
+            end_time_unix_nano: nanos(span.end),
+            attributes,
+            status: Some(Status {
+                message: String::new(),
+                code: if span.error {
+                    StatusCode::Error
+                } else {
+                    StatusCode::Unset
+                } as i32,
+            }),
+            flags: 0x100 | u32::from(context.sampled),
+            ..Default::default()
+        };
+        by_service.entry(span.service).or_default().push(proto);
+    }
+    ExportTraceServiceRequest {
+        resource_spans: by_service
+            .into_iter()
+            .map(|(service, spans)| ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![key_value(
+                        "service.name",
+                        any_value::Value::StringValue(service),
+                    )],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: "mesh-node".into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        ..Default::default()
+                    }),
+                    spans,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(service: &str, kind: Kind) -> Span {
+        Span {
+            context: SpanContext::start(None, 100.0, 0.0),
+            name: "web.shop.svc.cluster.local:80/*".into(),
+            kind,
+            start: SystemTime::now(),
+            end: SystemTime::now() + Duration::from_millis(3),
+            attributes: vec![
+                ("http.method", Value::Str("GET".into())),
+                ("http.status_code", Value::Int(200)),
+            ],
+            tags: vec![("cluster".into(), "east".into())],
+            error: false,
+            service: service.into(),
+        }
+    }
+
+    /// A collector on loopback that decodes what it gets with the protobuf types and
+    /// answers `status`.
+    async fn collector(
+        status: u16,
+    ) -> (
+        http::Uri,
+        mpsc::UnboundedReceiver<ExportTraceServiceRequest>,
+    ) {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: http::Uri = format!("http://{}/v1/traces", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let (got, received) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let got = got.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let got = got.clone();
+                            async move {
+                                assert_eq!(req.uri().path(), "/v1/traces");
+                                assert_eq!(
+                                    req.headers()[http::header::CONTENT_TYPE],
+                                    "application/x-protobuf"
+                                );
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                got.send(ExportTraceServiceRequest::decode(body).unwrap())
+                                    .unwrap();
+                                let mut response = http::Response::new(Full::new(Bytes::new()));
+                                *response.status_mut() =
+                                    http::StatusCode::from_u16(status).unwrap();
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        (uri, received)
+    }
+
+    #[tokio::test]
+    async fn spans_are_batched_per_service_and_failures_are_counted() {
+        let (uri, mut received) = collector(200).await;
+        let metrics = ExportMetrics::default();
+        let exporter = Exporter::start(uri, metrics.clone());
+        let client = span("api", Kind::Client);
+        let server = Span {
+            context: client.context.child(),
+            ..span("web", Kind::Server)
+        };
+        exporter.send(client.clone());
+        exporter.send(server);
+        let request = received.recv().await.unwrap();
+        assert_eq!(request.resource_spans.len(), 2, "one resource per service");
+        let spans: Vec<&Proto> = request
+            .resource_spans
+            .iter()
+            .flat_map(|r| r.scope_spans.iter().flat_map(|s| &s.spans))
+            .collect();
+        assert_eq!(spans.len(), 2);
+        let (c, s) = (
+            spans
+                .iter()
+                .find(|s| s.kind == SpanKind::Client as i32)
+                .unwrap(),
+            spans
+                .iter()
+                .find(|s| s.kind == SpanKind::Server as i32)
+                .unwrap(),
+        );
+        assert_eq!(c.trace_id, s.trace_id);
+        assert_eq!(s.parent_span_id, c.span_id);
+        assert_eq!(c.trace_id, client.context.trace_id.to_vec());
+        assert!(c.attributes.iter().any(|a| a.key == "cluster"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(metrics.exported.get(), 2);
+
+        // A refusing collector, and one that is not there: spans dropped, counted.
+        let (refusing, mut received) = collector(503).await;
+        let exporter = Exporter::start(refusing, metrics.clone());
+        exporter.send(span("api", Kind::Client));
+        received.recv().await.unwrap();
+        let gone: http::Uri = "http://127.0.0.1:1/v1/traces".parse().unwrap();
+        let exporter_gone = Exporter::start(gone, metrics.clone());
+        exporter_gone.send(span("api", Kind::Client));
+        let failed = || {
+            metrics
+                .dropped
+                .get_or_create(&DropLabels {
+                    reason: "export_failed",
+                })
+                .get()
+        };
+        for _ in 0..100 {
+            if failed() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(failed(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_without_waiting() {
+        // Nothing drains this queue: the exporter task is never given a runtime turn while
+        // the test fills it.
+        let (queue, _spans) = mpsc::channel(QUEUE);
+        let metrics = ExportMetrics::default();
+        let exporter = Exporter {
+            queue,
+            metrics: metrics.clone(),
+        };
+        let started = std::time::Instant::now();
+        for _ in 0..QUEUE + 10 {
+            exporter.send(span("api", Kind::Client));
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(
+            metrics
+                .dropped
+                .get_or_create(&DropLabels {
+                    reason: "queue_full"
+                })
+                .get(),
+            10
+        );
+    }
+}
