@@ -219,7 +219,7 @@ pub fn ca_serve(args: CaServeArgs) -> ExitCode {
             (None, None) => anyhow::bail!("--node-tokens or --kube"),
         };
         let signer = signer::Signer {
-            ca,
+            ca: arc_swap::ArcSwap::from_pointee(ca),
             trust_domain: args.trust_domain.clone(),
             max_lifetime: args.max_cert_lifetime,
             auth,
@@ -230,6 +230,7 @@ pub fn ca_serve(args: CaServeArgs) -> ExitCode {
             listen: args.listen,
             admin: args.admin_addr,
             identity,
+            ca_dir: Some(args.ca_dir.clone()),
         };
         signer::serve(signer, settings, registry).await
     });

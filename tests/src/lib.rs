@@ -14,6 +14,8 @@
 //!   dropped connections) for the kube source;
 //! - [`signer`]: the cluster's signer (`mesh-node ca serve`) in a mount namespace of its own,
 //!   where the CA key lives on a tmpfs nothing else sees; memory and file scans for a key;
+//! - [`otlp`]: a real OTLP/HTTP trace receiver on the official `opentelemetry-proto` package
+//!   (Python), one JSON line per span received;
 //! - [`load`]: a fixed-rate HTTP load generator without coordinated omission (`mesh-load`);
 //! - [`tools`]: tcpdump, openssl s_client and Prometheus, run inside the test's namespaces;
 //! - [`web`]: an HTTP/h2c/gRPC server for pods whose answers name the pod, curl and wrk;
@@ -31,6 +33,7 @@ pub mod fixtures;
 pub mod kube_api;
 pub mod load;
 pub mod netns;
+pub mod otlp;
 pub mod signer;
 pub mod tools;
 pub mod web;

@@ -181,9 +181,18 @@ impl Signer {
         self.current.lock().unwrap().clone()
     }
 
-    /// Signs with CA `name` from the next start on.
-    pub fn switch(&self, name: &str) {
-        *self.current.lock().unwrap() = name.to_string();
+    /// Replaces the files of the CA in use with CA `name`'s, as an update of a mounted
+    /// Secret does (each file renamed into place); the running signer picks them up.
+    pub fn replace_with(&self, name: &str) -> Result<()> {
+        let (from, to) = (self.inside(name), self.inside(&self.current()));
+        for entry in std::fs::read_dir(&from)? {
+            let entry = entry?;
+            let target = to.join(entry.file_name());
+            let tmp = target.with_extension("new");
+            std::fs::copy(entry.path(), &tmp)?;
+            std::fs::rename(&tmp, &target)?;
+        }
+        Ok(())
     }
 
     /// The signer's PID, while it runs.

@@ -514,6 +514,8 @@ fn a_root_rotates_under_load_without_a_failed_connection() {
     let signer = cluster.signer_ref().unwrap();
     signer.init("ca-2", true).unwrap();
     let old = std::fs::read_to_string(signer.bundle_path("ca-1")).unwrap();
+    // Kept before the signer's files are replaced by the new CA's.
+    let old_ca = signer.ca("ca-1").unwrap();
     let new = std::fs::read_to_string(signer.bundle_path("ca-2")).unwrap();
     let both = format!("{old}{new}");
     let write_bundle = |node: &str, pem: &str| {
@@ -539,12 +541,16 @@ fn a_root_rotates_under_load_without_a_failed_connection() {
         settle();
         write_bundle("node-b", &both);
         settle();
-        // 2. Switch the signer to the new CA (its serving certificate too); workload
-        // certificates roll at their next renewal. Two lifetimes later every certificate of
-        // both nodes is of the new root.
-        signer.stop();
-        signer.switch("ca-2");
-        cluster.start_signer().unwrap();
+        // 2. Switch the signer to the new CA by updating its files, as a Secret update does:
+        // it signs, and serves, with the new CA without a restart. Workload certificates
+        // roll at their next renewal; two lifetimes later every certificate of both nodes
+        // is of the new root.
+        signer.replace_with("ca-2").unwrap();
+        wait_until("the signer signs with the new CA", || {
+            signer
+                .log()
+                .contains("CA changed: signing with the new one")
+        });
         std::thread::sleep(Duration::from_secs(13));
         // 3. Remove the old root, node-a first.
         write_bundle("node-a", &new);
@@ -560,7 +566,6 @@ fn a_root_rotates_under_load_without_a_failed_connection() {
     long.roundtrip().unwrap();
     // The rotation really happened: a certificate of the old root is refused now, and the
     // nodes' certificates are of the new one.
-    let old_ca = signer.ca("ca-1").unwrap();
     let leaf = old_ca.issue(CLIENT, Duration::from_secs(600)).unwrap();
     let bundle = TrustBundle::parse(&new, std::path::Path::new("new"))
         .unwrap()

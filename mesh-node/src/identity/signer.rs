@@ -259,8 +259,8 @@ struct Caller {
 
 /// Everything the signer decides with.
 pub struct Signer {
-    /// The CA.
-    pub ca: Ca,
+    /// The CA (swapped in place when its files change, `--ca-dir`).
+    pub ca: ArcSwap<Ca>,
     /// Identities outside `spiffe://<trust_domain>/` are refused.
     pub trust_domain: String,
     /// Lifetimes asked for are capped at this (and a request of 0 gets it).
@@ -448,8 +448,8 @@ impl Signer {
             0 => self.max_lifetime,
             s => Duration::from_secs(s).min(self.max_lifetime),
         };
-        let (leaf, _) = self
-            .ca
+        let ca = self.ca.load();
+        let (leaf, _) = ca
             .sign(&request.identity, &public_key, lifetime)
             .map_err(|e| {
                 refuse(
@@ -459,7 +459,7 @@ impl Signer {
                 )
             })?;
         let chain = std::iter::once(&leaf)
-            .chain(self.ca.chain())
+            .chain(ca.chain())
             .map(to_pem)
             .collect();
         self.metrics.issued.inc();
@@ -556,6 +556,9 @@ pub fn csr_public_key(pem: &str) -> Result<Vec<u8>, String> {
 
 use rustls::pki_types::pem::PemObject as _;
 
+/// How often `--ca-dir` is checked for a new CA.
+const CA_CHECK: Duration = Duration::from_secs(2);
+
 /// The signer's serving certificate, renewed in place.
 #[derive(Debug)]
 struct ServingCert(ArcSwap<CertifiedKey>);
@@ -579,6 +582,8 @@ pub struct ServeSettings {
     pub admin: SocketAddr,
     /// The signer's own SPIFFE ID (its serving certificate's).
     pub identity: String,
+    /// Where the CA was read from: re-read when its files change.
+    pub ca_dir: Option<PathBuf>,
 }
 
 /// Serves until SIGTERM or SIGINT.
@@ -593,24 +598,50 @@ pub async fn serve(
     let admin = tokio::net::TcpListener::bind(settings.admin)
         .await
         .with_context(|| format!("binding {}", settings.admin))?;
-    tracing::info!(listen = %settings.listen, admin = %settings.admin, identity = settings.identity, roots = signer.ca.roots().len(), intermediates = signer.ca.chain().len(), "signer serving");
+    let ca = signer.ca.load();
+    tracing::info!(listen = %settings.listen, admin = %settings.admin, identity = settings.identity, roots = ca.roots().len(), intermediates = ca.chain().len(), "signer serving");
     tokio::spawn(serve_admin(admin, Arc::new(registry)));
-    let signing = accept(listener, Arc::new(signer), settings.identity)?;
+    let signing = accept(
+        listener,
+        Arc::new(signer),
+        settings.identity,
+        settings.ca_dir,
+    )?;
     tokio::select! {
         () = signing => Ok(()),
         stop = crate::app::wait_for_shutdown() => stop,
     }
 }
 
+/// The versions of the CA files in `dir`, to notice a change (a mounted Secret's update
+/// swaps its files).
+fn ca_files(dir: &Path) -> Vec<Option<crate::reload::Version>> {
+    [
+        super::ca::CA_CERT_FILE,
+        super::ca::CA_KEY_FILE,
+        super::ca::CERT_CHAIN_FILE,
+        super::ca::ROOT_CERT_FILE,
+        "tls.crt",
+        "tls.key",
+        "ca.crt",
+    ]
+    .iter()
+    .map(|name| crate::reload::version(&dir.join(name)))
+    .collect()
+}
+
 /// Accepts signing requests on `listener` forever, presenting a certificate for `identity`
-/// (renewed at half its lifetime).
+/// (renewed at half its lifetime). With `ca_dir`, a change of its files swaps the CA in
+/// (and a new serving certificate from it); a CA that does not load keeps the last good one.
 fn accept(
     listener: tokio::net::TcpListener,
     signer: Arc<Signer>,
     identity: String,
+    ca_dir: Option<PathBuf>,
 ) -> anyhow::Result<impl std::future::Future<Output = ()>> {
     let serving = Arc::new(ServingCert(ArcSwap::new(serving_key(
-        &signer.ca, &identity,
+        &signer.ca.load(),
+        &identity,
     )?)));
     let acceptor = tokio_rustls::TlsAcceptor::from(tls::signer_server_config(serving.clone()));
     Ok(async move {
@@ -618,6 +649,8 @@ fn accept(
             tokio::time::Instant::now() + SERVING_LIFETIME / 2,
             SERVING_LIFETIME / 2,
         );
+        let mut check = tokio::time::interval(CA_CHECK);
+        let mut seen = ca_dir.as_deref().map(ca_files);
         loop {
             let (tcp, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -629,9 +662,29 @@ fn accept(
                     }
                 },
                 _ = renew.tick() => {
-                    match serving_key(&signer.ca, &identity) {
+                    match serving_key(&signer.ca.load(), &identity) {
                         Ok(key) => serving.0.store(key),
                         Err(err) => tracing::error!("renewing the signer's certificate: {err:#}"),
+                    }
+                    continue;
+                }
+                _ = check.tick(), if ca_dir.is_some() => {
+                    let Some(dir) = ca_dir.as_deref() else { continue };
+                    let now = Some(ca_files(dir));
+                    if now == seen {
+                        continue;
+                    }
+                    seen = now;
+                    match Ca::load(dir).map_err(anyhow::Error::from).and_then(|ca| {
+                        let key = serving_key(&ca, &identity)?;
+                        Ok((ca, key))
+                    }) {
+                        Ok((ca, key)) => {
+                            tracing::info!(dir = %dir.display(), roots = ca.roots().len(), intermediates = ca.chain().len(), "CA changed: signing with the new one");
+                            signer.ca.store(Arc::new(ca));
+                            serving.0.store(key);
+                        }
+                        Err(err) => tracing::error!(dir = %dir.display(), "CA update rejected, signing with the last good one: {err:#}"),
                     }
                     continue;
                 }
@@ -692,7 +745,7 @@ impl Local {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let signer = Signer {
-            ca,
+            ca: ArcSwap::from_pointee(ca),
             trust_domain: "cluster.local".into(),
             max_lifetime: Duration::from_secs(24 * 3600),
             auth: Auth::Tokens(tokens),
@@ -703,6 +756,7 @@ impl Local {
             listener,
             Arc::new(signer),
             default_identity("cluster.local"),
+            None,
         )?);
         Ok(Local {
             address,
@@ -805,7 +859,7 @@ mod tests {
     fn signer(pods: Vec<PodInfo>) -> Signer {
         let root = super::super::ca::generate_root().unwrap();
         Signer {
-            ca: Ca::from_pem(&root.cert, &root.key).unwrap(),
+            ca: ArcSwap::from_pointee(Ca::from_pem(&root.cert, &root.key).unwrap()),
             trust_domain: "cluster.local".into(),
             max_lifetime: Duration::from_secs(3600),
             auth: Auth::Tokens(BTreeMap::from([(

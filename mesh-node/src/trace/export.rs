@@ -112,6 +112,16 @@ impl ExportMetrics {
         metrics
     }
 
+    /// Spans exported so far.
+    pub fn exported(&self) -> u64 {
+        self.exported.get()
+    }
+
+    /// Spans dropped so far for `reason`.
+    pub fn dropped(&self, reason: &'static str) -> u64 {
+        self.dropped.get_or_create(&DropLabels { reason }).get()
+    }
+
     fn drop(&self, reason: &'static str, spans: usize) {
         self.dropped
             .get_or_create(&DropLabels { reason })
