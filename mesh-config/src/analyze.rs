@@ -538,18 +538,7 @@ impl<'a> Analyzer<'a> {
     /// (the oldest applies, as `telemetry::tracing_for` resolves it).
     fn telemetries(&mut self) {
         let mut by_age: Vec<&crate::kinds::Telemetry> = self.r.telemetries.iter().collect();
-        by_age.sort_by(|a, b| {
-            (
-                &a.metadata.creation_timestamp,
-                a.namespace(),
-                &a.metadata.name,
-            )
-                .cmp(&(
-                    &b.metadata.creation_timestamp,
-                    b.namespace(),
-                    &b.metadata.name,
-                ))
-        });
+        by_age.sort_by_key(|t| crate::telemetry::age(t));
         for (i, t) in by_age.iter().enumerate() {
             let (ns, meta) = (t.namespace(), &t.metadata);
             let older = &by_age[..i];

@@ -284,6 +284,16 @@ pub struct TracingConfig {
     pub from: Vec<String>,
 }
 
+/// The order in which Telemetries of one level win: the oldest first (`creationTimestamp`,
+/// none counting as oldest), then by `namespace/name`.
+pub fn age(t: &crate::kinds::Telemetry) -> (&Option<String>, &str, &str) {
+    (
+        &t.metadata.creation_timestamp,
+        t.namespace(),
+        &t.metadata.name,
+    )
+}
+
 /// The tracing of a workload of `namespace` with `labels`, on `side` (`Client` or
 /// `Server`), from `telemetries` and Istio's root namespace. Of several resources at one
 /// level (which Istio calls invalid), the oldest applies, as for Istio's other policies.
@@ -297,18 +307,7 @@ pub fn tracing_for(
     fn oldest<'t>(
         candidates: impl Iterator<Item = &'t crate::kinds::Telemetry>,
     ) -> Option<&'t crate::kinds::Telemetry> {
-        candidates.min_by(|a, b| {
-            (
-                &a.metadata.creation_timestamp,
-                a.namespace(),
-                &a.metadata.name,
-            )
-                .cmp(&(
-                    &b.metadata.creation_timestamp,
-                    b.namespace(),
-                    &b.metadata.name,
-                ))
-        })
+        candidates.min_by_key(|t| age(t))
     }
     let level = |ns: &str| {
         oldest(
