@@ -826,7 +826,7 @@ impl Cluster {
     /// The CA the signer signs with (as an attacker holding it would use it).
     pub fn ca(&self) -> Result<mesh_node::identity::Ca> {
         let signer = self.signer_ref()?;
-        signer.ca(&signer.current())
+        signer.ca(signer.current())
     }
 
     /// The signer, once started.

@@ -22,6 +22,8 @@ use crate::{cluster::terminate, netns::Netns};
 
 /// The signer's TLS port.
 pub const PORT: u16 = 15012;
+/// The name of the CA the signer starts with.
+const FIRST_CA: &str = "ca-1";
 /// Its admin port (loopback of the first node).
 pub const ADMIN_PORT: u16 = 15014;
 
@@ -31,8 +33,6 @@ pub struct Signer {
     process: Mutex<Option<Child>>,
     /// The tmpfs mount point (empty outside the holder's mount namespace).
     vault: PathBuf,
-    /// The CA in use: a directory name under the vault.
-    current: Mutex<String>,
     /// Where it listens.
     pub address: SocketAddr,
     log: PathBuf,
@@ -63,7 +63,6 @@ impl Signer {
             holder,
             process: Mutex::new(None),
             vault,
-            current: Mutex::new("ca-1".into()),
             address: listen,
             log: dir.join("signer.log"),
             dir: dir.to_path_buf(),
@@ -73,7 +72,7 @@ impl Signer {
             std::fs::read_to_string(format!("/proc/{}/comm", signer.holder.id()))
                 .is_ok_and(|c| c.trim() == "sleep")
         });
-        signer.init("ca-1", intermediate)?;
+        signer.init(FIRST_CA, intermediate)?;
         Ok(signer)
     }
 
@@ -176,15 +175,15 @@ impl Signer {
         }
     }
 
-    /// The CA in use (a name under the vault).
-    pub fn current(&self) -> String {
-        self.current.lock().unwrap().clone()
+    /// The CA in use: the first one made, whose files [`Signer::replace_with`] replaces.
+    pub fn current(&self) -> &'static str {
+        FIRST_CA
     }
 
     /// Replaces the files of the CA in use with CA `name`'s, as an update of a mounted
     /// Secret does (each file renamed into place); the running signer picks them up.
     pub fn replace_with(&self, name: &str) -> Result<()> {
-        let (from, to) = (self.inside(name), self.inside(&self.current()));
+        let (from, to) = (self.inside(name), self.inside(self.current()));
         for entry in std::fs::read_dir(&from)? {
             let entry = entry?;
             let target = to.join(entry.file_name());

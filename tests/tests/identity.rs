@@ -149,7 +149,7 @@ fn the_ca_key_lives_only_in_the_signers_mount_namespace() {
         "hi\n"
     );
     let signer = cluster.signer_ref().unwrap();
-    let key = signer.key_pem(&signer.current()).unwrap();
+    let key = signer.key_pem(signer.current()).unwrap();
     // Outside the signer's mount namespace its directory is an empty mount point.
     let outside = signer.vault().join(signer.current()).join("ca-key.pem");
     assert!(

@@ -507,6 +507,7 @@ impl Certificates {
     /// The certificates held, for `/debug/state`.
     pub fn held(&self) -> Vec<Held> {
         let now = SystemTime::now();
+        let retries = self.retries.lock().unwrap_or_else(|e| e.into_inner());
         let mut held: Vec<Held> = self
             .lock()
             .values()
@@ -518,12 +519,9 @@ impl Certificates {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
                 expired: c.expired(now).is_some(),
-                renewal_failure: None,
+                renewal_failure: retries.get(&c.identity).map(|r| r.error.to_string()),
             })
             .collect();
-        for held in &mut held {
-            held.renewal_failure = self.last_failure(&held.identity);
-        }
         held.sort_by(|a, b| a.identity.cmp(&b.identity));
         held
     }

@@ -182,7 +182,16 @@ impl Pods {
         };
         match self {
             Pods::File(pods) => pods.load().iter().any(fits),
-            Pods::Kube(store) => store.state().iter().any(|p| fits(&Pods::info(p))),
+            // Compared in place: no pod is copied per request.
+            Pods::Kube(store) => store.state().iter().any(|p| {
+                let spec = p.spec.as_ref();
+                spec.and_then(|s| s.node_name.as_deref()) == Some(node)
+                    && p.metadata.namespace.as_deref() == Some(namespace)
+                    && spec
+                        .and_then(|s| s.service_account_name.as_deref())
+                        .unwrap_or("default")
+                        == service_account
+            }),
         }
     }
 
