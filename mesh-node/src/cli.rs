@@ -354,6 +354,21 @@ pub struct RunArgs {
     /// exits (Go duration syntax). HTTP clients are moved over at their next request.
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "1h", value_parser = go_duration)]
     drain_timeout: Duration,
+    /// An OTLP collector (HTTP/protobuf) spans may go to, as NAME=URL
+    /// (`http://host:port[/path]`, the path defaulting to /v1/traces): the stand-in for
+    /// MeshConfig `extensionProviders`, named by Telemetry `tracing[].providers`. The first is
+    /// the default provider. Repeat the flag (or comma-separate) for more; none: tracing off.
+    #[arg(
+        long = "tracing-provider",
+        env = "MESH_TRACING_PROVIDERS",
+        value_delimiter = ','
+    )]
+    tracing_providers: Vec<String>,
+    /// Percentage (0-100) of requests without a caller's sampling decision that are traced
+    /// where no Telemetry sets `randomSamplingPercentage` (MeshConfig
+    /// `defaultConfig.tracing.sampling`; Istio's default is 1).
+    #[arg(long, env = "MESH_TRACE_SAMPLING", default_value_t = 1.0)]
+    trace_sampling: f64,
     /// Log filter (tracing EnvFilter syntax); `mesh_ebpf=debug` also logs every captured SYN
     /// from the kernel programs.
     #[arg(long, env = "MESH_LOG", default_value = "info")]
@@ -563,6 +578,22 @@ impl RunArgs {
                 _ => Some(format!("{} is not host:port", self.ca_address)),
             },
         );
+        let mut providers: Vec<crate::trace::Provider> = Vec::new();
+        for text in &self.tracing_providers {
+            match crate::trace::TracingSettings::provider(text) {
+                Ok(p) if providers.iter().any(|q| q.name == p.name) => problems.check(
+                    "tracing-provider",
+                    Some(format!("{} is named twice", p.name)),
+                ),
+                Ok(p) => providers.push(p),
+                Err(why) => problems.check("tracing-provider", Some(why)),
+            }
+        }
+        problems.check(
+            "trace-sampling",
+            (!(0.0..=100.0).contains(&self.trace_sampling))
+                .then(|| format!("{} is not a percentage (0-100)", self.trace_sampling)),
+        );
         let source = match self.config {
             Some(file) => Source::File(file),
             None => Source::Kube {
@@ -592,6 +623,10 @@ impl RunArgs {
             repair: self.repair,
             repair_interval: self.repair_interval,
             drain_timeout: self.drain_timeout,
+            tracing: crate::trace::TracingSettings {
+                providers,
+                sampling: self.trace_sampling,
+            },
             log: self.log,
         })
     }

@@ -52,6 +52,8 @@ pub struct Settings {
     pub repair_interval: Duration,
     /// How long this process, once a successor took over, keeps relaying what is open.
     pub drain_timeout: Duration,
+    /// Where spans go and the default sampling.
+    pub tracing: crate::trace::TracingSettings,
     /// The log filter (tracing `EnvFilter` syntax, already checked).
     pub log: String,
 }
@@ -119,7 +121,8 @@ impl fmt::Display for Settings {
              reject_ambiguous_paths={} state_dir={} ca_address={} ca_identity={} \
              ca_token_file={} trust_bundle={} cert_lifetime={} admin_addr={} \
              probe_socket={} debug_address={} socket_bypass={} host_traffic={} kubelet_cgroups={} \
-             udp_to_enrolled={} cni={} repair={} repair_interval={} drain_timeout={} log={}",
+             udp_to_enrolled={} cni={} repair={} repair_interval={} drain_timeout={} tracing={} \
+             log={}",
             self.mesh.root_namespace,
             self.mesh.trust_domain,
             self.mesh.paths.normalization,
@@ -151,6 +154,7 @@ impl fmt::Display for Settings {
             value_name(self.repair),
             duration(self.repair_interval),
             duration(self.drain_timeout),
+            self.tracing,
             self.log,
         )
     }

@@ -71,6 +71,9 @@ pub struct Workload {
     pub mtls: EffectiveMtls,
     /// AuthorizationPolicies that apply to it, in the order they were read.
     pub authorization: Vec<Ref<crate::config::security::AuthorizationPolicySpec>>,
+    /// Its tracing (Telemetry), for the enrolled pods of this node.
+    #[serde(skip)]
+    pub tracing: Option<Arc<crate::trace::WorkloadTracing>>,
 }
 
 impl Workload {
@@ -247,31 +250,37 @@ impl State {
             let namespace = pod.metadata.namespace();
             let labels = &pod.metadata.labels;
             let service_account = semantics::service_account(pod).to_string();
-            workloads.insert(
+            let mut workload = Workload {
+                namespace: namespace.to_string(),
+                name: pod.metadata.name.clone(),
+                node: pod.spec.node_name.clone(),
                 ip,
-                Workload {
-                    namespace: namespace.to_string(),
-                    name: pod.metadata.name.clone(),
-                    node: pod.spec.node_name.clone(),
-                    ip,
-                    identity: mesh.spiffe_id(namespace, &service_account),
-                    service_account,
-                    labels: labels.clone(),
-                    enrolled: semantics::pod_enrolled(pod, &namespaces),
-                    ready: pod.is_ready(),
-                    mtls: semantics::effective_mtls(
-                        mesh,
-                        &resources.peer_authentications,
-                        namespace,
-                        labels,
-                    ),
-                    authorization: authorization
-                        .iter()
-                        .filter(|p| semantics::authorization_applies(mesh, p, namespace, labels))
-                        .map(|p| Ref(p.clone()))
-                        .collect(),
-                },
-            );
+                identity: mesh.spiffe_id(namespace, &service_account),
+                service_account,
+                labels: labels.clone(),
+                enrolled: semantics::pod_enrolled(pod, &namespaces),
+                ready: pod.is_ready(),
+                mtls: semantics::effective_mtls(
+                    mesh,
+                    &resources.peer_authentications,
+                    namespace,
+                    labels,
+                ),
+                authorization: authorization
+                    .iter()
+                    .filter(|p| semantics::authorization_applies(mesh, p, namespace, labels))
+                    .map(|p| Ref(p.clone()))
+                    .collect(),
+                tracing: None,
+            };
+            if workload.enrolled && workload.node.as_deref() == Some(node) {
+                workload.tracing = Some(Arc::new(crate::trace::WorkloadTracing::resolve(
+                    &resources.telemetries,
+                    &mesh.root_namespace,
+                    &workload,
+                )));
+            }
+            workloads.insert(ip, workload);
         }
 
         let mut services = HashMap::new();

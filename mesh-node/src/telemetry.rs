@@ -69,25 +69,35 @@ pub struct Peer {
     canonical_revision: String,
 }
 
+/// A workload's canonical service and revision, from the labels Istio reads them from (the
+/// workload's name and `latest` without them).
+pub fn canonical(workload: &Workload) -> (String, String) {
+    let label = |keys: &[&str]| keys.iter().find_map(|k| workload.labels.get(*k)).cloned();
+    (
+        label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or_else(|| workload_name(workload)),
+        label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .unwrap_or_else(|| "latest".into()),
+    )
+}
+
 impl Peer {
     /// A workload of the mesh (or a known pod outside it). `principal` only when the peer
     /// authenticated (mTLS, or the same-node path that knows it in-process).
     pub fn of(workload: &Workload, authenticated: bool) -> Peer {
         let label = |keys: &[&str]| keys.iter().find_map(|k| workload.labels.get(*k)).cloned();
-        let name = workload_name(workload);
+        let (canonical_service, canonical_revision) = canonical(workload);
         Peer {
-            canonical_service: label(&[
-                "service.istio.io/canonical-name",
-                "app.kubernetes.io/name",
-                "app",
-            ])
-            .unwrap_or_else(|| name.clone()),
-            canonical_revision: label(&[
-                "service.istio.io/canonical-revision",
-                "app.kubernetes.io/version",
-                "version",
-            ])
-            .unwrap_or_else(|| "latest".into()),
+            canonical_service,
+            canonical_revision,
             app: label(&["app", "app.kubernetes.io/name"]).unwrap_or_else(|| UNKNOWN.into()),
             version: label(&["version", "app.kubernetes.io/version"])
                 .unwrap_or_else(|| UNKNOWN.into()),
@@ -97,7 +107,7 @@ impl Peer {
                 UNKNOWN.into()
             },
             namespace: workload.namespace.clone(),
-            workload: name,
+            workload: workload_name(workload),
         }
     }
 
@@ -775,6 +785,7 @@ mod tests {
             ready: true,
             mtls: Default::default(),
             authorization: vec![],
+            tracing: None,
         }
     }
 

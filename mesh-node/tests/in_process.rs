@@ -161,7 +161,7 @@ impl Setup<'_> {
             pool,
             node_addresses: Arc::new(ArcSwap::from_pointee(BTreeSet::new())),
             sockets: sockets.clone(),
-            l7: Arc::new(L7::new(&mut registry, requests, &limited)),
+            l7: Arc::new(L7::new(&mut registry, requests, &limited, None)),
             revocations,
             drain: Default::default(),
         });

@@ -28,7 +28,24 @@ pub struct Mode {
     pub fail_every: Option<u64>,
     /// Every request gets this status.
     pub status: Option<u16>,
+    /// Each request is answered by a GET of this URL (from the pod, so through its node's
+    /// proxy) that carries the request's trace headers, as an application that forwards
+    /// them does; the answer is that call's status and body.
+    pub forward_to: Option<String>,
 }
+
+/// Trace context headers an application forwards (W3C, B3) and `x-request-id`.
+pub const TRACE_HEADERS: [&str; 9] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "x-request-id",
+];
 
 /// Counters of what the server saw.
 #[derive(Debug, Default)]
@@ -43,6 +60,8 @@ pub struct Seen {
     pub log: Mutex<Vec<(String, String)>>,
     /// The `x-forwarded-client-cert` values of the requests, in order (empty: none).
     pub client_certs: Mutex<Vec<String>>,
+    /// The trace headers ([`TRACE_HEADERS`]) of each request, in order.
+    pub trace_headers: Mutex<Vec<Vec<(String, String)>>>,
 }
 
 /// An HTTP server in a pod namespace; stopped on drop.
@@ -54,7 +73,7 @@ pub struct WebServer {
     /// What it saw.
     pub seen: Arc<Seen>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Result<()>>>,
 }
 
 impl WebServer {
@@ -75,7 +94,8 @@ impl WebServer {
         let seen = Arc::new(Seen::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (m, s, n) = (mode.clone(), seen.clone(), name.to_string());
-        let thread = std::thread::spawn(move || {
+        // In the pod's namespace: a forwarding server calls out from the pod.
+        let thread = ns.spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -94,6 +114,7 @@ impl WebServer {
                     }
                 }
             });
+            Ok(())
         });
         Ok(WebServer {
             name: name.to_string(),
@@ -181,6 +202,14 @@ async fn answer(
         .collect::<Vec<_>>()
         .join(" | ");
     seen.client_certs.lock().unwrap().push(client_cert);
+    let trace: Vec<(String, String)> = TRACE_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let value = req.headers().get(*name)?.to_str().ok()?;
+            Some((name.to_string(), value.to_string()))
+        })
+        .collect();
+    seen.trace_headers.lock().unwrap().push(trace.clone());
     let query = |key: &str| {
         req.uri().query().and_then(|q| {
             q.split('&')
@@ -253,6 +282,13 @@ async fn answer(
             .body(BodyExt::boxed(body))
             .unwrap();
     }
+    if let Some(url) = &mode.forward_to {
+        let (status, body) = match forward(url, &trace).await {
+            Ok(answer) => answer,
+            Err(err) => (502, Bytes::from(format!("{name}: {err:#}\n"))),
+        };
+        return builder(status).body(Full::new(body).boxed()).unwrap();
+    }
     let status = match (mode.status, mode.fail_every) {
         (Some(status), _) => status,
         (None, Some(every)) if (n - 1).is_multiple_of(every) => 503,
@@ -261,6 +297,25 @@ async fn answer(
     builder(status)
         .body(Full::new(Bytes::from(format!("{name}\n"))).boxed())
         .unwrap()
+}
+
+/// GET `url` with `headers` (HTTP/1.1, a connection of its own); the status and body.
+async fn forward(url: &str, headers: &[(String, String)]) -> Result<(u16, Bytes)> {
+    let uri: http::Uri = url.parse()?;
+    let authority = uri.authority().context("no authority")?.clone();
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = tokio::net::TcpStream::connect((authority.host(), port)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut request = Request::get(uri.path()).header("host", authority.as_str());
+    for (name, value) in headers {
+        request = request.header(name.as_str(), value.as_str());
+    }
+    let response = sender
+        .send_request(request.body(http_body_util::Empty::<Bytes>::new())?)
+        .await?;
+    let status = response.status().as_u16();
+    Ok((status, response.into_body().collect().await?.to_bytes()))
 }
 
 fn empty() -> Body {

@@ -242,7 +242,7 @@ spec:
     let api = &cluster.pod("api").netns;
     servers["web-2"].set(Mode {
         fail_every: Some(2),
-        status: None,
+        ..Mode::default()
     });
     let answers = curl_many(api, &url("/"), 600, &[]).unwrap();
     let failed = answers.iter().filter(|a| a.status != 200).count();
@@ -350,8 +350,8 @@ spec:
     let (cluster, servers) = start(config);
     let api = &cluster.pod("api").netns;
     servers["web-2"].set(Mode {
-        fail_every: None,
         status: Some(500),
+        ..Mode::default()
     });
     let started = Instant::now();
     let answers = curl_many(api, &url("/"), 60, &[]).unwrap();
@@ -386,8 +386,8 @@ spec:
 
     // maxEjectionPercent 50 of three endpoints: one may be out, never two.
     servers["web-3"].set(Mode {
-        fail_every: None,
         status: Some(500),
+        ..Mode::default()
     });
     let failing_before = servers["web-2"].requests() + servers["web-3"].requests();
     let _ = curl_many(api, &url("/"), 90, &[]).unwrap();
@@ -893,8 +893,8 @@ spec:
     );
     let (cluster, servers) = start(&config);
     servers["web-3"].set(Mode {
-        fail_every: None,
         status: Some(500),
+        ..Mode::default()
     });
     let node_a = &cluster.node("node-a").netns;
     let node_b = cluster.node("node-b").underlay;

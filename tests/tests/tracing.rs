@@ -1,14 +1,26 @@
-//! Distributed tracing (issue 24, in progress): what the proxy's span exporter sends is read
-//! by a real OTLP receiver built on the official `opentelemetry-proto` package; a collector
-//! that refuses costs spans, counted, never a wait.
+//! Distributed tracing: what the proxy's span exporter sends is read by a real OTLP receiver
+//! built on the official `opentelemetry-proto` package; a collector that refuses costs spans,
+//! counted, never a wait. End to end (root): a request through two hops (a client, an app
+//! that forwards the trace headers, an app on the other node) is one trace of four spans with
+//! the right parent links, in W3C and B3 alike; sampling follows the Telemetry resources.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant, SystemTime},
+};
 
 use mesh_node::trace::{
     context::{extract, SpanContext},
     export::{ExportMetrics, Exporter, Kind, Span, Value},
 };
-use mesh_tests::otlp::{Behaviour, Receiver};
+use mesh_tests::{
+    cluster::Cluster,
+    fixtures::TWO_NODES,
+    otlp::{Behaviour, Receiver},
+    require_root,
+    web::{curl_many, get, Mode, WebServer},
+};
+use serde_json::Value as Json;
 
 fn span(context: SpanContext, kind: Kind, service: &str) -> Span {
     Span {
@@ -117,4 +129,429 @@ fn a_real_otlp_receiver_decodes_the_exported_spans_with_their_links() {
     assert!(refusing.spans().is_empty());
     assert_eq!(metrics.dropped("export_failed"), 100);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// TWO_NODES with a2 as app `front` and b1 as app `back`, each behind an HTTP Service.
+fn chain_fixture(extra: &str) -> String {
+    let pods = TWO_NODES
+        .replace(
+            "metadata: {name: a2, namespace: mesh, labels: {app: web}}",
+            "metadata: {name: a2, namespace: mesh, labels: {app: front}}",
+        )
+        .replace(
+            "metadata: {name: b1, namespace: mesh, labels: {app: web}}",
+            "metadata: {name: b1, namespace: mesh, labels: {app: back, version: v2}}",
+        );
+    format!(
+        "{pods}{}{extra}",
+        r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: front, namespace: mesh}
+spec:
+  clusterIP: 100.66.0.21
+  selector: {app: front}
+  ports: [{name: http, port: 80, targetPort: 8081}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: back, namespace: mesh}
+spec:
+  clusterIP: 100.66.0.22
+  selector: {app: back}
+  ports: [{name: http, port: 80, targetPort: 8081}]
+"#
+    )
+}
+
+const FRONT: &str = "http://100.66.0.21/";
+const BACK: &str = "http://100.66.0.22/";
+
+/// A two-node cluster whose proxies export spans to a receiver on each node's loopback; the
+/// app `front` (a2) answers each request by calling `back` (b1) with the trace headers.
+struct Chain {
+    cluster: Cluster,
+    receivers: Vec<Receiver>,
+    front: WebServer,
+    back: WebServer,
+}
+
+impl Chain {
+    fn start(extra: &str) -> Chain {
+        let mut cluster = Cluster::new(&chain_fixture(extra)).unwrap();
+        cluster.run_args = vec![
+            "--tracing-provider".into(),
+            "otel=http://127.0.0.1:4318".into(),
+        ];
+        let receivers = ["node-a", "node-b"]
+            .iter()
+            .map(|node| {
+                let dir = cluster.dir().join(format!("otlp-{node}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                Receiver::start(
+                    Some(&cluster.node(node).netns),
+                    "127.0.0.1:4318".parse().unwrap(),
+                    &dir,
+                    Behaviour::OK,
+                )
+                .unwrap()
+            })
+            .collect();
+        cluster.start_mesh_everywhere().unwrap();
+        let front = WebServer::start(&cluster.pod("a2").netns, 8081, "a2").unwrap();
+        front.set(Mode {
+            forward_to: Some(BACK.into()),
+            ..Mode::default()
+        });
+        let back = WebServer::start(&cluster.pod("b1").netns, 8081, "b1").unwrap();
+        Chain {
+            cluster,
+            receivers,
+            front,
+            back,
+        }
+    }
+
+    /// Every span received from both nodes.
+    fn spans(&self) -> Vec<Json> {
+        self.receivers.iter().flat_map(Receiver::spans).collect()
+    }
+
+    /// Waits until `count` spans of `trace` arrived (and a moment for any more).
+    fn trace(&self, trace: &str, count: usize) -> Vec<Json> {
+        let of_trace = || -> Vec<Json> {
+            self.spans()
+                .into_iter()
+                .filter(|s| s["trace_id"] == trace)
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while of_trace().len() < count && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        of_trace()
+    }
+}
+
+/// The span of `trace` of `kind` whose service is `service`.
+fn find<'s>(spans: &'s [Json], kind: &str, service: &str) -> &'s Json {
+    spans
+        .iter()
+        .find(|s| s["kind"] == kind && s["service"] == service)
+        .unwrap_or_else(|| panic!("no {kind} span of {service} in {spans:#?}"))
+}
+
+/// The trace headers a pod's request carried, as a map.
+fn headers_seen(server: &WebServer, index: usize) -> BTreeMap<String, String> {
+    server.seen.trace_headers.lock().unwrap()[index]
+        .iter()
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn a_request_through_two_hops_is_one_trace_of_four_spans() {
+    require_root!();
+    let chain = Chain::start("");
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    let (status, pod, _) = get(
+        &chain.cluster.pod("a1").netns,
+        FRONT,
+        &["-H", &format!("traceparent: 00-{trace}-{caller}-01")],
+    )
+    .unwrap();
+    if status != 200 {
+        let body = chain
+            .cluster
+            .pod("a1")
+            .netns
+            .exec("curl", &["-sS", FRONT])
+            .unwrap_or_default();
+        panic!(
+            "{status} from {pod}: {body}\n{}",
+            chain.cluster.mesh_log("node-a")
+        );
+    }
+    assert_eq!(pod, "a2");
+    assert_eq!(chain.back.requests(), 1);
+
+    let spans = chain.trace(trace, 4);
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    // Hop 1: a1 -> front (a2, same node: node-a's proxy makes both spans).
+    let client1 = find(&spans, "SPAN_KIND_CLIENT", "client.mesh");
+    let server1 = find(&spans, "SPAN_KIND_SERVER", "front.mesh");
+    // Hop 2: a2 -> back (b1, node-b: node-a makes the client span, node-b the server span).
+    let client2 = find(&spans, "SPAN_KIND_CLIENT", "front.mesh");
+    let server2 = find(&spans, "SPAN_KIND_SERVER", "back.mesh");
+    assert_eq!(client1["parent_span_id"], caller, "the caller's span");
+    assert_eq!(server1["parent_span_id"], client1["span_id"]);
+    assert_eq!(client2["parent_span_id"], server1["span_id"]);
+    assert_eq!(server2["parent_span_id"], client2["span_id"]);
+    // Each app got the request with the span of its own node's server side as the parent.
+    let parent_of = |headers: &BTreeMap<String, String>| {
+        let traceparent = &headers["traceparent"];
+        assert!(
+            traceparent.starts_with(&format!("00-{trace}-")),
+            "{traceparent}"
+        );
+        assert!(traceparent.ends_with("-01"), "{traceparent}");
+        traceparent[36..52].to_string()
+    };
+    assert_eq!(
+        parent_of(&headers_seen(&chain.front, 0)),
+        server1["span_id"]
+    );
+    assert_eq!(parent_of(&headers_seen(&chain.back, 0)), server2["span_id"]);
+
+    // Attributes as Istio's proxies set them.
+    let attrs = |span: &Json, key: &str| span["attributes"][key].clone();
+    for span in [client1, server1, client2, server2] {
+        assert_eq!(attrs(span, "http.method"), "GET");
+        assert_eq!(attrs(span, "http.status_code"), 200);
+        assert_eq!(attrs(span, "response_flags"), "-");
+        assert_eq!(attrs(span, "istio.namespace"), "mesh");
+        assert_eq!(attrs(span, "http.protocol"), "HTTP/1.1");
+        assert_eq!(attrs(span, "component"), "proxy");
+        assert_eq!(attrs(span, "request_size"), 0);
+        assert!(attrs(span, "guid:x-request-id").is_string(), "{span:#}");
+        assert!(span["end_ns"].as_u64() >= span["start_ns"].as_u64());
+    }
+    assert_eq!(attrs(client1, "http.url"), "http://100.66.0.21/");
+    assert_eq!(
+        attrs(client1, "upstream_cluster"),
+        "outbound|80||front.mesh.svc.cluster.local"
+    );
+    assert_eq!(attrs(client1, "peer.address"), "100.65.0.3:8081");
+    assert_eq!(attrs(client1, "istio.canonical_service"), "client");
+    assert_eq!(attrs(client1, "istio.peer.canonical_service"), "front");
+    assert_eq!(client1["name"], "front.mesh.svc.cluster.local:80/*");
+    assert_eq!(attrs(server1, "upstream_cluster"), "inbound|8081||");
+    assert_eq!(attrs(server1, "istio.peer.canonical_service"), "client");
+    assert_eq!(attrs(server2, "istio.canonical_service"), "back");
+    assert_eq!(attrs(server2, "istio.canonical_revision"), "v2");
+    assert_eq!(attrs(server2, "istio.peer.canonical_service"), "front");
+    assert_eq!(attrs(server2, "istio.peer.namespace"), "mesh");
+    assert_eq!(
+        attrs(server2, "peer.address")
+            .as_str()
+            .map(|a| a.starts_with("100.65.0.3:")),
+        Some(true)
+    );
+    assert!(
+        attrs(client2, "response_size").as_i64() > Some(0),
+        "{client2:#}"
+    );
+    // The request id is the one the first proxy made, all along the chain.
+    let id = attrs(client1, "guid:x-request-id");
+    assert!(spans
+        .iter()
+        .all(|s| s["attributes"]["guid:x-request-id"] == id));
+
+    // The access-log lines carry the trace and each proxy's span.
+    for (node, span) in [
+        ("node-a", client1),
+        ("node-a", client2),
+        ("node-b", server2),
+    ] {
+        let log = chain.cluster.mesh_log(node);
+        let line = format!(r#""trace_id":"{trace}","span_id":{}"#, span["span_id"]);
+        assert!(
+            log.contains(&line),
+            "no access-log line with {line} on {node}: {log}"
+        );
+    }
+}
+
+#[test]
+fn b3_in_multi_and_single_headers_comes_out_in_the_same_format_and_trace() {
+    require_root!();
+    let chain = Chain::start("");
+    let a1 = &chain.cluster.pod("a1").netns;
+    let trace = "80f198ee56343ba864fe8b2a57d3eff7";
+    let caller = "e457b5a2e4d86bd1";
+
+    // Multi-header B3.
+    let (status, _, _) = get(
+        a1,
+        FRONT,
+        &[
+            "-H",
+            &format!("x-b3-traceid: {trace}"),
+            "-H",
+            &format!("x-b3-spanid: {caller}"),
+            "-H",
+            "x-b3-sampled: 1",
+        ],
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    let spans = chain.trace(trace, 4);
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let client1 = find(&spans, "SPAN_KIND_CLIENT", "client.mesh");
+    let server1 = find(&spans, "SPAN_KIND_SERVER", "front.mesh");
+    let server2 = find(&spans, "SPAN_KIND_SERVER", "back.mesh");
+    assert_eq!(client1["parent_span_id"], caller);
+    for (server, index, span) in [(&chain.front, 0, server1), (&chain.back, 0, server2)] {
+        let seen = headers_seen(server, index);
+        assert!(!seen.contains_key("traceparent"), "{seen:?}");
+        assert!(!seen.contains_key("b3"), "{seen:?}");
+        assert_eq!(seen["x-b3-traceid"], trace);
+        assert_eq!(seen["x-b3-spanid"], span["span_id"].as_str().unwrap());
+        assert_eq!(
+            seen["x-b3-parentspanid"],
+            span["parent_span_id"].as_str().unwrap()
+        );
+        assert_eq!(seen["x-b3-sampled"], "1");
+    }
+
+    // Single `b3`.
+    let trace = "463ac35c9f6413ad48485a3953bb6124";
+    let (status, _, _) = get(a1, FRONT, &["-H", &format!("b3: {trace}-{caller}-1")]).unwrap();
+    assert_eq!(status, 200);
+    let spans = chain.trace(trace, 4);
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let server1 = find(&spans, "SPAN_KIND_SERVER", "front.mesh");
+    let server2 = find(&spans, "SPAN_KIND_SERVER", "back.mesh");
+    for (server, span) in [(&chain.front, server1), (&chain.back, server2)] {
+        let seen = headers_seen(server, 1);
+        assert!(!seen.contains_key("traceparent") && !seen.contains_key("x-b3-traceid"));
+        assert_eq!(
+            seen["b3"],
+            format!(
+                "{trace}-{}-1-{}",
+                span["span_id"].as_str().unwrap(),
+                span["parent_span_id"].as_str().unwrap()
+            )
+        );
+    }
+}
+
+/// Telemetry resources for the sampling test.
+fn telemetry(namespace: &str, name: &str, selector: Option<&str>, percentage: u32) -> String {
+    let selector = selector.map_or(String::new(), |app| {
+        format!("\n  selector: {{matchLabels: {{app: {app}}}}}")
+    });
+    format!(
+        r#"
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:{selector}
+  tracing: [{{providers: [{{name: otel}}], randomSamplingPercentage: {percentage}}}]
+"#
+    )
+}
+
+#[test]
+fn sampling_follows_the_telemetry_resources_and_the_callers_decision() {
+    require_root!();
+    let chain = Chain::start(&telemetry("istio-system", "mesh-default", None, 0));
+    let a1 = &chain.cluster.pod("a1").netns;
+    // Traces started at a1 (its client spans) so far, and their server spans on node-b.
+    // Requests traced so far: a1's client spans, each with its server span on node-b (the
+    // client span is the server span's parent).
+    let traced = |chain: &Chain| {
+        std::thread::sleep(Duration::from_millis(1200));
+        let spans = chain.spans();
+        let of = |kind: &str, service: &str, link: &str| -> Vec<String> {
+            let mut ids: Vec<String> = spans
+                .iter()
+                .filter(|s| s["kind"] == kind && s["service"] == service)
+                .map(|s| format!("{}/{}", s["trace_id"], s[link]))
+                .collect();
+            ids.sort();
+            ids
+        };
+        let clients = of("SPAN_KIND_CLIENT", "client.mesh", "span_id");
+        let servers = of("SPAN_KIND_SERVER", "back.mesh", "parent_span_id");
+        assert_eq!(clients, servers, "each traced request has both spans");
+        clients.len()
+    };
+    let requests = |count: usize, extra: &[&str]| {
+        let answers = curl_many(a1, BACK, count, extra).unwrap();
+        assert!(answers.iter().all(|a| a.status == 200));
+    };
+    let generation = std::cell::Cell::new(
+        chain.cluster.debug_state("node-a").unwrap()["generation"]
+            .as_u64()
+            .unwrap(),
+    );
+    let apply = |extra: String| {
+        chain.cluster.write_config(&chain_fixture(&extra)).unwrap();
+        generation.set(generation.get() + 1);
+        chain.cluster.wait_generation(generation.get());
+    };
+
+    // 0%: nothing.
+    requests(200, &[]);
+    assert_eq!(traced(&chain), 0, "0% sampled something");
+    // The caller's decision wins: sampled in, traced at 0%.
+    requests(
+        50,
+        &[
+            "-H",
+            "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ],
+    );
+    assert_eq!(
+        traced(&chain),
+        50,
+        "an incoming sampled flag was not honoured"
+    );
+
+    // 100%: every request; an incoming "not sampled" still wins.
+    apply(telemetry("istio-system", "mesh-default", None, 100));
+    let before = traced(&chain);
+    requests(200, &[]);
+    assert_eq!(traced(&chain) - before, 200);
+    requests(
+        50,
+        &[
+            "-H",
+            "traceparent: 00-1af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+        ],
+    );
+    assert_eq!(
+        traced(&chain) - before,
+        200,
+        "an incoming unsampled flag was not honoured"
+    );
+
+    // 10%: 10 +- 3% of 2,000.
+    apply(telemetry("istio-system", "mesh-default", None, 10));
+    let before = traced(&chain);
+    requests(2000, &[]);
+    let sampled = traced(&chain) - before;
+    eprintln!("10%: {sampled} of 2000 requests traced");
+    assert!((140..=260).contains(&sampled), "{sampled} of 2000 at 10%");
+
+    // A namespace's Telemetry over the mesh's, a workload's over the namespace's.
+    apply(format!(
+        "{}{}",
+        telemetry("istio-system", "mesh-default", None, 100),
+        telemetry("mesh", "namespace", None, 0)
+    ));
+    let before = traced(&chain);
+    requests(100, &[]);
+    assert_eq!(
+        traced(&chain) - before,
+        0,
+        "the namespace's 0% did not apply"
+    );
+    apply(format!(
+        "{}{}{}",
+        telemetry("istio-system", "mesh-default", None, 0),
+        telemetry("mesh", "namespace", None, 0),
+        telemetry("mesh", "clients", Some("client"), 100)
+    ));
+    requests(100, &[]);
+    assert_eq!(
+        traced(&chain) - before,
+        100,
+        "the workload's 100% did not override its namespace's 0%"
+    );
 }

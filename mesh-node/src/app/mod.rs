@@ -184,7 +184,13 @@ async fn serve(
     let gate_metrics = cni::GateMetrics::register(&mut registry);
     let request_metrics = telemetry::RequestMetrics::register(&mut registry, series_cap);
     let upgrade_metrics = UpgradeMetrics::register(&mut registry);
-    let l7 = Arc::new(http::L7::new(&mut registry, request_metrics, &limited));
+    let tracer = crate::trace::Tracer::start(&settings.tracing, &mut registry);
+    let l7 = Arc::new(http::L7::new(
+        &mut registry,
+        request_metrics,
+        &limited,
+        tracer,
+    ));
     telemetry::start_access_log(&mut registry).context("starting the access-log writer")?;
     // Certificates for every local identity before the node is taken (from a predecessor,
     // which keeps serving meanwhile).

@@ -36,6 +36,7 @@ use crate::{
     plan::ipv4,
     state::Workload,
     telemetry::{Peer, Report},
+    trace::export::Kind,
     transport,
 };
 
@@ -156,14 +157,28 @@ async fn handle(
         mtls: conn.mtls,
     }
     .service(service);
-    let finish = |log: RequestLog| {
-        Finish::new(
+    // The server span: the pod gets the request with it as the parent.
+    let mut span = ctx.l7.tracer.as_ref().and_then(|tracer| {
+        tracer.begin(
+            destination,
+            Kind::Server,
+            req.headers_mut(),
+            conn.target.port(),
+        )
+    });
+    let mut finish = |log: RequestLog| {
+        let mut finish = Finish::new(
             ctx.l7.metrics.clone(),
             vec![report.clone()],
             log,
             started,
             request_bytes.clone(),
-        )
+        );
+        finish.trace(span.take().map(|mut span| {
+            span.peer(source);
+            span
+        }));
+        finish
     };
     // A path no mode serves, or one servers could read as another where policy matches
     // paths: 400 before the policy decides on it.

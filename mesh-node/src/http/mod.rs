@@ -60,15 +60,18 @@ pub struct L7 {
     pub inbound: Arc<server::Gate>,
     /// Mirrored requests skipped because too many were in flight.
     pub mirrors_skipped: prometheus_client::metrics::counter::Counter,
+    /// Spans of requests; `None`: tracing is off.
+    pub tracer: Option<crate::trace::Tracer>,
 }
 
 impl L7 {
-    /// L7 state recording requests in `metrics` and limited connections in `limited`;
-    /// registers `mesh_mirror_skipped_total`.
+    /// L7 state recording requests in `metrics`, limited connections in `limited` and spans
+    /// with `tracer`; registers `mesh_mirror_skipped_total`.
     pub fn new(
         registry: &mut prometheus_client::registry::Registry,
         metrics: RequestMetrics,
         limited: &server::ServerMetrics,
+        tracer: Option<crate::trace::Tracer>,
     ) -> L7 {
         let l7 = L7 {
             clusters: Arc::default(),
@@ -76,6 +79,7 @@ impl L7 {
             outbound: server::Gate::new("outbound", server::Limits::L7, limited.clone()),
             inbound: server::Gate::new("inbound", server::Limits::L7, limited.clone()),
             mirrors_skipped: Default::default(),
+            tracer,
         };
         registry.register(
             "mesh_mirror_skipped",
@@ -332,6 +336,12 @@ pub struct RequestLog {
     /// The deciding AuthorizationPolicy (destination side).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authorization: Option<String>,
+    /// The trace this request is part of (when traced: a `--tracing-provider` is set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// This proxy's span of the request (the client span on the source side).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
 }
 
 /// Records a request (metrics and access log) when its response ends.
@@ -342,6 +352,7 @@ pub struct Finish {
     started: Instant,
     request_bytes: Arc<std::sync::atomic::AtomicU64>,
     cluster_slot: Option<Slot>,
+    spans: Vec<crate::trace::Pending>,
 }
 
 /// Releases a request slot of a destination when the response ends.
@@ -400,7 +411,19 @@ impl Finish {
             started,
             request_bytes,
             cluster_slot: None,
+            spans: Vec::new(),
         }
+    }
+
+    /// Reports `span` too when the response ends; the access-log line carries the ids of
+    /// the first span given.
+    pub fn trace(&mut self, span: Option<crate::trace::Pending>) {
+        let Some(span) = span else { return };
+        if self.log.trace_id.is_none() {
+            self.log.trace_id = Some(span.context().trace_hex());
+            self.log.span_id = Some(span.context().span_hex());
+        }
+        self.spans.push(span);
     }
 
     /// Holds `slot` until the response ends.
@@ -434,8 +457,45 @@ impl Finish {
         let denied = self.log.response_code == 403
             && self.log.authorization.is_some()
             && self.log.error.is_some();
+        for span in std::mem::take(&mut self.spans) {
+            let outcome = span_outcome(&self.log, &span, self.log.response_code);
+            span.finish(outcome);
+        }
         crate::telemetry::access_log_line(&self.log, denied);
         drop(self.cluster_slot.take());
+    }
+}
+
+/// What `span`'s request came to, from its record (`status`: the answer of the hop the span
+/// records).
+pub fn span_outcome<'l>(
+    log: &'l RequestLog,
+    span: &crate::trace::Pending,
+    status: u16,
+) -> crate::trace::Outcome<'l> {
+    use crate::trace::export::Kind;
+    let host = log.destination_service.as_deref().unwrap_or(&log.authority);
+    let port = span.port();
+    let (cluster, peer_address) = match span.kind() {
+        Kind::Client => (
+            format!(
+                "outbound|{port}|{}|{host}",
+                log.subset.as_deref().unwrap_or("")
+            ),
+            log.upstream.clone().unwrap_or_default(),
+        ),
+        Kind::Server => (format!("inbound|{port}||"), log.client.clone()),
+    };
+    crate::trace::Outcome {
+        method: &log.method,
+        url: format!("http://{}{}", log.authority, log.path),
+        protocol: log.version,
+        status,
+        flags: log.response_flags.to_string(),
+        cluster,
+        peer_address,
+        sizes: (log.request_bytes, log.response_bytes),
+        name: format!("{host}:{port}/*"),
     }
 }
 

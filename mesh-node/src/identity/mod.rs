@@ -551,6 +551,7 @@ mod tests {
             ready: true,
             mtls: Default::default(),
             authorization: vec![],
+            tracing: None,
         }
     }
 

@@ -83,7 +83,7 @@ pub struct Span {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabels {
-    /// `queue_full`, `export_failed`.
+    /// `queue_full`, `export_failed`, `unknown_provider`.
     reason: &'static str,
 }
 
@@ -106,7 +106,8 @@ impl ExportMetrics {
         registry.register(
             "mesh_trace_spans_dropped",
             "Spans lost, by reason (queue_full: the collector cannot keep up; export_failed: \
-             the collector refused, failed or did not answer in time)",
+             the collector refused, failed or did not answer in time; unknown_provider: a \
+             Telemetry names a provider no --tracing-provider defines)",
             metrics.dropped.clone(),
         );
         metrics
@@ -122,7 +123,8 @@ impl ExportMetrics {
         self.dropped.get_or_create(&DropLabels { reason }).get()
     }
 
-    fn drop(&self, reason: &'static str, spans: usize) {
+    /// Counts `spans` lost for `reason`.
+    pub(crate) fn lost(&self, reason: &'static str, spans: usize) {
         self.dropped
             .get_or_create(&DropLabels { reason })
             .inc_by(spans as u64);
@@ -147,7 +149,7 @@ impl Exporter {
     /// Hands `span` to the exporter; never waits (a full queue drops it, counted).
     pub fn send(&self, span: Span) {
         if self.queue.try_send(span).is_err() {
-            self.metrics.drop("queue_full", 1);
+            self.metrics.lost("queue_full", 1);
         }
     }
 }
@@ -170,11 +172,11 @@ async fn export(endpoint: http::Uri, mut spans: mpsc::Receiver<Span>, metrics: E
                 metrics.exported.inc_by(count as u64);
             }
             Ok(Err(err)) => {
-                metrics.drop("export_failed", count);
+                metrics.lost("export_failed", count);
                 tracing::debug!(%endpoint, count, "span export failed: {err}");
             }
             Err(_) => {
-                metrics.drop("export_failed", count);
+                metrics.lost("export_failed", count);
                 tracing::debug!(%endpoint, count, "span export timed out");
             }
         }

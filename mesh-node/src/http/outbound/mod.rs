@@ -50,6 +50,7 @@ use crate::{
     plan::{Refusal, TcpRoutes},
     state::{ServiceTarget, State, Workload},
     telemetry::{Peer, Report},
+    trace::{export::Kind, Pending},
 };
 
 pub use self::destination::Routes;
@@ -104,9 +105,20 @@ struct Call<'s> {
     service: Option<&'s ServiceTarget>,
     destination: Option<&'s Workload>,
     slot: Option<Slot>,
+    /// The client span, and the server span of the answering attempt when the endpoint is
+    /// a pod of this node.
+    spans: Vec<Pending>,
 }
 
 impl Call<'_> {
+    /// Reports the server span of an attempt that is retried (a pod of this node answered
+    /// `status`).
+    fn end_attempt(&self, mut span: Pending, status: u16) {
+        span.peer(self.source);
+        let outcome = super::span_outcome(&self.log, &span, status);
+        span.finish(outcome);
+    }
+
     fn answer(
         mut self,
         response: Response<RespBody>,
@@ -130,6 +142,13 @@ impl Call<'_> {
         if let Some(slot) = self.slot.take() {
             finish.hold(slot);
         }
+        for mut span in self.spans.drain(..) {
+            span.peer(match span.kind() {
+                Kind::Client => self.destination,
+                Kind::Server => self.source,
+            });
+            finish.trace(Some(span));
+        }
         Observed::wrap(response, finish)
     }
 }
@@ -146,6 +165,21 @@ async fn handle(
     let upgrade = super::is_upgrade(req.headers()) && req.version() != http::Version::HTTP_2;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key("x-request-id") {
+        let id = format!("{:032x}", fastrand::u128(..));
+        if let Ok(value) = HeaderValue::from_str(&id) {
+            parts.headers.insert("x-request-id", value);
+        }
+    }
+    // The client span: the request goes on with it as the parent.
+    let span = ctx
+        .l7
+        .tracer
+        .as_ref()
+        .zip(source)
+        .and_then(|(tracer, source)| {
+            tracer.begin(source, Kind::Client, &mut parts.headers, conn.vip.port())
+        });
     let authority = super::authority_of(&parts.uri, &parts.headers).to_string();
     let mut call = Call {
         metrics: ctx.l7.metrics.clone(),
@@ -176,6 +210,7 @@ async fn handle(
         service: None,
         destination: None,
         slot: None,
+        spans: span.into_iter().collect(),
     };
     if let Some(malformed) = malformed {
         let response = local_response(StatusCode::BAD_REQUEST, "malformed path");
@@ -310,12 +345,6 @@ async fn handle(
             &mut authority,
         );
     }
-    if !parts.headers.contains_key("x-request-id") {
-        let id = format!("{:032x}", fastrand::u128(..));
-        if let Ok(value) = HeaderValue::from_str(&id) {
-            parts.headers.insert("x-request-id", value);
-        }
-    }
     strip_hop_by_hop(&mut parts.headers, upgrade);
     let declared_h2 = matches!(target.protocol, Protocol::Http2 | Protocol::Grpc);
     let h2 = !upgrade
@@ -356,6 +385,8 @@ async fn handle(
     let mut last: Option<(Response<RespBody>, ResponseFlag, Option<String>)> = None;
     let mut attempts = 0u32;
     let mut retrying = None::<RetryGuard>;
+    // The server span of the attempt in flight, when its endpoint is a pod of this node.
+    let mut attempt_span = None::<Pending>;
     let result = loop {
         if attempts > 0 {
             // A retry: within maxRetries, after a jittered back-off.
@@ -373,6 +404,9 @@ async fn handle(
                 .saturating_mul(1 << (attempts - 1).min(4))
                 .min(retry.backoff * 10);
             tokio::time::sleep(ceiling.mul_f64(fastrand::f64())).await;
+        }
+        if let (Some(span), Some((response, ..))) = (attempt_span.take(), &last) {
+            call.end_attempt(span, response.status().as_u16());
         }
         attempts += 1;
         let Some(endpoint) = cluster.pick(&view, &tried, hash, None) else {
@@ -407,13 +441,20 @@ async fn handle(
         // node proxies, the DestinationRule may upgrade to HTTP/2.
         let hbone = via_hbone(&state, source, destination);
         let hop_h2 = if hbone { h2 } else { declared_h2 && !upgrade };
-        let Some(request) = upstream_request(&parts, this_body, hop_h2, &authority) else {
+        let Some(mut request) = upstream_request(&parts, this_body, hop_h2, &authority) else {
             break (
                 local_response(StatusCode::BAD_REQUEST, "invalid request target"),
                 ResponseFlag::None,
                 Some(format!("cannot forward {} to {authority}", parts.uri)),
             );
         };
+        // A pod of this node: its server span too, as its node's inbound side makes it.
+        attempt_span = destination
+            .filter(|d| d.enrolled && state.is_local(d))
+            .zip(ctx.l7.tracer.as_ref())
+            .and_then(|(d, tracer)| {
+                tracer.begin(d, Kind::Server, request.headers_mut(), endpoint.port())
+            });
         let sent = send(
             ctx,
             &state,
@@ -551,6 +592,7 @@ async fn handle(
         }
     };
     drop(retrying);
+    call.spans.extend(attempt_span);
     call.log.attempts = attempts;
     let (mut response, flag, error) = result;
     apply_header_ops(
