@@ -555,3 +555,75 @@ fn sampling_follows_the_telemetry_resources_and_the_callers_decision() {
         "the workload's 100% did not override its namespace's 0%"
     );
 }
+
+/// Fixed-rate load from a1 to `back` (the other node) for `seconds`; panics on any failure.
+fn load(chain: &Chain, seconds: u64) -> u64 {
+    let report = mesh_tests::load::mesh_load_in(
+        chain.cluster.pod("a1").netns.name(),
+        &[
+            "http://100.66.0.22:80/",
+            "--rate",
+            "1000",
+            "--connections",
+            "4",
+            "--seconds",
+            &seconds.to_string(),
+            "--body",
+            "0",
+        ],
+    )
+    .unwrap();
+    let failed = report["errors"].as_u64().unwrap_or(1) + report["non_2xx"].as_u64().unwrap_or(1);
+    let requests = report["requests"].as_u64().unwrap_or(0);
+    assert_eq!(failed, 0, "{report}");
+    assert!(requests >= 800 * seconds, "{report}");
+    requests
+}
+
+#[test]
+fn a_collector_that_is_down_or_slow_costs_spans_never_requests() {
+    require_root!();
+    let mut chain = Chain::start(&telemetry("istio-system", "mesh-default", None, 100));
+    let dropped = |chain: &Chain, reason: &str| {
+        chain
+            .cluster
+            .metric_sum(
+                "node-a",
+                "mesh_trace_spans_dropped_total",
+                &[("reason", reason)],
+            )
+            .unwrap()
+    };
+    // Down: every export fails; the requests do not notice.
+    chain.receivers.clear();
+    let requests = load(&chain, 3);
+    std::thread::sleep(Duration::from_millis(1500));
+    let failed = dropped(&chain, "export_failed");
+    assert_eq!(
+        failed, requests,
+        "each of node-a's client spans is counted lost"
+    );
+
+    // Slow: each export waits for its timeout while the queue fills; what does not fit is
+    // dropped and counted, and the requests do not notice.
+    let dir = chain.cluster.dir().join("otlp-slow");
+    std::fs::create_dir_all(&dir).unwrap();
+    chain.receivers.push(
+        Receiver::start(
+            Some(&chain.cluster.node("node-a").netns),
+            "127.0.0.1:4318".parse().unwrap(),
+            &dir,
+            Behaviour {
+                status: 200,
+                delay: 30.0,
+            },
+        )
+        .unwrap(),
+    );
+    let requests = load(&chain, 12);
+    let full = dropped(&chain, "queue_full");
+    assert!(
+        full > 0 && full < requests,
+        "{full} of {requests} spans dropped for a full queue"
+    );
+}

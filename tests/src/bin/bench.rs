@@ -21,6 +21,7 @@ use mesh_tests::{
     fixtures::BENCH,
     load::mesh_load_in,
     netns::sh,
+    otlp::{Behaviour, Receiver},
     web::WebServer,
     ztunnel::Ztunnel,
 };
@@ -190,6 +191,10 @@ fn main() -> Result<()> {
             "idle_connections": held,
         });
     }
+    // Tracing (every request sampled) with a collector that works, one that is down and one
+    // that is slow, in a cluster of its own: latency at 1,000 req/s against the L7 rows
+    // (no tracing), and what the exporters counted.
+    let tracing = trace_cells(&mut bench)?;
     let (mut cluster, servers) = topology()?;
     cluster.start_mesh_everywhere()?;
     // Idle: started, configured, nothing proxied yet.
@@ -227,6 +232,7 @@ fn main() -> Result<()> {
         "after_loads_kib": after_loads,
         "idle_connections": held,
         "bypass": bypass,
+        "tracing": tracing,
         "peer": peer,
         "runs": runs,
     });
@@ -252,6 +258,89 @@ fn main() -> Result<()> {
         args.out.join(format!("{name}-latest.json")).display()
     );
     Ok(())
+}
+
+/// The tracing modes, the collector in each, and its answer delay (`None`: not running).
+const TRACED: [(&str, &str, Option<f64>); 3] = [
+    ("L7 traced", "answering", Some(0.0)),
+    ("L7 traced, collector down", "down", None),
+    ("L7 traced, collector slow", "slow (10 s)", Some(10.0)),
+];
+
+/// The L7 fixed-rate loads with tracing at 100% (`--trace-sampling 100`), exporting to an
+/// OTLP receiver on each node's loopback: answering at once, absent, answering after 10 s
+/// (past the exporter's timeout). Returns the spans each node's exporter counted per mode.
+fn trace_cells(bench: &mut Bench) -> Result<Value> {
+    let (mut cluster, _servers) = topology()?;
+    cluster.run_args = vec![
+        "--tracing-provider".into(),
+        "otel=http://127.0.0.1:4318".into(),
+        "--trace-sampling".into(),
+        "100".into(),
+    ];
+    cluster.start_mesh_everywhere()?;
+    bench.proxies = vec![cluster.mesh_pid("node-a")?, cluster.mesh_pid("node-b")?];
+    let counters = |cluster: &Cluster| -> Result<Value> {
+        let mut nodes = serde_json::Map::new();
+        for node in ["node-a", "node-b"] {
+            let sum =
+                |metric: &str, labels: &[(&str, &str)]| cluster.metric_sum(node, metric, labels);
+            nodes.insert(
+                node.into(),
+                json!({
+                    "exported": sum("mesh_trace_spans_exported_total", &[])?,
+                    "export_failed": sum("mesh_trace_spans_dropped_total", &[("reason", "export_failed")])?,
+                    "queue_full": sum("mesh_trace_spans_dropped_total", &[("reason", "queue_full")])?,
+                }),
+            );
+        }
+        Ok(Value::Object(nodes))
+    };
+    let mut counted = serde_json::Map::new();
+    for (mode, _, delay) in TRACED {
+        let receivers = match delay {
+            Some(delay) => ["node-a", "node-b"]
+                .iter()
+                .map(|node| {
+                    let dir = cluster.dir().join(format!("otlp-{node}-{delay}"));
+                    std::fs::create_dir_all(&dir)?;
+                    Receiver::start(
+                        Some(&cluster.node(node).netns),
+                        "127.0.0.1:4318".parse()?,
+                        &dir,
+                        Behaviour { status: 200, delay },
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        let before = counters(&cluster)?;
+        for (path, vip) in PATHS {
+            bench.cell_loads(
+                &cluster,
+                path,
+                mode,
+                &format!("http://{vip}:80"),
+                &["fixed"],
+            )?;
+        }
+        // The last batch goes out after its linger time.
+        std::thread::sleep(Duration::from_secs(1));
+        let after = counters(&cluster)?;
+        let mut delta = serde_json::Map::new();
+        for node in ["node-a", "node-b"] {
+            let d = |key: &str| {
+                after[node][key].as_u64().unwrap_or(0) - before[node][key].as_u64().unwrap_or(0)
+            };
+            delta.insert(
+                node.into(),
+                json!({"exported": d("exported"), "export_failed": d("export_failed"), "queue_full": d("queue_full")}),
+            );
+        }
+        counted.insert(mode.into(), Value::Object(delta));
+        drop(receivers);
+    }
+    Ok(Value::Object(counted))
 }
 
 /// The cluster with the servers started: web servers on 8080 (HTTP port) and 8081 (TCP
@@ -281,6 +370,18 @@ struct Bench<'a> {
 impl Bench<'_> {
     /// The loads of one cell.
     fn cell(&mut self, cluster: &Cluster, path: &str, mode: &str, base: &str) -> Result<()> {
+        self.cell_loads(cluster, path, mode, base, &[])
+    }
+
+    /// The loads of one cell named in `wanted` (empty: all).
+    fn cell_loads(
+        &mut self,
+        cluster: &Cluster,
+        path: &str,
+        mode: &str,
+        base: &str,
+        wanted: &[&str],
+    ) -> Result<()> {
         let p = self.plan;
         let loads: [(&str, String, Vec<String>); 6] = [
             (
@@ -330,6 +431,7 @@ impl Bench<'_> {
                 .only
                 .as_ref()
                 .is_some_and(|o| !name.contains(o.as_str()))
+                || !(wanted.is_empty() || wanted.contains(&load))
             {
                 continue;
             }
@@ -642,6 +744,7 @@ fn table(report: &Value) -> String {
             ));
         }
     }
+    out.push_str(&tracing_table(report, &find));
     out.push_str(&versus(report, &runs));
     let bypass = &report["bypass"];
     out.push_str(&format!(
@@ -674,6 +777,56 @@ fn table(report: &Value) -> String {
         held["bytes_per_connection"]["node-b"].as_f64().unwrap_or(0.0),
     ));
     out
+}
+
+/// Latency at 1,000 req/s through L7 with every request traced, against the L7 rows (no
+/// tracing) of the same run, and what the exporters did with the spans.
+fn tracing_table<'r>(
+    report: &Value,
+    find: &impl Fn(&str, &str, &str) -> Option<&'r Value>,
+) -> String {
+    let lat = |r: &Value, i: usize| r["result"]["latency_us"][i].as_f64().unwrap_or(0.0);
+    let mut out = String::from(
+        "\nTracing (every request sampled, spans exported over OTLP to a receiver on each node), latency at 1,000 req/s against the L7 rows above (no tracing); span counts are per collector state, both paths and nodes together:\n\n| path | collector | p50 / p99 µs | p50 / p99 vs L7 | failed requests | spans exported / dropped (export failed, queue full), both nodes |\n|---|---|---|---|---|---|\n",
+    );
+    let mut any = false;
+    for (path, _) in PATHS {
+        let Some(plain) = find(path, "L7", "fixed") else {
+            continue;
+        };
+        for (mode, collector, _) in TRACED {
+            let Some(traced) = find(path, mode, "fixed") else {
+                continue;
+            };
+            any = true;
+            let ratio = |i: usize| lat(traced, i) / lat(plain, i).max(1.0);
+            let spans = &report["tracing"][mode];
+            let total = |key: &str| {
+                ["node-a", "node-b"]
+                    .iter()
+                    .map(|n| spans[n][key].as_u64().unwrap_or(0))
+                    .sum::<u64>()
+            };
+            let failed = traced["result"]["errors"].as_u64().unwrap_or(0)
+                + traced["result"]["non_2xx"].as_u64().unwrap_or(0);
+            out.push_str(&format!(
+                "| {path} | {collector} | {:.0} / {:.0} | {:.2}x / {:.2}x | {failed} | {} / {} ({}, {}) |\n",
+                lat(traced, 0),
+                lat(traced, 2),
+                ratio(0),
+                ratio(2),
+                total("exported"),
+                total("export_failed") + total("queue_full"),
+                total("export_failed"),
+                total("queue_full"),
+            ));
+        }
+    }
+    if any {
+        out
+    } else {
+        String::new()
+    }
 }
 
 /// The mesh's L4 cells against the peer's, from the same run: each figure of both and the
