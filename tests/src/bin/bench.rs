@@ -315,6 +315,7 @@ fn trace_cells(bench: &mut Bench) -> Result<Value> {
             None => Vec::new(),
         };
         let before = counters(&cluster)?;
+        let runs = bench.runs.len();
         for (path, vip) in PATHS {
             bench.cell_loads(
                 &cluster,
@@ -324,9 +325,25 @@ fn trace_cells(bench: &mut Bench) -> Result<Value> {
                 &["fixed"],
             )?;
         }
-        // The last batch goes out after its linger time.
-        std::thread::sleep(Duration::from_secs(1));
-        let after = counters(&cluster)?;
+        // Two spans per request (a client and a server span); each is exported or dropped
+        // once its batch is sent or given up (a slow collector's after the export timeout).
+        let spans: u64 = bench.runs[runs..]
+            .iter()
+            .map(|r| 2 * r.result["requests"].as_u64().unwrap_or(0))
+            .sum();
+        let accounted = |counted: &Value| {
+            ["node-a", "node-b"]
+                .iter()
+                .flat_map(|n| ["exported", "export_failed", "queue_full"].map(|k| (n, k)))
+                .map(|(n, k)| counted[*n][k].as_u64().unwrap_or(0))
+                .sum::<u64>()
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut after = counters(&cluster)?;
+        while accounted(&after) - accounted(&before) < spans && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(250));
+            after = counters(&cluster)?;
+        }
         let mut delta = serde_json::Map::new();
         for node in ["node-a", "node-b"] {
             let d = |key: &str| {
@@ -337,6 +354,11 @@ fn trace_cells(bench: &mut Bench) -> Result<Value> {
                 json!({"exported": d("exported"), "export_failed": d("export_failed"), "queue_full": d("queue_full")}),
             );
         }
+        // Spans still queued (a slow collector's) when counting stopped.
+        delta.insert(
+            "queued".into(),
+            (spans.saturating_sub(accounted(&after) - accounted(&before))).into(),
+        );
         counted.insert(mode.into(), Value::Object(delta));
         drop(receivers);
     }
@@ -787,7 +809,7 @@ fn tracing_table<'r>(
 ) -> String {
     let lat = |r: &Value, i: usize| r["result"]["latency_us"][i].as_f64().unwrap_or(0.0);
     let mut out = String::from(
-        "\nTracing (every request sampled, spans exported over OTLP to a receiver on each node), latency at 1,000 req/s against the L7 rows above (no tracing); span counts are per collector state, both paths and nodes together:\n\n| path | collector | p50 / p99 µs | p50 / p99 vs L7 | failed requests | spans exported / dropped (export failed, queue full), both nodes |\n|---|---|---|---|---|---|\n",
+        "\nTracing (every request sampled, spans exported over OTLP to a receiver on each node), latency at 1,000 req/s against the L7 rows above (no tracing); span counts are per collector state, both paths and nodes together:\n\n| path | collector | p50 / p99 µs | p50 / p99 vs L7 | failed requests | spans exported / dropped (export failed, queue full) / still queued 20 s after the load |\n|---|---|---|---|---|---|\n",
     );
     let mut any = false;
     for (path, _) in PATHS {
@@ -810,7 +832,7 @@ fn tracing_table<'r>(
             let failed = traced["result"]["errors"].as_u64().unwrap_or(0)
                 + traced["result"]["non_2xx"].as_u64().unwrap_or(0);
             out.push_str(&format!(
-                "| {path} | {collector} | {:.0} / {:.0} | {:.2}x / {:.2}x | {failed} | {} / {} ({}, {}) |\n",
+                "| {path} | {collector} | {:.0} / {:.0} | {:.2}x / {:.2}x | {failed} | {} / {} ({}, {}) / {} |\n",
                 lat(traced, 0),
                 lat(traced, 2),
                 ratio(0),
@@ -819,6 +841,7 @@ fn tracing_table<'r>(
                 total("export_failed") + total("queue_full"),
                 total("export_failed"),
                 total("queue_full"),
+                spans["queued"],
             ));
         }
     }
