@@ -735,6 +735,47 @@ mod tests {
     }
 
     #[test]
+    fn tracing_providers_and_sampling_are_checked() {
+        let problems = run(&[
+            "--node",
+            "n1",
+            "--config",
+            "/c.yaml",
+            "--tracing-provider",
+            "otel=http://a:4318,otel=http://b:4318",
+            "--tracing-provider",
+            "zipkin=https://z:9411",
+            "--trace-sampling",
+            "150",
+        ])
+        .err()
+        .unwrap()
+        .0;
+        assert_eq!(
+            problems,
+            [
+                "--tracing-provider: otel is named twice",
+                "--tracing-provider: \"https://z:9411\": only http:// collectors (OTLP \
+                 HTTP/protobuf) are supported",
+                "--trace-sampling: 150 is not a percentage (0-100)",
+            ]
+        );
+        let settings = run(&[
+            "--node",
+            "n1",
+            "--config",
+            "/c.yaml",
+            "--tracing-provider",
+            "otel=http://a:4318",
+        ])
+        .unwrap();
+        assert_eq!(settings.tracing.providers[0].name, "otel");
+        assert!(settings
+            .to_string()
+            .contains(" tracing=otel=http://a:4318/v1/traces;sampling=1% "));
+    }
+
+    #[test]
     fn the_plugin_must_exist_when_it_is_installed() {
         let problems = run(&[
             "--node",

@@ -254,13 +254,34 @@ fn headers_seen(server: &WebServer, index: usize) -> BTreeMap<String, String> {
 #[test]
 fn a_request_through_two_hops_is_one_trace_of_four_spans() {
     require_root!();
-    let chain = Chain::start("");
+    // Mesh-wide custom tags (a literal, a request header); a 0% sampling that the caller's
+    // sampled flag overrides.
+    let chain = Chain::start(
+        r#"
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing:
+  - providers: [{name: otel}]
+    randomSamplingPercentage: 0
+    customTags:
+      cluster: {literal: {value: east}}
+      user: {header: {name: x-user, defaultValue: nobody}}
+"#,
+    );
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller = "00f067aa0ba902b7";
     let (status, pod, _) = get(
         &chain.cluster.pod("a1").netns,
         FRONT,
-        &["-H", &format!("traceparent: 00-{trace}-{caller}-01")],
+        &[
+            "-H",
+            &format!("traceparent: 00-{trace}-{caller}-01"),
+            "-H",
+            "x-user: alice",
+        ],
     )
     .unwrap();
     if status != 200 {
@@ -344,6 +365,14 @@ fn a_request_through_two_hops_is_one_trace_of_four_spans() {
         attrs(client2, "response_size").as_i64() > Some(0),
         "{client2:#}"
     );
+    // Custom tags: the literal everywhere; the header where the request carried it (the
+    // front app forwards only the trace headers, so the second hop gets the default).
+    for span in [client1, server1, client2, server2] {
+        assert_eq!(attrs(span, "cluster"), "east", "{span:#}");
+    }
+    assert_eq!(attrs(client1, "user"), "alice");
+    assert_eq!(attrs(server1, "user"), "alice");
+    assert_eq!(attrs(client2, "user"), "nobody");
     // The request id is the one the first proxy made, all along the chain.
     let id = attrs(client1, "guid:x-request-id");
     assert!(spans
@@ -554,6 +583,45 @@ fn sampling_follows_the_telemetry_resources_and_the_callers_decision() {
         100,
         "the workload's 100% did not override its namespace's 0%"
     );
+
+    // disableSpanReporting on the destination's side: its spans go unreported, the context
+    // (sampled) still reaches the app.
+    apply(format!(
+        "{}{}",
+        telemetry("istio-system", "mesh-default", None, 100),
+        r#"
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: back-quiet, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: back}}
+  tracing: [{disableSpanReporting: true}]
+"#
+    ));
+    std::thread::sleep(Duration::from_millis(1200));
+    let count = |kind: &str, service: &str| {
+        chain
+            .spans()
+            .iter()
+            .filter(|s| s["kind"] == kind && s["service"] == service)
+            .count()
+    };
+    let (clients, servers) = (
+        count("SPAN_KIND_CLIENT", "client.mesh"),
+        count("SPAN_KIND_SERVER", "back.mesh"),
+    );
+    let seen = chain.back.seen.trace_headers.lock().unwrap().len();
+    requests(20, &[]);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(count("SPAN_KIND_CLIENT", "client.mesh"), clients + 20);
+    assert_eq!(
+        count("SPAN_KIND_SERVER", "back.mesh"),
+        servers,
+        "disableSpanReporting reported spans"
+    );
+    let last = headers_seen(&chain.back, seen + 19);
+    assert!(last["traceparent"].ends_with("-01"), "{last:?}");
 }
 
 /// Fixed-rate load from a1 to `back` (the other node) for `seconds`; panics on any failure.

@@ -401,3 +401,87 @@ impl Pending {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn providers_are_name_equals_an_http_url() {
+        let otel = TracingSettings::provider("otel=http://collector.obs.svc:4318").unwrap();
+        assert_eq!(otel.name, "otel");
+        assert_eq!(
+            otel.endpoint.to_string(),
+            "http://collector.obs.svc:4318/v1/traces"
+        );
+        let custom = TracingSettings::provider("x=http://10.0.0.1:9411/api/otlp").unwrap();
+        assert_eq!(custom.endpoint.to_string(), "http://10.0.0.1:9411/api/otlp");
+        for (bad, why) in [
+            ("otel", "is not NAME=URL"),
+            ("=http://a:1", "no provider name"),
+            ("otel=https://a:4318", "only http://"),
+            ("otel=http://collector", "no host:port"),
+            ("otel=http://collector:0", "no host:port"),
+            ("otel=not a url", "is not a URL"),
+        ] {
+            let err = TracingSettings::provider(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_settings_line_names_each_provider_and_the_sampling() {
+        let mut settings = TracingSettings {
+            providers: Vec::new(),
+            sampling: 1.0,
+        };
+        assert_eq!(settings.to_string(), "off");
+        settings
+            .providers
+            .push(TracingSettings::provider("otel=http://c:4318").unwrap());
+        assert_eq!(
+            settings.to_string(),
+            "otel=http://c:4318/v1/traces;sampling=1%"
+        );
+    }
+
+    #[test]
+    fn custom_tags_take_literals_headers_and_their_defaults() {
+        let tags: BTreeMap<String, CustomTag> = [
+            (
+                "cluster".to_string(),
+                CustomTag::Literal {
+                    value: "east".into(),
+                },
+            ),
+            (
+                "user".to_string(),
+                CustomTag::Header {
+                    name: "x-user".into(),
+                    default_value: Some("nobody".into()),
+                },
+            ),
+            (
+                "tenant".to_string(),
+                CustomTag::Header {
+                    name: "x-tenant".into(),
+                    default_value: None,
+                },
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            custom_tags(&tags, &headers),
+            vec![
+                ("cluster".to_string(), "east".to_string()),
+                ("user".to_string(), "nobody".to_string()),
+            ]
+        );
+        headers.insert("x-user", "alice".parse().unwrap());
+        headers.insert("x-tenant", "t1".parse().unwrap());
+        assert_eq!(custom_tags(&tags, &headers).len(), 3);
+        assert!(custom_tags(&tags, &headers).contains(&("user".into(), "alice".into())));
+    }
+}
