@@ -14,8 +14,8 @@
 //!   [`transport`] (sockets, relays, the HBONE pool), [`context`] and [`connections`] (what
 //!   handlers share and the connection table), [`identity`] (workload certificates from the
 //!   signer, the trust bundle, the signer itself);
-//! - observing: [`telemetry`] (Istio metrics, access log), [`trace`] (trace context and span
-//!   export, in progress), [`metrics`] (node-level),
+//! - observing: [`telemetry`] (Istio metrics, access log), [`trace`] (trace context, the client
+//!   and server spans of requests, OTLP export), [`metrics`] (node-level),
 //!   [`response_flag`] (how a connection or request ended), [`admin`] (health, metrics,
 //!   debug endpoints);
 //! - the program: [`cli`] (the command line and its checks) builds [`settings`] (what `run`
