@@ -458,22 +458,20 @@ impl Finish {
             && self.log.authorization.is_some()
             && self.log.error.is_some();
         for span in std::mem::take(&mut self.spans) {
-            let outcome = span_outcome(&self.log, &span, self.log.response_code);
-            span.finish(outcome);
+            report_span(&self.log, span, self.log.response_code);
         }
         crate::telemetry::access_log_line(&self.log, denied);
         drop(self.cluster_slot.take());
     }
 }
 
-/// What `span`'s request came to, from its record (`status`: the answer of the hop the span
-/// records).
-pub fn span_outcome<'l>(
-    log: &'l RequestLog,
-    span: &crate::trace::Pending,
-    status: u16,
-) -> crate::trace::Outcome<'l> {
+/// Reports `span` (when it is to be reported) with what its request came to, from its record
+/// (`status`: the answer of the hop the span records).
+pub fn report_span(log: &RequestLog, span: crate::trace::Pending, status: u16) {
     use crate::trace::export::Kind;
+    if !span.reported() {
+        return;
+    }
     let host = log.destination_service.as_deref().unwrap_or(&log.authority);
     let port = span.port();
     let (cluster, peer_address) = match span.kind() {
@@ -486,7 +484,7 @@ pub fn span_outcome<'l>(
         ),
         Kind::Server => (format!("inbound|{port}||"), log.client.clone()),
     };
-    crate::trace::Outcome {
+    let outcome = crate::trace::Outcome {
         method: &log.method,
         url: format!("http://{}{}", log.authority, log.path),
         protocol: log.version,
@@ -496,7 +494,8 @@ pub fn span_outcome<'l>(
         peer_address,
         sizes: (log.request_bytes, log.response_bytes),
         name: format!("{host}:{port}/*"),
-    }
+    };
+    span.finish(outcome);
 }
 
 /// A response body that counts its bytes, notes a gRPC status in its trailers, and records

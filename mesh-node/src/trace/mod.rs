@@ -335,6 +335,12 @@ impl Pending {
         self.port
     }
 
+    /// Whether it is reported (sampled, reporting not disabled, a known provider): when not,
+    /// nothing about its request needs to be gathered.
+    pub fn reported(&self) -> bool {
+        self.exporter.is_some()
+    }
+
     /// The workload at the other end of the request, once known.
     pub fn peer(&mut self, peer: Option<&Workload>) {
         if self.exporter.is_some() {

@@ -115,8 +115,7 @@ impl Call<'_> {
     /// `status`).
     fn end_attempt(&self, mut span: Pending, status: u16) {
         span.peer(self.source);
-        let outcome = super::span_outcome(&self.log, &span, status);
-        span.finish(outcome);
+        super::report_span(&self.log, span, status);
     }
 
     fn answer(
