@@ -184,7 +184,8 @@ async fn serve(
     let gate_metrics = cni::GateMetrics::register(&mut registry);
     let request_metrics = telemetry::RequestMetrics::register(&mut registry, series_cap);
     let upgrade_metrics = UpgradeMetrics::register(&mut registry);
-    let tracer = crate::trace::Tracer::start(&settings.tracing, &mut registry);
+    let tracer = crate::trace::Tracer::start(&settings.tracing, &mut registry)
+        .context("starting the trace-export thread")?;
     let l7 = Arc::new(http::L7::new(
         &mut registry,
         request_metrics,

@@ -89,6 +89,18 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// Sets the calling thread's nice value (on Linux each thread has its own): `nice` above 0
+/// lowers it, which needs no privilege.
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: a plain syscall on this thread's own id.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `IP_BIND_ADDRESS_NO_PORT`: a socket bound to an address with port 0 gets its port at
 /// `connect()`, per destination, so many connections from one source address (the proxy
 /// dials as the client pod) do not exhaust the ephemeral ports.

@@ -4,8 +4,6 @@
 //! that order of preference; the proxy's own span becomes the parent of what it forwards, in
 //! the format the request came with (W3C for a request that carried none).
 
-use std::fmt::Write as _;
-
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -298,9 +296,11 @@ fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
 
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(out, "{b:02x}");
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
     }
     out
 }

@@ -1,9 +1,10 @@
 //! Span export over OTLP (HTTP/protobuf to `<collector>/v1/traces`), off the request path:
-//! a request hands its finished span to a bounded queue and never waits; a task batches the
-//! queue (up to [`BATCH`] spans, or what came within [`LINGER`]) into one
-//! `ExportTraceServiceRequest` (the official OpenTelemetry protobuf types) per collector.
-//! A full queue, or a collector that is down, slow or refusing, costs spans, never requests:
-//! each lost span is counted in `mesh_trace_spans_dropped_total{reason}`.
+//! a request hands its finished span to a bounded queue and never waits, nor wakes anyone; a
+//! task per collector, on a thread of its own at a lower CPU priority ([`Runtime`]), wakes
+//! at the first span, lets the queue fill for [`LINGER`], and sends what it holds in
+//! `ExportTraceServiceRequest`s (the official OpenTelemetry protobuf types) of up to
+//! [`BATCH`] spans. A full queue, or a collector that is down, slow or refusing, costs
+//! spans, never requests: each lost span is counted in `mesh_trace_spans_dropped_total{reason}`.
 
 use std::{
     collections::BTreeMap,
@@ -35,8 +36,11 @@ use super::context::SpanContext;
 pub const QUEUE: usize = 8192;
 /// Spans per export request, at most.
 pub const BATCH: usize = 512;
-/// How long the first span of a batch waits for company.
+/// How long the first span of a batch waits for company (while it waits, the requests'
+/// spans go onto the queue without waking the exporter).
 pub const LINGER: Duration = Duration::from_millis(500);
+/// The export thread's nice value: below the proxy's workers, which preempt it.
+const NICE: i32 = 10;
 /// How long one export request may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -131,6 +135,30 @@ impl ExportMetrics {
     }
 }
 
+/// The `trace-export` thread: a single-threaded tokio runtime at nice [`NICE`] that encodes
+/// and sends every collector's spans, so that neither takes a turn from the proxy's workers.
+pub struct Runtime(tokio::runtime::Handle);
+
+impl Runtime {
+    /// Starts the thread.
+    pub fn start() -> std::io::Result<Runtime> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        std::thread::Builder::new()
+            .name("trace-export".into())
+            .spawn(move || {
+                // Failing leaves the thread at the workers' priority.
+                if let Err(err) = crate::sys::set_thread_nice(NICE) {
+                    tracing::debug!("trace-export: nice {NICE} not set: {err}");
+                }
+                runtime.block_on(std::future::pending::<()>());
+            })?;
+        Ok(Runtime(handle))
+    }
+}
+
 /// The queue to one collector.
 #[derive(Clone)]
 pub struct Exporter {
@@ -139,10 +167,10 @@ pub struct Exporter {
 }
 
 impl Exporter {
-    /// Starts exporting to `endpoint` (`http://host:port/v1/traces`).
-    pub fn start(endpoint: http::Uri, metrics: ExportMetrics) -> Exporter {
+    /// Starts exporting to `endpoint` (`http://host:port/v1/traces`) on `runtime`.
+    pub fn start(endpoint: http::Uri, metrics: ExportMetrics, runtime: &Runtime) -> Exporter {
         let (queue, spans) = mpsc::channel(QUEUE);
-        tokio::spawn(export(endpoint, spans, metrics.clone()));
+        runtime.0.spawn(export(endpoint, spans, metrics.clone()));
         Exporter { queue, metrics }
     }
 
@@ -154,31 +182,45 @@ impl Exporter {
     }
 }
 
+/// One collector's exporter: waits for a span (the only wake-up a request causes), sleeps
+/// [`LINGER`] (a sleeping receiver is not woken by sends: a request's span costs a push),
+/// then sends what the queue holds, [`BATCH`] spans at a time, one request after another.
 async fn export(endpoint: http::Uri, mut spans: mpsc::Receiver<Span>, metrics: ExportMetrics) {
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(first) = spans.recv().await {
         batch.push(first);
-        let deadline = tokio::time::Instant::now() + LINGER;
-        while batch.len() < BATCH {
-            match tokio::time::timeout_at(deadline, spans.recv()).await {
-                Ok(Some(span)) => batch.push(span),
-                Ok(None) | Err(_) => break,
+        tokio::time::sleep(LINGER).await;
+        loop {
+            while batch.len() < BATCH {
+                match spans.try_recv() {
+                    Ok(span) => batch.push(span),
+                    Err(_) => break,
+                }
+            }
+            let full = batch.len() == BATCH;
+            send(&endpoint, std::mem::take(&mut batch), &metrics).await;
+            if !full {
+                break;
             }
         }
-        let count = batch.len();
-        let body = encode(std::mem::take(&mut batch)).encode_to_vec();
-        match tokio::time::timeout(TIMEOUT, post(&endpoint, body)).await {
-            Ok(Ok(())) => {
-                metrics.exported.inc_by(count as u64);
-            }
-            Ok(Err(err)) => {
-                metrics.lost("export_failed", count);
-                tracing::debug!(%endpoint, count, "span export failed: {err}");
-            }
-            Err(_) => {
-                metrics.lost("export_failed", count);
-                tracing::debug!(%endpoint, count, "span export timed out");
-            }
+    }
+}
+
+/// Sends `batch` to `endpoint`, counting its spans exported or lost.
+async fn send(endpoint: &http::Uri, batch: Vec<Span>, metrics: &ExportMetrics) {
+    let count = batch.len();
+    let body = encode(batch).encode_to_vec();
+    match tokio::time::timeout(TIMEOUT, post(endpoint, body)).await {
+        Ok(Ok(())) => {
+            metrics.exported.inc_by(count as u64);
+        }
+        Ok(Err(err)) => {
+            metrics.lost("export_failed", count);
+            tracing::debug!(%endpoint, count, "span export failed: {err}");
+        }
+        Err(_) => {
+            metrics.lost("export_failed", count);
+            tracing::debug!(%endpoint, count, "span export timed out");
         }
     }
 }
@@ -378,7 +420,8 @@ mod tests {
     async fn spans_are_batched_per_service_and_failures_are_counted() {
         let (uri, mut received) = collector(200).await;
         let metrics = ExportMetrics::default();
-        let exporter = Exporter::start(uri, metrics.clone());
+        let runtime = Runtime::start().unwrap();
+        let exporter = Exporter::start(uri, metrics.clone(), &runtime);
         let client = span("api", Kind::Client);
         let server = Span {
             context: client.context.child(),
@@ -413,11 +456,11 @@ mod tests {
 
         // A refusing collector, and one that is not there: spans dropped, counted.
         let (refusing, mut received) = collector(503).await;
-        let exporter = Exporter::start(refusing, metrics.clone());
+        let exporter = Exporter::start(refusing, metrics.clone(), &runtime);
         exporter.send(span("api", Kind::Client));
         received.recv().await.unwrap();
         let gone: http::Uri = "http://127.0.0.1:1/v1/traces".parse().unwrap();
-        let exporter_gone = Exporter::start(gone, metrics.clone());
+        let exporter_gone = Exporter::start(gone, metrics.clone(), &runtime);
         exporter_gone.send(span("api", Kind::Client));
         let failed = || {
             metrics
