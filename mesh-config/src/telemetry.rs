@@ -79,7 +79,8 @@ pub struct Tracing {
 
 /// `Tracing.CustomTag`: exactly one of its kinds (its CRD schema is written by hand in
 /// `schema`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CustomTag {
     /// `literal: {value}`.
     Literal {
@@ -269,7 +270,7 @@ impl Decode for TelemetrySpec {
 }
 
 /// What tracing does on one side of a workload's requests, once every level is applied.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct TracingConfig {
     /// The provider spans go to; `None`: the mesh's default provider.
     pub provider: Option<String>,

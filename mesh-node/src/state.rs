@@ -71,8 +71,8 @@ pub struct Workload {
     pub mtls: EffectiveMtls,
     /// AuthorizationPolicies that apply to it, in the order they were read.
     pub authorization: Vec<Ref<crate::config::security::AuthorizationPolicySpec>>,
-    /// Its tracing (Telemetry), for the enrolled pods of this node.
-    #[serde(skip)]
+    /// Its tracing (Telemetry), for the enrolled pods of this node (`sampling` and `provider`
+    /// null: the `--trace-sampling` and first `--tracing-provider` defaults).
     pub tracing: Option<Arc<crate::trace::WorkloadTracing>>,
 }
 

@@ -100,6 +100,11 @@ impl Receiver {
             .collect()
     }
 
+    /// Its process (`ip netns exec` execs the interpreter: the receiver itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The export URL (`http://ADDR/v1/traces`).
     pub fn url(&self) -> String {
         format!("http://{}/v1/traces", self.addr)

@@ -11,7 +11,7 @@ use std::{
 
 use mesh_node::trace::{
     context::{extract, SpanContext},
-    export::{ExportMetrics, Exporter, Kind, Span, Value},
+    export::{ExportMetrics, Exporter, Kind, Runtime, Span, Value},
 };
 use mesh_tests::{
     cluster::Cluster,
@@ -72,8 +72,9 @@ fn a_real_otlp_receiver_decodes_the_exported_spans_with_their_links() {
     let client = SpanContext::start(extract(&headers), 0.0, 50.0);
     let server = client.child();
     let metrics = ExportMetrics::default();
+    let export = Runtime::start().unwrap();
     runtime.block_on(async {
-        let exporter = Exporter::start(receiver.url().parse().unwrap(), metrics.clone());
+        let exporter = Exporter::start(receiver.url().parse().unwrap(), metrics.clone(), &export);
         exporter.send(span(client.clone(), Kind::Client, "api"));
         exporter.send(span(server.clone(), Kind::Server, "web"));
         // The batch goes out after its linger time.
@@ -111,7 +112,7 @@ fn a_real_otlp_receiver_decodes_the_exported_spans_with_their_links() {
     )
     .unwrap();
     runtime.block_on(async {
-        let exporter = Exporter::start(refusing.url().parse().unwrap(), metrics.clone());
+        let exporter = Exporter::start(refusing.url().parse().unwrap(), metrics.clone(), &export);
         let started = Instant::now();
         for _ in 0..100 {
             exporter.send(span(
@@ -622,6 +623,70 @@ spec:
     );
     let last = headers_seen(&chain.back, seen + 19);
     assert!(last["traceparent"].ends_with("-01"), "{last:?}");
+
+    // A provider no --tracing-provider defines, for a1's requests: its client spans are not
+    // sent anywhere but counted, one warning names the provider and the Telemetry, and
+    // /debug/state shows what a1 resolved; the destination (not selected) still reports.
+    apply(format!(
+        "{}{}",
+        telemetry("istio-system", "mesh-default", None, 100),
+        r#"
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: to-zipkin, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: client}}
+  tracing: [{providers: [{name: zipkin}]}]
+"#
+    ));
+    let state = chain.cluster.debug_state("node-a").unwrap();
+    let a1_state = state["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "a1")
+        .unwrap();
+    assert_eq!(
+        a1_state["tracing"]["client"]["provider"], "zipkin",
+        "{a1_state}"
+    );
+    assert_eq!(
+        a1_state["tracing"]["client"]["from"],
+        serde_json::json!(["istio-system/mesh-default", "mesh/to-zipkin"]),
+        "{a1_state}"
+    );
+    let unknown = || {
+        chain
+            .cluster
+            .metric_sum(
+                "node-a",
+                "mesh_trace_spans_dropped_total",
+                &[("reason", "unknown_provider")],
+            )
+            .unwrap()
+    };
+    let (clients, servers, dropped) = (
+        count("SPAN_KIND_CLIENT", "client.mesh"),
+        count("SPAN_KIND_SERVER", "back.mesh"),
+        unknown(),
+    );
+    requests(20, &[]);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(count("SPAN_KIND_CLIENT", "client.mesh"), clients);
+    assert_eq!(count("SPAN_KIND_SERVER", "back.mesh"), servers + 20);
+    assert_eq!(unknown() - dropped, 20);
+    let log = chain.cluster.mesh_log("node-a");
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("no --tracing-provider defines"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning: {warnings:?}");
+    assert!(
+        warnings[0].contains("zipkin") && warnings[0].contains("mesh/to-zipkin"),
+        "{}",
+        warnings[0]
+    );
 }
 
 /// Fixed-rate load from a1 to `back` (the other node) for `seconds`; panics on any failure.

@@ -11,7 +11,12 @@
 pub mod context;
 pub mod export;
 
-use std::{collections::BTreeMap, fmt, sync::Arc, time::SystemTime};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    sync::{Arc, Mutex, PoisonError},
+    time::SystemTime,
+};
 
 use http::HeaderMap;
 use prometheus_client::registry::Registry;
@@ -101,7 +106,7 @@ impl fmt::Display for TracingSettings {
 
 /// A workload's tracing on each side, resolved from the Telemetry resources (for the pods
 /// of this node only).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct WorkloadTracing {
     /// Its requests to others (the client span).
     pub client: TracingConfig,
@@ -144,31 +149,65 @@ pub struct Tracer {
     default: String,
     sampling: f64,
     metrics: ExportMetrics,
+    /// The unknown providers warned about, with the Telemetry resources naming them.
+    warned: Mutex<BTreeSet<(String, Vec<String>)>>,
 }
 
 impl Tracer {
-    /// The tracer of `settings` (spawns one export task per provider); `None` when no
-    /// provider is named: no request then pays for tracing, and trace headers pass through
-    /// untouched. Registers the export metrics either way.
-    pub fn start(settings: &TracingSettings, registry: &mut Registry) -> Option<Tracer> {
+    /// The tracer of `settings` (starts the `trace-export` thread, one export task per
+    /// provider on it); `None` when no provider is named: no request then pays for tracing,
+    /// and trace headers pass through untouched. Registers the export metrics either way.
+    pub fn start(
+        settings: &TracingSettings,
+        registry: &mut Registry,
+    ) -> std::io::Result<Option<Tracer>> {
         let metrics = ExportMetrics::register(registry);
-        let default = settings.providers.first()?.name.clone();
+        let Some(default) = settings.providers.first().map(|p| p.name.clone()) else {
+            return Ok(None);
+        };
+        let runtime = export::Runtime::start()?;
         let exporters = settings
             .providers
             .iter()
             .map(|p| {
                 (
                     p.name.clone(),
-                    Exporter::start(p.endpoint.clone(), metrics.clone()),
+                    Exporter::start(p.endpoint.clone(), metrics.clone(), &runtime),
                 )
             })
             .collect();
-        Some(Tracer {
+        Ok(Some(Tracer {
             exporters,
             default,
             sampling: settings.sampling,
             metrics,
-        })
+            warned: Mutex::default(),
+        }))
+    }
+
+    /// Warns, once per provider and naming Telemetry resources, that `provider` is not
+    /// defined: its spans are dropped.
+    fn warn_unknown(&self, provider: &str, config: &TracingConfig) {
+        let key = (provider.to_string(), config.from.clone());
+        let first = self
+            .warned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key);
+        if first {
+            tracing::warn!(
+                provider,
+                telemetry = config.from.join(", "),
+                defined = self
+                    .exporters
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                "a Telemetry sends spans to a tracing provider no --tracing-provider defines: \
+                 they are dropped (mesh_trace_spans_dropped_total{{reason=\"unknown_provider\"}})"
+            );
+        }
     }
 
     /// The span of `own`'s side (`Kind::Client`: a request of `own`; `Kind::Server`: a
@@ -202,6 +241,7 @@ impl Tracer {
                 Some(exporter) => Some(exporter.clone()),
                 None => {
                     self.metrics.lost("unknown_provider", 1);
+                    self.warn_unknown(provider, config);
                     None
                 }
             }
@@ -258,7 +298,7 @@ fn custom_tags(tags: &BTreeMap<String, CustomTag>, headers: &HeaderMap) -> Vec<(
 }
 
 /// A workload's canonical service and namespace, as spans name the ends of a request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Canonical {
     /// `service.istio.io/canonical-name` (or `app.kubernetes.io/name`, `app`, the workload).
     pub service: String,
@@ -353,7 +393,9 @@ impl Pending {
         let Some(exporter) = self.exporter else {
             return;
         };
-        let mut attributes = vec![
+        // Room for every attribute a span can have: no growing on the request path.
+        let mut attributes = Vec::with_capacity(17);
+        attributes.extend([
             ("component", Value::Str("proxy".into())),
             ("http.method", Value::Str(outcome.method.to_string())),
             ("http.url", Value::Str(outcome.url)),
@@ -376,7 +418,7 @@ impl Pending {
                 "istio.namespace",
                 Value::Str(self.own.canonical.namespace.clone()),
             ),
-        ];
+        ]);
         if let Some(peer) = &self.peer {
             attributes.push((
                 "istio.peer.canonical_service",

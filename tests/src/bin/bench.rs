@@ -260,23 +260,37 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The tracing modes, the collector in each, and its answer delay (`None`: not running).
-const TRACED: [(&str, &str, Option<f64>); 3] = [
-    ("L7 traced", "answering", Some(0.0)),
-    ("L7 traced, collector down", "down", None),
-    ("L7 traced, collector slow", "slow (10 s)", Some(10.0)),
+/// The tracing modes: the mode, what the table calls it, whether every request is sampled
+/// (else none is), and the collector's answer delay (`None`: not running).
+const TRACED: [(&str, &str, bool, Option<f64>); 4] = [
+    ("L7 tracing, none sampled", "none sampled", false, None),
+    ("L7 traced", "answering", true, Some(0.0)),
+    ("L7 traced, collector down", "down", true, None),
+    ("L7 traced, collector slow", "slow (10 s)", true, Some(10.0)),
 ];
 
-/// The L7 fixed-rate loads with tracing at 100% (`--trace-sampling 100`), exporting to an
-/// OTLP receiver on each node's loopback: answering at once, absent, answering after 10 s
-/// (past the exporter's timeout). Returns the spans each node's exporter counted per mode.
+/// Every request sampled, mesh-wide (the proxies start with `--trace-sampling 0`).
+const SAMPLE_ALL: &str = "
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing: [{providers: [{name: otel}], randomSamplingPercentage: 100}]
+";
+
+/// The L7 fixed-rate loads with tracing on, exporting to an OTLP receiver on each node's
+/// loopback: first with no request sampled (trace context read and forwarded, no span: the
+/// baseline of the same proxies), then, after a mesh-wide Telemetry samples every request,
+/// with the receiver answering at once, absent, and answering after 10 s (past the
+/// exporter's timeout). Returns the spans each node's exporter counted per mode.
 fn trace_cells(bench: &mut Bench) -> Result<Value> {
     let (mut cluster, _servers) = topology()?;
     cluster.run_args = vec![
         "--tracing-provider".into(),
         "otel=http://127.0.0.1:4318".into(),
         "--trace-sampling".into(),
-        "100".into(),
+        "0".into(),
     ];
     cluster.start_mesh_everywhere()?;
     bench.proxies = vec![cluster.mesh_pid("node-a")?, cluster.mesh_pid("node-b")?];
@@ -297,7 +311,16 @@ fn trace_cells(bench: &mut Bench) -> Result<Value> {
         Ok(Value::Object(nodes))
     };
     let mut counted = serde_json::Map::new();
-    for (mode, _, delay) in TRACED {
+    let mut sampling_all = false;
+    for (mode, _, sampled, delay) in TRACED {
+        if sampled && !sampling_all {
+            let generation = cluster.debug_state("node-a")?["generation"]
+                .as_u64()
+                .unwrap_or(0);
+            cluster.write_config(&format!("{BENCH}{SAMPLE_ALL}"))?;
+            cluster.wait_generation(generation + 1);
+            sampling_all = true;
+        }
         let receivers = match delay {
             Some(delay) => ["node-a", "node-b"]
                 .iter()
@@ -314,6 +337,8 @@ fn trace_cells(bench: &mut Bench) -> Result<Value> {
                 .collect::<Result<Vec<_>>>()?,
             None => Vec::new(),
         };
+        let pids: Vec<u32> = receivers.iter().map(Receiver::pid).collect();
+        let receivers_cpu = cpu_s(&pids)?;
         let before = counters(&cluster)?;
         let runs = bench.runs.len();
         for (path, vip) in PATHS {
@@ -325,11 +350,12 @@ fn trace_cells(bench: &mut Bench) -> Result<Value> {
                 &["fixed"],
             )?;
         }
-        // Two spans per request (a client and a server span); each is exported or dropped
-        // once its batch is sent or given up (a slow collector's after the export timeout).
+        // Two spans per sampled request (a client and a server span); each is exported or
+        // dropped once its batch is sent or given up (a slow collector's after the export
+        // timeout).
         let spans: u64 = bench.runs[runs..]
             .iter()
-            .map(|r| 2 * r.result["requests"].as_u64().unwrap_or(0))
+            .map(|r| 2 * u64::from(sampled) * r.result["requests"].as_u64().unwrap_or(0))
             .sum();
         let accounted = |counted: &Value| {
             ["node-a", "node-b"]
@@ -354,6 +380,12 @@ fn trace_cells(bench: &mut Bench) -> Result<Value> {
                 json!({"exported": d("exported"), "export_failed": d("export_failed"), "queue_full": d("queue_full")}),
             );
         }
+        // What the receivers, which share the CPUs, spent meanwhile (decoding the spans and
+        // writing them out).
+        delta.insert(
+            "receivers_cpu_s".into(),
+            (cpu_s(&pids)? - receivers_cpu).into(),
+        );
         // Spans still queued (a slow collector's) when counting stopped.
         delta.insert(
             "queued".into(),
@@ -527,24 +559,29 @@ impl Bench<'_> {
 
     /// CPU seconds (user + system) the proxies used so far.
     fn cpu(&self) -> Result<f64> {
-        // SAFETY: sysconf has no preconditions.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let mut total = 0.0;
-        for pid in &self.proxies {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-            let fields: Vec<&str> = after.split_whitespace().collect();
-            // Fields 14 and 15 of stat(5) (utime, stime); `fields` starts at field 3.
-            let field = |i: usize| -> Result<f64> {
-                Ok(fields
-                    .get(i - 3)
-                    .context("short /proc stat")?
-                    .parse::<f64>()?)
-            };
-            total += (field(14)? + field(15)?) / ticks;
-        }
-        Ok(total)
+        cpu_s(&self.proxies)
     }
+}
+
+/// CPU seconds (user + system) processes `pids` used so far.
+fn cpu_s(pids: &[u32]) -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut total = 0.0;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // Fields 14 and 15 of stat(5) (utime, stime); `fields` starts at field 3.
+        let field = |i: usize| -> Result<f64> {
+            Ok(fields
+                .get(i - 3)
+                .context("short /proc stat")?
+                .parse::<f64>()?)
+        };
+        total += (field(14)? + field(15)?) / ticks;
+    }
+    Ok(total)
 }
 
 fn args(extra: &[&str], seconds: u64) -> Vec<String> {
@@ -801,27 +838,34 @@ fn table(report: &Value) -> String {
     out
 }
 
-/// Latency at 1,000 req/s through L7 with every request traced, against the L7 rows (no
-/// tracing) of the same run, and what the exporters did with the spans.
+/// Latency at 1,000 req/s through L7 with tracing on, against the L7 rows (no tracing) of
+/// the same run and against the same proxies with no request sampled, and what the
+/// exporters did with the spans.
 fn tracing_table<'r>(
     report: &Value,
     find: &impl Fn(&str, &str, &str) -> Option<&'r Value>,
 ) -> String {
     let lat = |r: &Value, i: usize| r["result"]["latency_us"][i].as_f64().unwrap_or(0.0);
+    let ratios = |of: &Value, to: Option<&Value>| {
+        to.map_or("-".to_string(), |to| {
+            format!(
+                "{:.2}x / {:.2}x",
+                lat(of, 0) / lat(to, 0).max(1.0),
+                lat(of, 2) / lat(to, 2).max(1.0)
+            )
+        })
+    };
     let mut out = String::from(
-        "\nTracing (every request sampled, spans exported over OTLP to a receiver on each node), latency at 1,000 req/s against the L7 rows above (no tracing); span counts are per collector state, both paths and nodes together:\n\n| path | collector | p50 / p99 µs | p50 / p99 vs L7 | failed requests | spans exported / dropped (export failed, queue full) / still queued 20 s after the load |\n|---|---|---|---|---|---|\n",
+        "\nTracing (spans exported over OTLP to a receiver on each node), latency at 1,000 req/s against the L7 rows above (no tracing) and against the same proxies with no request sampled (measured just before the sampled rows); span counts and the receivers' CPU (they share the two CPUs with the load) are per collector state, both paths and nodes together:\n\n| path | sampled, collector | p50 / p99 µs | p50 / p99 vs L7 | vs none sampled | failed requests | spans exported / dropped (export failed, queue full) / still queued 20 s after the load | receivers' CPU s |\n|---|---|---|---|---|---|---|---|\n",
     );
     let mut any = false;
     for (path, _) in PATHS {
-        let Some(plain) = find(path, "L7", "fixed") else {
-            continue;
-        };
-        for (mode, collector, _) in TRACED {
+        let none_sampled = find(path, TRACED[0].0, "fixed");
+        for (mode, collector, sampled, _) in TRACED {
             let Some(traced) = find(path, mode, "fixed") else {
                 continue;
             };
             any = true;
-            let ratio = |i: usize| lat(traced, i) / lat(plain, i).max(1.0);
             let spans = &report["tracing"][mode];
             let total = |key: &str| {
                 ["node-a", "node-b"]
@@ -832,16 +876,26 @@ fn tracing_table<'r>(
             let failed = traced["result"]["errors"].as_u64().unwrap_or(0)
                 + traced["result"]["non_2xx"].as_u64().unwrap_or(0);
             out.push_str(&format!(
-                "| {path} | {collector} | {:.0} / {:.0} | {:.2}x / {:.2}x | {failed} | {} / {} ({}, {}) / {} |\n",
+                "| {path} | {} | {:.0} / {:.0} | {} | {} | {failed} | {} / {} ({}, {}) / {} | {:.1} |\n",
+                if sampled {
+                    format!("all, {collector}")
+                } else {
+                    collector.to_string()
+                },
                 lat(traced, 0),
                 lat(traced, 2),
-                ratio(0),
-                ratio(2),
+                ratios(traced, find(path, "L7", "fixed")),
+                if sampled {
+                    ratios(traced, none_sampled)
+                } else {
+                    "-".to_string()
+                },
                 total("exported"),
                 total("export_failed") + total("queue_full"),
                 total("export_failed"),
                 total("queue_full"),
                 spans["queued"],
+                spans["receivers_cpu_s"].as_f64().unwrap_or(0.0),
             ));
         }
     }
