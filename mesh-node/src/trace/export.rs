@@ -209,8 +209,7 @@ async fn export(endpoint: http::Uri, mut spans: mpsc::Receiver<Span>, metrics: E
 /// Sends `batch` to `endpoint`, counting its spans exported or lost.
 async fn send(endpoint: &http::Uri, batch: Vec<Span>, metrics: &ExportMetrics) {
     let count = batch.len();
-    let body = encode(batch).encode_to_vec();
-    match tokio::time::timeout(TIMEOUT, post(endpoint, body)).await {
+    match tokio::time::timeout(TIMEOUT, post(endpoint, batch)).await {
         Ok(Ok(())) => {
             metrics.exported.inc_by(count as u64);
         }
@@ -225,7 +224,9 @@ async fn send(endpoint: &http::Uri, batch: Vec<Span>, metrics: &ExportMetrics) {
     }
 }
 
-async fn post(endpoint: &http::Uri, body: Vec<u8>) -> Result<(), String> {
+/// Posts `batch` to `endpoint`, encoded once the collector answers the connection (a
+/// collector that is down costs no encoding).
+async fn post(endpoint: &http::Uri, batch: Vec<Span>) -> Result<(), String> {
     let authority = endpoint
         .authority()
         .ok_or_else(|| format!("{endpoint} has no host"))?
@@ -234,6 +235,7 @@ async fn post(endpoint: &http::Uri, body: Vec<u8>) -> Result<(), String> {
     let tcp = tokio::net::TcpStream::connect((authority.host(), port))
         .await
         .map_err(|e| e.to_string())?;
+    let body = encode(batch).encode_to_vec();
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .map_err(|e| e.to_string())?;
@@ -261,9 +263,9 @@ fn nanos(time: SystemTime) -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn key_value(key: &str, value: any_value::Value) -> KeyValue {
+fn key_value(key: impl Into<String>, value: any_value::Value) -> KeyValue {
     KeyValue {
-        key: key.to_string(),
+        key: key.into(),
         value: Some(AnyValue { value: Some(value) }),
     }
 }
@@ -273,23 +275,20 @@ pub fn encode(spans: Vec<Span>) -> ExportTraceServiceRequest {
     let mut by_service: BTreeMap<String, Vec<Proto>> = BTreeMap::new();
     for span in spans {
         let context = &span.context;
-        let mut attributes: Vec<KeyValue> = span
-            .attributes
-            .iter()
-            .map(|(k, v)| {
-                key_value(
-                    k,
-                    match v {
-                        Value::Str(s) => any_value::Value::StringValue(s.clone()),
-                        Value::Int(i) => any_value::Value::IntValue(*i),
-                    },
-                )
-            })
-            .collect();
+        let mut attributes = Vec::with_capacity(span.attributes.len() + span.tags.len());
+        attributes.extend(span.attributes.into_iter().map(|(k, v)| {
+            key_value(
+                k,
+                match v {
+                    Value::Str(s) => any_value::Value::StringValue(s),
+                    Value::Int(i) => any_value::Value::IntValue(i),
+                },
+            )
+        }));
         attributes.extend(
             span.tags
-                .iter()
-                .map(|(k, v)| key_value(k, any_value::Value::StringValue(v.clone()))),
+                .into_iter()
+                .map(|(k, v)| key_value(k, any_value::Value::StringValue(v))),
         );
         let proto = Proto {
             trace_id: context.trace_id.to_vec(),
@@ -301,7 +300,7 @@ pub fn encode(spans: Vec<Span>) -> ExportTraceServiceRequest {
                 .and_then(|s| s.to_str().ok())
                 .unwrap_or_default()
                 .to_string(),
-            name: span.name.clone(),
+            name: span.name,
             kind: match span.kind {
                 Kind::Client => SpanKind::Client,
                 Kind::Server => SpanKind::Server,
