@@ -459,8 +459,18 @@ fn b3_in_multi_and_single_headers_comes_out_in_the_same_format_and_trace() {
     }
 }
 
-/// Telemetry resources for the sampling test.
+/// A Telemetry sampling `percentage` to the `otel` provider, for the sampling test.
 fn telemetry(namespace: &str, name: &str, selector: Option<&str>, percentage: u32) -> String {
+    telemetry_tracing(
+        namespace,
+        name,
+        selector,
+        &format!("[{{providers: [{{name: otel}}], randomSamplingPercentage: {percentage}}}]"),
+    )
+}
+
+/// A Telemetry with `tracing`, for the pods labelled `app: <selector>` (or all).
+fn telemetry_tracing(namespace: &str, name: &str, selector: Option<&str>, tracing: &str) -> String {
     let selector = selector.map_or(String::new(), |app| {
         format!("\n  selector: {{matchLabels: {{app: {app}}}}}")
     });
@@ -471,7 +481,7 @@ apiVersion: telemetry.istio.io/v1
 kind: Telemetry
 metadata: {{name: {name}, namespace: {namespace}}}
 spec:{selector}
-  tracing: [{{providers: [{{name: otel}}], randomSamplingPercentage: {percentage}}}]
+  tracing: {tracing}
 "#
     )
 }
@@ -590,15 +600,12 @@ fn sampling_follows_the_telemetry_resources_and_the_callers_decision() {
     apply(format!(
         "{}{}",
         telemetry("istio-system", "mesh-default", None, 100),
-        r#"
----
-apiVersion: telemetry.istio.io/v1
-kind: Telemetry
-metadata: {name: back-quiet, namespace: mesh}
-spec:
-  selector: {matchLabels: {app: back}}
-  tracing: [{disableSpanReporting: true}]
-"#
+        telemetry_tracing(
+            "mesh",
+            "back-quiet",
+            Some("back"),
+            "[{disableSpanReporting: true}]"
+        )
     ));
     std::thread::sleep(Duration::from_millis(1200));
     let count = |kind: &str, service: &str| {
@@ -630,15 +637,12 @@ spec:
     apply(format!(
         "{}{}",
         telemetry("istio-system", "mesh-default", None, 100),
-        r#"
----
-apiVersion: telemetry.istio.io/v1
-kind: Telemetry
-metadata: {name: to-zipkin, namespace: mesh}
-spec:
-  selector: {matchLabels: {app: client}}
-  tracing: [{providers: [{name: zipkin}]}]
-"#
+        telemetry_tracing(
+            "mesh",
+            "to-zipkin",
+            Some("client"),
+            "[{providers: [{name: zipkin}]}]"
+        )
     ));
     let state = chain.cluster.debug_state("node-a").unwrap();
     let a1_state = state["workloads"]
@@ -736,6 +740,15 @@ fn a_collector_that_is_down_or_slow_costs_spans_never_requests() {
         failed, requests,
         "each of node-a's client spans is counted lost"
     );
+    // Said once in the log (many batches failed: at most one warning a minute), naming the
+    // collector.
+    let log = chain.cluster.mesh_log("node-a");
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("span export failed"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("127.0.0.1:4318"), "{}", warnings[0]);
 
     // Slow: each export waits for its timeout while the queue fills; what does not fit is
     // dropped and counted, and the requests do not notice.

@@ -8,7 +8,7 @@
 
 use std::{
     collections::BTreeMap,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -39,6 +39,8 @@ pub const BATCH: usize = 512;
 /// How long the first span of a batch waits for company (while it waits, the requests'
 /// spans go onto the queue without waking the exporter).
 pub const LINGER: Duration = Duration::from_millis(500);
+/// How often a failing collector is warned about, at most.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 /// The export thread's nice value: below the proxy's workers, which preempt it.
 const NICE: i32 = 10;
 /// How long one export request may take.
@@ -187,6 +189,7 @@ impl Exporter {
 /// then sends what the queue holds, [`BATCH`] spans at a time, one request after another.
 async fn export(endpoint: http::Uri, mut spans: mpsc::Receiver<Span>, metrics: ExportMetrics) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut warned = None;
     while let Some(first) = spans.recv().await {
         batch.push(first);
         tokio::time::sleep(LINGER).await;
@@ -198,7 +201,7 @@ async fn export(endpoint: http::Uri, mut spans: mpsc::Receiver<Span>, metrics: E
                 }
             }
             let full = batch.len() == BATCH;
-            send(&endpoint, std::mem::take(&mut batch), &metrics).await;
+            send(&endpoint, std::mem::take(&mut batch), &metrics, &mut warned).await;
             if !full {
                 break;
             }
@@ -206,21 +209,36 @@ async fn export(endpoint: http::Uri, mut spans: mpsc::Receiver<Span>, metrics: E
     }
 }
 
-/// Sends `batch` to `endpoint`, counting its spans exported or lost.
-async fn send(endpoint: &http::Uri, batch: Vec<Span>, metrics: &ExportMetrics) {
+/// Sends `batch` to `endpoint`, counting its spans exported or lost; a failure is logged at
+/// warning level at most every [`WARN_EVERY`] (`warned`: when it last was), at debug level
+/// otherwise.
+async fn send(
+    endpoint: &http::Uri,
+    batch: Vec<Span>,
+    metrics: &ExportMetrics,
+    warned: &mut Option<Instant>,
+) {
     let count = batch.len();
-    match tokio::time::timeout(TIMEOUT, post(endpoint, batch)).await {
+    let failure = match tokio::time::timeout(TIMEOUT, post(endpoint, batch)).await {
         Ok(Ok(())) => {
             metrics.exported.inc_by(count as u64);
+            return;
         }
-        Ok(Err(err)) => {
-            metrics.lost("export_failed", count);
-            tracing::debug!(%endpoint, count, "span export failed: {err}");
-        }
-        Err(_) => {
-            metrics.lost("export_failed", count);
-            tracing::debug!(%endpoint, count, "span export timed out");
-        }
+        Ok(Err(err)) => err,
+        Err(_) => format!("no answer within {}s", TIMEOUT.as_secs()),
+    };
+    metrics.lost("export_failed", count);
+    if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+        *warned = Some(Instant::now());
+        tracing::warn!(
+            %endpoint,
+            count,
+            "span export failed: {failure}; the spans are dropped \
+             (mesh_trace_spans_dropped_total{{reason=\"export_failed\"}}; next warning in {}s at the soonest)",
+            WARN_EVERY.as_secs()
+        );
+    } else {
+        tracing::debug!(%endpoint, count, "span export failed: {failure}");
     }
 }
 
