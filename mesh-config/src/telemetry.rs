@@ -44,6 +44,10 @@ pub struct TelemetrySpec {
     pub selector: Option<WorkloadSelector>,
     /// Tracing, per direction.
     pub tracing: Vec<Tracing>,
+    /// It has a `targetRef(s)`: it attaches to gateways or waypoints, and so (as in Istio)
+    /// applies to no workload's own proxy here, neither its namespace nor the mesh.
+    #[schemars(skip)]
+    pub targeted: bool,
 }
 
 impl TelemetrySpec {
@@ -249,11 +253,13 @@ impl Decode for TelemetrySpec {
                 ("accessLogging", "the mesh's access log is always on"),
                 (
                     "targetRef",
-                    "the mesh has no gateways or waypoints to target",
+                    "the mesh has no gateways or waypoints to target: this Telemetry applies to \
+                     no workload",
                 ),
                 (
                     "targetRefs",
-                    "the mesh has no gateways or waypoints to target",
+                    "the mesh has no gateways or waypoints to target: this Telemetry applies to \
+                     no workload",
                 ),
             ] {
                 if f.has(key) {
@@ -262,6 +268,7 @@ impl Decode for TelemetrySpec {
                 }
             }
             TelemetrySpec {
+                targeted: f.has("targetRef") || f.has("targetRefs"),
                 selector: f.opt("selector"),
                 tracing: f.list("tracing"),
             }
@@ -310,18 +317,15 @@ pub fn tracing_for(
     ) -> Option<&'t crate::kinds::Telemetry> {
         candidates.min_by_key(|t| age(t))
     }
-    let level = |ns: &str| {
-        oldest(
-            telemetries
-                .iter()
-                .filter(|t| t.namespace() == ns && !t.spec.has_selector()),
-        )
-    };
+    // Those bound to gateways or waypoints apply to no workload here.
+    let telemetries = || telemetries.iter().filter(|t| !t.spec.targeted);
+    let level =
+        |ns: &str| oldest(telemetries().filter(|t| t.namespace() == ns && !t.spec.has_selector()));
     let mesh = level(root_namespace);
     let own = (namespace != root_namespace)
         .then(|| level(namespace))
         .flatten();
-    let workload = oldest(telemetries.iter().filter(|t| {
+    let workload = oldest(telemetries().filter(|t| {
         t.namespace() == namespace
             && t.spec
                 .selector
@@ -431,6 +435,31 @@ spec:
         assert_eq!(other.sampling, Some(50.0));
         let elsewhere = tracing_for(&all, "istio-system", "ops", &web, TracingMode::Server);
         assert_eq!(elsewhere.sampling, Some(10.0), "mesh-wide only");
+        // One bound to a gateway by targetRefs applies to no workload, even without a
+        // selector and first in the order of age (no timestamps: by name).
+        let mut with_gateway = telemetries(
+            r#"
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: gateway, namespace: shop}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]
+  tracing: [{randomSamplingPercentage: 100}]
+"#,
+        );
+        with_gateway.extend(all.iter().cloned());
+        let other = tracing_for(
+            &with_gateway,
+            "istio-system",
+            "shop",
+            &Labels::new(),
+            TracingMode::Client,
+        );
+        assert_eq!(
+            other.sampling,
+            Some(50.0),
+            "the gateway's applied: {other:?}"
+        );
         let none = tracing_for(&[], "istio-system", "ops", &web, TracingMode::Server);
         assert_eq!(none.sampling, None);
         assert!(none.from.is_empty());

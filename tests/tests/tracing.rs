@@ -680,6 +680,16 @@ fn sampling_follows_the_telemetry_resources_and_the_callers_decision() {
     assert_eq!(count("SPAN_KIND_CLIENT", "client.mesh"), clients);
     assert_eq!(count("SPAN_KIND_SERVER", "back.mesh"), servers + 20);
     assert_eq!(unknown() - dropped, 20);
+    // a1's side did no tracing and left the headers alone (as Istio, for a provider it does
+    // not know): back's spans start their traces rather than name a parent never reported.
+    let roots = chain
+        .spans()
+        .iter()
+        .filter(|s| s["kind"] == "SPAN_KIND_SERVER" && s["service"] == "back.mesh")
+        .skip(servers)
+        .filter(|s| s["parent_span_id"] == "")
+        .count();
+    assert_eq!(roots, 20, "back's server spans name an unreported parent");
     let log = chain.cluster.mesh_log("node-a");
     let warnings: Vec<&str> = log
         .lines()

@@ -194,8 +194,30 @@ fn w3c(headers: &HeaderMap) -> Option<Incoming> {
         sampled: Some(flags[0] & 1 == 1),
         format: Format::W3c,
         short_trace_id: false,
-        tracestate: headers.get(TRACESTATE).cloned(),
+        tracestate: tracestate(headers),
     })
+}
+
+/// The `tracestate` of `headers`, its header fields combined in order (W3C: a request may
+/// carry several).
+fn tracestate(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut fields = headers.get_all(TRACESTATE).iter();
+    let first = fields.next()?;
+    let rest: Vec<&HeaderValue> = fields.collect();
+    if rest.is_empty() {
+        return Some(first.clone());
+    }
+    let mut combined = first.as_bytes().to_vec();
+    for field in rest {
+        combined.push(b',');
+        combined.extend_from_slice(field.as_bytes());
+    }
+    HeaderValue::from_bytes(&combined).ok()
+}
+
+/// A B3 span id: 16 hex digits, not all zero.
+fn b3_span_id(text: &str) -> Option<[u8; 8]> {
+    unhex::<8>(text).filter(|s| *s != [0; 8])
 }
 
 /// A B3 trace id: 16 or 32 hex digits (64-bit ids are padded on the left).
@@ -235,7 +257,7 @@ fn b3_single(headers: &HeaderMap) -> Option<Incoming> {
         return b3_sampled(parts[0]).map(only_decision);
     }
     let (trace, short) = b3_trace_id(parts[0])?;
-    let span: [u8; 8] = unhex(parts[1])?;
+    let span = b3_span_id(parts[1])?;
     let sampled = match parts.get(2) {
         Some(flag) => b3_sampled(flag)?,
         None => None,
@@ -260,7 +282,7 @@ fn b3_multi(headers: &HeaderMap) -> Option<Incoming> {
         None => None,
     };
     let trace = text(headers, &B3_TRACE_ID).and_then(b3_trace_id);
-    let span = text(headers, &B3_SPAN_ID).and_then(unhex::<8>);
+    let span = text(headers, &B3_SPAN_ID).and_then(b3_span_id);
     match (trace, span) {
         (Some((trace, short)), Some(span)) => Some(Incoming {
             trace: Some((trace, span)),
@@ -382,6 +404,38 @@ mod tests {
         // A later version may carry more fields.
         let later = format!("01-{TRACE}-{SPAN}-01-future");
         assert!(extract(&headers(&[("traceparent", &later)])).is_some());
+    }
+
+    #[test]
+    fn several_tracestate_fields_are_combined_in_order() {
+        let mut h = headers(&[("traceparent", &format!("00-{TRACE}-{SPAN}-01"))]);
+        h.append("tracestate", HeaderValue::from_static("congo=t61rcWkgMzE"));
+        h.append(
+            "tracestate",
+            HeaderValue::from_static("rojo=00f067aa0ba902b7"),
+        );
+        let span = SpanContext::start(extract(&h), 0.0, 0.0);
+        let mut out = HeaderMap::new();
+        span.inject(&mut out);
+        let forwarded: Vec<&HeaderValue> = out.get_all("tracestate").iter().collect();
+        assert_eq!(forwarded, ["congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"]);
+    }
+
+    #[test]
+    fn a_b3_span_id_of_zeros_is_malformed() {
+        let zeros = "0".repeat(16);
+        assert_eq!(
+            extract(&headers(&[("b3", &format!("{TRACE}-{zeros}-1"))])),
+            None
+        );
+        assert_eq!(
+            extract(&headers(&[
+                ("x-b3-traceid", TRACE),
+                ("x-b3-spanid", &zeros),
+                ("x-b3-sampled", "1"),
+            ])),
+            None
+        );
     }
 
     #[test]

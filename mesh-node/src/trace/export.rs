@@ -1,9 +1,9 @@
 //! Span export over OTLP (HTTP/protobuf to `<collector>/v1/traces`), off the request path:
 //! a request hands its finished span to a bounded queue and never waits, nor wakes anyone; a
 //! task per collector, on a thread of its own at a lower CPU priority ([`Runtime`]), wakes
-//! at the first span, lets the queue fill for [`LINGER`], and sends what it holds in
-//! `ExportTraceServiceRequest`s (the official OpenTelemetry protobuf types) of up to
-//! [`BATCH`] spans. A full queue, or a collector that is down, slow or refusing, costs
+//! at the first span, lets the queue fill for [`LINGER`] (or until a batch is queued), and
+//! sends what it holds in `ExportTraceServiceRequest`s (the official OpenTelemetry protobuf
+//! types) of up to [`BATCH`] spans. A full queue, or a collector that is down, slow or refusing, costs
 //! spans, never requests: each lost span is counted in `mesh_trace_spans_dropped_total{reason}`.
 
 use std::{
@@ -144,19 +144,32 @@ pub struct Runtime(tokio::runtime::Handle);
 impl Runtime {
     /// Starts the thread.
     pub fn start() -> std::io::Result<Runtime> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let handle = runtime.handle().clone();
+        // The runtime is built and dropped on its own thread (a tokio runtime must not be
+        // dropped on another runtime's worker, where this is called).
+        let (built, handle) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("trace-export".into())
             .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        let _ = built.send(Err(err));
+                        return;
+                    }
+                };
+                let _ = built.send(Ok(runtime.handle().clone()));
                 // Failing leaves the thread at the workers' priority.
                 if let Err(err) = crate::sys::set_thread_nice(NICE) {
                     tracing::debug!("trace-export: nice {NICE} not set: {err}");
                 }
                 runtime.block_on(std::future::pending::<()>());
             })?;
+        let handle = handle
+            .recv()
+            .map_err(|_| std::io::Error::other("the trace-export thread ended at start"))??;
         Ok(Runtime(handle))
     }
 }
@@ -184,21 +197,29 @@ impl Exporter {
     }
 }
 
-/// One collector's exporter: waits for a span (the only wake-up a request causes), sleeps
-/// [`LINGER`] (a sleeping receiver is not woken by sends: a request's span costs a push),
+/// One collector's exporter: waits for a span (the only wake-up a request causes), sleeps up
+/// to [`LINGER`] (a sleeping receiver is not woken by sends: a request's span costs a push),
 /// then sends what the queue holds, [`BATCH`] spans at a time, one request after another.
 async fn export(endpoint: http::Uri, mut spans: mpsc::Receiver<Span>, metrics: ExportMetrics) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut warned = None;
     while let Some(first) = spans.recv().await {
         batch.push(first);
-        tokio::time::sleep(LINGER).await;
+        // The wait ends early once a batch is queued (checked every LINGER / 10: a timer,
+        // still no wake-up per span), so a busy node's queue does not fill meanwhile.
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while spans.len() + batch.len() < BATCH && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(LINGER / 10).await;
+        }
         loop {
             while batch.len() < BATCH {
                 match spans.try_recv() {
                     Ok(span) => batch.push(span),
                     Err(_) => break,
                 }
+            }
+            if batch.is_empty() {
+                break;
             }
             let full = batch.len() == BATCH;
             send(&endpoint, std::mem::take(&mut batch), &metrics, &mut warned).await;
@@ -334,7 +355,12 @@ pub fn encode(spans: Vec<Span>) -> ExportTraceServiceRequest {
                     StatusCode::Unset
                 } as i32,
             }),
-            flags: 0x100 | u32::from(context.sampled),
+            // Whether the parent is remote is known (0x100); it is (0x200) whenever there is
+            // one: every parent comes in the request's headers, from another process (or,
+            // for a pod of this node, from this proxy's client side, as two proxies would).
+            flags: 0x100
+                | if context.parent.is_some() { 0x200 } else { 0 }
+                | u32::from(context.sampled),
             ..Default::default()
         };
         by_service.entry(span.service).or_default().push(proto);

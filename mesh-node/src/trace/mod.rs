@@ -214,7 +214,9 @@ impl Tracer {
     /// request to it) of a request with `headers`: joined to the trace the headers carry or
     /// the root of a new one, sampled as the caller decided or by the Telemetry's percentage.
     /// `headers` then carry this span as the parent, in the format they came in. `None`
-    /// when `own` is not a pod of this node in the mesh (its tracing is not resolved).
+    /// when `own` is not a pod of this node in the mesh (its tracing is not resolved), or its
+    /// side reports no spans (`disableSpanReporting`, a provider no flag defines): the
+    /// headers are then left as they came.
     pub fn begin(
         &self,
         own: &Workload,
@@ -227,27 +229,34 @@ impl Tracer {
             Kind::Client => &tracing.client,
             Kind::Server => &tracing.server,
         };
+        // As Istio: with span reporting disabled, or a provider that is not defined, this
+        // side does no tracing and the trace headers pass through untouched (a span of ours
+        // that is never reported must not become the parent of what follows).
+        if config.disable_span_reporting {
+            return None;
+        }
+        let provider = config.provider.as_deref().unwrap_or(&self.default);
+        // Provider names match regardless of case, as Istio's.
+        let exporter = self
+            .exporters
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(provider))
+            .map(|(_, exporter)| exporter);
         let percentage = config.sampling.unwrap_or(self.sampling);
         let context = SpanContext::start(
             context::extract(headers),
             percentage,
             fastrand::f64() * 100.0,
         );
-        context.inject(headers);
-        let report = context.sampled && !config.disable_span_reporting;
-        let exporter = if report {
-            let provider = config.provider.as_deref().unwrap_or(&self.default);
-            match self.exporters.get(provider) {
-                Some(exporter) => Some(exporter.clone()),
-                None => {
-                    self.metrics.lost("unknown_provider", 1);
-                    self.warn_unknown(provider, config);
-                    None
-                }
+        let Some(exporter) = exporter else {
+            if context.sampled {
+                self.metrics.lost("unknown_provider", 1);
+                self.warn_unknown(provider, config);
             }
-        } else {
-            None
+            return None;
         };
+        context.inject(headers);
+        let exporter = context.sampled.then(|| exporter.clone());
         let (tags, request_id) = match exporter {
             Some(_) => (
                 custom_tags(&config.custom_tags, headers),
