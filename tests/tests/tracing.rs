@@ -690,17 +690,24 @@ fn sampling_follows_the_telemetry_resources_and_the_callers_decision() {
         .filter(|s| s["parent_span_id"] == "")
         .count();
     assert_eq!(roots, 20, "back's server spans name an unreported parent");
-    let log = chain.cluster.mesh_log("node-a");
-    let warnings: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("no --tracing-provider defines"))
-        .collect();
-    assert_eq!(warnings.len(), 1, "one warning: {warnings:?}");
+    let warning = one_log_line(&chain, "node-a", "no --tracing-provider defines");
     assert!(
-        warnings[0].contains("zipkin") && warnings[0].contains("mesh/to-zipkin"),
-        "{}",
-        warnings[0]
+        warning.contains("zipkin") && warning.contains("mesh/to-zipkin"),
+        "{warning}"
     );
+}
+
+/// The one line of `node`'s mesh-node log that contains `needle` (panics unless there is
+/// exactly one).
+fn one_log_line(chain: &Chain, node: &str, needle: &str) -> String {
+    let log = chain.cluster.mesh_log(node);
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one line with {needle:?} in {node}'s log: {lines:?}"
+    );
+    lines[0].to_string()
 }
 
 /// Fixed-rate load from a1 to `back` (the other node) for `seconds`; panics on any failure.
@@ -752,13 +759,8 @@ fn a_collector_that_is_down_or_slow_costs_spans_never_requests() {
     );
     // Said once in the log (many batches failed: at most one warning a minute), naming the
     // collector.
-    let log = chain.cluster.mesh_log("node-a");
-    let warnings: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("span export failed"))
-        .collect();
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
-    assert!(warnings[0].contains("127.0.0.1:4318"), "{}", warnings[0]);
+    let warning = one_log_line(&chain, "node-a", "span export failed");
+    assert!(warning.contains("127.0.0.1:4318"), "{warning}");
 
     // Slow: each export waits for its timeout while the queue fills; what does not fit is
     // dropped and counted, and the requests do not notice.
